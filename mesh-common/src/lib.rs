@@ -1,0 +1,212 @@
+//! Names and `#[repr(C)]` types shared by the kernel programs (`mesh-ebpf`) and the agent.
+//!
+//! Both sides must agree on every byte of a map key or value, so each type here carries a
+//! compile-time size assertion and explicit padding. The eBPF side cannot reference these name
+//! constants from its `#[map]` attributes (those take literals), so a kernel test checks that every
+//! constant below names a map or program that really exists in the built object.
+#![no_std]
+#![deny(missing_docs)]
+
+/// Ports the agent opens inside every enrolled pod's network namespace.
+pub mod ports {
+    /// Outbound capture: `cgroup/connect{4,6}` rewrites a pod's connects to `127.0.0.1:15001`.
+    pub const OUTBOUND: u16 = 15001;
+    /// Inbound plaintext: `sk_lookup` steers connections to the pod's own ports here.
+    pub const INBOUND: u16 = 15006;
+    /// Inbound HBONE (HTTP/2 CONNECT over mTLS) from other nodes.
+    pub const HBONE: u16 = 15008;
+}
+
+/// Program names (the function names in `mesh-ebpf`, which aya uses as program names).
+pub mod programs {
+    /// `cgroup/connect4`: redirects IPv4 TCP connects of enrolled pods.
+    pub const CONNECT4: &str = "mesh_connect4";
+    /// `cgroup/connect6`: redirects IPv6 TCP connects of enrolled pods.
+    pub const CONNECT6: &str = "mesh_connect6";
+    /// `sock_ops`: re-keys the original destination from socket cookie to (netns, port).
+    pub const SOCK_OPS: &str = "mesh_sock_ops";
+    /// `sk_lookup`: steers inbound connections in a pod's netns to the proxy's listeners.
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// Every program in the object, for tests and for pinning.
+    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SOCK_OPS, SK_LOOKUP];
+}
+
+/// Map names (the static names in `mesh-ebpf`; the kernel truncates names to 15 bytes).
+pub mod maps {
+    /// LRU hash: socket cookie → [`OrigDst`](crate::OrigDst), written at connect time.
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_COOKIE";
+    /// LRU hash: [`OrigDstKey`](crate::OrigDstKey) → [`OrigDst`](crate::OrigDst), written at
+    /// ESTABLISHED, read (and deleted) by the proxy on accept.
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// Per-CPU hash: netns cookie → [`PodStats`](crate::PodStats).
+    pub const POD_STATS: &str = "POD_STATS";
+    /// Sock hash: [`InboundKey`](crate::InboundKey) → listening socket for `sk_lookup`.
+    pub const INBOUND_SOCKS: &str = "INBOUND_SOCKS";
+    /// Per-CPU hash: pod address ([`IpKey`](crate::IpKey)) → [`InboundStats`](crate::InboundStats).
+    /// `sk_lookup` only steers addresses present here, so it doubles as the enrolled-address set.
+    pub const INBOUND_STATS: &str = "INBOUND_STATS";
+    /// Hash: destination port (host order, `u16`) → `u8`; connects to these ports are not captured.
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// Every map in the object, for tests and for pinning.
+    pub const ALL: [&str; 6] = [
+        ORIG_DST_BY_COOKIE,
+        ORIG_DST,
+        POD_STATS,
+        INBOUND_SOCKS,
+        INBOUND_STATS,
+        EXCLUDED_PORTS,
+    ];
+}
+
+/// Capacity of the original-destination maps. LRU, so a burst of failed connects can only evict
+/// stale entries, never block new ones.
+pub const ORIG_DST_CAPACITY: u32 = 65_536;
+/// Most enrolled pods one node can hold.
+pub const MAX_PODS: u32 = 1024;
+
+/// `AF_INET`, as stored in [`OrigDst::family`].
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as stored in [`OrigDst::family`].
+pub const AF_INET6: u16 = 10;
+
+/// Where a captured connection was going before `cgroup/connect*` rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Destination address in network byte order; IPv4 uses the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Keeps the size a multiple of 8 so both sides agree without relying on implicit padding.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
+
+/// How the proxy finds a captured connection's [`OrigDst`]: the client's network namespace and
+/// its local port. The port alone is not enough, because every pod has its own port space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OrigDstKey {
+    /// `bpf_get_netns_cookie` of the client's namespace (`SO_NETNS_COOKIE` on the proxy side).
+    pub netns_cookie: u64,
+    /// The client's local (ephemeral) port, host byte order.
+    pub port: u16,
+    /// Explicit padding: hash keys are compared bytewise, so it must be zeroed on both sides.
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<OrigDstKey>() == 16);
+
+impl OrigDstKey {
+    /// A key with zeroed padding.
+    pub const fn new(netns_cookie: u64, port: u16) -> Self {
+        Self {
+            netns_cookie,
+            port,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// Per-pod counters kept by the connect hooks; the agent reads them for `/stats`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodStats {
+    /// IPv4 TCP connects redirected to the proxy.
+    pub captured_v4: u64,
+    /// IPv6 TCP connects redirected to the proxy.
+    pub captured_v6: u64,
+    /// Connects left alone: loopback destinations and excluded ports.
+    pub bypassed: u64,
+}
+const _: () = assert!(core::mem::size_of::<PodStats>() == 24);
+
+/// Which of a pod's inbound listeners a steered connection goes to.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// The 15006 plaintext listener.
+    Inbound = 0,
+    /// The 15008 HBONE listener.
+    Hbone = 1,
+}
+
+/// An address key (v4 in the first 4 bytes, network order), zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    /// The address bytes.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IpKey>() == 16);
+
+impl IpKey {
+    /// Key for an IPv4 address given as its four bytes in network order.
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let mut addr = [0; 16];
+        addr[0] = octets[0];
+        addr[1] = octets[1];
+        addr[2] = octets[2];
+        addr[3] = octets[3];
+        Self { addr }
+    }
+}
+
+/// Key of [`maps::INBOUND_SOCKS`]: the pod's address and the listener to steer to. Keyed by the
+/// pod address because `sk_lookup` has no netns cookie helper, and pod addresses are unique.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    /// The pod's address.
+    pub ip: IpKey,
+    /// A [`ListenerKind`] as `u32`.
+    pub kind: u32,
+    /// Explicit padding, zeroed.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<InboundKey>() == 24);
+
+impl InboundKey {
+    /// A key with zeroed padding.
+    pub const fn new(ip: IpKey, kind: ListenerKind) -> Self {
+        Self {
+            ip,
+            kind: kind as u32,
+            _pad: 0,
+        }
+    }
+}
+
+/// Per-pod counters kept by `sk_lookup`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundStats {
+    /// Connections steered to the 15006 listener.
+    pub steered_inbound: u64,
+    /// Connections steered to the 15008 listener.
+    pub steered_hbone: u64,
+    /// Connections refused because the proxy had no listener (agent down): fail closed.
+    pub refused_no_listener: u64,
+}
+const _: () = assert!(core::mem::size_of::<InboundStats>() == 24);
+
+/// `aya::Pod` impls. SAFETY (each impl): the type is `#[repr(C)]`, `Copy`, made only of integers
+/// and byte arrays, with no implicit padding (sizes asserted above), so every bit pattern is valid.
+#[cfg(feature = "user")]
+mod user {
+    use crate::{InboundKey, InboundStats, IpKey, OrigDst, OrigDstKey, PodStats};
+
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for OrigDstKey {}
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for PodStats {}
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for IpKey {}
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for InboundKey {}
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for InboundStats {}
+}

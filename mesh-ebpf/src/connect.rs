@@ -1,0 +1,133 @@
+//! `cgroup/connect{4,6}`: redirect an enrolled pod's outbound TCP connects to the node proxy.
+//!
+//! Stages: classify (is this ours to capture?) → record the original destination by socket
+//! cookie → rewrite the destination to the proxy's outbound listener on the pod's loopback.
+//! The hook is attached only to enrolled pods' cgroups, so attachment is enrollment; there is no
+//! "proxy ready" check here on purpose: if the proxy is down the rewritten connect is refused,
+//! which is the fail-closed behaviour we want.
+
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use mesh_common::{AF_INET, AF_INET6, OrigDst, PodStats, ports};
+
+use crate::maps::{bump, EXCLUDED_PORTS, ORIG_DST_COOKIE, POD_STATS};
+
+const SOCK_STREAM: u32 = 1;
+const LOOPBACK_V4: u32 = u32::from_be_bytes([127, 0, 0, 1]);
+
+/// What to do with a connect. There is deliberately no socket-mark exemption: a privileged pod
+/// could set any mark, so the agent stays uncaptured by never being in an enrolled cgroup.
+enum Verdict {
+    Capture,
+    Bypass,
+    NotTcp,
+}
+
+fn classify(ctx: &SockAddrContext, dst_is_loopback: bool, port: u16) -> Verdict {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` for the duration of the program.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return Verdict::NotTcp;
+    }
+    if dst_is_loopback {
+        return Verdict::Bypass;
+    }
+    // SAFETY: the value is only tested for presence.
+    if unsafe { EXCLUDED_PORTS.get(&port) }.is_some() {
+        return Verdict::Bypass;
+    }
+    Verdict::Capture
+}
+
+fn stats(ctx: &SockAddrContext) -> Option<*mut PodStats> {
+    // SAFETY: the helper only reads the context's netns.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    POD_STATS.get_ptr_mut(&netns)
+}
+
+fn record(ctx: &SockAddrContext, dst: OrigDst) -> bool {
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ORIG_DST_COOKIE.insert(&cookie, &dst, 0).is_ok()
+}
+
+pub fn on_connect4(ctx: &SockAddrContext) {
+    // SAFETY: see `classify`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip_be = sa.user_ip4;
+    let port = u16::from_be(sa.user_port as u16);
+    let loopback = u32::from_be(ip_be) >> 24 == 127;
+    match classify(ctx, loopback, port) {
+        Verdict::NotTcp => {}
+        Verdict::Bypass => {
+            if let Some(s) = stats(ctx) {
+                // SAFETY: `s` is a live map value.
+                bump(unsafe { &raw mut (*s).bypassed });
+            }
+        }
+        Verdict::Capture => {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&ip_be.to_ne_bytes());
+            let dst = OrigDst {
+                addr,
+                port,
+                family: AF_INET,
+                _pad: 0,
+            };
+            // Without a record the proxy could not route the connection; leave it un-rewritten
+            // would bypass the mesh, so rewrite anyway and let the proxy refuse it.
+            let _recorded = record(ctx, dst);
+            sa.user_ip4 = LOOPBACK_V4.to_be();
+            sa.user_port = u32::from(ports::OUTBOUND.to_be());
+            if let Some(s) = stats(ctx) {
+                // SAFETY: `s` is a live map value.
+                bump(unsafe { &raw mut (*s).captured_v4 });
+            }
+        }
+    }
+}
+
+pub fn on_connect6(ctx: &SockAddrContext) {
+    // SAFETY: see `classify`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let ip = sa.user_ip6;
+    let port = u16::from_be(sa.user_port as u16);
+    // ::1, or an IPv4-mapped 127.0.0.0/8.
+    let loopback = (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be())
+        || (ip[0] == 0
+            && ip[1] == 0
+            && ip[2] == 0xffffu32.to_be()
+            && u32::from_be(ip[3]) >> 24 == 127);
+    match classify(ctx, loopback, port) {
+        Verdict::NotTcp => {}
+        Verdict::Bypass => {
+            if let Some(s) = stats(ctx) {
+                // SAFETY: `s` is a live map value.
+                bump(unsafe { &raw mut (*s).bypassed });
+            }
+        }
+        Verdict::Capture => {
+            let mut addr = [0u8; 16];
+            addr[0..4].copy_from_slice(&ip[0].to_ne_bytes());
+            addr[4..8].copy_from_slice(&ip[1].to_ne_bytes());
+            addr[8..12].copy_from_slice(&ip[2].to_ne_bytes());
+            addr[12..16].copy_from_slice(&ip[3].to_ne_bytes());
+            let dst = OrigDst {
+                addr,
+                port,
+                family: AF_INET6,
+                _pad: 0,
+            };
+            let _recorded = record(ctx, dst);
+            sa.user_ip6 = [0, 0, 0, 1u32.to_be()];
+            sa.user_port = u32::from(ports::OUTBOUND.to_be());
+            if let Some(s) = stats(ctx) {
+                // SAFETY: `s` is a live map value.
+                bump(unsafe { &raw mut (*s).captured_v6 });
+            }
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! `sk_lookup`: steer connections arriving at an enrolled pod to the proxy's listeners.
+//!
+//! Stages: skip what the proxy itself delivers (arrives on loopback) and non-TCP → pick the
+//! listener by destination port → assign the socket, or refuse if the proxy has none (agent down:
+//! fail closed rather than let the application see unauthenticated traffic).
+
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    programs::SkLookupContext,
+};
+use mesh_common::{InboundKey, IpKey, ListenerKind, ports};
+
+use crate::maps::{bump, INBOUND_SOCKS, INBOUND_STATS};
+
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the kernel passes a valid `bpf_sk_lookup` for the duration of the program.
+    let lk = unsafe { &*ctx.lookup };
+    if lk.protocol != IPPROTO_TCP || lk.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let ip = match lk.family {
+        AF_INET => IpKey::v4(lk.local_ip4.to_ne_bytes()),
+        AF_INET6 => {
+            let mut addr = [0u8; 16];
+            let w = lk.local_ip6;
+            addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+            addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+            addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+            addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+            IpKey { addr }
+        }
+        _ => return SK_PASS,
+    };
+    let kind = if lk.local_port == u32::from(ports::HBONE) {
+        ListenerKind::Hbone
+    } else {
+        ListenerKind::Inbound
+    };
+    let stats = INBOUND_STATS.get_ptr_mut(&ip);
+    let Some(stats) = stats else {
+        // Not one of our pods' addresses (e.g. a secondary address): leave it alone.
+        return SK_PASS;
+    };
+    match INBOUND_SOCKS.redirect_sk_lookup(ctx, InboundKey::new(ip, kind), 0) {
+        Ok(()) => {
+            // SAFETY: `stats` is a live map value.
+            match kind {
+                ListenerKind::Hbone => bump(unsafe { &raw mut (*stats).steered_hbone }),
+                ListenerKind::Inbound => bump(unsafe { &raw mut (*stats).steered_inbound }),
+            }
+            SK_PASS
+        }
+        Err(_) => {
+            // SAFETY: `stats` is a live map value.
+            bump(unsafe { &raw mut (*stats).refused_no_listener });
+            SK_DROP
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Kernel half of the mesh: captures enrolled pods' sockets and hands them to the node proxy.
+//!
+//! - `cgroup/connect{4,6}` (attached to each enrolled pod's cgroup) rewrites outbound TCP
+//!   connects to the proxy's listener on the pod's own loopback and records where they were going.
+//! - `sock_ops` (same cgroups) re-keys that record, at ESTABLISHED, from the socket cookie (which
+//!   the proxy cannot see) to (netns cookie, client port), which the proxy can compute on accept.
+//! - `sk_lookup` (attached to each enrolled pod's netns) steers connections arriving on the pod's
+//!   external interfaces to the proxy's inbound listeners, and refuses them when the proxy is down.
+//!
+//! Entry points are thin wrappers; each hook's logic lives in its own module.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod lookup;
+mod maps;
+mod sockops;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+
+/// Connect hooks must return 1 to let the (possibly rewritten) connect proceed.
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    connect::on_connect4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    connect::on_connect6(&ctx);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
+    sockops::on_sock_ops(&ctx);
+    1
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    lookup::on_sk_lookup(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// License section: the kernel only grants GPL helpers (sk_assign, cookies) to GPL programs.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

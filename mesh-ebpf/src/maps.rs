@@ -1,0 +1,37 @@
+//! Every map, pinned by name so that a restarted agent adopts them (and the links that use them
+//! keep working while no agent runs). Names must match `mesh_common::maps`; a kernel test checks.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
+};
+use mesh_common::{
+    InboundKey, InboundStats, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats,
+};
+
+#[map]
+pub static ORIG_DST_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
+
+#[map]
+pub static ORIG_DST: LruHashMap<OrigDstKey, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
+
+/// Per-CPU so counting needs no atomics (the BPF target has no 64-bit fetch-add in `core`).
+#[map]
+pub static POD_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(MAX_PODS, 0);
+
+#[map]
+pub static INBOUND_SOCKS: SockHash<InboundKey> = SockHash::pinned(MAX_PODS * 2, 0);
+
+#[map]
+pub static INBOUND_STATS: PerCpuHashMap<IpKey, InboundStats> = PerCpuHashMap::pinned(MAX_PODS, 0);
+
+#[map]
+pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+
+/// Adds one to a per-CPU counter. Plain read-modify-write is safe: a per-CPU value is only
+/// touched by programs on its own CPU, and BPF programs are not preempted mid-run.
+#[inline(always)]
+pub fn bump(counter: *mut u64) {
+    // SAFETY: `counter` points into a live per-CPU map value returned by the kernel for this run.
+    unsafe { *counter += 1 };
+}
