@@ -1,0 +1,344 @@
+//! Wires every subsystem together; read this file to learn the whole agent.
+//!
+//! Start-up: preflight (root, bpffs) → load and pin the programs (adopting pinned maps) → read
+//! the node file → reconcile → serve admin → watch the node file and reconcile on every change.
+//!
+//! Reconcile makes the kernel and the proxy match the [`NodeState`]: pods that left are stopped
+//! and their links unpinned; new pods get, in this order, a namespace thread, counters, listeners,
+//! `sk_lookup` socket entries and finally the capture links. Listeners exist before capture, so
+//! an enrolled pod is never captured into nothing by our own doing.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard, RwLock, atomic::Ordering},
+    time::Duration,
+};
+
+use mesh_common::ListenerKind;
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+use crate::{
+    admin,
+    bpf::{self, Dataplane, KernelPodStats},
+    config::Config,
+    netns::Netns,
+    nodefile,
+    proxy::{self, PodProxy, Routes, Shared},
+    state::{NodeState, ObjectKey, Pod},
+};
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// See [`bpf::BpfError`].
+    #[error(transparent)]
+    Bpf(#[from] bpf::BpfError),
+    /// See [`nodefile::NodeFileError`].
+    #[error(transparent)]
+    NodeFile(#[from] nodefile::NodeFileError),
+    /// See [`admin::AdminError`].
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+}
+
+/// Why one pod could not be enrolled; the others are unaffected.
+#[derive(Debug, thiserror::Error)]
+enum EnrollError {
+    #[error("pod {pod}: {source}")]
+    Netns {
+        pod: ObjectKey,
+        source: crate::netns::NetnsError,
+    },
+    #[error("pod {pod}: {source}")]
+    Bpf {
+        pod: ObjectKey,
+        source: bpf::BpfError,
+    },
+    #[error("pod {pod}: starting listeners: {source}")]
+    Io {
+        pod: ObjectKey,
+        source: std::io::Error,
+    },
+}
+
+/// The running agent: what admin handlers and the reconcile loop share.
+#[derive(Debug)]
+pub struct Agent {
+    dataplane: Mutex<Dataplane>,
+    shared: Arc<Shared>,
+    pods: Mutex<BTreeMap<ObjectKey, PodProxy>>,
+    state: RwLock<Arc<NodeState>>,
+    problems: Mutex<Vec<String>>,
+    node_file: PathBuf,
+}
+
+/// One pod's line in `/stats`.
+#[derive(Debug, Serialize)]
+pub struct PodReport {
+    /// Pod address.
+    pub ip: IpAddr,
+    /// Counters the kernel keeps.
+    pub kernel: KernelPodStats,
+    /// Outbound connections accepted on 15001.
+    pub outbound_accepted: u64,
+    /// Of those, failed before relaying.
+    pub outbound_failed: u64,
+    /// Inbound connections accepted on 15006.
+    pub inbound_accepted: u64,
+    /// Of those, failed before relaying.
+    pub inbound_failed: u64,
+    /// Connections refused on 15008.
+    pub hbone_refused: u64,
+    /// Bytes relayed client → upstream.
+    pub outbound_bytes_sent: u64,
+    /// Bytes relayed upstream → client.
+    pub outbound_bytes_received: u64,
+    /// Bytes delivered to the application.
+    pub inbound_bytes_delivered: u64,
+}
+
+/// The body of `/stats`.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    /// Node name.
+    pub node: String,
+    /// Whether the maps were adopted from an earlier agent.
+    pub adopted_maps: bool,
+    /// Per pod, keyed `namespace/name`.
+    pub pods: BTreeMap<String, PodReport>,
+    /// Current configuration problems (rejected pods or services).
+    pub problems: Vec<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Agent {
+    /// Why the agent is not ready, if it is not: ready means every pod in the node file is
+    /// enrolled with programs, maps and listeners in place.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let state = self.current_state();
+        let pods = lock(&self.pods);
+        let missing: Vec<String> = state
+            .pods
+            .keys()
+            .filter(|k| !pods.contains_key(k))
+            .map(ToString::to_string)
+            .collect();
+        if missing.is_empty() {
+            None
+        } else {
+            Some(format!("pods not yet enrolled: {}", missing.join(", ")))
+        }
+    }
+
+    fn current_state(&self) -> Arc<NodeState> {
+        match self.state.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// A snapshot of every counter.
+    pub fn stats(&self) -> Stats {
+        let dp = lock(&self.dataplane);
+        let pods = lock(&self.pods);
+        let reports = pods
+            .iter()
+            .map(|(k, p)| {
+                let c = &p.counters;
+                let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                (
+                    k.to_string(),
+                    PodReport {
+                        ip: p.pod.ip,
+                        kernel: dp.pod_stats(p.pod.ip, p.netns.cookie()),
+                        outbound_accepted: l(&c.outbound_accepted),
+                        outbound_failed: l(&c.outbound_failed),
+                        inbound_accepted: l(&c.inbound_accepted),
+                        inbound_failed: l(&c.inbound_failed),
+                        hbone_refused: l(&c.hbone_refused),
+                        outbound_bytes_sent: l(&c.outbound_bytes_sent),
+                        outbound_bytes_received: l(&c.outbound_bytes_received),
+                        inbound_bytes_delivered: l(&c.inbound_bytes_delivered),
+                    },
+                )
+            })
+            .collect();
+        Stats {
+            node: self.current_state().node.clone(),
+            adopted_maps: dp.adopted_maps(),
+            pods: reports,
+            problems: lock(&self.problems).clone(),
+        }
+    }
+
+    /// Makes the kernel and the proxy match `state`.
+    fn reconcile(&self, state: NodeState, problems: Vec<String>) {
+        let mut dp = lock(&self.dataplane);
+        let mut pods = lock(&self.pods);
+        let mut problems = problems;
+
+        if let Err(e) = dp.set_excluded_ports(&state.excluded_ports) {
+            problems.push(e.to_string());
+        }
+        // Stop pods that left or changed.
+        let gone: Vec<ObjectKey> = pods
+            .iter()
+            .filter(|(k, p)| state.pods.get(*k) != Some(&p.pod))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some(mut p) = pods.remove(&key) {
+                p.stop();
+                dp.unregister_pod(p.pod.ip, p.netns.cookie());
+                info!(pod = %key, "pod removed from the mesh");
+            }
+        }
+        // Unpin every link that no desired pod owns (also cleans up after an earlier agent).
+        let desired: Vec<&Pod> = state.pods.values().collect();
+        match dp.detach_others(&desired) {
+            Ok(removed) if !removed.is_empty() => info!(?removed, "detached stale links"),
+            Ok(_) => {}
+            Err(e) => problems.push(e.to_string()),
+        }
+        // Routes before new pods, so their first connections already see the new services.
+        {
+            let mut routes = self
+                .shared
+                .routes
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *routes = Arc::new(Routes::build(&state, &routes));
+        }
+        for pod in state.pods.values() {
+            if pods.contains_key(&pod.key) {
+                continue;
+            }
+            match self.enroll(&mut dp, pod) {
+                Ok((proxy, adopted)) => {
+                    info!(pod = %pod.key, ip = %pod.ip, adopted_links = adopted, "pod enrolled");
+                    pods.insert(pod.key.clone(), proxy);
+                }
+                Err(e) => {
+                    error!("{e}");
+                    problems.push(e.to_string());
+                }
+            }
+        }
+        *lock(&self.problems) = problems;
+        *self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(state);
+    }
+
+    fn enroll(&self, dp: &mut Dataplane, pod: &Pod) -> Result<(PodProxy, usize), EnrollError> {
+        let key = || pod.key.clone();
+        let netns = Arc::new(
+            Netns::enter(&pod.netns, &pod.key.file_stem())
+                .map_err(|source| EnrollError::Netns { pod: key(), source })?,
+        );
+        dp.register_pod(pod, netns.cookie())
+            .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
+        let listeners = proxy::open_listeners(&netns, pod)
+            .map_err(|source| EnrollError::Netns { pod: key(), source })?;
+        dp.set_listener(pod.ip, ListenerKind::Inbound, &listeners.inbound)
+            .and_then(|()| dp.set_listener(pod.ip, ListenerKind::Hbone, &listeners.hbone))
+            .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
+        let adopted = dp
+            .attach_pod(pod)
+            .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
+        let proxy = PodProxy::start(pod.clone(), netns, listeners, self.shared.clone())
+            .map_err(|source| EnrollError::Io { pod: key(), source })?;
+        Ok((proxy, adopted))
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM. Capture stays in place on exit (fail closed);
+/// `mesh-agent uninstall` removes it.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    bpf::preflight(&config.bpffs)?;
+    let pin_root = config.pin_root();
+    let loaded = nodefile::load(&config.node_file, None)?;
+    let (dataplane, orig_dst) = Dataplane::load(&config.bpf_object, &pin_root)?;
+    info!(
+        pin_root = %pin_root.display(),
+        adopted_maps = dataplane.adopted_maps(),
+        "eBPF programs loaded"
+    );
+    let admin_listener = admin::bind(config.admin_addr).await?;
+
+    let agent = Arc::new(Agent {
+        dataplane: Mutex::new(dataplane),
+        shared: Arc::new(Shared {
+            routes: RwLock::new(Arc::new(Routes::default())),
+            orig_dst,
+        }),
+        pods: Mutex::new(BTreeMap::new()),
+        state: RwLock::new(Arc::new(NodeState::default())),
+        problems: Mutex::new(Vec::new()),
+        node_file: config.node_file.clone(),
+    });
+    apply(&agent, loaded);
+    tokio::spawn(admin::serve(admin_listener, agent.clone()));
+    info!(admin = %config.admin_addr, "agent running");
+
+    let watch = tokio::spawn(watch_node_file(agent.clone(), config.poll_interval));
+    shutdown_signal().await;
+    watch.abort();
+    info!("shutting down; capture stays in place until `mesh-agent uninstall`");
+    Ok(())
+}
+
+fn apply(agent: &Agent, loaded: nodefile::Loaded) {
+    let problems: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    for p in &problems {
+        error!("{p}");
+    }
+    agent.reconcile(loaded.state, problems);
+}
+
+/// Polls the node file's contents. Polling (rather than inotify) also sees files replaced by
+/// rename, which is how editors and ConfigMap updates write them.
+async fn watch_node_file(agent: Arc<Agent>, every: Duration) {
+    let mut last = std::fs::read(&agent.node_file).ok();
+    loop {
+        tokio::time::sleep(every).await;
+        let now = std::fs::read(&agent.node_file).ok();
+        if now == last {
+            continue;
+        }
+        last = now;
+        let previous = agent.current_state();
+        match nodefile::load(&agent.node_file, Some(&previous)) {
+            Ok(loaded) => {
+                info!(file = %agent.node_file.display(), "node file changed; reconciling");
+                let agent = agent.clone();
+                // Reconcile does blocking work (netns threads, bpf syscalls).
+                let _ = tokio::task::spawn_blocking(move || apply(&agent, loaded)).await;
+            }
+            Err(e) => {
+                error!("{e}; still serving the previous configuration");
+                lock(&agent.problems).push(e.to_string());
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        warn!("cannot install SIGTERM handler; stop with Ctrl-C");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

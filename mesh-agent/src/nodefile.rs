@@ -1,0 +1,546 @@
+//! The local-mode discovery source: a YAML node file listing this node's pods and the mesh's
+//! services.
+//!
+//! Parsing is two-stage so that errors can name the pod and the field: serde reads every field as
+//! optional, then [`validate`] checks each object on its own. A bad object is reported and, on a
+//! reload, replaced by its last valid version (or left out if it never had one), so one typo never
+//! takes down the pods that were already served. A file that is not valid YAML at all changes
+//! nothing.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::state::{NodeState, ObjectKey, Pod, Service, ServicePort};
+
+/// Errors about the node file as a whole; per-object problems are [`ObjectError`]s.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeFileError {
+    /// The file could not be read.
+    #[error("cannot read node file {path}: {source}")]
+    Read {
+        /// The node file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML, or its top level has the wrong shape.
+    #[error("node file {path} is not valid: {message}; nothing from this version was applied")]
+    Syntax {
+        /// The node file.
+        path: PathBuf,
+        /// serde_yaml's message, with line and column.
+        message: String,
+    },
+    /// The top-level `node` field is missing.
+    #[error("node file {path}: missing required top-level field `node` (this node's name)")]
+    MissingNode {
+        /// The node file.
+        path: PathBuf,
+    },
+}
+
+/// A problem with one pod or service; the rest of the file is still applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {who} ({position}): field `{field}`: {problem}")]
+pub struct ObjectError {
+    /// `pod` or `service`.
+    pub kind: &'static str,
+    /// `namespace/name`, or `<unnamed>` when the name itself is missing.
+    pub who: String,
+    /// `pods[3]` or `services[0]`.
+    pub position: String,
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong and what to do.
+    pub problem: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFile {
+    node: Option<String>,
+    #[serde(default)]
+    pods: Vec<RawPod>,
+    #[serde(default)]
+    services: Vec<RawService>,
+    #[serde(default)]
+    excluded_ports: Vec<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPod {
+    name: Option<String>,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    ip: Option<String>,
+    netns: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    name: Option<String>,
+    namespace: Option<String>,
+    ip: Option<String>,
+    ports: Option<Vec<RawServicePort>>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServicePort {
+    port: u16,
+    target_port: Option<u16>,
+}
+
+/// The result of reading a node file: the state to apply and what was wrong with it.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The state to apply.
+    pub state: NodeState,
+    /// Objects that were rejected (and, on reload, kept at their previous version).
+    pub errors: Vec<ObjectError>,
+}
+
+/// Reads and validates `path`. `previous` is the state currently served: a rejected object that
+/// exists there is kept as it was.
+pub fn load(path: &Path, previous: Option<&NodeState>) -> Result<Loaded, NodeFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| NodeFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text, previous)
+}
+
+/// [`load`] on text already read; `path` is used only in messages.
+pub fn parse(path: &Path, text: &str, previous: Option<&NodeState>) -> Result<Loaded, NodeFileError> {
+    let raw: RawFile = if text.trim().is_empty() {
+        RawFile::default()
+    } else {
+        serde_yaml::from_str(text).map_err(|e| NodeFileError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?
+    };
+    let node = raw.node.clone().ok_or_else(|| NodeFileError::MissingNode {
+        path: path.to_owned(),
+    })?;
+    Ok(validate(node, raw, previous, &RealFs))
+}
+
+/// What validation needs to know about the machine, so tests can check messages without
+/// creating namespaces.
+trait Fs {
+    fn is_netns(&self, path: &Path) -> Result<(), String>;
+    fn is_cgroup2(&self, path: &Path) -> Result<(), String>;
+}
+
+struct RealFs;
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn fs_magic(path: &Path) -> Result<i64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| "path contains a NUL byte".to_string())?;
+    // SAFETY: zeroed statfs is a valid out-parameter; `c` is a valid NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the kernel writes into `st`.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(st.f_type as i64)
+}
+
+impl Fs for RealFs {
+    fn is_netns(&self, path: &Path) -> Result<(), String> {
+        match fs_magic(path) {
+            Err(e) => Err(format!(
+                "network namespace {} does not exist ({e}); create it (ip netns add) or fix the path",
+                path.display()
+            )),
+            Ok(NSFS_MAGIC) => Ok(()),
+            Ok(_) => Err(format!(
+                "{} is not a network namespace file (expected e.g. /var/run/netns/<name> or /proc/<pid>/ns/net)",
+                path.display()
+            )),
+        }
+    }
+
+    fn is_cgroup2(&self, path: &Path) -> Result<(), String> {
+        match fs_magic(path) {
+            Err(e) => Err(format!(
+                "cgroup {} does not exist ({e}); create the pod's cgroup v2 directory first",
+                path.display()
+            )),
+            Ok(CGROUP2_SUPER_MAGIC) => Ok(()),
+            Ok(_) => Err(format!(
+                "{} is not on a cgroup v2 mount; the connect hooks attach only to cgroup v2 (see /proc/self/mountinfo for the cgroup2 mount)",
+                path.display()
+            )),
+        }
+    }
+}
+
+/// Lowercase DNS label rules (RFC 1123), which also makes names safe in bpffs file names.
+fn check_label(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a valid name: use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+struct Ctx<'a> {
+    kind: &'static str,
+    who: String,
+    position: String,
+    errors: &'a mut Vec<ObjectError>,
+}
+
+impl Ctx<'_> {
+    fn fail(&mut self, field: &'static str, problem: impl Into<String>) {
+        self.errors.push(ObjectError {
+            kind: self.kind,
+            who: self.who.clone(),
+            position: self.position.clone(),
+            field,
+            problem: problem.into(),
+        });
+    }
+
+    fn required<'v, T>(&mut self, field: &'static str, value: &'v Option<T>) -> Option<&'v T> {
+        if value.is_none() {
+            self.fail(field, "missing (required)");
+        }
+        value.as_ref()
+    }
+}
+
+fn who(namespace: &Option<String>, name: &Option<String>) -> String {
+    match (namespace, name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) => format!("?/{n}"),
+        _ => "<unnamed>".to_string(),
+    }
+}
+
+fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn Fs) -> Loaded {
+    let mut errors = Vec::new();
+    let mut state = NodeState {
+        node,
+        excluded_ports: raw.excluded_ports,
+        ..NodeState::default()
+    };
+    // Address → owner, across pods and services, to reject duplicates.
+    let mut owners: HashMap<IpAddr, String> = HashMap::new();
+
+    for (i, rp) in raw.pods.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "pod",
+            who: who(&rp.namespace, &rp.name),
+            position: format!("pods[{i}]"),
+            errors: &mut errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.required("name", &rp.name).cloned();
+        let namespace = cx.required("namespace", &rp.namespace).cloned();
+        let sa = cx.required("serviceAccount", &rp.service_account).cloned();
+        let ip = cx.required("ip", &rp.ip).cloned();
+        let netns = cx.required("netns", &rp.netns).cloned();
+        let cgroup = cx.required("cgroup", &rp.cgroup).cloned();
+        for (field, v) in [("name", &name), ("namespace", &namespace), ("serviceAccount", &sa)] {
+            if let Some(v) = v
+                && let Err(e) = check_label(v)
+            {
+                cx.fail(field, e);
+            }
+        }
+        let ip = ip.and_then(|s| match s.parse::<IpAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                cx.fail("ip", format!("{s:?} is not an IP address"));
+                None
+            }
+        });
+        if let Some(p) = &netns
+            && let Err(e) = fs.is_netns(p)
+        {
+            cx.fail("netns", e);
+        }
+        if let Some(p) = &cgroup
+            && let Err(e) = fs.is_cgroup2(p)
+        {
+            cx.fail("cgroup", e);
+        }
+        let key = match (&namespace, &name) {
+            (Some(ns), Some(n)) => Some(ObjectKey {
+                namespace: ns.clone(),
+                name: n.clone(),
+            }),
+            _ => None,
+        };
+        if let Some(k) = &key
+            && state.pods.contains_key(k)
+        {
+            cx.fail("name", format!("pod {k} is listed twice; each pod may appear once"));
+        }
+        if let Some(a) = ip
+            && cx.errors.len() == before
+        {
+            if let Some(owner) = owners.get(&a) {
+                cx.fail(
+                    "ip",
+                    format!("address {a} is already used by {owner}; pod addresses must be unique"),
+                );
+            }
+        }
+        let valid = cx.errors.len() == before;
+        match (valid, key) {
+            (true, Some(key)) => {
+                let (Some(ip), Some(service_account), Some(netns), Some(cgroup)) =
+                    (ip, sa, netns, cgroup)
+                else {
+                    continue;
+                };
+                owners.insert(ip, format!("pod {key}"));
+                state.pods.insert(
+                    key.clone(),
+                    Pod {
+                        key,
+                        service_account,
+                        ip,
+                        netns,
+                        cgroup,
+                    },
+                );
+            }
+            (false, Some(key)) => {
+                // Keep serving the last valid version, unless its address now belongs to
+                // someone else in this file.
+                if let Some(old) = previous.and_then(|p| p.pods.get(&key))
+                    && !owners.contains_key(&old.ip)
+                    && !state.pods.contains_key(&key)
+                {
+                    owners.insert(old.ip, format!("pod {key}"));
+                    state.pods.insert(key, old.clone());
+                }
+            }
+            (_, None) => {}
+        }
+    }
+
+    for (i, rs) in raw.services.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "service",
+            who: who(&rs.namespace, &rs.name),
+            position: format!("services[{i}]"),
+            errors: &mut errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.required("name", &rs.name).cloned();
+        let namespace = cx.required("namespace", &rs.namespace).cloned();
+        let ip = cx.required("ip", &rs.ip).cloned();
+        let ports = cx.required("ports", &rs.ports);
+        for (field, v) in [("name", &name), ("namespace", &namespace)] {
+            if let Some(v) = v
+                && let Err(e) = check_label(v)
+            {
+                cx.fail(field, e);
+            }
+        }
+        let ip = ip.and_then(|s| match s.parse::<IpAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                cx.fail("ip", format!("{s:?} is not an IP address"));
+                None
+            }
+        });
+        if let Some(a) = ip
+            && let Some(owner) = owners.get(&a)
+        {
+            cx.fail("ip", format!("address {a} is already used by {owner}"));
+        }
+        let mut sports = Vec::new();
+        for p in ports.into_iter().flatten() {
+            if p.port == 0 || p.target_port == Some(0) {
+                cx.fail("ports", "port 0 is not a valid service or target port");
+            }
+            sports.push(ServicePort {
+                port: p.port,
+                target_port: p.target_port.unwrap_or(p.port),
+            });
+        }
+        if ports.is_some_and(|p| p.is_empty()) {
+            cx.fail("ports", "a service needs at least one port");
+        }
+        let mut endpoints = Vec::new();
+        for e in &rs.endpoints {
+            match e.parse::<IpAddr>() {
+                Ok(a) => endpoints.push(a),
+                Err(_) => cx.fail("endpoints", format!("{e:?} is not an IP address")),
+            }
+        }
+        let key = match (namespace, name) {
+            (Some(namespace), Some(name)) => Some(ObjectKey { namespace, name }),
+            _ => None,
+        };
+        if let Some(k) = &key
+            && state.services.contains_key(k)
+        {
+            cx.fail("name", format!("service {k} is listed twice"));
+        }
+        let valid = cx.errors.len() == before;
+        match (valid, key, ip) {
+            (true, Some(key), Some(ip)) => {
+                owners.insert(ip, format!("service {key}"));
+                state.services.insert(
+                    key.clone(),
+                    Service {
+                        key,
+                        ip,
+                        ports: sports,
+                        endpoints,
+                    },
+                );
+            }
+            (false, Some(key), _) => {
+                if let Some(old) = previous.and_then(|p| p.services.get(&key))
+                    && !owners.contains_key(&old.ip)
+                {
+                    owners.insert(old.ip, format!("service {key}"));
+                    state.services.insert(key, old.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    Loaded { state, errors }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pretends every path under /ns is a netns and every path under /cg is a cgroup.
+    struct FakeFs;
+    impl Fs for FakeFs {
+        fn is_netns(&self, p: &Path) -> Result<(), String> {
+            if p.starts_with("/ns") {
+                Ok(())
+            } else {
+                Err(format!("network namespace {} does not exist", p.display()))
+            }
+        }
+        fn is_cgroup2(&self, p: &Path) -> Result<(), String> {
+            if p.starts_with("/cg") {
+                Ok(())
+            } else {
+                Err(format!("cgroup {} does not exist", p.display()))
+            }
+        }
+    }
+
+    fn run(text: &str, prev: Option<&NodeState>) -> Result<Loaded, NodeFileError> {
+        let raw: RawFile = serde_yaml::from_str(text).map_err(|e| NodeFileError::Syntax {
+            path: "t.yaml".into(),
+            message: e.to_string(),
+        })?;
+        let node = raw.node.clone().unwrap_or_default();
+        Ok(validate(node, raw, prev, &FakeFs))
+    }
+
+    const GOOD: &str = "
+node: n1
+pods:
+  - {name: a, namespace: default, serviceAccount: sa, ip: 10.0.0.1, netns: /ns/a, cgroup: /cg/a}
+  - {name: b, namespace: default, serviceAccount: sa, ip: 10.0.0.2, netns: /ns/b, cgroup: /cg/b}
+services:
+  - {name: web, namespace: default, ip: 10.96.0.1, ports: [{port: 80, targetPort: 8080}], endpoints: [10.0.0.1]}
+";
+
+    #[test]
+    fn good_file_parses() {
+        let l = run(GOOD, None).expect("parses");
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        assert_eq!(l.state.pods.len(), 2);
+        let svc = l.state.services.values().next().expect("service");
+        assert_eq!(svc.target_port(80), Some(8080));
+        assert_eq!(svc.target_port(81), None);
+    }
+
+    #[test]
+    fn missing_field_names_pod_and_field_and_keeps_previous() {
+        let prev = run(GOOD, None).expect("parses").state;
+        let bad = GOOD.replace("ip: 10.0.0.2, ", "");
+        let l = run(&bad, Some(&prev)).expect("parses");
+        assert_eq!(l.errors.len(), 1);
+        let msg = l.errors[0].to_string();
+        assert!(msg.contains("pod default/b (pods[1])"), "{msg}");
+        assert!(msg.contains("field `ip`: missing"), "{msg}");
+        // The previous version of b is still served.
+        assert_eq!(l.state.pods, prev.pods);
+        // Without a previous version it is left out.
+        let l = run(&bad, None).expect("parses");
+        assert_eq!(l.state.pods.len(), 1);
+    }
+
+    #[test]
+    fn duplicate_ip_rejects_the_later_pod() {
+        let bad = GOOD.replace("ip: 10.0.0.2", "ip: 10.0.0.1");
+        let l = run(&bad, None).expect("parses");
+        let msg = l.errors[0].to_string();
+        assert!(
+            msg.contains("pod default/b") && msg.contains("already used by pod default/a"),
+            "{msg}"
+        );
+        assert_eq!(l.state.pods.len(), 1);
+    }
+
+    #[test]
+    fn missing_netns_is_reported() {
+        let bad = GOOD.replace("/ns/b", "/nope/b");
+        let l = run(&bad, None).expect("parses");
+        let msg = l.errors[0].to_string();
+        assert!(msg.contains("field `netns`") && msg.contains("/nope/b"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let err = parse(Path::new("x.yaml"), "node: n1\npods: [ {name: a", None)
+            .expect_err("must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("x.yaml") && msg.contains("line"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_field_is_a_syntax_error() {
+        let err = parse(Path::new("x.yaml"), "node: n1\npodz: []\n", None).expect_err("fail");
+        assert!(err.to_string().contains("podz"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        let bad = GOOD.replace("name: a,", "name: A/../x,");
+        let l = run(&bad, None).expect("parses");
+        assert!(l.errors[0].to_string().contains("field `name`"), "{:?}", l.errors);
+    }
+}
