@@ -1,0 +1,246 @@
+//! The workload the harness runs inside pods: an HTTP/1.1 server whose answers let a test prove
+//! bytes arrived unchanged, and a fixed-rate load generator for the bench.
+//!
+//! Server endpoints:
+//! - `GET /` — 1024 bytes (the bench's 1 KB body);
+//! - `GET /bytes/N` — N bytes of a fixed pattern (see `mesh_tests::pattern_byte`);
+//! - `POST /sha256` — answers `<hex sha256 of the body> <length>`;
+//! - `GET /count` — how many requests this server has answered.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{Method, Request, Response, body::Frame, service::service_fn};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve HTTP/1.1 on 0.0.0.0:PORT.
+    Serve {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Send GETs at a fixed rate and print latency percentiles as JSON. Latency is measured from
+    /// each request's scheduled time, so a stall is counted against every request it delays.
+    Load {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        connections: u64,
+    },
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+fn pattern(len: u64) -> Body {
+    const CHUNK: u64 = 64 * 1024;
+    pattern_body(len, CHUNK).boxed()
+}
+
+/// A body of `len` pattern bytes produced in chunks, so large bodies need no large buffer.
+fn pattern_body(
+    len: u64,
+    chunk: u64,
+) -> impl hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static {
+    struct Pat {
+        off: u64,
+        len: u64,
+        chunk: u64,
+    }
+    impl hyper::body::Body for Pat {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if self.off >= self.len {
+                return std::task::Poll::Ready(None);
+            }
+            let n = self.chunk.min(self.len - self.off);
+            let start = self.off;
+            let v: Vec<u8> = (start..start + n).map(mesh_tests::pattern_byte).collect();
+            self.off += n;
+            std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from(v)))))
+        }
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            hyper::body::SizeHint::with_exact(self.len - self.off)
+        }
+    }
+    Pat { off: 0, len, chunk }
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    count: Arc<AtomicU64>,
+) -> Result<Response<Body>, Infallible> {
+    count.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_string();
+    let resp = match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/") => Response::new(full(vec![b'x'; 1024])),
+        (Method::GET, "/count") => Response::new(full(count.load(Ordering::Relaxed).to_string())),
+        (Method::GET, p) if p.starts_with("/bytes/") => match p["/bytes/".len()..].parse() {
+            Ok(n) => Response::new(pattern(n)),
+            Err(_) => bad("length must be a number"),
+        },
+        (Method::POST, "/sha256") => {
+            let mut body = req.into_body();
+            let mut h = Sha256::new();
+            let mut n: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            h.update(d);
+                            n += d.len() as u64;
+                        }
+                    }
+                    Err(e) => return Ok(bad(&format!("body: {e}"))),
+                }
+            }
+            Response::new(full(format!("{} {n}", hex::encode(h.finalize()))))
+        }
+        _ => {
+            let mut r = Response::new(full("not found"));
+            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+            r
+        }
+    };
+    Ok(resp)
+}
+
+fn bad(msg: &str) -> Response<Body> {
+    let mut r = Response::new(full(msg.to_string()));
+    *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
+    r
+}
+
+async fn serve(port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("bind 0.0.0.0:{port}"))?;
+    let count = Arc::new(AtomicU64::new(0));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let count = count.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, count.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn load(
+    addr: SocketAddr,
+    path: String,
+    rate: u64,
+    seconds: u64,
+    connections: u64,
+) -> anyhow::Result<()> {
+    let total = rate * seconds;
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut workers = Vec::new();
+    for w in 0..connections {
+        let path = path.clone();
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                    .await?;
+            tokio::spawn(conn);
+            let mut i = w;
+            while i < total {
+                let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let req = Request::get(path.as_str())
+                    .header("host", addr.to_string())
+                    .body(Full::new(Bytes::new()))?;
+                match send.send_request(req).await {
+                    Ok(resp) => {
+                        let ok = resp.status().is_success();
+                        let _ = resp.into_body().collect().await;
+                        if ok {
+                            lat.push(due.elapsed().as_micros() as u64);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    Err(_) => errors += 1,
+                }
+                i += connections;
+            }
+            anyhow::Ok((lat, errors))
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.await??;
+        all.extend(l);
+        errors += e;
+    }
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "requests": all.len(),
+            "errors": errors,
+            "p50_us": pct(0.50),
+            "p99_us": pct(0.99),
+        })
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Serve { port } => serve(port).await,
+        Cmd::Load {
+            addr,
+            path,
+            rate,
+            seconds,
+            connections,
+        } => load(addr, path, rate, seconds, connections).await,
+    }
+}

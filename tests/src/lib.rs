@@ -1,0 +1,683 @@
+//! Test harness: a cluster of simulated nodes and pods on one machine, running the real agent.
+//!
+//! Topology (all addresses live only inside namespaces this harness creates):
+//! - a fabric netns with a bridge joins the nodes' uplinks on 198.19.0.0/24 (node i is
+//!   198.19.0.(i+1));
+//! - node i is a netns with a bridge `br0` at 198.18.(i+1).1/24 and routes to the other nodes'
+//!   pod ranges via their uplinks; its agent runs in this netns;
+//! - pod j of node i is a netns with `eth0` at 198.18.(i+1).(j+10) plus a cgroup v2 directory;
+//! - service addresses are 198.19.1.x and exist only in the agents' routing.
+//!
+//! RFC 2544's benchmarking range (198.18.0.0/15) is used so no address can be mistaken for a real
+//! network. Every resource name starts with a per-cluster prefix (`mt<pid>x<n>`), teardown runs on
+//! drop (so also when a test panics), and a new cluster first removes leftovers of harness
+//! processes that no longer exist.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Byte `i` of the pattern `GET /bytes/N` serves; tests recompute it to check integrity.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i.wrapping_mul(31).wrapping_add(i >> 13) % 251) as u8
+}
+
+/// The directory holding `mesh-agent`, `mesh-ebpf.o` and `mesh-testapp` for this build profile.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a built artifact, with an error that says how to build it.
+pub fn artifact(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        bail!(
+            "{} not found: build everything first with `cargo xtask build` (or run `cargo xtask test`)",
+            p.display()
+        )
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next() == Some("cgroup2"))
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .context("no cgroup2 mount found in /proc/self/mountinfo")
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
+pub fn ensure_bpffs() -> Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "));
+    if !mounted {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// Runs `f` on a thread inside the netns at `path` (the caller's own namespace is untouched).
+pub fn in_netns<R: Send>(path: &Path, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let ns = File::open(path).with_context(|| format!("open netns {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: `ns` is an open netns fd; setns affects only this scoped thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    })
+}
+
+/// A minimal HTTP/1.0 GET, returning (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP response")?;
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    Ok((status, body))
+}
+
+/// A pod to create.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    /// Name, unique in the cluster.
+    pub name: String,
+    /// Whether the node file lists it (captured by the mesh).
+    pub enrolled: bool,
+}
+
+impl PodSpec {
+    /// An enrolled pod.
+    pub fn mesh(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            enrolled: true,
+        }
+    }
+    /// A pod outside the mesh.
+    pub fn bare(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            enrolled: false,
+        }
+    }
+}
+
+/// A service: address 198.19.1.(index+10), balanced over the named pods.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    /// Name.
+    pub name: String,
+    /// Service port.
+    pub port: u16,
+    /// Port on the endpoints.
+    pub target_port: u16,
+    /// Endpoint pod names.
+    pub endpoints: Vec<String>,
+}
+
+/// A created pod.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Name.
+    pub name: String,
+    /// Index of its node.
+    pub node: usize,
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// Netns file.
+    pub netns: PathBuf,
+    /// cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// Whether the node file lists it.
+    pub enrolled: bool,
+}
+
+/// A created node.
+#[derive(Debug)]
+pub struct Node {
+    /// Name (`node-1`, ...).
+    pub name: String,
+    /// Netns file.
+    pub netns: PathBuf,
+    /// Its node file.
+    pub node_file: PathBuf,
+    /// bpffs pin directory name.
+    pub pin_name: String,
+    /// Agent log file.
+    pub log: PathBuf,
+    agent: Option<Child>,
+}
+
+/// A simulated cluster; torn down on drop.
+#[derive(Debug)]
+pub struct Cluster {
+    prefix: String,
+    dir: PathBuf,
+    cgroup_dir: PathBuf,
+    /// Nodes, in order.
+    pub nodes: Vec<Node>,
+    /// Every pod.
+    pub pods: Vec<Pod>,
+    /// Services, in order.
+    pub services: Vec<ServiceSpec>,
+    procs: Mutex<Vec<Child>>,
+    netns_names: Vec<String>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+const PREFIX: &str = "mt";
+
+impl Cluster {
+    /// Builds the topology: `nodes[i]` lists node i's pods.
+    pub fn new(nodes: Vec<Vec<PodSpec>>, services: Vec<ServiceSpec>) -> Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the harness needs root (network namespaces, cgroups, eBPF): run as root, e.g. `sudo cargo xtask test`");
+        }
+        ensure_bpffs()?;
+        sweep_stale();
+        let prefix = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("mesh-{prefix}"));
+        std::fs::create_dir_all(&dir)?;
+        let cgroup_dir = cgroup2_root()?.join("mesh-tests").join(&prefix);
+        std::fs::create_dir_all(&cgroup_dir)
+            .with_context(|| format!("create {}", cgroup_dir.display()))?;
+        let mut c = Self {
+            prefix,
+            dir,
+            cgroup_dir,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            services,
+            procs: Mutex::new(Vec::new()),
+            netns_names: Vec::new(),
+        };
+        // If building fails half-way, `c` is dropped and tears down what exists.
+        c.build(&nodes)?;
+        for i in 0..c.nodes.len() {
+            c.write_node_file(i)?;
+        }
+        Ok(c)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<PathBuf> {
+        ip(&["netns", "add", name])?;
+        self.netns_names.push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(PathBuf::from("/var/run/netns").join(name))
+    }
+
+    fn build(&mut self, nodes: &[Vec<PodSpec>]) -> Result<()> {
+        let fabric = format!("{}-fab", self.prefix);
+        self.add_netns(&fabric)?;
+        ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+        for (i, pods) in nodes.iter().enumerate() {
+            let name = format!("node-{}", i + 1);
+            let ns = format!("{}-n{}", self.prefix, i + 1);
+            let netns = self.add_netns(&ns)?;
+            let up = format!("up{i}");
+            ip(&["-n", &fabric, "link", "add", &up, "type", "veth", "peer", "name", "uplink", "netns", &ns])?;
+            ip(&["-n", &fabric, "link", "set", &up, "master", "br0", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("198.19.0.{}/24", i + 1), "dev", "uplink"])?;
+            ip(&["-n", &ns, "link", "set", "uplink", "up"])?;
+            ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("198.18.{}.1/24", i + 1), "dev", "br0"])?;
+            ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+            run(Command::new("ip").args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+            for k in 0..nodes.len() {
+                if k != i {
+                    ip(&["-n", &ns, "route", "add", &format!("198.18.{}.0/24", k + 1), "via", &format!("198.19.0.{}", k + 1)])?;
+                }
+            }
+            for (j, spec) in pods.iter().enumerate() {
+                let pns = format!("{}-{}", self.prefix, spec.name);
+                let pnetns = self.add_netns(&pns)?;
+                let addr = Ipv4Addr::new(198, 18, (i + 1) as u8, (j + 10) as u8);
+                let veth = format!("p{j}");
+                ip(&["-n", &ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pns])?;
+                ip(&["-n", &ns, "link", "set", &veth, "master", "br0", "up"])?;
+                ip(&["-n", &pns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+                ip(&["-n", &pns, "link", "set", "eth0", "up"])?;
+                ip(&["-n", &pns, "route", "add", "default", "via", &format!("198.18.{}.1", i + 1)])?;
+                let cgroup = self.cgroup_dir.join(&spec.name);
+                std::fs::create_dir_all(&cgroup)?;
+                self.pods.push(Pod {
+                    name: spec.name.clone(),
+                    node: i,
+                    ip: addr,
+                    netns: pnetns,
+                    cgroup,
+                    enrolled: spec.enrolled,
+                });
+            }
+            self.nodes.push(Node {
+                node_file: self.dir.join(format!("{name}.yaml")),
+                log: self.dir.join(format!("{name}-agent.log")),
+                pin_name: format!("{}-n{}", self.prefix, i + 1),
+                name,
+                netns,
+                agent: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the cluster"))
+    }
+
+    /// The address of service `name`.
+    pub fn service_ip(&self, name: &str) -> Ipv4Addr {
+        let i = self
+            .services
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no service {name}"));
+        Ipv4Addr::new(198, 19, 1, (i + 10) as u8)
+    }
+
+    /// The YAML listing of one pod, as the node file has it.
+    pub fn pod_entry(&self, pod: &Pod) -> String {
+        format!(
+            "  - name: {}\n    namespace: default\n    serviceAccount: {}-sa\n    ip: {}\n    netns: {}\n    cgroup: {}\n",
+            pod.name,
+            pod.name,
+            pod.ip,
+            pod.netns.display(),
+            pod.cgroup.display()
+        )
+    }
+
+    /// The node file for node `i` as the harness writes it: its enrolled pods and all services.
+    pub fn node_file_text(&self, i: usize) -> String {
+        let mut s = format!("node: {}\npods:\n", self.nodes[i].name);
+        for p in self.pods.iter().filter(|p| p.node == i && p.enrolled) {
+            s.push_str(&self.pod_entry(p));
+        }
+        s.push_str("services:\n");
+        for svc in &self.services {
+            let eps: Vec<String> = svc
+                .endpoints
+                .iter()
+                .map(|e| self.pod(e).ip.to_string())
+                .collect();
+            s.push_str(&format!(
+                "  - name: {}\n    namespace: default\n    ip: {}\n    ports: [{{port: {}, targetPort: {}}}]\n    endpoints: [{}]\n",
+                svc.name,
+                self.service_ip(&svc.name),
+                svc.port,
+                svc.target_port,
+                eps.join(", ")
+            ));
+        }
+        s
+    }
+
+    /// Writes node `i`'s default node file.
+    pub fn write_node_file(&self, i: usize) -> Result<()> {
+        self.set_node_file(i, &self.node_file_text(i))
+    }
+
+    /// Replaces node `i`'s node file atomically (write then rename, as ConfigMaps do).
+    pub fn set_node_file(&self, i: usize, text: &str) -> Result<()> {
+        let path = &self.nodes[i].node_file;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    /// Starts node `i`'s agent and waits until it reports ready.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        self.start_agent_with(i, &[])?;
+        self.wait_ready(i, Duration::from_secs(15))
+    }
+
+    /// Starts node `i`'s agent with extra flags, without waiting.
+    pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        let agent = artifact("mesh-agent")?;
+        let object = artifact("mesh-ebpf.o")?;
+        let node = &mut self.nodes[i];
+        let log = OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", node.netns.display()))
+            .arg(&agent)
+            .arg("run")
+            .arg("--node-file")
+            .arg(&node.node_file)
+            .arg("--pin-name")
+            .arg(&node.pin_name)
+            .arg("--bpf-object")
+            .arg(&object)
+            .arg("--poll-interval-ms")
+            .arg("200")
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn agent")?;
+        node.agent = Some(child);
+        Ok(())
+    }
+
+    /// Polls node `i`'s `/ready` until 200, or fails with the agent's log.
+    pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = self.agent_get(i, "/ready") {
+                return Ok(());
+            }
+            if let Some(c) = self.nodes[i].agent.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!("agent on {} exited ({status}):\n{}", self.nodes[i].name, self.agent_log(i));
+            }
+            if Instant::now() > deadline {
+                bail!("agent on {} not ready after {timeout:?}:\n{}", self.nodes[i].name, self.agent_log(i));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs node `i`'s agent (a crash: no cleanup runs).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// GET on node `i`'s admin endpoint.
+    pub fn agent_get(&self, i: usize, path: &str) -> Result<(u16, String)> {
+        let addr: SocketAddr = ([127, 0, 0, 1], 15000).into();
+        in_netns(&self.nodes[i].netns, || http_get(addr, path))?
+    }
+
+    /// Node `i`'s `/stats`, parsed.
+    pub fn stats(&self, i: usize) -> Result<serde_json::Value> {
+        let (code, body) = self.agent_get(i, "/stats")?;
+        if code != 200 {
+            bail!("/stats answered {code}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// One counter of one pod from node `i`'s `/stats`, e.g. `("client", "kernel.captured_v4")`.
+    pub fn counter(&self, i: usize, pod: &str, field: &str) -> Result<u64> {
+        let s = self.stats(i)?;
+        let mut v = &s["pods"][format!("default/{pod}")];
+        for part in field.split('.') {
+            v = &v[part];
+        }
+        v.as_u64()
+            .with_context(|| format!("no counter {field} for pod {pod} in {s}"))
+    }
+
+    /// Node `i`'s agent log so far.
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    fn pod_command(&self, pod: &str, args: &[&str]) -> Result<(Command, File, File)> {
+        let p = self.pod(pod);
+        let ns = File::open(&p.netns)?;
+        let cg = OpenOptions::new()
+            .write(true)
+            .open(p.cgroup.join("cgroup.procs"))?;
+        let (ns_fd, cg_fd) = (ns.as_raw_fd(), cg.as_raw_fd());
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]);
+        // SAFETY: the closure only makes async-signal-safe syscalls (write, setns) on fds that
+        // stay open until spawn returns (they are returned to the caller).
+        unsafe {
+            cmd.pre_exec(move || {
+                // "0" moves the writing process itself into the cgroup.
+                if libc::write(cg_fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok((cmd, ns, cg))
+    }
+
+    /// Runs a command as a process of pod `pod` (its netns and cgroup) and waits for it.
+    pub fn exec(&self, pod: &str, args: &[&str]) -> Result<Output> {
+        let (mut cmd, _ns, _cg) = self.pod_command(pod, args)?;
+        cmd.stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("run {args:?} in pod {pod}"))
+    }
+
+    /// Starts a long-running process in pod `pod`; it is killed at teardown.
+    pub fn spawn(&self, pod: &str, args: &[&str]) -> Result<u32> {
+        let (mut cmd, _ns, _cg) = self.pod_command(pod, args)?;
+        let log = File::create(self.dir.join(format!("{pod}-{}.log", args.join("_").replace('/', "_").chars().take(40).collect::<String>())))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {args:?} in pod {pod}"))?;
+        let pid = child.id();
+        self.procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(child);
+        Ok(pid)
+    }
+
+    /// Waits until something listens on `port` on pod `pod`'s loopback.
+    pub fn wait_listening(&self, pod: &str, port: u16) -> Result<()> {
+        let p = self.pod(pod);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = in_netns(&p.netns, || {
+                TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+            })?;
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nothing listens on port {port} in pod {pod}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the test HTTP server in pod `pod` on `port` and waits for it.
+    pub fn serve(&self, pod: &str, port: u16) -> Result<()> {
+        let app = artifact("mesh-testapp")?;
+        let app = app.to_string_lossy().into_owned();
+        self.spawn(pod, &[&app, "serve", "--port", &port.to_string()])?;
+        self.wait_listening(pod, port)
+    }
+
+    /// `curl` from pod `pod`; returns (exit code, stdout).
+    pub fn curl(&self, pod: &str, args: &[&str]) -> Result<(i32, String)> {
+        let mut all = vec!["curl", "-sS", "--max-time", "10"];
+        all.extend_from_slice(args);
+        let out = self.exec(pod, &all)?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        ))
+    }
+
+    /// The cluster's scratch directory (node files, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn teardown(&mut self) {
+        for c in self
+            .procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter_mut()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for i in 0..self.nodes.len() {
+            self.kill_agent(i);
+        }
+        if let Ok(agent) = artifact("mesh-agent") {
+            for n in &self.nodes {
+                let _ = Command::new(&agent)
+                    .args(["uninstall", "--pin-name", &n.pin_name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        for n in self.netns_names.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        remove_cgroup_tree(&self.cgroup_dir);
+        if std::env::var_os("MESH_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    // A killed process can take a moment to leave its cgroup.
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes namespaces, cgroups and pins left by harness processes that no longer exist (e.g. a
+/// test binary killed with SIGKILL, where no destructor ran).
+fn sweep_stale() {
+    let dead = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            return false;
+        };
+        let Some((pid, _)) = rest.split_once('x') else {
+            return false;
+        };
+        pid.parse::<u32>()
+            .map(|p| !Path::new(&format!("/proc/{p}")).exists())
+            .unwrap_or(false)
+    };
+    if let Ok(entries) = std::fs::read_dir("/var/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+    if let Ok(agent) = artifact("mesh-agent")
+        && let Ok(entries) = std::fs::read_dir("/sys/fs/bpf")
+    {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                let _ = Command::new(&agent)
+                    .args(["uninstall", "--pin-name", &name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+    if let Ok(root) = cgroup2_root()
+        && let Ok(entries) = std::fs::read_dir(root.join("mesh-tests"))
+    {
+        for e in entries.flatten() {
+            if dead(&e.file_name().to_string_lossy()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+}

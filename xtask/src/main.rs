@@ -1,0 +1,229 @@
+//! `cargo xtask <task>`: the project's build entry points.
+//!
+//! - `setup` installs every prerequisite a fresh machine lacks, idempotently;
+//! - `build` builds the eBPF object (nightly, build-std, bpf-linker) and then the host binaries;
+//! - `test` runs every test, the kernel tests included (needs root; never skips them);
+//! - `lint` runs rustfmt and clippy;
+//! - `demo` runs a two-node mesh with traffic and prints what was captured;
+//! - `bench` measures direct vs mesh paths side by side.
+//!
+//! Every task that needs tools calls `setup` first.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install prerequisites (apt packages, rust-src, bpf-linker) and mount bpffs.
+    Setup,
+    /// Build the eBPF object and the host binaries.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test (unit, kernel and end-to-end). Must run as root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt --check and clippy -D warnings.
+    Lint,
+    /// Start a two-node demo mesh, send traffic, print what was captured, clean up.
+    Demo,
+    /// Benchmark direct vs mesh paths and print a table of ratios.
+    Bench,
+}
+
+/// bpf-linker release known to build against LLVM 22 here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// LLVM major version of the nightly toolchain; bpf-linker must match it.
+const LLVM_MAJOR: &str = "22";
+/// Debian packages: LLVM for bpf-linker, kernel tooling, and the bench's load tools.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "curl",
+    "wrk",
+    "iperf3",
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let st = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn setup() -> Result<()> {
+    // Debian packages.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them");
+        }
+        status(Command::new("apt-get").args(["update", "-qq"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    // Nightly rust-src, for -Z build-std.
+    let nightly = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !nightly.lines().any(|l| l.starts_with("nightly")) {
+        bail!("no nightly toolchain: install it with `rustup toolchain install nightly` (this machine kind ships one)");
+    }
+    let comps = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    // bpf-linker built against the same LLVM major as rustc.
+    let rustc_llvm = output(Command::new("rustc").args(["+nightly", "-vV"]))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("LLVM version: ").map(|v| v.split('.').next().unwrap_or("").to_string()))
+        })
+        .unwrap_or_default();
+    if rustc_llvm != LLVM_MAJOR {
+        bail!("nightly rustc uses LLVM {rustc_llvm:?}, but this project builds bpf-linker against LLVM {LLVM_MAJOR}; update LLVM_MAJOR and APT_PACKAGES in xtask");
+    }
+    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        status(
+            Command::new("cargo")
+                .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+                .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+                .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")),
+        )?;
+    }
+    // bpffs, which the agent pins into.
+    if is_root() {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        if !mounts.lines().any(|l| l.starts_with("bpf /sys/fs/bpf ")) {
+            status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        }
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build(release: bool) -> Result<PathBuf> {
+    setup()?;
+    let root = root();
+    // The eBPF crate has its own workspace and rust-toolchain.toml (nightly).
+    let mut ebpf = Command::new("cargo");
+    ebpf.current_dir(root.join("mesh-ebpf"))
+        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("CARGO");
+    status(&mut ebpf)?;
+    let object = root.join("mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf");
+    let profile = if release { "release" } else { "debug" };
+    let out = root.join("target").join(profile);
+    std::fs::create_dir_all(&out)?;
+    std::fs::copy(&object, out.join("mesh-ebpf.o"))
+        .with_context(|| format!("copy {} into {}", object.display(), out.display()))?;
+    let mut host = cargo();
+    host.current_dir(&root)
+        .args(["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]);
+    if release {
+        host.arg("--release");
+    }
+    status(&mut host)?;
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build { release } => build(release).map(|_| ()),
+        Task::Test { args } => {
+            if !is_root() {
+                bail!("the kernel and end-to-end tests need root (eBPF, netns, cgroups) and are never skipped: run `sudo cargo xtask test`");
+            }
+            build(false)?;
+            status(
+                cargo()
+                    .current_dir(root())
+                    .args(["test", "--workspace", "--"])
+                    .args(&args),
+            )
+        }
+        Task::Lint => status(cargo().current_dir(root()).args(["fmt", "--all", "--check"])).and_then(|()| {
+            status(cargo().current_dir(root()).args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        }),
+        Task::Demo => {
+            let out = build(true)?;
+            status(&mut Command::new(out.join("mesh-demo")))
+        }
+        Task::Bench => {
+            let out = build(true)?;
+            status(&mut Command::new(out.join("mesh-bench")))
+        }
+    }
+}
