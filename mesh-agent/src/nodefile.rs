@@ -253,6 +253,9 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
     // Address → owner, across pods and services, to reject duplicates.
     let mut owners: HashMap<IpAddr, String> = HashMap::new();
 
+    // Pass 1: check each pod on its own.
+    let mut candidates: Vec<(usize, Pod)> = Vec::new();
+    let mut rejected: Vec<ObjectKey> = Vec::new();
     for (i, rp) in raw.pods.iter().enumerate() {
         let mut cx = Ctx {
             kind: "pod",
@@ -291,39 +294,19 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
         {
             cx.fail("cgroup", e);
         }
-        let key = match (&namespace, &name) {
-            (Some(ns), Some(n)) => Some(ObjectKey {
-                namespace: ns.clone(),
-                name: n.clone(),
-            }),
+        let key = match (namespace, name) {
+            (Some(namespace), Some(name)) => Some(ObjectKey { namespace, name }),
             _ => None,
         };
         if let Some(k) = &key
-            && state.pods.contains_key(k)
+            && candidates.iter().any(|(_, p)| &p.key == k)
         {
             cx.fail("name", format!("pod {k} is listed twice; each pod may appear once"));
         }
-        if let Some(a) = ip
-            && cx.errors.len() == before
-        {
-            if let Some(owner) = owners.get(&a) {
-                cx.fail(
-                    "ip",
-                    format!("address {a} is already used by {owner}; pod addresses must be unique"),
-                );
-            }
-        }
-        let valid = cx.errors.len() == before;
-        match (valid, key) {
-            (true, Some(key)) => {
-                let (Some(ip), Some(service_account), Some(netns), Some(cgroup)) =
-                    (ip, sa, netns, cgroup)
-                else {
-                    continue;
-                };
-                owners.insert(ip, format!("pod {key}"));
-                state.pods.insert(
-                    key.clone(),
+        match (cx.errors.len() == before, key, ip, sa, netns, cgroup) {
+            (true, Some(key), Some(ip), Some(service_account), Some(netns), Some(cgroup)) => {
+                candidates.push((
+                    i,
                     Pod {
                         key,
                         service_account,
@@ -331,20 +314,47 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
                         netns,
                         cgroup,
                     },
-                );
+                ));
             }
-            (false, Some(key)) => {
-                // Keep serving the last valid version, unless its address now belongs to
-                // someone else in this file.
-                if let Some(old) = previous.and_then(|p| p.pods.get(&key))
-                    && !owners.contains_key(&old.ip)
-                    && !state.pods.contains_key(&key)
-                {
-                    owners.insert(old.ip, format!("pod {key}"));
-                    state.pods.insert(key, old.clone());
-                }
-            }
-            (_, None) => {}
+            (_, Some(key), ..) => rejected.push(key),
+            _ => {}
+        }
+    }
+    // Pass 2: one pod per address. The pod already serving an address keeps it, so adding a
+    // conflicting pod can never knock out a running one; otherwise the first listed wins.
+    let previous_owner = |ip: IpAddr| {
+        previous.and_then(|p| p.pods.values().find(|p| p.ip == ip).map(|p| p.key.clone()))
+    };
+    for (i, pod) in &candidates {
+        let winner = candidates
+            .iter()
+            .filter(|(_, p)| p.ip == pod.ip)
+            .find(|(_, p)| Some(&p.key) == previous_owner(pod.ip).as_ref())
+            .or_else(|| candidates.iter().find(|(_, p)| p.ip == pod.ip))
+            .map(|(_, p)| p.key.clone());
+        if winner.as_ref() == Some(&pod.key) {
+            owners.insert(pod.ip, format!("pod {}", pod.key));
+            state.pods.insert(pod.key.clone(), pod.clone());
+        } else {
+            let owner = winner.map(|k| format!("pod {k}")).unwrap_or_default();
+            errors.push(ObjectError {
+                kind: "pod",
+                who: pod.key.to_string(),
+                position: format!("pods[{i}]"),
+                field: "ip",
+                problem: format!("address {} is already used by {owner}; pod addresses must be unique", pod.ip),
+            });
+            rejected.push(pod.key.clone());
+        }
+    }
+    // Pass 3: a rejected pod keeps its last valid version, unless its address is now taken.
+    for key in rejected {
+        if let Some(old) = previous.and_then(|p| p.pods.get(&key))
+            && !owners.contains_key(&old.ip)
+            && !state.pods.contains_key(&key)
+        {
+            owners.insert(old.ip, format!("pod {key}"));
+            state.pods.insert(key, old.clone());
         }
     }
 
@@ -513,6 +523,20 @@ services:
             "{msg}"
         );
         assert_eq!(l.state.pods.len(), 1);
+    }
+
+    #[test]
+    fn duplicate_ip_never_evicts_the_running_pod() {
+        let prev = run(GOOD, None).expect("parses").state;
+        // A new pod listed first claims b's address: b keeps it, the newcomer is rejected.
+        let bad = GOOD.replace(
+            "pods:\n",
+            "pods:\n  - {name: c, namespace: default, serviceAccount: sa, ip: 10.0.0.2, netns: /ns/c, cgroup: /cg/c}\n",
+        );
+        let l = run(&bad, Some(&prev)).expect("parses");
+        assert_eq!(l.state.pods, prev.pods);
+        let msg = l.errors[0].to_string();
+        assert!(msg.contains("pod default/c (pods[0]): field `ip`") && msg.contains("default/b"), "{msg}");
     }
 
     #[test]

@@ -1,0 +1,116 @@
+//! Kernel tests: the built object loads into the real kernel, and every name `mesh-common`
+//! promises exists in it. Needs root; never skipped.
+
+use std::{fs::File, process::Command};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    EbpfLoader,
+    maps::Map,
+    programs::{CgroupAttachMode, Program},
+};
+use mesh_common::{maps, programs};
+use mesh_tests::{artifact, cgroup2_root, ensure_bpffs};
+
+/// Scratch cgroup, netns and bpffs directory, removed on drop.
+struct Scratch {
+    cgroup: std::path::PathBuf,
+    netns: String,
+    pins: std::path::PathBuf,
+}
+
+impl Scratch {
+    fn new(tag: &str) -> Result<Self> {
+        ensure_bpffs()?;
+        let id = format!("mk{}{tag}", std::process::id());
+        let cgroup = cgroup2_root()?.join(format!("mesh-kernel-{id}"));
+        std::fs::create_dir_all(&cgroup)?;
+        let st = Command::new("ip").args(["netns", "add", &id]).status()?;
+        if !st.success() {
+            bail!("ip netns add {id} failed");
+        }
+        let pins = std::path::PathBuf::from("/sys/fs/bpf").join(&id);
+        std::fs::create_dir_all(&pins)?;
+        Ok(Self {
+            cgroup,
+            netns: id,
+            pins,
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+#[test]
+fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
+    let scratch = Scratch::new("a")?;
+    let object = std::fs::read(artifact("mesh-ebpf.o")?)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&scratch.pins)
+        .load(&object)
+        .context("load object")?;
+
+    let names: Vec<String> = ebpf.maps().map(|(n, _)| n.to_string()).collect();
+    for m in maps::ALL {
+        assert!(names.iter().any(|n| n == m), "map {m} missing; object has {names:?}");
+        // Pinned by name, so a restarted agent adopts it.
+        assert!(scratch.pins.join(m).exists(), "map {m} not pinned");
+    }
+    assert_eq!(names.len(), maps::ALL.len(), "object has maps mesh-common does not name: {names:?}");
+    let progs: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(progs.len(), programs::ALL.len(), "{progs:?}");
+
+    let cgroup = File::open(&scratch.cgroup)?;
+    let netns = File::open(format!("/var/run/netns/{}", scratch.netns))?;
+    for name in programs::ALL {
+        let prog = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing; object has {progs:?}"))?;
+        match prog {
+            Program::CgroupSockAddr(p) => {
+                p.load().with_context(|| format!("verifier rejected {name}"))?;
+                p.attach(&cgroup, CgroupAttachMode::Single)?;
+            }
+            Program::SockOps(p) => {
+                p.load().with_context(|| format!("verifier rejected {name}"))?;
+                p.attach(&cgroup, CgroupAttachMode::Single)?;
+            }
+            Program::SkLookup(p) => {
+                p.load().with_context(|| format!("verifier rejected {name}"))?;
+                p.attach(&netns)?;
+            }
+            other => bail!("{name} has unexpected type {:?}", other.prog_type()),
+        }
+    }
+    // The map types the agent relies on.
+    assert!(matches!(ebpf.map(maps::ORIG_DST), Some(Map::LruHashMap(_))));
+    assert!(matches!(ebpf.map(maps::ORIG_DST_BY_COOKIE), Some(Map::LruHashMap(_))));
+    assert!(matches!(ebpf.map(maps::INBOUND_SOCKS), Some(Map::SockHash(_))));
+    assert!(matches!(ebpf.map(maps::POD_STATS), Some(Map::PerCpuHashMap(_))));
+    assert!(matches!(ebpf.map(maps::INBOUND_STATS), Some(Map::PerCpuHashMap(_))));
+    assert!(matches!(ebpf.map(maps::EXCLUDED_PORTS), Some(Map::HashMap(_))));
+    drop(ebpf);
+    Ok(())
+}
+
+#[test]
+fn pinned_maps_are_reused_by_a_second_load() -> Result<()> {
+    let scratch = Scratch::new("b")?;
+    let object = std::fs::read(artifact("mesh-ebpf.o")?)?;
+    let id = |ebpf: &aya::Ebpf| -> Result<u32> {
+        let m = ebpf.map(maps::ORIG_DST).context("map")?;
+        let Map::LruHashMap(d) = m else { bail!("wrong type") };
+        Ok(d.info()?.id())
+    };
+    let first = EbpfLoader::new().default_map_pin_directory(&scratch.pins).load(&object)?;
+    let a = id(&first)?;
+    let second = EbpfLoader::new().default_map_pin_directory(&scratch.pins).load(&object)?;
+    assert_eq!(id(&second)?, a, "second load must adopt the pinned map, not create one");
+    Ok(())
+}
