@@ -62,17 +62,17 @@ fn main() -> Result<()> {
         };
         for (name, p) in pods {
             let k = &p["kernel"];
-            let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+            let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
             println!(
                 "  {:<8} {:<10} {:>9} {:>9} {:>9} {:>10} {:>12} {:>12}",
                 n.name,
                 name.trim_start_matches("default/"),
-                n(&k["captured_v4"]) + n(&k["captured_v6"]),
-                n(&p["outbound_accepted"]),
-                n(&k["steered_inbound"]),
-                n(&p["inbound_accepted"]),
-                n(&p["outbound_bytes_received"]),
-                n(&p["inbound_bytes_delivered"]),
+                num(&k["captured_v4"]) + num(&k["captured_v6"]),
+                num(&p["outbound_accepted"]),
+                num(&k["steered_inbound"]),
+                num(&p["inbound_accepted"]),
+                num(&p["outbound_bytes_received"]),
+                num(&p["inbound_bytes_delivered"]),
             );
         }
     }

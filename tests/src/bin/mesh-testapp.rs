@@ -161,55 +161,79 @@ async fn serve(port: u16) -> anyhow::Result<()> {
     }
 }
 
-async fn load(
-    addr: SocketAddr,
-    path: String,
-    rate: u64,
-    seconds: u64,
-    connections: u64,
-) -> anyhow::Result<()> {
+/// Reads one HTTP/1.1 response with a Content-Length body; returns whether it was a 2xx.
+fn read_response(r: &mut std::io::BufReader<std::net::TcpStream>) -> anyhow::Result<bool> {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let ok = line.split_whitespace().nth(1).is_some_and(|c| c.starts_with('2'));
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            anyhow::bail!("connection closed mid-response");
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse()?;
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok(ok)
+}
+
+/// Fixed-rate load on plain threads: `thread::sleep` wakes within tens of microseconds, where
+/// tokio's timer wheel would add up to a millisecond to every measurement.
+fn load(addr: SocketAddr, path: &str, rate: u64, seconds: u64, connections: u64) -> anyhow::Result<()> {
+    use std::io::Write;
     let total = rate * seconds;
     let start = Instant::now() + Duration::from_millis(50);
-    let mut workers = Vec::new();
-    for w in 0..connections {
-        let path = path.clone();
-        workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-                    .await?;
-            tokio::spawn(conn);
-            let mut i = w;
-            while i < total {
-                let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
-                tokio::time::sleep_until(due.into()).await;
-                let req = Request::get(path.as_str())
-                    .header("host", addr.to_string())
-                    .body(Full::new(Bytes::new()))?;
-                match send.send_request(req).await {
-                    Ok(resp) => {
-                        let ok = resp.status().is_success();
-                        let _ = resp.into_body().collect().await;
-                        if ok {
-                            lat.push(due.elapsed().as_micros() as u64);
-                        } else {
-                            errors += 1;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let results: Vec<anyhow::Result<(Vec<u64>, u64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..connections)
+            .map(|w| {
+                let request = request.as_bytes();
+                s.spawn(move || -> anyhow::Result<(Vec<u64>, u64)> {
+                    let stream = std::net::TcpStream::connect(addr)?;
+                    stream.set_nodelay(true)?;
+                    let mut writer = stream.try_clone()?;
+                    let mut reader = std::io::BufReader::new(stream);
+                    let (mut lat, mut errors) = (Vec::new(), 0u64);
+                    let mut i = w;
+                    while i < total {
+                        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
                         }
+                        // Timed from the schedule, so a stall counts against every request it
+                        // delays (no coordinated omission).
+                        writer.write_all(request)?;
+                        match read_response(&mut reader) {
+                            Ok(true) => lat.push(due.elapsed().as_micros() as u64),
+                            Ok(false) => errors += 1,
+                            Err(e) => return Err(e),
+                        }
+                        i += connections;
                     }
-                    Err(_) => errors += 1,
-                }
-                i += connections;
-            }
-            anyhow::Ok((lat, errors))
-        }));
-    }
+                    Ok((lat, errors))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("load thread panicked"))))
+            .collect()
+    });
     let mut all = Vec::new();
     let mut errors = 0;
-    for w in workers {
-        let (l, e) = w.await??;
+    for r in results {
+        let (l, e) = r?;
         all.extend(l);
         errors += e;
     }
@@ -231,16 +255,15 @@ async fn load(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Serve { port } => serve(port).await,
+        Cmd::Serve { port } => tokio::runtime::Runtime::new()?.block_on(serve(port)),
         Cmd::Load {
             addr,
             path,
             rate,
             seconds,
             connections,
-        } => load(addr, path, rate, seconds, connections).await,
+        } => load(addr, &path, rate, seconds, connections),
     }
 }
