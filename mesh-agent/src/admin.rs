@@ -15,10 +15,14 @@ use crate::app::Agent;
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The admin address is not a loopback address.
-    #[error("admin address {0} is not loopback: the admin endpoints expose internals and must stay on localhost")]
+    #[error(
+        "admin address {0} is not loopback: the admin endpoints expose internals and must stay on localhost"
+    )]
     NotLoopback(SocketAddr),
     /// Binding failed.
-    #[error("cannot bind the admin endpoint {addr}: {source} (is another agent using it? pass --admin-addr)")]
+    #[error(
+        "cannot bind the admin endpoint {addr}: {source} (is another agent using it? pass --admin-addr)"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -70,7 +74,10 @@ fn handle(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => match agent.not_ready_reason() {
             None => text(StatusCode::OK, "ready\n"),
-            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
         "/stats" => {
             let body = serde_json::to_vec_pretty(&agent.stats()).unwrap_or_default();
@@ -81,6 +88,9 @@ fn handle(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /ready or /stats\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /ready or /stats\n",
+        ),
     }
 }

@@ -42,13 +42,19 @@ use crate::state::Pod;
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     /// Not running as root (or without CAP_BPF / CAP_NET_ADMIN / CAP_SYS_ADMIN).
-    #[error("mesh-agent must run as root: it loads eBPF programs and enters pod network namespaces (try: sudo mesh-agent ...)")]
+    #[error(
+        "mesh-agent must run as root: it loads eBPF programs and enters pod network namespaces (try: sudo mesh-agent ...)"
+    )]
     NotRoot,
     /// No bpffs at the configured path.
-    #[error("no bpf filesystem is mounted at {0}: mount it with `mount -t bpf bpf {0}` (in Kubernetes, mount the host's /sys/fs/bpf into the agent)")]
+    #[error(
+        "no bpf filesystem is mounted at {0}: mount it with `mount -t bpf bpf {0}` (in Kubernetes, mount the host's /sys/fs/bpf into the agent)"
+    )]
     NoBpffs(PathBuf),
     /// The BPF object file is missing.
-    #[error("cannot read the eBPF object {path}: {source} (build it with `cargo xtask build`, or pass --bpf-object)")]
+    #[error(
+        "cannot read the eBPF object {path}: {source} (build it with `cargo xtask build`, or pass --bpf-object)"
+    )]
     Object {
         /// The object path.
         path: PathBuf,
@@ -64,7 +70,9 @@ pub enum BpfError {
         source: Box<aya::EbpfError>,
     },
     /// A program or map the agent needs is not in the object (agent and object out of step).
-    #[error("the eBPF object has no {kind} named {name}: rebuild it with `cargo xtask build` so it matches this agent")]
+    #[error(
+        "the eBPF object has no {kind} named {name}: rebuild it with `cargo xtask build` so it matches this agent"
+    )]
     Missing {
         /// `program` or `map`.
         kind: &'static str,
@@ -257,10 +265,14 @@ impl std::fmt::Debug for Dataplane {
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, BpfError> {
-    ebpf.take_map(name).ok_or(BpfError::Missing { kind: "map", name })
+    ebpf.take_map(name)
+        .ok_or(BpfError::Missing { kind: "map", name })
 }
 
-fn map_err(name: &'static str, what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> BpfError {
+fn map_err(
+    name: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> BpfError {
     let what = what.into();
     move |e| BpfError::Map {
         name,
@@ -269,7 +281,10 @@ fn map_err(name: &'static str, what: impl Into<String>) -> impl FnOnce(aya::maps
     }
 }
 
-fn prog_err(what: &'static str, name: &str) -> impl FnOnce(aya::programs::ProgramError) -> BpfError {
+fn prog_err(
+    what: &'static str,
+    name: &str,
+) -> impl FnOnce(aya::programs::ProgramError) -> BpfError {
     let name = name.to_string();
     move |e| BpfError::Program {
         what,
@@ -304,14 +319,20 @@ impl Dataplane {
                 source: Box::new(e),
             })?;
         for name in programs::ALL {
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Missing { kind: "program", name })?;
+            let prog = ebpf.program_mut(name).ok_or(BpfError::Missing {
+                kind: "program",
+                name,
+            })?;
             match prog {
                 Program::CgroupSockAddr(p) => p.load().map_err(prog_err("load", name))?,
                 Program::SockOps(p) => p.load().map_err(prog_err("load", name))?,
                 Program::SkLookup(p) => p.load().map_err(prog_err("load", name))?,
-                _ => return Err(BpfError::Missing { kind: "program", name }),
+                _ => {
+                    return Err(BpfError::Missing {
+                        kind: "program",
+                        name,
+                    });
+                }
             }
             // Pin so bpftool and operators can see what is loaded; replace an older agent's pin.
             let pin = root.join("progs").join(name);
@@ -332,7 +353,12 @@ impl Dataplane {
         }
         let orig = match take_map(&mut ebpf, maps::ORIG_DST)? {
             Map::LruHashMap(m) => m,
-            _ => return Err(BpfError::Missing { kind: "map", name: maps::ORIG_DST }),
+            _ => {
+                return Err(BpfError::Missing {
+                    kind: "map",
+                    name: maps::ORIG_DST,
+                });
+            }
         };
         let fd = orig
             .fd()
@@ -392,27 +418,30 @@ impl Dataplane {
             source: e,
         })?;
         if self.pod_stats.get(&netns_cookie, 0).is_err() {
-            let zero = PerCpuValues::try_from(vec![PodStats::default(); n])
-                .map_err(|e| BpfError::Map {
+            let zero = PerCpuValues::try_from(vec![PodStats::default(); n]).map_err(|e| {
+                BpfError::Map {
                     name: maps::POD_STATS,
                     what: "build per-CPU values".into(),
                     source: Box::new(aya::maps::MapError::IoError(e)),
-                })?;
+                }
+            })?;
             self.pod_stats
                 .insert(netns_cookie, zero, 0)
                 .map_err(map_err(maps::POD_STATS, format!("insert pod {}", pod.key)))?;
         }
         let ip = ip_key(pod.ip);
         if self.inbound_stats.get(&ip, 0).is_err() {
-            let zero = PerCpuValues::try_from(vec![InboundStats::default(); n])
-                .map_err(|e| BpfError::Map {
+            let zero = PerCpuValues::try_from(vec![InboundStats::default(); n]).map_err(|e| {
+                BpfError::Map {
                     name: maps::INBOUND_STATS,
                     what: "build per-CPU values".into(),
                     source: Box::new(aya::maps::MapError::IoError(e)),
-                })?;
-            self.inbound_stats
-                .insert(ip, zero, 0)
-                .map_err(map_err(maps::INBOUND_STATS, format!("insert pod {}", pod.key)))?;
+                }
+            })?;
+            self.inbound_stats.insert(ip, zero, 0).map_err(map_err(
+                maps::INBOUND_STATS,
+                format!("insert pod {}", pod.key),
+            ))?;
         }
         Ok(())
     }
@@ -422,7 +451,9 @@ impl Dataplane {
         let _ = self.pod_stats.remove(&netns_cookie);
         let _ = self.inbound_stats.remove(&ip_key(ip));
         for kind in [ListenerKind::Inbound, ListenerKind::Hbone] {
-            let _ = self.inbound_socks.remove(&InboundKey::new(ip_key(ip), kind));
+            let _ = self
+                .inbound_socks
+                .remove(&InboundKey::new(ip_key(ip), kind));
         }
     }
 
@@ -435,7 +466,10 @@ impl Dataplane {
     ) -> Result<(), BpfError> {
         self.inbound_socks
             .insert(InboundKey::new(ip_key(ip), kind), listener.as_raw_fd(), 0)
-            .map_err(map_err(maps::INBOUND_SOCKS, format!("insert {ip} {kind:?}")))
+            .map_err(map_err(
+                maps::INBOUND_SOCKS,
+                format!("insert {ip} {kind:?}"),
+            ))
     }
 
     /// Summed kernel counters for a pod.
@@ -474,10 +508,22 @@ impl Dataplane {
         let cg = ino(&pod.cgroup, programs::CONNECT4)?;
         let ns = ino(&pod.netns, programs::SK_LOOKUP)?;
         Ok([
-            (programs::CONNECT4, format!("{stem}_{}_cg{cg}", programs::CONNECT4)),
-            (programs::CONNECT6, format!("{stem}_{}_cg{cg}", programs::CONNECT6)),
-            (programs::SOCK_OPS, format!("{stem}_{}_cg{cg}", programs::SOCK_OPS)),
-            (programs::SK_LOOKUP, format!("{stem}_{}_ns{ns}", programs::SK_LOOKUP)),
+            (
+                programs::CONNECT4,
+                format!("{stem}_{}_cg{cg}", programs::CONNECT4),
+            ),
+            (
+                programs::CONNECT6,
+                format!("{stem}_{}_cg{cg}", programs::CONNECT6),
+            ),
+            (
+                programs::SOCK_OPS,
+                format!("{stem}_{}_cg{cg}", programs::SOCK_OPS),
+            ),
+            (
+                programs::SK_LOOKUP,
+                format!("{stem}_{}_ns{ns}", programs::SK_LOOKUP),
+            ),
         ]
         .into_iter()
         .collect())
@@ -505,10 +551,10 @@ impl Dataplane {
                 program,
                 source,
             })?;
-            let prog = self
-                .ebpf
-                .program_mut(program)
-                .ok_or(BpfError::Missing { kind: "program", name: program })?;
+            let prog = self.ebpf.program_mut(program).ok_or(BpfError::Missing {
+                kind: "program",
+                name: program,
+            })?;
             let link: FdLink = match prog {
                 Program::CgroupSockAddr(p) => {
                     let id = p
@@ -534,9 +580,16 @@ impl Dataplane {
                 }
                 Program::SkLookup(p) => {
                     let id = p.attach(&target).map_err(prog_err("attach", program))?;
-                    p.take_link(id).map_err(prog_err("take link", program))?.into()
+                    p.take_link(id)
+                        .map_err(prog_err("take link", program))?
+                        .into()
                 }
-                _ => return Err(BpfError::Missing { kind: "program", name: program }),
+                _ => {
+                    return Err(BpfError::Missing {
+                        kind: "program",
+                        name: program,
+                    });
+                }
             };
             link.pin(&pin).map_err(|e| BpfError::Pin {
                 path: pin.clone(),

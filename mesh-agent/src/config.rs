@@ -20,10 +20,14 @@ pub const ENV_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The pin name would escape the bpffs directory or is empty.
-    #[error("--pin-name {0:?} must be a single non-empty path component (letters, digits, '-', '_', '.')")]
+    #[error(
+        "--pin-name {0:?} must be a single non-empty path component (letters, digits, '-', '_', '.')"
+    )]
     PinName(String),
     /// No BPF object given and none next to the executable.
-    #[error("no eBPF object found at {0}: pass --bpf-object (or {ENV_BPF_OBJECT}), or build with `cargo xtask build`")]
+    #[error(
+        "no eBPF object found at {0}: pass --bpf-object (or {ENV_BPF_OBJECT}), or build with `cargo xtask build`"
+    )]
     NoObject(PathBuf),
     /// The poll interval is zero.
     #[error("--poll-interval-ms must be at least 1")]

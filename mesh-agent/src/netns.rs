@@ -30,7 +30,9 @@ pub enum NetnsError {
         source: io::Error,
     },
     /// `setns` failed.
-    #[error("cannot enter network namespace {path}: {source} (is it a netns file, and is the agent root?)")]
+    #[error(
+        "cannot enter network namespace {path}: {source} (is it a netns file, and is the agent root?)"
+    )]
     Enter {
         /// The namespace file.
         path: PathBuf,
@@ -163,7 +165,10 @@ impl Netns {
     }
 
     /// A non-blocking TCP socket in this namespace, ready to `connect` from tokio.
-    pub async fn tcp_socket(&self, for_addr: SocketAddr) -> Result<tokio::net::TcpSocket, NetnsError> {
+    pub async fn tcp_socket(
+        &self,
+        for_addr: SocketAddr,
+    ) -> Result<tokio::net::TcpSocket, NetnsError> {
         let sock = self
             .run(move |path| {
                 let domain = Domain::for_address(for_addr);
@@ -195,7 +200,8 @@ impl Netns {
             }
             s.bind(&addr.into())
                 .map_err(|e| sock_err(path, &ctx("bind"), e))?;
-            s.listen(1024).map_err(|e| sock_err(path, &ctx("listen"), e))?;
+            s.listen(1024)
+                .map_err(|e| sock_err(path, &ctx("listen"), e))?;
             s.set_nonblocking(true)
                 .map_err(|e| sock_err(path, &ctx("O_NONBLOCK"), e))?;
             Ok(s.into())

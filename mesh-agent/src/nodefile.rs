@@ -121,7 +121,11 @@ pub fn load(path: &Path, previous: Option<&NodeState>) -> Result<Loaded, NodeFil
 }
 
 /// [`load`] on text already read; `path` is used only in messages.
-pub fn parse(path: &Path, text: &str, previous: Option<&NodeState>) -> Result<Loaded, NodeFileError> {
+pub fn parse(
+    path: &Path,
+    text: &str,
+    previous: Option<&NodeState>,
+) -> Result<Loaded, NodeFileError> {
     let raw: RawFile = if text.trim().is_empty() {
         RawFile::default()
     } else {
@@ -270,7 +274,11 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
         let ip = cx.required("ip", &rp.ip).cloned();
         let netns = cx.required("netns", &rp.netns).cloned();
         let cgroup = cx.required("cgroup", &rp.cgroup).cloned();
-        for (field, v) in [("name", &name), ("namespace", &namespace), ("serviceAccount", &sa)] {
+        for (field, v) in [
+            ("name", &name),
+            ("namespace", &namespace),
+            ("serviceAccount", &sa),
+        ] {
             if let Some(v) = v
                 && let Err(e) = check_label(v)
             {
@@ -301,7 +309,10 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
         if let Some(k) = &key
             && candidates.iter().any(|(_, p)| &p.key == k)
         {
-            cx.fail("name", format!("pod {k} is listed twice; each pod may appear once"));
+            cx.fail(
+                "name",
+                format!("pod {k} is listed twice; each pod may appear once"),
+            );
         }
         match (cx.errors.len() == before, key, ip, sa, netns, cgroup) {
             (true, Some(key), Some(ip), Some(service_account), Some(netns), Some(cgroup)) => {
@@ -342,7 +353,10 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
                 who: pod.key.to_string(),
                 position: format!("pods[{i}]"),
                 field: "ip",
-                problem: format!("address {} is already used by {owner}; pod addresses must be unique", pod.ip),
+                problem: format!(
+                    "address {} is already used by {owner}; pod addresses must be unique",
+                    pod.ip
+                ),
             });
             rejected.push(pod.key.clone());
         }
@@ -536,7 +550,10 @@ services:
         let l = run(&bad, Some(&prev)).expect("parses");
         assert_eq!(l.state.pods, prev.pods);
         let msg = l.errors[0].to_string();
-        assert!(msg.contains("pod default/c (pods[0]): field `ip`") && msg.contains("default/b"), "{msg}");
+        assert!(
+            msg.contains("pod default/c (pods[0]): field `ip`") && msg.contains("default/b"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -544,13 +561,16 @@ services:
         let bad = GOOD.replace("/ns/b", "/nope/b");
         let l = run(&bad, None).expect("parses");
         let msg = l.errors[0].to_string();
-        assert!(msg.contains("field `netns`") && msg.contains("/nope/b"), "{msg}");
+        assert!(
+            msg.contains("field `netns`") && msg.contains("/nope/b"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn syntax_error_has_position() {
-        let err = parse(Path::new("x.yaml"), "node: n1\npods: [ {name: a", None)
-            .expect_err("must fail");
+        let err =
+            parse(Path::new("x.yaml"), "node: n1\npods: [ {name: a", None).expect_err("must fail");
         let msg = err.to_string();
         assert!(msg.contains("x.yaml") && msg.contains("line"), "{msg}");
     }
@@ -565,6 +585,10 @@ services:
     fn bad_names_are_rejected() {
         let bad = GOOD.replace("name: a,", "name: A/../x,");
         let l = run(&bad, None).expect("parses");
-        assert!(l.errors[0].to_string().contains("field `name`"), "{:?}", l.errors);
+        assert!(
+            l.errors[0].to_string().contains("field `name`"),
+            "{:?}",
+            l.errors
+        );
     }
 }

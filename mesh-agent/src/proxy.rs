@@ -37,7 +37,9 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// The kernel had no original destination for a connection on 15001.
-    #[error("no original destination recorded for client port {0}: the connection was not made through the capture hook (or its record was evicted)")]
+    #[error(
+        "no original destination recorded for client port {0}: the connection was not made through the capture hook (or its record was evicted)"
+    )]
     NoOrigDst(u16),
     /// Reading the original-destination map failed.
     #[error("reading the original destination: {0}")]
@@ -188,10 +190,8 @@ pub struct PodListeners {
 /// Opens a pod's listeners in its namespace.
 pub fn open_listeners(netns: &Netns, pod: &Pod) -> Result<PodListeners, NetnsError> {
     use mesh_common::ports;
-    let mut outbound = vec![netns.listen(SocketAddr::new(
-        Ipv4Addr::LOCALHOST.into(),
-        ports::OUTBOUND,
-    ))?];
+    let mut outbound =
+        vec![netns.listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports::OUTBOUND))?];
     match netns.listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), ports::OUTBOUND)) {
         Ok(l) => outbound.push(l),
         Err(e) => debug!(pod = %pod.key, "no IPv6 outbound listener: {e}"),
@@ -309,7 +309,11 @@ async fn outbound(cx: &PodCx, mut client: TcpStream, peer: SocketAddr) -> Result
         .map_err(|e| fail(ProxyError::OrigDstMap(e)))?
         .ok_or_else(|| fail(ProxyError::NoOrigDst(peer.port())))?;
     let target = cx.shared.routes().resolve(dst).map_err(fail)?;
-    let sock = cx.netns.tcp_socket(target).await.map_err(|e| fail(e.into()))?;
+    let sock = cx
+        .netns
+        .tcp_socket(target)
+        .await
+        .map_err(|e| fail(e.into()))?;
     let mut upstream = sock.connect(target).await.map_err(|source| {
         fail(ProxyError::Connect {
             addr: target,
@@ -350,7 +354,11 @@ async fn inbound(cx: &PodCx, mut client: TcpStream) -> Result<(), ProxyError> {
         Ipv4Addr::LOCALHOST.into()
     };
     let target = SocketAddr::new(loopback, local.port());
-    let sock = cx.netns.tcp_socket(target).await.map_err(|e| fail(e.into()))?;
+    let sock = cx
+        .netns
+        .tcp_socket(target)
+        .await
+        .map_err(|e| fail(e.into()))?;
     let mut app = sock.connect(target).await.map_err(|source| {
         fail(ProxyError::Connect {
             addr: target,

@@ -2,12 +2,7 @@
 //! node file; later Kubernetes) produces a [`NodeState`], and everything downstream (the BPF maps,
 //! the listeners, the proxy's routing) is driven from it, so both modes share one code path.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::IpAddr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
 /// `namespace/name`, the identity of a pod or service inside the state model.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -7,13 +7,13 @@
 //! which is the fail-closed behaviour we want.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
-    EbpfContext,
 };
 use mesh_common::{AF_INET, AF_INET6, OrigDst, PodStats, ports};
 
-use crate::maps::{bump, EXCLUDED_PORTS, ORIG_DST_COOKIE, POD_STATS};
+use crate::maps::{EXCLUDED_PORTS, ORIG_DST_COOKIE, POD_STATS, bump};
 
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_V4: u32 = u32::from_be_bytes([127, 0, 0, 1]);

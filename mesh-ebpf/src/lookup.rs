@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use mesh_common::{InboundKey, IpKey, ListenerKind, ports};
 
-use crate::maps::{bump, INBOUND_SOCKS, INBOUND_STATS};
+use crate::maps::{INBOUND_SOCKS, INBOUND_STATS, bump};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;

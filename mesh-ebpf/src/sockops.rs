@@ -8,10 +8,10 @@
 //! final ACK of the handshake, so the entry exists before the proxy can accept the connection.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
-    EbpfContext,
 };
 use mesh_common::OrigDstKey;
 

@@ -106,7 +106,11 @@ pub fn in_netns<R: Send>(path: &Path, f: impl FnOnce() -> R + Send) -> Result<R>
         s.spawn(|| {
             // SAFETY: `ns` is an open netns fd; setns affects only this scoped thread.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+                bail!(
+                    "setns {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
             }
             Ok(f())
         })
@@ -127,7 +131,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("malformed HTTP response")?;
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     Ok((status, body))
 }
 
@@ -227,7 +235,9 @@ impl Cluster {
     pub fn new(nodes: Vec<Vec<PodSpec>>, services: Vec<ServiceSpec>) -> Result<Self> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            bail!("the harness needs root (network namespaces, cgroups, eBPF): run as root, e.g. `sudo cargo xtask test`");
+            bail!(
+                "the harness needs root (network namespaces, cgroups, eBPF): run as root, e.g. `sudo cargo xtask test`"
+            );
         }
         ensure_bpffs()?;
         sweep_stale();
@@ -276,17 +286,51 @@ impl Cluster {
             let ns = format!("{}-n{}", self.prefix, i + 1);
             let netns = self.add_netns(&ns)?;
             let up = format!("up{i}");
-            ip(&["-n", &fabric, "link", "add", &up, "type", "veth", "peer", "name", "uplink", "netns", &ns])?;
+            ip(&[
+                "-n", &fabric, "link", "add", &up, "type", "veth", "peer", "name", "uplink",
+                "netns", &ns,
+            ])?;
             ip(&["-n", &fabric, "link", "set", &up, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("198.19.0.{}/24", i + 1), "dev", "uplink"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.19.0.{}/24", i + 1),
+                "dev",
+                "uplink",
+            ])?;
             ip(&["-n", &ns, "link", "set", "uplink", "up"])?;
             ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("198.18.{}.1/24", i + 1), "dev", "br0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.18.{}.1/24", i + 1),
+                "dev",
+                "br0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "br0", "up"])?;
-            run(Command::new("ip").args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]))?;
             for k in 0..nodes.len() {
                 if k != i {
-                    ip(&["-n", &ns, "route", "add", &format!("198.18.{}.0/24", k + 1), "via", &format!("198.19.0.{}", k + 1)])?;
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "route",
+                        "add",
+                        &format!("198.18.{}.0/24", k + 1),
+                        "via",
+                        &format!("198.19.0.{}", k + 1),
+                    ])?;
                 }
             }
             for (j, spec) in pods.iter().enumerate() {
@@ -294,11 +338,30 @@ impl Cluster {
                 let pnetns = self.add_netns(&pns)?;
                 let addr = Ipv4Addr::new(198, 18, (i + 1) as u8, (j + 10) as u8);
                 let veth = format!("p{j}");
-                ip(&["-n", &ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pns])?;
+                ip(&[
+                    "-n", &ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+                    "netns", &pns,
+                ])?;
                 ip(&["-n", &ns, "link", "set", &veth, "master", "br0", "up"])?;
-                ip(&["-n", &pns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+                ip(&[
+                    "-n",
+                    &pns,
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
                 ip(&["-n", &pns, "link", "set", "eth0", "up"])?;
-                ip(&["-n", &pns, "route", "add", "default", "via", &format!("198.18.{}.1", i + 1)])?;
+                ip(&[
+                    "-n",
+                    &pns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("198.18.{}.1", i + 1),
+                ])?;
                 let cgroup = self.cgroup_dir.join(&spec.name);
                 std::fs::create_dir_all(&cgroup)?;
                 self.pods.push(Pod {
@@ -402,7 +465,10 @@ impl Cluster {
         let agent = artifact("mesh-agent")?;
         let object = artifact("mesh-ebpf.o")?;
         let node = &mut self.nodes[i];
-        let log = OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", node.netns.display()))
             .arg(&agent)
@@ -437,10 +503,18 @@ impl Cluster {
             if let Some(c) = self.nodes[i].agent.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                bail!("agent on {} exited ({status}):\n{}", self.nodes[i].name, self.agent_log(i));
+                bail!(
+                    "agent on {} exited ({status}):\n{}",
+                    self.nodes[i].name,
+                    self.agent_log(i)
+                );
             }
             if Instant::now() > deadline {
-                bail!("agent on {} not ready after {timeout:?}:\n{}", self.nodes[i].name, self.agent_log(i));
+                bail!(
+                    "agent on {} not ready after {timeout:?}:\n{}",
+                    self.nodes[i].name,
+                    self.agent_log(i)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -522,7 +596,16 @@ impl Cluster {
     /// Starts a long-running process in pod `pod`; it is killed at teardown.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> Result<u32> {
         let (mut cmd, _ns, _cg) = self.pod_command(pod, args)?;
-        let log = File::create(self.dir.join(format!("{pod}-{}.log", args.join("_").replace('/', "_").chars().take(40).collect::<String>())))?;
+        let log = File::create(
+            self.dir.join(format!(
+                "{pod}-{}.log",
+                args.join("_")
+                    .replace('/', "_")
+                    .chars()
+                    .take(40)
+                    .collect::<String>()
+            )),
+        )?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -543,7 +626,11 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ok = in_netns(&p.netns, || {
-                TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+                TcpStream::connect_timeout(
+                    &([127, 0, 0, 1], port).into(),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
             })?;
             if ok {
                 return Ok(());

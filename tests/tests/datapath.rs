@@ -51,9 +51,27 @@ fn curl_pod_and_service_across_nodes_bytes_unchanged() -> Result<()> {
     let vip = c.service_ip("web");
 
     let before = c.counter(0, "client", "kernel.captured_v4")?;
-    let (code, out) = c.curl("client", &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{server}:{APP_PORT}/")])?;
+    let (code, out) = c.curl(
+        "client",
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{server}:{APP_PORT}/"),
+        ],
+    )?;
     assert_eq!((code, out.as_str()), (0, "200"), "pod→pod curl");
-    let (code, out) = c.curl("client", &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{vip}:80/")])?;
+    let (code, out) = c.curl(
+        "client",
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{vip}:80/"),
+        ],
+    )?;
     assert_eq!((code, out.as_str()), (0, "200"), "pod→service curl");
     // Both connections went through the capture hook and the proxy.
     assert_eq!(c.counter(0, "client", "kernel.captured_v4")? - before, 2);
@@ -67,25 +85,50 @@ fn curl_pod_and_service_across_nodes_bytes_unchanged() -> Result<()> {
     std::fs::write(&file, &body)?;
     let expected = format!("{} {size}", hex::encode(Sha256::digest(&body)));
     let upload = format!("@{}", file.display());
-    let (code, out) = c.curl("client", &["--data-binary", &upload, "-H", "Content-Type: application/octet-stream", &format!("http://{vip}:80/sha256")])?;
+    let (code, out) = c.curl(
+        "client",
+        &[
+            "--data-binary",
+            &upload,
+            "-H",
+            "Content-Type: application/octet-stream",
+            &format!("http://{vip}:80/sha256"),
+        ],
+    )?;
     assert_eq!(code, 0, "{out}");
-    assert_eq!(out, expected, "server must see the uploaded bytes unchanged");
+    assert_eq!(
+        out, expected,
+        "server must see the uploaded bytes unchanged"
+    );
 
     // Download 16 MiB pod→pod and compare with the pattern.
     let dl = c.dir().join("download.bin");
-    let (code, out) = c.curl("client", &["-o", &dl.to_string_lossy(), &format!("http://{server}:{APP_PORT}/bytes/{size}")])?;
+    let (code, out) = c.curl(
+        "client",
+        &[
+            "-o",
+            &dl.to_string_lossy(),
+            &format!("http://{server}:{APP_PORT}/bytes/{size}"),
+        ],
+    )?;
     assert_eq!(code, 0, "{out}");
     let got = std::fs::read(&dl)?;
     let want: Vec<u8> = (0..size).map(pattern_byte).collect();
     assert_eq!(got.len(), want.len());
-    assert!(Sha256::digest(&got) == Sha256::digest(&want), "downloaded bytes differ");
+    assert!(
+        Sha256::digest(&got) == Sha256::digest(&want),
+        "downloaded bytes differ"
+    );
 
     // The relayed byte counts cover the transfers, and the servers' side saw steered inbound.
     assert!(c.counter(0, "client", "outbound_bytes_sent")? >= size);
     assert!(c.counter(0, "client", "outbound_bytes_received")? >= size);
     let steered = c.counter(1, "server", "kernel.steered_inbound")?
         + c.counter(1, "server2", "kernel.steered_inbound")?;
-    assert_eq!(steered, 4, "every connection reached a server through sk_lookup");
+    assert_eq!(
+        steered, 4,
+        "every connection reached a server through sk_lookup"
+    );
     Ok(())
 }
 
@@ -100,7 +143,10 @@ fn service_balances_over_endpoints() -> Result<()> {
     let a = c.counter(1, "server", "inbound_accepted")?;
     let b = c.counter(1, "server2", "inbound_accepted")?;
     assert_eq!(a + b, 10);
-    assert!(a >= 3 && b >= 3, "both endpoints must get traffic: {a} vs {b}");
+    assert!(
+        a >= 3 && b >= 3,
+        "both endpoints must get traffic: {a} vs {b}"
+    );
     Ok(())
 }
 
@@ -110,16 +156,31 @@ fn unenrolled_pod_and_agent_traffic_are_not_captured() -> Result<()> {
     let server = c.pod("server").ip;
     // A pod outside the mesh reaches the server directly (the server's inbound is still steered
     // through its proxy, as it is enrolled), and nothing on node-1 counts it.
-    let (code, out) = c.curl("bare", &["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{server}:{APP_PORT}/")])?;
+    let (code, out) = c.curl(
+        "bare",
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{server}:{APP_PORT}/"),
+        ],
+    )?;
     assert_eq!((code, out.as_str()), (0, "200"));
     let stats = c.stats(0)?;
-    assert!(stats["pods"]["default/bare"].is_null(), "bare pod must not be enrolled: {stats}");
+    assert!(
+        stats["pods"]["default/bare"].is_null(),
+        "bare pod must not be enrolled: {stats}"
+    );
     assert_eq!(c.counter(0, "client", "kernel.captured_v4")?, 0);
 
     // The agent's own upstream connections are made in the client's netns but outside its
     // cgroup: were they captured, each client connect would count twice (and loop).
     for _ in 0..5 {
-        let (code, _) = c.curl("client", &["-o", "/dev/null", &format!("http://{server}:{APP_PORT}/")])?;
+        let (code, _) = c.curl(
+            "client",
+            &["-o", "/dev/null", &format!("http://{server}:{APP_PORT}/")],
+        )?;
         assert_eq!(code, 0);
     }
     assert_eq!(c.counter(0, "client", "kernel.captured_v4")?, 5);
@@ -137,11 +198,13 @@ fn fail_closed_while_agent_down_then_recovers_with_pinned_maps() -> Result<()> {
     let served = |c: &Cluster| -> Result<u64> {
         // Ask the server directly on its loopback, which is never steered.
         let p = c.pod("server");
-        mesh_tests::in_netns(&p.netns, || mesh_tests::http_get(([127, 0, 0, 1], APP_PORT).into(), "/count"))??
-            .1
-            .trim()
-            .parse::<u64>()
-            .context("count")
+        mesh_tests::in_netns(&p.netns, || {
+            mesh_tests::http_get(([127, 0, 0, 1], APP_PORT).into(), "/count")
+        })??
+        .1
+        .trim()
+        .parse::<u64>()
+        .context("count")
     };
     let served_before = served(&c)?;
 
@@ -152,9 +215,16 @@ fn fail_closed_while_agent_down_then_recovers_with_pinned_maps() -> Result<()> {
     // Destination-side agent dies: even a pod outside the mesh cannot reach the enrolled server.
     c.kill_agent(1);
     let (code, out) = c.curl("bare", &["-o", "/dev/null", "--max-time", "3", &url])?;
-    assert_ne!(code, 0, "inbound must be refused while the agent is down: {out}");
+    assert_ne!(
+        code, 0,
+        "inbound must be refused while the agent is down: {out}"
+    );
     // `/count` itself was one request.
-    assert_eq!(served(&c)?, served_before + 1, "no request reached the server");
+    assert_eq!(
+        served(&c)?,
+        served_before + 1,
+        "no request reached the server"
+    );
 
     // Restart: pinned maps and links are adopted, and traffic flows with no manual step.
     c.start_agent(0)?;
@@ -163,7 +233,11 @@ fn fail_closed_while_agent_down_then_recovers_with_pinned_maps() -> Result<()> {
     assert_eq!(code, 0);
     assert_eq!(c.stats(0)?["adopted_maps"], true);
     assert_eq!(c.stats(1)?["adopted_maps"], true);
-    assert!(c.agent_log(0).contains("adopted_links=4"), "{}", c.agent_log(0));
+    assert!(
+        c.agent_log(0).contains("adopted_links=4"),
+        "{}",
+        c.agent_log(0)
+    );
     // Counters live in the pinned maps, so the kernel's count spans both agent lifetimes:
     // the first connect, the refused one, and the one after restart.
     assert_eq!(c.counter(0, "client", "kernel.captured_v4")?, 3);
@@ -174,23 +248,28 @@ fn fail_closed_while_agent_down_then_recovers_with_pinned_maps() -> Result<()> {
 #[test]
 fn node_file_changes_apply_live_and_bad_input_keeps_what_was_valid() -> Result<()> {
     let mut c = Cluster::new(
-        vec![vec![PodSpec::mesh("client"), PodSpec::bare("late"), PodSpec::mesh("server")]],
+        vec![vec![
+            PodSpec::mesh("client"),
+            PodSpec::bare("late"),
+            PodSpec::mesh("server"),
+        ]],
         vec![],
     )?;
     c.serve("server", APP_PORT)?;
     c.start_agent(0)?;
     let server = c.pod("server").ip;
     let url = format!("http://{server}:{APP_PORT}/");
-    let get = |c: &Cluster, pod: &str| -> Result<i32> {
-        Ok(c.curl(pod, &["-o", "/dev/null", &url])?.0)
-    };
+    let get =
+        |c: &Cluster, pod: &str| -> Result<i32> { Ok(c.curl(pod, &["-o", "/dev/null", &url])?.0) };
 
     // Adding a pod enrolls it without a restart.
     let base = c.node_file_text(0);
     let late = c.pod_entry(c.pod("late"));
     let with_late = base.replacen("pods:\n", &format!("pods:\n{late}"), 1);
     c.set_node_file(0, &with_late)?;
-    until("late pod enrolled", Duration::from_secs(10), || Ok(c.stats(0)?["pods"]["default/late"].is_object()))?;
+    until("late pod enrolled", Duration::from_secs(10), || {
+        Ok(c.stats(0)?["pods"]["default/late"].is_object())
+    })?;
     assert_eq!(get(&c, "late")?, 0);
     assert_eq!(c.counter(0, "late", "kernel.captured_v4")?, 1);
 
@@ -198,23 +277,55 @@ fn node_file_changes_apply_live_and_bad_input_keeps_what_was_valid() -> Result<(
     // Each bad input is reported naming the pod and the field, and the pods that were valid keep
     // being served.
     let cases = [
-        ("missing field", with_late.replacen(&format!("    ip: {}\n", c.pod("late").ip), "", 1), "pod default/late (pods[0]): field `ip`: missing"),
-        ("missing netns", with_late.replacen(&c.pod("late").netns.display().to_string(), "/var/run/netns/does-not-exist", 1), "field `netns`: network namespace /var/run/netns/does-not-exist does not exist"),
-        ("duplicate ip", with_late.replacen(&format!("ip: {}", c.pod("late").ip), &format!("ip: {}", c.pod("client").ip), 1), "already used by pod default/client"),
-        ("yaml syntax", format!("{with_late}\n  - {{name: [unclosed\n"), "is not valid"),
+        (
+            "missing field",
+            with_late.replacen(&format!("    ip: {}\n", c.pod("late").ip), "", 1),
+            "pod default/late (pods[0]): field `ip`: missing",
+        ),
+        (
+            "missing netns",
+            with_late.replacen(
+                &c.pod("late").netns.display().to_string(),
+                "/var/run/netns/does-not-exist",
+                1,
+            ),
+            "field `netns`: network namespace /var/run/netns/does-not-exist does not exist",
+        ),
+        (
+            "duplicate ip",
+            with_late.replacen(
+                &format!("ip: {}", c.pod("late").ip),
+                &format!("ip: {}", c.pod("client").ip),
+                1,
+            ),
+            "already used by pod default/client",
+        ),
+        (
+            "yaml syntax",
+            format!("{with_late}\n  - {{name: [unclosed\n"),
+            "is not valid",
+        ),
     ];
     for (what, text, expect) in cases {
         c.set_node_file(0, &text)?;
-        until(what, Duration::from_secs(10), || Ok(problems(&c)?.contains(expect)))
-            .with_context(|| format!("{what}: problems were {}", problems(&c).unwrap_or_default()))?;
+        until(what, Duration::from_secs(10), || {
+            Ok(problems(&c)?.contains(expect))
+        })
+        .with_context(|| format!("{what}: problems were {}", problems(&c).unwrap_or_default()))?;
         assert_eq!(get(&c, "client")?, 0, "{what}: client still served");
-        assert_eq!(get(&c, "late")?, 0, "{what}: late keeps its last valid config");
+        assert_eq!(
+            get(&c, "late")?,
+            0,
+            "{what}: late keeps its last valid config"
+        );
         assert!(c.stats(0)?["pods"]["default/late"].is_object(), "{what}");
     }
 
     // Removing the pod takes it out of the mesh: its traffic is no longer captured.
     c.set_node_file(0, &base)?;
-    until("late pod removed", Duration::from_secs(10), || Ok(c.stats(0)?["pods"]["default/late"].is_null()))?;
+    until("late pod removed", Duration::from_secs(10), || {
+        Ok(c.stats(0)?["pods"]["default/late"].is_null())
+    })?;
     let before = c.counter(0, "client", "kernel.captured_v4")?;
     assert_eq!(get(&c, "late")?, 0);
     assert_eq!(c.counter(0, "client", "kernel.captured_v4")?, before);
@@ -236,7 +347,10 @@ fn start_without_root_or_bpffs_says_what_to_do() -> Result<()> {
     std::fs::write(&node_file, "node: n\n")?;
     let run = |bpffs: &str, uid: Option<u32>| -> Result<String> {
         let mut cmd = std::process::Command::new(&agent);
-        cmd.args(["run", "--node-file"]).arg(&node_file).args(["--bpffs", bpffs, "--bpf-object"]).arg(&object);
+        cmd.args(["run", "--node-file"])
+            .arg(&node_file)
+            .args(["--bpffs", bpffs, "--bpf-object"])
+            .arg(&object);
         if let Some(uid) = uid {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid);
@@ -248,7 +362,10 @@ fn start_without_root_or_bpffs_says_what_to_do() -> Result<()> {
     let err = run("/sys/fs/bpf", Some(65534))?;
     assert!(err.contains("must run as root"), "{err}");
     let err = run(&dir.to_string_lossy(), None)?;
-    assert!(err.contains("no bpf filesystem is mounted at") && err.contains("mount -t bpf bpf"), "{err}");
+    assert!(
+        err.contains("no bpf filesystem is mounted at") && err.contains("mount -t bpf bpf"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

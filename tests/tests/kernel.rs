@@ -42,7 +42,9 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pins);
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
         let _ = std::fs::remove_dir(&self.cgroup);
     }
 }
@@ -58,11 +60,18 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
 
     let names: Vec<String> = ebpf.maps().map(|(n, _)| n.to_string()).collect();
     for m in maps::ALL {
-        assert!(names.iter().any(|n| n == m), "map {m} missing; object has {names:?}");
+        assert!(
+            names.iter().any(|n| n == m),
+            "map {m} missing; object has {names:?}"
+        );
         // Pinned by name, so a restarted agent adopts it.
         assert!(scratch.pins.join(m).exists(), "map {m} not pinned");
     }
-    assert_eq!(names.len(), maps::ALL.len(), "object has maps mesh-common does not name: {names:?}");
+    assert_eq!(
+        names.len(),
+        maps::ALL.len(),
+        "object has maps mesh-common does not name: {names:?}"
+    );
     let progs: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
     assert_eq!(progs.len(), programs::ALL.len(), "{progs:?}");
 
@@ -74,15 +83,18 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
             .with_context(|| format!("program {name} missing; object has {progs:?}"))?;
         match prog {
             Program::CgroupSockAddr(p) => {
-                p.load().with_context(|| format!("verifier rejected {name}"))?;
+                p.load()
+                    .with_context(|| format!("verifier rejected {name}"))?;
                 p.attach(&cgroup, CgroupAttachMode::Single)?;
             }
             Program::SockOps(p) => {
-                p.load().with_context(|| format!("verifier rejected {name}"))?;
+                p.load()
+                    .with_context(|| format!("verifier rejected {name}"))?;
                 p.attach(&cgroup, CgroupAttachMode::Single)?;
             }
             Program::SkLookup(p) => {
-                p.load().with_context(|| format!("verifier rejected {name}"))?;
+                p.load()
+                    .with_context(|| format!("verifier rejected {name}"))?;
                 p.attach(&netns)?;
             }
             other => bail!("{name} has unexpected type {:?}", other.prog_type()),
@@ -90,11 +102,26 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
     }
     // The map types the agent relies on.
     assert!(matches!(ebpf.map(maps::ORIG_DST), Some(Map::LruHashMap(_))));
-    assert!(matches!(ebpf.map(maps::ORIG_DST_BY_COOKIE), Some(Map::LruHashMap(_))));
-    assert!(matches!(ebpf.map(maps::INBOUND_SOCKS), Some(Map::SockHash(_))));
-    assert!(matches!(ebpf.map(maps::POD_STATS), Some(Map::PerCpuHashMap(_))));
-    assert!(matches!(ebpf.map(maps::INBOUND_STATS), Some(Map::PerCpuHashMap(_))));
-    assert!(matches!(ebpf.map(maps::EXCLUDED_PORTS), Some(Map::HashMap(_))));
+    assert!(matches!(
+        ebpf.map(maps::ORIG_DST_BY_COOKIE),
+        Some(Map::LruHashMap(_))
+    ));
+    assert!(matches!(
+        ebpf.map(maps::INBOUND_SOCKS),
+        Some(Map::SockHash(_))
+    ));
+    assert!(matches!(
+        ebpf.map(maps::POD_STATS),
+        Some(Map::PerCpuHashMap(_))
+    ));
+    assert!(matches!(
+        ebpf.map(maps::INBOUND_STATS),
+        Some(Map::PerCpuHashMap(_))
+    ));
+    assert!(matches!(
+        ebpf.map(maps::EXCLUDED_PORTS),
+        Some(Map::HashMap(_))
+    ));
     drop(ebpf);
     Ok(())
 }
@@ -105,12 +132,22 @@ fn pinned_maps_are_reused_by_a_second_load() -> Result<()> {
     let object = std::fs::read(artifact("mesh-ebpf.o")?)?;
     let id = |ebpf: &aya::Ebpf| -> Result<u32> {
         let m = ebpf.map(maps::ORIG_DST).context("map")?;
-        let Map::LruHashMap(d) = m else { bail!("wrong type") };
+        let Map::LruHashMap(d) = m else {
+            bail!("wrong type")
+        };
         Ok(d.info()?.id())
     };
-    let first = EbpfLoader::new().default_map_pin_directory(&scratch.pins).load(&object)?;
+    let first = EbpfLoader::new()
+        .default_map_pin_directory(&scratch.pins)
+        .load(&object)?;
     let a = id(&first)?;
-    let second = EbpfLoader::new().default_map_pin_directory(&scratch.pins).load(&object)?;
-    assert_eq!(id(&second)?, a, "second load must adopt the pinned map, not create one");
+    let second = EbpfLoader::new()
+        .default_map_pin_directory(&scratch.pins)
+        .load(&object)?;
+    assert_eq!(
+        id(&second)?,
+        a,
+        "second load must adopt the pinned map, not create one"
+    );
     Ok(())
 }

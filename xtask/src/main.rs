@@ -74,7 +74,9 @@ fn root() -> PathBuf {
 
 fn status(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {cmd:?}");
-    let st = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !st.success() {
         bail!("{cmd:?} failed with {st}");
     }
@@ -104,7 +106,9 @@ fn setup() -> Result<()> {
         .collect();
     if !missing.is_empty() {
         if !is_root() {
-            bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them");
+            bail!(
+                "missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them"
+            );
         }
         status(Command::new("apt-get").args(["update", "-qq"]))?;
         status(
@@ -117,7 +121,9 @@ fn setup() -> Result<()> {
     // Nightly rust-src, for -Z build-std.
     let nightly = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !nightly.lines().any(|l| l.starts_with("nightly")) {
-        bail!("no nightly toolchain: install it with `rustup toolchain install nightly` (this machine kind ships one)");
+        bail!(
+            "no nightly toolchain: install it with `rustup toolchain install nightly` (this machine kind ships one)"
+        );
     }
     let comps = output(Command::new("rustup").args([
         "component",
@@ -128,25 +134,45 @@ fn setup() -> Result<()> {
     ]))
     .unwrap_or_default();
     if !comps.lines().any(|l| l.starts_with("rust-src")) {
-        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     // bpf-linker built against the same LLVM major as rustc.
     let rustc_llvm = output(Command::new("rustc").args(["+nightly", "-vV"]))
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("LLVM version: ").map(|v| v.split('.').next().unwrap_or("").to_string()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("LLVM version: ")
+                    .map(|v| v.split('.').next().unwrap_or("").to_string())
+            })
         })
         .unwrap_or_default();
     if rustc_llvm != LLVM_MAJOR {
-        bail!("nightly rustc uses LLVM {rustc_llvm:?}, but this project builds bpf-linker against LLVM {LLVM_MAJOR}; update LLVM_MAJOR and APT_PACKAGES in xtask");
+        bail!(
+            "nightly rustc uses LLVM {rustc_llvm:?}, but this project builds bpf-linker against LLVM {LLVM_MAJOR}; update LLVM_MAJOR and APT_PACKAGES in xtask"
+        );
     }
     let linker_ok = output(Command::new("bpf-linker").arg("--version"))
         .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if !linker_ok {
         status(
             Command::new("cargo")
-                .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
-                .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                ])
+                .args([
+                    "--no-default-features",
+                    "--features",
+                    &format!("llvm-{LLVM_MAJOR}"),
+                ])
                 .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")),
         )?;
     }
@@ -170,7 +196,15 @@ fn build(release: bool) -> Result<PathBuf> {
     // The eBPF crate has its own workspace and rust-toolchain.toml (nightly).
     let mut ebpf = Command::new("cargo");
     ebpf.current_dir(root.join("mesh-ebpf"))
-        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("CARGO");
@@ -197,7 +231,9 @@ fn main() -> Result<()> {
         Task::Build { release } => build(release).map(|_| ()),
         Task::Test { args } => {
             if !is_root() {
-                bail!("the kernel and end-to-end tests need root (eBPF, netns, cgroups) and are never skipped: run `sudo cargo xtask test`");
+                bail!(
+                    "the kernel and end-to-end tests need root (eBPF, netns, cgroups) and are never skipped: run `sudo cargo xtask test`"
+                );
             }
             build(false)?;
             status(
@@ -207,7 +243,12 @@ fn main() -> Result<()> {
                     .args(&args),
             )
         }
-        Task::Lint => status(cargo().current_dir(root()).args(["fmt", "--all", "--check"])).and_then(|()| {
+        Task::Lint => status(
+            cargo()
+                .current_dir(root())
+                .args(["fmt", "--all", "--check"]),
+        )
+        .and_then(|()| {
             status(cargo().current_dir(root()).args([
                 "clippy",
                 "--workspace",

@@ -29,10 +29,22 @@ fn main() -> Result<()> {
     for p in &c.pods {
         println!("  {:<10} node-{}  {}", p.name, p.node + 1, p.ip);
     }
-    println!("  service backend  {}:80 -> backend-a, backend-b :{PORT}", c.service_ip("backend"));
+    println!(
+        "  service backend  {}:80 -> backend-a, backend-b :{PORT}",
+        c.service_ip("backend")
+    );
 
     let run = |from: &str, url: String| -> Result<()> {
-        let (code, out) = c.curl(from, &["-o", "/dev/null", "-w", "%{http_code} %{size_download}B", &url])?;
+        let (code, out) = c.curl(
+            from,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download}B",
+                &url,
+            ],
+        )?;
         println!("  {from:<10} curl {url:<32} -> {out}");
         ensure!(code == 0, "curl from {from} failed: {out}");
         Ok(())
@@ -49,8 +61,12 @@ fn main() -> Result<()> {
     run("worker", format!("http://{vip}:80/bytes/1048576"))?;
 
     println!("\nwhat the agents captured:");
-    println!("  captured/steered: kernel counters (connect4 redirects, sk_lookup steers) from the pinned maps");
-    println!("  out-conn/in-conn/bytes: the node proxy's relays (bytes-rcvd: upstream -> pod client; delivered: proxy -> app)");
+    println!(
+        "  captured/steered: kernel counters (connect4 redirects, sk_lookup steers) from the pinned maps"
+    );
+    println!(
+        "  out-conn/in-conn/bytes: the node proxy's relays (bytes-rcvd: upstream -> pod client; delivered: proxy -> app)"
+    );
     println!(
         "  {:<8} {:<10} {:>9} {:>9} {:>9} {:>10} {:>12} {:>12}",
         "node", "pod", "captured", "out-conn", "steered", "in-conn", "bytes-rcvd", "delivered"

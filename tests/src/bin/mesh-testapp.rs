@@ -166,7 +166,10 @@ fn read_response(r: &mut std::io::BufReader<std::net::TcpStream>) -> anyhow::Res
     use std::io::{BufRead, Read};
     let mut line = String::new();
     r.read_line(&mut line)?;
-    let ok = line.split_whitespace().nth(1).is_some_and(|c| c.starts_with('2'));
+    let ok = line
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|c| c.starts_with('2'));
     let mut len = 0usize;
     loop {
         line.clear();
@@ -190,7 +193,13 @@ fn read_response(r: &mut std::io::BufReader<std::net::TcpStream>) -> anyhow::Res
 
 /// Fixed-rate load on plain threads: `thread::sleep` wakes within tens of microseconds, where
 /// tokio's timer wheel would add up to a millisecond to every measurement.
-fn load(addr: SocketAddr, path: &str, rate: u64, seconds: u64, connections: u64) -> anyhow::Result<()> {
+fn load(
+    addr: SocketAddr,
+    path: &str,
+    rate: u64,
+    seconds: u64,
+    connections: u64,
+) -> anyhow::Result<()> {
     use std::io::Write;
     let total = rate * seconds;
     let start = Instant::now() + Duration::from_millis(50);
@@ -227,7 +236,10 @@ fn load(addr: SocketAddr, path: &str, rate: u64, seconds: u64, connections: u64)
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("load thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("load thread panicked")))
+            })
             .collect()
     });
     let mut all = Vec::new();
