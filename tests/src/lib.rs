@@ -596,16 +596,8 @@ impl Cluster {
     /// Starts a long-running process in pod `pod`; it is killed at teardown.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> Result<u32> {
         let (mut cmd, _ns, _cg) = self.pod_command(pod, args)?;
-        let log = File::create(
-            self.dir.join(format!(
-                "{pod}-{}.log",
-                args.join("_")
-                    .replace('/', "_")
-                    .chars()
-                    .take(40)
-                    .collect::<String>()
-            )),
-        )?;
+        let tag: String = args.join("_").replace('/', "_").chars().take(40).collect();
+        let log = File::create(self.dir.join(format!("{pod}-{tag}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
