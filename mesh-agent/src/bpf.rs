@@ -244,6 +244,18 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
     }
 }
 
+/// Removes a link pin. Dropping the last reference detaches the program; a pin that is not a
+/// link (left by something else) is just removed.
+fn unpin_link(path: &Path) -> Result<(), BpfError> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => {
+            drop(link.unpin().map_err(pin_err(path, "unpin link"))?);
+            Ok(())
+        }
+        Err(_) => std::fs::remove_file(path).map_err(pin_err(path, "remove pin")),
+    }
+}
+
 /// The loaded programs and the maps the control plane writes.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -555,28 +567,27 @@ impl Dataplane {
                 kind: "program",
                 name: program,
             })?;
+            let convert = |e: aya::programs::links::LinkError| BpfError::Pin {
+                path: pin.clone(),
+                what: "convert link",
+                source: io::Error::other(chain(&e)),
+            };
+            // `Single` is the flags-0 mode: the kernel rejects any other flags on a cgroup
+            // bpf_link (EINVAL), and links to one cgroup coexist with other programs anyway.
             let link: FdLink = match prog {
                 Program::CgroupSockAddr(p) => {
                     let id = p
                         .attach(&target, CgroupAttachMode::Single)
                         .map_err(prog_err("attach", program))?;
                     let l = p.take_link(id).map_err(prog_err("take link", program))?;
-                    FdLink::try_from(l).map_err(|e| BpfError::Pin {
-                        path: pin.clone(),
-                        what: "convert link",
-                        source: io::Error::other(chain(&e)),
-                    })?
+                    FdLink::try_from(l).map_err(&convert)?
                 }
                 Program::SockOps(p) => {
                     let id = p
                         .attach(&target, CgroupAttachMode::Single)
                         .map_err(prog_err("attach", program))?;
                     let l = p.take_link(id).map_err(prog_err("take link", program))?;
-                    FdLink::try_from(l).map_err(|e| BpfError::Pin {
-                        path: pin.clone(),
-                        what: "convert link",
-                        source: io::Error::other(chain(&e)),
-                    })?
+                    FdLink::try_from(l).map_err(&convert)?
                 }
                 Program::SkLookup(p) => {
                     let id = p.attach(&target).map_err(prog_err("attach", program))?;
@@ -618,14 +629,7 @@ impl Dataplane {
             if keep.contains(&name) {
                 continue;
             }
-            let path = entry.path();
-            match PinnedLink::from_pin(&path) {
-                Ok(link) => {
-                    // Dropping the FdLink closes the last reference and detaches the program.
-                    drop(link.unpin().map_err(pin_err(&path, "unpin link"))?);
-                }
-                Err(_) => std::fs::remove_file(&path).map_err(pin_err(&path, "remove pin"))?,
-            }
+            unpin_link(&entry.path())?;
             removed.push(name);
         }
         Ok(removed)
@@ -637,12 +641,7 @@ impl Dataplane {
         let links = root.join("links");
         if links.exists() {
             for entry in std::fs::read_dir(&links).map_err(pin_err(&links, "list links"))? {
-                let path = entry.map_err(pin_err(&links, "list links"))?.path();
-                if let Ok(link) = PinnedLink::from_pin(&path) {
-                    drop(link.unpin().map_err(pin_err(&path, "unpin link"))?);
-                } else {
-                    std::fs::remove_file(&path).map_err(pin_err(&path, "remove pin"))?;
-                }
+                unpin_link(&entry.map_err(pin_err(&links, "list links"))?.path())?;
             }
         }
         for sub in ["links", "progs", "maps"] {

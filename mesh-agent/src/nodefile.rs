@@ -237,6 +237,30 @@ impl Ctx<'_> {
         }
         value.as_ref()
     }
+
+    /// A required DNS-label field.
+    fn label(&mut self, field: &'static str, value: &Option<String>) -> Option<String> {
+        let v = self.required(field, value)?;
+        match check_label(v) {
+            Ok(()) => Some(v.clone()),
+            Err(e) => {
+                self.fail(field, e);
+                None
+            }
+        }
+    }
+
+    /// A required IP-address field.
+    fn ip(&mut self, field: &'static str, value: &Option<String>) -> Option<IpAddr> {
+        let v = self.required(field, value)?;
+        match v.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.fail(field, format!("{v:?} is not an IP address"));
+                None
+            }
+        }
+    }
 }
 
 fn who(namespace: &Option<String>, name: &Option<String>) -> String {
@@ -268,30 +292,12 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
             errors: &mut errors,
         };
         let before = cx.errors.len();
-        let name = cx.required("name", &rp.name).cloned();
-        let namespace = cx.required("namespace", &rp.namespace).cloned();
-        let sa = cx.required("serviceAccount", &rp.service_account).cloned();
-        let ip = cx.required("ip", &rp.ip).cloned();
+        let name = cx.label("name", &rp.name);
+        let namespace = cx.label("namespace", &rp.namespace);
+        let sa = cx.label("serviceAccount", &rp.service_account);
+        let ip = cx.ip("ip", &rp.ip);
         let netns = cx.required("netns", &rp.netns).cloned();
         let cgroup = cx.required("cgroup", &rp.cgroup).cloned();
-        for (field, v) in [
-            ("name", &name),
-            ("namespace", &namespace),
-            ("serviceAccount", &sa),
-        ] {
-            if let Some(v) = v
-                && let Err(e) = check_label(v)
-            {
-                cx.fail(field, e);
-            }
-        }
-        let ip = ip.and_then(|s| match s.parse::<IpAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                cx.fail("ip", format!("{s:?} is not an IP address"));
-                None
-            }
-        });
         if let Some(p) = &netns
             && let Err(e) = fs.is_netns(p)
         {
@@ -380,24 +386,10 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
             errors: &mut errors,
         };
         let before = cx.errors.len();
-        let name = cx.required("name", &rs.name).cloned();
-        let namespace = cx.required("namespace", &rs.namespace).cloned();
-        let ip = cx.required("ip", &rs.ip).cloned();
+        let name = cx.label("name", &rs.name);
+        let namespace = cx.label("namespace", &rs.namespace);
+        let ip = cx.ip("ip", &rs.ip);
         let ports = cx.required("ports", &rs.ports);
-        for (field, v) in [("name", &name), ("namespace", &namespace)] {
-            if let Some(v) = v
-                && let Err(e) = check_label(v)
-            {
-                cx.fail(field, e);
-            }
-        }
-        let ip = ip.and_then(|s| match s.parse::<IpAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                cx.fail("ip", format!("{s:?} is not an IP address"));
-                None
-            }
-        });
         if let Some(a) = ip
             && let Some(owner) = owners.get(&a)
         {

@@ -54,80 +54,77 @@ fn record(ctx: &SockAddrContext, dst: OrigDst) -> bool {
     ORIG_DST_COOKIE.insert(&cookie, &dst, 0).is_ok()
 }
 
+/// Counts, and for a capture records the destination and lets `rewrite` point the socket at
+/// the proxy. Shared by both families so they cannot drift apart.
+fn handle(
+    ctx: &SockAddrContext,
+    loopback: bool,
+    dst: OrigDst,
+    counter: fn(*mut PodStats) -> *mut u64,
+    rewrite: impl FnOnce(),
+) {
+    let field = match classify(ctx, loopback, dst.port) {
+        Verdict::NotTcp => return,
+        // SAFETY (both arms): only computes a field address inside a live map value.
+        Verdict::Bypass => (|s: *mut PodStats| unsafe { &raw mut (*s).bypassed }) as fn(_) -> _,
+        Verdict::Capture => {
+            // Without a record the proxy cannot route the connection and will refuse it; not
+            // rewriting would bypass the mesh, so rewrite regardless.
+            let _recorded = record(ctx, dst);
+            rewrite();
+            counter
+        }
+    };
+    if let Some(s) = stats(ctx) {
+        bump(field(s));
+    }
+}
+
 pub fn on_connect4(ctx: &SockAddrContext) {
     // SAFETY: see `classify`.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip_be = sa.user_ip4;
-    let port = u16::from_be(sa.user_port as u16);
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&ip_be.to_ne_bytes());
+    let dst = OrigDst {
+        addr,
+        port: u16::from_be(sa.user_port as u16),
+        family: AF_INET,
+        _pad: 0,
+    };
     let loopback = u32::from_be(ip_be) >> 24 == 127;
-    match classify(ctx, loopback, port) {
-        Verdict::NotTcp => {}
-        Verdict::Bypass => {
-            if let Some(s) = stats(ctx) {
-                // SAFETY: `s` is a live map value.
-                bump(unsafe { &raw mut (*s).bypassed });
-            }
-        }
-        Verdict::Capture => {
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&ip_be.to_ne_bytes());
-            let dst = OrigDst {
-                addr,
-                port,
-                family: AF_INET,
-                _pad: 0,
-            };
-            // Without a record the proxy could not route the connection; leave it un-rewritten
-            // would bypass the mesh, so rewrite anyway and let the proxy refuse it.
-            let _recorded = record(ctx, dst);
-            sa.user_ip4 = LOOPBACK_V4.to_be();
-            sa.user_port = u32::from(ports::OUTBOUND.to_be());
-            if let Some(s) = stats(ctx) {
-                // SAFETY: `s` is a live map value.
-                bump(unsafe { &raw mut (*s).captured_v4 });
-            }
-        }
-    }
+    // SAFETY: only computes a field address inside a live map value.
+    let counter = |s: *mut PodStats| unsafe { &raw mut (*s).captured_v4 };
+    handle(ctx, loopback, dst, counter, || {
+        sa.user_ip4 = LOOPBACK_V4.to_be();
+        sa.user_port = u32::from(ports::OUTBOUND.to_be());
+    });
 }
 
 pub fn on_connect6(ctx: &SockAddrContext) {
     // SAFETY: see `classify`.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = sa.user_ip6;
-    let port = u16::from_be(sa.user_port as u16);
+    let mut addr = [0u8; 16];
+    for (i, w) in ip.iter().enumerate() {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let dst = OrigDst {
+        addr,
+        port: u16::from_be(sa.user_port as u16),
+        family: AF_INET6,
+        _pad: 0,
+    };
     // ::1, or an IPv4-mapped 127.0.0.0/8.
     let loopback = (ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be())
         || (ip[0] == 0
             && ip[1] == 0
             && ip[2] == 0xffffu32.to_be()
             && u32::from_be(ip[3]) >> 24 == 127);
-    match classify(ctx, loopback, port) {
-        Verdict::NotTcp => {}
-        Verdict::Bypass => {
-            if let Some(s) = stats(ctx) {
-                // SAFETY: `s` is a live map value.
-                bump(unsafe { &raw mut (*s).bypassed });
-            }
-        }
-        Verdict::Capture => {
-            let mut addr = [0u8; 16];
-            addr[0..4].copy_from_slice(&ip[0].to_ne_bytes());
-            addr[4..8].copy_from_slice(&ip[1].to_ne_bytes());
-            addr[8..12].copy_from_slice(&ip[2].to_ne_bytes());
-            addr[12..16].copy_from_slice(&ip[3].to_ne_bytes());
-            let dst = OrigDst {
-                addr,
-                port,
-                family: AF_INET6,
-                _pad: 0,
-            };
-            let _recorded = record(ctx, dst);
-            sa.user_ip6 = [0, 0, 0, 1u32.to_be()];
-            sa.user_port = u32::from(ports::OUTBOUND.to_be());
-            if let Some(s) = stats(ctx) {
-                // SAFETY: `s` is a live map value.
-                bump(unsafe { &raw mut (*s).captured_v6 });
-            }
-        }
-    }
+    // SAFETY: only computes a field address inside a live map value.
+    let counter = |s: *mut PodStats| unsafe { &raw mut (*s).captured_v6 };
+    handle(ctx, loopback, dst, counter, || {
+        sa.user_ip6 = [0, 0, 0, 1u32.to_be()];
+        sa.user_port = u32::from(ports::OUTBOUND.to_be());
+    });
 }
