@@ -14,14 +14,16 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
     sync::{
         Arc, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
 };
 
 use tokio::{
-    io::copy_bidirectional,
+    io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional},
     net::{TcpListener, TcpStream},
     task::JoinSet,
 };
@@ -321,12 +323,9 @@ async fn outbound(cx: &PodCx, mut client: TcpStream, peer: SocketAddr) -> Result
         })
     })?;
     debug!(pod = %cx.pod.key, %dst, %target, "outbound relay");
-    let (sent, received) = copy_bidirectional(&mut client, &mut upstream)
-        .await
-        .unwrap_or((0, 0));
-    c.outbound_bytes_sent.fetch_add(sent, Ordering::Relaxed);
-    c.outbound_bytes_received
-        .fetch_add(received, Ordering::Relaxed);
+    let mut client = Counted::new(&mut client, &c.outbound_bytes_sent);
+    let mut upstream = Counted::new(&mut upstream, &c.outbound_bytes_received);
+    let _ = copy_bidirectional(&mut client, &mut upstream).await;
     Ok(())
 }
 
@@ -365,12 +364,52 @@ async fn inbound(cx: &PodCx, mut client: TcpStream) -> Result<(), ProxyError> {
             source,
         })
     })?;
-    let (delivered, _) = copy_bidirectional(&mut client, &mut app)
-        .await
-        .unwrap_or((0, 0));
-    c.inbound_bytes_delivered
-        .fetch_add(delivered, Ordering::Relaxed);
+    let mut client = Counted::new(&mut client, &c.inbound_bytes_delivered);
+    let _ = copy_bidirectional(&mut client, &mut app).await;
     Ok(())
+}
+
+/// A stream that adds every byte read from it to a counter as it flows, so counters are right
+/// while a connection is still open (long-lived connections would otherwise report nothing).
+struct Counted<'a, S> {
+    inner: &'a mut S,
+    read: &'a AtomicU64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    fn new(inner: &'a mut S, read: &'a AtomicU64) -> Self {
+        Self { inner, read }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
 
 /// HBONE is the identity issue's work; until then a connection here is closed at once, so
