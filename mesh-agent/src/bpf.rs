@@ -144,14 +144,7 @@ pub fn preflight(bpffs: &Path) -> Result<(), BpfError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(BpfError::NotRoot);
     }
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(bpffs.as_os_str().as_bytes())
-        .map_err(|_| BpfError::NoBpffs(bpffs.to_owned()))?;
-    // SAFETY: zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
+    if crate::nodefile::fs_magic(bpffs) != Ok(BPF_FS_MAGIC) {
         return Err(BpfError::NoBpffs(bpffs.to_owned()));
     }
     Ok(())

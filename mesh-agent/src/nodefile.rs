@@ -152,7 +152,8 @@ struct RealFs;
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-fn fs_magic(path: &Path) -> Result<i64, String> {
+/// The filesystem magic of `path` (`statfs`), shared with the bpffs preflight check.
+pub(crate) fn fs_magic(path: &Path) -> Result<i64, String> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| "path contains a NUL byte".to_string())?;
