@@ -237,6 +237,27 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
     }
 }
 
+/// Inserts zeroed per-CPU counters under `key` unless an entry exists (an earlier agent's
+/// counters are kept, so counts span restarts).
+fn zero_if_absent<K: aya::Pod, V: aya::Pod + Default>(
+    map: &mut PerCpuHashMap<MapData, K, V>,
+    key: K,
+    cpus: usize,
+    name: &'static str,
+    pod: &str,
+) -> Result<(), BpfError> {
+    if map.get(&key, 0).is_ok() {
+        return Ok(());
+    }
+    let zero = PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|e| BpfError::Map {
+        name,
+        what: "build per-CPU values".into(),
+        source: Box::new(aya::maps::MapError::IoError(e)),
+    })?;
+    map.insert(key, zero, 0)
+        .map_err(map_err(name, format!("insert pod {pod}")))
+}
+
 /// Removes a link pin. Dropping the last reference detaches the program; a pin that is not a
 /// link (left by something else) is just removed.
 fn unpin_link(path: &Path) -> Result<(), BpfError> {
@@ -422,32 +443,15 @@ impl Dataplane {
             what: "count CPUs",
             source: e,
         })?;
-        if self.pod_stats.get(&netns_cookie, 0).is_err() {
-            let zero = PerCpuValues::try_from(vec![PodStats::default(); n]).map_err(|e| {
-                BpfError::Map {
-                    name: maps::POD_STATS,
-                    what: "build per-CPU values".into(),
-                    source: Box::new(aya::maps::MapError::IoError(e)),
-                }
-            })?;
-            self.pod_stats
-                .insert(netns_cookie, zero, 0)
-                .map_err(map_err(maps::POD_STATS, format!("insert pod {}", pod.key)))?;
-        }
-        let ip = ip_key(pod.ip);
-        if self.inbound_stats.get(&ip, 0).is_err() {
-            let zero = PerCpuValues::try_from(vec![InboundStats::default(); n]).map_err(|e| {
-                BpfError::Map {
-                    name: maps::INBOUND_STATS,
-                    what: "build per-CPU values".into(),
-                    source: Box::new(aya::maps::MapError::IoError(e)),
-                }
-            })?;
-            self.inbound_stats.insert(ip, zero, 0).map_err(map_err(
-                maps::INBOUND_STATS,
-                format!("insert pod {}", pod.key),
-            ))?;
-        }
+        let who = pod.key.to_string();
+        zero_if_absent(&mut self.pod_stats, netns_cookie, n, maps::POD_STATS, &who)?;
+        zero_if_absent(
+            &mut self.inbound_stats,
+            ip_key(pod.ip),
+            n,
+            maps::INBOUND_STATS,
+            &who,
+        )?;
         Ok(())
     }
 
