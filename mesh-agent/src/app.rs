@@ -1,18 +1,21 @@
 //! Wires every subsystem together; read this file to learn the whole agent.
 //!
 //! Start-up: preflight (root, bpffs) → load and pin the programs (adopting pinned maps) → read
-//! the node file → reconcile → serve admin → watch the node file and reconcile on every change.
+//! the node file → open the CA (embedded) or point at it (remote) → reconcile → serve admin →
+//! watch the node file and reconcile on every change.
 //!
 //! Reconcile makes the kernel and the proxy match the [`NodeState`]: pods that left are stopped
-//! and their links unpinned; new pods get, in this order, a namespace thread, counters, listeners,
-//! `sk_lookup` socket entries and finally the capture links. Listeners exist before capture, so
-//! an enrolled pod is never captured into nothing by our own doing.
+//! and their links unpinned; the certificate manager is told which identities local pods have;
+//! new pods get, in this order, a namespace thread, counters, listeners, `sk_lookup` socket
+//! entries, their mTLS mode in the kernel and finally the capture links. Listeners exist before
+//! capture, so an enrolled pod is never captured into nothing by our own doing; connections that
+//! need a certificate wait for it (see `certs.rs`) and never fall back to plaintext.
 
 use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard, RwLock, atomic::Ordering},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
 };
 
@@ -23,11 +26,15 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     bpf::{self, Dataplane, KernelPodStats},
-    config::Config,
+    ca::{self, CaClient},
+    certs::{CertManager, CertReport},
+    config::{CaSource, Config},
+    hbone,
+    identity::Identity,
     netns::Netns,
     nodefile,
     proxy::{self, PodProxy, Routes, Shared},
-    state::{NodeState, ObjectKey, Pod},
+    state::{MtlsMode, NodeState, ObjectKey, Pod},
 };
 
 /// Errors that stop the agent from starting.
@@ -42,6 +49,9 @@ pub enum AppError {
     /// See [`admin::AdminError`].
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    /// See [`ca::CaError`].
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
 }
 
 /// Why one pod could not be enrolled; the others are unaffected.
@@ -80,24 +90,15 @@ pub struct Agent {
 pub struct PodReport {
     /// Pod address.
     pub ip: IpAddr,
+    /// The pod's SPIFFE identity.
+    pub identity: String,
+    /// PERMISSIVE or STRICT.
+    pub mtls_mode: MtlsMode,
     /// Counters the kernel keeps.
     pub kernel: KernelPodStats,
-    /// Outbound connections accepted on 15001.
-    pub outbound_accepted: u64,
-    /// Of those, failed before relaying.
-    pub outbound_failed: u64,
-    /// Inbound connections accepted on 15006.
-    pub inbound_accepted: u64,
-    /// Of those, failed before relaying.
-    pub inbound_failed: u64,
-    /// Connections refused on 15008.
-    pub hbone_refused: u64,
-    /// Bytes relayed client → upstream.
-    pub outbound_bytes_sent: u64,
-    /// Bytes relayed upstream → client.
-    pub outbound_bytes_received: u64,
-    /// Bytes delivered to the application.
-    pub inbound_bytes_delivered: u64,
+    /// Counters the proxy keeps (see `proxy::PodCounters`).
+    #[serde(flatten)]
+    pub proxy: serde_json::Value,
 }
 
 /// The body of `/stats`.
@@ -109,6 +110,8 @@ pub struct Stats {
     pub adopted_maps: bool,
     /// Per pod, keyed `namespace/name`.
     pub pods: BTreeMap<String, PodReport>,
+    /// Per identity: the certificate in use and its renewals.
+    pub certificates: BTreeMap<String, CertReport>,
     /// Current configuration problems (rejected pods or services).
     pub problems: Vec<String>,
 }
@@ -119,7 +122,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Agent {
     /// Why the agent is not ready, if it is not: ready means every pod in the node file is
-    /// enrolled with programs, maps and listeners in place.
+    /// enrolled with programs, maps and listeners in place, and has a valid certificate.
     pub fn not_ready_reason(&self) -> Option<String> {
         let state = self.current_state();
         let pods = lock(&self.pods);
@@ -129,11 +132,13 @@ impl Agent {
             .filter(|k| !pods.contains_key(k))
             .map(ToString::to_string)
             .collect();
-        if missing.is_empty() {
-            None
-        } else {
-            Some(format!("pods not yet enrolled: {}", missing.join(", ")))
+        if !missing.is_empty() {
+            return Some(format!("pods not yet enrolled: {}", missing.join(", ")));
         }
+        self.shared
+            .certs
+            .not_ready_reason()
+            .map(|why| format!("certificates missing: {why}"))
     }
 
     fn current_state(&self) -> Arc<NodeState> {
@@ -147,32 +152,29 @@ impl Agent {
     pub fn stats(&self) -> Stats {
         let dp = lock(&self.dataplane);
         let pods = lock(&self.pods);
+        let state = self.current_state();
+        let td = &self.shared.trust_domain;
         let reports = pods
             .iter()
             .map(|(k, p)| {
-                let c = &p.counters;
-                let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                let l = &p.local;
                 (
                     k.to_string(),
                     PodReport {
-                        ip: p.pod.ip,
-                        kernel: dp.pod_stats(p.pod.ip, p.netns.cookie()),
-                        outbound_accepted: l(&c.outbound_accepted),
-                        outbound_failed: l(&c.outbound_failed),
-                        inbound_accepted: l(&c.inbound_accepted),
-                        inbound_failed: l(&c.inbound_failed),
-                        hbone_refused: l(&c.hbone_refused),
-                        outbound_bytes_sent: l(&c.outbound_bytes_sent),
-                        outbound_bytes_received: l(&c.outbound_bytes_received),
-                        inbound_bytes_delivered: l(&c.inbound_bytes_delivered),
+                        ip: l.pod.ip,
+                        identity: l.identity(td).to_string(),
+                        mtls_mode: state.mtls_mode(&l.pod),
+                        kernel: dp.pod_stats(l.pod.ip, l.netns.cookie()),
+                        proxy: serde_json::to_value(&*l.counters).unwrap_or_default(),
                     },
                 )
             })
             .collect();
         Stats {
-            node: self.current_state().node.clone(),
+            node: state.node.clone(),
             adopted_maps: dp.adopted_maps(),
             pods: reports,
+            certificates: self.shared.certs.report(),
             problems: lock(&self.problems).clone(),
         }
     }
@@ -189,16 +191,31 @@ impl Agent {
         // Stop pods that left or changed.
         let gone: Vec<ObjectKey> = pods
             .iter()
-            .filter(|(k, p)| state.pods.get(*k) != Some(&p.pod))
+            .filter(|(k, p)| state.pods.get(*k) != Some(&p.local.pod))
             .map(|(k, _)| k.clone())
             .collect();
         for key in gone {
             if let Some(mut p) = pods.remove(&key) {
                 p.stop();
-                dp.unregister_pod(p.pod.ip, p.netns.cookie());
+                let ip = p.local.pod.ip;
+                self.shared
+                    .local
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&ip);
+                dp.unregister_pod(ip, p.local.netns.cookie());
                 info!(pod = %key, "pod removed from the mesh");
             }
         }
+        // Certificates for exactly the identities of this node's pods.
+        let td = &self.shared.trust_domain;
+        self.shared.certs.set_wanted(
+            state
+                .pods
+                .values()
+                .map(|p| Identity::new(td, &p.key.namespace, &p.service_account)),
+        );
+        let state = Arc::new(state);
         // Unpin every link that no desired pod owns (also cleans up after an earlier agent).
         let desired: Vec<&Pod> = state.pods.values().collect();
         match dp.detach_others(&desired) {
@@ -216,12 +233,22 @@ impl Agent {
             *routes = Arc::new(Routes::build(&state, &routes));
         }
         for pod in state.pods.values() {
+            // Every pass, so a PeerAuthentication change applies to running pods too.
+            let strict = state.mtls_mode(pod) == MtlsMode::Strict;
+            if let Err(e) = dp.set_strict(pod.ip, strict) {
+                problems.push(format!("pod {}: {e}", pod.key));
+            }
             if pods.contains_key(&pod.key) {
                 continue;
             }
-            match self.enroll(&mut dp, pod) {
+            match self.enroll(&mut dp, pod, strict) {
                 Ok((proxy, adopted)) => {
-                    info!(pod = %pod.key, ip = %pod.ip, adopted_links = adopted, "pod enrolled");
+                    info!(pod = %pod.key, ip = %pod.ip, adopted_links = adopted, strict, "pod enrolled");
+                    self.shared
+                        .local
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(pod.ip, proxy.local.clone());
                     pods.insert(pod.key.clone(), proxy);
                 }
                 Err(e) => {
@@ -234,16 +261,22 @@ impl Agent {
         *self
             .state
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(state);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
     }
 
-    fn enroll(&self, dp: &mut Dataplane, pod: &Pod) -> Result<(PodProxy, usize), EnrollError> {
+    fn enroll(
+        &self,
+        dp: &mut Dataplane,
+        pod: &Pod,
+        strict: bool,
+    ) -> Result<(PodProxy, usize), EnrollError> {
         let key = || pod.key.clone();
         let netns = Arc::new(
             Netns::enter(&pod.netns, &pod.key.file_stem())
                 .map_err(|source| EnrollError::Netns { pod: key(), source })?,
         );
         dp.register_pod(pod, netns.cookie())
+            .and_then(|()| dp.set_strict(pod.ip, strict))
             .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
         let listeners = proxy::open_listeners(&netns, pod)
             .map_err(|source| EnrollError::Netns { pod: key(), source })?;
@@ -272,12 +305,37 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         "eBPF programs loaded"
     );
     let admin_listener = admin::bind(config.admin_addr).await?;
+    let ca = match &config.ca {
+        CaSource::Embedded { dir, ttl } => {
+            let ca = ca::Ca::open(dir, &config.trust_domain, *ttl)?;
+            info!(dir = %dir.display(), ttl = ?ttl, "embedded CA ready");
+            CaClient::Embedded {
+                ca: Arc::new(ca),
+                node: loaded.state.node.clone(),
+                node_file: config.node_file.clone(),
+            }
+        }
+        CaSource::Remote {
+            addr,
+            token_file,
+            bundle,
+        } => CaClient::Remote {
+            addr: *addr,
+            token_file: token_file.clone(),
+            bundle_file: bundle.clone(),
+            trust_domain: config.trust_domain.clone(),
+        },
+    };
 
     let agent = Arc::new(Agent {
         dataplane: Mutex::new(dataplane),
         shared: Arc::new(Shared {
             routes: RwLock::new(Arc::new(Routes::default())),
             orig_dst,
+            local: RwLock::new(std::collections::HashMap::new()),
+            certs: CertManager::new(ca),
+            pool: hbone::Pool::default(),
+            trust_domain: config.trust_domain.clone(),
         }),
         pods: Mutex::new(BTreeMap::new()),
         state: RwLock::new(Arc::new(NodeState::default())),

@@ -165,6 +165,8 @@ pub struct KernelPodStats {
     pub steered_hbone: u64,
     /// Inbound connections refused for want of a listener.
     pub refused_no_listener: u64,
+    /// Plaintext connections refused in the kernel because the pod is STRICT.
+    pub refused_strict: u64,
 }
 
 /// Lookup-and-delete of captured connections' original destinations, shareable across tasks.
@@ -278,6 +280,7 @@ pub struct Dataplane {
     pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
     inbound_stats: PerCpuHashMap<MapData, IpKey, InboundStats>,
     excluded: BpfHashMap<MapData, u16, u8>,
+    strict: BpfHashMap<MapData, IpKey, u8>,
     adopted_maps: bool,
 }
 
@@ -399,6 +402,8 @@ impl Dataplane {
             .map_err(map_err(maps::INBOUND_STATS, "open"))?;
         let excluded = BpfHashMap::try_from(take_map(&mut ebpf, maps::EXCLUDED_PORTS)?)
             .map_err(map_err(maps::EXCLUDED_PORTS, "open"))?;
+        let strict = BpfHashMap::try_from(take_map(&mut ebpf, maps::STRICT_ADDRS)?)
+            .map_err(map_err(maps::STRICT_ADDRS, "open"))?;
         Ok((
             Self {
                 ebpf,
@@ -407,6 +412,7 @@ impl Dataplane {
                 pod_stats,
                 inbound_stats,
                 excluded,
+                strict,
                 adopted_maps,
             },
             OrigDstTable { fd },
@@ -435,6 +441,21 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Makes the kernel refuse (STRICT) or pass (PERMISSIVE) plaintext to a pod's address.
+    pub fn set_strict(&mut self, ip: IpAddr, strict: bool) -> Result<(), BpfError> {
+        let key = ip_key(ip);
+        if strict {
+            self.strict
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::STRICT_ADDRS, format!("insert {ip}")))
+        } else {
+            match self.strict.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(maps::STRICT_ADDRS, format!("remove {ip}"))(e)),
+            }
+        }
+    }
+
     /// Registers a pod's counters (keeping existing ones, so counts survive a restart) and its
     /// address, which tells `sk_lookup` the address is ours to steer.
     pub fn register_pod(&mut self, pod: &Pod, netns_cookie: u64) -> Result<(), BpfError> {
@@ -459,6 +480,7 @@ impl Dataplane {
     pub fn unregister_pod(&mut self, ip: IpAddr, netns_cookie: u64) {
         let _ = self.pod_stats.remove(&netns_cookie);
         let _ = self.inbound_stats.remove(&ip_key(ip));
+        let _ = self.strict.remove(&ip_key(ip));
         for kind in [ListenerKind::Inbound, ListenerKind::Hbone] {
             let _ = self
                 .inbound_socks
@@ -496,6 +518,7 @@ impl Dataplane {
                 out.steered_inbound += s.steered_inbound;
                 out.steered_hbone += s.steered_hbone;
                 out.refused_no_listener += s.refused_no_listener;
+                out.refused_strict += s.refused_strict;
             }
         }
         out

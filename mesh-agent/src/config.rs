@@ -15,6 +15,18 @@ pub const ENV_PIN_NAME: &str = "MESH_PIN_NAME";
 pub const ENV_BPF_OBJECT: &str = "MESH_BPF_OBJECT";
 /// Environment variable for `--admin-addr`.
 pub const ENV_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
+/// Environment variable for `--trust-domain`.
+pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
+/// Environment variable for `--ca-addr`.
+pub const ENV_CA_ADDR: &str = "MESH_CA_ADDR";
+/// Environment variable for `--ca-token-file`.
+pub const ENV_CA_TOKEN_FILE: &str = "MESH_CA_TOKEN_FILE";
+/// Environment variable for `--ca-bundle`.
+pub const ENV_CA_BUNDLE: &str = "MESH_CA_BUNDLE";
+/// Environment variable for `--ca-dir`.
+pub const ENV_CA_DIR: &str = "MESH_CA_DIR";
+/// Environment variable for `--cert-ttl`.
+pub const ENV_CERT_TTL: &str = "MESH_CERT_TTL";
 
 /// Errors in the settings themselves.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +44,116 @@ pub enum ConfigError {
     /// The poll interval is zero.
     #[error("--poll-interval-ms must be at least 1")]
     PollInterval,
+    /// The trust domain has characters SPIFFE does not allow.
+    #[error(
+        "--trust-domain {0:?} is not a SPIFFE trust domain: use lowercase letters, digits, '.', '-' and '_'"
+    )]
+    TrustDomain(String),
+    /// A remote CA needs a token and a bundle.
+    #[error(
+        "--ca-addr needs --ca-token-file (this node's CA token) and --ca-bundle (the CA's roots)"
+    )]
+    RemoteCaIncomplete,
+    /// A duration flag could not be read.
+    #[error("{flag} {value:?}: expected a duration like 30s, 15m, 24h")]
+    Duration {
+        /// The flag.
+        flag: &'static str,
+        /// What was given.
+        value: String,
+    },
+}
+
+/// Parses `90s`, `15m`, `24h` or plain seconds; at least one second.
+pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let err = || ConfigError::Duration {
+        flag,
+        value: value.to_string(),
+    };
+    let (num, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => value.split_at(i),
+        None => (value, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or_else(err)?,
+        "h" => n.checked_mul(3600).ok_or_else(err)?,
+        _ => return Err(err()),
+    };
+    if secs == 0 {
+        return Err(err());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = ENV_TRUST_DOMAIN, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Address of a `mesh-agent ca` server. Without it, the agent embeds the CA (local mode).
+    #[arg(long, env = ENV_CA_ADDR)]
+    pub ca_addr: Option<SocketAddr>,
+    /// File with this node's bearer token for the CA (remote CA only).
+    #[arg(long, env = ENV_CA_TOKEN_FILE)]
+    pub ca_token_file: Option<PathBuf>,
+    /// PEM file with the roots to trust when connecting to the CA (remote CA only): the CA
+    /// directory's `bundle.pem`.
+    #[arg(long, env = ENV_CA_BUNDLE)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Root directory of the embedded CA; created with a new root on first start.
+    #[arg(long, env = ENV_CA_DIR, default_value = "/var/lib/mesh-agent/ca")]
+    pub ca_dir: PathBuf,
+    /// Lifetime of certificates the embedded CA signs (renewed at half-life).
+    #[arg(long, env = ENV_CERT_TTL, default_value = "24h")]
+    pub cert_ttl: String,
+}
+
+/// Where this agent gets certificates, validated.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// The CA runs inside the agent.
+    Embedded {
+        /// Its root directory.
+        dir: PathBuf,
+        /// Certificate lifetime.
+        ttl: Duration,
+    },
+    /// A `mesh-agent ca` server.
+    Remote {
+        /// Address.
+        addr: SocketAddr,
+        /// Token file.
+        token_file: PathBuf,
+        /// Roots for the CA connection.
+        bundle: PathBuf,
+    },
+}
+
+impl CaArgs {
+    /// Validates the trust domain and the CA choice.
+    pub fn validate(self) -> Result<(String, CaSource), ConfigError> {
+        if !crate::identity::valid_trust_domain(&self.trust_domain) {
+            return Err(ConfigError::TrustDomain(self.trust_domain));
+        }
+        let source = match self.ca_addr {
+            Some(addr) => match (self.ca_token_file, self.ca_bundle) {
+                (Some(token_file), Some(bundle)) => CaSource::Remote {
+                    addr,
+                    token_file,
+                    bundle,
+                },
+                _ => return Err(ConfigError::RemoteCaIncomplete),
+            },
+            None => CaSource::Embedded {
+                dir: self.ca_dir,
+                ttl: parse_duration("--cert-ttl", &self.cert_ttl)?,
+            },
+        };
+        Ok((self.trust_domain, source))
+    }
 }
 
 /// Flags of `mesh-agent run`.
@@ -51,6 +173,8 @@ pub struct RunArgs {
     /// How often to check the node file for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_interval_ms: u64,
+    #[command(flatten)]
+    pub ca: CaArgs,
 }
 
 /// Where this agent keeps its pins.
@@ -98,6 +222,10 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Node-file poll interval.
     pub poll_interval: Duration,
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Where certificates come from.
+    pub ca: CaSource,
 }
 
 impl Config {
@@ -120,6 +248,7 @@ impl Config {
         if args.poll_interval_ms == 0 {
             return Err(ConfigError::PollInterval);
         }
+        let (trust_domain, ca) = args.ca.validate()?;
         Ok(Self {
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
@@ -127,6 +256,8 @@ impl Config {
             bpf_object,
             admin_addr: args.admin_addr,
             poll_interval: Duration::from_millis(args.poll_interval_ms),
+            trust_domain,
+            ca,
         })
     }
 

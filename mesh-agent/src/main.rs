@@ -5,9 +5,14 @@
 mod admin;
 mod app;
 mod bpf;
+mod ca;
+mod certs;
 mod config;
+mod hbone;
+mod identity;
 mod netns;
 mod nodefile;
+mod policy;
 mod proxy;
 mod state;
 
@@ -45,6 +50,139 @@ enum Command {
     /// Remove this agent's capture (links), programs and maps from the bpffs. Enrolled pods'
     /// traffic then flows directly, without the mesh.
     Uninstall(config::PinArgs),
+    /// Run the mesh CA server, or manage its root (see the subcommands).
+    Ca(CaCommand),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct CaCommand {
+    #[command(subcommand)]
+    action: Option<CaAction>,
+    #[command(flatten)]
+    serve: CaServeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct CaServeArgs {
+    /// Root directory: root-key.pem, root-cert.pem, bundle.pem; created on first start.
+    #[arg(long, default_value = "/var/lib/mesh-ca")]
+    dir: std::path::PathBuf,
+    /// Address to serve CSRs on (TLS).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    /// YAML listing the nodes: `nodes: [{name, tokenFile, nodeFile}]`.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of the certificates it signs (renewed by agents at half-life).
+    #[arg(long, default_value = "24h")]
+    cert_ttl: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum CaAction {
+    /// Make a new signing root, trusted beside the old ones until `retire-roots`.
+    RotateRoot {
+        /// The CA's root directory.
+        #[arg(long, default_value = "/var/lib/mesh-ca")]
+        dir: std::path::PathBuf,
+        /// The mesh's SPIFFE trust domain.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Trust only the current root (after every certificate of the old one has expired).
+    RetireRoots {
+        /// The CA's root directory.
+        #[arg(long, default_value = "/var/lib/mesh-ca")]
+        dir: std::path::PathBuf,
+    },
+    /// Ask a CA for a certificate as a node would, and print what it answers (for debugging
+    /// node authorization). The key is thrown away.
+    Request {
+        /// The CA's address.
+        #[arg(long)]
+        ca_addr: std::net::SocketAddr,
+        /// The node's token file.
+        #[arg(long)]
+        ca_token_file: std::path::PathBuf,
+        /// The CA's bundle.pem.
+        #[arg(long)]
+        ca_bundle: std::path::PathBuf,
+        /// The identity to ask for, spiffe://<td>/ns/<ns>/sa/<sa>.
+        identity: String,
+    },
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+fn ca_main(cmd: CaCommand) -> ExitCode {
+    let result = match cmd.action {
+        Some(CaAction::RotateRoot { dir, trust_domain }) => {
+            ca::rotate_root(&dir, &trust_domain).map(|()| {
+                info!(dir = %dir.display(), "new root in use; old roots stay trusted until `mesh-agent ca retire-roots`");
+            })
+        }
+        Some(CaAction::RetireRoots { dir }) => ca::retire_roots(&dir).map(|()| {
+            info!(dir = %dir.display(), "only the current root is trusted now");
+        }),
+        Some(CaAction::Request {
+            ca_addr,
+            ca_token_file,
+            ca_bundle,
+            identity,
+        }) => {
+            let Some(rt) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            rt.block_on(certs::request_once(ca_addr, ca_token_file, ca_bundle, &identity))
+                .map(|issued| println!("{}", issued.certificate))
+        }
+        None => {
+            let a = cmd.serve;
+            let Some(rt) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            rt.block_on(serve_ca(a))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_ca(a: CaServeArgs) -> Result<(), ca::CaError> {
+    let bad = |problem: String| ca::CaError::Config {
+        path: a.config.clone().unwrap_or_default(),
+        problem,
+    };
+    let ttl = config::parse_duration("--cert-ttl", &a.cert_ttl).map_err(|e| bad(e.to_string()))?;
+    let Some(config_path) = &a.config else {
+        return Err(bad(
+            "--config is required: the CA must know each node's token and node file".into(),
+        ));
+    };
+    let nodes = ca::load_config(config_path)?;
+    let authority = std::sync::Arc::new(ca::Ca::open(&a.dir, &a.trust_domain, ttl)?);
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .map_err(|e| bad(format!("cannot listen on {}: {e}", a.listen)))?;
+    info!(listen = %a.listen, dir = %a.dir.display(), nodes = nodes.len(), ttl = ?ttl, "CA serving");
+    ca::serve(authority, listener, std::sync::Arc::new(nodes)).await
 }
 
 fn init_logging(format: LogFormat) {
@@ -72,12 +210,8 @@ fn main() -> ExitCode {
                 }
             };
             info!(?config, "effective configuration");
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    error!("cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = runtime() else {
+                return ExitCode::FAILURE;
             };
             match rt.block_on(app::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -108,6 +242,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Ca(cmd) => ca_main(cmd),
         Command::Uninstall(pins) => {
             let root = match pins.root() {
                 Ok(r) => r,

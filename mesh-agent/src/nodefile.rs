@@ -15,7 +15,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::state::{NodeState, ObjectKey, Pod, Service, ServicePort};
+use crate::state::{
+    Action, AuthorizationPolicy, Labels, MtlsMode, NodeState, ObjectKey, Operation,
+    PeerAuthentication, Pod, Rule, Service, ServicePort, Source, Workload,
+};
 
 /// Errors about the node file as a whole; per-object problems are [`ObjectError`]s.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,90 @@ struct RawFile {
     services: Vec<RawService>,
     #[serde(default)]
     excluded_ports: Vec<u16>,
+    #[serde(default)]
+    workloads: Vec<RawWorkload>,
+    #[serde(default)]
+    peer_authentications: Vec<RawPeerAuthentication>,
+    #[serde(default)]
+    authorization_policies: Vec<RawAuthorizationPolicy>,
+}
+
+/// A pod on another node: what this node needs to reach it over HBONE.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    name: Option<String>,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    ip: Option<String>,
+    node: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSelector {
+    #[serde(default)]
+    match_labels: Labels,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPeerAuthentication {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    selector: RawSelector,
+    mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAuthorizationPolicy {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    selector: RawSelector,
+    action: Option<String>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(default)]
+    from: Vec<RawFrom>,
+    #[serde(default)]
+    to: Vec<RawTo>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrom {
+    source: RawSource,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTo {
+    operation: RawOperation,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperation {
+    /// Istio writes ports as strings; numbers are accepted too.
+    #[serde(default)]
+    ports: Vec<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +168,8 @@ struct RawPod {
     ip: Option<String>,
     netns: Option<PathBuf>,
     cgroup: Option<PathBuf>,
+    #[serde(default)]
+    labels: Labels,
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,6 +420,7 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
                         ip,
                         netns,
                         cgroup,
+                        labels: rp.labels.clone(),
                     },
                 ));
             }
@@ -450,7 +540,187 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
             _ => {}
         }
     }
+    validate_workloads(&raw.workloads, &mut state, &mut errors);
+    validate_peer_authentications(&raw.peer_authentications, &mut state, &mut errors);
+    validate_authorization_policies(&raw.authorization_policies, &mut state, &mut errors);
     Loaded { state, errors }
+}
+
+/// Remote pods, plus this node's own pods (so every lookup by address sees one table).
+fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut Vec<ObjectError>) {
+    for pod in state.pods.values() {
+        state.workloads.insert(
+            pod.ip,
+            Workload {
+                key: pod.key.clone(),
+                ip: pod.ip,
+                service_account: pod.service_account.clone(),
+                node: state.node.clone(),
+            },
+        );
+    }
+    for (i, rw) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "workload",
+            who: who(&rw.namespace, &rw.name),
+            position: format!("workloads[{i}]"),
+            errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rw.name);
+        let namespace = cx.label("namespace", &rw.namespace);
+        let sa = cx.label("serviceAccount", &rw.service_account);
+        let ip = cx.ip("ip", &rw.ip);
+        let node = cx.label("node", &rw.node);
+        if let Some(a) = ip
+            && let Some(w) = state.workloads.get(&a)
+        {
+            cx.fail(
+                "ip",
+                format!("address {a} is already used by workload {}", w.key),
+            );
+        }
+        if let (true, Some(name), Some(namespace), Some(service_account), Some(ip), Some(node)) =
+            (cx.errors.len() == before, name, namespace, sa, ip, node)
+        {
+            state.workloads.insert(
+                ip,
+                Workload {
+                    key: ObjectKey { namespace, name },
+                    ip,
+                    service_account,
+                    node,
+                },
+            );
+        }
+    }
+}
+
+fn validate_peer_authentications(
+    raw: &[RawPeerAuthentication],
+    state: &mut NodeState,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (i, rp) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "peerAuthentication",
+            who: who(&rp.namespace, &rp.name),
+            position: format!("peerAuthentications[{i}]"),
+            errors,
+        };
+        let name = cx.label("name", &rp.name);
+        let namespace = cx.label("namespace", &rp.namespace);
+        // A mode that cannot be read is taken as STRICT: a typo must not open a workload.
+        let mode = match cx.required("mode", &rp.mode).map(String::as_str) {
+            Some("STRICT") => MtlsMode::Strict,
+            Some("PERMISSIVE") => MtlsMode::Permissive,
+            other => {
+                if let Some(m) = other {
+                    cx.fail(
+                        "mode",
+                        format!("{m:?} is not STRICT or PERMISSIVE; applying STRICT until fixed"),
+                    );
+                }
+                MtlsMode::Strict
+            }
+        };
+        if let (Some(name), Some(namespace)) = (name, namespace) {
+            state.peer_authentications.push(PeerAuthentication {
+                key: ObjectKey { namespace, name },
+                selector: rp.selector.match_labels.clone(),
+                mode,
+            });
+        }
+    }
+}
+
+fn validate_authorization_policies(
+    raw: &[RawAuthorizationPolicy],
+    state: &mut NodeState,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (i, rp) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "authorizationPolicy",
+            who: who(&rp.namespace, &rp.name),
+            position: format!("authorizationPolicies[{i}]"),
+            errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rp.name);
+        let namespace = cx.label("namespace", &rp.namespace);
+        let action = match rp.action.as_deref() {
+            None | Some("ALLOW") => Action::Allow,
+            Some("DENY") => Action::Deny,
+            Some(other) => {
+                cx.fail(
+                    "action",
+                    format!("{other:?} is not ALLOW or DENY; the policy denies everything it selects until fixed"),
+                );
+                Action::Deny
+            }
+        };
+        let mut rules = Vec::new();
+        for r in &rp.rules {
+            let from = r
+                .from
+                .iter()
+                .map(|f| Source {
+                    principals: f
+                        .source
+                        .principals
+                        .iter()
+                        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_string())
+                        .collect(),
+                    namespaces: f.source.namespaces.clone(),
+                })
+                .collect();
+            let mut to = Vec::new();
+            for t in &r.to {
+                let mut ports = Vec::new();
+                for v in &t.operation.ports {
+                    let port = match v {
+                        serde_yaml::Value::Number(n) => n.as_u64(),
+                        serde_yaml::Value::String(s) => s.parse().ok(),
+                        _ => None,
+                    };
+                    match port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) {
+                        Some(p) => ports.push(p),
+                        None => cx.fail("rules.to.operation.ports", format!("{v:?} is not a port")),
+                    }
+                }
+                to.push(Operation { ports });
+            }
+            rules.push(Rule { from, to });
+        }
+        let (Some(name), Some(namespace)) = (name, namespace) else {
+            continue;
+        };
+        let key = ObjectKey { namespace, name };
+        if cx.errors.len() != before {
+            // Fail closed: a broken ALLOW allows nothing, a broken DENY denies everything.
+            rules = match action {
+                Action::Allow => Vec::new(),
+                Action::Deny => vec![Rule::default()],
+            };
+            cx.fail(
+                "rules",
+                format!(
+                    "policy {key} is invalid; until fixed it {}",
+                    match action {
+                        Action::Allow => "allows nothing",
+                        Action::Deny => "denies every connection it selects",
+                    }
+                ),
+            );
+        }
+        state.authorization_policies.push(AuthorizationPolicy {
+            key,
+            selector: rp.selector.match_labels.clone(),
+            action,
+            rules,
+        });
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,16 @@
-//! The node proxy: per-pod listeners and the TCP relay.
+//! The node proxy: per-pod listeners, the TCP relay, and the choice of path per connection.
 //!
 //! Reads top-down in the order a connection flows:
 //! - outbound (15001): accept → recover the original destination from the kernel → resolve a
-//!   service address to an endpoint → connect *from the pod's netns* → relay;
-//! - inbound (15006): accept → the accepted socket's local address is the original destination →
-//!   connect to the application over the pod's loopback → relay;
-//! - HBONE (15008): mTLS tunnels between nodes arrive here (not yet served; see `serve_hbone`).
+//!   service address to an endpoint → pick the path:
+//!   - a pod on this node: authorize with the source pod's identity and hand the bytes to the
+//!     destination's application directly (no TLS: they never leave the kernel);
+//!   - a mesh workload on another node: HBONE (`hbone.rs`), mTLS from the source pod's netns;
+//!   - anything else (outside the mesh): plain TCP from the source pod's netns;
+//! - inbound plaintext (15006): only PERMISSIVE pods get here (the kernel refuses plaintext to
+//!   STRICT ones); authorize with no identity → connect to the application over the pod's
+//!   loopback → relay;
+//! - HBONE (15008): see `hbone.rs`.
 //!
 //! Which listener accepted a connection says which pod it belongs to; the proxy never infers the
 //! pod from a source address.
@@ -22,17 +27,22 @@ use std::{
     task::{Context, Poll},
 };
 
+use serde::Serialize;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional},
     net::{TcpListener, TcpStream},
     task::JoinSet,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     bpf::OrigDstTable,
+    certs::{CertError, CertManager},
+    hbone,
+    identity::Identity,
     netns::{Netns, NetnsError},
-    state::{NodeState, ObjectKey, Pod, Service},
+    policy::{self, Decision},
+    state::{MtlsMode, NodeState, ObjectKey, Pod, Service},
 };
 
 /// Errors on one proxied connection. Each ends that connection only.
@@ -57,9 +67,18 @@ pub enum ProxyError {
     /// A connection to one of the proxy's own ports that did not come through capture.
     #[error("refusing a direct connection to proxy port {0}")]
     DirectToProxyPort(u16),
+    /// Plaintext reached a STRICT pod's proxy (the kernel normally refuses it first).
+    #[error("refused plaintext to {0}: it is STRICT mTLS")]
+    StrictPlaintext(ObjectKey),
+    /// Authorization refused the connection.
+    #[error("connection {0}")]
+    Denied(Decision),
     /// Making the upstream socket in the pod's namespace failed.
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// No certificate for the identity that the connection needs.
+    #[error(transparent)]
+    Cert(#[from] CertError),
     /// Connecting upstream failed.
     #[error("connect to {addr}: {source}")]
     Connect {
@@ -68,27 +87,78 @@ pub enum ProxyError {
         /// Why.
         source: io::Error,
     },
+    /// An HBONE tunnel could not be set up.
+    #[error("HBONE tunnel to {target}: {problem}")]
+    Tunnel {
+        /// Where the tunnel was for.
+        target: SocketAddr,
+        /// What failed.
+        problem: String,
+    },
+    /// An incoming HBONE connection failed its handshake.
+    #[error("HBONE connection from {peer}: {problem}")]
+    Handshake {
+        /// The peer.
+        peer: SocketAddr,
+        /// What failed.
+        problem: String,
+    },
+}
+
+/// A counter that many tasks bump.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The value now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Serialize for Counter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.get())
+    }
 }
 
 /// Per-pod userspace counters (the kernel keeps its own; see `bpf::KernelPodStats`).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 pub struct PodCounters {
     /// Captured outbound connections accepted on 15001.
-    pub outbound_accepted: AtomicU64,
-    /// Of those, ones that failed before relaying (no destination, connect refused, ...).
-    pub outbound_failed: AtomicU64,
-    /// Inbound connections accepted on 15006.
-    pub inbound_accepted: AtomicU64,
+    pub outbound_accepted: Counter,
+    /// Of those, ones that failed before relaying (no destination, refused, denied...).
+    pub outbound_failed: Counter,
+    /// Of those, ones sent over HBONE.
+    pub outbound_hbone: Counter,
+    /// Of those, ones handed to a pod on this node.
+    pub outbound_local: Counter,
+    /// Inbound plaintext connections accepted on 15006.
+    pub inbound_accepted: Counter,
     /// Of those, ones that failed before relaying.
-    pub inbound_failed: AtomicU64,
-    /// Connections that arrived on 15008 (refused until HBONE is served).
-    pub hbone_refused: AtomicU64,
+    pub inbound_failed: Counter,
+    /// mTLS connections accepted on 15008 (handshake passed).
+    pub hbone_connections: Counter,
+    /// CONNECT streams relayed to this pod's application.
+    pub hbone_streams: Counter,
+    /// HBONE connections or streams refused (handshake failure, bad CONNECT).
+    pub hbone_refused: Counter,
+    /// Connections to this pod refused by authorization.
+    pub denied: Counter,
     /// Bytes relayed from this pod's clients to their upstreams.
-    pub outbound_bytes_sent: AtomicU64,
+    pub outbound_bytes_sent: Counter,
     /// Bytes relayed from upstreams back to this pod's clients.
-    pub outbound_bytes_received: AtomicU64,
+    pub outbound_bytes_received: Counter,
     /// Bytes delivered to this pod's application.
-    pub inbound_bytes_delivered: AtomicU64,
+    pub inbound_bytes_delivered: Counter,
 }
 
 /// A service's endpoints with its round-robin cursor.
@@ -102,12 +172,14 @@ struct ServiceRoute {
 #[derive(Debug, Default)]
 pub struct Routes {
     by_vip: HashMap<IpAddr, Arc<ServiceRoute>>,
+    /// The state the routes were built from: workloads, modes and policies.
+    pub state: Arc<NodeState>,
 }
 
 impl Routes {
     /// Builds routes, carrying round-robin cursors over from `old` so a reload does not reset
     /// balancing.
-    pub fn build(state: &NodeState, old: &Routes) -> Self {
+    pub fn build(state: &Arc<NodeState>, old: &Routes) -> Self {
         let by_vip = state
             .services
             .values()
@@ -124,7 +196,10 @@ impl Routes {
                 (s.ip, Arc::new(route))
             })
             .collect();
-        Self { by_vip }
+        Self {
+            by_vip,
+            state: state.clone(),
+        }
     }
 
     /// Where to connect for a captured connection to `dst`: a service address becomes one of
@@ -154,30 +229,121 @@ pub struct Shared {
     pub routes: RwLock<Arc<Routes>>,
     /// Original destinations recorded by the kernel.
     pub orig_dst: OrigDstTable,
+    /// Enrolled pods of this node by address.
+    pub local: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
+    /// Workload certificates.
+    pub certs: Arc<CertManager>,
+    /// Pooled HBONE connections.
+    pub pool: hbone::Pool,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
 }
 
 impl Shared {
-    fn routes(&self) -> Arc<Routes> {
+    /// Current routes (and the state they came from).
+    pub fn routes(&self) -> Arc<Routes> {
         match self.routes.read() {
             Ok(r) => r.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
+
+    /// The enrolled pod of this node with address `ip`.
+    pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
+        let local = self
+            .local
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        local.get(&ip).cloned()
+    }
 }
 
-/// The proxy side of one enrolled pod: its namespace thread, listeners and accept loops.
-/// Dropping it stops accepting; connections already relaying run to completion.
+/// One enrolled pod as connection tasks see it.
 #[derive(Debug)]
-pub struct PodProxy {
+pub struct LocalPod {
     /// The pod as enrolled.
     pub pod: Pod,
-    /// The pod's namespace thread.
+    /// Its namespace thread.
     pub netns: Arc<Netns>,
-    /// Counters.
+    /// Its counters.
     pub counters: Arc<PodCounters>,
-    tasks: JoinSet<()>,
 }
 
+impl LocalPod {
+    /// The pod's SPIFFE identity.
+    pub fn identity(&self, trust_domain: &str) -> Identity {
+        Identity::new(
+            trust_domain,
+            &self.pod.key.namespace,
+            &self.pod.service_account,
+        )
+    }
+
+    /// Authorizes a connection to this pod on `port` from `source`; logs and counts a denial.
+    pub fn authorize(
+        &self,
+        shared: &Shared,
+        source: Option<&Identity>,
+        port: u16,
+    ) -> Result<(), Decision> {
+        let routes = shared.routes();
+        let decision = policy::evaluate(
+            &routes.state.authorization_policies,
+            &policy::Request {
+                source,
+                namespace: &self.pod.key.namespace,
+                labels: &self.pod.labels,
+                port,
+            },
+        );
+        if decision == Decision::Allow {
+            return Ok(());
+        }
+        self.counters.denied.inc();
+        let src = source.map_or_else(
+            || "plaintext (no identity)".to_string(),
+            ToString::to_string,
+        );
+        warn!(%src, dst = %self.pod.key, port, "connection {decision}");
+        Err(decision)
+    }
+
+    /// Connects to the pod's application on `port`, over the pod's loopback (never steered).
+    pub async fn dial_app(&self, port: u16) -> Result<TcpStream, ProxyError> {
+        let loopback: IpAddr = if self.pod.ip.is_ipv6() {
+            Ipv6Addr::LOCALHOST.into()
+        } else {
+            Ipv4Addr::LOCALHOST.into()
+        };
+        let target = SocketAddr::new(loopback, port);
+        let sock = self.netns.tcp_socket(target).await?;
+        sock.connect(target)
+            .await
+            .map_err(|source| ProxyError::Connect {
+                addr: target,
+                source,
+            })
+    }
+
+    /// Relays between a client and this pod's application, counting delivered bytes live.
+    pub async fn relay_to_app<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut client: S,
+        mut app: TcpStream,
+    ) {
+        let mut client = Counted::new(&mut client, &self.counters.inbound_bytes_delivered);
+        let _ = copy_bidirectional(&mut client, &mut app).await;
+    }
+}
+
+/// The proxy side of one enrolled pod: its listeners and accept loops. Dropping it stops
+/// accepting; connections already relaying run to completion.
+#[derive(Debug)]
+pub struct PodProxy {
+    /// The pod, with its namespace and counters.
+    pub local: Arc<LocalPod>,
+    tasks: JoinSet<()>,
+}
 /// The three listeners, opened inside the pod's netns before capture is enabled.
 #[derive(Debug)]
 pub struct PodListeners {
@@ -220,12 +386,14 @@ impl PodProxy {
         listeners: PodListeners,
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
-        let counters = Arc::new(PodCounters::default());
+        let local = Arc::new(LocalPod {
+            pod,
+            netns,
+            counters: Arc::new(PodCounters::default()),
+        });
         let mut tasks = JoinSet::new();
         let cx = Arc::new(PodCx {
-            pod: pod.clone(),
-            netns: netns.clone(),
-            counters: counters.clone(),
+            local: local.clone(),
             shared,
         });
         for l in listeners.outbound {
@@ -236,12 +404,7 @@ impl PodProxy {
         tasks.spawn(accept_loop(l, cx.clone(), Kind::Inbound));
         let l = TcpListener::from_std(listeners.hbone)?;
         tasks.spawn(accept_loop(l, cx, Kind::Hbone));
-        Ok(Self {
-            pod,
-            netns,
-            counters,
-            tasks,
-        })
+        Ok(Self { local, tasks })
     }
 
     /// Stops accepting.
@@ -265,9 +428,7 @@ enum Kind {
 
 #[derive(Debug)]
 struct PodCx {
-    pod: Pod,
-    netns: Arc<Netns>,
-    counters: Arc<PodCounters>,
+    local: Arc<LocalPod>,
     shared: Arc<Shared>,
 }
 
@@ -277,7 +438,7 @@ async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!(pod = %cx.pod.key, ?kind, "accept failed: {e}");
+                warn!(pod = %cx.local.pod.key, ?kind, "accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
@@ -288,96 +449,119 @@ async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
             let result = match kind {
                 Kind::Outbound => outbound(&cx, stream, peer).await,
                 Kind::Inbound => inbound(&cx, stream).await,
-                Kind::Hbone => serve_hbone(&cx, stream, peer),
+                Kind::Hbone => {
+                    let r = hbone::serve(cx.shared.clone(), cx.local.clone(), stream, peer).await;
+                    if r.is_err() {
+                        cx.local.counters.hbone_refused.inc();
+                    }
+                    r
+                }
             };
-            if let Err(e) = result {
-                warn!(pod = %cx.pod.key, ?kind, %peer, "connection failed: {e}");
+            match result {
+                // Denials were logged with their policy where they were decided.
+                Ok(()) | Err(ProxyError::Denied(_)) => {}
+                Err(e) => warn!(pod = %cx.local.pod.key, ?kind, %peer, "connection failed: {e}"),
             }
         });
     }
 }
 
 async fn outbound(cx: &PodCx, mut client: TcpStream, peer: SocketAddr) -> Result<(), ProxyError> {
-    let c = &cx.counters;
-    c.outbound_accepted.fetch_add(1, Ordering::Relaxed);
+    let (src, shared) = (&cx.local, &cx.shared);
+    let c = &src.counters;
+    c.outbound_accepted.inc();
     let fail = |e: ProxyError| {
-        c.outbound_failed.fetch_add(1, Ordering::Relaxed);
+        c.outbound_failed.inc();
         e
     };
-    let dst = cx
-        .shared
+    let dst = shared
         .orig_dst
-        .take(cx.netns.cookie(), peer.port())
+        .take(src.netns.cookie(), peer.port())
         .map_err(|e| fail(ProxyError::OrigDstMap(e)))?
         .ok_or_else(|| fail(ProxyError::NoOrigDst(peer.port())))?;
-    let target = cx.shared.routes().resolve(dst).map_err(fail)?;
-    let sock = cx
-        .netns
-        .tcp_socket(target)
-        .await
-        .map_err(|e| fail(e.into()))?;
-    let mut upstream = sock.connect(target).await.map_err(|source| {
-        fail(ProxyError::Connect {
-            addr: target,
-            source,
-        })
-    })?;
-    debug!(pod = %cx.pod.key, %dst, %target, "outbound relay");
+    let routes = shared.routes();
+    let target = routes.resolve(dst).map_err(fail)?;
     let mut client = Counted::new(&mut client, &c.outbound_bytes_sent);
-    let mut upstream = Counted::new(&mut upstream, &c.outbound_bytes_received);
-    let _ = copy_bidirectional(&mut client, &mut upstream).await;
+    if let Some(dest) = shared.local_pod(target.ip()) {
+        // Same node: the kernel told us the source pod, so its identity needs no certificate.
+        let src_id = src.identity(&shared.trust_domain);
+        dest.authorize(shared, Some(&src_id), target.port())
+            .map_err(|d| fail(ProxyError::Denied(d)))?;
+        let app = dest.dial_app(target.port()).await.map_err(fail)?;
+        c.outbound_local.inc();
+        debug!(src = %src.pod.key, dst = %dest.pod.key, %target, "same-node delivery");
+        let mut app = Counted::new(app, &c.outbound_bytes_received);
+        let mut delivered = Counted::new(&mut client, &dest.counters.inbound_bytes_delivered);
+        let _ = copy_bidirectional(&mut delivered, &mut app).await;
+    } else if let Some(w) = routes.state.workloads.get(&target.ip()) {
+        let tunnel = shared
+            .pool
+            .connect(shared, src, w, target)
+            .await
+            .map_err(fail)?;
+        c.outbound_hbone.inc();
+        debug!(src = %src.pod.key, dst = %w.key, %target, "outbound over HBONE");
+        let mut tunnel = Counted::new(tunnel, &c.outbound_bytes_received);
+        let _ = copy_bidirectional(&mut client, &mut tunnel).await;
+    } else {
+        // Outside the mesh: plain TCP, still from the pod's own address.
+        let sock = src
+            .netns
+            .tcp_socket(target)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let upstream = sock.connect(target).await.map_err(|source| {
+            fail(ProxyError::Connect {
+                addr: target,
+                source,
+            })
+        })?;
+        debug!(pod = %src.pod.key, %dst, %target, "outbound passthrough");
+        let mut upstream = Counted::new(upstream, &c.outbound_bytes_received);
+        let _ = copy_bidirectional(&mut client, &mut upstream).await;
+    }
     Ok(())
 }
 
-async fn inbound(cx: &PodCx, mut client: TcpStream) -> Result<(), ProxyError> {
-    let c = &cx.counters;
-    c.inbound_accepted.fetch_add(1, Ordering::Relaxed);
+async fn inbound(cx: &PodCx, client: TcpStream) -> Result<(), ProxyError> {
+    let pod = &cx.local;
+    let c = &pod.counters;
+    c.inbound_accepted.inc();
     let fail = |e: ProxyError| {
-        c.inbound_failed.fetch_add(1, Ordering::Relaxed);
+        c.inbound_failed.inc();
         e
     };
     // sk_lookup hands us the connection untouched, so its local address is where the client
     // was going.
     let local = client.local_addr().map_err(|source| {
         fail(ProxyError::Connect {
-            addr: SocketAddr::new(cx.pod.ip, 0),
+            addr: SocketAddr::new(pod.pod.ip, 0),
             source,
         })
     })?;
     if local.port() == mesh_common::ports::INBOUND {
         return Err(fail(ProxyError::DirectToProxyPort(local.port())));
     }
-    let loopback: IpAddr = if local.is_ipv6() {
-        Ipv6Addr::LOCALHOST.into()
-    } else {
-        Ipv4Addr::LOCALHOST.into()
-    };
-    let target = SocketAddr::new(loopback, local.port());
-    let sock = cx
-        .netns
-        .tcp_socket(target)
-        .await
-        .map_err(|e| fail(e.into()))?;
-    let mut app = sock.connect(target).await.map_err(|source| {
-        fail(ProxyError::Connect {
-            addr: target,
-            source,
-        })
-    })?;
-    let mut client = Counted::new(&mut client, &c.inbound_bytes_delivered);
-    let _ = copy_bidirectional(&mut client, &mut app).await;
+    // The kernel refuses plaintext to STRICT pods; this catches a mode change in flight.
+    if cx.shared.routes().state.mtls_mode(&pod.pod) == MtlsMode::Strict {
+        return Err(fail(ProxyError::StrictPlaintext(pod.pod.key.clone())));
+    }
+    pod.authorize(&cx.shared, None, local.port())
+        .map_err(|d| fail(ProxyError::Denied(d)))?;
+    let app = pod.dial_app(local.port()).await.map_err(fail)?;
+    pod.relay_to_app(client, app).await;
     Ok(())
 }
 
 /// A stream that adds every byte read from it to a counter as it flows, so counters are right
 /// while a connection is still open (long-lived connections would otherwise report nothing).
 struct Counted<'a, S> {
-    inner: &'a mut S,
-    read: &'a AtomicU64,
+    inner: S,
+    read: &'a Counter,
 }
 
 impl<'a, S> Counted<'a, S> {
-    fn new(inner: &'a mut S, read: &'a AtomicU64) -> Self {
+    fn new(inner: S, read: &'a Counter) -> Self {
         Self { inner, read }
     }
 }
@@ -389,9 +573,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        self.read.add(n as u64);
         r
     }
 }
@@ -402,21 +586,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-}
-
-/// HBONE is the identity issue's work; until then a connection here is closed at once, so
-/// nothing reaches the application unauthenticated.
-fn serve_hbone(cx: &PodCx, stream: TcpStream, peer: SocketAddr) -> Result<(), ProxyError> {
-    cx.counters.hbone_refused.fetch_add(1, Ordering::Relaxed);
-    info!(pod = %cx.pod.key, %peer, "closing HBONE connection: mTLS tunnels are not served yet");
-    drop(stream);
-    Ok(())
 }

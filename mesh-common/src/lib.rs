@@ -47,14 +47,18 @@ pub mod maps {
     pub const INBOUND_STATS: &str = "INBOUND_STATS";
     /// Hash: destination port (host order, `u16`) → `u8`; connects to these ports are not captured.
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// Hash: pod address ([`IpKey`](crate::IpKey)) → `u8`; present = the pod is STRICT mTLS, so
+    /// `sk_lookup` refuses plaintext to it in the kernel, before any byte is accepted.
+    pub const STRICT_ADDRS: &str = "STRICT_ADDRS";
     /// Every map in the object, for tests and for pinning.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST,
         POD_STATS,
         INBOUND_SOCKS,
         INBOUND_STATS,
         EXCLUDED_PORTS,
+        STRICT_ADDRS,
     ];
 }
 
@@ -188,8 +192,10 @@ pub struct InboundStats {
     pub steered_hbone: u64,
     /// Connections refused because the proxy had no listener (agent down): fail closed.
     pub refused_no_listener: u64,
+    /// Plaintext connections refused because the pod is STRICT mTLS.
+    pub refused_strict: u64,
 }
-const _: () = assert!(core::mem::size_of::<InboundStats>() == 24);
+const _: () = assert!(core::mem::size_of::<InboundStats>() == 32);
 
 /// `aya::Pod` impls. SAFETY (each impl): the type is `#[repr(C)]`, `Copy`, made only of integers
 /// and byte arrays, with no implicit padding (sizes asserted above), so every bit pattern is valid.

@@ -1,8 +1,9 @@
 //! `sk_lookup`: steer connections arriving at an enrolled pod to the proxy's listeners.
 //!
 //! Stages: skip what the proxy itself delivers (arrives on loopback) and non-TCP → pick the
-//! listener by destination port → assign the socket, or refuse if the proxy has none (agent down:
-//! fail closed rather than let the application see unauthenticated traffic).
+//! listener by destination port → refuse plaintext to a STRICT pod → assign the socket, or refuse
+//! if the proxy has none (agent down: fail closed rather than let the application see
+//! unauthenticated traffic).
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
@@ -10,7 +11,7 @@ use aya_ebpf::{
 };
 use mesh_common::{InboundKey, IpKey, ListenerKind, ports};
 
-use crate::maps::{INBOUND_SOCKS, INBOUND_STATS, bump};
+use crate::maps::{INBOUND_SOCKS, INBOUND_STATS, STRICT_ADDRS, bump};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
@@ -46,6 +47,13 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
         // Not one of our pods' addresses (e.g. a secondary address): leave it alone.
         return SK_PASS;
     };
+    // SAFETY: a plain lookup; the value is not read.
+    if kind == ListenerKind::Inbound && unsafe { STRICT_ADDRS.get(&ip) }.is_some() {
+        // STRICT: plaintext is refused here, so the proxy never even accepts it.
+        // SAFETY: `stats` is a live map value.
+        bump(unsafe { &raw mut (*stats).refused_strict });
+        return SK_DROP;
+    }
     match INBOUND_SOCKS.redirect_sk_lookup(ctx, InboundKey::new(ip, kind), 0) {
         Ok(()) => {
             // SAFETY: `stats` is a live map value.

@@ -26,6 +26,9 @@ pub static INBOUND_SOCKS: SockHash<InboundKey> = SockHash::pinned(MAX_PODS * 2, 
 pub static INBOUND_STATS: PerCpuHashMap<IpKey, InboundStats> = PerCpuHashMap::pinned(MAX_PODS, 0);
 
 #[map]
+pub static STRICT_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_PODS, 0);
+
+#[map]
 pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
 
 /// Adds one to a per-CPU counter. Plain read-modify-write is safe: a per-CPU value is only

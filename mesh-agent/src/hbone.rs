@@ -1,0 +1,300 @@
+//! HBONE: TCP tunnelled as HTTP/2 CONNECT streams over mTLS, between nodes, on port 15008.
+//!
+//! Client (outbound, `connect`): a stream is `CONNECT <dest pod IP>:<port>` on a pooled HTTP/2
+//! connection. The pool invariants:
+//! - one key per (source identity, destination node, destination identity), plus the serial of
+//!   the source certificate, so a renewed certificate starts a fresh connection and old ones
+//!   drain with their streams;
+//! - a connection is made from the source pod's netns to `<dest pod IP>:15008`, so the network
+//!   sees the pod's address;
+//! - the server must prove the destination workload's identity, or the handshake fails.
+//!
+//! Server (inbound, `serve`): the pod's 15008 listener presents the pod's certificate and
+//! requires a client certificate of the trust domain. Each CONNECT is checked, in this order:
+//! method → authority names a local pod with this listener's identity → L4 authorization with
+//! the client certificate's identity → dial the application over the pod's loopback → 200.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, client::conn::http2::SendRequest,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::{
+    identity::{self, Identity},
+    proxy::{LocalPod, ProxyError, Shared},
+    state::Workload,
+};
+
+/// How long a connection waits for its pod's first certificate before giving up.
+pub const CERT_WAIT: Duration = Duration::from_secs(10);
+/// HTTP/2 windows: large enough that one stream can fill a fast link.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: Identity,
+    node: String,
+    dst: Identity,
+    src_serial: String,
+}
+
+/// Pooled HTTP/2 connections to other nodes.
+#[derive(Debug, Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Pool {
+    /// Opens a tunnel from `src` to `target` on workload `dst`.
+    pub async fn connect(
+        &self,
+        shared: &Shared,
+        src: &LocalPod,
+        dst: &Workload,
+        target: SocketAddr,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ProxyError> {
+        let src_id = src.identity(&shared.trust_domain);
+        let dst_id = Identity::new(
+            &shared.trust_domain,
+            &dst.key.namespace,
+            &dst.service_account,
+        );
+        let cert = shared.certs.wait(&src_id, CERT_WAIT).await?;
+        let key = PoolKey {
+            src: src_id,
+            node: dst.node.clone(),
+            dst: dst_id.clone(),
+            src_serial: cert.serial.clone(),
+        };
+        let pooled = lock(&self.conns)
+            .get(&key)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => {
+                let s = self.dial(src, &cert, &dst_id, target.ip()).await?;
+                let mut conns = lock(&self.conns);
+                // Drop connections made with an older certificate of the same source: they
+                // finish their streams and close.
+                conns.retain(|k, s| {
+                    !(s.is_closed() || (k.src == key.src && k.node == key.node && k.dst == key.dst))
+                });
+                conns.insert(key, s.clone());
+                s
+            }
+        };
+        let tunnel = |problem: String| ProxyError::Tunnel { target, problem };
+        sender
+            .ready()
+            .await
+            .map_err(|e| tunnel(format!("HBONE connection closed: {e}")))?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| tunnel(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| tunnel(format!("CONNECT: {e}")))?;
+        if resp.status() != StatusCode::OK {
+            return Err(tunnel(format!(
+                "the destination refused the tunnel: {}",
+                resp.status()
+            )));
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| tunnel(format!("upgrade: {e}")))?;
+        Ok(TokioIo::new(upgraded))
+    }
+
+    async fn dial(
+        &self,
+        src: &LocalPod,
+        cert: &crate::certs::WorkloadCert,
+        dst_id: &Identity,
+        ip: std::net::IpAddr,
+    ) -> Result<SendRequest<Empty<Bytes>>, ProxyError> {
+        let addr = SocketAddr::new(ip, mesh_common::ports::HBONE);
+        let tunnel = |problem: String| ProxyError::Tunnel {
+            target: addr,
+            problem,
+        };
+        let config = cert.client_config(dst_id)?;
+        let sock = src.netns.tcp_socket(addr).await?;
+        let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, sock.connect(addr))
+            .await
+            .map_err(|_| tunnel("connect timed out".into()))?
+            .map_err(|source| ProxyError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| tunnel("TLS handshake timed out".into()))?
+        .map_err(|e| {
+            tunnel(format!(
+                "mTLS handshake with {dst_id} failed: {e} (is port 15008 reachable, and does the destination have a certificate?)"
+            ))
+        })?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| tunnel(format!("HTTP/2 handshake: {e}")))?;
+        let peer = dst_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, "HBONE connection ended: {e}");
+            }
+        });
+        debug!(src = %src.pod.key, dst = %dst_id, %addr, "new HBONE connection");
+        Ok(sender)
+    }
+}
+
+/// Serves one TCP connection accepted on a pod's 15008 listener.
+pub async fn serve(
+    shared: Arc<Shared>,
+    pod: Arc<LocalPod>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ProxyError> {
+    let my_id = pod.identity(&shared.trust_domain);
+    let cert = shared.certs.wait(&my_id, CERT_WAIT).await?;
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(stream),
+    )
+    .await
+    .map_err(|_| ProxyError::Handshake {
+        peer,
+        problem: "timed out".into(),
+    })?
+    .map_err(|e| ProxyError::Handshake {
+        peer,
+        problem: e.to_string(),
+    })?;
+    let client_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(identity::svid_identity)
+        .transpose()
+        .map_err(|e| ProxyError::Handshake {
+            peer,
+            problem: e.to_string(),
+        })?
+        .ok_or_else(|| ProxyError::Handshake {
+            peer,
+            problem: "no client certificate".into(),
+        })?;
+    pod.counters.hbone_connections.inc();
+    let client_id = Arc::new(client_id);
+    let svc = service_fn(move |req| {
+        let (shared, pod, client_id) = (shared.clone(), pod.clone(), client_id.clone());
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                connect_stream(&shared, &pod, &client_id, peer, req).await,
+            )
+        }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_concurrent_streams(1024)
+        .serve_connection(TokioIo::new(tls), svc)
+        .await
+        .map_err(|e| ProxyError::Handshake {
+            peer,
+            problem: format!("HTTP/2: {e}"),
+        })
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+/// Checks one CONNECT and, once the application accepted, answers 200 and relays in the
+/// background.
+async fn connect_stream(
+    shared: &Arc<Shared>,
+    listener_pod: &Arc<LocalPod>,
+    client: &Arc<Identity>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    let c = &listener_pod.counters;
+    if req.method() != Method::CONNECT {
+        c.hbone_refused.inc();
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        c.hbone_refused.inc();
+        warn!(%peer, uri = %req.uri(), "HBONE CONNECT without an <ip>:<port> authority");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    // Only pods behind this listener: on this node, with the identity this TLS session proved.
+    let my_id = listener_pod.identity(&shared.trust_domain);
+    let dest = shared
+        .local_pod(target.ip())
+        .filter(|p| p.identity(&shared.trust_domain) == my_id);
+    let Some(dest) = dest else {
+        c.hbone_refused.inc();
+        warn!(%peer, %target, listener = %listener_pod.pod.key, "refused HBONE CONNECT: the authority is not a pod behind this listener");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    if dest.authorize(shared, Some(client), target.port()).is_err() {
+        return status(StatusCode::FORBIDDEN);
+    }
+    let app = match dest.dial_app(target.port()).await {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(dst = %dest.pod.key, "{e}");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let client = client.clone();
+    tokio::spawn(async move {
+        match hyper::upgrade::on(&mut req).await {
+            Ok(up) => {
+                dest.counters.hbone_streams.inc();
+                info!(src = %client, dst = %dest.pod.key, port = target.port(), "HBONE stream");
+                dest.relay_to_app(TokioIo::new(up), app).await;
+            }
+            Err(e) => warn!(%peer, "HBONE upgrade: {e}"),
+        }
+    });
+    status(StatusCode::OK)
+}
