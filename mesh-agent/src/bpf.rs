@@ -448,11 +448,12 @@ impl Dataplane {
             self.strict
                 .insert(key, 1, 0)
                 .map_err(map_err(maps::STRICT_ADDRS, format!("insert {ip}")))
+        } else if self.strict.get(&key, 0).is_ok() {
+            self.strict
+                .remove(&key)
+                .map_err(map_err(maps::STRICT_ADDRS, format!("remove {ip}")))
         } else {
-            match self.strict.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(map_err(maps::STRICT_ADDRS, format!("remove {ip}"))(e)),
-            }
+            Ok(())
         }
     }
 

@@ -27,7 +27,7 @@ use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, client::conn::http2::SendRequest,
     service::service_fn,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -160,6 +160,7 @@ impl Pool {
             ))
         })?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
@@ -225,6 +226,7 @@ pub async fn serve(
         }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_concurrent_streams(1024)

@@ -6,7 +6,9 @@
 //! - node i is a netns with a bridge `br0` at 198.18.(i+1).1/24 and routes to the other nodes'
 //!   pod ranges via their uplinks; its agent runs in this netns;
 //! - pod j of node i is a netns with `eth0` at 198.18.(i+1).(j+10) plus a cgroup v2 directory;
-//! - service addresses are 198.19.1.x and exist only in the agents' routing.
+//! - service addresses are 198.19.1.x and exist only in the agents' routing;
+//! - the mesh CA (`mesh-agent ca`) runs in the fabric netns at 198.19.0.254:15012, and each node
+//!   has a bearer token for it.
 //!
 //! RFC 2544's benchmarking range (198.18.0.0/15) is used so no address can be mistaken for a real
 //! network. Every resource name starts with a per-cluster prefix (`mt<pid>x<n>`), teardown runs on
@@ -225,7 +227,12 @@ pub struct Cluster {
     pub services: Vec<ServiceSpec>,
     procs: Mutex<Vec<Child>>,
     netns_names: Vec<String>,
+    fabric: PathBuf,
+    ca: Option<Child>,
 }
+
+/// Where the harness's CA listens (inside the fabric netns, on its bridge).
+pub const CA_ADDR: &str = "198.19.0.254:15012";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 const PREFIX: &str = "mt";
@@ -260,6 +267,8 @@ impl Cluster {
             services,
             procs: Mutex::new(Vec::new()),
             netns_names: Vec::new(),
+            fabric: PathBuf::new(),
+            ca: None,
         };
         // If building fails half-way, `c` is dropped and tears down what exists.
         c.build(&nodes)?;
@@ -278,8 +287,17 @@ impl Cluster {
 
     fn build(&mut self, nodes: &[Vec<PodSpec>]) -> Result<()> {
         let fabric = format!("{}-fab", self.prefix);
-        self.add_netns(&fabric)?;
+        self.fabric = self.add_netns(&fabric)?;
         ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &fabric,
+            "addr",
+            "add",
+            "198.19.0.254/24",
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
         for (i, pods) in nodes.iter().enumerate() {
             let name = format!("node-{}", i + 1);
@@ -406,7 +424,8 @@ impl Cluster {
     /// The YAML listing of one pod, as the node file has it.
     pub fn pod_entry(&self, pod: &Pod) -> String {
         format!(
-            "  - name: {}\n    namespace: default\n    serviceAccount: {}-sa\n    ip: {}\n    netns: {}\n    cgroup: {}\n",
+            "  - name: {}\n    namespace: default\n    serviceAccount: {}-sa\n    labels: {{app: {}}}\n    ip: {}\n    netns: {}\n    cgroup: {}\n",
+            pod.name,
             pod.name,
             pod.name,
             pod.ip,
@@ -415,11 +434,19 @@ impl Cluster {
         )
     }
 
-    /// The node file for node `i` as the harness writes it: its enrolled pods and all services.
+    /// The node file for node `i` as the harness writes it: its enrolled pods, the enrolled pods
+    /// of other nodes as workloads, and all services.
     pub fn node_file_text(&self, i: usize) -> String {
         let mut s = format!("node: {}\npods:\n", self.nodes[i].name);
         for p in self.pods.iter().filter(|p| p.node == i && p.enrolled) {
             s.push_str(&self.pod_entry(p));
+        }
+        s.push_str("workloads:\n");
+        for p in self.pods.iter().filter(|p| p.node != i && p.enrolled) {
+            s.push_str(&format!(
+                "  - {{name: {}, namespace: default, serviceAccount: {}-sa, ip: {}, node: {}}}\n",
+                p.name, p.name, p.ip, self.nodes[p.node].name
+            ));
         }
         s.push_str("services:\n");
         for svc in &self.services {
@@ -454,16 +481,105 @@ impl Cluster {
         Ok(())
     }
 
+    /// The CA's root directory.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// Node `i`'s CA token file.
+    pub fn token_file(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("{}.token", self.nodes[i].name))
+    }
+
+    /// Starts the CA with certificates of lifetime `ttl` (e.g. `1h`, `4s`) and waits until it
+    /// has written its root. Restarting keeps the root (it lives on disk).
+    pub fn start_ca(&mut self, ttl: &str) -> Result<()> {
+        self.stop_ca();
+        let mut cfg = String::from("nodes:\n");
+        for (i, n) in self.nodes.iter().enumerate() {
+            let token = self.token_file(i);
+            if !token.exists() {
+                std::fs::write(
+                    &token,
+                    format!("token-{}-{}-0123456789abcdef\n", self.prefix, n.name),
+                )?;
+            }
+            cfg.push_str(&format!(
+                "  - {{name: {}, tokenFile: {}, nodeFile: {}}}\n",
+                n.name,
+                token.display(),
+                n.node_file.display()
+            ));
+        }
+        let cfg_path = self.dir.join("ca.yaml");
+        std::fs::write(&cfg_path, cfg)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("ca.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.fabric.display()))
+            .arg(artifact("mesh-agent")?)
+            .args(["ca", "--listen", CA_ADDR, "--cert-ttl", ttl, "--dir"])
+            .arg(self.ca_dir())
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn CA")?;
+        self.ca = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr: SocketAddr = CA_ADDR.parse()?;
+        loop {
+            let up = in_netns(&self.fabric, || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })?;
+            if up && self.ca_dir().join("bundle.pem").exists() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(st))) = self.ca.as_mut().map(Child::try_wait) {
+                bail!("CA exited ({st}):\n{}", self.ca_log());
+            }
+            if Instant::now() > deadline {
+                bail!("CA not up after 10 s:\n{}", self.ca_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the CA (agents keep their certificates until they expire).
+    pub fn stop_ca(&mut self) {
+        if let Some(mut c) = self.ca.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The CA's log so far.
+    pub fn ca_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ca.log")).unwrap_or_default()
+    }
+
     /// Starts node `i`'s agent and waits until it reports ready.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         self.start_agent_with(i, &[])?;
         self.wait_ready(i, Duration::from_secs(15))
     }
 
-    /// Starts node `i`'s agent with extra flags, without waiting.
+    /// Starts node `i`'s agent with extra flags, without waiting. Starts the CA (1 h
+    /// certificates) first if it is not running.
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        if self.ca.is_none() {
+            self.start_ca("1h")?;
+        }
         let agent = artifact("mesh-agent")?;
         let object = artifact("mesh-ebpf.o")?;
+        let token = self.token_file(i);
+        let bundle = self.ca_dir().join("bundle.pem");
         let node = &mut self.nodes[i];
         let log = OpenOptions::new()
             .create(true)
@@ -481,6 +597,10 @@ impl Cluster {
             .arg(&object)
             .arg("--poll-interval-ms")
             .arg("200")
+            .args(["--ca-addr", CA_ADDR, "--ca-token-file"])
+            .arg(&token)
+            .arg("--ca-bundle")
+            .arg(&bundle)
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -672,6 +792,7 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             self.kill_agent(i);
         }
+        self.stop_ca();
         if let Ok(agent) = artifact("mesh-agent") {
             for n in &self.nodes {
                 let _ = Command::new(&agent)

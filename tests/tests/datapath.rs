@@ -120,14 +120,20 @@ fn curl_pod_and_service_across_nodes_bytes_unchanged() -> Result<()> {
         "downloaded bytes differ"
     );
 
-    // The relayed byte counts cover the transfers, and the servers' side saw steered inbound.
+    // The relayed byte counts cover the transfers. Every connection crossed as an HBONE stream,
+    // none as plaintext, and the streams shared pooled connections (one per server identity).
     assert!(c.counter(0, "client", "outbound_bytes_sent")? >= size);
     assert!(c.counter(0, "client", "outbound_bytes_received")? >= size);
-    let steered = c.counter(1, "server", "kernel.steered_inbound")?
-        + c.counter(1, "server2", "kernel.steered_inbound")?;
-    assert_eq!(
-        steered, 4,
-        "every connection reached a server through sk_lookup"
+    assert_eq!(c.counter(0, "client", "outbound_hbone")?, 4);
+    let sum = |field: &str| -> Result<u64> {
+        Ok(c.counter(1, "server", field)? + c.counter(1, "server2", field)?)
+    };
+    assert_eq!(sum("hbone_streams")?, 4, "every connection arrived over HBONE");
+    assert_eq!(sum("kernel.steered_inbound")?, 0, "no plaintext arrived");
+    let conns = sum("kernel.steered_hbone")?;
+    assert!(
+        (1..=2).contains(&conns),
+        "4 streams to 2 identities must share pooled connections, got {conns} connections"
     );
     Ok(())
 }
@@ -140,8 +146,8 @@ fn service_balances_over_endpoints() -> Result<()> {
         let (code, _) = c.curl("client", &["-o", "/dev/null", &format!("http://{vip}:80/")])?;
         assert_eq!(code, 0);
     }
-    let a = c.counter(1, "server", "inbound_accepted")?;
-    let b = c.counter(1, "server2", "inbound_accepted")?;
+    let a = c.counter(1, "server", "hbone_streams")?;
+    let b = c.counter(1, "server2", "hbone_streams")?;
     assert_eq!(a + b, 10);
     assert!(
         a >= 3 && b >= 3,
