@@ -112,6 +112,8 @@ pub struct Stats {
     pub pods: BTreeMap<String, PodReport>,
     /// Per identity: the certificate in use and its renewals.
     pub certificates: BTreeMap<String, CertReport>,
+    /// Authorization policies in force, `namespace/name`.
+    pub authorization_policies: Vec<String>,
     /// Current configuration problems (rejected pods or services).
     pub problems: Vec<String>,
 }
@@ -175,6 +177,11 @@ impl Agent {
             adopted_maps: dp.adopted_maps(),
             pods: reports,
             certificates: self.shared.certs.report(),
+            authorization_policies: state
+                .authorization_policies
+                .iter()
+                .map(|p| p.key.to_string())
+                .collect(),
             problems: lock(&self.problems).clone(),
         }
     }

@@ -167,7 +167,8 @@ impl WorkloadCert {
     }
 }
 
-fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, String), IdentityError> {
+/// A certificate's expiry and serial (hex).
+pub(crate) fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, String), IdentityError> {
     use x509_parser::prelude::FromDer;
     let (_, x) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|e| IdentityError::Parse(e.to_string()))?;

@@ -200,28 +200,26 @@ pub async fn serve(
         peer,
         problem: e.to_string(),
     })?;
-    let client_id = tls
+    let handshake_err = |problem: String| ProxyError::Handshake { peer, problem };
+    let leaf = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .map(identity::svid_identity)
-        .transpose()
-        .map_err(|e| ProxyError::Handshake {
-            peer,
-            problem: e.to_string(),
-        })?
-        .ok_or_else(|| ProxyError::Handshake {
-            peer,
-            problem: "no client certificate".into(),
-        })?;
+        .ok_or_else(|| handshake_err("no client certificate".into()))?;
+    let client_id = identity::svid_identity(leaf).map_err(|e| handshake_err(e.to_string()))?;
+    let (client_expiry, _) =
+        crate::certs::validity(leaf).map_err(|e| handshake_err(e.to_string()))?;
     pod.counters.hbone_connections.inc();
-    let client_id = Arc::new(client_id);
+    let client = Arc::new(Client {
+        id: client_id,
+        expiry: client_expiry,
+    });
     let svc = service_fn(move |req| {
-        let (shared, pod, client_id) = (shared.clone(), pod.clone(), client_id.clone());
+        let (shared, pod, client) = (shared.clone(), pod.clone(), client.clone());
         async move {
             Ok::<_, std::convert::Infallible>(
-                connect_stream(&shared, &pod, &client_id, peer, req).await,
+                connect_stream(&shared, &pod, &client, peer, req).await,
             )
         }
     });
@@ -238,6 +236,15 @@ pub async fn serve(
         })
 }
 
+/// The authenticated client of one HBONE connection.
+#[derive(Debug)]
+struct Client {
+    id: Identity,
+    /// Its certificate's expiry: TLS checked it once, at the handshake, so each new stream on a
+    /// long-lived connection checks it again.
+    expiry: std::time::SystemTime,
+}
+
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
     *r.status_mut() = code;
@@ -249,11 +256,16 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 async fn connect_stream(
     shared: &Arc<Shared>,
     listener_pod: &Arc<LocalPod>,
-    client: &Arc<Identity>,
+    client: &Arc<Client>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
     let c = &listener_pod.counters;
+    if std::time::SystemTime::now() >= client.expiry {
+        c.hbone_refused.inc();
+        warn!(%peer, src = %client.id, "refused HBONE stream: the client's certificate has expired since the handshake");
+        return status(StatusCode::UNAUTHORIZED);
+    }
     if req.method() != Method::CONNECT {
         c.hbone_refused.inc();
         return status(StatusCode::METHOD_NOT_ALLOWED);
@@ -277,7 +289,10 @@ async fn connect_stream(
         warn!(%peer, %target, listener = %listener_pod.pod.key, "refused HBONE CONNECT: the authority is not a pod behind this listener");
         return status(StatusCode::BAD_REQUEST);
     };
-    if dest.authorize(shared, Some(client), target.port()).is_err() {
+    if dest
+        .authorize(shared, Some(&client.id), target.port())
+        .is_err()
+    {
         return status(StatusCode::FORBIDDEN);
     }
     let app = match dest.dial_app(target.port()).await {
@@ -287,7 +302,7 @@ async fn connect_stream(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let client = client.clone();
+    let client = client.id.clone();
     tokio::spawn(async move {
         match hyper::upgrade::on(&mut req).await {
             Ok(up) => {

@@ -128,7 +128,11 @@ fn curl_pod_and_service_across_nodes_bytes_unchanged() -> Result<()> {
     let sum = |field: &str| -> Result<u64> {
         Ok(c.counter(1, "server", field)? + c.counter(1, "server2", field)?)
     };
-    assert_eq!(sum("hbone_streams")?, 4, "every connection arrived over HBONE");
+    assert_eq!(
+        sum("hbone_streams")?,
+        4,
+        "every connection arrived over HBONE"
+    );
     assert_eq!(sum("kernel.steered_inbound")?, 0, "no plaintext arrived");
     let conns = sum("kernel.steered_hbone")?;
     assert!(
@@ -225,12 +229,7 @@ fn fail_closed_while_agent_down_then_recovers_with_pinned_maps() -> Result<()> {
         code, 0,
         "inbound must be refused while the agent is down: {out}"
     );
-    // `/count` itself was one request.
-    assert_eq!(
-        served(&c)?,
-        served_before + 1,
-        "no request reached the server"
-    );
+    assert_eq!(served(&c)?, served_before, "no request reached the server");
 
     // Restart: pinned maps and links are adopted, and traffic flows with no manual step.
     c.start_agent(0)?;

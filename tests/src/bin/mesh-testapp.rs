@@ -51,6 +51,10 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_t = 8)]
         connections: u64,
+        /// Open a new connection for every request, and count failures (connect, reset,
+        /// non-200) as errors instead of stopping: for tests that must see every request.
+        #[arg(long)]
+        reconnect: bool,
     },
 }
 
@@ -102,8 +106,11 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     count: Arc<AtomicU64>,
 ) -> Result<Response<Body>, Infallible> {
-    count.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_string();
+    // `/count` reports the other requests, so asking does not change the answer.
+    if path != "/count" {
+        count.fetch_add(1, Ordering::Relaxed);
+    }
     let resp = match (req.method().clone(), path.as_str()) {
         (Method::GET, "/") => Response::new(full(vec![b'x'; 1024])),
         (Method::GET, "/count") => Response::new(full(count.load(Ordering::Relaxed).to_string())),
@@ -199,6 +206,7 @@ fn load(
     rate: u64,
     seconds: u64,
     connections: u64,
+    reconnect: bool,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     let total = rate * seconds;
@@ -209,10 +217,14 @@ fn load(
             .map(|w| {
                 let request = request.as_bytes();
                 s.spawn(move || -> anyhow::Result<(Vec<u64>, u64)> {
-                    let stream = std::net::TcpStream::connect(addr)?;
-                    stream.set_nodelay(true)?;
-                    let mut writer = stream.try_clone()?;
-                    let mut reader = std::io::BufReader::new(stream);
+                    let open = || -> anyhow::Result<_> {
+                        let stream =
+                            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                        stream.set_nodelay(true)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        Ok((stream.try_clone()?, std::io::BufReader::new(stream)))
+                    };
+                    let mut conn = None;
                     let (mut lat, mut errors) = (Vec::new(), 0u64);
                     let mut i = w;
                     while i < total {
@@ -220,15 +232,28 @@ fn load(
                         if let Some(wait) = due.checked_duration_since(Instant::now()) {
                             std::thread::sleep(wait);
                         }
+                        i += connections;
                         // Timed from the schedule, so a stall counts against every request it
                         // delays (no coordinated omission).
-                        writer.write_all(request)?;
-                        match read_response(&mut reader) {
+                        let result = (|| -> anyhow::Result<bool> {
+                            if reconnect || conn.is_none() {
+                                conn = Some(open()?);
+                            }
+                            let Some((writer, reader)) = conn.as_mut() else {
+                                anyhow::bail!("no connection");
+                            };
+                            writer.write_all(request)?;
+                            read_response(reader)
+                        })();
+                        match result {
                             Ok(true) => lat.push(due.elapsed().as_micros() as u64),
                             Ok(false) => errors += 1,
+                            Err(e) if reconnect => {
+                                errors += 1;
+                                eprintln!("request failed: {e}");
+                            }
                             Err(e) => return Err(e),
                         }
-                        i += connections;
                     }
                     Ok((lat, errors))
                 })
@@ -276,6 +301,7 @@ fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             connections,
-        } => load(addr, &path, rate, seconds, connections),
+            reconnect,
+        } => load(addr, &path, rate, seconds, connections, reconnect),
     }
 }
