@@ -452,16 +452,36 @@ pub async fn request_once(
     token_file: std::path::PathBuf,
     bundle_file: std::path::PathBuf,
     identity: &str,
+    key_out: Option<&std::path::Path>,
 ) -> Result<crate::ca::Issued, CaError> {
     let id: Identity = identity.parse()?;
-    let (csr, _key) = make_csr(&id).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    let (csr, key) = make_csr(&id).map_err(|e| CaError::BadCsr(e.to_string()))?;
     let client = CaClient::Remote {
         addr,
         token_file,
         bundle_file,
         trust_domain: id.trust_domain.clone(),
     };
-    client.sign(csr).await
+    let issued = client.sign(csr).await?;
+    if let Some(path) = key_out {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}-----END PRIVATE KEY-----\n",
+            identity::base64_lines(key.secret_der())
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| f.write_all(pem.as_bytes()))
+            .map_err(|source| CaError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+    }
+    Ok(issued)
 }
 
 /// Real TLS 1.3 handshakes over an in-memory pipe, with certificates from a real CA root on disk.

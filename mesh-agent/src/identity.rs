@@ -198,13 +198,20 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Identi
 
 /// One certificate as PEM.
 pub fn der_to_pem(der: &CertificateDer<'_>) -> String {
-    let b64 = base64_encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}-----END CERTIFICATE-----\n",
+        base64_lines(der)
+    )
+}
+
+/// Base64 in 64-character lines, each ending in a newline, as PEM bodies are written.
+pub fn base64_lines(data: &[u8]) -> String {
+    let b64 = base64_encode(data);
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 1);
     for line in b64.as_bytes().chunks(64) {
         out.push_str(&String::from_utf8_lossy(line));
         out.push('\n');
     }
-    out.push_str("-----END CERTIFICATE-----\n");
     out
 }
 

@@ -111,6 +111,10 @@ enum CaAction {
         /// The CA's bundle.pem.
         #[arg(long)]
         ca_bundle: std::path::PathBuf,
+        /// Also write the private key (PEM, mode 0600) here, e.g. to test a workload's access
+        /// by hand; without it the key is discarded.
+        #[arg(long)]
+        key_out: Option<std::path::PathBuf>,
         /// The identity to ask for, spiffe://<td>/ns/<ns>/sa/<sa>.
         identity: String,
     },
@@ -140,13 +144,20 @@ fn ca_main(cmd: CaCommand) -> ExitCode {
             ca_addr,
             ca_token_file,
             ca_bundle,
+            key_out,
             identity,
         }) => {
             let Some(rt) = runtime() else {
                 return ExitCode::FAILURE;
             };
-            rt.block_on(certs::request_once(ca_addr, ca_token_file, ca_bundle, &identity))
-                .map(|issued| println!("{}", issued.certificate))
+            rt.block_on(certs::request_once(
+                ca_addr,
+                ca_token_file,
+                ca_bundle,
+                &identity,
+                key_out.as_deref(),
+            ))
+            .map(|issued| println!("{}", issued.certificate))
         }
         None => {
             let a = cmd.serve;

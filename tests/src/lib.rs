@@ -570,10 +570,12 @@ impl Cluster {
         self.wait_ready(i, Duration::from_secs(15))
     }
 
-    /// Starts node `i`'s agent with extra flags, without waiting. Starts the CA (1 h
-    /// certificates) first if it was never started (a test that stopped it keeps it stopped).
+    /// Starts node `i`'s agent with extra flags, without waiting. Unless `extra` chooses the
+    /// embedded CA (`--ca-dir`), the agent uses the harness's CA, which is started (1 h
+    /// certificates) if it never was (a test that stopped it keeps it stopped).
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
-        if !self.ca_dir().join("bundle.pem").exists() {
+        let embedded = extra.contains(&"--ca-dir");
+        if !embedded && !self.ca_dir().join("bundle.pem").exists() {
             self.start_ca("1h")?;
         }
         let agent = artifact("mesh-agent")?;
@@ -597,10 +599,18 @@ impl Cluster {
             .arg(&object)
             .arg("--poll-interval-ms")
             .arg("200")
-            .args(["--ca-addr", CA_ADDR, "--ca-token-file"])
-            .arg(&token)
-            .arg("--ca-bundle")
-            .arg(&bundle)
+            .args(if embedded {
+                vec![]
+            } else {
+                vec![
+                    "--ca-addr".into(),
+                    CA_ADDR.into(),
+                    "--ca-token-file".into(),
+                    token.into_os_string(),
+                    "--ca-bundle".into(),
+                    bundle.into_os_string(),
+                ]
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
