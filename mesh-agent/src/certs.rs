@@ -4,7 +4,8 @@
 //! - Private keys are made here and never leave the process; the CA sees only CSRs. Nothing here
 //!   logs or prints a key ([`WorkloadCert`]'s `Debug` leaves it out).
 //! - A certificate is used until it expires, even while renewal fails; renewal retries with
-//!   exponential backoff capped at a quarter of the lifetime (and at 30 s).
+//!   exponential backoff capped at a quarter of the lifetime (and at 30 s; at 5 s while there is
+//!   no valid certificate, as connections are waiting).
 //! - After expiry the identity has no certificate: connections that need it wait or fail.
 //!   Nothing falls back to plaintext.
 //! - Every CA answer carries the trust bundle. The newest bundle is used for every identity, so a
@@ -33,6 +34,9 @@ use crate::{
 /// The ALPN both HBONE ends speak.
 pub const ALPN_H2: &[u8] = b"h2";
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// While an identity has no valid certificate its pods' connections are waiting, so retries stay
+/// frequent.
+const MAX_BACKOFF_WITHOUT_CERT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a certificate is not available.
@@ -436,9 +440,12 @@ async fn renew_loop(
                     "certificate request failed: {e}"
                 );
                 let wait = backoff;
-                backoff = (backoff * 2)
-                    .min(MAX_BACKOFF)
-                    .min((lifetime / 4).max(MIN_BACKOFF));
+                let cap = if still_valid {
+                    MAX_BACKOFF
+                } else {
+                    MAX_BACKOFF_WITHOUT_CERT
+                };
+                backoff = (backoff * 2).min(cap).min((lifetime / 4).max(MIN_BACKOFF));
                 wait
             }
         };

@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: direct pod→pod vs the same through the mesh, cross-node and same-node,
+//! `cargo xtask bench`: direct pod→pod vs the same through the mesh, cross-node (HBONE: HTTP/2
+//! CONNECT over mTLS) and same-node (handed over inside the agent, no TLS),
 //! measured in one run on one topology, so the ratios compare like with like.
 //!
 //! Per path: requests/s (wrk, HTTP/1.1 keep-alive, 1 KB bodies), p50/p99 latency at a fixed
@@ -30,7 +31,7 @@ const PATHS: [Path; 4] = [
         baseline: None,
     },
     Path {
-        name: "mesh cross-node",
+        name: "mesh cross-node (HBONE, mTLS)",
         client: "client",
         server: "server",
         baseline: Some(0),
@@ -42,7 +43,7 @@ const PATHS: [Path; 4] = [
         baseline: None,
     },
     Path {
-        name: "mesh same-node",
+        name: "mesh same-node (no TLS)",
         client: "client",
         server: "local",
         baseline: Some(2),

@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: two nodes with two pods each, real agents, traffic pod→pod and
-//! pod→service across nodes, then what each agent captured per pod. Cleans up on exit, also on
-//! failure (the harness tears down on drop).
+//! `cargo xtask demo`: a CA and two nodes with two pods each, real agents, traffic pod→pod and
+//! pod→service (across nodes as mTLS HBONE tunnels), then what each agent captured per pod, the
+//! identities it holds, and an authorization policy denying one caller. Cleans up on exit, also
+//! on failure (the harness tears down on drop).
 
 use anyhow::{Result, ensure};
 use mesh_tests::{Cluster, PodSpec, ServiceSpec};
@@ -8,7 +9,7 @@ use mesh_tests::{Cluster, PodSpec, ServiceSpec};
 const PORT: u16 = 8080;
 
 fn main() -> Result<()> {
-    println!("building 2 nodes x 2 pods out of network namespaces, veth and cgroup v2...");
+    println!("building a CA and 2 nodes x 2 pods out of network namespaces, veth and cgroup v2...");
     let mut c = Cluster::new(
         vec![
             vec![PodSpec::mesh("frontend"), PodSpec::mesh("worker")],
@@ -69,7 +70,7 @@ fn main() -> Result<()> {
     );
     println!(
         "  {:<8} {:<10} {:>9} {:>9} {:>9} {:>10} {:>12} {:>12}",
-        "node", "pod", "captured", "out-conn", "steered", "in-conn", "bytes-rcvd", "delivered"
+        "node", "pod", "captured", "out-conn", "via-hbone", "in-streams", "bytes-rcvd", "delivered"
     );
     for (i, n) in c.nodes.iter().enumerate() {
         let stats = c.stats(i)?;
@@ -85,13 +86,60 @@ fn main() -> Result<()> {
                 name.trim_start_matches("default/"),
                 num(&k["captured_v4"]) + num(&k["captured_v6"]),
                 num(&p["outbound_accepted"]),
-                num(&k["steered_inbound"]),
-                num(&p["inbound_accepted"]),
+                num(&p["outbound_hbone"]),
+                num(&p["hbone_streams"]),
                 num(&p["outbound_bytes_received"]),
                 num(&p["inbound_bytes_delivered"]),
             );
         }
     }
+    println!("\nidentities (certificates from the CA, renewed at half-life):");
+    for i in 0..c.nodes.len() {
+        let stats = c.stats(i)?;
+        if let Some(certs) = stats["certificates"].as_object() {
+            for (id, r) in certs {
+                println!(
+                    "  {:<8} {id:<48} serial {} expires in {} s",
+                    c.nodes[i].name,
+                    r["serial"].as_str().unwrap_or("-"),
+                    r["expires_in_secs"]
+                );
+            }
+        }
+    }
+
+    println!("\npolicy: backend-a accepts only frontend's identity");
+    let policy = "authorizationPolicies:\n  - name: backend-a-from-frontend\n    namespace: default\n    selector: {matchLabels: {app: backend-a}}\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/frontend-sa]}}]\n";
+    c.set_node_file(1, &format!("{}{policy}", c.node_file_text(1)))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while c.stats(1)?["authorization_policies"]
+        .as_array()
+        .is_none_or(|a| a.is_empty())
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "node-2 did not apply the policy"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    run("frontend", format!("http://{a}:{PORT}/"))?;
+    let (code, out) = c.curl(
+        "worker",
+        &["-o", "/dev/null", &format!("http://{a}:{PORT}/")],
+    )?;
+    ensure!(code != 0, "worker should have been denied: {out}");
+    println!("  worker     curl http://{a}:{PORT}/ -> refused");
+    if let Some(line) = c
+        .agent_log(1)
+        .lines()
+        .find(|l| l.contains("no rule of the ALLOW policies"))
+    {
+        println!(
+            "  node-2 log: {}",
+            line.split("WARN").last().unwrap_or(line).trim()
+        );
+    }
+
     println!("\ncleaning up (namespaces, cgroups, pinned programs and maps)...");
     drop(c);
     println!("done");
