@@ -112,6 +112,8 @@ pub struct Stats {
     pub pods: BTreeMap<String, PodReport>,
     /// Per identity: the certificate in use and its renewals.
     pub certificates: BTreeMap<String, CertReport>,
+    /// Roots in the trust bundle (2 while a root rotation overlaps).
+    pub trust_roots: usize,
     /// Authorization policies in force, `namespace/name`.
     pub authorization_policies: Vec<String>,
     /// Current configuration problems (rejected pods or services).
@@ -177,6 +179,7 @@ impl Agent {
             adopted_maps: dp.adopted_maps(),
             pods: reports,
             certificates: self.shared.certs.report(),
+            trust_roots: self.shared.certs.trust_roots(),
             authorization_policies: state
                 .authorization_policies
                 .iter()

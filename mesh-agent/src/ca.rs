@@ -8,9 +8,15 @@
 //! - What a certificate says comes from the CA, never the CSR: only the CSR's public key and its
 //!   one URI SAN are read; lifetime, usages and serial are the CA's.
 //! - The root directory holds `root-key.pem` (0600), `root-cert.pem` and `bundle.pem`. The bundle
-//!   lists every trusted root, the signing one first. A root rotation adds a new root to the
-//!   bundle before it signs anything, so old and new certificates verify everywhere during the
-//!   overlap. Every signing response carries the bundle, which is how agents learn of it.
+//!   lists every trusted root. Every signing response carries it, which is how agents learn of
+//!   it.
+//! - Root rotation has two steps, so that no certificate is ever signed by a root some agent does
+//!   not trust yet: `rotate-root` prepares a new root (`next-root-*.pem`) and adds it to the
+//!   bundle, while signing goes on with the old one; once every agent has renewed (half a
+//!   certificate lifetime), `activate-root` makes it the signing root. Old and new certificates
+//!   verify everywhere during the overlap; `retire-roots` ends it.
+//! - The signing key must match the signing certificate; a half-written rotation is refused and
+//!   the previous root keeps signing.
 //!
 //! The same [`Ca`] runs embedded in a lone agent (local mode) and as `mesh-agent ca`, a TLS server
 //! that authenticates nodes by bearer token (the local stand-in for Kubernetes' TokenReview).
@@ -369,11 +375,23 @@ fn load_signer(dir: &Path) -> Result<Signer, CaError> {
     let key = KeyPair::from_pem(&read("root-key.pem")?)
         .map_err(|e| bad("root-key.pem", format!("not a private key: {e}")))?;
     let cert_pem = read("root-cert.pem")?;
+    let root = identity::parse_pem_certs(&cert_pem)?;
+    let spki_matches = root.first().is_some_and(|der| {
+        use x509_parser::prelude::FromDer;
+        x509_parser::certificate::X509Certificate::from_der(der).is_ok_and(|(_, x)| {
+            x.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        })
+    });
+    if !spki_matches {
+        return Err(bad(
+            "root-key.pem",
+            "does not belong to root-cert.pem (a rotation half-written?)".into(),
+        ));
+    }
     let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
         .map_err(|e| bad("root-cert.pem", format!("not a CA certificate: {e}")))?;
     let bundle = TrustBundle::from_pem(&read("bundle.pem")?)
         .map_err(|e| bad("bundle.pem", e.to_string()))?;
-    let root = identity::parse_pem_certs(&cert_pem)?;
     if !root
         .first()
         .is_some_and(|r| bundle.roots().iter().any(|b| b == r))
@@ -390,24 +408,45 @@ fn load_signer(dir: &Path) -> Result<Signer, CaError> {
     })
 }
 
-/// `mesh-agent ca rotate-root`: makes a new signing root and trusts it beside the old ones.
-/// Running CAs pick it up within a second; agents learn the new bundle at their next renewal.
+const NEXT_KEY: &str = "next-root-key.pem";
+const NEXT_CERT: &str = "next-root-cert.pem";
+
+/// `mesh-agent ca rotate-root`: prepares a new root and trusts it beside the current one. Signing
+/// goes on with the current root until [`activate_root`]; agents learn the new bundle at their
+/// next renewal.
 pub fn rotate_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
+    if dir.join(NEXT_CERT).exists() {
+        return Err(CaError::BadRoot {
+            path: dir.join(NEXT_CERT),
+            problem: "a rotation is already prepared; run `mesh-agent ca activate-root` first"
+                .into(),
+        });
+    }
     let old = std::fs::read_to_string(dir.join("bundle.pem")).map_err(io_err(dir))?;
     let (key, cert) = new_root(trust_domain)?;
-    // The bundle first, so nothing is ever signed by a root that is not yet trusted.
+    write_atomic(&dir.join(NEXT_KEY), key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(&dir.join(NEXT_CERT), cert.pem().as_bytes(), 0o644)?;
     write_atomic(
         &dir.join("bundle.pem"),
-        format!("{}{old}", cert.pem()).as_bytes(),
+        format!("{old}{}", cert.pem()).as_bytes(),
         0o644,
-    )?;
-    write_atomic(
-        &dir.join("root-key.pem"),
-        key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
-    write_atomic(&dir.join("root-cert.pem"), cert.pem().as_bytes(), 0o644)?;
-    Ok(())
+    )
+}
+
+/// `mesh-agent ca activate-root`: the prepared root signs from now on. Run it once every agent
+/// has renewed since `rotate-root` (half a certificate lifetime), so every verifier trusts it.
+pub fn activate_root(dir: &Path) -> Result<(), CaError> {
+    let (next_key, next_cert) = (dir.join(NEXT_KEY), dir.join(NEXT_CERT));
+    if !next_cert.exists() || !next_key.exists() {
+        return Err(CaError::BadRoot {
+            path: next_cert,
+            problem: "no prepared root: run `mesh-agent ca rotate-root` first".into(),
+        });
+    }
+    // Key, then certificate: between the two renames the pair does not match, and a running CA
+    // refuses to load it and keeps the previous root.
+    std::fs::rename(&next_key, dir.join("root-key.pem")).map_err(io_err(&next_key))?;
+    std::fs::rename(&next_cert, dir.join("root-cert.pem")).map_err(io_err(&next_cert))
 }
 
 /// `mesh-agent ca retire-roots`: trusts only the current root. Run it once every workload

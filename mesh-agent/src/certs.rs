@@ -73,6 +73,8 @@ pub struct WorkloadCert {
     pub not_after: SystemTime,
     /// Certificate serial, hex (for `/stats`; identifies a rotation).
     pub serial: String,
+    /// The issuing root's name (for `/stats`; changes when a new root is activated).
+    pub issuer: String,
     /// Roots to verify peers against.
     pub bundle: Arc<TrustBundle>,
     server: Arc<rustls::ServerConfig>,
@@ -107,7 +109,7 @@ impl WorkloadCert {
         let leaf = chain
             .first()
             .ok_or_else(|| build(&"the CA returned no certificate"))?;
-        let (not_after, serial) = validity(leaf).map_err(|e| build(&e))?;
+        let (not_after, serial, issuer) = validity(leaf).map_err(|e| build(&e))?;
         let got = identity::svid_identity(leaf).map_err(|e| build(&e))?;
         if got != identity {
             return Err(build(&format!("the CA returned a certificate for {got}")));
@@ -126,6 +128,7 @@ impl WorkloadCert {
             key,
             not_after,
             serial,
+            issuer,
             bundle,
             server: Arc::new(server),
         })
@@ -171,14 +174,20 @@ impl WorkloadCert {
     }
 }
 
-/// A certificate's expiry and serial (hex).
-pub(crate) fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, String), IdentityError> {
+/// A certificate's expiry, serial (hex) and issuer name.
+pub(crate) fn validity(
+    der: &CertificateDer<'_>,
+) -> Result<(SystemTime, String, String), IdentityError> {
     use x509_parser::prelude::FromDer;
     let (_, x) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|e| IdentityError::Parse(e.to_string()))?;
     let secs = x.validity().not_after.timestamp();
     let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
-    Ok((not_after, hex::encode(x.raw_serial())))
+    Ok((
+        not_after,
+        hex::encode(x.raw_serial()),
+        x.issuer().to_string(),
+    ))
 }
 
 /// Makes a key and a CSR for `id`; the key stays here.
@@ -201,6 +210,8 @@ fn make_csr(id: &Identity) -> Result<(String, PrivateKeyDer<'static>), CertError
 pub struct CertReport {
     /// Current certificate's serial, if any.
     pub serial: Option<String>,
+    /// Its issuer.
+    pub issuer: Option<String>,
     /// Seconds until it expires (negative: expired).
     pub expires_in_secs: Option<i64>,
     /// Certificates received so far.
@@ -337,6 +348,7 @@ impl CertManager {
                 let mut r = lock(&e.report).clone();
                 if let Some(c) = e.tx.borrow().as_ref() {
                     r.serial = Some(c.serial.clone());
+                    r.issuer = Some(c.issuer.clone());
                     r.expires_in_secs = Some(match c.not_after.duration_since(now) {
                         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
@@ -345,6 +357,15 @@ impl CertManager {
                 (id.to_string(), r)
             })
             .collect()
+    }
+
+    /// How many roots the agent trusts now (2 during a root rotation's overlap).
+    pub fn trust_roots(&self) -> usize {
+        self.bundle
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, |b| b.roots().len())
     }
 
     /// Publishes `cert`; if its bundle is new, re-publishes every other certificate with it.
@@ -817,10 +838,32 @@ mod tests {
         let f = fixture("rotate");
         crate::ca::rotate_root(&f.dir, TD).unwrap();
         assert!(f.ca.reload().unwrap());
+        // Prepared: trusted, not yet signing.
+        let prepared = issue(&f.ca, &f.server_id);
+        assert_eq!(prepared.bundle.roots().len(), 2);
+        let r = handshake(
+            f.client.client_config(&f.server_id).unwrap(),
+            prepared.server_config(),
+        )
+        .await;
+        assert_eq!(
+            (r.0.clone(), r.1.clone()),
+            (None, None),
+            "still the old root: {r:?}"
+        );
+        crate::ca::activate_root(&f.dir).unwrap();
+        assert!(f.ca.reload().unwrap());
         // New certificates come from the new root; the bundle carries both.
         let new_server = issue(&f.ca, &f.server_id);
         assert_eq!(new_server.bundle.roots().len(), 2);
-        // An old-root client against a new-root server verifies with the new bundle.
+        // An old-root client against a new-root server verifies with the new bundle, and only
+        // with it.
+        let r = handshake(
+            f.client.client_config(&f.server_id).unwrap(),
+            new_server.server_config(),
+        )
+        .await;
+        expect_fail(&r, "client", "UnknownIssuer");
         let old_client = f.client.with_bundle(new_server.bundle.clone()).unwrap();
         let r = handshake(
             old_client.client_config(&f.server_id).unwrap(),

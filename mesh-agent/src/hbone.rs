@@ -208,7 +208,7 @@ pub async fn serve(
         .and_then(|c| c.first())
         .ok_or_else(|| handshake_err("no client certificate".into()))?;
     let client_id = identity::svid_identity(leaf).map_err(|e| handshake_err(e.to_string()))?;
-    let (client_expiry, _) =
+    let (client_expiry, ..) =
         crate::certs::validity(leaf).map_err(|e| handshake_err(e.to_string()))?;
     pod.counters.hbone_connections.inc();
     let client = Arc::new(Client {

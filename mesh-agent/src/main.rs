@@ -84,7 +84,7 @@ struct CaServeArgs {
 
 #[derive(Debug, Subcommand)]
 enum CaAction {
-    /// Make a new signing root, trusted beside the old ones until `retire-roots`.
+    /// Prepare a new root: trusted from now on, signing only after `activate-root`.
     RotateRoot {
         /// The CA's root directory.
         #[arg(long, default_value = "/var/lib/mesh-ca")]
@@ -92,6 +92,13 @@ enum CaAction {
         /// The mesh's SPIFFE trust domain.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+    },
+    /// Make the prepared root the signing root (after every agent renewed once since
+    /// `rotate-root`: half a certificate lifetime).
+    ActivateRoot {
+        /// The CA's root directory.
+        #[arg(long, default_value = "/var/lib/mesh-ca")]
+        dir: std::path::PathBuf,
     },
     /// Trust only the current root (after every certificate of the old one has expired).
     RetireRoots {
@@ -134,9 +141,12 @@ fn ca_main(cmd: CaCommand) -> ExitCode {
     let result = match cmd.action {
         Some(CaAction::RotateRoot { dir, trust_domain }) => {
             ca::rotate_root(&dir, &trust_domain).map(|()| {
-                info!(dir = %dir.display(), "new root in use; old roots stay trusted until `mesh-agent ca retire-roots`");
+                info!(dir = %dir.display(), "new root prepared and trusted; run `mesh-agent ca activate-root` after half a certificate lifetime");
             })
         }
+        Some(CaAction::ActivateRoot { dir }) => ca::activate_root(&dir).map(|()| {
+            info!(dir = %dir.display(), "the new root signs now; old roots stay trusted until `mesh-agent ca retire-roots`");
+        }),
         Some(CaAction::RetireRoots { dir }) => ca::retire_roots(&dir).map(|()| {
             info!(dir = %dir.display(), "only the current root is trusted now");
         }),
