@@ -724,6 +724,10 @@ fn validate_authorization_policies(
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test should stop at the first unexpected error"
+)]
 mod tests {
     use super::*;
 
@@ -853,5 +857,92 @@ services:
             "{:?}",
             l.errors
         );
+    }
+
+    const POLICIES: &str = "
+workloads:
+  - {name: r, namespace: default, serviceAccount: rsa, ip: 10.0.1.1, node: n2}
+peerAuthentications:
+  - {name: ns-wide, namespace: default, mode: PERMISSIVE}
+  - {name: only-a, namespace: default, selector: {matchLabels: {app: a}}, mode: STRICT}
+authorizationPolicies:
+  - name: allow-web
+    namespace: default
+    selector: {matchLabels: {app: a}}
+    rules:
+      - from: [{source: {principals: [\"spiffe://cluster.local/ns/default/sa/web\"], namespaces: [default]}}]
+        to: [{operation: {ports: [\"8080\", 9090]}}]
+";
+
+    #[test]
+    fn workloads_modes_and_policies_parse() {
+        let text = GOOD.replace("cgroup: /cg/a}", "cgroup: /cg/a, labels: {app: a}}") + POLICIES;
+        let l = run(&text, None).expect("parses");
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        // Local pods are workloads of this node; remote ones name theirs.
+        assert_eq!(l.state.workloads.len(), 3);
+        assert_eq!(l.state.workloads[&"10.0.1.1".parse().unwrap()].node, "n2");
+        assert_eq!(l.state.workloads[&"10.0.0.1".parse().unwrap()].node, "n1");
+        let pod = |n: &str| l.state.pods.values().find(|p| p.key.name == n).unwrap();
+        // The selector beats the namespace-wide setting.
+        assert_eq!(l.state.mtls_mode(pod("a")), MtlsMode::Strict);
+        assert_eq!(l.state.mtls_mode(pod("b")), MtlsMode::Permissive);
+        let p = &l.state.authorization_policies[0];
+        assert_eq!(p.action, Action::Allow);
+        // `spiffe://` is accepted and stripped to Istio's principal form.
+        assert_eq!(
+            p.rules[0].from[0].principals,
+            vec!["cluster.local/ns/default/sa/web".to_string()]
+        );
+        assert_eq!(p.rules[0].to[0].ports, vec![8080, 9090]);
+    }
+
+    #[test]
+    fn broken_policies_fail_closed_and_say_so() {
+        let text = format!(
+            "{GOOD}{}",
+            "peerAuthentications:
+  - {name: typo, namespace: default, mode: STRIKT}
+authorizationPolicies:
+  - {name: bad-allow, namespace: default, rules: [{to: [{operation: {ports: [\"http\"]}}]}]}
+  - {name: bad-deny, namespace: default, action: DENY, rules: [{to: [{operation: {ports: [0]}}]}]}
+  - {name: bad-action, namespace: default, action: AUDIT}
+"
+        );
+        let l = run(&text, None).expect("parses");
+        let msgs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        let all = msgs.join("\n");
+        assert!(
+            all.contains("peerAuthentication default/typo") && all.contains("applying STRICT"),
+            "{all}"
+        );
+        assert!(
+            all.contains("authorizationPolicy default/bad-allow") && all.contains("allows nothing"),
+            "{all}"
+        );
+        assert!(
+            all.contains("default/bad-deny") && all.contains("denies every connection"),
+            "{all}"
+        );
+        assert!(all.contains("\"AUDIT\" is not ALLOW or DENY"), "{all}");
+        let pod = l.state.pods.values().next().unwrap();
+        assert_eq!(l.state.mtls_mode(pod), MtlsMode::Strict);
+        let by = |n: &str| {
+            l.state
+                .authorization_policies
+                .iter()
+                .find(|p| p.key.name == n)
+                .unwrap()
+        };
+        assert!(
+            by("bad-allow").rules.is_empty(),
+            "an ALLOW with no rules allows nothing"
+        );
+        assert_eq!(
+            by("bad-deny").rules,
+            vec![Rule::default()],
+            "a DENY matching everything"
+        );
+        assert_eq!(by("bad-action").action, Action::Deny);
     }
 }

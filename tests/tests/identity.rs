@@ -137,6 +137,10 @@ fn cross_node_traffic_is_mtls_on_the_wire() -> Result<()> {
     let frames = cap.stop();
     assert_eq!(code, 0, "{out}");
     let (clear, hbone_bytes, app_segs) = count(&frames);
+    println!(
+        "wire: {} frames, {hbone_bytes} payload bytes on 15008, {clear} segments with the marker, {app_segs} on the app port",
+        frames.len()
+    );
     assert_eq!(clear, 0, "the marker crossed the node link in clear");
     assert_eq!(
         app_segs, 0,
@@ -288,18 +292,22 @@ fn issued(c: &Cluster, node: usize, sa: &str) -> Result<u64> {
 }
 
 /// Starts the rate-limited load generator in `pod` against `url`; returns its output file.
+/// `reconnect`: a new connection per request; otherwise two connections held for the whole run
+/// (a broken connection then fails the run).
 fn load(
     c: &Cluster,
     pod: &str,
     target: SocketAddr,
     rate: u64,
     seconds: u64,
+    reconnect: bool,
 ) -> Result<std::path::PathBuf> {
     let app = artifact("mesh-testapp")?;
     let out = c.dir().join(format!("load-{pod}-{seconds}.json"));
     let cmd = format!(
-        "{} load --addr {target} --rate {rate} --seconds {seconds} --connections 2 --reconnect > {}",
+        "{} load --addr {target} --rate {rate} --seconds {seconds} --connections 2 {} > {}",
         app.display(),
+        if reconnect { "--reconnect" } else { "" },
         out.display()
     );
     c.spawn(pod, &["sh", "-c", &cmd])?;
@@ -330,16 +338,63 @@ fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry(
     c.start_agent(1)?;
     let target: SocketAddr = (c.pod("server").ip, APP_PORT).into();
 
-    // 14 s at 50 requests/s, a new connection each: 4 s certificates renew every ~2 s.
+    // 14 s at 50 requests/s, a new connection each: 4 s certificates renew every ~2 s. Beside
+    // it, two long-lived connections from client2 carry 50 requests/s through every rotation.
+    // Mid-run, the root rotates: prepared (trusted everywhere), then activated (signing).
     let (c0, s0) = (issued(&c, 0, "client-sa")?, issued(&c, 1, "server-sa")?);
-    let out = load(&c, "client", target, 50, 14)?;
+    let issuer = |node: usize, sa: &str| -> Result<String> {
+        Ok(
+            c.stats(node)?["certificates"][format!("spiffe://cluster.local/ns/default/sa/{sa}")]
+                ["issuer"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    let old_issuer = issuer(0, "client-sa")?;
+    let out = load(&c, "client", target, 50, 14, true)?;
+    let held = load(&c, "client2", target, 50, 14, false)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let ca_cmd = |action: &str| -> Result<()> {
+        let out = Command::new(artifact("mesh-agent")?)
+            .args(["ca", action, "--dir"])
+            .arg(c.ca_dir())
+            .output()?;
+        if !out.status.success() {
+            bail!("ca {action}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    ca_cmd("rotate-root")?;
+    wait_until(
+        "both agents to trust the new root",
+        Duration::from_secs(6),
+        || Ok(c.stats(0)?["trust_roots"] == 2 && c.stats(1)?["trust_roots"] == 2),
+    )?;
+    ca_cmd("activate-root")?;
+    wait_until(
+        "certificates from the new root",
+        Duration::from_secs(6),
+        || Ok(issuer(0, "client-sa")? != old_issuer && issuer(1, "server-sa")? != old_issuer),
+    )?;
     let result = load_result(&out, Duration::from_secs(30))?;
+    let held = load_result(&held, Duration::from_secs(30))?;
     let (c1, s1) = (issued(&c, 0, "client-sa")?, issued(&c, 1, "server-sa")?);
+    assert_eq!(
+        (held["errors"].as_u64(), held["requests"].as_u64()),
+        (Some(0), Some(700)),
+        "long-lived tunnels must survive rotations: {held}"
+    );
     assert_eq!(
         result["errors"], 0,
         "failed requests during rotation: {result}"
     );
     assert_eq!(result["requests"], 700, "{result}");
+    println!(
+        "rotation: {} client and {} server certificates during the run; reconnecting load {result}; held connections {held}",
+        c1 - c0,
+        s1 - s0
+    );
     assert!(
         c1 - c0 >= 5 && s1 - s0 >= 5,
         "expected at least 5 rotations on each side, got client {} and server {}",
@@ -376,6 +431,9 @@ fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry(
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(ok_while_valid > 0);
+    println!(
+        "CA down: {ok_while_valid} requests succeeded over the {left} s the certificates had left"
+    );
     wait_until(
         "the certificates to expire",
         Duration::from_secs(10),
