@@ -141,6 +141,36 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// Polls `f` every 50 ms until it returns true; fails after `timeout` naming `what`.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Spawns a long-running harness process (agent or CA) with its output appended to `log`.
+fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<Child> {
+    let log = OpenOptions::new().create(true).append(true).open(log)?;
+    cmd.env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {what}"))
+}
+
 /// A pod to create.
 #[derive(Clone, Debug)]
 pub struct PodSpec {
@@ -513,24 +543,17 @@ impl Cluster {
         }
         let cfg_path = self.dir.join("ca.yaml");
         std::fs::write(&cfg_path, cfg)?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("ca.log"))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.fabric.display()))
-            .arg(artifact("mesh-agent")?)
-            .args(["ca", "--listen", CA_ADDR, "--cert-ttl", ttl, "--dir"])
-            .arg(self.ca_dir())
-            .arg("--config")
-            .arg(&cfg_path)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawn CA")?;
+        let child = spawn_logged(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.fabric.display()))
+                .arg(artifact("mesh-agent")?)
+                .args(["ca", "--listen", CA_ADDR, "--cert-ttl", ttl, "--dir"])
+                .arg(self.ca_dir())
+                .arg("--config")
+                .arg(&cfg_path),
+            &self.dir.join("ca.log"),
+            "CA",
+        )?;
         self.ca = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr: SocketAddr = CA_ADDR.parse()?;
@@ -583,11 +606,8 @@ impl Cluster {
         let token = self.token_file(i);
         let bundle = self.ca_dir().join("bundle.pem");
         let node = &mut self.nodes[i];
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)?;
-        let child = Command::new("nsenter")
+        let mut cmd = Command::new("nsenter");
+        let cmd = cmd
             .arg(format!("--net={}", node.netns.display()))
             .arg(&agent)
             .arg("run")
@@ -611,14 +631,8 @@ impl Cluster {
                     bundle.into_os_string(),
                 ]
             })
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawn agent")?;
+            .args(extra);
+        let child = spawn_logged(cmd, &node.log, "agent")?;
         node.agent = Some(child);
         Ok(())
     }

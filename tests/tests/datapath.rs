@@ -1,10 +1,10 @@
 //! End-to-end tests: real agents, real kernel programs, real bytes through network namespaces.
 //! They need root and are never skipped: without root they fail, saying so.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact, pattern_byte};
+use anyhow::{Context, Result};
+use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact, pattern_byte, wait_until};
 use sha2::{Digest, Sha256};
 
 const APP_PORT: u16 = 8080;
@@ -29,19 +29,6 @@ fn two_nodes() -> Result<Cluster> {
     c.start_agent(0)?;
     c.start_agent(1)?;
     Ok(c)
-}
-
-fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -272,7 +259,7 @@ fn node_file_changes_apply_live_and_bad_input_keeps_what_was_valid() -> Result<(
     let late = c.pod_entry(c.pod("late"));
     let with_late = base.replacen("pods:\n", &format!("pods:\n{late}"), 1);
     c.set_node_file(0, &with_late)?;
-    until("late pod enrolled", Duration::from_secs(10), || {
+    wait_until("late pod enrolled", Duration::from_secs(10), || {
         Ok(c.stats(0)?["pods"]["default/late"].is_object())
     })?;
     assert_eq!(get(&c, "late")?, 0);
@@ -313,7 +300,7 @@ fn node_file_changes_apply_live_and_bad_input_keeps_what_was_valid() -> Result<(
     ];
     for (what, text, expect) in cases {
         c.set_node_file(0, &text)?;
-        until(what, Duration::from_secs(10), || {
+        wait_until(what, Duration::from_secs(10), || {
             Ok(problems(&c)?.contains(expect))
         })
         .with_context(|| format!("{what}: problems were {}", problems(&c).unwrap_or_default()))?;
@@ -328,7 +315,7 @@ fn node_file_changes_apply_live_and_bad_input_keeps_what_was_valid() -> Result<(
 
     // Removing the pod takes it out of the mesh: its traffic is no longer captured.
     c.set_node_file(0, &base)?;
-    until("late pod removed", Duration::from_secs(10), || {
+    wait_until("late pod removed", Duration::from_secs(10), || {
         Ok(c.stats(0)?["pods"]["default/late"].is_null())
     })?;
     let before = c.counter(0, "client", "kernel.captured_v4")?;

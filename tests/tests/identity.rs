@@ -9,7 +9,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::{CA_ADDR, Capture, Cluster, PodSpec, artifact, in_netns, tcp_segments};
+use mesh_tests::{
+    CA_ADDR, Capture, Cluster, PodSpec, artifact, in_netns, tcp_segments, wait_until,
+};
 
 const APP_PORT: u16 = 8080;
 const OTHER_PORT: u16 = 8081;
@@ -27,19 +29,6 @@ fn cluster() -> Result<Cluster> {
         ],
         vec![],
     )
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// HTTP status of `GET url` from `pod`, or None if the connection failed.
