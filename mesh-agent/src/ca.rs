@@ -520,7 +520,7 @@ pub fn authorize_node(node: &str, node_file: &Path, id: &Identity) -> Result<(),
         identity: id.clone(),
         why,
     };
-    let loaded = nodefile::load(node_file, None).map_err(|e| forbidden(e.to_string()))?;
+    let loaded = nodefile::load_remote(node_file).map_err(|e| forbidden(e.to_string()))?;
     let found = loaded
         .state
         .pods

@@ -202,18 +202,28 @@ pub struct Loaded {
 /// Reads and validates `path`. `previous` is the state currently served: a rejected object that
 /// exists there is kept as it was.
 pub fn load(path: &Path, previous: Option<&NodeState>) -> Result<Loaded, NodeFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| NodeFileError::Read {
+    parse(path, &read(path)?, previous, &RealFs)
+}
+
+/// [`load`] for the CA, which runs on another machine: it needs each pod's namespace and service
+/// account, not its netns and cgroup paths, which exist only on the pod's node.
+pub fn load_remote(path: &Path) -> Result<Loaded, NodeFileError> {
+    parse(path, &read(path)?, None, &NoFsChecks)
+}
+
+fn read(path: &Path) -> Result<String, NodeFileError> {
+    std::fs::read_to_string(path).map_err(|source| NodeFileError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    parse(path, &text, previous)
+    })
 }
 
 /// [`load`] on text already read; `path` is used only in messages.
-pub fn parse(
+fn parse(
     path: &Path,
     text: &str,
     previous: Option<&NodeState>,
+    fs: &dyn Fs,
 ) -> Result<Loaded, NodeFileError> {
     let raw: RawFile = if text.trim().is_empty() {
         RawFile::default()
@@ -226,7 +236,7 @@ pub fn parse(
     let node = raw.node.clone().ok_or_else(|| NodeFileError::MissingNode {
         path: path.to_owned(),
     })?;
-    Ok(validate(node, raw, previous, &RealFs))
+    Ok(validate(node, raw, previous, fs))
 }
 
 /// What validation needs to know about the machine, so tests can check messages without
@@ -237,6 +247,18 @@ trait Fs {
 }
 
 struct RealFs;
+
+/// Accepts every path: for readers on another machine.
+struct NoFsChecks;
+
+impl Fs for NoFsChecks {
+    fn is_netns(&self, _: &Path) -> Result<(), String> {
+        Ok(())
+    }
+    fn is_cgroup2(&self, _: &Path) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -836,15 +858,21 @@ services:
 
     #[test]
     fn syntax_error_has_position() {
-        let err =
-            parse(Path::new("x.yaml"), "node: n1\npods: [ {name: a", None).expect_err("must fail");
+        let err = parse(
+            Path::new("x.yaml"),
+            "node: n1\npods: [ {name: a",
+            None,
+            &FakeFs,
+        )
+        .expect_err("must fail");
         let msg = err.to_string();
         assert!(msg.contains("x.yaml") && msg.contains("line"), "{msg}");
     }
 
     #[test]
     fn unknown_field_is_a_syntax_error() {
-        let err = parse(Path::new("x.yaml"), "node: n1\npodz: []\n", None).expect_err("fail");
+        let err =
+            parse(Path::new("x.yaml"), "node: n1\npodz: []\n", None, &FakeFs).expect_err("fail");
         assert!(err.to_string().contains("podz"), "{err}");
     }
 
