@@ -561,7 +561,7 @@ pub fn ca_identity(trust_domain: &str) -> Identity {
 fn server_tls(ca: &Ca) -> Result<Arc<rustls::ServerConfig>, CaError> {
     let (chain, key) = ca.self_issue(&ca_identity(&ca.trust_domain))?;
     let config = rustls::ServerConfig::builder_with_provider(identity::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&identity::TLS13_ONLY)?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
@@ -785,7 +785,7 @@ async fn remote_sign(
     let bundle = Arc::new(TrustBundle::from_pem(&bundle_pem)?);
     let verifier = identity::ServerVerifier::new(bundle, ca_identity(trust_domain));
     let config = rustls::ClientConfig::builder_with_provider(identity::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&identity::TLS13_ONLY)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();

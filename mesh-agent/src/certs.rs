@@ -90,11 +90,6 @@ impl std::fmt::Debug for WorkloadCert {
     }
 }
 
-fn tls13() -> &'static [&'static rustls::SupportedProtocolVersion] {
-    static V: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
-    &V
-}
-
 impl WorkloadCert {
     fn new(
         identity: Identity,
@@ -116,7 +111,7 @@ impl WorkloadCert {
         }
         let verifier = ClientVerifier::new(bundle.clone(), &identity.trust_domain);
         let mut server = rustls::ServerConfig::builder_with_provider(identity::provider())
-            .with_protocol_versions(tls13())
+            .with_protocol_versions(&identity::TLS13_ONLY)
             .map_err(|e| build(&e))?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_single_cert(chain.clone(), key.clone_key())
@@ -163,7 +158,7 @@ impl WorkloadCert {
         };
         let verifier = ServerVerifier::new(self.bundle.clone(), peer.clone());
         let mut config = rustls::ClientConfig::builder_with_provider(identity::provider())
-            .with_protocol_versions(tls13())
+            .with_protocol_versions(&identity::TLS13_ONLY)
             .map_err(build)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
@@ -588,7 +583,7 @@ mod tests {
         expect: &Identity,
     ) -> Arc<rustls::ClientConfig> {
         let mut c = rustls::ClientConfig::builder_with_provider(identity::provider())
-            .with_protocol_versions(tls13())
+            .with_protocol_versions(&identity::TLS13_ONLY)
             .unwrap()
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(ServerVerifier::new(bundle, expect.clone())))
@@ -606,7 +601,7 @@ mod tests {
         let verifier = ClientVerifier::new(bundle, TD);
         Arc::new(
             rustls::ServerConfig::builder_with_provider(identity::provider())
-                .with_protocol_versions(tls13())
+                .with_protocol_versions(&identity::TLS13_ONLY)
                 .unwrap()
                 .with_client_cert_verifier(Arc::new(verifier))
                 .with_single_cert(chain, key)

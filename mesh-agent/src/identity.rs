@@ -293,6 +293,9 @@ pub fn verify_svid(
     Ok(id)
 }
 
+/// The only protocol version any of our TLS configs offers.
+pub static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+
 /// The one crypto provider (ring), shared by every TLS config.
 pub fn provider() -> Arc<CryptoProvider> {
     static P: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
