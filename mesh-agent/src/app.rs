@@ -208,11 +208,7 @@ impl Agent {
             if let Some(mut p) = pods.remove(&key) {
                 p.stop();
                 let ip = p.local.pod.ip;
-                self.shared
-                    .local
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&ip);
+                self.shared.set_local_pod(ip, None);
                 dp.unregister_pod(ip, p.local.netns.cookie());
                 info!(pod = %key, "pod removed from the mesh");
             }
@@ -254,11 +250,7 @@ impl Agent {
             match self.enroll(&mut dp, pod, strict) {
                 Ok((proxy, adopted)) => {
                     info!(pod = %pod.key, ip = %pod.ip, adopted_links = adopted, strict, "pod enrolled");
-                    self.shared
-                        .local
-                        .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(pod.ip, proxy.local.clone());
+                    self.shared.set_local_pod(pod.ip, Some(proxy.local.clone()));
                     pods.insert(pod.key.clone(), proxy);
                 }
                 Err(e) => {

@@ -256,6 +256,18 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         local.get(&ip).cloned()
     }
+
+    /// Adds (`Some`) or removes (`None`) the enrolled pod at `ip`.
+    pub fn set_local_pod(&self, ip: IpAddr, pod: Option<Arc<LocalPod>>) {
+        let mut local = self
+            .local
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match pod {
+            Some(p) => local.insert(ip, p),
+            None => local.remove(&ip),
+        };
+    }
 }
 
 /// One enrolled pod as connection tasks see it.
