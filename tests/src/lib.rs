@@ -798,6 +798,23 @@ impl Cluster {
         ))
     }
 
+    /// HTTP status of `GET url` from pod `pod`, or None if the connection failed (5 s limit).
+    pub fn http_status(&self, pod: &str, url: &str) -> Result<Option<u16>> {
+        let (code, out) = self.curl(
+            pod,
+            &[
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                url,
+            ],
+        )?;
+        Ok((code == 0).then(|| out.trim().parse().unwrap_or(0)))
+    }
+
     /// The cluster's scratch directory (node files, logs).
     pub fn dir(&self) -> &Path {
         &self.dir

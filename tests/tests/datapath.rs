@@ -38,28 +38,16 @@ fn curl_pod_and_service_across_nodes_bytes_unchanged() -> Result<()> {
     let vip = c.service_ip("web");
 
     let before = c.counter(0, "client", "kernel.captured_v4")?;
-    let (code, out) = c.curl(
-        "client",
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{server}:{APP_PORT}/"),
-        ],
-    )?;
-    assert_eq!((code, out.as_str()), (0, "200"), "pod→pod curl");
-    let (code, out) = c.curl(
-        "client",
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{vip}:80/"),
-        ],
-    )?;
-    assert_eq!((code, out.as_str()), (0, "200"), "pod→service curl");
+    assert_eq!(
+        c.http_status("client", &format!("http://{server}:{APP_PORT}/"))?,
+        Some(200),
+        "pod→pod curl"
+    );
+    assert_eq!(
+        c.http_status("client", &format!("http://{vip}:80/"))?,
+        Some(200),
+        "pod→service curl"
+    );
     // Both connections went through the capture hook and the proxy.
     assert_eq!(c.counter(0, "client", "kernel.captured_v4")? - before, 2);
     assert_eq!(c.counter(0, "client", "outbound_accepted")?, 2);
@@ -153,17 +141,10 @@ fn unenrolled_pod_and_agent_traffic_are_not_captured() -> Result<()> {
     let server = c.pod("server").ip;
     // A pod outside the mesh reaches the server directly (the server's inbound is still steered
     // through its proxy, as it is enrolled), and nothing on node-1 counts it.
-    let (code, out) = c.curl(
-        "bare",
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{server}:{APP_PORT}/"),
-        ],
-    )?;
-    assert_eq!((code, out.as_str()), (0, "200"));
+    assert_eq!(
+        c.http_status("bare", &format!("http://{server}:{APP_PORT}/"))?,
+        Some(200)
+    );
     let stats = c.stats(0)?;
     assert!(
         stats["pods"]["default/bare"].is_null(),

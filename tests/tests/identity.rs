@@ -31,23 +31,6 @@ fn cluster() -> Result<Cluster> {
     )
 }
 
-/// HTTP status of `GET url` from `pod`, or None if the connection failed.
-fn get(c: &Cluster, pod: &str, url: &str) -> Result<Option<u16>> {
-    let (code, out) = c.curl(
-        pod,
-        &[
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            url,
-        ],
-    )?;
-    Ok((code == 0).then(|| out.trim().parse().unwrap_or(0)))
-}
-
 /// Requests the server application has answered so far (its own counter, read over the pod's
 /// loopback, which is never steered).
 fn app_requests(c: &Cluster, pod: &str, port: u16) -> Result<u64> {
@@ -216,7 +199,7 @@ fn strict_refuses_1000_plaintext_attempts_with_zero_bytes_at_the_app() -> Result
     );
     // mTLS from a mesh pod still works, and so does the unaffected neighbor's plaintext.
     assert_eq!(
-        get(&c, "client", &format!("http://{server}/"))?,
+        c.http_status("client", &format!("http://{server}/"))?,
         Some(200),
         "mTLS to a STRICT pod"
     );
@@ -415,7 +398,7 @@ fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry(
         < Duration::from_secs(left as u64).saturating_sub(Duration::from_millis(700))
     {
         assert_eq!(
-            get(&c, "client", &url)?,
+            c.http_status("client", &url)?,
             Some(200),
             "request failed while certificates were valid"
         );
@@ -433,7 +416,7 @@ fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry(
     )?;
     let served = app_requests(&c, "server", APP_PORT)?;
     assert_eq!(
-        get(&c, "client", &url)?,
+        c.http_status("client", &url)?,
         None,
         "traffic must stop once the certificate expired"
     );
@@ -454,7 +437,7 @@ fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry(
     wait_until(
         "recovery after the CA returns",
         Duration::from_secs(10),
-        || Ok(get(&c, "client", &url)? == Some(200)),
+        || Ok(c.http_status("client", &url)? == Some(200)),
     )?;
     Ok(())
 }
@@ -522,7 +505,7 @@ fn l4_policies_allow_and_deny_both_ways() -> Result<()> {
     let server = c.pod("server").ip;
     let main_url = format!("http://{server}:{APP_PORT}/");
     let other_url = format!("http://{server}:{OTHER_PORT}/");
-    let status = |pod: &str, url: &str| get(&c, pod, url);
+    let status = |pod: &str, url: &str| c.http_status(pod, url);
 
     // No policy: everyone (mesh, same-node, plaintext) gets in.
     for pod in ["client", "client2", "bare"] {
@@ -603,7 +586,7 @@ fn l4_policies_allow_and_deny_both_ways() -> Result<()> {
 
 /// Same-node request from `neighbor` (node-2) to `url`.
 fn status_local(c: &Cluster, url: &str) -> Result<Option<u16>> {
-    get(c, "neighbor", url)
+    c.http_status("neighbor", url)
 }
 
 /// Accepts any server certificate: this client exists to probe the *server's* checks, and
@@ -770,7 +753,7 @@ fn embedded_ca_creates_its_root_once_and_serves_a_lone_node() -> Result<()> {
     assert_eq!(mode("root-key.pem")?, 0o600, "the root key is private");
     let root = std::fs::read(dir.join("root-cert.pem"))?;
     let url = format!("http://{}:{APP_PORT}/", c.pod("server").ip);
-    assert_eq!(get(&c, "client", &url)?, Some(200));
+    assert_eq!(c.http_status("client", &url)?, Some(200));
     assert_eq!(issued(&c, 0, "client-sa")?, 1);
     assert_eq!(issued(&c, 0, "server-sa")?, 1);
     // A restart keeps the root.
@@ -778,7 +761,7 @@ fn embedded_ca_creates_its_root_once_and_serves_a_lone_node() -> Result<()> {
     c.start_agent_with(0, &["--ca-dir", &dir_s])?;
     c.wait_ready(0, Duration::from_secs(15))?;
     assert_eq!(std::fs::read(dir.join("root-cert.pem"))?, root);
-    assert_eq!(get(&c, "client", &url)?, Some(200));
+    assert_eq!(c.http_status("client", &url)?, Some(200));
     assert!(c.agent_log(0).contains("created a new CA root"));
     assert_eq!(
         c.agent_log(0).matches("created a new CA root").count(),
