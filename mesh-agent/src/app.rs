@@ -116,6 +116,10 @@ pub struct Stats {
     pub trust_roots: usize,
     /// Authorization policies in force, `namespace/name`.
     pub authorization_policies: Vec<String>,
+    /// HTTP routes in force, `namespace/name`.
+    pub http_routes: Vec<String>,
+    /// Services with a traffic policy (destination rule), `namespace/name`.
+    pub destination_rules: Vec<String>,
     /// Current configuration problems (rejected pods or services).
     pub problems: Vec<String>,
 }
@@ -185,6 +189,16 @@ impl Agent {
                 .iter()
                 .map(|p| p.key.to_string())
                 .collect(),
+            http_routes: state
+                .http_routes
+                .iter()
+                .map(|r| r.key.to_string())
+                .collect(),
+            destination_rules: state
+                .traffic_policies
+                .keys()
+                .map(ToString::to_string)
+                .collect(),
             problems: lock(&self.problems).clone(),
         }
     }
@@ -236,7 +250,15 @@ impl Agent {
                 .routes
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let policy_changed =
+                routes.state.authorization_policies != state.authorization_policies;
             *routes = Arc::new(Routes::build(&state, &routes));
+            drop(routes);
+            if policy_changed {
+                for proxy in pods.values() {
+                    proxy.local.recheck(&self.shared);
+                }
+            }
         }
         for pod in state.pods.values() {
             // Every pass, so a PeerAuthentication change applies to running pods too.
@@ -337,6 +359,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             local: RwLock::new(std::collections::HashMap::new()),
             certs: CertManager::new(ca),
             pool: hbone::Pool::default(),
+            http_pool: Arc::default(),
             trust_domain: config.trust_domain.clone(),
         }),
         pods: Mutex::new(BTreeMap::new()),

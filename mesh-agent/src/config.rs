@@ -55,7 +55,7 @@ pub enum ConfigError {
     )]
     RemoteCaIncomplete,
     /// A duration flag could not be read.
-    #[error("{flag} {value:?}: expected a duration like 30s, 15m, 24h")]
+    #[error("{flag} {value:?}: expected a positive duration like 500ms, 30s, 15m, 24h")]
     Duration {
         /// The flag.
         flag: &'static str,
@@ -64,7 +64,7 @@ pub enum ConfigError {
     },
 }
 
-/// Parses `90s`, `15m`, `24h` or plain seconds; at least one second.
+/// Parses `250ms`, `90s`, `15m`, `24h` or plain seconds; zero is refused.
 pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
     let err = || ConfigError::Duration {
         flag,
@@ -75,16 +75,17 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Confi
         None => (value, "s"),
     };
     let n: u64 = num.parse().map_err(|_| err())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60).ok_or_else(err)?,
-        "h" => n.checked_mul(3600).ok_or_else(err)?,
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
         _ => return Err(err()),
     };
-    if secs == 0 {
+    if d.is_zero() {
         return Err(err());
     }
-    Ok(Duration::from_secs(secs))
+    Ok(d)
 }
 
 /// Where workload certificates come from.

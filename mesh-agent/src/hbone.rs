@@ -117,10 +117,10 @@ impl Pool {
             .await
             .map_err(|e| tunnel(format!("CONNECT: {e}")))?;
         if resp.status() != StatusCode::OK {
-            return Err(tunnel(format!(
-                "the destination refused the tunnel: {}",
-                resp.status()
-            )));
+            return Err(ProxyError::TunnelRefused {
+                target,
+                status: resp.status(),
+            });
         }
         let upgraded = hyper::upgrade::on(resp)
             .await
@@ -223,17 +223,27 @@ pub async fn serve(
             )
         }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_concurrent_streams(1024)
-        .serve_connection(TokioIo::new(tls), svc)
-        .await
-        .map_err(|e| ProxyError::Handshake {
+        .serve_connection(TokioIo::new(tls), svc);
+    // The client's identity holds only while its certificate does: at expiry the connection
+    // and every stream on it end, so pooled streams cannot outlive the proof.
+    let left = client_expiry
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::select! {
+        r = conn => r.map_err(|e| ProxyError::Handshake {
             peer,
             problem: format!("HTTP/2: {e}"),
-        })
+        }),
+        () = tokio::time::sleep(left) => {
+            info!(%peer, "closed an HBONE connection: the client's certificate expired");
+            Ok(())
+        }
+    }
 }
 
 /// The authenticated client of one HBONE connection.
@@ -289,12 +299,9 @@ async fn connect_stream(
         warn!(%peer, %target, listener = %listener_pod.pod.key, "refused HBONE CONNECT: the authority is not a pod behind this listener");
         return status(StatusCode::BAD_REQUEST);
     };
-    if dest
-        .authorize(shared, Some(&client.id), target.port())
-        .is_err()
-    {
+    let Ok(per_request) = dest.admit(shared, Some(&client.id), target.port()) else {
         return status(StatusCode::FORBIDDEN);
-    }
+    };
     let app = match dest.dial_app(target.port()).await {
         Ok(a) => a,
         Err(e) => {
@@ -303,12 +310,22 @@ async fn connect_stream(
         }
     };
     let client = client.id.clone();
+    let shared = shared.clone();
     tokio::spawn(async move {
         match hyper::upgrade::on(&mut req).await {
             Ok(up) => {
                 dest.counters.hbone_streams.inc();
                 info!(src = %client, dst = %dest.pod.key, port = target.port(), "HBONE stream");
-                dest.relay_to_app(TokioIo::new(up), app).await;
+                let stream = TokioIo::new(up);
+                dest.deliver(
+                    &shared,
+                    Some(client),
+                    target.port(),
+                    per_request,
+                    stream,
+                    app,
+                )
+                .await;
             }
             Err(e) => warn!(%peer, "HBONE upgrade: {e}"),
         }

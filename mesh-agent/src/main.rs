@@ -10,6 +10,7 @@ mod certs;
 mod config;
 mod hbone;
 mod identity;
+mod l7;
 mod netns;
 mod nodefile;
 mod policy;

@@ -16,9 +16,11 @@ use std::{
 use serde::Deserialize;
 
 use crate::state::{
-    Action, AuthorizationPolicy, Labels, MtlsMode, NodeState, ObjectKey, Operation,
+    Action, AuthorizationPolicy, Condition, Labels, MtlsMode, NodeState, ObjectKey, Operation,
     PeerAuthentication, Pod, Rule, Service, ServicePort, Source, Workload,
 };
+
+mod routes;
 
 /// Errors about the node file as a whole; per-object problems are [`ObjectError`]s.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,10 @@ struct RawFile {
     peer_authentications: Vec<RawPeerAuthentication>,
     #[serde(default)]
     authorization_policies: Vec<RawAuthorizationPolicy>,
+    #[serde(default)]
+    http_routes: Vec<routes::RawHttpRoute>,
+    #[serde(default)]
+    destination_rules: Vec<routes::RawDestinationRule>,
 }
 
 /// A pod on another node: what this node needs to reach it over HBONE.
@@ -128,6 +134,17 @@ struct RawRule {
     from: Vec<RawFrom>,
     #[serde(default)]
     to: Vec<RawTo>,
+    #[serde(default)]
+    when: Vec<RawCondition>,
+}
+
+/// `key: request.headers[<name>]`, `values: [...]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCondition {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +174,10 @@ struct RawOperation {
     /// Istio writes ports as strings; numbers are accepted too.
     #[serde(default)]
     ports: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -565,6 +586,8 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
     validate_workloads(&raw.workloads, &mut state, &mut errors);
     validate_peer_authentications(&raw.peer_authentications, &mut state, &mut errors);
     validate_authorization_policies(&raw.authorization_policies, &mut state, &mut errors);
+    routes::validate_http_routes(&raw.http_routes, &mut state, previous, &mut errors);
+    routes::validate_destination_rules(&raw.destination_rules, &mut state, previous, &mut errors);
     Loaded { state, errors }
 }
 
@@ -711,9 +734,40 @@ fn validate_authorization_policies(
                         None => cx.fail("rules.to.operation.ports", format!("{v:?} is not a port")),
                     }
                 }
-                to.push(Operation { ports });
+                for path in &t.operation.paths {
+                    if !(path.starts_with('/') || path.starts_with('*')) {
+                        cx.fail(
+                            "rules.to.operation.paths",
+                            format!("{path:?} must start with '/' (or be a '*' suffix match)"),
+                        );
+                    }
+                }
+                to.push(Operation {
+                    ports,
+                    methods: t.operation.methods.clone(),
+                    paths: t.operation.paths.clone(),
+                });
             }
-            rules.push(Rule { from, to });
+            let mut when = Vec::new();
+            for c in &r.when {
+                let header = c
+                    .key
+                    .strip_prefix("request.headers[")
+                    .and_then(|k| k.strip_suffix(']'))
+                    .filter(|h| http::HeaderName::try_from(*h).is_ok());
+                match header {
+                    Some(h) if !c.values.is_empty() => when.push(Condition {
+                        header: h.to_ascii_lowercase(),
+                        values: c.values.clone(),
+                    }),
+                    Some(_) => cx.fail("rules.when", format!("{}: needs `values`", c.key)),
+                    None => cx.fail(
+                        "rules.when",
+                        format!("{:?} is not supported: use request.headers[<name>]", c.key),
+                    ),
+                }
+            }
+            rules.push(Rule { from, to, when });
         }
         let (Some(name), Some(namespace)) = (name, namespace) else {
             continue;

@@ -1,9 +1,13 @@
-//! L4 authorization, in the shape of Istio's AuthorizationPolicy.
+//! Authorization, in the shape of Istio's AuthorizationPolicy: L4 (source, port) and L7 (method,
+//! path, headers).
 //!
-//! Evaluation for a connection to a local pod:
+//! Evaluation for a connection or request to a local pod:
 //! 1. every DENY policy that selects the pod: a matching rule denies;
 //! 2. no ALLOW policy selects the pod: allowed;
 //! 3. otherwise allowed only if some ALLOW rule matches.
+//!
+//! A rule with HTTP conditions, decided for a connection that is not HTTP, fails closed: as an
+//! ALLOW rule it does not match, and as a DENY rule it does (Istio does the same).
 //!
 //! The source identity is the one the proxy established itself: the peer certificate's SPIFFE ID
 //! (HBONE) or the kernel-attributed source pod (same node). Plaintext has no identity, so rules
@@ -13,7 +17,9 @@ use std::fmt;
 
 use crate::{
     identity::Identity,
-    state::{Action, AuthorizationPolicy, Labels, ObjectKey, Operation, Rule, Source, selects},
+    state::{
+        Action, AuthorizationPolicy, Condition, Labels, ObjectKey, Operation, Rule, Source, selects,
+    },
 };
 
 /// The outcome, naming the policy responsible for a denial.
@@ -55,6 +61,19 @@ pub struct Request<'a> {
     pub labels: &'a Labels,
     /// Destination port.
     pub port: u16,
+    /// The HTTP request, when the traffic is HTTP and is decided per request.
+    pub http: Option<&'a HttpAttributes<'a>>,
+}
+
+/// What L7 rules look at. The path is already normalized (see `l7::path`), without its query.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAttributes<'a> {
+    /// Method.
+    pub method: &'a str,
+    /// Normalized path.
+    pub path: &'a str,
+    /// Request headers.
+    pub headers: &'a http::HeaderMap,
 }
 
 /// Decides `req` against `policies`.
@@ -66,7 +85,7 @@ pub fn evaluate(policies: &[AuthorizationPolicy], req: &Request<'_>) -> Decision
         .iter()
         .filter(applies)
         .filter(|p| p.action == Action::Deny)
-        .find(|p| p.rules.iter().any(|r| rule_matches(r, req)))
+        .find(|p| p.rules.iter().any(|r| rule_matches(r, req, true)))
     {
         return Decision::Denied(p.key.clone());
     }
@@ -78,7 +97,7 @@ pub fn evaluate(policies: &[AuthorizationPolicy], req: &Request<'_>) -> Decision
     if allows.is_empty()
         || allows
             .iter()
-            .any(|p| p.rules.iter().any(|r| rule_matches(r, req)))
+            .any(|p| p.rules.iter().any(|r| rule_matches(r, req, false)))
     {
         Decision::Allow
     } else {
@@ -86,9 +105,19 @@ pub fn evaluate(policies: &[AuthorizationPolicy], req: &Request<'_>) -> Decision
     }
 }
 
-fn rule_matches(rule: &Rule, req: &Request<'_>) -> bool {
+/// `l7_unknown`: what an HTTP condition evaluates to when the traffic is not HTTP (fail closed:
+/// true for DENY, false for ALLOW).
+fn rule_matches(rule: &Rule, req: &Request<'_>, l7_unknown: bool) -> bool {
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req.source)))
-        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req.port)))
+        && (rule.to.is_empty()
+            || rule
+                .to
+                .iter()
+                .any(|o| operation_matches(o, req, l7_unknown)))
+        && rule
+            .when
+            .iter()
+            .all(|c| condition_matches(c, req.http, l7_unknown))
 }
 
 fn source_matches(s: &Source, id: Option<&Identity>) -> bool {
@@ -105,8 +134,29 @@ fn source_matches(s: &Source, id: Option<&Identity>) -> bool {
         && list_matches(&s.namespaces, id.map(|i| i.namespace.as_str()))
 }
 
-fn operation_matches(o: &Operation, port: u16) -> bool {
-    o.ports.is_empty() || o.ports.contains(&port)
+fn operation_matches(o: &Operation, req: &Request<'_>, l7_unknown: bool) -> bool {
+    if !(o.ports.is_empty() || o.ports.contains(&req.port)) {
+        return false;
+    }
+    if o.methods.is_empty() && o.paths.is_empty() {
+        return true;
+    }
+    let Some(http) = req.http else {
+        return l7_unknown;
+    };
+    (o.methods.is_empty() || o.methods.iter().any(|m| m == http.method))
+        && (o.paths.is_empty() || o.paths.iter().any(|p| glob(p, http.path)))
+}
+
+fn condition_matches(c: &Condition, http: Option<&HttpAttributes<'_>>, l7_unknown: bool) -> bool {
+    let Some(http) = http else {
+        return l7_unknown;
+    };
+    http.headers
+        .get_all(c.header.as_str())
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| c.values.iter().any(|pat| glob(pat, v)))
 }
 
 /// Istio's string match: exact, `*`, `prefix*` or `*suffix`.
@@ -145,6 +195,7 @@ mod tests {
                 namespaces: vec![],
             }],
             to: vec![],
+            when: vec![],
         }
     }
 
@@ -157,6 +208,7 @@ mod tests {
                 namespace: "default",
                 labels: &labels,
                 port,
+                http: None,
             },
         )
     }
@@ -188,7 +240,11 @@ mod tests {
             Action::Deny,
             vec![Rule {
                 from: vec![],
-                to: vec![Operation { ports: vec![80] }],
+                to: vec![Operation {
+                    ports: vec![80],
+                    ..Operation::default()
+                }],
+                when: vec![],
             }],
         );
         let both = [allow_web, deny_80];
@@ -211,6 +267,7 @@ mod tests {
                     namespaces: vec!["oth*".into()],
                 }],
                 to: vec![],
+                when: vec![],
             }],
         );
         assert_eq!(
@@ -224,6 +281,81 @@ mod tests {
         let none = policy("none", Action::Allow, vec![]);
         assert!(matches!(
             decide(&[none], Some(&db), 1),
+            Decision::NotAllowed(_)
+        ));
+    }
+
+    #[test]
+    fn l7_rules_match_requests_and_fail_closed_without_http() {
+        let web = Identity::new("cluster.local", "default", "web");
+        let deny_admin = policy(
+            "no-admin",
+            Action::Deny,
+            vec![Rule {
+                to: vec![Operation {
+                    paths: vec!["/admin*".into()],
+                    ..Operation::default()
+                }],
+                ..Rule::default()
+            }],
+        );
+        let allow_get = policy(
+            "get-only",
+            Action::Allow,
+            vec![Rule {
+                to: vec![Operation {
+                    methods: vec!["GET".into()],
+                    ..Operation::default()
+                }],
+                when: vec![Condition {
+                    header: "x-team".into(),
+                    values: vec!["blue".into()],
+                }],
+                ..Rule::default()
+            }],
+        );
+        let labels = Labels::new();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-team", http::HeaderValue::from_static("blue"));
+        let ask =
+            |policies: &[AuthorizationPolicy], method: &str, path: &str, h: &http::HeaderMap| {
+                let attrs = HttpAttributes {
+                    method,
+                    path,
+                    headers: h,
+                };
+                evaluate(
+                    policies,
+                    &Request {
+                        source: Some(&web),
+                        namespace: "default",
+                        labels: &labels,
+                        port: 80,
+                        http: Some(&attrs),
+                    },
+                )
+            };
+        let both = [deny_admin.clone(), allow_get.clone()];
+        assert_eq!(ask(&both, "GET", "/x", &headers), Decision::Allow);
+        assert_eq!(
+            ask(&both, "GET", "/admin/users", &headers),
+            Decision::Denied(deny_admin.key.clone())
+        );
+        assert!(matches!(
+            ask(&both, "POST", "/x", &headers),
+            Decision::NotAllowed(_)
+        ));
+        assert!(matches!(
+            ask(&both, "GET", "/x", &http::HeaderMap::new()),
+            Decision::NotAllowed(_)
+        ));
+        // Not HTTP: the DENY rule on paths matches and the ALLOW rule on methods does not.
+        assert_eq!(
+            decide(std::slice::from_ref(&deny_admin), Some(&web), 80),
+            Decision::Denied(deny_admin.key.clone())
+        );
+        assert!(matches!(
+            decide(&[allow_get], Some(&web), 80),
             Decision::NotAllowed(_)
         ));
     }

@@ -21,12 +21,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
 };
 
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional},
@@ -40,9 +41,10 @@ use crate::{
     certs::{CertError, CertManager},
     hbone,
     identity::Identity,
+    l7,
     netns::{Netns, NetnsError},
-    policy::{self, Decision},
-    state::{MtlsMode, NodeState, ObjectKey, Pod, Service},
+    policy::{self, Decision, HttpAttributes},
+    state::{MtlsMode, NodeState, ObjectKey, Pod, Service, Workload},
 };
 
 /// Errors on one proxied connection. Each ends that connection only.
@@ -95,6 +97,16 @@ pub enum ProxyError {
         /// What failed.
         problem: String,
     },
+    /// The destination's proxy answered the HBONE CONNECT with an error status (403: its
+    /// policy denied the source; 400: the destination is not behind it; 503: its application
+    /// refused the connection).
+    #[error("HBONE tunnel to {target}: the destination refused the tunnel with {status}")]
+    TunnelRefused {
+        /// Where the tunnel was for.
+        target: SocketAddr,
+        /// The status of the CONNECT.
+        status: http::StatusCode,
+    },
     /// An incoming HBONE connection failed its handshake.
     #[error("HBONE connection from {peer}: {problem}")]
     Handshake {
@@ -137,9 +149,10 @@ pub struct PodCounters {
     pub outbound_accepted: Counter,
     /// Of those, ones that failed before relaying (no destination, refused, denied...).
     pub outbound_failed: Counter,
-    /// Of those, ones sent over HBONE.
+    /// Upstream connections opened over HBONE: one per connection at L4, one per pooled
+    /// upstream connection at L7.
     pub outbound_hbone: Counter,
-    /// Of those, ones handed to a pod on this node.
+    /// Upstream connections handed to a pod on this node, counted the same way.
     pub outbound_local: Counter,
     /// Inbound plaintext connections accepted on 15006.
     pub inbound_accepted: Counter,
@@ -153,12 +166,17 @@ pub struct PodCounters {
     pub hbone_refused: Counter,
     /// Connections to this pod refused by authorization.
     pub denied: Counter,
-    /// Bytes relayed from this pod's clients to their upstreams.
+    /// Bytes this pod's clients sent through the proxy.
     pub outbound_bytes_sent: Counter,
-    /// Bytes relayed from upstreams back to this pod's clients.
+    /// Bytes the proxy sent back to this pod's clients.
     pub outbound_bytes_received: Counter,
     /// Bytes delivered to this pod's application.
     pub inbound_bytes_delivered: Counter,
+    /// Outbound connections handled at L7 (HTTP detected).
+    pub outbound_http: Counter,
+    /// HTTP requests handled at L7: this pod's outbound ones, and inbound ones parsed for L7
+    /// policy.
+    pub http_requests: Counter,
 }
 
 /// A service's endpoints with its round-robin cursor.
@@ -174,6 +192,8 @@ pub struct Routes {
     by_vip: HashMap<IpAddr, Arc<ServiceRoute>>,
     /// The state the routes were built from: workloads, modes and policies.
     pub state: Arc<NodeState>,
+    /// HTTP routes, balancers and limits by service.
+    pub l7: l7::Table,
 }
 
 impl Routes {
@@ -198,8 +218,22 @@ impl Routes {
             .collect();
         Self {
             by_vip,
+            l7: l7::Table::build(state, &old.l7),
             state: state.clone(),
         }
+    }
+
+    /// The L7 entry of the service whose address is `ip`.
+    pub fn service_at(&self, ip: IpAddr) -> Option<&Arc<l7::ServiceEntry>> {
+        self.by_vip
+            .get(&ip)
+            .and_then(|r| self.l7.service(&r.svc.key))
+    }
+
+    /// Whether `ip` is in the mesh (a service address or a workload), so connections to it are
+    /// worth protocol detection.
+    pub fn is_mesh_address(&self, ip: IpAddr) -> bool {
+        self.by_vip.contains_key(&ip) || self.state.workloads.contains_key(&ip)
     }
 
     /// Where to connect for a captured connection to `dst`: a service address becomes one of
@@ -235,6 +269,8 @@ pub struct Shared {
     pub certs: Arc<CertManager>,
     /// Pooled HBONE connections.
     pub pool: hbone::Pool,
+    /// Pooled upstream HTTP connections (L7).
+    pub http_pool: Arc<l7::upstream::Pool>,
     /// The mesh's trust domain.
     pub trust_domain: String,
 }
@@ -270,6 +306,106 @@ impl Shared {
     }
 }
 
+/// How a source pod reaches an address.
+#[derive(Debug, Clone)]
+pub enum Hop {
+    /// A pod on this node: straight to its application (no TLS: the bytes stay in the kernel).
+    Local(Arc<LocalPod>),
+    /// A mesh workload on another node: HBONE.
+    Hbone(Workload),
+    /// Outside the mesh: plain TCP from the source pod's netns.
+    Passthrough,
+}
+
+impl Hop {
+    /// The hop to `ip`.
+    pub fn to(shared: &Shared, routes: &Routes, ip: IpAddr) -> Self {
+        if let Some(dest) = shared.local_pod(ip) {
+            Self::Local(dest)
+        } else if let Some(w) = routes.state.workloads.get(&ip) {
+            Self::Hbone(w.clone())
+        } else {
+            Self::Passthrough
+        }
+    }
+}
+
+/// A connection to an upstream, whichever hop it took.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    /// A socket (same node, or passthrough).
+    Tcp(TcpStream),
+    /// An HBONE stream.
+    Tunnel(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+/// Opens a connection from `src` to `target` along `hop`. Authorization is the caller's.
+pub async fn open(
+    shared: &Shared,
+    src: &LocalPod,
+    hop: &Hop,
+    target: SocketAddr,
+) -> Result<UpstreamIo, ProxyError> {
+    match hop {
+        Hop::Local(dest) => dest.dial_app(target.port()).await.map(UpstreamIo::Tcp),
+        Hop::Hbone(w) => shared
+            .pool
+            .connect(shared, src, w, target)
+            .await
+            .map(UpstreamIo::Tunnel),
+        Hop::Passthrough => {
+            let sock = src.netns.tcp_socket(target).await?;
+            let s = sock
+                .connect(target)
+                .await
+                .map_err(|source| ProxyError::Connect {
+                    addr: target,
+                    source,
+                })?;
+            let _ = s.set_nodelay(true);
+            Ok(UpstreamIo::Tcp(s))
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One enrolled pod as connection tasks see it.
 #[derive(Debug)]
 pub struct LocalPod {
@@ -279,9 +415,94 @@ pub struct LocalPod {
     pub netns: Arc<Netns>,
     /// Its counters.
     pub counters: Arc<PodCounters>,
+    /// Connections to the application authorized once, at L4: re-checked when policy changes.
+    live: Mutex<HashMap<u64, LiveConn>>,
+    next_live: AtomicU64,
+}
+
+/// A connection authorized at L4 and still open.
+#[derive(Debug)]
+struct LiveConn {
+    source: Option<Identity>,
+    port: u16,
+    revoke: Arc<tokio::sync::Notify>,
+}
+
+/// Registration of a live connection; dropping it removes the registration.
+#[derive(Debug)]
+pub struct Tracked<'a> {
+    pod: &'a LocalPod,
+    id: u64,
+    revoke: Arc<tokio::sync::Notify>,
+}
+
+impl Tracked<'_> {
+    /// Runs `relay` until it ends or policy stops allowing the connection.
+    pub async fn run<F: std::future::Future>(&self, relay: F) {
+        tokio::select! {
+            _ = relay => {}
+            () = self.revoke.notified() => {
+                warn!(dst = %self.pod.pod.key, "closed a connection that policy no longer allows");
+            }
+        }
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        lock(&self.pod.live).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl LocalPod {
+    /// A pod as connection tasks see it.
+    pub fn new(pod: Pod, netns: Arc<Netns>) -> Self {
+        Self {
+            pod,
+            netns,
+            counters: Arc::default(),
+            live: Mutex::default(),
+            next_live: AtomicU64::new(0),
+        }
+    }
+
+    /// Registers a connection from `source` to `port` that was authorized at L4.
+    pub fn track(&self, source: Option<Identity>, port: u16) -> Tracked<'_> {
+        let id = self.next_live.fetch_add(1, Ordering::Relaxed);
+        let revoke = Arc::new(tokio::sync::Notify::new());
+        lock(&self.live).insert(
+            id,
+            LiveConn {
+                source,
+                port,
+                revoke: revoke.clone(),
+            },
+        );
+        Tracked {
+            pod: self,
+            id,
+            revoke,
+        }
+    }
+
+    /// Re-decides every live L4 connection after a policy change, and closes those now denied
+    /// (a pooled connection must not keep carrying what policy has since refused).
+    pub fn recheck(&self, shared: &Shared) {
+        let live = lock(&self.live);
+        for conn in live.values() {
+            if self
+                .authorize(shared, conn.source.as_ref(), conn.port, None)
+                .is_err()
+            {
+                conn.revoke.notify_one();
+            }
+        }
+    }
+
     /// The pod's SPIFFE identity.
     pub fn identity(&self, trust_domain: &str) -> Identity {
         Identity::new(
@@ -291,12 +512,14 @@ impl LocalPod {
         )
     }
 
-    /// Authorizes a connection to this pod on `port` from `source`; logs and counts a denial.
+    /// Authorizes a connection (`http: None`) or a request to this pod on `port` from
+    /// `source`; logs and counts a denial.
     pub fn authorize(
         &self,
         shared: &Shared,
         source: Option<&Identity>,
         port: u16,
+        http: Option<&HttpAttributes<'_>>,
     ) -> Result<(), Decision> {
         let routes = shared.routes();
         let decision = policy::evaluate(
@@ -306,6 +529,7 @@ impl LocalPod {
                 namespace: &self.pod.key.namespace,
                 labels: &self.pod.labels,
                 port,
+                http,
             },
         );
         if decision == Decision::Allow {
@@ -316,8 +540,71 @@ impl LocalPod {
             || "plaintext (no identity)".to_string(),
             ToString::to_string,
         );
-        warn!(%src, dst = %self.pod.key, port, "connection {decision}");
+        match http {
+            Some(h) => {
+                warn!(%src, dst = %self.pod.key, port, method = h.method, path = h.path, "request {decision}");
+            }
+            None => warn!(%src, dst = %self.pod.key, port, "connection {decision}"),
+        }
         Err(decision)
+    }
+
+    /// Admits a connection to this pod: `Ok(true)` when L7 policy selects the pod, so the
+    /// decision waits for each request (see [`LocalPod::deliver`]).
+    pub fn admit(
+        &self,
+        shared: &Shared,
+        source: Option<&Identity>,
+        port: u16,
+    ) -> Result<bool, Decision> {
+        if shared.routes().state.has_l7_policy(&self.pod) {
+            return Ok(true);
+        }
+        self.authorize(shared, source, port, None).map(|()| false)
+    }
+
+    /// Delivers an admitted connection to the application over `app`. With `per_request`, HTTP
+    /// is authorized request by request; anything else gets the connection-level decision, in
+    /// which HTTP-only rules fail closed.
+    pub async fn deliver<S>(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        source: Option<Identity>,
+        port: u16,
+        per_request: bool,
+        client: S,
+        app: TcpStream,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if !per_request {
+            let tracked = self.track(source, port);
+            tracked.run(self.relay_to_app(client, app)).await;
+            return;
+        }
+        let (protocol, client) = match l7::detect::detect(client).await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(dst = %self.pod.key, "protocol detection: {e}");
+                return;
+            }
+        };
+        if protocol.is_http() {
+            let client = Counted::new(client, &self.counters, |c| &c.inbound_bytes_delivered);
+            l7::serve_inbound(
+                shared.clone(),
+                self.clone(),
+                source,
+                port,
+                protocol,
+                client,
+                app,
+            )
+            .await;
+        } else if self.authorize(shared, source.as_ref(), port, None).is_ok() {
+            let tracked = self.track(source, port);
+            tracked.run(self.relay_to_app(client, app)).await;
+        }
     }
 
     /// Connects to the pod's application on `port`, over the pod's loopback (never steered).
@@ -343,7 +630,7 @@ impl LocalPod {
         mut client: S,
         mut app: TcpStream,
     ) {
-        let mut client = Counted::new(&mut client, &self.counters.inbound_bytes_delivered);
+        let mut client = Counted::new(&mut client, &self.counters, |c| &c.inbound_bytes_delivered);
         let _ = copy_bidirectional(&mut client, &mut app).await;
     }
 }
@@ -398,11 +685,7 @@ impl PodProxy {
         listeners: PodListeners,
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
-        let local = Arc::new(LocalPod {
-            pod,
-            netns,
-            counters: Arc::new(PodCounters::default()),
-        });
+        let local = Arc::new(LocalPod::new(pod, netns));
         let mut tasks = JoinSet::new();
         let cx = Arc::new(PodCx {
             local: local.clone(),
@@ -478,7 +761,7 @@ async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
     }
 }
 
-async fn outbound(cx: &PodCx, mut client: TcpStream, peer: SocketAddr) -> Result<(), ProxyError> {
+async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(), ProxyError> {
     let (src, shared) = (&cx.local, &cx.shared);
     let c = &src.counters;
     c.outbound_accepted.inc();
@@ -492,45 +775,60 @@ async fn outbound(cx: &PodCx, mut client: TcpStream, peer: SocketAddr) -> Result
         .map_err(|e| fail(ProxyError::OrigDstMap(e)))?
         .ok_or_else(|| fail(ProxyError::NoOrigDst(peer.port())))?;
     let routes = shared.routes();
-    let target = routes.resolve(dst).map_err(fail)?;
-    let mut client = Counted::new(&mut client, &c.outbound_bytes_sent);
-    if let Some(dest) = shared.local_pod(target.ip()) {
-        // Same node: the kernel told us the source pod, so its identity needs no certificate.
-        let src_id = src.identity(&shared.trust_domain);
-        dest.authorize(shared, Some(&src_id), target.port())
-            .map_err(|d| fail(ProxyError::Denied(d)))?;
-        let app = dest.dial_app(target.port()).await.map_err(fail)?;
-        c.outbound_local.inc();
-        debug!(src = %src.pod.key, dst = %dest.pod.key, %target, "same-node delivery");
-        let mut app = Counted::new(app, &c.outbound_bytes_received);
-        let mut delivered = Counted::new(&mut client, &dest.counters.inbound_bytes_delivered);
-        let _ = copy_bidirectional(&mut delivered, &mut app).await;
-    } else if let Some(w) = routes.state.workloads.get(&target.ip()) {
-        let tunnel = shared
-            .pool
-            .connect(shared, src, w, target)
+    // Mesh destinations get protocol detection: HTTP is proxied per request.
+    let client = if routes.is_mesh_address(dst.ip()) {
+        let (protocol, client) = l7::detect::detect(client)
             .await
-            .map_err(fail)?;
-        c.outbound_hbone.inc();
-        debug!(src = %src.pod.key, dst = %w.key, %target, "outbound over HBONE");
-        let mut tunnel = Counted::new(tunnel, &c.outbound_bytes_received);
-        let _ = copy_bidirectional(&mut client, &mut tunnel).await;
+            .map_err(|source| fail(ProxyError::Connect { addr: dst, source }))?;
+        if protocol.is_http() {
+            debug!(src = %src.pod.key, %dst, ?protocol, "outbound HTTP");
+            let cx = Arc::new(l7::Outbound {
+                shared: shared.clone(),
+                src: src.clone(),
+                dst,
+                h2: protocol == l7::detect::Protocol::Http2,
+            });
+            let client = Counted::new(client, c, |c| &c.outbound_bytes_sent)
+                .and_writes(|c| &c.outbound_bytes_received);
+            l7::serve_outbound(cx, client, protocol).await;
+            return Ok(());
+        }
+        client
     } else {
-        // Outside the mesh: plain TCP, still from the pod's own address.
-        let sock = src
-            .netns
-            .tcp_socket(target)
-            .await
-            .map_err(|e| fail(e.into()))?;
-        let upstream = sock.connect(target).await.map_err(|source| {
-            fail(ProxyError::Connect {
-                addr: target,
-                source,
-            })
-        })?;
-        debug!(pod = %src.pod.key, %dst, %target, "outbound passthrough");
-        let mut upstream = Counted::new(upstream, &c.outbound_bytes_received);
-        let _ = copy_bidirectional(&mut client, &mut upstream).await;
+        l7::detect::Rewind::new(client)
+    };
+    let target = routes.resolve(dst).map_err(fail)?;
+    let mut client = Counted::new(client, c, |c| &c.outbound_bytes_sent);
+    let hop = Hop::to(shared, &routes, target.ip());
+    if let Hop::Local(dest) = &hop {
+        // Same node: the kernel told us the source pod, so its identity needs no certificate.
+        // Detection found no HTTP, so HTTP-only rules fail closed.
+        let src_id = src.identity(&shared.trust_domain);
+        dest.authorize(shared, Some(&src_id), target.port(), None)
+            .map_err(|d| fail(ProxyError::Denied(d)))?;
+    }
+    let upstream = open(shared, src, &hop, target).await.map_err(fail)?;
+    let mut upstream = Counted::new(upstream, c, |c| &c.outbound_bytes_received);
+    match &hop {
+        Hop::Local(dest) => {
+            c.outbound_local.inc();
+            debug!(src = %src.pod.key, dst = %dest.pod.key, %target, "same-node delivery");
+            let mut delivered =
+                Counted::new(&mut client, &dest.counters, |c| &c.inbound_bytes_delivered);
+            let tracked = dest.track(Some(src.identity(&shared.trust_domain)), target.port());
+            tracked
+                .run(copy_bidirectional(&mut delivered, &mut upstream))
+                .await;
+        }
+        Hop::Hbone(w) => {
+            c.outbound_hbone.inc();
+            debug!(src = %src.pod.key, dst = %w.key, %target, "outbound over HBONE");
+            let _ = copy_bidirectional(&mut client, &mut upstream).await;
+        }
+        Hop::Passthrough => {
+            debug!(pod = %src.pod.key, %dst, %target, "outbound passthrough");
+            let _ = copy_bidirectional(&mut client, &mut upstream).await;
+        }
     }
     Ok(())
 }
@@ -558,27 +856,47 @@ async fn inbound(cx: &PodCx, client: TcpStream) -> Result<(), ProxyError> {
     if cx.shared.routes().state.mtls_mode(&pod.pod) == MtlsMode::Strict {
         return Err(fail(ProxyError::StrictPlaintext(pod.pod.key.clone())));
     }
-    pod.authorize(&cx.shared, None, local.port())
+    let per_request = pod
+        .admit(&cx.shared, None, local.port())
         .map_err(|d| fail(ProxyError::Denied(d)))?;
     let app = pod.dial_app(local.port()).await.map_err(fail)?;
-    pod.relay_to_app(client, app).await;
+    pod.deliver(&cx.shared, None, local.port(), per_request, client, app)
+        .await;
     Ok(())
 }
 
-/// A stream that adds every byte read from it to a counter as it flows, so counters are right
-/// while a connection is still open (long-lived connections would otherwise report nothing).
-struct Counted<'a, S> {
+/// Picks one counter out of a pod's counters.
+type Pick = fn(&PodCounters) -> &Counter;
+
+/// A stream that adds the bytes read from it (and, optionally, written to it) to a pod's
+/// counters as they flow, so counters are right while a connection is still open (long-lived
+/// connections would otherwise report nothing). It owns its counters, so it can move into tasks.
+pub struct Counted<S> {
     inner: S,
-    read: &'a Counter,
+    counters: Arc<PodCounters>,
+    read: Pick,
+    written: Option<Pick>,
 }
 
-impl<'a, S> Counted<'a, S> {
-    fn new(inner: S, read: &'a Counter) -> Self {
-        Self { inner, read }
+impl<S> Counted<S> {
+    /// Counts reads into `read`.
+    pub fn new(inner: S, counters: &Arc<PodCounters>, read: Pick) -> Self {
+        Self {
+            inner,
+            counters: counters.clone(),
+            read,
+            written: None,
+        }
+    }
+
+    /// Also counts writes, into `written`.
+    pub fn and_writes(mut self, written: Pick) -> Self {
+        self.written = Some(written);
+        self
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -587,18 +905,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.read.add(n as u64);
+        (self.read)(&self.counters).add(n as u64);
         r
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let (Poll::Ready(Ok(n)), Some(w)) = (&r, self.written) {
+            w(&self.counters).add(*n as u64);
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)

@@ -113,6 +113,19 @@ pub struct Rule {
     pub from: Vec<Source>,
     /// Matches if any operation matches; empty matches every operation.
     pub to: Vec<Operation>,
+    /// Every condition must hold (L7).
+    pub when: Vec<Condition>,
+}
+
+impl Rule {
+    /// Whether the rule looks at HTTP attributes, so it cannot be decided per connection.
+    pub fn is_l7(&self) -> bool {
+        !self.when.is_empty()
+            || self
+                .to
+                .iter()
+                .any(|o| !o.methods.is_empty() || !o.paths.is_empty())
+    }
 }
 
 /// Who connects. Each non-empty list must contain a match.
@@ -125,11 +138,24 @@ pub struct Source {
     pub namespaces: Vec<String>,
 }
 
-/// What is connected to.
+/// What is connected to. Methods and paths are L7: they match only HTTP requests.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Operation {
     /// Destination ports.
     pub ports: Vec<u16>,
+    /// HTTP methods, exact.
+    pub methods: Vec<String>,
+    /// Normalized request paths (no query), with `*` as a whole value, prefix or suffix.
+    pub paths: Vec<String>,
+}
+
+/// A `when` condition on a request header: `request.headers[<name>]` in one of `values`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    /// Lowercase header name.
+    pub header: String,
+    /// Accepted values, `*` globs allowed.
+    pub values: Vec<String>,
 }
 
 /// Whether `labels` has every pair of `selector`.
@@ -169,6 +195,203 @@ impl Service {
     }
 }
 
+/// A compiled regular expression that compares by its source, so states stay comparable.
+#[derive(Clone, Debug)]
+pub struct Pattern(pub regex_lite::Regex);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+impl Eq for Pattern {}
+
+impl Pattern {
+    /// Whether the whole of `value` matches (Gateway API regexes are anchored).
+    pub fn full_match(&self, value: &str) -> bool {
+        self.0
+            .find(value)
+            .is_some_and(|m| m.start() == 0 && m.end() == value.len())
+    }
+}
+
+/// How a path is matched (Gateway API `HTTPPathMatch`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    /// The whole path.
+    Exact(String),
+    /// Whole path segments: `/api` matches `/api` and `/api/x`, not `/apix`.
+    Prefix(String),
+    /// An anchored regular expression.
+    Regex(Pattern),
+}
+
+/// How a header or query value is matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ValueMatch {
+    /// Equal.
+    Exact(String),
+    /// An anchored regular expression.
+    Regex(Pattern),
+}
+
+impl ValueMatch {
+    /// Whether `value` matches.
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(v) => v == value,
+            Self::Regex(p) => p.full_match(value),
+        }
+    }
+}
+
+/// One `matches` entry of a route rule: every part that is set must match.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RouteMatch {
+    /// Path.
+    pub path: Option<PathMatch>,
+    /// Headers (lowercase names).
+    pub headers: Vec<(String, ValueMatch)>,
+    /// Method.
+    pub method: Option<String>,
+    /// Query parameters.
+    pub query: Vec<(String, ValueMatch)>,
+}
+
+/// Header edits (Gateway API `HTTPHeaderFilter`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct HeaderModifier {
+    /// Replace or add.
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Append.
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Remove.
+    pub remove: Vec<http::HeaderName>,
+}
+
+/// A weighted backend of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendRef {
+    /// A service in the route's namespace.
+    pub service: ObjectKey,
+    /// Its port.
+    pub port: u16,
+    /// Relative weight; 0 receives nothing.
+    pub weight: u32,
+}
+
+/// When and how often to retry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Response codes that are retried.
+    pub codes: Vec<u16>,
+    /// Retry when the upstream connection resets mid-request.
+    pub on_reset: bool,
+    /// Retry when connecting fails.
+    pub on_connect_failure: bool,
+    /// Pause before each retry.
+    pub backoff: std::time::Duration,
+}
+
+/// Fault injection (Istio's shape): percentages of requests delayed or aborted.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Fault {
+    /// Delay and the share of requests (0–100) that get it.
+    pub delay: Option<(std::time::Duration, f64)>,
+    /// Status and the share of requests (0–100) that get it instead of a response.
+    pub abort: Option<(u16, f64)>,
+}
+impl Eq for Fault {}
+
+/// One rule of an HTTPRoute.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RouteRule {
+    /// Any match selects the rule; none matches every request.
+    pub matches: Vec<RouteMatch>,
+    /// Request header edits.
+    pub request_headers: HeaderModifier,
+    /// Response header edits.
+    pub response_headers: HeaderModifier,
+    /// Where requests go; empty means the parent service itself.
+    pub backends: Vec<BackendRef>,
+    /// Whole-request deadline, retries included.
+    pub request_timeout: Option<std::time::Duration>,
+    /// Deadline for each try.
+    pub backend_timeout: Option<std::time::Duration>,
+    /// Retries.
+    pub retry: Option<RetryPolicy>,
+    /// Faults.
+    pub fault: Option<Fault>,
+}
+
+/// An HTTPRoute attached to a service (GAMMA): it applies to HTTP sent to the service's address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRoute {
+    /// namespace/name.
+    pub key: ObjectKey,
+    /// The parent service (same namespace).
+    pub service: ObjectKey,
+    /// The service port it is bound to; `None` binds every port.
+    pub port: Option<u16>,
+    /// Rules, in order.
+    pub rules: Vec<RouteRule>,
+}
+
+/// How the node proxy picks an endpoint per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LbPolicy {
+    /// Power of two choices over peak-EWMA latency, weighted by requests in flight.
+    #[default]
+    P2cPeakEwma,
+    /// In turn.
+    RoundRobin,
+}
+
+/// Outlier detection: eject an endpoint that keeps failing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx responses or connect failures that eject.
+    pub consecutive_errors: u32,
+    /// First ejection time; each further ejection of the same endpoint adds as much again.
+    pub base_ejection_time: std::time::Duration,
+    /// At most this share (0–100) of a service's endpoints are ejected at once (at least one).
+    pub max_ejection_percent: u32,
+}
+
+/// A token bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Tokens added per second.
+    pub per_second: u32,
+    /// Bucket size.
+    pub burst: u32,
+    /// One bucket per source identity instead of one for the service.
+    pub per_source: bool,
+}
+
+/// Per-service traffic policy (the shape of Istio's DestinationRule `trafficPolicy`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct TrafficPolicy {
+    /// Endpoint choice.
+    pub lb: LbPolicy,
+    /// Upstream connections this node keeps to the service at most.
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection at most.
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight at most.
+    pub max_requests: Option<u32>,
+    /// Ejection of failing endpoints.
+    pub outlier: Option<OutlierDetection>,
+    /// Local rate limit.
+    pub rate_limit: Option<RateLimit>,
+    /// Retries may add at most this share (percent) of requests, plus `min_retries_per_second`.
+    pub retry_budget_percent: u32,
+    /// Retries always allowed per second, so a quiet service can still retry.
+    pub min_retries_per_second: u32,
+}
+
 /// Everything this node should be doing.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeState {
@@ -186,6 +409,10 @@ pub struct NodeState {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// Authorization policies.
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// HTTP routes, attached to services.
+    pub http_routes: Vec<HttpRoute>,
+    /// Traffic policies by service.
+    pub traffic_policies: BTreeMap<ObjectKey, TrafficPolicy>,
 }
 
 impl NodeState {
@@ -205,5 +432,15 @@ impl NodeState {
             }
         }
         mode.map(|(_, m)| m).unwrap_or_default()
+    }
+
+    /// Whether an authorization policy with HTTP conditions selects `pod`: its inbound traffic
+    /// must then be parsed and decided per request.
+    pub fn has_l7_policy(&self, pod: &Pod) -> bool {
+        self.authorization_policies.iter().any(|p| {
+            p.key.namespace == pod.key.namespace
+                && selects(&p.selector, &pod.labels)
+                && p.rules.iter().any(Rule::is_l7)
+        })
     }
 }

@@ -451,6 +451,19 @@ impl Cluster {
         Ipv4Addr::new(198, 19, 1, (i + 10) as u8)
     }
 
+    /// Requests the application in `pod` has answered so far (its own counter, read over the
+    /// pod's loopback, which is never steered).
+    pub fn app_requests(&self, pod: &str, port: u16) -> Result<u64> {
+        let p = self.pod(pod);
+        let (code, body) = in_netns(&p.netns, || {
+            http_get(([127, 0, 0, 1], port).into(), "/count")
+        })??;
+        if code != 200 {
+            bail!("/count answered {code}");
+        }
+        body.trim().parse::<u64>().context("count")
+    }
+
     /// The YAML listing of one pod, as the node file has it.
     pub fn pod_entry(&self, pod: &Pod) -> String {
         format!(
@@ -509,6 +522,39 @@ impl Cluster {
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, path)?;
         Ok(())
+    }
+
+    /// Replaces node `i`'s node file with the default plus `extra`, and waits until the agent's
+    /// `/stats` list `field` holds exactly `expect`.
+    pub fn apply(&self, i: usize, extra: &str, field: &str, expect: &[&str]) -> Result<()> {
+        self.set_node_file(i, &format!("{}{extra}", self.node_file_text(i)))?;
+        wait_until(
+            "the agent to apply the node file",
+            Duration::from_secs(5),
+            || {
+                let s = self.stats(i)?;
+                let have: Vec<String> = s[field]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(
+                    expect.iter().all(|e| have.iter().any(|h| h == e))
+                        && have.len() == expect.len(),
+                )
+            },
+        )
+        .with_context(|| {
+            format!(
+                "problems: {}",
+                self.stats(i)
+                    .map(|s| s["problems"].to_string())
+                    .unwrap_or_default()
+            )
+        })
     }
 
     /// The CA's root directory.

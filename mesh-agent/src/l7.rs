@@ -1,0 +1,953 @@
+//! L7 in the node proxy: HTTP/1.1 and HTTP/2 (gRPC included) on captured connections, with no
+//! waypoint hop.
+//!
+//! Outbound (the client's node), per request, in order:
+//! 1. framing guard (HTTP/1, `guard.rs`) and HTTP/2 limits; CONNECT refused;
+//! 2. path normalized once (`path.rs`); the backend receives the normalized path;
+//! 3. route: the HTTPRoute rule of the addressed service that matches (none: 404 `NR`);
+//! 4. local rate limit of the addressed service (429 `RL`);
+//! 5. faults: abort (`FI`) or delay (`DI`);
+//! 6. request header edits, hop-by-hop headers dropped;
+//! 7. weighted backend choice, then the backend's circuit breaker (503 `UO`);
+//! 8. tries: endpoint by P2C over peak EWMA (`balance.rs`), authorization when the endpoint is on
+//!    this node, the pooled upstream connection (`upstream.rs`), per-try timeout (504 `UT`),
+//!    retries on the rule's codes, resets and connect failures while the retry budget allows;
+//!    outlier detection sees every try;
+//! 9. response header edits; the body streams back, trailers included.
+//!
+//! Inbound (the destination's node) parses HTTP only for pods that an L7 authorization policy
+//! selects: it normalizes the path the same way, authorizes each request with the identity the
+//! connection proved, and forwards over the connection it already opened to the application.
+//!
+//! Replies the proxy makes itself carry `x-mesh-flags` with Envoy's response flags.
+
+pub mod balance;
+pub mod detect;
+pub mod guard;
+pub mod limits;
+pub mod path;
+pub mod upstream;
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::{
+    Request, Response,
+    body::{Frame, Incoming, SizeHint},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use self::{
+    balance::{Balancer, InFlight},
+    detect::Protocol,
+    limits::{Limits, Slot},
+    upstream::UpstreamError,
+};
+use crate::{
+    identity::Identity,
+    policy::HttpAttributes,
+    proxy::{Hop, LocalPod, ProxyError, Routes, Shared},
+    state::{
+        HeaderModifier, HttpRoute, NodeState, ObjectKey, PathMatch, RouteMatch, RouteRule, Service,
+    },
+};
+
+/// Errors a body can carry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest request body buffered so that a retry can resend it; larger ones are not retried.
+const MAX_RETRY_BODY: u64 = 64 * 1024;
+/// HTTP/2 streams per client connection.
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Streams a client may reset before the server accepted them (rapid reset) before GOAWAY.
+const MAX_PENDING_RESETS: usize = 20;
+/// Idle time allowed while reading an HTTP/1 request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The header carrying the proxy's response flags on replies it made itself.
+pub const FLAGS_HEADER: &str = "x-mesh-flags";
+
+/// One service as L7 sees it: its routes, balancer and limits. Rebuilt on every state change;
+/// endpoint statistics and limit counters carry over.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// The service.
+    pub svc: Service,
+    routes: Vec<HttpRoute>,
+    /// Endpoint choice.
+    pub balancer: Balancer,
+    /// Admission limits.
+    pub limits: Arc<Limits>,
+}
+
+/// The L7 table by service.
+#[derive(Debug, Default)]
+pub struct Table {
+    services: HashMap<ObjectKey, Arc<ServiceEntry>>,
+}
+
+impl Table {
+    /// Builds the table for `state`, carrying state over from `old`.
+    pub fn build(state: &NodeState, old: &Table) -> Self {
+        let services = state
+            .services
+            .values()
+            .map(|svc| {
+                let policy = state
+                    .traffic_policies
+                    .get(&svc.key)
+                    .cloned()
+                    .unwrap_or_else(default_policy);
+                let prev = old.services.get(&svc.key);
+                let limits = match prev {
+                    Some(p) if p.limits.policy == policy => p.limits.clone(),
+                    _ => Arc::new(Limits::new(&policy)),
+                };
+                let balancer = Balancer::new(
+                    &svc.endpoints,
+                    policy.lb,
+                    policy.outlier.clone(),
+                    prev.map(|p| &p.balancer),
+                );
+                let routes = state
+                    .http_routes
+                    .iter()
+                    .filter(|r| r.service == svc.key)
+                    .cloned()
+                    .collect();
+                let entry = ServiceEntry {
+                    svc: svc.clone(),
+                    routes,
+                    balancer,
+                    limits,
+                };
+                (svc.key.clone(), Arc::new(entry))
+            })
+            .collect();
+        Self { services }
+    }
+
+    /// The entry of service `key`.
+    pub fn service(&self, key: &ObjectKey) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
+    }
+}
+
+fn default_policy() -> crate::state::TrafficPolicy {
+    crate::state::TrafficPolicy {
+        retry_budget_percent: 20,
+        min_retries_per_second: 10,
+        ..Default::default()
+    }
+}
+
+/// The rule that handles a request to `port` of a service, or `None` when routes exist and none
+/// matches. Without routes the default rule sends to the service itself.
+fn select_rule<'a>(
+    entry: &'a ServiceEntry,
+    port: u16,
+    parts: &http::request::Parts,
+    path: &str,
+) -> Option<std::borrow::Cow<'a, RouteRule>> {
+    let attached: Vec<&HttpRoute> = entry
+        .routes
+        .iter()
+        .filter(|r| r.port.is_none_or(|p| p == port))
+        .collect();
+    if attached.is_empty() {
+        return Some(std::borrow::Cow::Owned(RouteRule::default()));
+    }
+    attached
+        .iter()
+        .flat_map(|r| r.rules.iter())
+        .find(|rule| {
+            rule.matches.is_empty() || rule.matches.iter().any(|m| matches(m, parts, path))
+        })
+        .map(std::borrow::Cow::Borrowed)
+}
+
+fn matches(m: &RouteMatch, parts: &http::request::Parts, path: &str) -> bool {
+    let path_ok = match &m.path {
+        None => true,
+        Some(PathMatch::Exact(p)) => path == p,
+        Some(PathMatch::Prefix(p)) => {
+            p.is_empty()
+                || (path.starts_with(p.as_str())
+                    && matches!(path.as_bytes().get(p.len()), None | Some(b'/')))
+        }
+        Some(PathMatch::Regex(r)) => r.full_match(path),
+    };
+    path_ok
+        && m.method
+            .as_deref()
+            .is_none_or(|want| parts.method.as_str() == want)
+        && m.headers.iter().all(|(name, want)| {
+            parts
+                .headers
+                .get_all(name.as_str())
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| want.matches(v)))
+        })
+        && m.query.iter().all(|(name, want)| {
+            parts.uri.query().is_some_and(|q| {
+                q.split('&').any(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    k == name && want.matches(v)
+                })
+            })
+        })
+}
+
+/// A reply made by the proxy itself.
+fn reply(status: StatusCode, flags: &str, message: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{message}\n")));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Ok(v) = HeaderValue::from_str(flags) {
+        r.headers_mut().insert(FLAGS_HEADER, v);
+    }
+    r
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+fn incoming(b: Incoming) -> Body {
+    b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+    // `TE: trailers` is how gRPC says it understands trailers; anything else is hop-by-hop.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn modify(headers: &mut HeaderMap, m: &HeaderModifier) {
+    for (n, v) in &m.set {
+        headers.insert(n.clone(), v.clone());
+    }
+    for (n, v) in &m.add {
+        headers.append(n.clone(), v.clone());
+    }
+    for n in &m.remove {
+        headers.remove(n);
+    }
+}
+
+/// Percent chance, with a resolution of 0.01%.
+fn chance(percent: f64) -> bool {
+    (balance::random() % 10_000) < (percent * 100.0) as u64
+}
+
+/// The request after the checks every path shares: CONNECT refused, path normalized, URI in the
+/// form the upstream protocol expects, hop-by-hop headers gone.
+struct Prepared {
+    parts: http::request::Parts,
+    /// The normalized path, without query.
+    path: String,
+}
+
+#[expect(clippy::result_large_err, reason = "the error is the reply itself")]
+fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body>> {
+    let (mut parts, body) = req.into_parts();
+    if parts.method == Method::CONNECT {
+        return Err(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "NR",
+            "CONNECT is not proxied",
+        ));
+    }
+    let path = match path::normalize(parts.uri.path()) {
+        Ok(p) => p,
+        Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),
+    };
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    let mut uri = http::uri::Builder::new().path_and_query(path_and_query);
+    if parts.version == Version::HTTP_2 {
+        // HTTP/2 carries scheme and authority as pseudo-headers: keep the client's.
+        uri = uri
+            .scheme(parts.uri.scheme_str().unwrap_or("http"))
+            .authority(
+                parts
+                    .uri
+                    .authority()
+                    .map_or("localhost", |a| a.as_str())
+                    .to_string(),
+            );
+    }
+    parts.uri = match uri.build() {
+        Ok(u) => u,
+        Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    Ok((Prepared { parts, path }, body))
+}
+
+/// A fresh request from `p` with `body`.
+fn rebuild(p: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req
+}
+
+/// A response body that holds the request's slots until it has been read to the end (or
+/// dropped), so limits count requests, not just response heads.
+struct Held<B> {
+    inner: B,
+    _hold: (Option<Slot>, Option<InFlight>),
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What an outbound connection's requests share.
+#[derive(Debug)]
+pub struct Outbound {
+    /// Node-wide state.
+    pub shared: Arc<Shared>,
+    /// The pod that made the connection (from the listener that accepted it).
+    pub src: Arc<LocalPod>,
+    /// Where the client was going.
+    pub dst: SocketAddr,
+    /// HTTP/2 (otherwise HTTP/1).
+    pub h2: bool,
+}
+
+/// Serves a captured client connection at L7 until it closes.
+pub async fn serve_outbound<S>(cx: Arc<Outbound>, io: S, protocol: Protocol)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    cx.src.counters.outbound_http.inc();
+    let svc = service_fn(move |req| {
+        let cx = cx.clone();
+        async move { Ok::<_, Infallible>(outbound_request(&cx, req).await) }
+    });
+    serve(io, protocol, svc).await;
+}
+
+/// Runs hyper's server for `protocol` with the hardening settings on `io`.
+async fn serve<S, Svc>(io: S, protocol: Protocol, svc: Svc)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::HttpService<Incoming, ResBody = Body, Error = Infallible>,
+    Svc::Future: Send + 'static,
+{
+    let result = if protocol == Protocol::Http2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(guard::MAX_HEAD as u32)
+            .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .serve_connection(TokioIo::new(io), svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .half_close(true)
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(guard::MAX_HEAD + 16 * 1024)
+            .serve_connection(TokioIo::new(guard::H1Guard::new(io)), svc)
+            .await
+    };
+    if let Err(e) = result {
+        debug!("HTTP connection ended: {e}");
+    }
+}
+
+async fn outbound_request(cx: &Outbound, req: Request<Incoming>) -> Response<Body> {
+    cx.src.counters.http_requests.inc();
+    let (prepared, body) = match prepare(req) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let routes = cx.shared.routes();
+    let entry = routes.service_at(cx.dst.ip()).cloned();
+    let Some(entry) = entry else {
+        // A workload addressed directly: one endpoint, no routes.
+        return forward(
+            cx,
+            &routes,
+            prepared,
+            body,
+            None,
+            cx.dst.port(),
+            &RouteRule::default(),
+        )
+        .await;
+    };
+    let Some(rule) = select_rule(&entry, cx.dst.port(), &prepared.parts, &prepared.path) else {
+        return reply(StatusCode::NOT_FOUND, "NR", "no route matched");
+    };
+    let rule = rule.into_owned();
+    if let Some(rate) = &entry.limits.rate
+        && !rate.admit(&cx.src.identity(&cx.shared.trust_domain).to_string())
+    {
+        return reply(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit");
+    }
+    let mut prepared = prepared;
+    if let Some(f) = &rule.fault {
+        if let Some((status, pct)) = f.abort
+            && chance(pct)
+        {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return reply(status, "FI", "fault injected");
+        }
+        if let Some((delay, pct)) = f.delay
+            && chance(pct)
+        {
+            tokio::time::sleep(delay).await;
+        }
+    }
+    modify(&mut prepared.parts.headers, &rule.request_headers);
+    // Weighted backend choice.
+    let (backend, port) = match pick_backend(&rule, &entry, &routes, cx.dst.port()) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut resp = match rule.request_timeout {
+        Some(t) => match tokio::time::timeout(
+            t,
+            forward(cx, &routes, prepared, body, Some(backend), port, &rule),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "UT", "request timeout"),
+        },
+        None => forward(cx, &routes, prepared, body, Some(backend), port, &rule).await,
+    };
+    modify(resp.headers_mut(), &rule.response_headers);
+    resp
+}
+
+/// The backend service and its target port for this request.
+#[expect(clippy::result_large_err, reason = "the error is the reply itself")]
+fn pick_backend(
+    rule: &RouteRule,
+    parent: &Arc<ServiceEntry>,
+    routes: &Routes,
+    port: u16,
+) -> Result<(Arc<ServiceEntry>, u16), Response<Body>> {
+    let (entry, svc_port) = if rule.backends.is_empty() {
+        (parent.clone(), port)
+    } else {
+        let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
+        let mut r = balance::random() % total.max(1);
+        let b = rule
+            .backends
+            .iter()
+            .find(|b| {
+                let w = u64::from(b.weight);
+                if r < w {
+                    true
+                } else {
+                    r -= w;
+                    false
+                }
+            })
+            .unwrap_or(&rule.backends[0]);
+        let Some(entry) = routes.l7.service(&b.service) else {
+            return Err(reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "NC",
+                &format!("backend service {} does not exist", b.service),
+            ));
+        };
+        (entry.clone(), b.port)
+    };
+    match entry.svc.target_port(svc_port) {
+        Some(p) => Ok((entry, p)),
+        None => Err(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NR",
+            &format!("service {} has no port {svc_port}", entry.svc.key),
+        )),
+    }
+}
+
+/// Sends the request to an endpoint of `backend` (or to `cx.dst` when there is none), with the
+/// rule's tries and per-try timeout.
+async fn forward(
+    cx: &Outbound,
+    routes: &Routes,
+    prepared: Prepared,
+    body: Incoming,
+    backend: Option<Arc<ServiceEntry>>,
+    port: u16,
+    rule: &RouteRule,
+) -> Response<Body> {
+    let Prepared { parts, path } = prepared;
+    let request_slot = match &backend {
+        Some(b) => match b.limits.requests.try_acquire(b.limits.policy.max_requests) {
+            Some(s) => Some(s),
+            None => {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UO",
+                    &format!(
+                        "circuit breaker: {} has too many requests in flight",
+                        b.svc.key
+                    ),
+                );
+            }
+        },
+        None => None,
+    };
+    if let Some(b) = &backend {
+        b.limits.budget.deposit();
+    }
+    // A body that can be resent makes retries possible; a large or streaming one goes once.
+    let mut body = Some(body);
+    let mut replay: Option<Bytes> = None;
+    let retry = rule.retry.as_ref().filter(|r| r.attempts > 0);
+    if retry.is_some() {
+        let b = body.take();
+        let small = b.as_ref().is_some_and(|b| {
+            hyper::body::Body::size_hint(b)
+                .upper()
+                .is_some_and(|n| n <= MAX_RETRY_BODY)
+        });
+        if small {
+            match b.map(|b| b.collect()) {
+                Some(fut) => match fut.await {
+                    Ok(c) => replay = Some(c.to_bytes()),
+                    Err(e) => {
+                        return reply(
+                            StatusCode::BAD_REQUEST,
+                            "DPE",
+                            &format!("request body: {e}"),
+                        );
+                    }
+                },
+                None => replay = Some(Bytes::new()),
+            }
+        } else {
+            body = b;
+        }
+    }
+    let body = match (body, &replay) {
+        (Some(b), None) => match first_frame_checked(b).await {
+            Ok(b) => Some(b),
+            Err(r) => return r,
+        },
+        _ => None,
+    };
+    let mut body = body;
+    let attempts = if replay.is_some() {
+        retry.map_or(0, |r| r.attempts)
+    } else {
+        0
+    };
+    let src_id = cx.src.identity(&cx.shared.trust_domain);
+    let mut avoid = None;
+    let mut last: Option<Response<Body>> = None;
+    for attempt in 0..=attempts {
+        if attempt > 0 {
+            let Some(b) = &backend else { break };
+            if !b.limits.budget.withdraw() {
+                break;
+            }
+            if let Some(r) = retry {
+                tokio::time::sleep(r.backoff).await;
+            }
+        }
+        let (endpoint, target) = match &backend {
+            Some(b) => match b.balancer.pick(avoid) {
+                Some(e) => (Some(e.clone()), SocketAddr::new(e.ip, port)),
+                None => {
+                    return reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UH",
+                        &format!("service {} has no endpoints", b.svc.key),
+                    );
+                }
+            },
+            None => (None, cx.dst),
+        };
+        avoid = Some(target.ip());
+        let hop = Hop::to(&cx.shared, routes, target.ip());
+        if let Hop::Local(dest) = &hop {
+            let attrs = HttpAttributes {
+                method: parts.method.as_str(),
+                path: &path,
+                headers: &parts.headers,
+            };
+            if dest
+                .authorize(&cx.shared, Some(&src_id), target.port(), Some(&attrs))
+                .is_err()
+            {
+                return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+            }
+        }
+        let req_body = match (&replay, body.take()) {
+            (Some(bytes), _) => full(bytes.clone()),
+            (None, Some(b)) => b,
+            (None, None) => full(Bytes::new()),
+        };
+        let req = rebuild(&parts, req_body);
+        let limits = backend.as_ref().map(|b| &b.limits);
+        let dest = upstream::Dest {
+            hop: &hop,
+            addr: target,
+            h2: cx.h2,
+            limits,
+        };
+        let mut in_flight = None;
+        let send = async {
+            let conn = cx
+                .shared
+                .http_pool
+                .checkout(&cx.shared, &cx.src, dest)
+                .await?;
+            // Timed from here: the endpoint's latency, not the connection handshake.
+            in_flight = endpoint.as_ref().map(balance::Endpoint::start);
+            match conn.send(req).await {
+                // An idle connection closed under the request before it was written: nothing
+                // was sent, so it goes once more on a new connection.
+                Err(UpstreamError::Unsent(req)) => {
+                    let pool = &cx.shared.http_pool;
+                    pool.forget_idle(&cx.shared, &cx.src, dest);
+                    pool.checkout(&cx.shared, &cx.src, dest)
+                        .await?
+                        .send(req)
+                        .await
+                }
+                other => other,
+            }
+        };
+        let result = match rule.backend_timeout {
+            Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ()),
+            None => Ok(send.await),
+        };
+        let record = |failed: bool| {
+            if let (Some(b), Some(e)) = (&backend, &endpoint)
+                && b.balancer.record(e, failed)
+            {
+                warn!(service = %b.svc.key, endpoint = %e.ip, "endpoint ejected after consecutive failures");
+            }
+        };
+        match result {
+            Ok(Ok(mut resp)) => {
+                if let Some(f) = &in_flight {
+                    f.answered();
+                }
+                let status = resp.status();
+                record(status.is_server_error());
+                let retriable = retry.is_some_and(|r| r.codes.contains(&status.as_u16()));
+                strip_hop_by_hop(resp.headers_mut());
+                let (rparts, rbody) = resp.into_parts();
+                let held = Held {
+                    inner: incoming(rbody),
+                    _hold: (None, in_flight),
+                };
+                let resp = Response::from_parts(rparts, held.boxed_unsync());
+                if retriable && attempt < attempts {
+                    last = Some(resp);
+                    continue;
+                }
+                let (rparts, rbody) = resp.into_parts();
+                let held = Held {
+                    inner: rbody,
+                    _hold: (request_slot, None),
+                };
+                return Response::from_parts(rparts, held.boxed_unsync());
+            }
+            Ok(Err(UpstreamError::Overflow)) => {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UO",
+                    "circuit breaker: connection limit reached",
+                );
+            }
+            Ok(Err(UpstreamError::Connect(ProxyError::TunnelRefused {
+                status: StatusCode::FORBIDDEN,
+                ..
+            }))) => {
+                // The destination's policy refused this source: not a failure of the endpoint.
+                return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+            }
+            Ok(Err(e @ UpstreamError::Connect(_))) => {
+                record(true);
+                debug!(%target, "{e}");
+                last = Some(reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    &format!("upstream connect failure: {e}"),
+                ));
+                if retry.is_some_and(|r| r.on_connect_failure) {
+                    continue;
+                }
+                break;
+            }
+            Ok(Err(e @ (UpstreamError::Reset(_) | UpstreamError::Unsent(_)))) => {
+                record(true);
+                debug!(%target, "{e}");
+                last = Some(reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UC",
+                    &format!("upstream reset: {e}"),
+                ));
+                if retry.is_some_and(|r| r.on_reset) {
+                    continue;
+                }
+                break;
+            }
+            Err(()) => {
+                record(true);
+                last = Some(reply(StatusCode::GATEWAY_TIMEOUT, "UT", "per-try timeout"));
+                break;
+            }
+        }
+    }
+    let mut resp =
+        last.unwrap_or_else(|| reply(StatusCode::SERVICE_UNAVAILABLE, "URX", "no try made"));
+    if attempts > 0 && resp.headers().get(FLAGS_HEADER).is_none() {
+        resp.headers_mut()
+            .insert(FLAGS_HEADER, HeaderValue::from_static("URX"));
+    }
+    resp
+}
+
+/// Waits for the first frame of a request body before anything is sent upstream, so a body that
+/// is broken from its first byte (e.g. a chunk-size overflow) is refused and never forwarded.
+async fn first_frame_checked(mut body: Incoming) -> Result<Body, Response<Body>> {
+    if hyper::body::Body::is_end_stream(&body) {
+        return Ok(incoming(body));
+    }
+    match body.frame().await {
+        None => Ok(full(Bytes::new())),
+        Some(Err(e)) => Err(reply(
+            StatusCode::BAD_REQUEST,
+            "DPE",
+            &format!("request body: {e}"),
+        )),
+        Some(Ok(first)) => Ok(Prepend {
+            first: Some(first),
+            rest: body,
+        }
+        .boxed_unsync()),
+    }
+}
+
+/// A body whose first frame was already read.
+struct Prepend {
+    first: Option<Frame<Bytes>>,
+    rest: Incoming,
+}
+
+impl hyper::body::Body for Prepend {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as BoxError)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+}
+
+/// What an inbound L7 connection's requests share.
+#[derive(Debug)]
+struct Inbound {
+    shared: Arc<Shared>,
+    dest: Arc<LocalPod>,
+    source: Option<Identity>,
+    port: u16,
+    h2: bool,
+    h1_app: Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>,
+    h2_app: Mutex<Option<hyper::client::conn::http2::SendRequest<Body>>>,
+}
+
+/// Serves a connection to `dest`'s application at L7: every request is authorized with
+/// `source` and forwarded over `app` (re-dialled if the application closes it).
+pub async fn serve_inbound<S>(
+    shared: Arc<Shared>,
+    dest: Arc<LocalPod>,
+    source: Option<Identity>,
+    port: u16,
+    protocol: Protocol,
+    io: S,
+    app: tokio::net::TcpStream,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let h2 = protocol == Protocol::Http2;
+    let cx = Arc::new(Inbound {
+        shared,
+        dest,
+        source,
+        port,
+        h2,
+        h1_app: Mutex::new(None),
+        h2_app: Mutex::new(None),
+    });
+    if let Err(e) = cx.attach(app).await {
+        warn!(dst = %cx.dest.pod.key, "application connection: {e}");
+        return;
+    }
+    let svc = service_fn(move |req| {
+        let cx = cx.clone();
+        async move { Ok::<_, Infallible>(inbound_request(&cx, req).await) }
+    });
+    serve(io, protocol, svc).await;
+}
+
+impl Inbound {
+    async fn attach(&self, app: tokio::net::TcpStream) -> Result<(), hyper::Error> {
+        let io = TokioIo::new(app);
+        if self.h2 {
+            let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(conn);
+            *lock(&self.h2_app) = Some(s);
+        } else {
+            let (s, conn) = hyper::client::conn::http1::Builder::new()
+                .handshake(io)
+                .await?;
+            tokio::spawn(conn);
+            *lock(&self.h1_app) = Some(s);
+        }
+        Ok(())
+    }
+
+    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+        for _ in 0..2 {
+            if self.h2 {
+                let s = lock(&self.h2_app).clone().filter(|s| !s.is_closed());
+                if let Some(mut s) = s {
+                    return s.send_request(req).await.map_err(|e| e.to_string());
+                }
+            } else {
+                let s = lock(&self.h1_app).take().filter(|s| !s.is_closed());
+                if let Some(mut s) = s {
+                    s.ready().await.map_err(|e| e.to_string())?;
+                    let fut = s.send_request(req);
+                    *lock(&self.h1_app) = Some(s);
+                    return fut.await.map_err(|e| e.to_string());
+                }
+            }
+            let app = self
+                .dest
+                .dial_app(self.port)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.attach(app).await.map_err(|e| e.to_string())?;
+        }
+        Err("the application keeps closing its connection".into())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn inbound_request(cx: &Inbound, req: Request<Incoming>) -> Response<Body> {
+    cx.dest.counters.http_requests.inc();
+    let (prepared, body) = match prepare(req) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let attrs = HttpAttributes {
+        method: prepared.parts.method.as_str(),
+        path: &prepared.path,
+        headers: &prepared.parts.headers,
+    };
+    if cx
+        .dest
+        .authorize(&cx.shared, cx.source.as_ref(), cx.port, Some(&attrs))
+        .is_err()
+    {
+        return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+    }
+    let body = match first_frame_checked(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match cx.send(rebuild(&prepared.parts, body)).await {
+        Ok(mut resp) => {
+            strip_hop_by_hop(resp.headers_mut());
+            resp.map(incoming)
+        }
+        Err(e) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UC",
+            &format!("application: {e}"),
+        ),
+    }
+}

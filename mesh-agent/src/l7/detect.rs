@@ -1,0 +1,198 @@
+//! Protocol detection on a fresh connection: read the first bytes the client sends, for at most
+//! [`DETECT_TIMEOUT`], and decide HTTP/1, HTTP/2 (prior knowledge), TLS or opaque TCP. The bytes
+//! read are replayed by [`Rewind`], so whatever handles the connection next sees it whole.
+//!
+//! A client that sends nothing within the timeout (a server-speaks-first protocol such as SMTP or
+//! MySQL) is opaque: it loses the timeout once, then relays as plain TCP.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// How long detection waits for the client's first bytes.
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(200);
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
+];
+
+/// What the client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.0 or 1.1.
+    Http1,
+    /// HTTP/2 with prior knowledge (gRPC, h2c).
+    Http2,
+    /// A TLS ClientHello: relayed untouched.
+    Tls,
+    /// Anything else, or nothing in time.
+    Opaque,
+}
+
+impl Protocol {
+    /// Whether the proxy handles it at L7.
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::Http1 | Self::Http2)
+    }
+}
+
+/// Decides on the bytes so far; `None` means more bytes could change the answer.
+fn classify(buf: &[u8]) -> Option<Protocol> {
+    if buf.is_empty() {
+        return None;
+    }
+    if buf[0] == 0x16 {
+        return Some(Protocol::Tls);
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
+    }
+    let mut undecided = false;
+    for m in METHODS {
+        let n = buf.len().min(m.len());
+        if buf[..n] == m[..n] {
+            if n == m.len() {
+                return Some(Protocol::Http1);
+            }
+            undecided = true;
+        }
+    }
+    (!undecided).then_some(Protocol::Opaque)
+}
+
+/// Reads until the protocol is known or the timeout passes. The stream comes back with the
+/// bytes read, ready to be replayed.
+pub async fn detect<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<(Protocol, Rewind<S>)> {
+    let mut buf = BytesMut::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let protocol = loop {
+        if let Some(p) = classify(&buf) {
+            break p;
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Err(_) => break Protocol::Opaque,
+            Ok(Ok(0)) => break Protocol::Opaque,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    };
+    Ok((
+        protocol,
+        Rewind {
+            prefix: buf.freeze(),
+            inner: stream,
+        },
+    ))
+}
+
+/// A stream that first yields bytes already read from it.
+#[derive(Debug)]
+pub struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    /// A stream with nothing to replay.
+    pub fn new(inner: S) -> Self {
+        Self {
+            prefix: Bytes::new(),
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"DELETE /x"), Some(Protocol::Http1));
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(classify(&H2_PREFACE[..10]), None);
+        assert_eq!(classify(b"PRI * HTTP/1.1"), Some(Protocol::Opaque));
+        assert_eq!(classify(&[0x16, 0x03, 0x01]), Some(Protocol::Tls));
+        assert_eq!(classify(b"SSH-2.0"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Opaque));
+    }
+
+    #[tokio::test]
+    async fn replays_what_it_read_and_times_out_on_silence() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"POST /a HTTP/1.1\r\n")
+            .await
+            .unwrap_or_default();
+        let (p, mut s) = detect(server).await.expect("detect");
+        assert_eq!(p, Protocol::Http1);
+        let mut got = vec![0; 18];
+        s.read_exact(&mut got).await.expect("replay");
+        assert_eq!(&got, b"POST /a HTTP/1.1\r\n");
+
+        let (_quiet, server) = tokio::io::duplex(1024);
+        let started = std::time::Instant::now();
+        let (p, _) = detect(server).await.expect("detect");
+        assert_eq!(p, Protocol::Opaque);
+        assert!(started.elapsed() >= DETECT_TIMEOUT);
+    }
+}
