@@ -826,10 +826,36 @@ impl Cluster {
 
     /// Starts the test HTTP server in pod `pod` on `port` and waits for it.
     pub fn serve(&self, pod: &str, port: u16) -> Result<()> {
+        self.serve_with(pod, port, &[])
+    }
+
+    /// [`Cluster::serve`] with more `mesh-testapp serve` flags (e.g. `--delay-ms`). The server
+    /// names itself after the pod.
+    pub fn serve_with(&self, pod: &str, port: u16, extra: &[&str]) -> Result<()> {
         let app = artifact("mesh-testapp")?;
         let app = app.to_string_lossy().into_owned();
-        self.spawn(pod, &[&app, "serve", "--port", &port.to_string()])?;
+        let port_s = port.to_string();
+        let mut args = vec![app.as_str(), "serve", "--port", &port_s, "--name", pod];
+        args.extend_from_slice(extra);
+        self.spawn(pod, &args)?;
         self.wait_listening(pod, port)
+    }
+
+    /// Runs `mesh-testapp <args>` in pod `pod` and returns its stdout; fails if it does.
+    pub fn testapp(&self, pod: &str, args: &[&str]) -> Result<String> {
+        let app = artifact("mesh-testapp")?;
+        let app = app.to_string_lossy().into_owned();
+        let mut all = vec![app.as_str()];
+        all.extend_from_slice(args);
+        let out = self.exec(pod, &all)?;
+        if !out.status.success() {
+            bail!(
+                "mesh-testapp {args:?} in {pod} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// `curl` from pod `pod`; returns (exit code, stdout).

