@@ -300,6 +300,18 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
             "CONNECT is not proxied",
         ));
     }
+    if parts.headers.contains_key(header::UPGRADE) {
+        // Not forwarded yet. The connection closes after the reply: the framing guard stops
+        // checking after an upgrade request, so nothing more may be read from it.
+        let mut r = reply(
+            StatusCode::NOT_IMPLEMENTED,
+            "NR",
+            "protocol upgrades (e.g. WebSocket) are not proxied at L7: declare the service port appProtocol: tcp",
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(r);
+    }
     let path = match path::normalize(parts.uri.path()) {
         Ok(p) => p,
         Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),

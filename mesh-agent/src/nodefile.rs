@@ -209,6 +209,8 @@ struct RawService {
 struct RawServicePort {
     port: u16,
     target_port: Option<u16>,
+    /// Kubernetes' free-form `appProtocol`; `tcp` turns protocol detection off.
+    app_protocol: Option<String>,
 }
 
 /// The result of reading a node file: the state to apply and what was wrong with it.
@@ -537,6 +539,7 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
             sports.push(ServicePort {
                 port: p.port,
                 target_port: p.target_port.unwrap_or(p.port),
+                opaque: p.app_protocol.as_deref() == Some("tcp"),
             });
         }
         if ports.is_some_and(|p| p.is_empty()) {

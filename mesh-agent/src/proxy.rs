@@ -230,10 +230,13 @@ impl Routes {
             .and_then(|r| self.l7.service(&r.svc.key))
     }
 
-    /// Whether `ip` is in the mesh (a service address or a workload), so connections to it are
-    /// worth protocol detection.
-    pub fn is_mesh_address(&self, ip: IpAddr) -> bool {
-        self.by_vip.contains_key(&ip) || self.state.workloads.contains_key(&ip)
+    /// Whether connections to `dst` get protocol detection: mesh destinations (a service
+    /// address or a workload), except service ports declared `appProtocol: tcp`.
+    pub fn detects(&self, dst: SocketAddr) -> bool {
+        match self.by_vip.get(&dst.ip()) {
+            Some(r) => !r.svc.is_opaque(dst.port()),
+            None => self.state.workloads.contains_key(&dst.ip()),
+        }
     }
 
     /// Where to connect for a captured connection to `dst`: a service address becomes one of
@@ -776,7 +779,7 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
         .ok_or_else(|| fail(ProxyError::NoOrigDst(peer.port())))?;
     let routes = shared.routes();
     // Mesh destinations get protocol detection: HTTP is proxied per request.
-    let client = if routes.is_mesh_address(dst.ip()) {
+    let client = if routes.detects(dst) {
         let (protocol, client) = l7::detect::detect(client)
             .await
             .map_err(|source| fail(ProxyError::Connect { addr: dst, source }))?;

@@ -170,6 +170,9 @@ pub struct ServicePort {
     pub port: u16,
     /// Port on the endpoints.
     pub target_port: u16,
+    /// `appProtocol: tcp`: relayed as bytes without protocol detection (for protocols where the
+    /// server speaks first, which would otherwise wait out the detection timeout).
+    pub opaque: bool,
 }
 
 /// A service: a virtual address balanced over endpoints that may live on any node.
@@ -186,6 +189,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// Whether `port` is declared opaque TCP.
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.ports.iter().any(|p| p.port == port && p.opaque)
+    }
+
     /// The target port for a connect to `port` on the service address, if the service serves it.
     pub fn target_port(&self, port: u16) -> Option<u16> {
         self.ports

@@ -208,6 +208,27 @@ pub struct ServiceSpec {
     pub target_port: u16,
     /// Endpoint pod names.
     pub endpoints: Vec<String>,
+    /// `appProtocol` of its port (`tcp`: no protocol detection, always L4).
+    pub app_protocol: Option<String>,
+}
+
+impl ServiceSpec {
+    /// A service on `port`, forwarding to `target_port` on the named pods.
+    pub fn new(name: &str, port: u16, target_port: u16, endpoints: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            port,
+            target_port,
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            app_protocol: None,
+        }
+    }
+
+    /// Declares the port's `appProtocol`.
+    pub fn app_protocol(mut self, p: &str) -> Self {
+        self.app_protocol = Some(p.into());
+        self
+    }
 }
 
 /// A created pod.
@@ -499,11 +520,15 @@ impl Cluster {
                 .map(|e| self.pod(e).ip.to_string())
                 .collect();
             s.push_str(&format!(
-                "  - name: {}\n    namespace: default\n    ip: {}\n    ports: [{{port: {}, targetPort: {}}}]\n    endpoints: [{}]\n",
+                "  - name: {}\n    namespace: default\n    ip: {}\n    ports: [{{port: {}, targetPort: {}{}}}]\n    endpoints: [{}]\n",
                 svc.name,
                 self.service_ip(&svc.name),
                 svc.port,
                 svc.target_port,
+                svc.app_protocol
+                    .as_ref()
+                    .map(|p| format!(", appProtocol: {p}"))
+                    .unwrap_or_default(),
                 eps.join(", ")
             ));
         }

@@ -17,12 +17,12 @@ fn two_nodes() -> Result<Cluster> {
             vec![PodSpec::mesh("client"), PodSpec::bare("bare")],
             vec![PodSpec::mesh("server"), PodSpec::mesh("server2")],
         ],
-        vec![ServiceSpec {
-            name: "web".into(),
-            port: 80,
-            target_port: APP_PORT,
-            endpoints: vec!["server".into(), "server2".into()],
-        }],
+        vec![ServiceSpec::new(
+            "web",
+            80,
+            APP_PORT,
+            &["server", "server2"],
+        )],
     )?;
     c.serve("server", APP_PORT)?;
     c.serve("server2", APP_PORT)?;

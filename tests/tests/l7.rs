@@ -10,14 +10,10 @@ use mesh_tests::{Cluster, PodSpec, ServiceSpec};
 const APP_PORT: u16 = 8080;
 
 /// node-1: client, client2 (mesh), bare (outside); node-2: server, server2 (mesh).
-/// Services (port 80 → 8080): `web` over both servers, `v1` over server, `v2` over server2.
+/// Services (port 80 → 8080): `web` over both servers, `v1` over server, `v2` and `opaque`
+/// (`appProtocol: tcp`) over server2.
 fn cluster() -> Result<Cluster> {
-    let svc = |name: &str, endpoints: &[&str]| ServiceSpec {
-        name: name.into(),
-        port: 80,
-        target_port: APP_PORT,
-        endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
-    };
+    let svc = |name: &str, endpoints: &[&str]| ServiceSpec::new(name, 80, APP_PORT, endpoints);
     let mut c = Cluster::new(
         vec![
             vec![
@@ -31,6 +27,7 @@ fn cluster() -> Result<Cluster> {
             svc("web", &["server", "server2"]),
             svc("v1", &["server"]),
             svc("v2", &["server2"]),
+            svc("opaque", &["server2"]).app_protocol("tcp"),
         ],
     )?;
     c.serve("server", APP_PORT)?;
@@ -398,6 +395,21 @@ fn routes_match_edit_headers_and_send_the_normalized_path() -> Result<()> {
         !canary.contains("s3cr3t"),
         "removed header reached the backend: {canary}"
     );
+    // Hop-by-hop headers, and the ones `Connection` names, stop at the proxy.
+    let hop = get(&[
+        "-H",
+        "Connection: x-hop",
+        "-H",
+        "x-hop: leak",
+        "-H",
+        "Keep-Alive: timeout=5",
+        &format!("http://{web}/echo"),
+    ])?;
+    assert!(hop.contains("x-served-by: server\n"), "{hop}");
+    assert!(
+        !hop.contains("leak") && !hop.to_lowercase().contains("keep-alive: timeout"),
+        "{hop}"
+    );
     // Any part of the first match missing: the second rule.
     for args in [
         vec![format!("http://{web}/echo?v=2")],
@@ -447,6 +459,7 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
         ("two Content-Length", "POST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc".into(), 400),
         ("TE with space before colon", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n".into(), 400),
         ("chunk-size overflow", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff1\r\nabc\r\n0\r\n\r\n".into(), 400),
+        ("smuggling behind an upgrade", "GET /x HTTP/1.1\r\nHost: s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nPOST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG".into(), 501),
         ("/admin", get("/admin"), 403),
         ("//admin", get("//admin"), 403),
         ("%2e%2e/admin", get("/public/%2e%2e/admin"), 403),
@@ -583,6 +596,43 @@ fn http2_rapid_reset_gets_goaway_while_others_keep_working() -> Result<()> {
         (load["requests"].as_u64(), load["errors"].as_u64()),
         (Some(600), Some(0)),
         "{load}"
+    );
+    Ok(())
+}
+
+#[test]
+fn app_protocol_tcp_is_relayed_at_l4_without_detection() -> Result<()> {
+    let c = cluster()?;
+    let opaque = hits(
+        &c,
+        "client",
+        &format!("http://{}/", c.service_ip("opaque")),
+        3,
+        false,
+    )?;
+    assert_eq!(count(&opaque, 200), 3);
+    assert_eq!(
+        c.counter(0, "client", "outbound_http")?,
+        0,
+        "no HTTP handling"
+    );
+    assert_eq!(
+        c.counter(1, "server2", "hbone_streams")?,
+        3,
+        "a stream per connection"
+    );
+    let http = hits(
+        &c,
+        "client",
+        &format!("http://{}/", c.service_ip("v2")),
+        1,
+        false,
+    )?;
+    assert_eq!(count(&http, 200), 1);
+    assert_eq!(
+        c.counter(0, "client", "outbound_http")?,
+        1,
+        "detected as HTTP"
     );
     Ok(())
 }

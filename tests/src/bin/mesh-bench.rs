@@ -1,6 +1,9 @@
-//! `cargo xtask bench`: direct pod→pod vs the same through the mesh, cross-node (HBONE: HTTP/2
-//! CONNECT over mTLS) and same-node (handed over inside the agent, no TLS),
-//! measured in one run on one topology, so the ratios compare like with like.
+//! `cargo xtask bench`: direct pod→pod vs the same through the mesh: cross-node at L4 (HBONE:
+//! HTTP/2 CONNECT over mTLS, a service port declared `appProtocol: tcp`), cross-node at L7 (HTTP
+//! parsed and routed by an HTTPRoute, then HBONE), and same-node at L4 (handed over inside the
+//! agent, no TLS), measured in one run on one topology, so the ratios compare like with like.
+//! A second table compares per-request balancing (P2C peak EWMA vs round robin) over three
+//! endpoints of which one adds 50 ms.
 //!
 //! Per path: requests/s (wrk, HTTP/1.1 keep-alive, 1 KB bodies), p50/p99 latency at a fixed
 //! 1000 requests/s (mesh-testapp load; measured from each request's scheduled time), and bulk
@@ -10,45 +13,74 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::{Cluster, PodSpec, artifact};
+use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact};
 
 const HTTP: u16 = 8080;
 const IPERF: u16 = 5201;
+
+/// What a path's client connects to.
+#[derive(Clone, Copy, Debug)]
+enum Dest {
+    /// A pod's own address.
+    Pod(&'static str),
+    /// A service address.
+    Service(&'static str),
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Path {
     name: &'static str,
     client: &'static str,
-    server: &'static str,
+    http: Dest,
+    /// The pod iperf3 runs against (bulk bytes are L4 on every mesh path).
+    iperf: Option<&'static str>,
     baseline: Option<usize>,
 }
 
-const PATHS: [Path; 4] = [
+const PATHS: [Path; 5] = [
     Path {
         name: "direct cross-node",
         client: "bare",
-        server: "bareserver",
+        http: Dest::Pod("bareserver"),
+        iperf: Some("bareserver"),
         baseline: None,
     },
     Path {
-        name: "mesh cross-node (HBONE, mTLS)",
+        name: "mesh cross-node L4 (HBONE, mTLS)",
         client: "client",
-        server: "server",
+        http: Dest::Service("l4"),
+        iperf: Some("server"),
+        baseline: Some(0),
+    },
+    Path {
+        name: "mesh cross-node L7 (HTTP routing, HBONE)",
+        client: "client",
+        http: Dest::Service("l7"),
+        iperf: None,
         baseline: Some(0),
     },
     Path {
         name: "direct same-node",
         client: "bare",
-        server: "barelocal",
+        http: Dest::Pod("barelocal"),
+        iperf: Some("barelocal"),
         baseline: None,
     },
     Path {
-        name: "mesh same-node (no TLS)",
+        name: "mesh same-node L4 (no TLS)",
         client: "client",
-        server: "local",
-        baseline: Some(2),
+        http: Dest::Service("local-l4"),
+        iperf: Some("local"),
+        baseline: Some(3),
     },
 ];
+
+/// Node-1's node file additions: the L7 row's route, and the balancing policy of `trio`.
+fn config(lb: &str) -> String {
+    format!(
+        "httpRoutes:\n  - name: l7\n    namespace: default\n    parentRefs: [{{kind: Service, name: l7, port: {HTTP}}}]\n    rules:\n      - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n        backendRefs: [{{name: l7, port: {HTTP}}}]\ndestinationRules:\n  - {{name: trio, namespace: default, host: trio, trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}}}\n"
+    )
+}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -86,7 +118,13 @@ fn wrk(c: &Cluster, p: &Path, ip: Ipv4Addr, secs: u64) -> Result<f64> {
         .context("parse Requests/sec")
 }
 
-fn fixed_rate(c: &Cluster, p: &Path, ip: Ipv4Addr, secs: u64) -> Result<(f64, f64)> {
+fn fixed_rate(
+    c: &Cluster,
+    p: &Path,
+    ip: Ipv4Addr,
+    secs: u64,
+    (rate, conns): (u64, u64),
+) -> Result<(f64, f64)> {
     let app = artifact("mesh-testapp")?.to_string_lossy().into_owned();
     let out = c.exec(
         p.client,
@@ -96,9 +134,11 @@ fn fixed_rate(c: &Cluster, p: &Path, ip: Ipv4Addr, secs: u64) -> Result<(f64, f6
             "--addr",
             &format!("{ip}:{HTTP}"),
             "--rate",
-            "1000",
+            &rate.to_string(),
             "--seconds",
             &secs.to_string(),
+            "--connections",
+            &conns.to_string(),
         ],
     )?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
@@ -149,21 +189,44 @@ fn main() -> Result<()> {
                 PodSpec::mesh("local"),
                 PodSpec::bare("barelocal"),
             ],
-            vec![PodSpec::mesh("server"), PodSpec::bare("bareserver")],
+            vec![
+                PodSpec::mesh("server"),
+                PodSpec::bare("bareserver"),
+                PodSpec::mesh("fast2"),
+                PodSpec::mesh("slow"),
+            ],
         ],
-        vec![],
+        vec![
+            ServiceSpec::new("l4", HTTP, HTTP, &["server"]).app_protocol("tcp"),
+            ServiceSpec::new("l7", HTTP, HTTP, &["server"]),
+            ServiceSpec::new("local-l4", HTTP, HTTP, &["local"]).app_protocol("tcp"),
+            ServiceSpec::new("trio", HTTP, HTTP, &["server", "fast2", "slow"]),
+        ],
     )?;
     for s in ["server", "bareserver", "local", "barelocal"] {
         c.serve(s, HTTP)?;
         c.spawn(s, &["iperf3", "-s", "-p", &IPERF.to_string()])?;
         c.wait_listening(s, IPERF)?;
     }
+    c.serve("fast2", HTTP)?;
+    c.serve_with("slow", HTTP, &["--delay-ms", "50"])?;
     c.start_agent(0)?;
     c.start_agent(1)?;
+    let expect_rules = ["default/trio"];
+    c.apply(
+        0,
+        &config("ROUND_ROBIN"),
+        "destination_rules",
+        &expect_rules,
+    )?;
     eprintln!(
         "bench: {rounds} rounds x {} paths, {secs}s per measurement",
         PATHS.len()
     );
+    let addr = |d: Dest| match d {
+        Dest::Pod(p) => c.pod(p).ip,
+        Dest::Service(s) => c.service_ip(s),
+    };
 
     let n = PATHS.len();
     let (mut rps, mut p50, mut p99, mut gbps) = (
@@ -172,15 +235,37 @@ fn main() -> Result<()> {
         vec![vec![]; n],
         vec![vec![]; n],
     );
+    // P2C vs round robin over `trio`, where `slow` adds 50 ms: p50 and p99 per policy.
+    let lbs = [
+        ("ROUND_ROBIN", "round robin"),
+        ("P2C_PEAK_EWMA", "P2C peak EWMA"),
+    ];
+    let mut lb_lat: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); lbs.len()];
+    let trio = Path {
+        name: "trio",
+        client: "client",
+        http: Dest::Service("trio"),
+        iperf: None,
+        baseline: None,
+    };
     for r in 0..rounds {
         for (i, p) in PATHS.iter().enumerate() {
-            let ip = c.pod(p.server).ip;
+            let ip = addr(p.http);
             eprintln!("round {}/{rounds}: {}", r + 1, p.name);
             rps[i].push(wrk(&c, p, ip, secs)?);
-            let (a, b) = fixed_rate(&c, p, ip, secs)?;
+            let (a, b) = fixed_rate(&c, p, ip, secs, (1000, 8))?;
             p50[i].push(a);
             p99[i].push(b);
-            gbps[i].push(iperf(&c, p, ip, secs)?);
+            if let Some(server) = p.iperf {
+                gbps[i].push(iperf(&c, p, c.pod(server).ip, secs)?);
+            }
+        }
+        for (k, (lb, label)) in lbs.iter().enumerate() {
+            eprintln!("round {}/{rounds}: trio, {label}", r + 1);
+            c.apply(0, &config(lb), "destination_rules", &expect_rules)?;
+            let (a, b) = fixed_rate(&c, &trio, c.service_ip("trio"), secs, (200, 16))?;
+            lb_lat[k].0.push(a);
+            lb_lat[k].1.push(b);
         }
     }
     let m: Vec<[f64; 4]> = (0..n)
@@ -202,20 +287,47 @@ fn main() -> Result<()> {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, p) in PATHS.iter().enumerate() {
+        let has_iperf = p.iperf.is_some();
         let ratios = match p.baseline {
             Some(b) => (0..4)
-                .map(|k| format!("{:.2}", m[i][k] / m[b][k].max(f64::MIN_POSITIVE)))
+                .map(|k| {
+                    if k == 3 && !has_iperf {
+                        "-".to_string()
+                    } else {
+                        format!("{:.2}", m[i][k] / m[b][k].max(f64::MIN_POSITIVE))
+                    }
+                })
                 .collect::<Vec<_>>(),
             None => vec!["1.00".into(); 4],
         };
+        let gbit = if has_iperf {
+            format!("{:.2}", m[i][3])
+        } else {
+            "-".into()
+        };
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {gbit} | {} |",
             p.name,
             m[i][0],
             m[i][1],
             m[i][2],
-            m[i][3],
             ratios.join(" | ")
+        );
+    }
+    println!(
+        "\nL7 / L4 requests/s (cross-node, same run): {:.2}",
+        m[2][0] / m[1][0].max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "\nper-request balancing over 3 endpoints, one adding 50 ms (200 rps, 16 connections):"
+    );
+    println!("| policy | p50 µs | p99 µs |");
+    println!("|---|---:|---:|");
+    for (k, (_, label)) in lbs.iter().enumerate() {
+        println!(
+            "| {label} | {:.0} | {:.0} |",
+            median(&mut lb_lat[k].0),
+            median(&mut lb_lat[k].1)
         );
     }
     let captured = c.counter(0, "client", "kernel.captured_v4")?;

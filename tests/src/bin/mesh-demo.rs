@@ -15,12 +15,12 @@ fn main() -> Result<()> {
             vec![PodSpec::mesh("frontend"), PodSpec::mesh("worker")],
             vec![PodSpec::mesh("backend-a"), PodSpec::mesh("backend-b")],
         ],
-        vec![ServiceSpec {
-            name: "backend".into(),
-            port: 80,
-            target_port: PORT,
-            endpoints: vec!["backend-a".into(), "backend-b".into()],
-        }],
+        vec![ServiceSpec::new(
+            "backend",
+            80,
+            PORT,
+            &["backend-a", "backend-b"],
+        )],
     )?;
     for p in ["frontend", "worker", "backend-a", "backend-b"] {
         c.serve(p, PORT)?;
