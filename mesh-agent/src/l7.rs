@@ -229,7 +229,8 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
 }
 
-fn incoming(b: Incoming) -> Body {
+/// An incoming body as the proxy's body type.
+pub(crate) fn incoming(b: Incoming) -> Body {
     b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
 }
 
@@ -715,7 +716,7 @@ async fn forward(
                 strip_hop_by_hop(resp.headers_mut());
                 let (rparts, rbody) = resp.into_parts();
                 let held = Held {
-                    inner: incoming(rbody),
+                    inner: rbody,
                     _hold: (None, in_flight),
                 };
                 let resp = Response::from_parts(rparts, held.boxed_unsync());

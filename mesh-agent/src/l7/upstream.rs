@@ -100,8 +100,8 @@ pub struct Conn {
 
 impl Conn {
     /// Sends `req`. An HTTP/1 connection returns to the pool once the response body has been
-    /// read.
-    pub async fn send(self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    /// read to its end (a body dropped early takes its connection with it).
+    pub async fn send(self, req: Request<Body>) -> Result<Response<Body>, UpstreamError> {
         let Conn {
             pool,
             key,
@@ -109,7 +109,13 @@ impl Conn {
             limits,
         } = self;
         let mut sender = match sender {
-            Sender::H2(mut s) => return s.send_request(req).await.map_err(UpstreamError::Reset),
+            Sender::H2(mut s) => {
+                return s
+                    .send_request(req)
+                    .await
+                    .map(|r| r.map(super::incoming))
+                    .map_err(UpstreamError::Reset);
+            }
             Sender::H1(s) => s,
         };
         let resp = match sender.try_send_request(req).await {
@@ -125,19 +131,86 @@ impl Conn {
                 return Err(UpstreamError::Unsent(req));
             }
         };
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = lock(&pool.h1);
-                let list = idle.entry(key).or_default();
-                if list.len() < MAX_IDLE {
-                    list.push(sender);
-                }
+        Ok(resp.map(|body| {
+            http_body_util::BodyExt::boxed_unsync(Returning {
+                body,
+                back: Some((sender, pool, key, limits)),
+            })
+        }))
+    }
+}
+
+/// A response body that hands its HTTP/1 connection back to the pool at its end, without a
+/// task of its own when the connection is already free (the common case).
+struct Returning {
+    body: Incoming,
+    back: Option<GiveBack>,
+}
+
+/// What a [`Returning`] body hands back: the connection, where to, and whom to wake.
+type GiveBack = (
+    http1::SendRequest<Body>,
+    Arc<Pool>,
+    Key,
+    Option<Arc<Limits>>,
+);
+
+impl Returning {
+    fn give_back(&mut self, cx: &mut std::task::Context<'_>) {
+        let Some((mut sender, pool, key, limits)) = self.back.take() else {
+            return;
+        };
+        let put = |sender: http1::SendRequest<Body>, pool: &Pool, key: Key| {
+            let mut idle = lock(&pool.h1);
+            let list = idle.entry(key).or_default();
+            if list.len() < MAX_IDLE {
+                list.push(sender);
             }
-            if let Some(l) = limits {
-                l.freed.notify_one();
+        };
+        match sender.poll_ready(cx) {
+            std::task::Poll::Ready(Ok(())) => put(sender, &pool, key),
+            std::task::Poll::Ready(Err(_)) => {}
+            std::task::Poll::Pending => {
+                let limits = limits.clone();
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        put(sender, &pool, key);
+                    }
+                    if let Some(l) = limits {
+                        l.freed.notify_one();
+                    }
+                });
+                return;
             }
-        });
-        Ok(resp)
+        }
+        if let Some(l) = limits {
+            l.freed.notify_one();
+        }
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, super::BoxError>>> {
+        let r = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &r {
+            std::task::Poll::Ready(None) => self.give_back(cx),
+            std::task::Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => {
+                self.give_back(cx);
+            }
+            _ => {}
+        }
+        r.map_err(|e| Box::new(e) as super::BoxError)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
