@@ -469,21 +469,25 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
         ("10k tiny headers", format!("GET /x HTTP/1.1\r\nHost: s\r\n{many}\r\n"), 431),
         ("header block over the limit", format!("GET /x HTTP/1.1\r\nHost: s\r\nX-Big: {big}\r\n\r\n"), 431),
     ];
-    for (from, target) in [("bare", server.to_string()), ("client", server.to_string())] {
+    // Sends `bytes` raw from `from` to the server; returns the answer.
+    let send = |from: &str, bytes: &str| -> Result<String> {
+        let file = c.dir().join(format!("corpus-{from}.bin"));
+        std::fs::write(&file, bytes)?;
+        c.testapp(
+            from,
+            &[
+                "raw",
+                "--addr",
+                &format!("{server}:{APP_PORT}"),
+                "--input",
+                &file.to_string_lossy(),
+            ],
+        )
+    };
+    for from in ["bare", "client"] {
         for (name, bytes, want) in &corpus {
-            let file = c.dir().join(format!("corpus-{from}.bin"));
-            std::fs::write(&file, bytes)?;
             let before = c.app_requests("server", APP_PORT)?;
-            let out = c.testapp(
-                from,
-                &[
-                    "raw",
-                    "--addr",
-                    &format!("{target}:{APP_PORT}"),
-                    "--input",
-                    &file.to_string_lossy(),
-                ],
-            )?;
+            let out = send(from, bytes)?;
             let status: u16 = out
                 .split_whitespace()
                 .nth(1)
@@ -502,19 +506,8 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
             );
         }
         // Control: an allowed path does reach it, so the counts above could have moved.
-        let file = c.dir().join("corpus-ok.bin");
-        std::fs::write(&file, get("/public"))?;
         let before = c.app_requests("server", APP_PORT)?;
-        let out = c.testapp(
-            from,
-            &[
-                "raw",
-                "--addr",
-                &format!("{target}:{APP_PORT}"),
-                "--input",
-                &file.to_string_lossy(),
-            ],
-        )?;
+        let out = send(from, &get("/public"))?;
         assert!(out.starts_with("HTTP/1.1 404"), "{out}");
         assert_eq!(c.app_requests("server", APP_PORT)?, before + 1);
     }

@@ -26,7 +26,10 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
-use super::{Body, limits::Limits};
+use super::{
+    Body,
+    limits::{Limits, Slot},
+};
 use crate::proxy::{self, Hop, LocalPod, ProxyError, Shared};
 
 /// How long a request waits for a connection when the service is at `maxConnections`.
@@ -50,6 +53,23 @@ async fn open(
         Hop::Passthrough => {}
     }
     Ok(io)
+}
+
+/// Runs an upstream connection until it ends, then releases its slot under the service's
+/// connection limit and wakes a request waiting for one.
+fn drive<C>(conn: C, target: SocketAddr, slot: Option<Slot>, limits: Option<Arc<Limits>>)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%target, "upstream connection ended: {e}");
+        }
+        drop(slot);
+        if let Some(l) = limits {
+            l.freed.notify_one();
+        }
+    });
 }
 
 /// Why a request could not be sent.
@@ -314,16 +334,7 @@ impl Pool {
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(UpstreamError::Reset)?;
-            let (target, limits) = (key.target, limits.cloned());
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(%target, "upstream HTTP/1 connection ended: {e}");
-                }
-                drop(slot);
-                if let Some(l) = limits {
-                    l.freed.notify_one();
-                }
-            });
+            drive(conn, key.target, slot, limits.cloned());
             return Ok(sender);
         }
     }
@@ -355,16 +366,7 @@ impl Pool {
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(UpstreamError::Reset)?;
-            let (target, limits) = (key.target, limits.cloned());
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(%target, "upstream HTTP/2 connection ended: {e}");
-                }
-                drop(slot);
-                if let Some(l) = limits {
-                    l.freed.notify_one();
-                }
-            });
+            drive(conn, key.target, slot, limits.cloned());
             lock(&self.h2).insert(key.clone(), sender.clone());
             return Ok(sender);
         }
@@ -375,7 +377,7 @@ impl Pool {
     async fn connection_slot(
         &self,
         limits: Option<&Arc<Limits>>,
-    ) -> Result<Option<Option<super::limits::Slot>>, UpstreamError> {
+    ) -> Result<Option<Option<Slot>>, UpstreamError> {
         let Some(l) = limits else {
             return Ok(Some(None));
         };
