@@ -576,46 +576,30 @@ async fn forward(
         b.limits.budget.deposit();
     }
     // A body that can be resent makes retries possible; a large or streaming one goes once.
-    let mut body = Some(body);
-    let mut replay: Option<Bytes> = None;
     let retry = rule.retry.as_ref().filter(|r| r.attempts > 0);
-    if retry.is_some() {
-        let b = body.take();
-        let small = b.as_ref().is_some_and(|b| {
-            hyper::body::Body::size_hint(b)
-                .upper()
-                .is_some_and(|n| n <= MAX_RETRY_BODY)
-        });
-        if small {
-            match b.map(|b| b.collect()) {
-                Some(fut) => match fut.await {
-                    Ok(c) => replay = Some(c.to_bytes()),
-                    Err(e) => {
-                        return reply(
-                            StatusCode::BAD_REQUEST,
-                            "DPE",
-                            &format!("request body: {e}"),
-                        );
-                    }
-                },
-                None => replay = Some(Bytes::new()),
+    let small = hyper::body::Body::size_hint(&body)
+        .upper()
+        .is_some_and(|n| n <= MAX_RETRY_BODY);
+    let mut req_body = if retry.is_some() && small {
+        match body.collect().await {
+            Ok(c) => ReqBody::Replay(c.to_bytes()),
+            Err(e) => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    "DPE",
+                    &format!("request body: {e}"),
+                );
             }
-        } else {
-            body = b;
         }
-    }
-    let body = match (body, &replay) {
-        (Some(b), None) => match first_frame_checked(b).await {
-            Ok(b) => Some(b),
-            Err(r) => return r,
-        },
-        _ => None,
-    };
-    let mut body = body;
-    let attempts = if replay.is_some() {
-        retry.map_or(0, |r| r.attempts)
     } else {
-        0
+        match checked_body(parts.version, body).await {
+            Ok(b) => ReqBody::Once(Some(b)),
+            Err(r) => return r,
+        }
+    };
+    let attempts = match req_body {
+        ReqBody::Replay(_) => retry.map_or(0, |r| r.attempts),
+        ReqBody::Once(_) => 0,
     };
     let src_id = cx.src.identity(&cx.shared.trust_domain);
     let mut avoid = None;
@@ -658,10 +642,9 @@ async fn forward(
                 return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
             }
         }
-        let req_body = match (&replay, body.take()) {
-            (Some(bytes), _) => full(bytes.clone()),
-            (None, Some(b)) => b,
-            (None, None) => full(Bytes::new()),
+        let req_body = match &mut req_body {
+            ReqBody::Replay(bytes) => full(bytes.clone()),
+            ReqBody::Once(b) => b.take().unwrap_or_else(|| full(Bytes::new())),
         };
         let req = rebuild(&parts, req_body);
         let limits = backend.as_ref().map(|b| &b.limits);
@@ -787,10 +770,22 @@ async fn forward(
     resp
 }
 
-/// Waits for the first frame of a request body before anything is sent upstream, so a body that
-/// is broken from its first byte (e.g. a chunk-size overflow) is refused and never forwarded.
-async fn first_frame_checked(mut body: Incoming) -> Result<Body, Response<Body>> {
-    if hyper::body::Body::is_end_stream(&body) {
+/// How a request body goes upstream.
+enum ReqBody {
+    /// Read whole, so every try can resend it.
+    Replay(Bytes),
+    /// Streamed, once.
+    Once(Option<Body>),
+}
+
+/// The body to forward. A chunked HTTP/1 body (one without an exact length) is held until its
+/// first frame has arrived, so a body broken from its first byte (e.g. a chunk-size overflow) is
+/// refused and never forwarded; other bodies, HTTP/2 streams included, go at once.
+async fn checked_body(version: Version, mut body: Incoming) -> Result<Body, Response<Body>> {
+    let chunked = version != Version::HTTP_2
+        && !hyper::body::Body::is_end_stream(&body)
+        && hyper::body::Body::size_hint(&body).exact().is_none();
+    if !chunked {
         return Ok(incoming(body));
     }
     match body.frame().await {
@@ -948,7 +943,7 @@ async fn inbound_request(cx: &Inbound, req: Request<Incoming>) -> Response<Body>
     {
         return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
     }
-    let body = match first_frame_checked(body).await {
+    let body = match checked_body(prepared.parts.version, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };

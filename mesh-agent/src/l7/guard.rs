@@ -15,7 +15,8 @@
 //! A refused head never reaches hyper: the guard reports end of input instead, hyper finishes
 //! what it was doing and shuts the connection down, and the guard writes the refusal just before
 //! the shutdown. A refusal inside a body surfaces to the handler as a body error; the handler
-//! waits for the first body frame before forwarding, so such a request is never sent upstream.
+//! waits for the first frame of a chunked body before forwarding, so such a request is never sent
+//! upstream.
 
 use std::{
     io,

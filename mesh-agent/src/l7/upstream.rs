@@ -307,6 +307,7 @@ impl Pool {
             limits: dest.limits.cloned(),
         })
     }
+
     async fn h1_sender(
         &self,
         shared: &Shared,
