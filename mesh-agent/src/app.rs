@@ -161,7 +161,6 @@ impl Agent {
         let dp = lock(&self.dataplane);
         let pods = lock(&self.pods);
         let state = self.current_state();
-        let td = &self.shared.trust_domain;
         let reports = pods
             .iter()
             .map(|(k, p)| {
@@ -170,7 +169,7 @@ impl Agent {
                     k.to_string(),
                     PodReport {
                         ip: l.pod.ip,
-                        identity: l.identity(td).to_string(),
+                        identity: l.identity().to_string(),
                         mtls_mode: state.mtls_mode(&l.pod),
                         kernel: dp.pod_stats(l.pod.ip, l.netns.cookie()),
                         proxy: serde_json::to_value(&*l.counters).unwrap_or_default(),

@@ -63,6 +63,9 @@ pub enum CertError {
     },
 }
 
+/// The next [`WorkloadCert::generation`].
+static NEXT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A certificate with its key, and the bundle to verify peers with.
 pub struct WorkloadCert {
     /// Whose.
@@ -75,6 +78,9 @@ pub struct WorkloadCert {
     pub serial: String,
     /// The issuing root's name (for `/stats`; changes when a new root is activated).
     pub issuer: String,
+    /// Unique among this process's certificates (from 1): a cheap key for "made with this
+    /// certificate", e.g. for upstream pools, where comparing serials would cost an allocation.
+    pub generation: u64,
     /// Roots to verify peers against.
     pub bundle: Arc<TrustBundle>,
     server: Arc<rustls::ServerConfig>,
@@ -124,6 +130,7 @@ impl WorkloadCert {
             not_after,
             serial,
             issuer,
+            generation: NEXT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             bundle,
             server: Arc::new(server),
         })

@@ -71,7 +71,7 @@ impl Pool {
         dst: &Workload,
         target: SocketAddr,
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ProxyError> {
-        let src_id = src.identity(&shared.trust_domain);
+        let src_id = src.identity();
         let dst_id = Identity::new(
             &shared.trust_domain,
             &dst.key.namespace,
@@ -79,7 +79,7 @@ impl Pool {
         );
         let cert = shared.certs.wait(&src_id, CERT_WAIT).await?;
         let key = PoolKey {
-            src: src_id,
+            src: src_id.clone(),
             node: dst.node.clone(),
             dst: dst_id.clone(),
             src_serial: cert.serial.clone(),
@@ -185,7 +185,7 @@ pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
-    let my_id = pod.identity(&shared.trust_domain);
+    let my_id = pod.identity();
     let cert = shared.certs.wait(&my_id, CERT_WAIT).await?;
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -290,10 +290,10 @@ async fn connect_stream(
         return status(StatusCode::BAD_REQUEST);
     };
     // Only pods behind this listener: on this node, with the identity this TLS session proved.
-    let my_id = listener_pod.identity(&shared.trust_domain);
+    let my_id = listener_pod.identity();
     let dest = shared
         .local_pod(target.ip())
-        .filter(|p| p.identity(&shared.trust_domain) == my_id);
+        .filter(|p| p.identity() == my_id);
     let Some(dest) = dest else {
         c.hbone_refused.inc();
         warn!(%peer, %target, listener = %listener_pod.pod.key, "refused HBONE CONNECT: the authority is not a pod behind this listener");

@@ -164,16 +164,15 @@ fn select_rule<'a>(
     parts: &http::request::Parts,
     path: &str,
 ) -> Option<std::borrow::Cow<'a, RouteRule>> {
-    let attached: Vec<&HttpRoute> = entry
+    let mut attached = entry
         .routes
         .iter()
         .filter(|r| r.port.is_none_or(|p| p == port))
-        .collect();
-    if attached.is_empty() {
+        .peekable();
+    if attached.peek().is_none() {
         return Some(std::borrow::Cow::Owned(RouteRule::default()));
     }
     attached
-        .iter()
         .flat_map(|r| r.rules.iter())
         .find(|rule| {
             rule.matches.is_empty() || rule.matches.iter().any(|m| matches(m, parts, path))
@@ -317,12 +316,28 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
         Ok(p) => p,
         Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),
     };
+    let h2 = parts.version == Version::HTTP_2;
+    // HTTP/1 sends origin-form upstream; HTTP/2 needs scheme and authority.
+    let (scheme, authority) = (
+        parts.uri.scheme().is_some(),
+        parts.uri.authority().is_some(),
+    );
+    let right_form = if h2 {
+        scheme && authority
+    } else {
+        !scheme && !authority
+    };
+    if path == parts.uri.path() && right_form {
+        // Already what the upstream should get (the common case): keep the URI as it is.
+        strip_hop_by_hop(&mut parts.headers);
+        return Ok((Prepared { parts, path }, body));
+    }
     let path_and_query = match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.clone(),
     };
     let mut uri = http::uri::Builder::new().path_and_query(path_and_query);
-    if parts.version == Version::HTTP_2 {
+    if h2 {
         // HTTP/2 carries scheme and authority as pseudo-headers: keep the client's.
         uri = uri
             .scheme(parts.uri.scheme_str().unwrap_or("http"))
@@ -457,9 +472,8 @@ async fn outbound_request(cx: &Outbound, req: Request<Incoming>) -> Response<Bod
     let Some(rule) = select_rule(&entry, cx.dst.port(), &prepared.parts, &prepared.path) else {
         return reply(StatusCode::NOT_FOUND, "NR", "no route matched");
     };
-    let rule = rule.into_owned();
     if let Some(rate) = &entry.limits.rate
-        && !rate.admit(&cx.src.identity(&cx.shared.trust_domain).to_string())
+        && !rate.admit(&cx.src.identity().to_string())
     {
         return reply(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit");
     }
@@ -555,7 +569,7 @@ async fn forward(
     port: u16,
     rule: &RouteRule,
 ) -> Response<Body> {
-    let Prepared { parts, path } = prepared;
+    let Prepared { mut parts, path } = prepared;
     let request_slot = match &backend {
         Some(b) => match b.limits.requests.try_acquire(b.limits.policy.max_requests) {
             Some(s) => Some(s),
@@ -601,7 +615,7 @@ async fn forward(
         ReqBody::Replay(_) => retry.map_or(0, |r| r.attempts),
         ReqBody::Once(_) => 0,
     };
-    let src_id = cx.src.identity(&cx.shared.trust_domain);
+    let src_id = cx.src.identity();
     let mut avoid = None;
     let mut last: Option<Response<Body>> = None;
     for attempt in 0..=attempts {
@@ -646,7 +660,15 @@ async fn forward(
             ReqBody::Replay(bytes) => full(bytes.clone()),
             ReqBody::Once(b) => b.take().unwrap_or_else(|| full(Bytes::new())),
         };
-        let req = rebuild(&parts, req_body);
+        let req = if attempt == attempts {
+            // The last try takes the parts themselves, so a request that is not retried copies
+            // no headers.
+            let mut last_parts = std::mem::replace(&mut parts, Request::new(()).into_parts().0);
+            last_parts.extensions.clear();
+            Request::from_parts(last_parts, req_body)
+        } else {
+            rebuild(&parts, req_body)
+        };
         let limits = backend.as_ref().map(|b| &b.limits);
         let dest = upstream::Dest {
             hop: &hop,

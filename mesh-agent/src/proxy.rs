@@ -418,6 +418,8 @@ pub struct LocalPod {
     pub netns: Arc<Netns>,
     /// Its counters.
     pub counters: Arc<PodCounters>,
+    /// Its SPIFFE identity, made once: requests consult it on every hop.
+    id: Identity,
     /// Connections to the application authorized once, at L4: re-checked when policy changes.
     live: Mutex<HashMap<u64, LiveConn>>,
     next_live: AtomicU64,
@@ -463,8 +465,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl LocalPod {
     /// A pod as connection tasks see it.
-    pub fn new(pod: Pod, netns: Arc<Netns>) -> Self {
+    pub fn new(pod: Pod, netns: Arc<Netns>, trust_domain: &str) -> Self {
         Self {
+            id: Identity::new(trust_domain, &pod.key.namespace, &pod.service_account),
             pod,
             netns,
             counters: Arc::default(),
@@ -507,12 +510,8 @@ impl LocalPod {
     }
 
     /// The pod's SPIFFE identity.
-    pub fn identity(&self, trust_domain: &str) -> Identity {
-        Identity::new(
-            trust_domain,
-            &self.pod.key.namespace,
-            &self.pod.service_account,
-        )
+    pub fn identity(&self) -> &Identity {
+        &self.id
     }
 
     /// Authorizes a connection (`http: None`) or a request to this pod on `port` from
@@ -688,7 +687,7 @@ impl PodProxy {
         listeners: PodListeners,
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
-        let local = Arc::new(LocalPod::new(pod, netns));
+        let local = Arc::new(LocalPod::new(pod, netns, &shared.trust_domain));
         let mut tasks = JoinSet::new();
         let cx = Arc::new(PodCx {
             local: local.clone(),
@@ -806,7 +805,7 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
     if let Hop::Local(dest) = &hop {
         // Same node: the kernel told us the source pod, so its identity needs no certificate.
         // Detection found no HTTP, so HTTP-only rules fail closed.
-        let src_id = src.identity(&shared.trust_domain);
+        let src_id = src.identity();
         dest.authorize(shared, Some(&src_id), target.port(), None)
             .map_err(|d| fail(ProxyError::Denied(d)))?;
     }
@@ -818,7 +817,7 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
             debug!(src = %src.pod.key, dst = %dest.pod.key, %target, "same-node delivery");
             let mut delivered =
                 Counted::new(&mut client, &dest.counters, |c| &c.inbound_bytes_delivered);
-            let tracked = dest.track(Some(src.identity(&shared.trust_domain)), target.port());
+            let tracked = dest.track(Some(src.identity().clone()), target.port());
             tracked
                 .run(copy_bidirectional(&mut delivered, &mut upstream))
                 .await;

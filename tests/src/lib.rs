@@ -758,6 +758,20 @@ impl Cluster {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// CPU time (user + system, all threads) node `i`'s agent has used so far, from
+    /// /proc/<pid>/stat; `None` when it is not running.
+    pub fn agent_cpu(&self, i: usize) -> Option<Duration> {
+        let pid = self.nodes[i].agent.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+        Some(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
+    }
+
     /// One counter of one pod from node `i`'s `/stats`, e.g. `("client", "kernel.captured_v4")`.
     pub fn counter(&self, i: usize, pod: &str, field: &str) -> Result<u64> {
         let s = self.stats(i)?;

@@ -217,13 +217,13 @@ impl<S> H1Guard<S> {
             match &mut self.framing {
                 Framing::Passthrough => {
                     let all = self.pending.split();
-                    self.ready.extend_from_slice(&all);
+                    take(&mut self.ready, all);
                 }
                 Framing::Body(n) => {
                     let k = (*n).min(self.pending.len() as u64) as usize;
                     *n -= k as u64;
                     let part = self.pending.split_to(k);
-                    self.ready.extend_from_slice(&part);
+                    take(&mut self.ready, part);
                     if *n == 0 {
                         self.framing = Framing::Head;
                     }
@@ -232,7 +232,7 @@ impl<S> H1Guard<S> {
                     let k = (*n).min(self.pending.len() as u64) as usize;
                     *n -= k as u64;
                     let part = self.pending.split_to(k);
-                    self.ready.extend_from_slice(&part);
+                    take(&mut self.ready, part);
                     if *n == 0 {
                         self.framing = Framing::ChunkEnd(0);
                     }
@@ -303,8 +303,8 @@ impl<S> H1Guard<S> {
                 }
                 Framing::Head => {
                     let from = self.head.len().saturating_sub(3);
-                    self.head.extend_from_slice(&self.pending);
-                    self.pending.clear();
+                    let more = self.pending.split();
+                    take(&mut self.head, more);
                     let end = self.head[from..]
                         .windows(4)
                         .position(|w| w == b"\r\n\r\n")
@@ -331,7 +331,7 @@ impl<S> H1Guard<S> {
                     match check_head(&head) {
                         Ok(f) => {
                             self.framing = f;
-                            self.ready.extend_from_slice(&head);
+                            take(&mut self.ready, head);
                         }
                         Err(r) => self.refuse(r),
                     }
@@ -340,6 +340,18 @@ impl<S> H1Guard<S> {
         }
     }
 }
+
+/// Appends `part` to `to`, without a copy when `to` is empty (the common case).
+fn take(to: &mut BytesMut, part: BytesMut) {
+    if to.is_empty() {
+        *to = part;
+    } else {
+        to.unsplit(part);
+    }
+}
+
+/// How much room a read from the client gets.
+const READ_SIZE: usize = 8 * 1024;
 
 impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
     fn poll_read(
@@ -359,18 +371,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
                 // End of input: hyper finishes and shuts down, and the refusal goes out then.
                 return Poll::Ready(Ok(()));
             }
-            let mut tmp = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => {
-                    if rb.filled().is_empty() {
-                        // The client's end of input; a half-read head is simply dropped.
-                        return Poll::Ready(Ok(()));
-                    }
-                    this.pending.extend_from_slice(rb.filled());
-                    this.frame();
+            // Straight into `pending`, which `frame` then moves on without copying when it can.
+            this.pending.reserve(READ_SIZE);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.pending) {
+                Poll::Ready(Ok(0)) => {
+                    // The client's end of input; a half-read head is simply dropped.
+                    return Poll::Ready(Ok(()));
                 }
-                other => return other,
+                Poll::Ready(Ok(_)) => this.frame(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

@@ -238,27 +238,22 @@ impl hyper::body::Body for Returning {
 struct Key {
     src: IpAddr,
     target: SocketAddr,
-    /// For HBONE hops, the serial of the source certificate in force: after a renewal, requests
-    /// move to connections made with the new certificate, and once it has expired, with none
-    /// valid, nothing matches.
-    serial: Option<String>,
+    /// For HBONE hops, the generation of the source certificate in force: after a renewal,
+    /// requests move to connections made with the new certificate, and once it has expired,
+    /// with none valid (0), nothing matches.
+    cert: Option<u64>,
 }
 
 impl Key {
     fn new(shared: &Shared, src: &LocalPod, dest: &Dest<'_>) -> Self {
-        let serial = match dest.hop {
-            Hop::Hbone(_) => Some(
-                shared
-                    .certs
-                    .get(&src.identity(&shared.trust_domain))
-                    .map_or_else(|_| String::new(), |c| c.serial.clone()),
-            ),
+        let cert = match dest.hop {
+            Hop::Hbone(_) => Some(shared.certs.get(src.identity()).map_or(0, |c| c.generation)),
             _ => None,
         };
         Self {
             src: src.pod.ip,
             target: dest.addr,
-            serial,
+            cert,
         }
     }
 }

@@ -94,7 +94,15 @@ fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
-fn wrk(c: &Cluster, p: &Path, ip: Ipv4Addr, secs: u64) -> Result<f64> {
+/// Requests/s from wrk, and the agents' CPU µs per request over the run (both nodes; 0 on the
+/// direct paths, where no agent works).
+fn wrk(c: &Cluster, p: &Path, ip: Ipv4Addr, secs: u64) -> Result<(f64, f64)> {
+    let cpu = || {
+        (0..c.nodes.len())
+            .filter_map(|i| c.agent_cpu(i))
+            .sum::<std::time::Duration>()
+    };
+    let before = cpu();
     let out = c.exec(
         p.client,
         &[
@@ -109,13 +117,26 @@ fn wrk(c: &Cluster, p: &Path, ip: Ipv4Addr, secs: u64) -> Result<f64> {
     if text.contains("Non-2xx") || text.contains("Socket errors") {
         bail!("wrk saw errors on {}: {text}", p.name);
     }
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("Requests/sec:")
-                .map(|v| v.trim().parse::<f64>())
-        })
-        .with_context(|| format!("no Requests/sec in wrk output for {}: {text}", p.name))?
-        .context("parse Requests/sec")
+    let used = cpu().saturating_sub(before);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(name)
+                    .and_then(|v| v.split_whitespace().next())
+                    .map(str::parse::<f64>)
+            })
+            .with_context(|| format!("no {name} in wrk output for {}: {text}", p.name))?
+            .with_context(|| format!("parse {name}"))
+    };
+    let rps = field("Requests/sec:")?;
+    let requests = rps * secs as f64;
+    let cpu_us = if p.baseline.is_some() {
+        used.as_secs_f64() * 1e6 / requests.max(1.0)
+    } else {
+        0.0
+    };
+    Ok((rps, cpu_us))
 }
 
 fn fixed_rate(
@@ -229,7 +250,8 @@ fn main() -> Result<()> {
     };
 
     let n = PATHS.len();
-    let (mut rps, mut p50, mut p99, mut gbps) = (
+    let (mut rps, mut cpu, mut p50, mut p99, mut gbps) = (
+        vec![vec![]; n],
         vec![vec![]; n],
         vec![vec![]; n],
         vec![vec![]; n],
@@ -248,11 +270,19 @@ fn main() -> Result<()> {
         iperf: None,
         baseline: None,
     };
+    // `MESH_BENCH_ONLY=L4,L7` measures only the paths whose names contain one of the words.
+    let only = std::env::var("MESH_BENCH_ONLY").unwrap_or_default();
+    let wanted = |p: &Path| only.is_empty() || only.split(',').any(|w| p.name.contains(w.trim()));
     for r in 0..rounds {
         for (i, p) in PATHS.iter().enumerate() {
+            if !wanted(p) {
+                continue;
+            }
             let ip = addr(p.http);
             eprintln!("round {}/{rounds}: {}", r + 1, p.name);
-            rps[i].push(wrk(&c, p, ip, secs)?);
+            let (r, u) = wrk(&c, p, ip, secs)?;
+            rps[i].push(r);
+            cpu[i].push(u);
             let (a, b) = fixed_rate(&c, p, ip, secs, (1000, 8))?;
             p50[i].push(a);
             p99[i].push(b);
@@ -261,6 +291,9 @@ fn main() -> Result<()> {
             }
         }
         for (k, (lb, label)) in lbs.iter().enumerate() {
+            if !only.is_empty() {
+                break;
+            }
             eprintln!("round {}/{rounds}: trio, {label}", r + 1);
             c.apply(0, &config(lb), "destination_rules", &expect_rules)?;
             let (a, b) = fixed_rate(&c, &trio, c.service_ip("trio"), secs, (200, 16))?;
@@ -268,13 +301,14 @@ fn main() -> Result<()> {
             lb_lat[k].1.push(b);
         }
     }
-    let m: Vec<[f64; 4]> = (0..n)
+    let m: Vec<[f64; 5]> = (0..n)
         .map(|i| {
             [
                 median(&mut rps[i]),
                 median(&mut p50[i]),
                 median(&mut p99[i]),
                 median(&mut gbps[i]),
+                median(&mut cpu[i]),
             ]
         })
         .collect();
@@ -283,9 +317,9 @@ fn main() -> Result<()> {
         "\nmedians of {rounds} rounds ({secs}s each); ratios are mesh / direct on the same locality"
     );
     println!(
-        "| path | req/s (1 KB, keep-alive) | p50 µs @1000 rps | p99 µs @1000 rps | iperf3 Gbit/s | req/s ratio | p50 ratio | p99 ratio | Gbit/s ratio |"
+        "| path | req/s (1 KB, keep-alive) | p50 µs @1000 rps | p99 µs @1000 rps | iperf3 Gbit/s | agent CPU µs/req | req/s ratio | p50 ratio | p99 ratio | Gbit/s ratio |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, p) in PATHS.iter().enumerate() {
         let has_iperf = p.iperf.is_some();
         let ratios = match p.baseline {
@@ -305,8 +339,13 @@ fn main() -> Result<()> {
         } else {
             "-".into()
         };
+        let cpu = if p.baseline.is_some() {
+            format!("{:.1}", m[i][4])
+        } else {
+            "-".into()
+        };
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {gbit} | {} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {gbit} | {cpu} | {} |",
             p.name,
             m[i][0],
             m[i][1],
@@ -315,8 +354,9 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "\nL7 / L4 requests/s (cross-node, same run): {:.2}",
-        m[2][0] / m[1][0].max(f64::MIN_POSITIVE)
+        "\nL7 / L4 requests/s (cross-node, same run): {:.2}; agent CPU per request L7 / L4: {:.2}",
+        m[2][0] / m[1][0].max(f64::MIN_POSITIVE),
+        m[2][4] / m[1][4].max(f64::MIN_POSITIVE)
     );
     println!(
         "\nper-request balancing over 3 endpoints, one adding 50 ms (200 rps, 16 connections):"
