@@ -77,7 +77,7 @@ impl Pool {
             &dst.key.namespace,
             &dst.service_account,
         );
-        let cert = shared.certs.wait(&src_id, CERT_WAIT).await?;
+        let cert = shared.certs.wait(src_id, CERT_WAIT).await?;
         let key = PoolKey {
             src: src_id.clone(),
             node: dst.node.clone(),
@@ -186,7 +186,7 @@ pub async fn serve(
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
     let my_id = pod.identity();
-    let cert = shared.certs.wait(&my_id, CERT_WAIT).await?;
+    let cert = shared.certs.wait(my_id, CERT_WAIT).await?;
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(stream),

@@ -650,7 +650,7 @@ async fn forward(
                 headers: &parts.headers,
             };
             if dest
-                .authorize(&cx.shared, Some(&src_id), target.port(), Some(&attrs))
+                .authorize(&cx.shared, Some(src_id), target.port(), Some(&attrs))
                 .is_err()
             {
                 return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");

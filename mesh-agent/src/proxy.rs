@@ -806,7 +806,7 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
         // Same node: the kernel told us the source pod, so its identity needs no certificate.
         // Detection found no HTTP, so HTTP-only rules fail closed.
         let src_id = src.identity();
-        dest.authorize(shared, Some(&src_id), target.port(), None)
+        dest.authorize(shared, Some(src_id), target.port(), None)
             .map_err(|d| fail(ProxyError::Denied(d)))?;
     }
     let upstream = open(shared, src, &hop, target).await.map_err(fail)?;
