@@ -118,7 +118,7 @@ pub struct Stats {
     pub authorization_policies: Vec<String>,
     /// HTTP routes in force, `namespace/name`.
     pub http_routes: Vec<String>,
-    /// Services with a traffic policy (destination rule), `namespace/name`.
+    /// Destination rules in force, `namespace/name`.
     pub destination_rules: Vec<String>,
     /// Current configuration problems (rejected pods or services).
     pub problems: Vec<String>,
@@ -195,8 +195,8 @@ impl Agent {
                 .collect(),
             destination_rules: state
                 .traffic_policies
-                .keys()
-                .map(ToString::to_string)
+                .values()
+                .filter_map(|p| p.rule.as_ref().map(ToString::to_string))
                 .collect(),
             problems: lock(&self.problems).clone(),
         }

@@ -13,7 +13,8 @@
 //!    this node, the pooled upstream connection (`upstream.rs`), per-try timeout (504 `UT`),
 //!    retries on the rule's codes, resets and connect failures while the retry budget allows;
 //!    outlier detection sees every try;
-//! 9. response header edits; the body streams back, trailers included.
+//! 9. response header edits; the body streams back, trailers included. An HTTP/1.1 upgrade
+//!    the upstream accepts (101) joins the two connections byte for byte.
 //!
 //! Inbound (the destination's node) parses HTTP only for pods that an L7 authorization policy
 //! selects: it normalizes the path the same way, authorizes each request with the identity the
@@ -288,6 +289,8 @@ struct Prepared {
     parts: http::request::Parts,
     /// The normalized path, without query.
     path: String,
+    /// The client's side of a protocol switch it asked for.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 #[expect(clippy::result_large_err, reason = "the error is the reply itself")]
@@ -300,18 +303,26 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
             "CONNECT is not proxied",
         ));
     }
-    if parts.headers.contains_key(header::UPGRADE) {
-        // Not forwarded yet. The connection closes after the reply: the framing guard stops
-        // checking after an upgrade request, so nothing more may be read from it.
-        let mut r = reply(
+    let switch_to = parts.headers.get(header::UPGRADE).cloned();
+    if switch_to.is_some() && parts.version != Version::HTTP_11 {
+        return Err(reply(
             StatusCode::NOT_IMPLEMENTED,
             "NR",
-            "protocol upgrades (e.g. WebSocket) are not proxied at L7: declare the service port appProtocol: tcp",
-        );
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Err(r);
+            "protocol upgrades are proxied for HTTP/1.1 only",
+        ));
     }
+    strip_hop_by_hop(&mut parts.headers);
+    let upgrade = match switch_to {
+        Some(proto) => {
+            // The upgrade itself is end to end: the upstream decides whether to switch.
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto);
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        }
+        None => None,
+    };
     let path = match path::normalize(parts.uri.path()) {
         Ok(p) => p,
         Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),
@@ -329,8 +340,14 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
     };
     if path == parts.uri.path() && right_form {
         // Already what the upstream should get (the common case): keep the URI as it is.
-        strip_hop_by_hop(&mut parts.headers);
-        return Ok((Prepared { parts, path }, body));
+        return Ok((
+            Prepared {
+                parts,
+                path,
+                upgrade,
+            },
+            body,
+        ));
     }
     let path_and_query = match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -353,8 +370,72 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
         Ok(u) => u,
         Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),
     };
-    strip_hop_by_hop(&mut parts.headers);
-    Ok((Prepared { parts, path }, body))
+    Ok((
+        Prepared {
+            parts,
+            path,
+            upgrade,
+        },
+        body,
+    ))
+}
+
+/// Removes a response's hop-by-hop headers, except that a switch of protocols keeps saying
+/// which protocol it switched to.
+fn strip_response(status: StatusCode, headers: &mut HeaderMap) {
+    let switched = (status == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    strip_hop_by_hop(headers);
+    if let Some(proto) = switched {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+}
+
+/// Finishes a request that asked to switch protocols (e.g. WebSocket): when the upstream
+/// switched, the two upgraded connections are joined byte for byte; otherwise the client's
+/// connection closes after the answer, because the framing guard stopped checking its bytes at
+/// the upgrade request.
+fn switch_protocols(
+    mut resp: Response<Body>,
+    downstream: Option<hyper::upgrade::OnUpgrade>,
+    requested: bool,
+) -> Response<Body> {
+    if !requested {
+        return resp;
+    }
+    let upstream = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let (StatusCode::SWITCHING_PROTOCOLS, Some(down), Some(up)) =
+        (resp.status(), downstream, upstream)
+    else {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return with_close(reply(
+                StatusCode::BAD_GATEWAY,
+                "UPE",
+                "the upstream switched protocols but the connection could not be handed over",
+            ));
+        }
+        return with_close(resp);
+    };
+    tokio::spawn(async move {
+        match tokio::try_join!(down, up) {
+            Ok((down, up)) => {
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    debug!("upgraded connection ended: {e}");
+                }
+            }
+            Err(e) => debug!("protocol switch failed: {e}"),
+        }
+    });
+    resp
+}
+
+fn with_close(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// A fresh request from `p` with `body`.
@@ -441,6 +522,7 @@ where
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(guard::MAX_HEAD + 16 * 1024)
             .serve_connection(TokioIo::new(guard::H1Guard::new(io)), svc)
+            .with_upgrades()
             .await
     };
     if let Err(e) = result {
@@ -450,10 +532,18 @@ where
 
 async fn outbound_request(cx: &Outbound, req: Request<Incoming>) -> Response<Body> {
     cx.src.counters.http_requests.inc();
-    let (prepared, body) = match prepare(req) {
+    let switching = req.headers().contains_key(header::UPGRADE);
+    let (mut prepared, body) = match prepare(req) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return switch_protocols(r, None, switching),
     };
+    let downstream = prepared.upgrade.take();
+    let resp = route_request(cx, prepared, body).await;
+    switch_protocols(resp, downstream, switching)
+}
+
+/// Routes and forwards one prepared request from the outbound side.
+async fn route_request(cx: &Outbound, prepared: Prepared, body: Incoming) -> Response<Body> {
     let routes = cx.shared.routes();
     let entry = routes.service_at(cx.dst.ip()).cloned();
     let Some(entry) = entry else {
@@ -569,7 +659,9 @@ async fn forward(
     port: u16,
     rule: &RouteRule,
 ) -> Response<Body> {
-    let Prepared { mut parts, path } = prepared;
+    let Prepared {
+        mut parts, path, ..
+    } = prepared;
     let request_slot = match &backend {
         Some(b) => match b.limits.requests.try_acquire(b.limits.policy.max_requests) {
             Some(s) => Some(s),
@@ -718,7 +810,7 @@ async fn forward(
                 let status = resp.status();
                 record(status.is_server_error());
                 let retriable = retry.is_some_and(|r| r.codes.contains(&status.as_u16()));
-                strip_hop_by_hop(resp.headers_mut());
+                strip_response(status, resp.headers_mut());
                 let (rparts, rbody) = resp.into_parts();
                 let held = Held {
                     inner: rbody,
@@ -779,6 +871,10 @@ async fn forward(
             Err(()) => {
                 record(true);
                 last = Some(reply(StatusCode::GATEWAY_TIMEOUT, "UT", "per-try timeout"));
+                // A per-try timeout answers 504, so it is retried when 504 is (as `5xx` says).
+                if retry.is_some_and(|r| r.codes.contains(&504)) {
+                    continue;
+                }
                 break;
             }
         }
@@ -910,7 +1006,7 @@ impl Inbound {
             let (s, conn) = hyper::client::conn::http1::Builder::new()
                 .handshake(io)
                 .await?;
-            tokio::spawn(conn);
+            tokio::spawn(conn.with_upgrades());
             *lock(&self.h1_app) = Some(s);
         }
         Ok(())
@@ -949,10 +1045,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn inbound_request(cx: &Inbound, req: Request<Incoming>) -> Response<Body> {
     cx.dest.counters.http_requests.inc();
-    let (prepared, body) = match prepare(req) {
+    let switching = req.headers().contains_key(header::UPGRADE);
+    let (mut prepared, body) = match prepare(req) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return switch_protocols(r, None, switching),
     };
+    let downstream = prepared.upgrade.take();
+    let resp = authorize_and_send(cx, prepared, body).await;
+    switch_protocols(resp, downstream, switching)
+}
+
+/// Authorizes one prepared request on the inbound side and sends it to the application.
+async fn authorize_and_send(cx: &Inbound, prepared: Prepared, body: Incoming) -> Response<Body> {
     let attrs = HttpAttributes {
         method: prepared.parts.method.as_str(),
         path: &prepared.path,
@@ -971,7 +1075,7 @@ async fn inbound_request(cx: &Inbound, req: Request<Incoming>) -> Response<Body>
     };
     match cx.send(rebuild(&prepared.parts, body)).await {
         Ok(mut resp) => {
-            strip_hop_by_hop(resp.headers_mut());
+            strip_response(resp.status(), resp.headers_mut());
             resp.map(incoming)
         }
         Err(e) => reply(

@@ -382,6 +382,8 @@ pub struct RateLimit {
 /// Per-service traffic policy (the shape of Istio's DestinationRule `trafficPolicy`).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct TrafficPolicy {
+    /// The destinationRule it came from (`None`: the defaults).
+    pub rule: Option<ObjectKey>,
     /// Endpoint choice.
     pub lb: LbPolicy,
     /// Upstream connections this node keeps to the service at most.

@@ -550,7 +550,8 @@ impl Cluster {
     }
 
     /// Replaces node `i`'s node file with the default plus `extra`, and waits until the agent's
-    /// `/stats` list `field` holds exactly `expect`.
+    /// `/stats` list `field` holds exactly `expect`. Only names are compared: to wait for a new
+    /// version of an object, give it a new name.
     pub fn apply(&self, i: usize, extra: &str, field: &str, expect: &[&str]) -> Result<()> {
         self.set_node_file(i, &format!("{}{extra}", self.node_file_text(i)))?;
         wait_until(

@@ -9,9 +9,9 @@ use mesh_tests::{Cluster, PodSpec, ServiceSpec};
 
 const APP_PORT: u16 = 8080;
 
-/// node-1: client, client2 (mesh), bare (outside); node-2: server, server2 (mesh).
-/// Services (port 80 → 8080): `web` over both servers, `v1` over server, `v2` and `opaque`
-/// (`appProtocol: tcp`) over server2.
+/// node-1: client, client2 (mesh), bare (outside); node-2: server, server2, idle (mesh; idle
+/// serves nothing). Services (port 80 → 8080): `web` over both servers, `v1` over server, `v2`
+/// and `opaque` (`appProtocol: tcp`) over server2, `half` over server and idle.
 fn cluster() -> Result<Cluster> {
     let svc = |name: &str, endpoints: &[&str]| ServiceSpec::new(name, 80, APP_PORT, endpoints);
     let mut c = Cluster::new(
@@ -21,13 +21,18 @@ fn cluster() -> Result<Cluster> {
                 PodSpec::mesh("client2"),
                 PodSpec::bare("bare"),
             ],
-            vec![PodSpec::mesh("server"), PodSpec::mesh("server2")],
+            vec![
+                PodSpec::mesh("server"),
+                PodSpec::mesh("server2"),
+                PodSpec::mesh("idle"),
+            ],
         ],
         vec![
             svc("web", &["server", "server2"]),
             svc("v1", &["server"]),
             svc("v2", &["server2"]),
             svc("opaque", &["server2"]).app_protocol("tcp"),
+            svc("half", &["server", "idle"]),
         ],
     )?;
     c.serve("server", APP_PORT)?;
@@ -459,7 +464,7 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
         ("two Content-Length", "POST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc".into(), 400),
         ("TE with space before colon", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n".into(), 400),
         ("chunk-size overflow", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff1\r\nabc\r\n0\r\n\r\n".into(), 400),
-        ("smuggling behind an upgrade", "GET /x HTTP/1.1\r\nHost: s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nPOST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG".into(), 501),
+        ("an upgrade with a body", "POST /x HTTP/1.1\r\nHost: s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 5\r\n\r\nhello".into(), 400),
         ("/admin", get("/admin"), 403),
         ("//admin", get("//admin"), 403),
         ("%2e%2e/admin", get("/public/%2e%2e/admin"), 403),
@@ -510,6 +515,28 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
         let out = send(from, &get("/public"))?;
         assert!(out.starts_with("HTTP/1.1 404"), "{out}");
         assert_eq!(c.app_requests("server", APP_PORT)?, before + 1);
+        // Smuggling behind an upgrade the server declines: the upgrade request itself is
+        // forwarded (the server decides), but the connection then closes, so the request hidden
+        // behind it never reaches the server.
+        let before = c.app_requests("server", APP_PORT)?;
+        let out = send(
+            from,
+            "GET /x HTTP/1.1\r\nHost: s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nPOST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+        )?;
+        assert!(
+            out.starts_with("HTTP/1.1 404"),
+            "upgrade from {from}: {out}"
+        );
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "one answer: {out}");
+        assert!(
+            out.to_ascii_lowercase().contains("connection: close"),
+            "{out}"
+        );
+        assert_eq!(
+            c.app_requests("server", APP_PORT)?,
+            before + 1,
+            "only the upgrade request from {from} reached the server"
+        );
     }
     assert!(
         c.agent_log(1)
@@ -550,11 +577,10 @@ fn l7_allow_policy_on_method_and_header() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn http2_rapid_reset_gets_goaway_while_others_keep_working() -> Result<()> {
-    let c = cluster()?;
-    let vip = c.service_ip("v2");
-    let addr = format!("{vip}:80");
+/// Runs the attacker client `attack` from `client` against `v2` while `client2` sends 600
+/// requests at 200/s; returns the attacker's report after checking that the load saw no error.
+fn attack_under_load(c: &Cluster, attack: &[&str]) -> Result<serde_json::Value> {
+    let addr = format!("{}:80", c.service_ip("v2"));
     let (attack, load) = std::thread::scope(|s| {
         let load = s.spawn(|| {
             c.testapp(
@@ -573,22 +599,47 @@ fn http2_rapid_reset_gets_goaway_while_others_keep_working() -> Result<()> {
             )
         });
         std::thread::sleep(Duration::from_millis(500));
-        let attack = c.testapp(
-            "client",
-            &["rapid-reset", "--addr", &addr, "--streams", "20000"],
-        );
-        (attack, load.join())
+        let mut args = attack.to_vec();
+        args.extend(["--addr", &addr]);
+        (c.testapp("client", &args), load.join())
     });
-    let attack: serde_json::Value = serde_json::from_str(attack?.trim())?;
-    println!("rapid reset: {attack}");
-    assert_eq!(attack["goaway"], true, "{attack}");
-    assert_eq!(attack["error_code"], 11, "ENHANCE_YOUR_CALM: {attack}");
     let load = load.map_err(|_| anyhow::anyhow!("load thread panicked"))??;
     let load: serde_json::Value = serde_json::from_str(load.trim())?;
     assert_eq!(
         (load["requests"].as_u64(), load["errors"].as_u64()),
         (Some(600), Some(0)),
         "{load}"
+    );
+    Ok(serde_json::from_str(attack?.trim())?)
+}
+
+#[test]
+fn http2_rapid_reset_gets_goaway_while_others_keep_working() -> Result<()> {
+    let c = cluster()?;
+    let attack = attack_under_load(&c, &["rapid-reset", "--streams", "20000"])?;
+    println!("rapid reset: {attack}");
+    assert_eq!(attack["goaway"], true, "{attack}");
+    assert_eq!(attack["error_code"], 11, "ENHANCE_YOUR_CALM: {attack}");
+    Ok(())
+}
+
+#[test]
+fn http2_continuation_flood_is_cut_off_while_others_keep_working() -> Result<()> {
+    let c = cluster()?;
+    let before = c.app_requests("server2", APP_PORT)?;
+    // 10,000 frames of 16 KiB: 160 MiB of a header block that never ends.
+    let attack = attack_under_load(&c, &["continuation-flood", "--frames", "10000"])?;
+    println!("CONTINUATION flood: {attack}");
+    let sent = attack["sent_frames"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        sent < 10_000,
+        "the proxy kept reading the header block: {attack}"
+    );
+    assert_eq!(attack["goaway"], true, "{attack}");
+    assert_eq!(
+        c.app_requests("server2", APP_PORT)?,
+        before + 600,
+        "only the load's requests reached the server"
     );
     Ok(())
 }
@@ -627,5 +678,260 @@ fn app_protocol_tcp_is_relayed_at_l4_without_detection() -> Result<()> {
         1,
         "detected as HTTP"
     );
+    Ok(())
+}
+
+#[test]
+fn retries_on_reset_and_connect_failure_and_the_per_try_timeout() -> Result<()> {
+    let c = cluster()?;
+    let (v1, v2, half) = (c.service_ip("v1"), c.service_ip("v2"), c.service_ip("half"));
+    // Controls, with no route: `/flaky-reset` drops every other connection unanswered, and
+    // round robin over `half` sends every other request to `idle`, where nothing listens.
+    c.apply(
+        0,
+        "destinationRules:\n  - {name: half, namespace: default, host: half, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
+        "destination_rules",
+        &["default/half"],
+    )?;
+    let reset = hits(&c, "client", &format!("http://{v1}/flaky-reset"), 10, false)?;
+    assert_eq!(count(&reset, 503), 5, "{reset:?}");
+    assert!(
+        reset.iter().all(|(s, f)| *s == 200 || f == "UC"),
+        "{reset:?}"
+    );
+    let refused = hits(
+        &c,
+        "client",
+        &format!("http://{half}/status/200"),
+        10,
+        false,
+    )?;
+    assert_eq!(count(&refused, 503), 5, "{refused:?}");
+    assert!(
+        refused.iter().all(|(s, f)| *s == 200 || f == "UF"),
+        "{refused:?}"
+    );
+    let served = c.app_requests("server", APP_PORT)?;
+
+    let budget = "trafficPolicy: {retryBudget: {percent: 100}";
+    c.apply(
+        0,
+        &format!(
+            "httpRoutes:\n{}{}{}destinationRules:\n  - {{name: v1, namespace: default, host: v1, {budget}}}}}\n  - {{name: half, namespace: default, host: half, {budget}, loadBalancer: {{simple: ROUND_ROBIN}}}}}}\n",
+            route(
+                "on-reset",
+                "v1",
+                "      - retry: {attempts: 1, on: [reset]}\n"
+            ),
+            route(
+                "on-connect-failure",
+                "half",
+                "      - retry: {attempts: 1, on: [connect-failure]}\n"
+            ),
+            route(
+                "per-try",
+                "v2",
+                "      - timeouts: {backendRequest: 200ms}\n"
+            ),
+        ),
+        "http_routes",
+        &["default/on-connect-failure", "default/on-reset", "default/per-try"],
+    )?;
+    let reset = hits(&c, "client", &format!("http://{v1}/flaky-reset"), 10, false)?;
+    assert_eq!(count(&reset, 200), 10, "retried on reset: {reset:?}");
+    let refused = hits(
+        &c,
+        "client",
+        &format!("http://{half}/status/200"),
+        10,
+        false,
+    )?;
+    assert_eq!(
+        count(&refused, 200),
+        10,
+        "retried on connect failure: {refused:?}"
+    );
+    // Every reset request was tried twice; every `half` request reached `server` once.
+    assert_eq!(c.app_requests("server", APP_PORT)?, served + 20 + 10);
+
+    let t = Instant::now();
+    let slow = hits(&c, "client", &format!("http://{v2}/delay/3000"), 1, false)?;
+    let took = t.elapsed();
+    println!("per-try timeout of 200ms on a 3 s answer: {slow:?} after {took:?}");
+    assert_eq!(slow, vec![(504, "UT".to_string())]);
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    Ok(())
+}
+
+#[test]
+fn connection_limit_queues_pending_requests_then_overflows() -> Result<()> {
+    let c = cluster()?;
+    let v2 = c.service_ip("v2");
+    c.apply(
+        0,
+        "destinationRules:\n  - {name: v2, namespace: default, host: v2, trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}}\n",
+        "destination_rules",
+        &["default/v2"],
+    )?;
+    // Four parallel 600 ms requests: one on the only connection, one waiting for it (it frees
+    // after 600 ms, within the 1 s a request may wait), two overflowing at once.
+    let answers = hits(&c, "client", &format!("http://{v2}/delay/600"), 4, true)?;
+    println!("maxConnections 1, 1 pending, 4 parallel: {answers:?}");
+    assert_eq!(count(&answers, 200), 2, "{answers:?}");
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|(s, f)| *s == 503 && f == "UO")
+            .count(),
+        2,
+        "{answers:?}"
+    );
+    assert_eq!(c.app_requests("server2", APP_PORT)?, 2);
+    Ok(())
+}
+
+#[test]
+fn rate_limit_per_source_keeps_one_client_from_starving_another() -> Result<()> {
+    let c = cluster()?;
+    let v1 = c.service_ip("v1");
+    let url = format!("http://{v1}/status/200");
+    // Each version has its own name, so `apply` can tell when the agent has it.
+    let limit = |name: &str, per_source: bool| {
+        format!(
+            "destinationRules:\n  - {{name: {name}, namespace: default, host: v1, trafficPolicy: {{localRateLimit: {{requestsPerSecond: 1, burst: 3, perSource: {per_source}}}}}}}\n"
+        )
+    };
+    // Control: one bucket for the service, so client2 finds it drained by client.
+    c.apply(
+        0,
+        &limit("shared", false),
+        "destination_rules",
+        &["default/shared"],
+    )?;
+    // (The bucket refills one a second; these requests take well under one.)
+    let a = hits(&c, "client", &url, 6, false)?;
+    let b = hits(&c, "client2", &url, 3, false)?;
+    assert!((3..=4).contains(&count(&a, 200)), "{a:?}");
+    assert!(count(&b, 429) >= 2, "shared bucket: {b:?}");
+    // Per source: each client identity has its own bucket.
+    c.apply(
+        0,
+        &limit("per-source", true),
+        "destination_rules",
+        &["default/per-source"],
+    )?;
+    let a = hits(&c, "client", &url, 6, false)?;
+    let b = hits(&c, "client2", &url, 3, false)?;
+    assert!((3..=4).contains(&count(&a, 200)), "{a:?}");
+    assert_eq!(count(&b, 200), 3, "own bucket: {b:?}");
+    Ok(())
+}
+
+#[test]
+fn a_route_change_applies_to_a_live_keep_alive_connection() -> Result<()> {
+    let c = cluster()?;
+    let web = c.service_ip("web");
+    // Each version has its own name, so `apply` can tell when the agent has it.
+    let to = |backend: &str| {
+        format!(
+            "httpRoutes:\n{}",
+            route(
+                &format!("to-{backend}"),
+                "web",
+                &format!("      - backendRefs: [{{name: {backend}, port: 80}}]\n")
+            )
+        )
+    };
+    c.apply(0, &to("v1"), "http_routes", &["default/to-v1"])?;
+    let captured = c.counter(0, "client", "kernel.captured_v4")?;
+    // 150 requests over one keep-alive connection; the route moves to v2 a second in.
+    let load = std::thread::scope(|s| -> Result<String> {
+        let load = s.spawn(|| {
+            c.testapp(
+                "client",
+                &[
+                    "load",
+                    "--addr",
+                    &format!("{web}:80"),
+                    "--rate",
+                    "50",
+                    "--seconds",
+                    "3",
+                    "--connections",
+                    "1",
+                ],
+            )
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        c.apply(0, &to("v2"), "http_routes", &["default/to-v2"])?;
+        load.join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+    })?;
+    let load: serde_json::Value = serde_json::from_str(load.trim())?;
+    let (v1, v2) = (
+        c.app_requests("server", APP_PORT)?,
+        c.app_requests("server2", APP_PORT)?,
+    );
+    println!("route change mid-connection: {load}, v1 {v1}, v2 {v2}");
+    assert_eq!(
+        (load["requests"].as_u64(), load["errors"].as_u64()),
+        (Some(150), Some(0)),
+        "{load}"
+    );
+    assert_eq!(v1 + v2, 150);
+    assert!(v1 >= 20 && v2 >= 20, "both routes served: v1 {v1}, v2 {v2}");
+    assert_eq!(
+        c.counter(0, "client", "kernel.captured_v4")? - captured,
+        1,
+        "one client connection throughout"
+    );
+    Ok(())
+}
+
+#[test]
+fn protocol_upgrades_are_forwarded_and_joined() -> Result<()> {
+    let c = cluster()?;
+    let v1 = c.service_ip("v1");
+    // An L7 policy on the server makes its node parse HTTP too: the upgrade crosses two L7 hops.
+    c.apply(
+        1,
+        "authorizationPolicies:\n  - name: upgrades\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - to: [{operation: {methods: [GET], paths: [/upgrade]}}]\n",
+        "authorization_policies",
+        &["default/upgrades"],
+    )?;
+    let run = |pod: &str| -> Result<serde_json::Value> {
+        let out = c.testapp(
+            pod,
+            &["upgrade", "--addr", &format!("{v1}:80"), "--messages", "50"],
+        )?;
+        Ok(serde_json::from_str(out.trim())?)
+    };
+    let up = run("client")?;
+    println!("upgrade through L7 on both nodes: {up}");
+    assert_eq!(
+        (up["status"].as_u64(), up["echoed"].as_u64()),
+        (Some(101), Some(50)),
+        "{up}"
+    );
+    assert!(
+        up["head"]
+            .as_str()
+            .is_some_and(|h| h.to_ascii_lowercase().contains("upgrade: mesh-echo")),
+        "{up}"
+    );
+    assert!(
+        c.counter(0, "client", "http_requests")? >= 1,
+        "the client's node handled it at L7"
+    );
+    // A principal the policy does not know is still refused before any switch.
+    c.apply(
+        1,
+        "authorizationPolicies:\n  - name: client2-upgrades\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/client2-sa]}}]\n        to: [{operation: {methods: [GET], paths: [/upgrade]}}]\n",
+        "authorization_policies",
+        &["default/client2-upgrades"],
+    )?;
+    let denied = run("client")?;
+    assert_eq!(denied["status"].as_u64(), Some(403), "{denied}");
+    assert_eq!(run("client2")?["echoed"].as_u64(), Some(50));
     Ok(())
 }

@@ -103,6 +103,19 @@ fn check_head(head: &[u8]) -> Result<Framing, Refusal> {
     if te.len() > 1 || cl.len() > 1 {
         return Err(bad("repeated Transfer-Encoding or Content-Length header"));
     }
+    // After a switch of protocols the bytes are not HTTP, so the guard cannot tell where a body
+    // would end and the new protocol begin: such a request may not have a body.
+    let switches = req.method == Some("CONNECT")
+        || req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+    let has_body = !te.is_empty() || cl.first().is_some_and(|v| v.trim_ascii() != b"0");
+    if switches && has_body {
+        return Err(bad(
+            "a request asking to switch protocols may not carry a body",
+        ));
+    }
     if let Some(v) = te.first() {
         if req.version != Some(1) {
             return Err(bad("Transfer-Encoding in an HTTP/1.0 request"));
@@ -124,11 +137,7 @@ fn check_head(head: &[u8]) -> Result<Framing, Refusal> {
             Framing::Body(n)
         });
     }
-    let upgrade = req
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
-    Ok(if upgrade || req.method == Some("CONNECT") {
+    Ok(if switches {
         Framing::Passthrough
     } else {
         Framing::Head

@@ -330,7 +330,8 @@ impl Pool {
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(UpstreamError::Reset)?;
-            drive(conn, key.target, slot, limits.cloned());
+            // Upgrades (e.g. WebSocket) hand the connection over rather than end it.
+            drive(conn.with_upgrades(), key.target, slot, limits.cloned());
             return Ok(sender);
         }
     }

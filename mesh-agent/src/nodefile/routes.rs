@@ -576,8 +576,12 @@ pub(super) fn validate_destination_rules(
         let name = cx.label("name", &rd.name);
         let namespace = cx.label("namespace", &rd.namespace);
         let host = cx.label("host", &rd.host);
-        let (Some(_), Some(namespace), Some(host)) = (name, namespace, host) else {
+        let (Some(name), Some(namespace), Some(host)) = (name, namespace, host) else {
             continue;
+        };
+        let rule = ObjectKey {
+            namespace: namespace.clone(),
+            name,
         };
         let service = ObjectKey {
             namespace,
@@ -585,6 +589,7 @@ pub(super) fn validate_destination_rules(
         };
         let tp = &rd.traffic_policy;
         let mut policy = TrafficPolicy {
+            rule: Some(rule),
             retry_budget_percent: DEFAULT_RETRY_PERCENT,
             min_retries_per_second: DEFAULT_MIN_RETRIES_PER_SECOND,
             ..TrafficPolicy::default()

@@ -78,8 +78,15 @@ const PATHS: [Path; 5] = [
 /// Node-1's node file additions: the L7 row's route, and the balancing policy of `trio`.
 fn config(lb: &str) -> String {
     format!(
-        "httpRoutes:\n  - name: l7\n    namespace: default\n    parentRefs: [{{kind: Service, name: l7, port: {HTTP}}}]\n    rules:\n      - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n        backendRefs: [{{name: l7, port: {HTTP}}}]\ndestinationRules:\n  - {{name: trio, namespace: default, host: trio, trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}}}\n"
+        "httpRoutes:\n  - name: l7\n    namespace: default\n    parentRefs: [{{kind: Service, name: l7, port: {HTTP}}}]\n    rules:\n      - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n        backendRefs: [{{name: l7, port: {HTTP}}}]\ndestinationRules:\n  - {{name: {}, namespace: default, host: trio, trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}}}\n",
+        rule_name(lb)
     )
+}
+
+/// The destination rule's name for `lb`: each version is named apart, so `apply` can tell when
+/// the agent has it.
+fn rule_name(lb: &str) -> String {
+    format!("trio-{}", lb.to_ascii_lowercase().replace('_', "-"))
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -233,13 +240,12 @@ fn main() -> Result<()> {
     c.serve_with("slow", HTTP, &["--delay-ms", "50"])?;
     c.start_agent(0)?;
     c.start_agent(1)?;
-    let expect_rules = ["default/trio"];
-    c.apply(
-        0,
-        &config("ROUND_ROBIN"),
-        "destination_rules",
-        &expect_rules,
-    )?;
+    let expect = |lb: &str| [format!("default/{}", rule_name(lb))];
+    let apply_lb = |lb: &str| {
+        let e = expect(lb);
+        c.apply(0, &config(lb), "destination_rules", &[e[0].as_str()])
+    };
+    apply_lb("ROUND_ROBIN")?;
     eprintln!(
         "bench: {rounds} rounds x {} paths, {secs}s per measurement",
         PATHS.len()
@@ -295,7 +301,7 @@ fn main() -> Result<()> {
                 break;
             }
             eprintln!("round {}/{rounds}: trio, {label}", r + 1);
-            c.apply(0, &config(lb), "destination_rules", &expect_rules)?;
+            apply_lb(lb)?;
             let (a, b) = fixed_rate(&c, &trio, c.service_ip("trio"), secs, (200, 16))?;
             lb_lat[k].0.push(a);
             lb_lat[k].1.push(b);

