@@ -52,6 +52,9 @@ pub enum AppError {
     /// See [`ca::CaError`].
     #[error(transparent)]
     Ca(#[from] ca::CaError),
+    /// See [`metrics::MetricsError`].
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Why one pod could not be enrolled; the others are unaffected.
@@ -204,6 +207,7 @@ impl Agent {
 
     /// Makes the kernel and the proxy match `state`.
     fn reconcile(&self, state: NodeState, problems: Vec<String>) {
+        self.shared.metrics.observe(&state);
         let mut dp = lock(&self.dataplane);
         let mut pods = lock(&self.pods);
         let mut problems = problems;
@@ -328,6 +332,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         "eBPF programs loaded"
     );
     let admin_listener = admin::bind(config.admin_addr).await?;
+    let metrics_listener = crate::metrics::bind(config.metrics_addr).await?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(config.metrics_retention)?);
     let ca = match &config.ca {
         CaSource::Embedded { dir, ttl } => {
             let ca = ca::Ca::open(dir, &config.trust_domain, *ttl)?;
@@ -360,6 +366,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             pool: hbone::Pool::default(),
             http_pool: Arc::default(),
             trust_domain: config.trust_domain.clone(),
+            metrics: metrics.clone(),
         }),
         pods: Mutex::new(BTreeMap::new()),
         state: RwLock::new(Arc::new(NodeState::default())),
@@ -368,7 +375,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     });
     apply(&agent, loaded);
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
-    info!(admin = %config.admin_addr, "agent running");
+    tokio::spawn(crate::metrics::serve(metrics_listener, metrics));
+    info!(admin = %config.admin_addr, metrics = %config.metrics_addr, "agent running");
 
     let watch = tokio::spawn(watch_node_file(agent.clone(), config.poll_interval));
     shutdown_signal().await;

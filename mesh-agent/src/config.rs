@@ -15,6 +15,10 @@ pub const ENV_PIN_NAME: &str = "MESH_PIN_NAME";
 pub const ENV_BPF_OBJECT: &str = "MESH_BPF_OBJECT";
 /// Environment variable for `--admin-addr`.
 pub const ENV_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
+/// Env var for `--metrics-addr`.
+pub const ENV_METRICS_ADDR: &str = "MESH_METRICS_ADDR";
+/// Env var for `--metrics-retention`.
+pub const ENV_METRICS_RETENTION: &str = "MESH_METRICS_RETENTION";
 /// Environment variable for `--trust-domain`.
 pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 /// Environment variable for `--ca-addr`.
@@ -174,6 +178,12 @@ pub struct RunArgs {
     /// How often to check the node file for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_interval_ms: u64,
+    /// Address of the Prometheus endpoint (`/metrics`), for the node's scraper.
+    #[arg(long, env = ENV_METRICS_ADDR, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// How long the series of a workload that left the mesh stay, e.g. `5m` or `1s`.
+    #[arg(long, env = ENV_METRICS_RETENTION, default_value = "5m")]
+    pub metrics_retention: String,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -223,6 +233,10 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Node-file poll interval.
     pub poll_interval: Duration,
+    /// The metrics endpoint.
+    pub metrics_addr: SocketAddr,
+    /// How long departed workloads' series stay.
+    pub metrics_retention: Duration,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -250,7 +264,10 @@ impl Config {
             return Err(ConfigError::PollInterval);
         }
         let (trust_domain, ca) = args.ca.validate()?;
+        let metrics_retention = parse_duration("--metrics-retention", &args.metrics_retention)?;
         Ok(Self {
+            metrics_addr: args.metrics_addr,
+            metrics_retention,
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

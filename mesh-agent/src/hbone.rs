@@ -320,6 +320,7 @@ async fn connect_stream(
                 dest.deliver(
                     &shared,
                     Some(client),
+                    peer.ip(),
                     target.port(),
                     per_request,
                     stream,

@@ -26,6 +26,7 @@ pub mod balance;
 pub mod detect;
 pub mod guard;
 pub mod limits;
+pub mod metrics;
 pub mod path;
 pub mod upstream;
 
@@ -36,7 +37,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -51,6 +52,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
+use self::metrics::Outcome;
 use self::{
     balance::{Balancer, InFlight},
     detect::Protocol,
@@ -59,6 +61,7 @@ use self::{
 };
 use crate::{
     identity::Identity,
+    metrics::{Flow, Peer, Reporter, Security},
     policy::HttpAttributes,
     proxy::{Hop, LocalPod, ProxyError, Routes, Shared},
     state::{
@@ -532,14 +535,166 @@ where
 
 async fn outbound_request(cx: &Outbound, req: Request<Incoming>) -> Response<Body> {
     cx.src.counters.http_requests.inc();
+    let started = Instant::now();
+    let shape = Shape::of(&req);
     let switching = req.headers().contains_key(header::UPGRADE);
     let (mut prepared, body) = match prepare(req) {
         Ok(x) => x,
         Err(r) => return switch_protocols(r, None, switching),
     };
     let downstream = prepared.upgrade.take();
-    let resp = route_request(cx, prepared, body).await;
+    let mut resp = route_request(cx, prepared, body).await;
+    // Reported by the source: the endpoint that answered, or unknown for the proxy's own replies.
+    let served = resp.extensions_mut().remove::<Served>();
+    let routes = cx.shared.routes();
+    let flow = Flow {
+        reporter: Reporter::Source,
+        src: Peer::new(&cx.src.pod.key, cx.src.identity()),
+        dst: served.as_ref().map_or_else(Peer::unknown, |s| {
+            routes
+                .state
+                .workloads
+                .get(&s.endpoint)
+                .map_or_else(Peer::unknown, |w| {
+                    Peer::new(&w.key, &cx.shared.identity_of(w))
+                })
+        }),
+        service: match served.as_ref().and_then(|s| s.service.as_ref()) {
+            Some(k) => crate::metrics::service_fqdn(k),
+            None => routes.service_name_at(cx.dst.ip()),
+        },
+        security: if served.as_ref().is_some_and(|s| s.hbone) {
+            Security::MutualTls
+        } else {
+            Security::None
+        },
+    };
+    // A same-node answer has no other proxy to report it: this one reports both ends.
+    let both = served.as_ref().is_some_and(|s| !s.hbone);
+    let resp = recorded(&cx.shared.metrics, flow, both, shape, started, resp);
     switch_protocols(resp, downstream, switching)
+}
+
+/// Where a request was answered, for its metrics.
+#[derive(Clone, Debug)]
+struct Served {
+    endpoint: std::net::IpAddr,
+    service: Option<ObjectKey>,
+    hbone: bool,
+}
+
+/// What metrics need from a request before it is consumed.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    grpc: bool,
+    /// The declared body length (a chunked body counts 0).
+    request_bytes: u64,
+}
+
+impl Shape {
+    fn of<B: hyper::body::Body>(req: &Request<B>) -> Self {
+        Self {
+            grpc: req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            request_bytes: req.body().size_hint().exact().unwrap_or(0),
+        }
+    }
+}
+
+/// `resp`, with a body that records the request in `metrics` once it has been sent to the end
+/// (or dropped): the duration runs to the response's last byte, as Istio's does.
+fn recorded(
+    metrics: &Arc<crate::metrics::Metrics>,
+    flow: Flow,
+    both: bool,
+    shape: Shape,
+    started: Instant,
+    resp: Response<Body>,
+) -> Response<Body> {
+    let code = resp.status().as_u16();
+    let flags = resp
+        .headers()
+        .get(FLAGS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let metrics = metrics.clone();
+    resp.map(move |inner| {
+        Recorded {
+            inner,
+            bytes: 0,
+            done: Some(Box::new(move |bytes| {
+                let outcome = Outcome {
+                    protocol: if shape.grpc { "grpc" } else { "http" },
+                    code,
+                    flags: &flags,
+                    duration: started.elapsed(),
+                    request_bytes: shape.request_bytes,
+                    response_bytes: bytes,
+                };
+                metrics.http.record(&flow, &outcome);
+                if both {
+                    metrics
+                        .http
+                        .record(&flow.reported_by(Reporter::Destination), &outcome);
+                }
+            })),
+        }
+        .boxed_unsync()
+    })
+}
+
+/// A response body that counts its bytes and reports them once, at its end or drop.
+struct Recorded {
+    inner: Body,
+    bytes: u64,
+    done: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl Recorded {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes);
+        }
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Routes and forwards one prepared request from the outbound side.
@@ -821,7 +976,12 @@ async fn forward(
                     last = Some(resp);
                     continue;
                 }
-                let (rparts, rbody) = resp.into_parts();
+                let (mut rparts, rbody) = resp.into_parts();
+                rparts.extensions.insert(Served {
+                    endpoint: target.ip(),
+                    service: backend.as_ref().map(|b| b.svc.key.clone()),
+                    hbone: matches!(hop, Hop::Hbone(_)),
+                });
                 let held = Held {
                     inner: rbody,
                     _hold: (request_slot, None),
@@ -952,6 +1112,8 @@ struct Inbound {
     shared: Arc<Shared>,
     dest: Arc<LocalPod>,
     source: Option<Identity>,
+    /// The source as metric labels name it.
+    from: Peer,
     port: u16,
     h2: bool,
     h1_app: Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>,
@@ -960,10 +1122,15 @@ struct Inbound {
 
 /// Serves a connection to `dest`'s application at L7: every request is authorized with
 /// `source` and forwarded over `app` (re-dialled if the application closes it).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the inbound hand-over's context, once"
+)]
 pub async fn serve_inbound<S>(
     shared: Arc<Shared>,
     dest: Arc<LocalPod>,
     source: Option<Identity>,
+    from: Peer,
     port: u16,
     protocol: Protocol,
     io: S,
@@ -976,6 +1143,7 @@ pub async fn serve_inbound<S>(
         shared,
         dest,
         source,
+        from,
         port,
         h2,
         h1_app: Mutex::new(None),
@@ -1045,6 +1213,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn inbound_request(cx: &Inbound, req: Request<Incoming>) -> Response<Body> {
     cx.dest.counters.http_requests.inc();
+    let started = Instant::now();
+    let shape = Shape::of(&req);
     let switching = req.headers().contains_key(header::UPGRADE);
     let (mut prepared, body) = match prepare(req) {
         Ok(x) => x,
@@ -1052,6 +1222,18 @@ async fn inbound_request(cx: &Inbound, req: Request<Incoming>) -> Response<Body>
     };
     let downstream = prepared.upgrade.take();
     let resp = authorize_and_send(cx, prepared, body).await;
+    let flow = Flow {
+        reporter: Reporter::Destination,
+        src: cx.from.clone(),
+        dst: Peer::new(&cx.dest.pod.key, cx.dest.identity()),
+        service: crate::metrics::UNKNOWN.into(),
+        security: if cx.source.is_some() {
+            Security::MutualTls
+        } else {
+            Security::None
+        },
+    };
+    let resp = recorded(&cx.shared.metrics, flow, false, shape, started, resp);
     switch_protocols(resp, downstream, switching)
 }
 

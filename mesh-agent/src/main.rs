@@ -11,6 +11,7 @@ mod config;
 mod hbone;
 mod identity;
 mod l7;
+mod metrics;
 mod netns;
 mod nodefile;
 mod policy;

@@ -15,6 +15,10 @@
 //! Which listener accepted a connection says which pod it belongs to; the proxy never infers the
 //! pod from a source address.
 
+pub mod metrics;
+
+use self::metrics::TcpConn;
+
 use std::{
     collections::HashMap,
     io,
@@ -42,6 +46,7 @@ use crate::{
     hbone,
     identity::Identity,
     l7,
+    metrics::{Flow, Peer, Reporter, Security},
     netns::{Netns, NetnsError},
     policy::{self, Decision, HttpAttributes},
     state::{MtlsMode, NodeState, ObjectKey, Pod, Service, Workload},
@@ -230,6 +235,15 @@ impl Routes {
             .and_then(|r| self.l7.service(&r.svc.key))
     }
 
+    /// `destination_service` for a connection to `ip`: the service's FQDN when `ip` is a
+    /// service address.
+    pub fn service_name_at(&self, ip: IpAddr) -> String {
+        self.by_vip.get(&ip).map_or_else(
+            || crate::metrics::UNKNOWN.to_string(),
+            |r| crate::metrics::service_fqdn(&r.svc.key),
+        )
+    }
+
     /// Whether connections to `dst` get protocol detection: mesh destinations (a service
     /// address or a workload), except service ports declared `appProtocol: tcp`.
     pub fn detects(&self, dst: SocketAddr) -> bool {
@@ -276,6 +290,8 @@ pub struct Shared {
     pub http_pool: Arc<l7::upstream::Pool>,
     /// The mesh's trust domain.
     pub trust_domain: String,
+    /// The node's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -285,6 +301,33 @@ impl Shared {
             Ok(r) => r.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// The workload at `ip` as metric labels name it, when `proven` (the identity a handshake
+    /// proved, or the kernel's word for a local pod) is its identity; a proven identity at an
+    /// unknown address keeps its principal. An address alone proves nothing: without an
+    /// identity the peer is unknown.
+    pub fn peer_at(&self, ip: IpAddr, proven: Option<&Identity>) -> Peer {
+        let Some(id) = proven else {
+            return Peer::unknown();
+        };
+        let routes = self.routes();
+        match routes.state.workloads.get(&ip) {
+            Some(w)
+                if w.key.namespace == id.namespace && w.service_account == id.service_account =>
+            {
+                Peer::new(&w.key, id)
+            }
+            _ => Peer {
+                principal: id.to_string(),
+                ..Peer::unknown()
+            },
+        }
+    }
+
+    /// The identity of workload `w`.
+    pub fn identity_of(&self, w: &Workload) -> Identity {
+        Identity::new(&self.trust_domain, &w.key.namespace, &w.service_account)
     }
 
     /// The enrolled pod of this node with address `ip`.
@@ -568,10 +611,15 @@ impl LocalPod {
     /// Delivers an admitted connection to the application over `app`. With `per_request`, HTTP
     /// is authorized request by request; anything else gets the connection-level decision, in
     /// which HTTP-only rules fail closed.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one hand-over point for both inbound paths"
+    )]
     pub async fn deliver<S>(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
         source: Option<Identity>,
+        peer: IpAddr,
         port: u16,
         per_request: bool,
         client: S,
@@ -579,9 +627,22 @@ impl LocalPod {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // Reported by the destination: mTLS when HBONE proved the source's identity.
+        let flow = || Flow {
+            reporter: Reporter::Destination,
+            src: shared.peer_at(peer, source.as_ref()),
+            dst: Peer::new(&self.pod.key, self.identity()),
+            service: crate::metrics::UNKNOWN.into(),
+            security: if source.is_some() {
+                Security::MutualTls
+            } else {
+                Security::None
+            },
+        };
         if !per_request {
+            let conn = shared.metrics.tcp.open(&flow());
             let tracked = self.track(source, port);
-            tracked.run(self.relay_to_app(client, app)).await;
+            tracked.run(self.relay_to_app(client, app, conn)).await;
             return;
         }
         let (protocol, client) = match l7::detect::detect(client).await {
@@ -593,10 +654,12 @@ impl LocalPod {
         };
         if protocol.is_http() {
             let client = Counted::new(client, &self.counters, |c| &c.inbound_bytes_delivered);
+            let from = flow().src;
             l7::serve_inbound(
                 shared.clone(),
                 self.clone(),
                 source,
+                from,
                 port,
                 protocol,
                 client,
@@ -604,8 +667,9 @@ impl LocalPod {
             )
             .await;
         } else if self.authorize(shared, source.as_ref(), port, None).is_ok() {
+            let conn = shared.metrics.tcp.open(&flow());
             let tracked = self.track(source, port);
-            tracked.run(self.relay_to_app(client, app)).await;
+            tracked.run(self.relay_to_app(client, app, conn)).await;
         }
     }
 
@@ -631,8 +695,10 @@ impl LocalPod {
         &self,
         mut client: S,
         mut app: TcpStream,
+        conn: TcpConn,
     ) {
-        let mut client = Counted::new(&mut client, &self.counters, |c| &c.inbound_bytes_delivered);
+        let mut client = Counted::new(&mut client, &self.counters, |c| &c.inbound_bytes_delivered)
+            .metered(&conn);
         let _ = copy_bidirectional(&mut client, &mut app).await;
     }
 }
@@ -800,7 +866,7 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
         l7::detect::Rewind::new(client)
     };
     let target = routes.resolve(dst).map_err(fail)?;
-    let mut client = Counted::new(client, c, |c| &c.outbound_bytes_sent);
+    let client = Counted::new(client, c, |c| &c.outbound_bytes_sent);
     let hop = Hop::to(shared, &routes, target.ip());
     if let Hop::Local(dest) = &hop {
         // Same node: the kernel told us the source pod, so its identity needs no certificate.
@@ -811,12 +877,34 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
     }
     let upstream = open(shared, src, &hop, target).await.map_err(fail)?;
     let mut upstream = Counted::new(upstream, c, |c| &c.outbound_bytes_received);
+    let flow = Flow {
+        reporter: Reporter::Source,
+        src: Peer::new(&src.pod.key, src.identity()),
+        dst: match &hop {
+            Hop::Local(dest) => Peer::new(&dest.pod.key, dest.identity()),
+            Hop::Hbone(w) => Peer::new(&w.key, &shared.identity_of(w)),
+            Hop::Passthrough => Peer::unknown(),
+        },
+        service: routes.service_name_at(dst.ip()),
+        security: match &hop {
+            Hop::Hbone(_) => Security::MutualTls,
+            _ => Security::None,
+        },
+    };
+    let conn = shared.metrics.tcp.open(&flow);
+    let mut client = client.metered(&conn);
     match &hop {
         Hop::Local(dest) => {
             c.outbound_local.inc();
             debug!(src = %src.pod.key, dst = %dest.pod.key, %target, "same-node delivery");
+            // One proxy is both ends here, so it reports both.
+            let dest_conn = shared
+                .metrics
+                .tcp
+                .open(&flow.reported_by(Reporter::Destination));
             let mut delivered =
-                Counted::new(&mut client, &dest.counters, |c| &c.inbound_bytes_delivered);
+                Counted::new(&mut client, &dest.counters, |c| &c.inbound_bytes_delivered)
+                    .metered(&dest_conn);
             let tracked = dest.track(Some(src.identity().clone()), target.port());
             tracked
                 .run(copy_bidirectional(&mut delivered, &mut upstream))
@@ -862,8 +950,17 @@ async fn inbound(cx: &PodCx, client: TcpStream) -> Result<(), ProxyError> {
         .admit(&cx.shared, None, local.port())
         .map_err(|d| fail(ProxyError::Denied(d)))?;
     let app = pod.dial_app(local.port()).await.map_err(fail)?;
-    pod.deliver(&cx.shared, None, local.port(), per_request, client, app)
-        .await;
+    let peer = client.peer_addr().map_or(local.ip(), |p| p.ip());
+    pod.deliver(
+        &cx.shared,
+        None,
+        peer,
+        local.port(),
+        per_request,
+        client,
+        app,
+    )
+    .await;
     Ok(())
 }
 
@@ -878,6 +975,8 @@ pub struct Counted<S> {
     counters: Arc<PodCounters>,
     read: Pick,
     written: Option<Pick>,
+    /// A connection's Istio counters: reads are bytes from its client, writes bytes to it.
+    metered: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
 }
 
 impl<S> Counted<S> {
@@ -888,7 +987,15 @@ impl<S> Counted<S> {
             counters: counters.clone(),
             read,
             written: None,
+            metered: None,
         }
+    }
+
+    /// Also adds reads to `conn`'s received bytes and writes to its sent bytes: this stream is
+    /// the client's end of `conn`.
+    pub fn metered(mut self, conn: &TcpConn) -> Self {
+        self.metered = Some((conn.received.clone(), conn.sent.clone()));
+        self
     }
 
     /// Also counts writes, into `written`.
@@ -908,6 +1015,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         (self.read)(&self.counters).add(n as u64);
+        if let Some((received, _)) = &self.metered {
+            received.inc_by(n as u64);
+        }
         r
     }
 }
@@ -919,8 +1029,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let (Poll::Ready(Ok(n)), Some(w)) = (&r, self.written) {
-            w(&self.counters).add(*n as u64);
+        if let Poll::Ready(Ok(n)) = &r {
+            if let Some(w) = self.written {
+                w(&self.counters).add(*n as u64);
+            }
+            if let Some((_, sent)) = &self.metered {
+                sent.inc_by(*n as u64);
+            }
         }
         r
     }

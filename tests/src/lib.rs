@@ -750,6 +750,18 @@ impl Cluster {
         in_netns(&self.nodes[i].netns, || http_get(addr, path))?
     }
 
+    /// Node `i`'s `/metrics`, parsed by the Prometheus project's own Python parser
+    /// (`prometheus_client`, the Debian package `cargo xtask setup` installs), so a format
+    /// error fails the test. Returns every sample.
+    pub fn scrape(&self, i: usize) -> Result<Vec<Sample>> {
+        let addr: SocketAddr = ([127, 0, 0, 1], 15020).into();
+        let (code, text) = in_netns(&self.nodes[i].netns, || http_get(addr, "/metrics"))??;
+        if code != 200 {
+            bail!("/metrics answered {code}: {text}");
+        }
+        parse_metrics(&text)
+    }
+
     /// Node `i`'s `/stats`, parsed.
     pub fn stats(&self, i: usize) -> Result<serde_json::Value> {
         let (code, body) = self.agent_get(i, "/stats")?;
@@ -1168,4 +1180,65 @@ pub fn tcp_segments(frames: &[Vec<u8>]) -> Vec<Segment> {
             })
         })
         .collect()
+}
+
+/// One sample of a scrape.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Sample {
+    /// Sample name (a histogram's have `_bucket`, `_sum`, `_count`).
+    pub name: String,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// The parser: reads the exposition on stdin, prints the samples as JSON.
+const PARSER: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append({"name": s.name, "labels": s.labels, "value": s.value})
+json.dump(out, sys.stdout)
+"#;
+
+/// Parses Prometheus text with `prometheus_client` (Debian's Python, where the package is).
+pub fn parse_metrics(text: &str) -> Result<Vec<Sample>> {
+    use std::io::Write;
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", PARSER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run /usr/bin/python3 (install python3-prometheus-client: `cargo xtask setup`)")?;
+    child
+        .stdin
+        .take()
+        .context("parser stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "the Prometheus parser rejected /metrics: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The sum of `name` over the samples whose labels include all of `labels`.
+pub fn metric_sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
 }

@@ -63,6 +63,8 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "wrk",
     "iperf3",
+    // A real Prometheus text parser for the telemetry tests.
+    "python3-prometheus-client",
 ];
 
 fn root() -> PathBuf {

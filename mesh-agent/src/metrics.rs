@@ -1,0 +1,382 @@
+//! The node's metrics: one Prometheus registry, rendered on `/metrics` (default `0.0.0.0:15020`).
+//!
+//! Each subsystem defines its families next to the code that updates them (`proxy/metrics.rs`
+//! for TCP, `l7/metrics.rs` for HTTP, `certs.rs` and `bpf.rs` for agent health). This module
+//! holds the registry, the label vocabulary the TCP and HTTP families share (Istio's names, so
+//! existing dashboards work), and the clean-up that drops the series of workloads that left the
+//! mesh, so cardinality follows the pods that exist.
+//!
+//! Invariants:
+//! - a label value comes from the kernel's or the TLS handshake's word about who is talking,
+//!   never from a header: `source_principal` is the identity that was proved (or `unknown`);
+//! - series naming a workload that is gone are removed once it has been gone for the retention
+//!   period (so a scrape in between still sees its last counts).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use prometheus::{Encoder, Registry, TextEncoder, core::Collector};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::{
+    identity::Identity,
+    l7::metrics::HttpMetrics,
+    proxy::metrics::TcpMetrics,
+    state::{NodeState, ObjectKey},
+};
+
+/// Errors of the metrics endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A family could not be made or registered (a programming error: names clash).
+    #[error("metric family: {0}")]
+    Family(#[from] prometheus::Error),
+    /// Binding the endpoint failed.
+    #[error(
+        "cannot bind the metrics endpoint {addr}: {source} (is another agent using it? pass --metrics-addr)"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Label used where a side of a flow is not a mesh workload (Istio's word).
+pub const UNKNOWN: &str = "unknown";
+
+/// One side of a flow, as labels name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// `source_workload` / `destination_workload`: the pod's name.
+    pub workload: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its SPIFFE ID, when proved.
+    pub principal: String,
+}
+
+impl Peer {
+    /// A side that is not (or not provably) a mesh workload.
+    pub fn unknown() -> Self {
+        Self {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+        }
+    }
+
+    /// The workload `key` with identity `id`.
+    pub fn new(key: &ObjectKey, id: &Identity) -> Self {
+        Self {
+            workload: key.name.clone(),
+            namespace: key.namespace.clone(),
+            principal: id.to_string(),
+        }
+    }
+}
+
+/// Which end of a flow reports it (Istio's `reporter`): the client's node reports `source`,
+/// the server's node `destination`; a same-node flow is reported by both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporter {
+    /// The client's side.
+    Source,
+    /// The server's side.
+    Destination,
+}
+
+/// Whether the flow was mutually authenticated TLS (`connection_security_policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Security {
+    /// HBONE: mTLS between the nodes.
+    MutualTls,
+    /// No TLS: same-node hand-over (identity from the kernel) or plaintext from outside.
+    None,
+}
+
+/// The labels every TCP and HTTP series of one flow shares.
+#[derive(Clone, Debug)]
+pub struct Flow {
+    /// Who reports.
+    pub reporter: Reporter,
+    /// The client.
+    pub src: Peer,
+    /// The server.
+    pub dst: Peer,
+    /// `destination_service`: the service's FQDN when a service address was used.
+    pub service: String,
+    /// mTLS or not.
+    pub security: Security,
+}
+
+/// The label names shared by every flow family, in the order [`Flow::values`] gives them.
+pub const FLOW_LABELS: [&str; 10] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "request_protocol",
+    "connection_security_policy",
+];
+
+impl Flow {
+    /// The values of [`FLOW_LABELS`] for `protocol` (`tcp`, `http`, `grpc`).
+    pub fn values<'a>(&'a self, protocol: &'a str) -> [&'a str; 10] {
+        [
+            match self.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            },
+            &self.src.workload,
+            &self.src.namespace,
+            &self.src.principal,
+            &self.dst.workload,
+            &self.dst.namespace,
+            &self.dst.principal,
+            &self.service,
+            protocol,
+            match self.security {
+                Security::MutualTls => "mutual_tls",
+                Security::None => "none",
+            },
+        ]
+    }
+
+    /// The same flow as the other end reports it.
+    pub fn reported_by(&self, reporter: Reporter) -> Self {
+        Self {
+            reporter,
+            ..self.clone()
+        }
+    }
+}
+
+/// The FQDN Istio puts in `destination_service`.
+pub fn service_fqdn(key: &ObjectKey) -> String {
+    format!("{}.{}.svc.cluster.local", key.name, key.namespace)
+}
+
+/// The node's registry and families.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// TCP families (L4 connections).
+    pub tcp: TcpMetrics,
+    /// HTTP families (L7 requests).
+    pub http: HttpMetrics,
+    /// Workloads that left the mesh, and since when.
+    gone: Mutex<HashMap<(String, String), Instant>>,
+    /// How long their series stay.
+    retention: Duration,
+}
+
+impl Metrics {
+    /// The registry with every family registered; series of departed workloads are kept for
+    /// `retention`.
+    pub fn new(retention: Duration) -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let tcp = TcpMetrics::new(&registry)?;
+        let http = HttpMetrics::new(&registry)?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            tcp,
+            http,
+            gone: Mutex::default(),
+            retention,
+        })
+    }
+
+    /// The text exposition of every family.
+    pub fn render(&self) -> Vec<u8> {
+        self.collect_garbage();
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            warn!("rendering metrics: {e}");
+        }
+        out
+    }
+
+    /// Notes which workloads exist in `state`: those that left start their retention period,
+    /// and those that came back are kept.
+    pub fn observe(&self, state: &NodeState) {
+        let present: std::collections::HashSet<(String, String)> = state
+            .workloads
+            .values()
+            .map(|w| (w.key.namespace.clone(), w.key.name.clone()))
+            .collect();
+        let mut gone = lock(&self.gone);
+        gone.retain(|k, _| !present.contains(k));
+        for k in self.flow_workloads() {
+            if k.1 != UNKNOWN && !present.contains(&k) {
+                gone.entry(k).or_insert_with(Instant::now);
+            }
+        }
+        drop(gone);
+        self.collect_garbage();
+    }
+
+    /// Every (namespace, workload) some series names.
+    fn flow_workloads(&self) -> std::collections::HashSet<(String, String)> {
+        let mut out = std::collections::HashSet::new();
+        for family in self.tcp.families().chain(self.http.families()) {
+            for mf in family.collect() {
+                for m in mf.get_metric() {
+                    let label = |name: &str| {
+                        m.get_label()
+                            .iter()
+                            .find(|l| l.name() == name)
+                            .map(|l| l.value().to_string())
+                            .unwrap_or_default()
+                    };
+                    for side in ["source", "destination"] {
+                        out.insert((
+                            label(&format!("{side}_workload_namespace")),
+                            label(&format!("{side}_workload")),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes the series of workloads gone for longer than the retention period.
+    fn collect_garbage(&self) {
+        let expired: Vec<(String, String)> = {
+            let mut gone = lock(&self.gone);
+            let now = Instant::now();
+            let expired = gone
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= self.retention)
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>();
+            for k in &expired {
+                gone.remove(k);
+            }
+            expired
+        };
+        if expired.is_empty() {
+            return;
+        }
+        for family in self.tcp.families().chain(self.http.families()) {
+            remove_series(family, &expired);
+        }
+    }
+}
+
+/// Removes from `family` every series whose source or destination is one of `workloads`.
+fn remove_series(family: &dyn RemovableFamily, workloads: &[(String, String)]) {
+    for mf in family.collect() {
+        for m in mf.get_metric() {
+            let labels: HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            let names = |side: &str| {
+                (
+                    labels
+                        .get(format!("{side}_workload_namespace").as_str())
+                        .copied()
+                        .unwrap_or_default(),
+                    labels
+                        .get(format!("{side}_workload").as_str())
+                        .copied()
+                        .unwrap_or_default(),
+                )
+            };
+            let hit = ["source", "destination"].iter().any(|side| {
+                let (ns, w) = names(side);
+                workloads.iter().any(|(gns, gw)| gns == ns && gw == w)
+            });
+            if hit {
+                family.remove(&labels);
+            }
+        }
+    }
+}
+
+/// A labelled family whose series can be listed and removed.
+pub trait RemovableFamily: Collector {
+    /// Removes the series with exactly `labels`.
+    fn remove(&self, labels: &HashMap<&str, &str>);
+}
+
+impl<T: prometheus::core::MetricVecBuilder> RemovableFamily for prometheus::core::MetricVec<T> {
+    fn remove(&self, labels: &HashMap<&str, &str>) {
+        let _ = prometheus::core::MetricVec::remove(self, labels);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Binds the metrics listener (so a bad address fails start-up, not later).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `/metrics` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    use hyper::{Response, StatusCode, header};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let metrics = metrics.clone();
+                async move {
+                    let mut r = if req.uri().path() == "/metrics" {
+                        // Rendering walks every series: off the proxy's worker threads.
+                        let body = tokio::task::spawn_blocking(move || metrics.render())
+                            .await
+                            .unwrap_or_default();
+                        let mut r =
+                            Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                        r.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        r
+                    } else {
+                        let mut r = Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"not found: try /metrics\n"),
+                        ));
+                        *r.status_mut() = StatusCode::NOT_FOUND;
+                        r
+                    };
+                    r.headers_mut().insert(
+                        header::CACHE_CONTROL,
+                        header::HeaderValue::from_static("no-store"),
+                    );
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await
+            {
+                warn!("metrics connection: {e}");
+            }
+        });
+    }
+}
