@@ -130,6 +130,11 @@ pub const FLOW_LABELS: [&str; 10] = [
     "connection_security_policy",
 ];
 
+/// [`FLOW_LABELS`] followed by a family's own labels.
+pub fn label_names(own: &[&'static str]) -> Vec<&'static str> {
+    FLOW_LABELS.iter().chain(own).copied().collect()
+}
+
 impl Flow {
     /// The values of [`FLOW_LABELS`] for `protocol` (`tcp`, `http`, `grpc`).
     pub fn values<'a>(&'a self, protocol: &'a str) -> [&'a str; 10] {

@@ -4,23 +4,10 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
-use crate::metrics::{FLOW_LABELS, Flow, MetricsError, RemovableFamily};
+use crate::metrics::{Flow, MetricsError, RemovableFamily, label_names};
 
-/// Label names of the HTTP families: the flow's, then `response_code` and `response_flags`.
-const LABELS: [&str; 12] = [
-    FLOW_LABELS[0],
-    FLOW_LABELS[1],
-    FLOW_LABELS[2],
-    FLOW_LABELS[3],
-    FLOW_LABELS[4],
-    FLOW_LABELS[5],
-    FLOW_LABELS[6],
-    FLOW_LABELS[7],
-    FLOW_LABELS[8],
-    FLOW_LABELS[9],
-    "response_code",
-    "response_flags",
-];
+/// The families' own labels, after the flow's.
+const OWN_LABELS: &[&str] = &["response_code", "response_flags"];
 
 /// Istio's duration buckets, in milliseconds.
 const DURATION_MS: [f64; 19] = [
@@ -51,7 +38,7 @@ fn histogram(
 ) -> Result<HistogramVec, MetricsError> {
     let v = HistogramVec::new(
         HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        &LABELS,
+        &label_names(OWN_LABELS),
     )?;
     registry.register(Box::new(v.clone()))?;
     Ok(v)
@@ -79,7 +66,7 @@ impl HttpMetrics {
     pub fn new(registry: &Registry) -> Result<Self, MetricsError> {
         let requests = IntCounterVec::new(
             Opts::new("istio_requests_total", "HTTP requests handled at L7"),
-            &LABELS,
+            &label_names(OWN_LABELS),
         )?;
         registry.register(Box::new(requests.clone()))?;
         Ok(Self {

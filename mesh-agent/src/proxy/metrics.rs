@@ -2,22 +2,10 @@
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
-use crate::metrics::{FLOW_LABELS, Flow, MetricsError, RemovableFamily};
+use crate::metrics::{Flow, MetricsError, RemovableFamily, label_names};
 
-/// Label names of the TCP families: the flow's, then `response_flags`.
-const LABELS: [&str; 11] = [
-    FLOW_LABELS[0],
-    FLOW_LABELS[1],
-    FLOW_LABELS[2],
-    FLOW_LABELS[3],
-    FLOW_LABELS[4],
-    FLOW_LABELS[5],
-    FLOW_LABELS[6],
-    FLOW_LABELS[7],
-    FLOW_LABELS[8],
-    FLOW_LABELS[9],
-    "response_flags",
-];
+/// The families' own labels, after the flow's.
+const OWN_LABELS: &[&str] = &["response_flags"];
 
 /// `istio_tcp_*`.
 #[derive(Debug)]
@@ -29,7 +17,7 @@ pub struct TcpMetrics {
 }
 
 fn family(registry: &Registry, name: &str, help: &str) -> Result<IntCounterVec, MetricsError> {
-    let v = IntCounterVec::new(Opts::new(name, help), &LABELS)?;
+    let v = IntCounterVec::new(Opts::new(name, help), &label_names(OWN_LABELS))?;
     registry.register(Box::new(v.clone()))?;
     Ok(v)
 }
