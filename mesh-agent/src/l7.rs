@@ -543,10 +543,10 @@ async fn outbound_request(cx: &Outbound, req: Request<Incoming>) -> Response<Bod
         Err(r) => return switch_protocols(r, None, switching),
     };
     let downstream = prepared.upgrade.take();
-    let mut resp = route_request(cx, prepared, body).await;
+    let routes = cx.shared.routes();
+    let mut resp = route_request(cx, &routes, prepared, body).await;
     // Reported by the source: the endpoint that answered, or unknown for the proxy's own replies.
     let served = resp.extensions_mut().remove::<Served>();
-    let routes = cx.shared.routes();
     let flow = Flow {
         reporter: Reporter::Source,
         src: Peer::new(&cx.src.pod.key, cx.src.identity()),
@@ -698,14 +698,18 @@ impl hyper::body::Body for Recorded {
 }
 
 /// Routes and forwards one prepared request from the outbound side.
-async fn route_request(cx: &Outbound, prepared: Prepared, body: Incoming) -> Response<Body> {
-    let routes = cx.shared.routes();
+async fn route_request(
+    cx: &Outbound,
+    routes: &Routes,
+    prepared: Prepared,
+    body: Incoming,
+) -> Response<Body> {
     let entry = routes.service_at(cx.dst.ip()).cloned();
     let Some(entry) = entry else {
         // A workload addressed directly: one endpoint, no routes.
         return forward(
             cx,
-            &routes,
+            routes,
             prepared,
             body,
             None,
@@ -738,21 +742,21 @@ async fn route_request(cx: &Outbound, prepared: Prepared, body: Incoming) -> Res
     }
     modify(&mut prepared.parts.headers, &rule.request_headers);
     // Weighted backend choice.
-    let (backend, port) = match pick_backend(&rule, &entry, &routes, cx.dst.port()) {
+    let (backend, port) = match pick_backend(&rule, &entry, routes, cx.dst.port()) {
         Ok(b) => b,
         Err(r) => return r,
     };
     let mut resp = match rule.request_timeout {
         Some(t) => match tokio::time::timeout(
             t,
-            forward(cx, &routes, prepared, body, Some(backend), port, &rule),
+            forward(cx, routes, prepared, body, Some(backend), port, &rule),
         )
         .await
         {
             Ok(r) => r,
             Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "UT", "request timeout"),
         },
-        None => forward(cx, &routes, prepared, body, Some(backend), port, &rule).await,
+        None => forward(cx, routes, prepared, body, Some(backend), port, &rule).await,
     };
     modify(resp.headers_mut(), &rule.response_headers);
     resp
@@ -957,7 +961,7 @@ async fn forward(
                 warn!(service = %b.svc.key, endpoint = %e.ip, "endpoint ejected after consecutive failures");
             }
         };
-        match result {
+        let failed = match result {
             Ok(Ok(mut resp)) => {
                 if let Some(f) = &in_flight {
                     f.answered();
@@ -1002,41 +1006,32 @@ async fn forward(
                 // The destination's policy refused this source: not a failure of the endpoint.
                 return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
             }
-            Ok(Err(e @ UpstreamError::Connect(_))) => {
-                record(true);
-                debug!(%target, "{e}");
-                last = Some(reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UF",
-                    &format!("upstream connect failure: {e}"),
-                ));
-                if retry.is_some_and(|r| r.on_connect_failure) {
-                    continue;
-                }
-                break;
-            }
-            Ok(Err(e @ (UpstreamError::Reset(_) | UpstreamError::Unsent(_)))) => {
-                record(true);
-                debug!(%target, "{e}");
-                last = Some(reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UC",
-                    &format!("upstream reset: {e}"),
-                ));
-                if retry.is_some_and(|r| r.on_reset) {
-                    continue;
-                }
-                break;
-            }
-            Err(()) => {
-                record(true);
-                last = Some(reply(StatusCode::GATEWAY_TIMEOUT, "UT", "per-try timeout"));
-                // A per-try timeout answers 504, so it is retried when 504 is (as `5xx` says).
-                if retry.is_some_and(|r| r.codes.contains(&504)) {
-                    continue;
-                }
-                break;
-            }
+            Ok(Err(e @ UpstreamError::Connect(_))) => Failed {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                flags: "UF",
+                message: format!("upstream connect failure: {e}"),
+                retriable: retry.is_some_and(|r| r.on_connect_failure),
+            },
+            Ok(Err(e @ (UpstreamError::Reset(_) | UpstreamError::Unsent(_)))) => Failed {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                flags: "UC",
+                message: format!("upstream reset: {e}"),
+                retriable: retry.is_some_and(|r| r.on_reset),
+            },
+            // A per-try timeout answers 504, so it is retried when 504 is (as `5xx` says).
+            Err(()) => Failed {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                flags: "UT",
+                message: "per-try timeout".into(),
+                retriable: retry.is_some_and(|r| r.codes.contains(&504)),
+            },
+        };
+        // A failed try: it counts against the endpoint, and the next try may follow.
+        record(true);
+        debug!(%target, "{}", failed.message);
+        last = Some(reply(failed.status, failed.flags, &failed.message));
+        if !failed.retriable {
+            break;
         }
     }
     let mut resp =
@@ -1046,6 +1041,14 @@ async fn forward(
             .insert(FLAGS_HEADER, HeaderValue::from_static("URX"));
     }
     resp
+}
+
+/// A try that got no usable answer, and whether the rule retries it.
+struct Failed {
+    status: StatusCode,
+    flags: &'static str,
+    message: String,
+    retriable: bool,
 }
 
 /// How a request body goes upstream.
