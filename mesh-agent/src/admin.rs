@@ -1,4 +1,16 @@
-//! Admin endpoints, on localhost only: `/healthz`, `/ready` and `/stats`.
+//! Admin endpoints, on localhost only:
+//! - `/healthz`: the process answers;
+//! - `/ready`: every pod is enrolled and has a certificate;
+//! - `/stats`: per-pod counters and certificates;
+//! - `/config_dump`: the state the agent works from (pods, workloads, services, routes,
+//!   policies), certificates without keys, and the BPF maps summarized;
+//! - `/debug/flows?since=N&limit=M`: the most recent flow records, with their decisions;
+//! - `/explain?src=ns/name&dst=ip:port[&method=&path=&header=name:value]`: what the proxy
+//!   would do with such a connection or request, and why (see `explain.rs`);
+//! - `/logging`: the log filter; `POST /logging?level=debug` (or any `RUST_LOG`-style filter)
+//!   changes it at run time.
+//!
+//! The `mesh-agent status|flows|explain|config-dump` commands are clients of these.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -7,7 +19,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::app::Agent;
 
@@ -29,6 +41,65 @@ pub enum AdminError {
         /// Why.
         source: std::io::Error,
     },
+    /// A log filter could not be parsed.
+    #[error("log filter {filter:?}: {problem} (try a level like debug, or mesh_agent=debug,info)")]
+    Filter {
+        /// What was given.
+        filter: String,
+        /// Why it was refused.
+        problem: String,
+    },
+}
+
+/// Applies a log filter, or says why it cannot.
+type ApplyFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Changes the log filter of the running process.
+pub struct LogControl {
+    set: ApplyFilter,
+    current: std::sync::Mutex<String>,
+}
+
+impl std::fmt::Debug for LogControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogControl")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogControl {
+    /// A control that applies a filter with `set`; `current` is the filter in force.
+    pub fn new(
+        current: String,
+        set: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            set: Box::new(set),
+            current: std::sync::Mutex::new(current),
+        }
+    }
+
+    /// The filter in force.
+    pub fn current(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Applies `filter`; the old one stays if it is refused.
+    pub fn set(&self, filter: &str) -> Result<(), AdminError> {
+        (self.set)(filter).map_err(|problem| AdminError::Filter {
+            filter: filter.into(),
+            problem,
+        })?;
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = filter.into();
+        Ok(())
+    }
 }
 
 /// Binds the admin listener (so a bad address fails start-up, not later).
@@ -69,7 +140,54 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
+fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Decodes `%XX` and `+` in a query component; a `%` without two hex digits stays as it is.
+fn decode(s: &str) -> String {
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1).copied(), b.get(i + 2).copied()) {
+            (b'+', ..) => out.push(b' '),
+            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
+                let v = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 2;
+            }
+            (c, ..) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The query's `name=value` pairs, decoded, in order.
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
 fn handle(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let q = query(req);
+    let param = |name: &str| q.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => match agent.not_ready_reason() {
@@ -79,18 +197,73 @@ fn handle(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 format!("not ready: {why}\n"),
             ),
         },
-        "/stats" => {
-            let body = serde_json::to_vec_pretty(&agent.stats()).unwrap_or_default();
-            let mut r = text(StatusCode::OK, body);
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            r
+        "/stats" => json(&agent.stats()),
+        "/config_dump" => json(&agent.config_dump()),
+        "/debug/flows" => {
+            let since = param("since").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let limit = param("limit")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(crate::flows::HISTORY);
+            let flows = agent.shared().flows.since(since, limit);
+            json(&flows.iter().map(|f| &**f).collect::<Vec<_>>())
+        }
+        "/explain" => {
+            let question = crate::explain::Question {
+                src: param("src").unwrap_or_default(),
+                dst: param("dst").unwrap_or_default(),
+                method: param("method"),
+                path: param("path"),
+                headers: q
+                    .iter()
+                    .filter(|(k, _)| k == "header")
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+            };
+            match crate::explain::explain(agent.shared(), &question) {
+                Ok(answer) => json(&answer),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        "/logging" => {
+            let wanted = param("level").or_else(|| param("filter"));
+            match (req.method(), wanted) {
+                (&hyper::Method::POST, Some(filter)) => match agent.logging.set(&filter) {
+                    Ok(()) => {
+                        info!(%filter, "log filter changed");
+                        text(StatusCode::OK, format!("log filter: {filter}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+                },
+                (&hyper::Method::POST, None) => text(
+                    StatusCode::BAD_REQUEST,
+                    "POST /logging?level=<level or filter>, e.g. level=debug\n",
+                ),
+                (_, Some(_)) => text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "changing the log filter takes a POST\n",
+                ),
+                (_, None) => text(
+                    StatusCode::OK,
+                    format!("log filter: {}\n", agent.logging.current()),
+                ),
+            }
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /ready or /stats\n",
+            "not found: try /healthz, /ready, /stats, /config_dump, /debug/flows, /explain or /logging\n",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode;
+
+    #[test]
+    fn query_components_decode() {
+        assert_eq!(decode("default%2Fclient"), "default/client");
+        assert_eq!(decode("x-user:+alice"), "x-user: alice");
+        assert_eq!(decode("100%"), "100%");
+        assert_eq!(decode("%zz"), "%zz");
     }
 }

@@ -27,7 +27,7 @@ use crate::{
     admin,
     bpf::{self, Dataplane, KernelPodStats},
     ca::{self, CaClient},
-    certs::{CertManager, CertReport},
+    certs::{CertCollector, CertManager, CertReport},
     config::{CaSource, Config},
     hbone,
     identity::Identity,
@@ -86,6 +86,10 @@ pub struct Agent {
     state: RwLock<Arc<NodeState>>,
     problems: Mutex<Vec<String>>,
     node_file: PathBuf,
+    /// The kernel's counters and map fill levels (also on `/metrics`).
+    kernel: Arc<bpf::collector::KernelCollector>,
+    /// Run-time log level.
+    pub logging: admin::LogControl,
 }
 
 /// One pod's line in `/stats`.
@@ -205,6 +209,29 @@ impl Agent {
         }
     }
 
+    /// The connection-handling side, for `explain` and `/debug/flows`.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Everything the agent is working from, for `/config_dump`: the state (pods, workloads,
+    /// services, routes, policies), certificates without their keys, and the BPF maps
+    /// summarized.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let state = self.current_state();
+        let enrolled: Vec<String> = lock(&self.pods).keys().map(ToString::to_string).collect();
+        let (maps, events) = self.kernel.summary();
+        serde_json::json!({
+            "node": state.node,
+            "enrolled": enrolled,
+            "state": &*state,
+            "certificates": self.shared.certs.report(),
+            "trust_roots": self.shared.certs.trust_roots(),
+            "bpf": { "maps": maps, "events": events },
+            "problems": lock(&self.problems).clone(),
+        })
+    }
+
     /// Makes the kernel and the proxy match `state`.
     fn reconcile(&self, state: NodeState, problems: Vec<String>) {
         self.shared.metrics.observe(&state);
@@ -321,7 +348,7 @@ impl Agent {
 
 /// Runs the agent until SIGINT or SIGTERM. Capture stays in place on exit (fail closed);
 /// `mesh-agent uninstall` removes it.
-pub async fn run(config: Config) -> Result<(), AppError> {
+pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppError> {
     bpf::preflight(&config.bpffs)?;
     let pin_root = config.pin_root();
     let loaded = nodefile::load(&config.node_file, None)?;
@@ -334,6 +361,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let admin_listener = admin::bind(config.admin_addr).await?;
     let metrics_listener = crate::metrics::bind(config.metrics_addr).await?;
     let metrics = Arc::new(crate::metrics::Metrics::new(config.metrics_retention)?);
+    let kernel = Arc::new(bpf::collector::KernelCollector::open(
+        &pin_root.join("maps"),
+    )?);
+    metrics.register(Box::new(SharedCollector(kernel.clone())))?;
     let ca = match &config.ca {
         CaSource::Embedded { dir, ttl } => {
             let ca = ca::Ca::open(dir, &config.trust_domain, *ttl)?;
@@ -356,22 +387,29 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         },
     };
 
+    let certs = CertManager::new(ca);
+    metrics.register(Box::new(
+        CertCollector::new(certs.clone()).map_err(crate::metrics::MetricsError::from)?,
+    ))?;
     let agent = Arc::new(Agent {
         dataplane: Mutex::new(dataplane),
         shared: Arc::new(Shared {
             routes: RwLock::new(Arc::new(Routes::default())),
             orig_dst,
             local: RwLock::new(std::collections::HashMap::new()),
-            certs: CertManager::new(ca),
+            certs: certs.clone(),
             pool: hbone::Pool::default(),
             http_pool: Arc::default(),
             trust_domain: config.trust_domain.clone(),
+            flows: crate::flows::FlowLog::new(config.access_log, &metrics)?,
             metrics: metrics.clone(),
         }),
         pods: Mutex::new(BTreeMap::new()),
         state: RwLock::new(Arc::new(NodeState::default())),
         problems: Mutex::new(Vec::new()),
         node_file: config.node_file.clone(),
+        kernel,
+        logging,
     });
     apply(&agent, loaded);
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
@@ -430,5 +468,18 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Registers a collector that the agent also reads directly.
+#[derive(Debug)]
+struct SharedCollector(Arc<bpf::collector::KernelCollector>);
+
+impl prometheus::core::Collector for SharedCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        prometheus::core::Collector::desc(&*self.0)
+    }
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        prometheus::core::Collector::collect(&*self.0)
     }
 }

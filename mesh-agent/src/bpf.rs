@@ -38,6 +38,8 @@ use mesh_common::{
 
 use crate::state::Pod;
 
+pub mod collector;
+
 /// Errors from the BPF side of the agent. Load errors carry the verifier log.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {

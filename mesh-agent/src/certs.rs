@@ -216,6 +216,8 @@ pub struct CertReport {
     pub issuer: Option<String>,
     /// Seconds until it expires (negative: expired).
     pub expires_in_secs: Option<i64>,
+    /// When it expires, in seconds since the Unix epoch.
+    pub not_after_unix: Option<i64>,
     /// Certificates received so far.
     pub issued: u64,
     /// Failed requests so far.
@@ -238,6 +240,10 @@ pub struct CertManager {
     entries: Mutex<HashMap<Identity, Entry>>,
     bundle: RwLock<Option<Arc<TrustBundle>>>,
     bundle_generation: AtomicU64,
+    /// `mesh_ca_errors_total`: failed certificate requests, for every identity ever managed.
+    ca_errors: prometheus::IntCounter,
+    /// `mesh_certificates_issued_total`.
+    issued: prometheus::IntCounter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -252,6 +258,16 @@ impl CertManager {
             entries: Mutex::new(HashMap::new()),
             bundle: RwLock::new(None),
             bundle_generation: AtomicU64::new(0),
+            ca_errors: prometheus::IntCounter::new(
+                "mesh_ca_errors_total",
+                "Certificate requests that failed (CA unreachable, refused, or a bad answer)",
+            )
+            .expect("static metric options are valid"),
+            issued: prometheus::IntCounter::new(
+                "mesh_certificates_issued_total",
+                "Workload certificates received from the CA",
+            )
+            .expect("static metric options are valid"),
         })
     }
 
@@ -355,6 +371,11 @@ impl CertManager {
                         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
                     });
+                    r.not_after_unix = c
+                        .not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .ok()
+                        .and_then(|d| i64::try_from(d.as_secs()).ok());
                 }
                 (id.to_string(), r)
             })
@@ -442,6 +463,9 @@ async fn renew_loop(
                     r.issued += 1;
                     r.last_error = None;
                 }
+                if let Some(m) = mgr.upgrade() {
+                    m.issued.inc();
+                }
                 info!(identity = %id, serial = %cert.serial, valid_for = ?left, "workload certificate issued");
                 if let Some(m) = mgr.upgrade() {
                     m.publish(cert);
@@ -454,6 +478,9 @@ async fn renew_loop(
                     let mut r = lock(&report);
                     r.failures += 1;
                     r.last_error = Some(e.clone());
+                }
+                if let Some(m) = mgr.upgrade() {
+                    m.ca_errors.inc();
                 }
                 let still_valid = tx.borrow().as_ref().is_some_and(|c| c.is_valid());
                 warn!(
@@ -473,6 +500,56 @@ async fn renew_loop(
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// The certificates' part of `/metrics`: `mesh_certificate_expiry_timestamp_seconds{identity}`
+/// (read at scrape time, so an identity no local pod has any more disappears),
+/// `mesh_certificates_issued_total` and `mesh_ca_errors_total`.
+#[derive(Debug)]
+pub struct CertCollector {
+    mgr: Arc<CertManager>,
+    expiry: prometheus::IntGaugeVec,
+    scrape: Mutex<()>,
+}
+
+impl CertCollector {
+    /// A collector over `mgr`'s certificates.
+    pub fn new(mgr: Arc<CertManager>) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            mgr,
+            expiry: prometheus::IntGaugeVec::new(
+                prometheus::Opts::new(
+                    "mesh_certificate_expiry_timestamp_seconds",
+                    "When each local identity's current certificate expires (Unix time)",
+                ),
+                &["identity"],
+            )?,
+            scrape: Mutex::new(()),
+        })
+    }
+}
+
+impl prometheus::core::Collector for CertCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.expiry.desc();
+        d.extend(self.mgr.ca_errors.desc());
+        d.extend(self.mgr.issued.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one = lock(&self.scrape);
+        self.expiry.reset();
+        for (id, r) in self.mgr.report() {
+            if let Some(t) = r.not_after_unix {
+                self.expiry.with_label_values(&[id.as_str()]).set(t);
+            }
+        }
+        let mut out = self.expiry.collect();
+        out.extend(self.mgr.ca_errors.collect());
+        out.extend(self.mgr.issued.collect());
+        out
     }
 }
 

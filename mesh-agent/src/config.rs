@@ -19,6 +19,8 @@ pub const ENV_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
 pub const ENV_METRICS_ADDR: &str = "MESH_METRICS_ADDR";
 /// Env var for `--metrics-retention`.
 pub const ENV_METRICS_RETENTION: &str = "MESH_METRICS_RETENTION";
+/// Env var for `--access-log`.
+pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
 /// Environment variable for `--trust-domain`.
 pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 /// Environment variable for `--ca-addr`.
@@ -184,6 +186,9 @@ pub struct RunArgs {
     /// How long the series of a workload that left the mesh stay, e.g. `5m` or `1s`.
     #[arg(long, env = ENV_METRICS_RETENTION, default_value = "5m")]
     pub metrics_retention: String,
+    /// Access log on stdout: one line per connection (L4) and per request (L7).
+    #[arg(long, env = ENV_ACCESS_LOG, value_enum, default_value = "text")]
+    pub access_log: crate::flows::AccessLogFormat,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -237,6 +242,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// How long departed workloads' series stay.
     pub metrics_retention: Duration,
+    /// The access log's format.
+    pub access_log: crate::flows::AccessLogFormat,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -268,6 +275,7 @@ impl Config {
         Ok(Self {
             metrics_addr: args.metrics_addr,
             metrics_retention,
+            access_log: args.access_log,
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

@@ -299,7 +299,7 @@ async fn connect_stream(
         warn!(%peer, %target, listener = %listener_pod.pod.key, "refused HBONE CONNECT: the authority is not a pod behind this listener");
         return status(StatusCode::BAD_REQUEST);
     };
-    let Ok(per_request) = dest.admit(shared, Some(&client.id), target.port()) else {
+    let Ok(per_request) = dest.admit(shared, Some(&client.id), peer, target.port()) else {
         return status(StatusCode::FORBIDDEN);
     };
     let app = match dest.dial_app(target.port()).await {
@@ -315,12 +315,12 @@ async fn connect_stream(
         match hyper::upgrade::on(&mut req).await {
             Ok(up) => {
                 dest.counters.hbone_streams.inc();
-                info!(src = %client, dst = %dest.pod.key, port = target.port(), "HBONE stream");
+                debug!(src = %client, dst = %dest.pod.key, port = target.port(), "HBONE stream");
                 let stream = TokioIo::new(up);
                 dest.deliver(
                     &shared,
                     Some(client),
-                    peer.ip(),
+                    peer,
                     target.port(),
                     per_request,
                     stream,

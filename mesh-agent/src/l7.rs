@@ -28,6 +28,7 @@ pub mod guard;
 pub mod limits;
 pub mod metrics;
 pub mod path;
+pub mod trace;
 pub mod upstream;
 
 use std::{
@@ -60,9 +61,10 @@ use self::{
     upstream::UpstreamError,
 };
 use crate::{
+    flows::{Draft, HttpInfo},
     identity::Identity,
     metrics::{Flow, Peer, Reporter, Security},
-    policy::HttpAttributes,
+    policy::{Decision, HttpAttributes},
     proxy::{Hop, LocalPod, ProxyError, Routes, Shared},
     state::{
         HeaderModifier, HttpRoute, NodeState, ObjectKey, PathMatch, RouteMatch, RouteRule, Service,
@@ -168,20 +170,42 @@ fn select_rule<'a>(
     parts: &http::request::Parts,
     path: &str,
 ) -> Option<std::borrow::Cow<'a, RouteRule>> {
+    find_rule(entry, port, parts, path).map(|(_, rule)| rule)
+}
+
+/// A rule and where it is written: the route and the rule's index (`None`: the default rule).
+pub type RuleAt<'a> = (
+    Option<(&'a HttpRoute, usize)>,
+    std::borrow::Cow<'a, RouteRule>,
+);
+
+/// The rule a request takes and where it is written: the route and the rule's index, or `None`
+/// for the default rule of a service no route is attached to. `None` overall: no rule matched.
+pub fn find_rule<'a>(
+    entry: &'a ServiceEntry,
+    port: u16,
+    parts: &http::request::Parts,
+    path: &str,
+) -> Option<RuleAt<'a>> {
     let mut attached = entry
         .routes
         .iter()
         .filter(|r| r.port.is_none_or(|p| p == port))
         .peekable();
     if attached.peek().is_none() {
-        return Some(std::borrow::Cow::Owned(RouteRule::default()));
+        return Some((None, std::borrow::Cow::Owned(RouteRule::default())));
     }
     attached
-        .flat_map(|r| r.rules.iter())
-        .find(|rule| {
+        .flat_map(|r| {
+            r.rules
+                .iter()
+                .enumerate()
+                .map(move |(i, rule)| (r, i, rule))
+        })
+        .find(|(_, _, rule)| {
             rule.matches.is_empty() || rule.matches.iter().any(|m| matches(m, parts, path))
         })
-        .map(std::borrow::Cow::Borrowed)
+        .map(|(r, i, rule)| (Some((r, i)), std::borrow::Cow::Borrowed(rule)))
 }
 
 fn matches(m: &RouteMatch, parts: &http::request::Parts, path: &str) -> bool {
@@ -216,7 +240,7 @@ fn matches(m: &RouteMatch, parts: &http::request::Parts, path: &str) -> bool {
         })
 }
 
-/// A reply made by the proxy itself.
+/// A reply made by the proxy itself. Its message also goes to the request's flow record.
 fn reply(status: StatusCode, flags: &str, message: &str) -> Response<Body> {
     let mut r = Response::new(full(format!("{message}\n")));
     *r.status_mut() = status;
@@ -225,6 +249,18 @@ fn reply(status: StatusCode, flags: &str, message: &str) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(flags) {
         r.headers_mut().insert(FLAGS_HEADER, v);
     }
+    r.extensions_mut().insert(Why(message.to_string()));
+    r
+}
+
+/// Why the proxy answered a request itself, for its flow record.
+#[derive(Clone, Debug)]
+struct Why(String);
+
+/// 403 for a request authorization refused; the record names the policy.
+fn forbidden(decision: Decision) -> Response<Body> {
+    let mut r = reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+    r.extensions_mut().insert(decision);
     r
 }
 
@@ -533,18 +569,19 @@ where
     }
 }
 
-async fn outbound_request(cx: &Outbound, req: Request<Incoming>) -> Response<Body> {
+async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
     cx.src.counters.http_requests.inc();
     let started = Instant::now();
-    let shape = Shape::of(&req);
+    let shape = Shape::of(&mut req);
     let switching = req.headers().contains_key(header::UPGRADE);
-    let (mut prepared, body) = match prepare(req) {
-        Ok(x) => x,
-        Err(r) => return switch_protocols(r, None, switching),
-    };
-    let downstream = prepared.upgrade.take();
     let routes = cx.shared.routes();
-    let mut resp = route_request(cx, &routes, prepared, body).await;
+    let (mut resp, downstream) = match prepare(req) {
+        Ok((mut prepared, body)) => {
+            let downstream = prepared.upgrade.take();
+            (route_request(cx, &routes, prepared, body).await, downstream)
+        }
+        Err(r) => (r, None),
+    };
     // Reported by the source: the endpoint that answered, or unknown for the proxy's own replies.
     let served = resp.extensions_mut().remove::<Served>();
     let flow = Flow {
@@ -554,7 +591,7 @@ async fn outbound_request(cx: &Outbound, req: Request<Incoming>) -> Response<Bod
             routes
                 .state
                 .workloads
-                .get(&s.endpoint)
+                .get(&s.addr.ip())
                 .map_or_else(Peer::unknown, |w| {
                     Peer::new(&w.key, &cx.shared.identity_of(w))
                 })
@@ -571,47 +608,82 @@ async fn outbound_request(cx: &Outbound, req: Request<Incoming>) -> Response<Bod
     };
     // A same-node answer has no other proxy to report it: this one reports both ends.
     let both = served.as_ref().is_some_and(|s| !s.hbone);
-    let resp = recorded(&cx.shared.metrics, flow, both, shape, started, resp);
+    let ends = Ends {
+        src: None,
+        dst: served.map(|s| s.addr),
+    };
+    let resp = recorded(&cx.shared, flow, both, shape, ends, started, resp);
     switch_protocols(resp, downstream, switching)
 }
 
 /// Where a request was answered, for its metrics.
 #[derive(Clone, Debug)]
 struct Served {
-    endpoint: std::net::IpAddr,
+    addr: SocketAddr,
     service: Option<ObjectKey>,
     hbone: bool,
 }
 
-/// What metrics need from a request before it is consumed.
-#[derive(Clone, Copy, Debug)]
+/// What metrics and the flow record need from a request before it is consumed.
+#[derive(Clone, Debug)]
 struct Shape {
     grpc: bool,
     /// The declared body length (a chunked body counts 0).
     request_bytes: u64,
+    method: Method,
+    /// Path and query as the client sent them.
+    path: String,
+    authority: String,
+    trace_id: String,
 }
 
 impl Shape {
-    fn of<B: hyper::body::Body>(req: &Request<B>) -> Self {
+    /// Reads the request and gives it a trace context if it has none (see `trace.rs`).
+    fn of<B: hyper::body::Body>(req: &mut Request<B>) -> Self {
+        let trace_id = trace::ensure(req.headers_mut());
+        let authority = match req.uri().authority() {
+            Some(a) => a.as_str().to_string(),
+            None => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        };
         Self {
             grpc: req
                 .headers()
                 .get(header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
             request_bytes: req.body().size_hint().exact().unwrap_or(0),
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(String::new, |p| p.as_str().to_string()),
+            authority,
+            trace_id,
         }
     }
 }
 
-/// `resp`, with a body that records the request in `metrics` once it has been sent to the end
-/// (or dropped): the duration runs to the response's last byte, as Istio's does.
+/// The addresses a request's record names, where known.
+#[derive(Clone, Copy, Debug)]
+struct Ends {
+    src: Option<SocketAddr>,
+    dst: Option<SocketAddr>,
+}
+
+/// `resp`, with a body that records the request (metrics and flow record) once it has been
+/// sent to the end (or dropped): the duration runs to the response's last byte, as Istio's does.
 fn recorded(
-    metrics: &Arc<crate::metrics::Metrics>,
+    shared: &Arc<Shared>,
     flow: Flow,
     both: bool,
     shape: Shape,
+    ends: Ends,
     started: Instant,
-    resp: Response<Body>,
+    mut resp: Response<Body>,
 ) -> Response<Body> {
     let code = resp.status().as_u16();
     let flags = resp
@@ -620,26 +692,51 @@ fn recorded(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_string();
-    let metrics = metrics.clone();
+    let denial = resp.extensions_mut().remove::<Decision>();
+    let why = resp.extensions_mut().remove::<Why>();
+    let shared = shared.clone();
+    let wall = std::time::SystemTime::now() - started.elapsed();
     resp.map(move |inner| {
         Recorded {
             inner,
             bytes: 0,
             done: Some(Box::new(move |bytes| {
+                let protocol = if shape.grpc { "grpc" } else { "http" };
                 let outcome = Outcome {
-                    protocol: if shape.grpc { "grpc" } else { "http" },
+                    protocol,
                     code,
                     flags: &flags,
                     duration: started.elapsed(),
                     request_bytes: shape.request_bytes,
                     response_bytes: bytes,
                 };
+                let metrics = &shared.metrics;
                 metrics.http.record(&flow, &outcome);
                 if both {
                     metrics
                         .http
                         .record(&flow.reported_by(Reporter::Destination), &outcome);
                 }
+                let mut draft = Draft::new(flow);
+                draft.started = wall;
+                draft.src_addr = ends.src;
+                draft.dst_addr = ends.dst;
+                draft.bytes_received = shape.request_bytes;
+                draft.bytes_sent = bytes;
+                match (&denial, why) {
+                    (Some(d), _) => draft.denied(d),
+                    (None, Some(Why(message))) => draft.failed(&flags, message),
+                    (None, None) => draft.flags = flags,
+                }
+                draft.http = Some(HttpInfo {
+                    method: shape.method.to_string(),
+                    path: shape.path,
+                    authority: shape.authority,
+                    protocol: protocol.into(),
+                    code,
+                    trace_id: shape.trace_id,
+                });
+                shared.flows.record(draft);
             })),
         }
         .boxed_unsync()
@@ -900,11 +997,10 @@ async fn forward(
                 path: &path,
                 headers: &parts.headers,
             };
-            if dest
-                .authorize(&cx.shared, Some(src_id), target.port(), Some(&attrs))
-                .is_err()
+            if let Err(d) =
+                dest.authorize(&cx.shared, Some(src_id), None, target.port(), Some(&attrs))
             {
-                return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+                return forbidden(d);
             }
         }
         let req_body = match &mut req_body {
@@ -982,7 +1078,7 @@ async fn forward(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 rparts.extensions.insert(Served {
-                    endpoint: target.ip(),
+                    addr: target,
                     service: backend.as_ref().map(|b| b.svc.key.clone()),
                     hbone: matches!(hop, Hop::Hbone(_)),
                 });
@@ -1004,7 +1100,11 @@ async fn forward(
                 ..
             }))) => {
                 // The destination's policy refused this source: not a failure of the endpoint.
-                return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+                return reply(
+                    StatusCode::FORBIDDEN,
+                    "RBAC",
+                    "RBAC: access denied by the destination's policy",
+                );
             }
             Ok(Err(e @ UpstreamError::Connect(_))) => Failed {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -1117,6 +1217,8 @@ struct Inbound {
     source: Option<Identity>,
     /// The source as metric labels name it.
     from: Peer,
+    /// The source's address.
+    peer: SocketAddr,
     port: u16,
     h2: bool,
     h1_app: Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>,
@@ -1133,7 +1235,7 @@ pub async fn serve_inbound<S>(
     shared: Arc<Shared>,
     dest: Arc<LocalPod>,
     source: Option<Identity>,
-    from: Peer,
+    (from, peer): (Peer, SocketAddr),
     port: u16,
     protocol: Protocol,
     io: S,
@@ -1147,6 +1249,7 @@ pub async fn serve_inbound<S>(
         dest,
         source,
         from,
+        peer,
         port,
         h2,
         h1_app: Mutex::new(None),
@@ -1214,17 +1317,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn inbound_request(cx: &Inbound, req: Request<Incoming>) -> Response<Body> {
+async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<Body> {
     cx.dest.counters.http_requests.inc();
     let started = Instant::now();
-    let shape = Shape::of(&req);
+    let shape = Shape::of(&mut req);
     let switching = req.headers().contains_key(header::UPGRADE);
-    let (mut prepared, body) = match prepare(req) {
-        Ok(x) => x,
-        Err(r) => return switch_protocols(r, None, switching),
+    let (resp, downstream) = match prepare(req) {
+        Ok((mut prepared, body)) => {
+            let downstream = prepared.upgrade.take();
+            (authorize_and_send(cx, prepared, body).await, downstream)
+        }
+        Err(r) => (r, None),
     };
-    let downstream = prepared.upgrade.take();
-    let resp = authorize_and_send(cx, prepared, body).await;
     let flow = Flow {
         reporter: Reporter::Destination,
         src: cx.from.clone(),
@@ -1236,7 +1340,11 @@ async fn inbound_request(cx: &Inbound, req: Request<Incoming>) -> Response<Body>
             Security::None
         },
     };
-    let resp = recorded(&cx.shared.metrics, flow, false, shape, started, resp);
+    let ends = Ends {
+        src: Some(cx.peer),
+        dst: Some(SocketAddr::new(cx.dest.pod.ip, cx.port)),
+    };
+    let resp = recorded(&cx.shared, flow, false, shape, ends, started, resp);
     switch_protocols(resp, downstream, switching)
 }
 
@@ -1247,12 +1355,14 @@ async fn authorize_and_send(cx: &Inbound, prepared: Prepared, body: Incoming) ->
         path: &prepared.path,
         headers: &prepared.parts.headers,
     };
-    if cx
-        .dest
-        .authorize(&cx.shared, cx.source.as_ref(), cx.port, Some(&attrs))
-        .is_err()
-    {
-        return reply(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+    if let Err(d) = cx.dest.authorize(
+        &cx.shared,
+        cx.source.as_ref(),
+        Some(cx.peer),
+        cx.port,
+        Some(&attrs),
+    ) {
+        return forbidden(d);
     }
     let body = match checked_body(prepared.parts.version, body).await {
         Ok(b) => b,

@@ -7,7 +7,10 @@ mod app;
 mod bpf;
 mod ca;
 mod certs;
+mod cli;
 mod config;
+mod explain;
+mod flows;
 mod hbone;
 mod identity;
 mod l7;
@@ -54,6 +57,15 @@ enum Command {
     Uninstall(config::PinArgs),
     /// Run the mesh CA server, or manage its root (see the subcommands).
     Ca(CaCommand),
+    /// Show this node's enrolled pods, their identities and certificate expiry.
+    Status(cli::Common),
+    /// Show recent flows (connections and requests) with their decisions, then follow new ones.
+    Flows(cli::FlowsArgs),
+    /// Explain which route, policy and endpoint would apply to a connection or request, and why.
+    Explain(cli::ExplainArgs),
+    /// Dump what the agent works from: pods, services, routes, policies, certificates (no keys)
+    /// and BPF maps.
+    ConfigDump(cli::Common),
 }
 
 #[derive(Debug, clap::Args)]
@@ -208,21 +220,53 @@ async fn serve_ca(a: CaServeArgs) -> Result<(), ca::CaError> {
     ca::serve(authority, listener, std::sync::Arc::new(nodes)).await
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Starts logging to stderr with `RUST_LOG` (default `info`); the returned control changes the
+/// filter at run time (`/logging`).
+fn init_logging(format: LogFormat) -> admin::LogControl {
+    use tracing_subscriber::{EnvFilter, reload};
+    let initial = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .unwrap_or_else(|| "info".into());
+    fn control<S: 'static>(initial: String, h: reload::Handle<EnvFilter, S>) -> admin::LogControl {
+        admin::LogControl::new(initial, move |f| {
+            let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+            h.reload(filter).map_err(|e| e.to_string())
+        })
+    }
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(EnvFilter::new(&initial))
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => {
+            let b = builder.with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            control(initial, h)
+        }
+        LogFormat::Json => {
+            let b = builder.json().with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            control(initial, h)
+        }
+    }
+}
+
+/// Exit status of an admin-client command; its error goes to stderr.
+fn client_result(r: Result<(), cli::CliError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let logging = init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
             let config = match config::Config::from_args(args) {
@@ -236,7 +280,7 @@ fn main() -> ExitCode {
             let Some(rt) = runtime() else {
                 return ExitCode::FAILURE;
             };
-            match rt.block_on(app::run(config)) {
+            match rt.block_on(app::run(config, logging)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e}");
@@ -266,6 +310,10 @@ fn main() -> ExitCode {
             }
         },
         Command::Ca(cmd) => ca_main(cmd),
+        Command::Status(c) => client_result(cli::status(&c)),
+        Command::Flows(a) => client_result(cli::flows(&a)),
+        Command::Explain(a) => client_result(cli::explain(&a)),
+        Command::ConfigDump(c) => client_result(cli::config_dump(&c)),
         Command::Uninstall(pins) => {
             let root = match pins.root() {
                 Ok(r) => r,

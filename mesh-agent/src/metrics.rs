@@ -26,7 +26,7 @@ use tracing::warn;
 use crate::{
     identity::Identity,
     l7::metrics::HttpMetrics,
-    proxy::metrics::TcpMetrics,
+    proxy::metrics::{CaptureMetrics, TcpMetrics},
     state::{NodeState, ObjectKey},
 };
 
@@ -180,6 +180,8 @@ pub struct Metrics {
     pub tcp: TcpMetrics,
     /// HTTP families (L7 requests).
     pub http: HttpMetrics,
+    /// Capture health (connections accepted, original destinations missing).
+    pub capture: CaptureMetrics,
     /// Workloads that left the mesh, and since when.
     gone: Mutex<HashMap<(String, String), Instant>>,
     /// How long their series stay.
@@ -193,6 +195,7 @@ impl Metrics {
         let registry = Registry::new();
         let tcp = TcpMetrics::new(&registry)?;
         let http = HttpMetrics::new(&registry)?;
+        let capture = CaptureMetrics::new(&registry)?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -200,9 +203,15 @@ impl Metrics {
             registry,
             tcp,
             http,
+            capture,
             gone: Mutex::default(),
             retention,
         })
+    }
+
+    /// Adds a subsystem's collector (the kernel's counters, the certificates).
+    pub fn register(&self, c: Box<dyn Collector>) -> Result<(), MetricsError> {
+        Ok(self.registry.register(c)?)
     }
 
     /// The text exposition of every family.

@@ -96,6 +96,9 @@ struct RawWorkload {
     service_account: Option<String>,
     ip: Option<String>,
     node: Option<String>,
+    /// Its labels, so this node can tell which policies select it (for `explain`).
+    #[serde(default)]
+    labels: Labels,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -604,6 +607,7 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
                 ip: pod.ip,
                 service_account: pod.service_account.clone(),
                 node: state.node.clone(),
+                labels: pod.labels.clone(),
             },
         );
     }
@@ -638,6 +642,7 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
                     ip,
                     service_account,
                     node,
+                    labels: rw.labels.clone(),
                 },
             );
         }

@@ -43,6 +43,7 @@ use tracing::{debug, warn};
 use crate::{
     bpf::OrigDstTable,
     certs::{CertError, CertManager},
+    flows::{Draft, FlowLog},
     hbone,
     identity::Identity,
     l7,
@@ -80,6 +81,9 @@ pub enum ProxyError {
     /// Authorization refused the connection.
     #[error("connection {0}")]
     Denied(Decision),
+    /// A policy change closed a connection it had allowed.
+    #[error("closed: policy no longer allows the connection")]
+    Revoked,
     /// Making the upstream socket in the pod's namespace failed.
     #[error(transparent)]
     Netns(#[from] NetnsError),
@@ -292,6 +296,8 @@ pub struct Shared {
     pub trust_domain: String,
     /// The node's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Flow records: the access log and `/debug/flows`.
+    pub flows: Arc<FlowLog>,
 }
 
 impl Shared {
@@ -485,12 +491,13 @@ pub struct Tracked<'a> {
 }
 
 impl Tracked<'_> {
-    /// Runs `relay` until it ends or policy stops allowing the connection.
-    pub async fn run<F: std::future::Future>(&self, relay: F) {
+    /// Runs `relay` until it ends (its output) or policy stops allowing the connection (`None`).
+    pub async fn run<F: std::future::Future>(&self, relay: F) -> Option<F::Output> {
         tokio::select! {
-            _ = relay => {}
+            out = relay => Some(out),
             () = self.revoke.notified() => {
                 warn!(dst = %self.pod.pod.key, "closed a connection that policy no longer allows");
+                None
             }
         }
     }
@@ -544,7 +551,7 @@ impl LocalPod {
         let live = lock(&self.live);
         for conn in live.values() {
             if self
-                .authorize(shared, conn.source.as_ref(), conn.port, None)
+                .authorize(shared, conn.source.as_ref(), None, conn.port, None)
                 .is_err()
             {
                 conn.revoke.notify_one();
@@ -558,11 +565,13 @@ impl LocalPod {
     }
 
     /// Authorizes a connection (`http: None`) or a request to this pod on `port` from
-    /// `source`; logs and counts a denial.
+    /// `source` (at address `from`, when known); logs and counts a denial, and files a
+    /// connection's denial as a flow record (a request's denial is filed with the request).
     pub fn authorize(
         &self,
         shared: &Shared,
         source: Option<&Identity>,
+        from: Option<SocketAddr>,
         port: u16,
         http: Option<&HttpAttributes<'_>>,
     ) -> Result<(), Decision> {
@@ -589,7 +598,27 @@ impl LocalPod {
             Some(h) => {
                 warn!(%src, dst = %self.pod.key, port, method = h.method, path = h.path, "request {decision}");
             }
-            None => warn!(%src, dst = %self.pod.key, port, "connection {decision}"),
+            None => {
+                warn!(%src, dst = %self.pod.key, port, "connection {decision}");
+                let mut draft = Draft::new(Flow {
+                    reporter: Reporter::Destination,
+                    src: from.map_or_else(
+                        || shared.peer_at(IpAddr::from([0, 0, 0, 0]), source),
+                        |a| shared.peer_at(a.ip(), source),
+                    ),
+                    dst: Peer::new(&self.pod.key, self.identity()),
+                    service: crate::metrics::UNKNOWN.into(),
+                    security: if source.is_some() {
+                        Security::MutualTls
+                    } else {
+                        Security::None
+                    },
+                });
+                draft.src_addr = from;
+                draft.dst_addr = Some(SocketAddr::new(self.pod.ip, port));
+                draft.denied(&decision);
+                shared.flows.record(draft);
+            }
         }
         Err(decision)
     }
@@ -600,12 +629,14 @@ impl LocalPod {
         &self,
         shared: &Shared,
         source: Option<&Identity>,
+        from: SocketAddr,
         port: u16,
     ) -> Result<bool, Decision> {
         if shared.routes().state.has_l7_policy(&self.pod) {
             return Ok(true);
         }
-        self.authorize(shared, source, port, None).map(|()| false)
+        self.authorize(shared, source, Some(from), port, None)
+            .map(|()| false)
     }
 
     /// Delivers an admitted connection to the application over `app`. With `per_request`, HTTP
@@ -619,7 +650,7 @@ impl LocalPod {
         self: &Arc<Self>,
         shared: &Arc<Shared>,
         source: Option<Identity>,
-        peer: IpAddr,
+        peer: SocketAddr,
         port: u16,
         per_request: bool,
         client: S,
@@ -630,7 +661,7 @@ impl LocalPod {
         // Reported by the destination: mTLS when HBONE proved the source's identity.
         let flow = || Flow {
             reporter: Reporter::Destination,
-            src: shared.peer_at(peer, source.as_ref()),
+            src: shared.peer_at(peer.ip(), source.as_ref()),
             dst: Peer::new(&self.pod.key, self.identity()),
             service: crate::metrics::UNKNOWN.into(),
             security: if source.is_some() {
@@ -640,9 +671,8 @@ impl LocalPod {
             },
         };
         if !per_request {
-            let conn = shared.metrics.tcp.open(&flow());
-            let tracked = self.track(source, port);
-            tracked.run(self.relay_to_app(client, app, conn)).await;
+            self.relay_recorded(shared, client, app, flow(), source, peer, port)
+                .await;
             return;
         }
         let (protocol, client) = match l7::detect::detect(client).await {
@@ -659,18 +689,48 @@ impl LocalPod {
                 shared.clone(),
                 self.clone(),
                 source,
-                from,
+                (from, peer),
                 port,
                 protocol,
                 client,
                 app,
             )
             .await;
-        } else if self.authorize(shared, source.as_ref(), port, None).is_ok() {
-            let conn = shared.metrics.tcp.open(&flow());
-            let tracked = self.track(source, port);
-            tracked.run(self.relay_to_app(client, app, conn)).await;
+        } else if self
+            .authorize(shared, source.as_ref(), Some(peer), port, None)
+            .is_ok()
+        {
+            self.relay_recorded(shared, client, app, flow(), source, peer, port)
+                .await;
         }
+    }
+
+    /// Relays a connection authorized at L4 to the application, for as long as policy allows
+    /// it, and files its flow record.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the hand-over's context, passed on from `deliver`"
+    )]
+    async fn relay_recorded<C: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        shared: &Shared,
+        client: C,
+        app: TcpStream,
+        flow: Flow,
+        source: Option<Identity>,
+        peer: SocketAddr,
+        port: u16,
+    ) {
+        let conn = shared.metrics.tcp.open(&flow);
+        let mut draft = Draft::new(flow);
+        draft.src_addr = Some(peer);
+        draft.dst_addr = Some(SocketAddr::new(self.pod.ip, port));
+        let tracked = self.track(source, port);
+        match tracked.run(self.relay_to_app(client, app, conn)).await {
+            Some(bytes) => (draft.bytes_received, draft.bytes_sent) = bytes,
+            None => draft.failed("-", ProxyError::Revoked.to_string()),
+        }
+        shared.flows.record(draft);
     }
 
     /// Connects to the pod's application on `port`, over the pod's loopback (never steered).
@@ -690,16 +750,18 @@ impl LocalPod {
             })
     }
 
-    /// Relays between a client and this pod's application, counting delivered bytes live.
+    /// Relays between a client and this pod's application, counting delivered bytes live;
+    /// returns the bytes (from the client, to the client).
     pub async fn relay_to_app<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         mut client: S,
         mut app: TcpStream,
         conn: TcpConn,
-    ) {
+    ) -> (u64, u64) {
         let mut client = Counted::new(&mut client, &self.counters, |c| &c.inbound_bytes_delivered)
             .metered(&conn);
         let _ = copy_bidirectional(&mut client, &mut app).await;
+        client.totals()
     }
 }
 
@@ -821,15 +883,86 @@ async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
                 }
             };
             match result {
-                // Denials were logged with their policy where they were decided.
-                Ok(()) | Err(ProxyError::Denied(_)) => {}
+                // Denials were logged with their policy where they were decided, revocations
+                // where they happened.
+                Ok(()) | Err(ProxyError::Denied(_) | ProxyError::Revoked) => {}
                 Err(e) => warn!(pod = %cx.local.pod.key, ?kind, %peer, "connection failed: {e}"),
             }
         });
     }
 }
 
+/// What an outbound connection's flow record needs, noted as the connection is handled.
+#[derive(Debug, Default)]
+struct Note {
+    /// The original destination.
+    dst: Option<SocketAddr>,
+    /// The endpoint chosen for it.
+    target: Option<SocketAddr>,
+    flow: Option<Flow>,
+    /// (from the client, to the client).
+    bytes: (u64, u64),
+    /// Handled at L7: each request files its own record.
+    l7: bool,
+}
+
+/// Handles a captured outbound connection and files its flow record (a denial was filed where it
+/// was decided, with its policy).
 async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(), ProxyError> {
+    let started = std::time::SystemTime::now();
+    let mut note = Note::default();
+    let result = outbound_relay(cx, client, peer, &mut note).await;
+    if note.l7 || matches!(result, Err(ProxyError::Denied(_))) {
+        return result;
+    }
+    let src = &cx.local;
+    let flow = note.flow.take().unwrap_or_else(|| Flow {
+        reporter: Reporter::Source,
+        src: Peer::new(&src.pod.key, src.identity()),
+        dst: Peer::unknown(),
+        service: note.dst.map_or_else(
+            || crate::metrics::UNKNOWN.into(),
+            |d| cx.shared.routes().service_name_at(d.ip()),
+        ),
+        security: Security::None,
+    });
+    let mut draft = Draft::new(flow);
+    draft.started = started;
+    draft.src_addr = Some(SocketAddr::new(src.pod.ip, peer.port()));
+    draft.dst_addr = note.target.or(note.dst);
+    (draft.bytes_received, draft.bytes_sent) = note.bytes;
+    match &result {
+        Ok(()) => {}
+        Err(
+            e @ ProxyError::TunnelRefused {
+                status: http::StatusCode::FORBIDDEN,
+                ..
+            },
+        ) => {
+            draft.verdict = crate::flows::Verdict::Deny;
+            draft.flags = "RBAC".into();
+            draft.reason = Some(format!("{e} (the destination's policy)"));
+        }
+        Err(e @ ProxyError::NoEndpoints { .. }) => draft.failed("UH", e.to_string()),
+        Err(
+            e @ (ProxyError::Connect { .. }
+            | ProxyError::Tunnel { .. }
+            | ProxyError::TunnelRefused { .. }
+            | ProxyError::Cert(_)
+            | ProxyError::Netns(_)),
+        ) => draft.failed("UF", e.to_string()),
+        Err(e) => draft.failed("-", e.to_string()),
+    }
+    cx.shared.flows.record(draft);
+    result
+}
+
+async fn outbound_relay(
+    cx: &PodCx,
+    client: TcpStream,
+    peer: SocketAddr,
+    note: &mut Note,
+) -> Result<(), ProxyError> {
     let (src, shared) = (&cx.local, &cx.shared);
     let c = &src.counters;
     c.outbound_accepted.inc();
@@ -837,11 +970,16 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
         c.outbound_failed.inc();
         e
     };
+    shared.metrics.capture.captured.inc();
     let dst = shared
         .orig_dst
         .take(src.netns.cookie(), peer.port())
         .map_err(|e| fail(ProxyError::OrigDstMap(e)))?
-        .ok_or_else(|| fail(ProxyError::NoOrigDst(peer.port())))?;
+        .ok_or_else(|| {
+            shared.metrics.capture.orig_dst_misses.inc();
+            fail(ProxyError::NoOrigDst(peer.port()))
+        })?;
+    note.dst = Some(dst);
     let routes = shared.routes();
     // Mesh destinations get protocol detection: HTTP is proxied per request.
     let client = if routes.detects(dst) {
@@ -858,6 +996,7 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
             });
             let client = Counted::new(client, c, |c| &c.outbound_bytes_sent)
                 .and_writes(|c| &c.outbound_bytes_received);
+            note.l7 = true;
             l7::serve_outbound(cx, client, protocol).await;
             return Ok(());
         }
@@ -866,17 +1005,9 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
         l7::detect::Rewind::new(client)
     };
     let target = routes.resolve(dst).map_err(fail)?;
+    note.target = Some(target);
     let client = Counted::new(client, c, |c| &c.outbound_bytes_sent);
     let hop = Hop::to(shared, &routes, target.ip());
-    if let Hop::Local(dest) = &hop {
-        // Same node: the kernel told us the source pod, so its identity needs no certificate.
-        // Detection found no HTTP, so HTTP-only rules fail closed.
-        let src_id = src.identity();
-        dest.authorize(shared, Some(src_id), target.port(), None)
-            .map_err(|d| fail(ProxyError::Denied(d)))?;
-    }
-    let upstream = open(shared, src, &hop, target).await.map_err(fail)?;
-    let mut upstream = Counted::new(upstream, c, |c| &c.outbound_bytes_received);
     let flow = Flow {
         reporter: Reporter::Source,
         src: Peer::new(&src.pod.key, src.identity()),
@@ -891,6 +1022,17 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
             _ => Security::None,
         },
     };
+    note.flow = Some(flow.clone());
+    if let Hop::Local(dest) = &hop {
+        // Same node: the kernel told us the source pod, so its identity needs no certificate.
+        // Detection found no HTTP, so HTTP-only rules fail closed.
+        let src_id = src.identity();
+        let from = SocketAddr::new(src.pod.ip, peer.port());
+        dest.authorize(shared, Some(src_id), Some(from), target.port(), None)
+            .map_err(|d| fail(ProxyError::Denied(d)))?;
+    }
+    let upstream = open(shared, src, &hop, target).await.map_err(fail)?;
+    let mut upstream = Counted::new(upstream, c, |c| &c.outbound_bytes_received);
     let conn = shared.metrics.tcp.open(&flow);
     let mut client = client.metered(&conn);
     match &hop {
@@ -906,9 +1048,14 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
                 Counted::new(&mut client, &dest.counters, |c| &c.inbound_bytes_delivered)
                     .metered(&dest_conn);
             let tracked = dest.track(Some(src.identity().clone()), target.port());
-            tracked
+            let finished = tracked
                 .run(copy_bidirectional(&mut delivered, &mut upstream))
                 .await;
+            drop(delivered);
+            if finished.is_none() {
+                note.bytes = client.totals();
+                return Err(ProxyError::Revoked);
+            }
         }
         Hop::Hbone(w) => {
             c.outbound_hbone.inc();
@@ -920,6 +1067,7 @@ async fn outbound(cx: &PodCx, client: TcpStream, peer: SocketAddr) -> Result<(),
             let _ = copy_bidirectional(&mut client, &mut upstream).await;
         }
     }
+    note.bytes = client.totals();
     Ok(())
 }
 
@@ -946,11 +1094,11 @@ async fn inbound(cx: &PodCx, client: TcpStream) -> Result<(), ProxyError> {
     if cx.shared.routes().state.mtls_mode(&pod.pod) == MtlsMode::Strict {
         return Err(fail(ProxyError::StrictPlaintext(pod.pod.key.clone())));
     }
+    let peer = client.peer_addr().unwrap_or(local);
     let per_request = pod
-        .admit(&cx.shared, None, local.port())
+        .admit(&cx.shared, None, peer, local.port())
         .map_err(|d| fail(ProxyError::Denied(d)))?;
     let app = pod.dial_app(local.port()).await.map_err(fail)?;
-    let peer = client.peer_addr().map_or(local.ip(), |p| p.ip());
     pod.deliver(
         &cx.shared,
         None,
@@ -977,6 +1125,8 @@ pub struct Counted<S> {
     written: Option<Pick>,
     /// A connection's Istio counters: reads are bytes from its client, writes bytes to it.
     metered: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
+    /// This stream's own totals (read, written), for its flow record.
+    totals: (u64, u64),
 }
 
 impl<S> Counted<S> {
@@ -988,7 +1138,13 @@ impl<S> Counted<S> {
             read,
             written: None,
             metered: None,
+            totals: (0, 0),
         }
+    }
+
+    /// Bytes read from and written to this stream so far.
+    pub fn totals(&self) -> (u64, u64) {
+        self.totals
     }
 
     /// Also adds reads to `conn`'s received bytes and writes to its sent bytes: this stream is
@@ -1014,6 +1170,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        self.totals.0 += n as u64;
         (self.read)(&self.counters).add(n as u64);
         if let Some((received, _)) = &self.metered {
             received.inc_by(n as u64);
@@ -1030,6 +1187,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
+            self.totals.1 += *n as u64;
             if let Some(w) = self.written {
                 w(&self.counters).add(*n as u64);
             }

@@ -19,6 +19,12 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+impl serde::Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl ObjectKey {
     /// A name usable in a bpffs file name: `namespace_name`. bpffs forbids `.` in names, and
     /// `_` cannot occur in the DNS labels that namespaces and names are validated to be.
@@ -28,7 +34,7 @@ impl ObjectKey {
 }
 
 /// An enrolled pod on this node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Pod {
     /// namespace/name.
     pub key: ObjectKey,
@@ -49,7 +55,7 @@ pub type Labels = BTreeMap<String, String>;
 
 /// A pod anywhere in the mesh, as seen from this node: enough to reach it over HBONE and to
 /// check that the right workload answers.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Workload {
     /// namespace/name.
     pub key: ObjectKey,
@@ -59,6 +65,8 @@ pub struct Workload {
     pub service_account: String,
     /// The node it runs on.
     pub node: String,
+    /// Its labels (which policies select it).
+    pub labels: Labels,
 }
 
 /// Whether a workload accepts plaintext.
@@ -73,7 +81,7 @@ pub enum MtlsMode {
 }
 
 /// A PeerAuthentication: sets the mTLS mode of a namespace, or of the pods its selector matches.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PeerAuthentication {
     /// namespace/name.
     pub key: ObjectKey,
@@ -84,7 +92,7 @@ pub struct PeerAuthentication {
 }
 
 /// ALLOW or DENY.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Action {
     /// Only matching connections are allowed (once any ALLOW policy applies).
     Allow,
@@ -93,7 +101,7 @@ pub enum Action {
 }
 
 /// An AuthorizationPolicy (Istio's shape, L4 subset).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct AuthorizationPolicy {
     /// namespace/name; denials name it.
     pub key: ObjectKey,
@@ -107,7 +115,7 @@ pub struct AuthorizationPolicy {
 }
 
 /// One rule: every non-empty part must match.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Rule {
     /// Matches if any source matches; empty matches every source.
     pub from: Vec<Source>,
@@ -129,7 +137,7 @@ impl Rule {
 }
 
 /// Who connects. Each non-empty list must contain a match.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Source {
     /// `<trust-domain>/ns/<ns>/sa/<sa>` (Istio's form; a `spiffe://` prefix is accepted), with
     /// `*` as a whole value, or as a prefix or suffix.
@@ -139,7 +147,7 @@ pub struct Source {
 }
 
 /// What is connected to. Methods and paths are L7: they match only HTTP requests.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Operation {
     /// Destination ports.
     pub ports: Vec<u16>,
@@ -150,7 +158,7 @@ pub struct Operation {
 }
 
 /// A `when` condition on a request header: `request.headers[<name>]` in one of `values`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Condition {
     /// Lowercase header name.
     pub header: String,
@@ -164,7 +172,7 @@ pub fn selects(selector: &Labels, labels: &Labels) -> bool {
 }
 
 /// One port of a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ServicePort {
     /// Port clients connect to on the service address.
     pub port: u16,
@@ -176,7 +184,7 @@ pub struct ServicePort {
 }
 
 /// A service: a virtual address balanced over endpoints that may live on any node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Service {
     /// namespace/name.
     pub key: ObjectKey,
@@ -207,6 +215,12 @@ impl Service {
 #[derive(Clone, Debug)]
 pub struct Pattern(pub regex_lite::Regex);
 
+impl serde::Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
 impl PartialEq for Pattern {
     fn eq(&self, other: &Self) -> bool {
         self.0.as_str() == other.0.as_str()
@@ -224,7 +238,7 @@ impl Pattern {
 }
 
 /// How a path is matched (Gateway API `HTTPPathMatch`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum PathMatch {
     /// The whole path.
     Exact(String),
@@ -235,7 +249,7 @@ pub enum PathMatch {
 }
 
 /// How a header or query value is matched.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum ValueMatch {
     /// Equal.
     Exact(String),
@@ -254,7 +268,7 @@ impl ValueMatch {
 }
 
 /// One `matches` entry of a route rule: every part that is set must match.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct RouteMatch {
     /// Path.
     pub path: Option<PathMatch>,
@@ -267,18 +281,41 @@ pub struct RouteMatch {
 }
 
 /// Header edits (Gateway API `HTTPHeaderFilter`).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct HeaderModifier {
     /// Replace or add.
+    #[serde(serialize_with = "ser::headers")]
     pub set: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Append.
+    #[serde(serialize_with = "ser::headers")]
     pub add: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Remove.
+    #[serde(serialize_with = "ser::names")]
     pub remove: Vec<http::HeaderName>,
 }
 
+/// Serializers for `/config_dump` where the types have no plain form.
+mod ser {
+    use serde::{Serializer, ser::SerializeSeq};
+
+    pub fn headers<S: Serializer>(
+        v: &[(http::HeaderName, http::HeaderValue)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for (k, val) in v {
+            seq.serialize_element(&(k.as_str(), String::from_utf8_lossy(val.as_bytes())))?;
+        }
+        seq.end()
+    }
+
+    pub fn names<S: Serializer>(v: &[http::HeaderName], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(http::HeaderName::as_str))
+    }
+}
+
 /// A weighted backend of a rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct BackendRef {
     /// A service in the route's namespace.
     pub service: ObjectKey,
@@ -289,7 +326,7 @@ pub struct BackendRef {
 }
 
 /// When and how often to retry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RetryPolicy {
     /// Retries after the first try.
     pub attempts: u32,
@@ -304,7 +341,7 @@ pub struct RetryPolicy {
 }
 
 /// Fault injection (Istio's shape): percentages of requests delayed or aborted.
-#[derive(Clone, Debug, PartialEq, Default)]
+#[derive(Clone, Debug, PartialEq, Default, serde::Serialize)]
 pub struct Fault {
     /// Delay and the share of requests (0–100) that get it.
     pub delay: Option<(std::time::Duration, f64)>,
@@ -314,7 +351,7 @@ pub struct Fault {
 impl Eq for Fault {}
 
 /// One rule of an HTTPRoute.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct RouteRule {
     /// Any match selects the rule; none matches every request.
     pub matches: Vec<RouteMatch>,
@@ -335,7 +372,7 @@ pub struct RouteRule {
 }
 
 /// An HTTPRoute attached to a service (GAMMA): it applies to HTTP sent to the service's address.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct HttpRoute {
     /// namespace/name.
     pub key: ObjectKey,
@@ -348,7 +385,7 @@ pub struct HttpRoute {
 }
 
 /// How the node proxy picks an endpoint per request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub enum LbPolicy {
     /// Power of two choices over peak-EWMA latency, weighted by requests in flight.
     #[default]
@@ -358,7 +395,7 @@ pub enum LbPolicy {
 }
 
 /// Outlier detection: eject an endpoint that keeps failing.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct OutlierDetection {
     /// Consecutive 5xx responses or connect failures that eject.
     pub consecutive_errors: u32,
@@ -369,7 +406,7 @@ pub struct OutlierDetection {
 }
 
 /// A token bucket.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RateLimit {
     /// Tokens added per second.
     pub per_second: u32,
@@ -380,7 +417,7 @@ pub struct RateLimit {
 }
 
 /// Per-service traffic policy (the shape of Istio's DestinationRule `trafficPolicy`).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct TrafficPolicy {
     /// The destinationRule it came from (`None`: the defaults).
     pub rule: Option<ObjectKey>,
@@ -403,7 +440,7 @@ pub struct TrafficPolicy {
 }
 
 /// Everything this node should be doing.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NodeState {
     /// This node's name.
     pub node: String,
@@ -447,9 +484,15 @@ impl NodeState {
     /// Whether an authorization policy with HTTP conditions selects `pod`: its inbound traffic
     /// must then be parsed and decided per request.
     pub fn has_l7_policy(&self, pod: &Pod) -> bool {
+        self.has_l7_policy_for(&pod.key.namespace, &pod.labels)
+    }
+
+    /// Whether an authorization policy with HTTP conditions selects a workload of `namespace`
+    /// with `labels`.
+    pub fn has_l7_policy_for(&self, namespace: &str, labels: &Labels) -> bool {
         self.authorization_policies.iter().any(|p| {
-            p.key.namespace == pod.key.namespace
-                && selects(&p.selector, &pod.labels)
+            p.key.namespace == namespace
+                && selects(&p.selector, labels)
                 && p.rules.iter().any(Rule::is_l7)
         })
     }

@@ -50,8 +50,10 @@ pub mod maps {
     /// Hash: pod address ([`IpKey`](crate::IpKey)) → `u8`; present = the pod is STRICT mTLS, so
     /// `sk_lookup` refuses plaintext to it in the kernel, before any byte is accepted.
     pub const STRICT_ADDRS: &str = "STRICT_ADDRS";
+    /// Per-CPU array: [`events`](crate::events) index → `u64` count, node-wide.
+    pub const EVENTS: &str = "EVENTS";
     /// Every map in the object, for tests and for pinning.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST,
         POD_STATS,
@@ -59,6 +61,64 @@ pub mod maps {
         INBOUND_STATS,
         EXCLUDED_PORTS,
         STRICT_ADDRS,
+        EVENTS,
+    ];
+}
+
+/// What the kernel programs count, node-wide, in the per-CPU array [`maps::EVENTS`]: one slot
+/// per (hook, outcome, reason), so an operator can see why a connection was or was not captured
+/// without tracing the kernel. [`events::LABELS`] gives each slot's labels, in index order.
+pub mod events {
+    /// `connect4` redirected an IPv4 TCP connect to the proxy.
+    pub const CONNECT_REDIRECTED_V4: u32 = 0;
+    /// `connect6` redirected an IPv6 TCP connect to the proxy.
+    pub const CONNECT_REDIRECTED_V6: u32 = 1;
+    /// A connect to a loopback address was left alone.
+    pub const CONNECT_PASS_LOOPBACK: u32 = 2;
+    /// A connect to an excluded port was left alone.
+    pub const CONNECT_PASS_EXCLUDED_PORT: u32 = 3;
+    /// A non-TCP connect (UDP) was left alone.
+    pub const CONNECT_PASS_NOT_TCP: u32 = 4;
+    /// A redirected connect whose original destination could not be recorded (the proxy will
+    /// refuse it: it cannot know where it was going).
+    pub const CONNECT_RECORD_FAILED: u32 = 5;
+    /// `sock_ops` re-keyed a captured connection's record at ESTABLISHED.
+    pub const SOCKOPS_REKEYED: u32 = 6;
+    /// `sock_ops` could not store the re-keyed record.
+    pub const SOCKOPS_REKEY_FAILED: u32 = 7;
+    /// `sk_lookup` steered a connection to the pod's 15006 listener.
+    pub const LOOKUP_STEERED_INBOUND: u32 = 8;
+    /// `sk_lookup` steered a connection to the pod's 15008 (HBONE) listener.
+    pub const LOOKUP_STEERED_HBONE: u32 = 9;
+    /// `sk_lookup` passed a connection that arrived on loopback (the proxy's own delivery).
+    pub const LOOKUP_PASS_LOOPBACK: u32 = 10;
+    /// `sk_lookup` passed a non-TCP lookup.
+    pub const LOOKUP_PASS_NOT_TCP: u32 = 11;
+    /// `sk_lookup` passed a connection to an address that is not an enrolled pod's.
+    pub const LOOKUP_PASS_NOT_ENROLLED: u32 = 12;
+    /// `sk_lookup` dropped plaintext to a STRICT pod.
+    pub const LOOKUP_DROP_STRICT: u32 = 13;
+    /// `sk_lookup` dropped a connection because the proxy had no listener (agent down).
+    pub const LOOKUP_DROP_NO_LISTENER: u32 = 14;
+    /// Number of slots.
+    pub const COUNT: u32 = 15;
+    /// `(hook, outcome, reason)` of each slot, in index order (`-`: no reason).
+    pub const LABELS: [(&str, &str, &str); COUNT as usize] = [
+        ("connect4", "redirected", "-"),
+        ("connect6", "redirected", "-"),
+        ("connect", "passed", "loopback"),
+        ("connect", "passed", "excluded_port"),
+        ("connect", "passed", "not_tcp"),
+        ("connect", "error", "record_failed"),
+        ("sock_ops", "rekeyed", "-"),
+        ("sock_ops", "error", "rekey_failed"),
+        ("sk_lookup", "steered", "inbound"),
+        ("sk_lookup", "steered", "hbone"),
+        ("sk_lookup", "passed", "loopback"),
+        ("sk_lookup", "passed", "not_tcp"),
+        ("sk_lookup", "passed", "not_enrolled"),
+        ("sk_lookup", "dropped", "strict_plaintext"),
+        ("sk_lookup", "dropped", "no_listener"),
     ];
 }
 

@@ -11,9 +11,9 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use mesh_common::{AF_INET, AF_INET6, OrigDst, PodStats, ports};
+use mesh_common::{AF_INET, AF_INET6, OrigDst, PodStats, events, ports};
 
-use crate::maps::{EXCLUDED_PORTS, ORIG_DST_COOKIE, POD_STATS, bump};
+use crate::maps::{EXCLUDED_PORTS, ORIG_DST_COOKIE, POD_STATS, bump, event};
 
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_V4: u32 = u32::from_be_bytes([127, 0, 0, 1]);
@@ -22,7 +22,8 @@ const LOOPBACK_V4: u32 = u32::from_be_bytes([127, 0, 0, 1]);
 /// could set any mark, so the agent stays uncaptured by never being in an enrolled cgroup.
 enum Verdict {
     Capture,
-    Bypass,
+    /// Left alone, for the reason this `events` index names.
+    Bypass(u32),
     NotTcp,
 }
 
@@ -33,11 +34,11 @@ fn classify(ctx: &SockAddrContext, dst_is_loopback: bool, port: u16) -> Verdict 
         return Verdict::NotTcp;
     }
     if dst_is_loopback {
-        return Verdict::Bypass;
+        return Verdict::Bypass(events::CONNECT_PASS_LOOPBACK);
     }
     // SAFETY: the value is only tested for presence.
     if unsafe { EXCLUDED_PORTS.get(&port) }.is_some() {
-        return Verdict::Bypass;
+        return Verdict::Bypass(events::CONNECT_PASS_EXCLUDED_PORT);
     }
     Verdict::Capture
 }
@@ -55,23 +56,33 @@ fn record(ctx: &SockAddrContext, dst: OrigDst) -> bool {
 }
 
 /// Counts, and for a capture records the destination and lets `rewrite` point the socket at
-/// the proxy. Shared by both families so they cannot drift apart.
+/// the proxy. Shared by both families so they cannot drift apart. `redirected` is the family's
+/// `events` index.
 fn handle(
     ctx: &SockAddrContext,
     loopback: bool,
     dst: OrigDst,
-    counter: fn(*mut PodStats) -> *mut u64,
+    (counter, redirected): (fn(*mut PodStats) -> *mut u64, u32),
     rewrite: impl FnOnce(),
 ) {
     let field = match classify(ctx, loopback, dst.port) {
-        Verdict::NotTcp => return,
-        // SAFETY (both arms): only computes a field address inside a live map value.
-        Verdict::Bypass => (|s: *mut PodStats| unsafe { &raw mut (*s).bypassed }) as fn(_) -> _,
+        Verdict::NotTcp => {
+            event(events::CONNECT_PASS_NOT_TCP);
+            return;
+        }
+        Verdict::Bypass(reason) => {
+            event(reason);
+            // SAFETY: only computes a field address inside a live map value.
+            (|s: *mut PodStats| unsafe { &raw mut (*s).bypassed }) as fn(_) -> _
+        }
         Verdict::Capture => {
             // Without a record the proxy cannot route the connection and will refuse it; not
             // rewriting would bypass the mesh, so rewrite regardless.
-            let _recorded = record(ctx, dst);
+            if !record(ctx, dst) {
+                event(events::CONNECT_RECORD_FAILED);
+            }
             rewrite();
+            event(redirected);
             counter
         }
     };
@@ -95,10 +106,16 @@ pub fn on_connect4(ctx: &SockAddrContext) {
     let loopback = u32::from_be(ip_be) >> 24 == 127;
     // SAFETY: only computes a field address inside a live map value.
     let counter = |s: *mut PodStats| unsafe { &raw mut (*s).captured_v4 };
-    handle(ctx, loopback, dst, counter, || {
-        sa.user_ip4 = LOOPBACK_V4.to_be();
-        sa.user_port = u32::from(ports::OUTBOUND.to_be());
-    });
+    handle(
+        ctx,
+        loopback,
+        dst,
+        (counter, events::CONNECT_REDIRECTED_V4),
+        || {
+            sa.user_ip4 = LOOPBACK_V4.to_be();
+            sa.user_port = u32::from(ports::OUTBOUND.to_be());
+        },
+    );
 }
 
 pub fn on_connect6(ctx: &SockAddrContext) {
@@ -123,8 +140,14 @@ pub fn on_connect6(ctx: &SockAddrContext) {
             && u32::from_be(ip[3]) >> 24 == 127);
     // SAFETY: only computes a field address inside a live map value.
     let counter = |s: *mut PodStats| unsafe { &raw mut (*s).captured_v6 };
-    handle(ctx, loopback, dst, counter, || {
-        sa.user_ip6 = [0, 0, 0, 1u32.to_be()];
-        sa.user_port = u32::from(ports::OUTBOUND.to_be());
-    });
+    handle(
+        ctx,
+        loopback,
+        dst,
+        (counter, events::CONNECT_REDIRECTED_V6),
+        || {
+            sa.user_ip6 = [0, 0, 0, 1u32.to_be()];
+            sa.user_port = u32::from(ports::OUTBOUND.to_be());
+        },
+    );
 }

@@ -9,9 +9,9 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     programs::SkLookupContext,
 };
-use mesh_common::{InboundKey, IpKey, ListenerKind, ports};
+use mesh_common::{InboundKey, IpKey, ListenerKind, events, ports};
 
-use crate::maps::{INBOUND_SOCKS, INBOUND_STATS, STRICT_ADDRS, bump};
+use crate::maps::{INBOUND_SOCKS, INBOUND_STATS, STRICT_ADDRS, bump, event};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
@@ -21,7 +21,12 @@ const LOOPBACK_IFINDEX: u32 = 1;
 pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the kernel passes a valid `bpf_sk_lookup` for the duration of the program.
     let lk = unsafe { &*ctx.lookup };
-    if lk.protocol != IPPROTO_TCP || lk.ingress_ifindex == LOOPBACK_IFINDEX {
+    if lk.protocol != IPPROTO_TCP {
+        event(events::LOOKUP_PASS_NOT_TCP);
+        return SK_PASS;
+    }
+    if lk.ingress_ifindex == LOOPBACK_IFINDEX {
+        event(events::LOOKUP_PASS_LOOPBACK);
         return SK_PASS;
     }
     let ip = match lk.family {
@@ -35,7 +40,10 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
             addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
             IpKey { addr }
         }
-        _ => return SK_PASS,
+        _ => {
+            event(events::LOOKUP_PASS_NOT_TCP);
+            return SK_PASS;
+        }
     };
     let kind = if lk.local_port == u32::from(ports::HBONE) {
         ListenerKind::Hbone
@@ -45,6 +53,7 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let stats = INBOUND_STATS.get_ptr_mut(&ip);
     let Some(stats) = stats else {
         // Not one of our pods' addresses (e.g. a secondary address): leave it alone.
+        event(events::LOOKUP_PASS_NOT_ENROLLED);
         return SK_PASS;
     };
     // SAFETY: a plain lookup; the value is not read.
@@ -52,20 +61,28 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
         // STRICT: plaintext is refused here, so the proxy never even accepts it.
         // SAFETY: `stats` is a live map value.
         bump(unsafe { &raw mut (*stats).refused_strict });
+        event(events::LOOKUP_DROP_STRICT);
         return SK_DROP;
     }
     match INBOUND_SOCKS.redirect_sk_lookup(ctx, InboundKey::new(ip, kind), 0) {
         Ok(()) => {
             // SAFETY: `stats` is a live map value.
             match kind {
-                ListenerKind::Hbone => bump(unsafe { &raw mut (*stats).steered_hbone }),
-                ListenerKind::Inbound => bump(unsafe { &raw mut (*stats).steered_inbound }),
+                ListenerKind::Hbone => {
+                    bump(unsafe { &raw mut (*stats).steered_hbone });
+                    event(events::LOOKUP_STEERED_HBONE);
+                }
+                ListenerKind::Inbound => {
+                    bump(unsafe { &raw mut (*stats).steered_inbound });
+                    event(events::LOOKUP_STEERED_INBOUND);
+                }
             }
             SK_PASS
         }
         Err(_) => {
             // SAFETY: `stats` is a live map value.
             bump(unsafe { &raw mut (*stats).refused_no_listener });
+            event(events::LOOKUP_DROP_NO_LISTENER);
             SK_DROP
         }
     }

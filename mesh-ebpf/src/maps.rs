@@ -3,10 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuHashMap, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
     InboundKey, InboundStats, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats,
+    events,
 };
 
 #[map]
@@ -30,6 +31,18 @@ pub static STRICT_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_PODS, 0);
 
 #[map]
 pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+
+/// Node-wide event counters, one slot per `mesh_common::events` index.
+#[map]
+pub static EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(events::COUNT, 0);
+
+/// Counts one `mesh_common::events` event.
+#[inline(always)]
+pub fn event(index: u32) {
+    if let Some(slot) = EVENTS.get_ptr_mut(index) {
+        bump(slot);
+    }
+}
 
 /// Adds one to a per-CPU counter. Plain read-modify-write is safe: a per-CPU value is only
 /// touched by programs on its own CPU, and BPF programs are not preempted mid-run.

@@ -13,9 +13,9 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
-use mesh_common::OrigDstKey;
+use mesh_common::{OrigDstKey, events};
 
-use crate::maps::{ORIG_DST, ORIG_DST_COOKIE};
+use crate::maps::{ORIG_DST, ORIG_DST_COOKIE, event};
 
 pub fn on_sock_ops(ctx: &SockOpsContext) {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
@@ -30,6 +30,10 @@ pub fn on_sock_ops(ctx: &SockOpsContext) {
     // SAFETY: as above.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = OrigDstKey::new(netns, ctx.local_port() as u16);
-    let _ = ORIG_DST.insert(&key, &dst, 0);
+    if ORIG_DST.insert(&key, &dst, 0).is_ok() {
+        event(events::SOCKOPS_REKEYED);
+    } else {
+        event(events::SOCKOPS_REKEY_FAILED);
+    }
     let _ = ORIG_DST_COOKIE.remove(&cookie);
 }

@@ -508,8 +508,8 @@ impl Cluster {
         s.push_str("workloads:\n");
         for p in self.pods.iter().filter(|p| p.node != i && p.enrolled) {
             s.push_str(&format!(
-                "  - {{name: {}, namespace: default, serviceAccount: {}-sa, ip: {}, node: {}}}\n",
-                p.name, p.name, p.ip, self.nodes[p.node].name
+                "  - {{name: {}, namespace: default, serviceAccount: {}-sa, labels: {{app: {}}}, ip: {}, node: {}}}\n",
+                p.name, p.name, p.name, p.ip, self.nodes[p.node].name
             ));
         }
         s.push_str("services:\n");

@@ -184,6 +184,11 @@ impl Balancer {
         }
     }
 
+    /// Every endpoint, ejected or not.
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
     /// Picks an endpoint, avoiding `avoid` (the endpoint a retry is moving away from) when there
     /// is another choice.
     pub fn pick(&self, avoid: Option<IpAddr>) -> Option<&Arc<Endpoint>> {

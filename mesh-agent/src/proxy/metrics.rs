@@ -1,4 +1,4 @@
-//! TCP families (Istio's names) for connections relayed at L4.
+//! TCP families (Istio's names) for connections relayed at L4, and the proxy's health counters.
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
@@ -85,5 +85,37 @@ pub struct TcpConn {
 impl Drop for TcpConn {
     fn drop(&mut self) {
         self.closed.inc();
+    }
+}
+
+/// The proxy's side of capture: what the kernel redirected and whether the proxy could tell where
+/// it was going.
+#[derive(Debug)]
+pub struct CaptureMetrics {
+    /// `mesh_captured_connections_total`: connections accepted on the pods' 15001 listeners.
+    pub captured: IntCounter,
+    /// `mesh_orig_dst_misses_total`: of those, ones the kernel had no original destination for
+    /// (refused: the proxy cannot route them).
+    pub orig_dst_misses: IntCounter,
+}
+
+impl CaptureMetrics {
+    /// Makes and registers the counters.
+    pub fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(Self {
+            captured: counter(
+                "mesh_captured_connections_total",
+                "Outbound connections the kernel redirected and the proxy accepted",
+            )?,
+            orig_dst_misses: counter(
+                "mesh_orig_dst_misses_total",
+                "Captured connections whose original destination the kernel had not recorded",
+            )?,
+        })
     }
 }

@@ -1,0 +1,472 @@
+//! Flow records: one per connection relayed at L4 and one per request handled at L7, with the
+//! decision that let it through or refused it (and, for a denial, the policy).
+//!
+//! Every record goes two ways:
+//! - to the access log on stdout, as `key=value` text or JSON (`--access-log`);
+//! - into a ring of the most recent records, which `/debug/flows` and `mesh-agent flows` read.
+//!
+//! Invariants:
+//! - the proxy's tasks never wait on the log: lines are formatted and written by one thread fed
+//!   through a bounded queue, and a line that finds the queue full is counted in
+//!   `mesh_access_log_dropped_total` rather than stalling traffic;
+//! - identities in a record are the proved ones (see `metrics.rs`), never taken from a header.
+
+use std::{
+    collections::VecDeque,
+    io::Write,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    metrics::{Flow, Peer, Reporter, Security},
+    policy::Decision,
+};
+
+/// How many recent records `/debug/flows` can return.
+pub const HISTORY: usize = 2048;
+/// Lines the writer thread may fall behind by before lines are dropped.
+const QUEUE: usize = 16 * 1024;
+
+/// The access log's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccessLogFormat {
+    /// No access log (flows are still kept for `/debug/flows`).
+    Off,
+    /// One `key=value` line per flow.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One side of a flow, as the record names it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Side {
+    /// Workload name (`unknown` outside the mesh).
+    pub workload: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its proved SPIFFE ID, or `unknown`.
+    pub principal: String,
+    /// The address, where the proxy knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<SocketAddr>,
+}
+
+impl Side {
+    fn of(p: &Peer, addr: Option<SocketAddr>) -> Self {
+        Self {
+            workload: p.workload.clone(),
+            namespace: p.namespace.clone(),
+            principal: p.principal.clone(),
+            addr,
+        }
+    }
+}
+
+/// What happened to the flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Authorized and relayed (whatever the application answered).
+    Allow,
+    /// Refused by authorization.
+    Deny,
+    /// Failed for another reason (no route, upstream unreachable...).
+    Error,
+}
+
+/// The HTTP part of a request's record.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HttpInfo {
+    /// Method.
+    pub method: String,
+    /// Path as the client sent it (with the query).
+    pub path: String,
+    /// `:authority` or `Host`.
+    pub authority: String,
+    /// `http` or `grpc`.
+    pub protocol: String,
+    /// The status the client got.
+    pub code: u16,
+    /// W3C trace id (32 hex digits) the request carried or was given.
+    pub trace_id: String,
+}
+
+/// One flow.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// Position in this agent's record stream (for `/debug/flows?since=`).
+    pub seq: u64,
+    /// When the flow started, RFC 3339.
+    pub start: String,
+    /// `tcp` (a connection) or `http` (a request).
+    pub kind: String,
+    /// `source` or `destination`: which end's proxy wrote this.
+    pub reporter: String,
+    /// The client.
+    pub src: Side,
+    /// The server.
+    pub dst: Side,
+    /// `destination_service` (FQDN) or `unknown`.
+    pub service: String,
+    /// `mutual_tls` or `none`.
+    pub security: String,
+    /// Allowed, denied or failed.
+    pub verdict: Verdict,
+    /// The policy that denied it (`namespace/name`; several when no ALLOW policy matched).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// Why it was denied or failed, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Envoy's response flags, `-` for none.
+    pub flags: String,
+    /// Bytes from the client.
+    pub bytes_received: u64,
+    /// Bytes to the client.
+    pub bytes_sent: u64,
+    /// How long it lasted, in milliseconds.
+    pub duration_ms: f64,
+    /// The request, for an HTTP record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpInfo>,
+}
+
+/// A flow being described; [`FlowLog::record`] stamps and files it.
+#[derive(Clone, Debug)]
+pub struct Draft {
+    /// When it started.
+    pub started: SystemTime,
+    /// Labels (who, to whom, how secured).
+    pub flow: Flow,
+    /// The client's address.
+    pub src_addr: Option<SocketAddr>,
+    /// The server's address.
+    pub dst_addr: Option<SocketAddr>,
+    /// The outcome.
+    pub verdict: Verdict,
+    /// Denying policies.
+    pub policies: Vec<String>,
+    /// Why it was denied or failed.
+    pub reason: Option<String>,
+    /// Response flags.
+    pub flags: String,
+    /// Bytes from the client.
+    pub bytes_received: u64,
+    /// Bytes to the client.
+    pub bytes_sent: u64,
+    /// The request, at L7.
+    pub http: Option<HttpInfo>,
+}
+
+impl Draft {
+    /// A flow of `flow` starting now, allowed until said otherwise.
+    pub fn new(flow: Flow) -> Self {
+        Self {
+            started: SystemTime::now(),
+            flow,
+            src_addr: None,
+            dst_addr: None,
+            verdict: Verdict::Allow,
+            policies: Vec::new(),
+            reason: None,
+            flags: "-".into(),
+            bytes_received: 0,
+            bytes_sent: 0,
+            http: None,
+        }
+    }
+
+    /// Marks the flow refused by `decision`.
+    pub fn denied(&mut self, decision: &Decision) {
+        self.verdict = Verdict::Deny;
+        self.policies = decision_policies(decision);
+        self.reason = Some(decision.to_string());
+        self.flags = "RBAC".into();
+    }
+
+    /// Marks the flow failed for `why`.
+    pub fn failed(&mut self, flags: &str, why: String) {
+        self.verdict = Verdict::Error;
+        self.reason = Some(why);
+        self.flags = flags.into();
+    }
+}
+
+/// The policies a decision names.
+pub fn decision_policies(d: &Decision) -> Vec<String> {
+    match d {
+        Decision::Allow => Vec::new(),
+        Decision::Denied(p) => vec![p.to_string()],
+        Decision::NotAllowed(ps) => ps.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The node's flow records: the access log and the recent history.
+#[derive(Debug)]
+pub struct FlowLog {
+    next: AtomicU64,
+    recent: Mutex<VecDeque<Arc<FlowRecord>>>,
+    out: Option<mpsc::SyncSender<Arc<FlowRecord>>>,
+    /// `mesh_access_log_dropped_total`.
+    dropped: prometheus::IntCounter,
+}
+
+impl FlowLog {
+    /// A log writing `format` lines to stdout; registers its counter in `registry`.
+    pub fn new(
+        format: AccessLogFormat,
+        registry: &crate::metrics::Metrics,
+    ) -> Result<Arc<Self>, crate::metrics::MetricsError> {
+        let dropped = prometheus::IntCounter::new(
+            "mesh_access_log_dropped_total",
+            "Access-log lines dropped because the writer fell behind",
+        )?;
+        registry.register(Box::new(dropped.clone()))?;
+        let out = (format != AccessLogFormat::Off).then(|| {
+            let (tx, rx) = mpsc::sync_channel::<Arc<FlowRecord>>(QUEUE);
+            std::thread::Builder::new()
+                .name("access-log".into())
+                .spawn(move || write_lines(&rx, format))
+                .map(|_| tx)
+        });
+        let out = match out {
+            Some(Ok(tx)) => Some(tx),
+            Some(Err(e)) => {
+                tracing::error!("cannot start the access-log writer: {e}; access log is off");
+                None
+            }
+            None => None,
+        };
+        Ok(Arc::new(Self {
+            next: AtomicU64::new(1),
+            recent: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            out,
+            dropped,
+        }))
+    }
+
+    /// Stamps `d` and files it.
+    pub fn record(&self, d: Draft) {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let elapsed = d.started.elapsed().unwrap_or_default();
+        let f = &d.flow;
+        let rec = Arc::new(FlowRecord {
+            seq,
+            start: rfc3339(d.started),
+            kind: if d.http.is_some() { "http" } else { "tcp" }.into(),
+            reporter: match f.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            }
+            .into(),
+            src: Side::of(&f.src, d.src_addr),
+            dst: Side::of(&f.dst, d.dst_addr),
+            service: f.service.clone(),
+            security: match f.security {
+                Security::MutualTls => "mutual_tls",
+                Security::None => "none",
+            }
+            .into(),
+            verdict: d.verdict,
+            policies: d.policies,
+            reason: d.reason,
+            flags: d.flags,
+            bytes_received: d.bytes_received,
+            bytes_sent: d.bytes_sent,
+            duration_ms: millis(elapsed),
+            http: d.http,
+        });
+        {
+            let mut recent = self
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if recent.len() == HISTORY {
+                recent.pop_front();
+            }
+            recent.push_back(rec.clone());
+        }
+        if let Some(tx) = &self.out
+            && tx.try_send(rec).is_err()
+        {
+            self.dropped.inc();
+        }
+    }
+
+    /// Records after `since`, oldest first, at most `limit`.
+    pub fn since(&self, since: u64, limit: usize) -> Vec<Arc<FlowRecord>> {
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        recent
+            .iter()
+            .filter(|r| r.seq > since)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let ms = t.millisecond();
+    let t = t.replace_nanosecond(u32::from(ms) * 1_000_000).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The writer thread: formats records and writes them, flushing whenever the queue runs dry.
+fn write_lines(rx: &mpsc::Receiver<Arc<FlowRecord>>, format: AccessLogFormat) {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(rec) = next {
+            let line = match format {
+                AccessLogFormat::Json => serde_json::to_string(&*rec).unwrap_or_default(),
+                _ => text_line(&rec),
+            };
+            if writeln!(out, "{line}").is_err() {
+                return;
+            }
+            next = rx.try_recv().ok();
+        }
+        if out.flush().is_err() {
+            return;
+        }
+    }
+}
+
+/// A `key=value` line; values with spaces or quotes are quoted.
+pub fn text_line(r: &FlowRecord) -> String {
+    use std::fmt::Write as _;
+    fn v(s: &str) -> String {
+        if s.is_empty() || s.contains([' ', '"', '=']) {
+            format!("{s:?}")
+        } else {
+            s.to_string()
+        }
+    }
+    let side = |s: &Side| format!("{}/{}", s.namespace, s.workload);
+    let addr = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
+    let mut line = format!(
+        "{} kind={} reporter={} verdict={} src={} src_principal={} src_addr={} dst={} dst_principal={} dst_addr={} service={} security={} flags={} received={} sent={} duration_ms={}",
+        r.start,
+        r.kind,
+        r.reporter,
+        match r.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Error => "error",
+        },
+        v(&side(&r.src)),
+        v(&r.src.principal),
+        addr(r.src.addr),
+        v(&side(&r.dst)),
+        v(&r.dst.principal),
+        addr(r.dst.addr),
+        v(&r.service),
+        r.security,
+        v(&r.flags),
+        r.bytes_received,
+        r.bytes_sent,
+        r.duration_ms,
+    );
+    if let Some(h) = &r.http {
+        let _ = write!(
+            line,
+            " method={} path={} authority={} protocol={} code={} trace_id={}",
+            v(&h.method),
+            v(&h.path),
+            v(&h.authority),
+            h.protocol,
+            h.code,
+            v(&h.trace_id),
+        );
+    }
+    if !r.policies.is_empty() {
+        let _ = write!(line, " policy={}", v(&r.policies.join(",")));
+    }
+    if let Some(reason) = &r.reason {
+        let _ = write!(line, " reason={}", v(reason));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FlowRecord {
+        FlowRecord {
+            seq: 7,
+            start: "2026-01-01T00:00:00.000Z".into(),
+            kind: "http".into(),
+            reporter: "destination".into(),
+            src: Side {
+                workload: "client".into(),
+                namespace: "default".into(),
+                principal: "spiffe://td/ns/default/sa/c".into(),
+                addr: Some("10.0.0.1:4000".parse().unwrap_or_else(|_| unreachable!())),
+            },
+            dst: Side {
+                workload: "server".into(),
+                namespace: "default".into(),
+                principal: "spiffe://td/ns/default/sa/s".into(),
+                addr: None,
+            },
+            service: "unknown".into(),
+            security: "mutual_tls".into(),
+            verdict: Verdict::Deny,
+            policies: vec!["default/deny-admin".into()],
+            reason: Some("denied by DENY policy default/deny-admin".into()),
+            flags: "RBAC".into(),
+            bytes_received: 0,
+            bytes_sent: 19,
+            duration_ms: 0.25,
+            http: Some(HttpInfo {
+                method: "GET".into(),
+                path: "/admin x".into(),
+                authority: "server".into(),
+                protocol: "http".into(),
+                code: 403,
+                trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn text_line_quotes_values_with_spaces_and_names_the_policy() {
+        let line = text_line(&sample());
+        assert!(line.contains(" verdict=deny "), "{line}");
+        assert!(line.contains(r#" path="/admin x" "#), "{line}");
+        assert!(line.contains(" policy=default/deny-admin "), "{line}");
+        assert!(
+            line.ends_with(r#"reason="denied by DENY policy default/deny-admin""#),
+            "{line}"
+        );
+        assert!(line.contains(" dst_addr=- "), "{line}");
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let s = serde_json::to_string(&sample()).unwrap_or_default();
+        let back: FlowRecord = serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"));
+        assert_eq!(back.policies, vec!["default/deny-admin".to_string()]);
+        assert_eq!(back.http.map(|h| h.code), Some(403));
+    }
+}
