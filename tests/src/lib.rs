@@ -246,6 +246,8 @@ pub struct Pod {
     pub cgroup: PathBuf,
     /// Whether the node file lists it.
     pub enrolled: bool,
+    /// Its service account (its identity, with the namespace `default`).
+    pub service_account: String,
 }
 
 /// A created node.
@@ -440,6 +442,7 @@ impl Cluster {
                     netns: pnetns,
                     cgroup,
                     enrolled: spec.enrolled,
+                    service_account: format!("{}-sa", spec.name),
                 });
             }
             self.nodes.push(Node {
@@ -452,6 +455,75 @@ impl Cluster {
             });
         }
         Ok(())
+    }
+
+    /// Adds `n` pods named `<stem>-<k>` to node `i` with only a loopback interface and the
+    /// service account `sa`: clients of services on their own node (the proxy hands such
+    /// connections over inside the kernel), cheap enough to make hundreds. Their addresses are
+    /// 10.77.0.0/16, used only as names in the node file. The node file is not rewritten: call
+    /// [`Cluster::write_node_file`].
+    pub fn add_loopback_pods(
+        &mut self,
+        i: usize,
+        stem: &str,
+        n: usize,
+        sa: &str,
+    ) -> Result<Vec<String>> {
+        let mut names = Vec::with_capacity(n);
+        for k in 0..n {
+            let name = format!("{stem}-{k}");
+            let pnetns = self.add_netns(&format!("{}-{name}", self.prefix))?;
+            let cgroup = self.cgroup_dir.join(&name);
+            std::fs::create_dir_all(&cgroup)?;
+            let ip = Ipv4Addr::new(10, 77, (k / 250) as u8, (k % 250 + 1) as u8);
+            self.pods.push(Pod {
+                name: name.clone(),
+                node: i,
+                ip,
+                netns: pnetns,
+                cgroup,
+                enrolled: true,
+                service_account: sa.into(),
+            });
+            names.push(name);
+        }
+        Ok(names)
+    }
+
+    /// Takes the pods `names` out of the mesh (they stay out of the node files from now on).
+    pub fn unenroll(&mut self, names: &[String]) {
+        for p in &mut self.pods {
+            if names.contains(&p.name) {
+                p.enrolled = false;
+            }
+        }
+    }
+
+    /// Runs `mesh-agent <args>` in node `i`'s namespace (where its admin endpoint listens) and
+    /// returns its stdout; fails with its stderr if it fails.
+    pub fn agent_cli(&self, i: usize, args: &[&str]) -> Result<String> {
+        let agent = artifact("mesh-agent")?;
+        let mut all = vec![agent.to_str().context("agent path")?];
+        all.extend(args);
+        self.node_exec(i, &all)
+    }
+
+    /// Runs a command in node `i`'s namespace and returns its stdout; fails with its stderr if
+    /// it fails.
+    pub fn node_exec(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.nodes[i].netns.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The pod named `name`.
@@ -488,9 +560,9 @@ impl Cluster {
     /// The YAML listing of one pod, as the node file has it.
     pub fn pod_entry(&self, pod: &Pod) -> String {
         format!(
-            "  - name: {}\n    namespace: default\n    serviceAccount: {}-sa\n    labels: {{app: {}}}\n    ip: {}\n    netns: {}\n    cgroup: {}\n",
+            "  - name: {}\n    namespace: default\n    serviceAccount: {}\n    labels: {{app: {}}}\n    ip: {}\n    netns: {}\n    cgroup: {}\n",
             pod.name,
-            pod.name,
+            pod.service_account,
             pod.name,
             pod.ip,
             pod.netns.display(),
@@ -508,8 +580,8 @@ impl Cluster {
         s.push_str("workloads:\n");
         for p in self.pods.iter().filter(|p| p.node != i && p.enrolled) {
             s.push_str(&format!(
-                "  - {{name: {}, namespace: default, serviceAccount: {}-sa, labels: {{app: {}}}, ip: {}, node: {}}}\n",
-                p.name, p.name, p.name, p.ip, self.nodes[p.node].name
+                "  - {{name: {}, namespace: default, serviceAccount: {}, labels: {{app: {}}}, ip: {}, node: {}}}\n",
+                p.name, p.service_account, p.name, p.ip, self.nodes[p.node].name
             ));
         }
         s.push_str("services:\n");

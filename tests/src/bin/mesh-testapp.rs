@@ -12,7 +12,7 @@
 //! - `GET /flaky-reset` — drops the connection unanswered and answers 200 in turn, starting
 //!   with the drop;
 //! - `GET /delay/MS` — answers after MS milliseconds;
-//! - `/echo` (any method) — the request line as received, then its headers, one per line;
+//! - `/echo`, or any path ending in `/echo` (any method) — the request line as received, then its headers, one per line;
 //! - `POST /control/fail`, `DELETE /control/fail` — answer every other request 500, or stop;
 //! - `GET /upgrade` with `Upgrade: mesh-echo` — switches protocols (101) and echoes every byte;
 //! - `POST /mesh.test.Echo/Unary` and `/mesh.test.Echo/Stream` — gRPC: echo each message, with
@@ -239,7 +239,7 @@ async fn route(req: Request<hyper::body::Incoming>, app: &App, path: &str) -> Re
             }
             Err(_) => bad("delay must be milliseconds"),
         },
-        (_, "/echo") => {
+        (_, p) if p == "/echo" || p.ends_with("/echo") => {
             let mut out = format!("{} {}\n", req.method(), req.uri());
             for (k, v) in req.headers() {
                 out.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
