@@ -413,7 +413,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     });
     apply(&agent, loaded);
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
-    tokio::spawn(crate::metrics::serve(metrics_listener, metrics));
+    crate::metrics::start(metrics_listener, metrics)?;
     info!(admin = %config.admin_addr, metrics = %config.metrics_addr, "agent running");
 
     let watch = tokio::spawn(watch_node_file(agent.clone(), config.poll_interval));

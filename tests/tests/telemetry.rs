@@ -653,3 +653,66 @@ fn metric_series_return_to_baseline_after_500_pods_come_and_go() -> Result<()> {
     println!("after deleting them: {now:?}");
     Ok(())
 }
+
+/// Every metric the Grafana dashboard in deploy/ queries is one a running agent exports, so the
+/// dashboard cannot drift from the code.
+#[test]
+fn the_dashboard_queries_only_metrics_the_agents_export() -> Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/grafana/mesh-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    let mut wanted = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().context("no panels")? {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            for word in expr.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_')) {
+                if ["istio_", "mesh_", "process_"]
+                    .iter()
+                    .any(|p| word.starts_with(p))
+                {
+                    wanted.insert(word.to_string());
+                }
+            }
+        }
+    }
+    assert!(wanted.len() >= 15, "{wanted:?}");
+    // Traffic of every kind, so every family has series: L4, L7 with an error, a denial.
+    let c = cluster()?;
+    c.curl(
+        "client",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            &format!("http://{}/", c.service_ip("opaque")),
+        ],
+    )?;
+    c.curl(
+        "client",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            &format!("http://{}/status/503", c.service_ip("web")),
+        ],
+    )?;
+    let mut have = std::collections::BTreeSet::new();
+    for i in 0..2 {
+        for s in c.scrape(i)? {
+            have.insert(s.name.clone());
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = s.name.strip_suffix(suffix) {
+                    have.insert(base.to_string());
+                }
+            }
+        }
+    }
+    let missing: Vec<&String> = wanted.iter().filter(|m| !have.contains(*m)).collect();
+    println!(
+        "dashboard queries {} metrics; missing from the agents: {missing:?}",
+        wanted.len()
+    );
+    assert!(missing.is_empty(), "{missing:?}");
+    Ok(())
+}

@@ -9,11 +9,20 @@
 //! 1000 requests/s (mesh-testapp load; measured from each request's scheduled time), and bulk
 //! throughput (iperf3). Every figure is the median of several rounds, and the rounds interleave
 //! the paths so drift on a noisy machine hits all of them alike.
+//!
+//! A last table measures what scraping costs: the L7 path's p99 at 1000 requests/s with and
+//! without a scraper fetching both nodes' `/metrics` every 100 ms, interleaved (A B A B).
 
 use std::net::Ipv4Addr;
 
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
 use anyhow::{Context, Result, bail};
-use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact};
+use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact, http_get, in_netns};
 
 const HTTP: u16 = 8080;
 const IPERF: u16 = 5201;
@@ -206,6 +215,47 @@ fn iperf(c: &Cluster, p: &Path, ip: Ipv4Addr, secs: u64) -> Result<f64> {
         .with_context(|| format!("iperf3 failed on {}: {v}", p.name))
 }
 
+/// Runs `f` while a scraper GETs every node's `/metrics` every 100 ms; returns `f`'s result and
+/// the number of scrapes (each one checked to answer 200).
+fn while_scraping<R: Send>(c: &Cluster, f: impl FnOnce() -> Result<R> + Send) -> Result<(R, u64)> {
+    let stop = AtomicBool::new(false);
+    let scrapes = AtomicU64::new(0);
+    let metrics: SocketAddr = ([127, 0, 0, 1], 15020).into();
+    let out = std::thread::scope(|s| {
+        let scrapers: Vec<_> = c
+            .nodes
+            .iter()
+            .map(|n| {
+                let (stop, scrapes) = (&stop, &scrapes);
+                s.spawn(move || {
+                    in_netns(&n.netns, || -> Result<()> {
+                        while !stop.load(Ordering::Relaxed) {
+                            let t = Instant::now();
+                            let (code, body) = http_get(metrics, "/metrics")?;
+                            if code != 200 || !body.contains("mesh_bpf_events_total") {
+                                bail!("scrape of {} answered {code}", n.name);
+                            }
+                            scrapes.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(
+                                Duration::from_millis(100).saturating_sub(t.elapsed()),
+                            );
+                        }
+                        Ok(())
+                    })?
+                })
+            })
+            .collect();
+        let r = f();
+        stop.store(true, Ordering::Relaxed);
+        for t in scrapers {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("scraper panicked"))??;
+        }
+        r
+    })?;
+    Ok((out, scrapes.load(Ordering::Relaxed)))
+}
+
 fn main() -> Result<()> {
     let rounds = env_u64("MESH_BENCH_ROUNDS", 3) as usize;
     let secs = env_u64("MESH_BENCH_SECONDS", 3);
@@ -319,6 +369,64 @@ fn main() -> Result<()> {
         })
         .collect();
 
+    let measured = PATHS.iter().any(wanted);
+    if measured {
+        print_paths(&PATHS, &m, rounds, secs);
+    }
+    if only.is_empty() {
+        println!(
+            "\nper-request balancing over 3 endpoints, one adding 50 ms (200 rps, 16 connections):"
+        );
+        println!("| policy | p50 µs | p99 µs |");
+        println!("|---|---:|---:|");
+        for (k, (_, label)) in lbs.iter().enumerate() {
+            println!(
+                "| {label} | {:.0} | {:.0} |",
+                median(&mut lb_lat[k].0),
+                median(&mut lb_lat[k].1)
+            );
+        }
+    }
+    // What scraping costs: L7 p99 at 1000 rps, without and with a 100 ms scraper, interleaved.
+    if only.is_empty() || only.contains("scrape") {
+        let scrape_rounds = env_u64("MESH_BENCH_SCRAPE_ROUNDS", 5) as usize;
+        let l7 = &PATHS[2];
+        let ip = addr(l7.http);
+        // Two quiet arms around the scraped one: their spread is the noise floor.
+        let (mut quiet, mut scraped, mut control, mut total) = (vec![], vec![], vec![], 0);
+        for r in 0..scrape_rounds {
+            eprintln!(
+                "round {}/{scrape_rounds}: L7 p99 without, with, without scraping",
+                r + 1
+            );
+            quiet.push(fixed_rate(&c, l7, ip, secs, (1000, 8))?.1);
+            let ((_, p99), n) = while_scraping(&c, || fixed_rate(&c, l7, ip, secs, (1000, 8)))?;
+            scraped.push(p99);
+            total += n;
+            control.push(fixed_rate(&c, l7, ip, secs, (1000, 8))?.1);
+        }
+        let (q, s, k) = (
+            median(&mut quiet),
+            median(&mut scraped),
+            median(&mut control),
+        );
+        let base = f64::midpoint(q, k).max(f64::MIN_POSITIVE);
+        println!(
+            "\nscraping /metrics every 100 ms on both nodes during L7 load (1000 rps, 8 connections; {total} scrapes, medians of {scrape_rounds} interleaved rounds):"
+        );
+        println!("| | p99 µs | ratio to the quiet arms' mean |");
+        println!("|---|---:|---:|");
+        println!("| no scraping (before) | {q:.0} | {:.3} |", q / base);
+        println!("| scraping every 100 ms | {s:.0} | {:.3} |", s / base);
+        println!("| no scraping (after) | {k:.0} | {:.3} |", k / base);
+    }
+    let captured = c.counter(0, "client", "kernel.captured_v4")?;
+    println!("\n(client pod connects captured by the kernel during the bench: {captured})");
+    Ok(())
+}
+
+/// The main table: medians per path and their ratios to the direct path of the same locality.
+fn print_paths(paths: &[Path], m: &[[f64; 5]], rounds: usize, secs: u64) {
     println!(
         "\nmedians of {rounds} rounds ({secs}s each); ratios are mesh / direct on the same locality"
     );
@@ -326,7 +434,7 @@ fn main() -> Result<()> {
         "| path | req/s (1 KB, keep-alive) | p50 µs @1000 rps | p99 µs @1000 rps | iperf3 Gbit/s | agent CPU µs/req | req/s ratio | p50 ratio | p99 ratio | Gbit/s ratio |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (i, p) in PATHS.iter().enumerate() {
+    for (i, p) in paths.iter().enumerate() {
         let has_iperf = p.iperf.is_some();
         let ratios = match p.baseline {
             Some(b) => (0..4)
@@ -364,19 +472,4 @@ fn main() -> Result<()> {
         m[2][0] / m[1][0].max(f64::MIN_POSITIVE),
         m[2][4] / m[1][4].max(f64::MIN_POSITIVE)
     );
-    println!(
-        "\nper-request balancing over 3 endpoints, one adding 50 ms (200 rps, 16 connections):"
-    );
-    println!("| policy | p50 µs | p99 µs |");
-    println!("|---|---:|---:|");
-    for (k, (_, label)) in lbs.iter().enumerate() {
-        println!(
-            "| {label} | {:.0} | {:.0} |",
-            median(&mut lb_lat[k].0),
-            median(&mut lb_lat[k].1)
-        );
-    }
-    let captured = c.counter(0, "client", "kernel.captured_v4")?;
-    println!("\n(client pod connects captured by the kernel during the bench: {captured})");
-    Ok(())
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: a CA and two nodes with two pods each, real agents, traffic pod→pod and
 //! pod→service (across nodes as mTLS HBONE tunnels), then what each agent captured per pod, the
-//! identities it holds, and an authorization policy denying one caller. Cleans up on exit, also
+//! identities it holds, an authorization policy denying one caller, `explain` saying why and
+//! `flows` listing the denial. Cleans up on exit, also
 //! on failure (the harness tears down on drop).
 
 use anyhow::{Result, ensure};
@@ -133,6 +134,17 @@ fn main() -> Result<()> {
             "  node-2 log: {}",
             line.split("WARN").last().unwrap_or(line).trim()
         );
+    }
+
+    println!("\nwhy? `mesh-agent explain worker {a}:{PORT}` on node-2:");
+    let why = c.agent_cli(1, &["explain", "worker", &format!("{a}:{PORT}")])?;
+    for line in why.lines() {
+        println!("  {line}");
+    }
+    println!("\nnode-2's denied flows (`mesh-agent flows --once --verdict deny`):");
+    let flows = c.agent_cli(1, &["flows", "--once", "--verdict", "deny"])?;
+    for line in flows.lines() {
+        println!("  {line}");
     }
 
     println!("\ncleaning up (namespaces, cgroups, pinned programs and maps)...");
