@@ -65,8 +65,8 @@ pub struct EndpointAnswer {
     pub addr: SocketAddr,
     /// The workload there (`namespace/name`), if it is one.
     pub workload: Option<String>,
-    /// `local` (this node, no TLS), `hbone` (another node, mTLS) or `passthrough` (outside the
-    /// mesh, plain TCP).
+    /// `local` (the source's node, no TLS), `hbone` (another node, mTLS) or `passthrough`
+    /// (outside the mesh, plain TCP).
     pub hop: String,
     /// Whether outlier detection has ejected it now.
     pub ejected: bool,
@@ -294,6 +294,7 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
     for t in targets {
         out.endpoints.push(endpoint(
             &routes,
+            &src.node,
             &id,
             t,
             http.as_ref(),
@@ -349,6 +350,7 @@ fn request_parts(q: &Question) -> Result<Option<(http::request::Parts, String)>,
 
 fn endpoint(
     routes: &Routes,
+    src_node: &str,
     id: &crate::identity::Identity,
     addr: SocketAddr,
     http: Option<&(http::request::Parts, String)>,
@@ -357,8 +359,9 @@ fn endpoint(
 ) -> EndpointAnswer {
     let state = &routes.state;
     let w = state.workloads.get(&addr.ip());
+    // The hop is the source node's choice: same node as the source, or HBONE to another.
     let hop = match w {
-        Some(w) if w.node == state.node => "local",
+        Some(w) if w.node == src_node => "local",
         Some(_) => "hbone",
         None => "passthrough",
     };

@@ -290,7 +290,7 @@ fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> 
         assert_eq!(e["endpoints"][0]["workload"], "default/server");
         assert_eq!(
             e["endpoints"][0]["hop"],
-            if i == 0 { "hbone" } else { "local" }
+            "hbone", // the source's hop: client and server are on different nodes
         );
         assert_eq!(
             e["endpoints"][0]["policies"],
