@@ -600,20 +600,8 @@ impl LocalPod {
             }
             None => {
                 warn!(%src, dst = %self.pod.key, port, "connection {decision}");
-                let mut draft = Draft::new(Flow {
-                    reporter: Reporter::Destination,
-                    src: from.map_or_else(
-                        || shared.peer_at(IpAddr::from([0, 0, 0, 0]), source),
-                        |a| shared.peer_at(a.ip(), source),
-                    ),
-                    dst: Peer::new(&self.pod.key, self.identity()),
-                    service: crate::metrics::UNKNOWN.into(),
-                    security: if source.is_some() {
-                        Security::MutualTls
-                    } else {
-                        Security::None
-                    },
-                });
+                let peer = from.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+                let mut draft = Draft::new(self.inbound_flow(shared, source, peer));
                 draft.src_addr = from;
                 draft.dst_addr = Some(SocketAddr::new(self.pod.ip, port));
                 draft.denied(&decision);
@@ -621,6 +609,22 @@ impl LocalPod {
             }
         }
         Err(decision)
+    }
+
+    /// A flow to this pod from `source` at `peer`, as this pod's node reports it: mTLS when
+    /// HBONE proved the source's identity.
+    pub fn inbound_flow(&self, shared: &Shared, source: Option<&Identity>, peer: IpAddr) -> Flow {
+        Flow {
+            reporter: Reporter::Destination,
+            src: shared.peer_at(peer, source),
+            dst: Peer::new(&self.pod.key, self.identity()),
+            service: crate::metrics::UNKNOWN.into(),
+            security: if source.is_some() {
+                Security::MutualTls
+            } else {
+                Security::None
+            },
+        }
     }
 
     /// Admits a connection to this pod: `Ok(true)` when L7 policy selects the pod, so the
@@ -658,18 +662,7 @@ impl LocalPod {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        // Reported by the destination: mTLS when HBONE proved the source's identity.
-        let flow = || Flow {
-            reporter: Reporter::Destination,
-            src: shared.peer_at(peer.ip(), source.as_ref()),
-            dst: Peer::new(&self.pod.key, self.identity()),
-            service: crate::metrics::UNKNOWN.into(),
-            security: if source.is_some() {
-                Security::MutualTls
-            } else {
-                Security::None
-            },
-        };
+        let flow = || self.inbound_flow(shared, source.as_ref(), peer.ip());
         if !per_request {
             self.relay_recorded(shared, client, app, flow(), source, peer, port)
                 .await;
