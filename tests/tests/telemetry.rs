@@ -263,6 +263,21 @@ fn flows(c: &Cluster, i: usize) -> Result<Vec<serde_json::Value>> {
     Ok(serde_json::from_str(&body)?)
 }
 
+/// Waits up to 5 s for node `i` to list a flow record that `matches`, and returns it.
+fn wait_flow(
+    c: &Cluster,
+    i: usize,
+    what: &str,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let mut found = None;
+    wait_until(what, Duration::from_secs(5), || {
+        found = flows(c, i)?.into_iter().find(|f| matches(f));
+        Ok(found.is_some())
+    })?;
+    found.context("no such flow record")
+}
+
 const DENY_CLIENT: &str = "authorizationPolicies:\n  - name: no-client\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/client-sa]}}]\n        to: [{operation: {ports: [\"8080\"]}}]\n";
 
 #[test]
@@ -311,14 +326,9 @@ fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> 
     )?;
     assert_ne!(code, 0, "the denied connection went through");
     // The server's node: a record naming the policy, in /debug/flows and in the access log.
-    let mut denied = None;
-    wait_until("the denial's record", Duration::from_secs(5), || {
-        denied = flows(&c, 1)?
-            .into_iter()
-            .find(|f| f["verdict"] == "deny" && f["src"]["workload"] == "client");
-        Ok(denied.is_some())
+    let denied = wait_flow(&c, 1, "the denial's record", |f| {
+        f["verdict"] == "deny" && f["src"]["workload"] == "client"
     })?;
-    let denied = denied.unwrap_or_default();
     println!("node-2 record: {denied}");
     assert_eq!(denied["policies"], serde_json::json!(["default/no-client"]));
     assert_eq!(denied["dst"]["workload"], "server");
@@ -451,14 +461,9 @@ fn requests_carry_one_trace_id_through_both_nodes_and_l7_denials_name_the_policy
     );
     assert_eq!(header(&echo, "x-b3-traceid"), id);
     for i in 0..2 {
-        let mut rec = None;
-        wait_until("the request's record", Duration::from_secs(5), || {
-            rec = flows(&c, i)?
-                .into_iter()
-                .find(|f| f["http"]["trace_id"] == id.as_str());
-            Ok(rec.is_some())
+        let rec = wait_flow(&c, i, "the request's record", |f| {
+            f["http"]["trace_id"] == id.as_str()
         })?;
-        let rec = rec.unwrap_or_default();
         println!("node-{} record: {rec}", i + 1);
         assert_eq!(rec["http"]["path"], "/public/echo");
         assert_eq!(rec["http"]["code"], 200);
@@ -484,14 +489,9 @@ fn requests_carry_one_trace_id_through_both_nodes_and_l7_denials_name_the_policy
         ],
     )?;
     assert_eq!(code.trim(), "403");
-    let mut rec = None;
-    wait_until("the denial's record", Duration::from_secs(5), || {
-        rec = flows(&c, 1)?
-            .into_iter()
-            .find(|f| f["http"]["path"] == "/private");
-        Ok(rec.is_some())
+    let rec = wait_flow(&c, 1, "the denial's record", |f| {
+        f["http"]["path"] == "/private"
     })?;
-    let rec = rec.unwrap_or_default();
     println!("node-2 record: {rec}");
     assert_eq!(rec["verdict"], "deny");
     assert_eq!(rec["http"]["code"], 403);
