@@ -26,7 +26,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    metrics::{Flow, Peer, Reporter, Security},
+    metrics::{Flow, Peer},
     policy::Decision,
 };
 
@@ -61,11 +61,11 @@ pub struct Side {
 }
 
 impl Side {
-    fn of(p: &Peer, addr: Option<SocketAddr>) -> Self {
+    fn of(p: Peer, addr: Option<SocketAddr>) -> Self {
         Self {
-            workload: p.workload.clone(),
-            namespace: p.namespace.clone(),
-            principal: p.principal.clone(),
+            workload: p.workload,
+            namespace: p.namespace,
+            principal: p.principal,
             addr,
         }
     }
@@ -258,24 +258,16 @@ impl FlowLog {
     pub fn record(&self, d: Draft) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let elapsed = d.started.elapsed().unwrap_or_default();
-        let f = &d.flow;
+        let f = d.flow;
         let rec = Arc::new(FlowRecord {
             seq,
             start: rfc3339(d.started),
             kind: if d.http.is_some() { "http" } else { "tcp" }.into(),
-            reporter: match f.reporter {
-                Reporter::Source => "source",
-                Reporter::Destination => "destination",
-            }
-            .into(),
-            src: Side::of(&f.src, d.src_addr),
-            dst: Side::of(&f.dst, d.dst_addr),
-            service: f.service.clone(),
-            security: match f.security {
-                Security::MutualTls => "mutual_tls",
-                Security::None => "none",
-            }
-            .into(),
+            reporter: f.reporter.as_str().into(),
+            src: Side::of(f.src, d.src_addr),
+            dst: Side::of(f.dst, d.dst_addr),
+            service: f.service,
+            security: f.security.as_str().into(),
             verdict: d.verdict,
             policies: d.policies,
             reason: d.reason,

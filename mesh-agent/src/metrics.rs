@@ -95,6 +95,16 @@ pub enum Reporter {
     Destination,
 }
 
+impl Reporter {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
+
 /// Whether the flow was mutually authenticated TLS (`connection_security_policy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Security {
@@ -102,6 +112,16 @@ pub enum Security {
     MutualTls,
     /// No TLS: same-node hand-over (identity from the kernel) or plaintext from outside.
     None,
+}
+
+impl Security {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MutualTls => "mutual_tls",
+            Self::None => "none",
+        }
+    }
 }
 
 /// The labels every TCP and HTTP series of one flow shares.
@@ -142,10 +162,7 @@ impl Flow {
     /// The values of [`FLOW_LABELS`] for `protocol` (`tcp`, `http`, `grpc`).
     pub fn values<'a>(&'a self, protocol: &'a str) -> [&'a str; 10] {
         [
-            match self.reporter {
-                Reporter::Source => "source",
-                Reporter::Destination => "destination",
-            },
+            self.reporter.as_str(),
             &self.src.workload,
             &self.src.namespace,
             &self.src.principal,
@@ -154,10 +171,7 @@ impl Flow {
             &self.dst.principal,
             &self.service,
             protocol,
-            match self.security {
-                Security::MutualTls => "mutual_tls",
-                Security::None => "none",
-            },
+            self.security.as_str(),
         ]
     }
 
