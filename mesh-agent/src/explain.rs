@@ -9,7 +9,7 @@
 //! For an endpoint on another node, that node decides for real; with the same policies (as in
 //! Kubernetes, where every node sees them all) the answer is the same.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -203,7 +203,8 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
         _ => "protocol: HTTP would be routed per request (give --method/--path to see the route); anything else is relayed at L4".into(),
     });
     // Candidate (address, service) pairs.
-    let mut targets: Vec<SocketAddr> = Vec::new();
+    // Candidate endpoints, with whether outlier detection has ejected them now.
+    let mut targets: Vec<(SocketAddr, bool)> = Vec::new();
     match routes.service_at(dst.ip()) {
         Some(entry) => {
             let svc = &entry.svc;
@@ -271,34 +272,27 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
                     out.steps
                         .push(format!("service {} has no endpoints", entry.svc.key));
                 }
-                targets.extend(eps.iter().map(|e| SocketAddr::new(e.ip, port)));
+                let now = std::time::Instant::now();
+                targets.extend(
+                    eps.iter()
+                        .map(|e| (SocketAddr::new(e.ip, port), e.is_ejected(now))),
+                );
             }
         }
-        None => targets.push(dst),
+        None => targets.push((dst, false)),
     }
     if targets.is_empty() {
         out.verdict = "error".into();
         return Ok(out);
     }
-    let ejected: BTreeMap<std::net::IpAddr, bool> = routes
-        .service_at(dst.ip())
-        .map(|e| {
-            let now = std::time::Instant::now();
-            e.balancer
-                .endpoints()
-                .iter()
-                .map(|ep| (ep.ip, ep.is_ejected(now)))
-                .collect()
-        })
-        .unwrap_or_default();
-    for t in targets {
+    for (t, ejected) in targets {
         out.endpoints.push(endpoint(
             &routes,
             &src.node,
             &id,
             t,
             http.as_ref(),
-            ejected.get(&t.ip()).copied().unwrap_or(false),
+            ejected,
             &mut out.steps,
         ));
     }
