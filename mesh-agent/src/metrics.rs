@@ -23,6 +23,8 @@ use prometheus::{Encoder, Registry, TextEncoder, core::Collector};
 use tokio::net::TcpListener;
 use tracing::warn;
 
+mod process;
+
 use crate::{
     identity::Identity,
     l7::metrics::HttpMetrics,
@@ -213,9 +215,7 @@ impl Metrics {
         let tcp = TcpMetrics::new(&registry)?;
         let http = HttpMetrics::new(&registry)?;
         let capture = CaptureMetrics::new(&registry)?;
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(process::ProcessCollector::new()?))?;
         Ok(Self {
             registry,
             tcp,
