@@ -5,6 +5,10 @@
 //! - one key per (source identity, destination node, destination identity), plus the serial of
 //!   the source certificate, so a renewed certificate starts a fresh connection and old ones
 //!   drain with their streams;
+//! - a key holds as many connections as its open streams need, at most
+//!   [`MAX_STREAMS_PER_CONN`] streams each: a stream over the server's limit would wait,
+//!   unopened, for another to end, so a node with thousands of connections to one pod would
+//!   stall. A stream is counted until its tunnel is dropped;
 //! - a connection is made from the source pod's netns to `<dest pod IP>:15008`, so the network
 //!   sees the pod's address;
 //! - the server must prove the destination workload's identity, or the handshake fails.
@@ -17,7 +21,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -52,10 +59,56 @@ struct PoolKey {
     src_serial: String,
 }
 
+/// Streams one pooled connection carries before the pool opens another; below the server's
+/// limit ([`SERVER_MAX_STREAMS`]).
+pub const MAX_STREAMS_PER_CONN: usize = 100;
+/// Concurrent streams a 15008 listener accepts on one connection.
+const SERVER_MAX_STREAMS: u32 = 1024;
+
+/// One pooled connection and how many of its streams are open.
+#[derive(Debug, Clone)]
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Pooled {
+    /// Takes a stream slot if the connection is open and has one free.
+    fn claim(&self) -> Option<StreamSlot> {
+        if self.sender.is_closed() {
+            return None;
+        }
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_STREAMS_PER_CONN).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamSlot(self.streams.clone()))
+    }
+}
+
+/// One open stream on a pooled connection; frees its slot when dropped.
+#[derive(Debug)]
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An open HBONE stream: the tunnelled bytes, holding its connection's stream slot.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The tunnel's byte stream.
+    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    _slot: StreamSlot,
+}
+
 /// Pooled HTTP/2 connections to other nodes.
 #[derive(Debug, Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -70,7 +123,7 @@ impl Pool {
         src: &LocalPod,
         dst: &Workload,
         target: SocketAddr,
-    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ProxyError> {
+    ) -> Result<Tunnel, ProxyError> {
         let src_id = src.identity();
         let dst_id = Identity::new(
             &shared.trust_domain,
@@ -84,22 +137,31 @@ impl Pool {
             dst: dst_id.clone(),
             src_serial: cert.serial.clone(),
         };
-        let pooled = lock(&self.conns)
-            .get(&key)
-            .filter(|s| !s.is_closed())
-            .cloned();
-        let mut sender = match pooled {
-            Some(s) => s,
+        let pooled = lock(&self.conns).get(&key).and_then(|list| {
+            list.iter()
+                .find_map(|p| p.claim().map(|slot| (p.sender.clone(), slot)))
+        });
+        let (mut sender, slot) = match pooled {
+            Some(found) => found,
             None => {
-                let s = self.dial(src, &cert, &dst_id, target.ip()).await?;
+                let p = Pooled {
+                    sender: self.dial(src, &cert, &dst_id, target.ip()).await?,
+                    streams: Arc::new(AtomicUsize::new(0)),
+                };
+                let slot = p.claim().ok_or_else(|| ProxyError::Tunnel {
+                    target,
+                    problem: "the new HBONE connection closed at once".into(),
+                })?;
                 let mut conns = lock(&self.conns);
-                // Drop connections made with an older certificate of the same source: they
-                // finish their streams and close.
-                conns.retain(|k, s| {
-                    !(s.is_closed() || (k.src == key.src && k.node == key.node && k.dst == key.dst))
+                // Drop connections made with an older certificate of the same source (they
+                // finish their streams and close), and closed ones.
+                conns.retain(|k, _| {
+                    k == &key || !(k.src == key.src && k.node == key.node && k.dst == key.dst)
                 });
-                conns.insert(key, s.clone());
-                s
+                let list = conns.entry(key).or_default();
+                list.retain(|p| !p.sender.is_closed());
+                list.push(p.clone());
+                (p.sender, slot)
             }
         };
         let tunnel = |problem: String| ProxyError::Tunnel { target, problem };
@@ -125,7 +187,10 @@ impl Pool {
         let upgraded = hyper::upgrade::on(resp)
             .await
             .map_err(|e| tunnel(format!("upgrade: {e}")))?;
-        Ok(TokioIo::new(upgraded))
+        Ok(Tunnel {
+            io: TokioIo::new(upgraded),
+            _slot: slot,
+        })
     }
 
     async fn dial(
@@ -227,7 +292,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
         .serve_connection(TokioIo::new(tls), svc);
     // The client's identity holds only while its certificate does: at expiry the connection
     // and every stream on it end, so pooled streams cannot outlive the proof.

@@ -31,7 +31,6 @@ use std::{
     task::{Context, Poll},
 };
 
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional},
@@ -388,7 +387,7 @@ pub enum UpstreamIo {
     /// A socket (same node, or passthrough).
     Tcp(TcpStream),
     /// An HBONE stream.
-    Tunnel(TokioIo<hyper::upgrade::Upgraded>),
+    Tunnel(crate::hbone::Tunnel),
 }
 
 /// Opens a connection from `src` to `target` along `hop`. Authorization is the caller's.
@@ -428,7 +427,7 @@ impl AsyncRead for UpstreamIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tunnel(s) => Pin::new(&mut s.io).poll_read(cx, buf),
         }
     }
 }
@@ -441,19 +440,19 @@ impl AsyncWrite for UpstreamIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tunnel(s) => Pin::new(&mut s.io).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Self::Tunnel(s) => Pin::new(s).poll_flush(cx),
+            Self::Tunnel(s) => Pin::new(&mut s.io).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tunnel(s) => Pin::new(&mut s.io).poll_shutdown(cx),
         }
     }
 }

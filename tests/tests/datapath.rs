@@ -346,3 +346,58 @@ fn start_without_root_or_bpffs_says_what_to_do() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// More concurrent connections from one pod to one remote pod than one HTTP/2 connection may
+/// carry as streams (the server allows 1024): the pool opens further HBONE connections, at most
+/// `MAX_STREAMS_PER_CONN` (100) streams each, instead of leaving CONNECTs waiting for a slot.
+#[test]
+fn concurrent_tunnels_beyond_one_connections_stream_limit_spread_over_the_pool() -> Result<()> {
+    const HELD: usize = 1100;
+    // A port declared `tcp`: each client connection is its own tunnel (HTTP would be pooled).
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![ServiceSpec::new("raw", 80, APP_PORT, &["server"]).app_protocol("tcp")],
+    )?;
+    c.serve("server", APP_PORT)?;
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    let vip = c.service_ip("raw");
+    let app = artifact("mesh-testapp")?;
+    let mut hold = c.spawn_piped(
+        "client",
+        &[
+            app.to_str().context("path")?,
+            "hold",
+            "--addr",
+            &format!("{vip}:80"),
+            "--count",
+            &HELD.to_string(),
+        ],
+    )?;
+    let stdout = hold.stdout.take().context("hold's stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(120));
+    let streams = c.counter(1, "server", "hbone_streams")?;
+    let conns = c.counter(1, "server", "hbone_connections")?;
+    drop(hold.stdin.take());
+    let _ = hold.kill();
+    let _ = hold.wait();
+    let line =
+        line.context("holding the connections stalled: a CONNECT waited for a stream slot")?;
+    assert_eq!(line.trim(), format!("ready {HELD}"));
+    assert_eq!(
+        streams, HELD as u64,
+        "every connection is one CONNECT stream"
+    );
+    assert_eq!(
+        conns,
+        HELD.div_ceil(100) as u64,
+        "the pool filled each HBONE connection to 100 streams before opening another"
+    );
+    Ok(())
+}
