@@ -141,6 +141,30 @@ enum CaAction {
     },
 }
 
+/// Raises the soft open-file limit to the hard one. Every proxied connection holds a
+/// descriptor, and the usual soft limit of 1024 would refuse the 1025th connection on a node.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) == 0
+        }
+    };
+    if raised {
+        info!(limit = lim.rlim_cur, "open-file limit");
+    } else {
+        tracing::warn!(
+            "cannot raise the open-file limit ({}); connections beyond the current limit will be refused",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Runtime::new() {
         Ok(rt) => Some(rt),
@@ -277,6 +301,7 @@ fn main() -> ExitCode {
                 }
             };
             info!(?config, "effective configuration");
+            raise_fd_limit();
             let Some(rt) = runtime() else {
                 return ExitCode::FAILURE;
             };

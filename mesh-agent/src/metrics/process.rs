@@ -6,15 +6,28 @@
 //! idle agent showed 0. This one reads one procfs file per scrape, takes CPU time from
 //! `getrusage` (microseconds), and reads what cannot change (the start time) once.
 
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
 use prometheus::{
     Counter, Gauge, IntGauge, Opts,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
 
+/// How often a scrape may recount the open descriptors: listing `/proc/self/fd` costs the
+/// kernel a dentry per descriptor, the larger part of a scrape on a node with many connections.
+const FD_RECOUNT: Duration = Duration::from_secs(10);
+
 /// `process_*`: CPU, memory, threads, file descriptors and start time.
 #[derive(Debug)]
 pub struct ProcessCollector {
+    /// `/proc/self/stat`, kept open and re-read from offset 0 (no path lookup per scrape).
+    stat: Option<std::fs::File>,
+    /// The last descriptor count and when it was taken.
+    fds_at: Mutex<Option<Instant>>,
     cpu: Counter,
     resident: IntGauge,
     virtual_: IntGauge,
@@ -29,6 +42,8 @@ impl ProcessCollector {
     /// The families, with the start time read now.
     pub fn new() -> Result<Self, prometheus::Error> {
         let c = Self {
+            stat: std::fs::File::open("/proc/self/stat").ok(),
+            fds_at: Mutex::new(None),
             cpu: Counter::with_opts(Opts::new(
                 "process_cpu_seconds_total",
                 "Total user and system CPU time spent in seconds.",
@@ -81,16 +96,24 @@ impl ProcessCollector {
                 self.cpu.inc_by(secs - seen);
             }
         }
-        if let Some(stat) = Stat::read() {
+        if let Some(stat) = self.stat.as_ref().and_then(Stat::reread) {
             self.resident.set(stat.rss_pages * self.page_size);
             self.virtual_.set(stat.vsize);
             self.threads.set(stat.threads);
         }
-        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let mut fds_at = self
+            .fds_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if fds_at.is_none_or(|at| at.elapsed() >= FD_RECOUNT)
+            && let Ok(dir) = std::fs::read_dir("/proc/self/fd")
+        {
             // The directory handle itself is one of the entries.
             let n = dir.count().saturating_sub(1);
             self.open_fds.set(i64::try_from(n).unwrap_or(i64::MAX));
+            *fds_at = Some(Instant::now());
         }
+        drop(fds_at);
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
@@ -105,7 +128,10 @@ impl ProcessCollector {
 
 impl Collector for ProcessCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.families().into_iter().flat_map(Collector::desc).collect()
+        self.families()
+            .into_iter()
+            .flat_map(Collector::desc)
+            .collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -141,6 +167,14 @@ struct Stat {
 impl Stat {
     fn read() -> Option<Self> {
         Self::parse(&std::fs::read_to_string("/proc/self/stat").ok()?)
+    }
+
+    /// Reads an open `/proc/<pid>/stat` again from its start.
+    fn reread(file: &std::fs::File) -> Option<Self> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 1024];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        Self::parse(std::str::from_utf8(buf.get(..n)?).ok()?)
     }
 
     /// Parses `/proc/<pid>/stat`. The command name is in parentheses and may hold spaces, so the
@@ -220,6 +254,9 @@ mod tests {
             .expect("clock")
             .as_secs_f64();
         let start = value("process_start_time_seconds");
-        assert!(start > now - 86_400.0 && start <= now + 1.0, "{start} vs {now}");
+        assert!(
+            start > now - 86_400.0 && start <= now + 1.0,
+            "{start} vs {now}"
+        );
     }
 }
