@@ -141,6 +141,54 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// Fields of `/proc/<pid>/stat` after the parenthesised command name (which may hold spaces):
+/// index 0 is field 3, `state`.
+fn proc_stat(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far; `None` once it is gone.
+pub fn proc_cpu(pid: u32) -> Option<Duration> {
+    let f = proc_stat(pid)?;
+    // utime and stime are fields 14 and 15.
+    let ticks = f.get(11)? + f.get(12)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
+}
+
+/// Resident memory of process `pid` in bytes (`VmRSS`); `None` once it is gone.
+pub fn proc_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Nanoseconds on `CLOCK_MONOTONIC`, which every process on the machine shares (so two
+/// processes can agree on periods of time without talking).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// Polls `f` every 50 ms until it returns true; fails after `timeout` naming `what`.
 pub fn wait_until(
     what: &str,
@@ -846,15 +894,7 @@ impl Cluster {
     /// CPU time (user + system, all threads) node `i`'s agent has used so far, from
     /// /proc/<pid>/stat; `None` when it is not running.
     pub fn agent_cpu(&self, i: usize) -> Option<Duration> {
-        let pid = self.nodes[i].agent.as_ref()?.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
-        Some(Duration::from_micros(ticks * 1_000_000 / hz.max(1)))
+        proc_cpu(self.agent_pid(i)?)
     }
 
     /// One counter of one pod from node `i`'s `/stats`, e.g. `("client", "kernel.captured_v4")`.
@@ -924,6 +964,43 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(child);
         Ok(pid)
+    }
+
+    /// Starts a process of pod `pod` with piped standard input and output, owned by the caller
+    /// (for a client whose lifetime the caller ends by closing its input).
+    pub fn spawn_piped(&self, pod: &str, args: &[&str]) -> Result<Child> {
+        let (mut cmd, _ns, _cg) = self.pod_command(pod, args)?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawn {args:?} in pod {pod}"))
+    }
+
+    /// Starts a long-running process in node `i`'s namespace, outside every pod's cgroup (a
+    /// node-level peer proxy, say); it is killed at teardown. Returns its pid.
+    pub fn spawn_in_node(&self, i: usize, args: &[&str]) -> Result<u32> {
+        let tag: String = args.join("_").replace('/', "_").chars().take(40).collect();
+        let log = File::create(self.dir.join(format!("node{i}-{tag}.log")))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.nodes[i].netns.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {args:?} in node {i}"))?;
+        let pid = child.id();
+        self.procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(child);
+        Ok(pid)
+    }
+
+    /// Node `i`'s agent's pid, while it runs.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].agent.as_ref().map(Child::id)
     }
 
     /// Waits until something listens on `port` on pod `pod`'s loopback.

@@ -63,6 +63,9 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "wrk",
     "iperf3",
+    // The bench's peer: a two-hop mTLS proxy chain, and the certificates for it.
+    "haproxy",
+    "openssl",
     // A real Prometheus text parser for the telemetry tests.
     "python3-prometheus-client",
 ];

@@ -74,6 +74,20 @@ enum Cmd {
         /// non-200) as errors instead of stopping: for tests that must see every request.
         #[arg(long)]
         reconnect: bool,
+        /// Also report the percentiles of two interleaved halves: requests scheduled in even
+        /// and in odd periods of this many milliseconds of the machine's monotonic clock, so
+        /// another process can act in odd periods only (an A/B test within one run).
+        #[arg(long)]
+        split_ms: Option<u64>,
+    },
+    /// Opens COUNT connections, sends one GET on each (so each is a used keep-alive connection,
+    /// with whatever buffers a proxy keeps for one), prints `ready COUNT` and holds them open
+    /// until standard input closes.
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
     },
     /// A unary call and a bidirectional stream of MESSAGES to the gRPC echo service; prints JSON
     /// and fails unless every echo and trailer is right.
@@ -404,6 +418,10 @@ fn read_response(r: &mut std::io::BufReader<std::net::TcpStream>) -> anyhow::Res
     Ok(ok)
 }
 
+/// One load thread's results: (latency µs, half of the `--split-ms` period) per answered
+/// request, and how many failed.
+type Timings = (Vec<(u64, usize)>, u64);
+
 /// Fixed-rate load on plain threads: `thread::sleep` wakes within tens of microseconds, where
 /// tokio's timer wheel would add up to a millisecond to every measurement.
 fn load(
@@ -413,16 +431,24 @@ fn load(
     seconds: u64,
     connections: u64,
     reconnect: bool,
+    split_ms: Option<u64>,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     let total = rate * seconds;
     let start = Instant::now() + Duration::from_millis(50);
+    // The same instant on the monotonic clock every process on the machine reads.
+    let start_mono = mesh_tests::monotonic_ns() + 50_000_000;
+    let phase = |i: u64| {
+        split_ms.map_or(0, |ms| {
+            ((start_mono + i * 1_000_000_000 / rate) / (ms * 1_000_000) % 2) as usize
+        })
+    };
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    let results: Vec<anyhow::Result<(Vec<u64>, u64)>> = std::thread::scope(|s| {
+    let results: Vec<anyhow::Result<Timings>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..connections)
             .map(|w| {
                 let request = request.as_bytes();
-                s.spawn(move || -> anyhow::Result<(Vec<u64>, u64)> {
+                s.spawn(move || -> anyhow::Result<Timings> {
                     let open = || -> anyhow::Result<_> {
                         let stream =
                             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -438,6 +464,7 @@ fn load(
                         if let Some(wait) = due.checked_duration_since(Instant::now()) {
                             std::thread::sleep(wait);
                         }
+                        let scheduled = i;
                         i += connections;
                         // Timed from the schedule, so a stall counts against every request it
                         // delays (no coordinated omission).
@@ -452,7 +479,9 @@ fn load(
                             read_response(reader)
                         })();
                         match result {
-                            Ok(true) => lat.push(due.elapsed().as_micros() as u64),
+                            Ok(true) => {
+                                lat.push((due.elapsed().as_micros() as u64, phase(scheduled)));
+                            }
                             Ok(false) => errors += 1,
                             Err(e) if reconnect => {
                                 errors += 1;
@@ -480,21 +509,76 @@ fn load(
         all.extend(l);
         errors += e;
     }
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    println!(
-        "{}",
+    let summary = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        let pct = |p: f64| {
+            v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
         serde_json::json!({
-            "requests": all.len(),
-            "errors": errors,
+            "requests": v.len(),
             "p50_us": pct(0.50),
             "p99_us": pct(0.99),
+            "p999_us": pct(0.999),
         })
-    );
+    };
+    let mut out = summary(all.iter().map(|l| l.0).collect());
+    out["errors"] = errors.into();
+    if split_ms.is_some() {
+        out["split"] = (0..2)
+            .map(|ph| summary(all.iter().filter(|l| l.1 == ph).map(|l| l.0).collect()))
+            .collect();
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one, so a client can hold thousands.
+fn raise_fd_limit(need: usize) -> anyhow::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    let have = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    if have < need + 64 {
+        anyhow::bail!(
+            "the open-file limit is {have}, too low to hold {need} connections: raise it (ulimit -Hn)"
+        );
+    }
+    Ok(())
+}
+
+fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    raise_fd_limit(count)?;
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connection {i} of {count} to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = std::io::BufReader::new(stream);
+        reader.get_mut().write_all(request.as_bytes())?;
+        if !read_response(&mut reader)? {
+            anyhow::bail!("connection {i}: the GET was not answered 2xx");
+        }
+        held.push(reader);
+    }
+    println!("ready {}", held.len());
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
     Ok(())
 }
 
@@ -837,13 +921,15 @@ fn main() -> anyhow::Result<()> {
             seconds,
             connections,
             reconnect,
-        } => load(addr, &path, rate, seconds, connections, reconnect),
+            split_ms,
+        } => load(addr, &path, rate, seconds, connections, reconnect, split_ms),
         Cmd::Grpc { addr, messages } => {
             let out = tokio::runtime::Runtime::new()?.block_on(grpc::call(addr, messages))?;
             println!("{out}");
             Ok(())
         }
         Cmd::Raw { addr, input } => raw(addr, &input),
+        Cmd::Hold { addr, count } => hold(addr, count),
         Cmd::RapidReset { addr, streams } => rapid_reset(addr, streams),
         Cmd::Upgrade { addr, messages } => upgrade(addr, messages),
         Cmd::ContinuationFlood { addr, frames } => continuation_flood(addr, frames),
