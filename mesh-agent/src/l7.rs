@@ -461,7 +461,7 @@ fn switch_protocols(
         match tokio::try_join!(down, up) {
             Ok((down, up)) => {
                 let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                if let Err(e) = crate::proxy::relay::copy_both(&mut down, &mut up).await {
                     debug!("upgraded connection ended: {e}");
                 }
             }

@@ -16,6 +16,7 @@
 //! pod from a source address.
 
 pub mod metrics;
+pub mod relay;
 
 use self::metrics::TcpConn;
 
@@ -33,7 +34,7 @@ use std::{
 
 use serde::Serialize;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf, copy_bidirectional},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     task::JoinSet,
 };
@@ -752,7 +753,7 @@ impl LocalPod {
     ) -> (u64, u64) {
         let mut client = Counted::new(&mut client, &self.counters, |c| &c.inbound_bytes_delivered)
             .metered(&conn);
-        let _ = copy_bidirectional(&mut client, &mut app).await;
+        let _ = relay::copy_both(&mut client, &mut app).await;
         client.totals()
     }
 }
@@ -1041,7 +1042,7 @@ async fn outbound_relay(
                     .metered(&dest_conn);
             let tracked = dest.track(Some(src.identity().clone()), target.port());
             let finished = tracked
-                .run(copy_bidirectional(&mut delivered, &mut upstream))
+                .run(relay::copy_both(&mut delivered, &mut upstream))
                 .await;
             drop(delivered);
             if finished.is_none() {
@@ -1052,11 +1053,11 @@ async fn outbound_relay(
         Hop::Hbone(w) => {
             c.outbound_hbone.inc();
             debug!(src = %src.pod.key, dst = %w.key, %target, "outbound over HBONE");
-            let _ = copy_bidirectional(&mut client, &mut upstream).await;
+            let _ = relay::copy_both(&mut client, &mut upstream).await;
         }
         Hop::Passthrough => {
             debug!(pod = %src.pod.key, %dst, %target, "outbound passthrough");
-            let _ = copy_bidirectional(&mut client, &mut upstream).await;
+            let _ = relay::copy_both(&mut client, &mut upstream).await;
         }
     }
     note.bytes = client.totals();
