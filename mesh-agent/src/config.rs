@@ -21,6 +21,8 @@ pub const ENV_METRICS_ADDR: &str = "MESH_METRICS_ADDR";
 pub const ENV_METRICS_RETENTION: &str = "MESH_METRICS_RETENTION";
 /// Env var for `--access-log`.
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
+/// Env var for `--worker-threads`.
+pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
 /// Environment variable for `--trust-domain`.
 pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 /// Environment variable for `--ca-addr`.
@@ -189,6 +191,11 @@ pub struct RunArgs {
     /// Access log on stdout: one line per connection (L4) and per request (L7).
     #[arg(long, env = ENV_ACCESS_LOG, value_enum, default_value = "text")]
     pub access_log: crate::flows::AccessLogFormat,
+    /// Proxy worker threads; 0 picks half the CPUs, at least one. The proxy shares the node
+    /// with its pods: on 2 cores, one worker served as many requests as two for 15% less CPU
+    /// per request (the bench, L4 across nodes), since two spend it waking each other.
+    #[arg(long, env = ENV_WORKER_THREADS, default_value_t = 0)]
+    pub worker_threads: usize,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -244,6 +251,8 @@ pub struct Config {
     pub metrics_retention: Duration,
     /// The access log's format.
     pub access_log: crate::flows::AccessLogFormat,
+    /// Proxy worker threads (resolved: never 0).
+    pub worker_threads: usize,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -276,6 +285,10 @@ impl Config {
             metrics_addr: args.metrics_addr,
             metrics_retention,
             access_log: args.access_log,
+            worker_threads: match args.worker_threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+                n => n,
+            },
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

@@ -165,8 +165,13 @@ fn raise_fd_limit() {
     }
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Runtime::new() {
+/// The async runtime: multi-threaded, with `workers` threads if given.
+fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    match b.enable_all().build() {
         Ok(rt) => Some(rt),
         Err(e) => {
             error!("cannot start the async runtime: {e}");
@@ -195,7 +200,7 @@ fn ca_main(cmd: CaCommand) -> ExitCode {
             key_out,
             identity,
         }) => {
-            let Some(rt) = runtime() else {
+            let Some(rt) = runtime(None) else {
                 return ExitCode::FAILURE;
             };
             rt.block_on(certs::request_once(
@@ -209,7 +214,7 @@ fn ca_main(cmd: CaCommand) -> ExitCode {
         }
         None => {
             let a = cmd.serve;
-            let Some(rt) = runtime() else {
+            let Some(rt) = runtime(None) else {
                 return ExitCode::FAILURE;
             };
             rt.block_on(serve_ca(a))
@@ -302,7 +307,7 @@ fn main() -> ExitCode {
             };
             info!(?config, "effective configuration");
             raise_fd_limit();
-            let Some(rt) = runtime() else {
+            let Some(rt) = runtime(Some(config.worker_threads)) else {
                 return ExitCode::FAILURE;
             };
             match rt.block_on(app::run(config, logging)) {
