@@ -949,15 +949,21 @@ impl Cluster {
 
     /// Starts a long-running process in pod `pod`; it is killed at teardown.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> Result<u32> {
-        let (mut cmd, _ns, _cg) = self.pod_command(pod, args)?;
+        let (cmd, _ns, _cg) = self.pod_command(pod, args)?;
+        self.keep_running(cmd, pod, args)
+    }
+
+    /// Starts `cmd` (which runs `args`) logging to a file named after `owner` and `args`, and
+    /// keeps it to be killed at teardown. Returns its pid.
+    fn keep_running(&self, mut cmd: Command, owner: &str, args: &[&str]) -> Result<u32> {
         let tag: String = args.join("_").replace('/', "_").chars().take(40).collect();
-        let log = File::create(self.dir.join(format!("{pod}-{tag}.log")))?;
+        let log = File::create(self.dir.join(format!("{owner}-{tag}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("spawn {args:?} in pod {pod}"))?;
+            .with_context(|| format!("spawn {args:?} in {owner}"))?;
         let pid = child.id();
         self.procs
             .lock()
@@ -980,22 +986,10 @@ impl Cluster {
     /// Starts a long-running process in node `i`'s namespace, outside every pod's cgroup (a
     /// node-level peer proxy, say); it is killed at teardown. Returns its pid.
     pub fn spawn_in_node(&self, i: usize, args: &[&str]) -> Result<u32> {
-        let tag: String = args.join("_").replace('/', "_").chars().take(40).collect();
-        let log = File::create(self.dir.join(format!("node{i}-{tag}.log")))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.nodes[i].netns.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {args:?} in node {i}"))?;
-        let pid = child.id();
-        self.procs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(child);
-        Ok(pid)
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.nodes[i].netns.display()))
+            .args(args);
+        self.keep_running(cmd, &format!("node{i}"), args)
     }
 
     /// Node `i`'s agent's pid, while it runs.

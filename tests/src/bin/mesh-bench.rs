@@ -584,12 +584,20 @@ fn raise_fd_limit() -> u64 {
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
         }
     }
-    lim.rlim_cur
+    fd_limit()
 }
 
 /// The open-file limit this process and its children have.
 fn fd_limit() -> u64 {
-    raise_fd_limit()
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_cur
 }
 
 /// Proxy memory with `n` connections held open from `client` to `target`: RSS of each process
