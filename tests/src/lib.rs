@@ -177,6 +177,36 @@ pub fn proc_rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Raises this process's soft open-file limit to its hard one, as far as it may (children
+/// inherit it), and returns the limit it has then.
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        }
+    }
+    fd_limit()
+}
+
+/// The open-file limit this process and its children have.
+pub fn fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_cur
+}
+
 /// Nanoseconds on `CLOCK_MONOTONIC`, which every process on the machine shares (so two
 /// processes can agree on periods of time without talking).
 pub fn monotonic_ns() -> u64 {

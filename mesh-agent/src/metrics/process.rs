@@ -67,9 +67,14 @@ impl ProcessCollector {
                 "Start time of the process since unix epoch in seconds.",
             )?,
             // SAFETY: sysconf has no preconditions.
-            page_size: i64::from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i32).max(1),
+            page_size: unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1),
         };
-        if let Some(t) = start_time() {
+        if let Some(t) = c
+            .stat
+            .as_ref()
+            .and_then(Stat::reread)
+            .and_then(|s| start_time(&s))
+        {
             c.start_time.set(t);
         }
         Ok(c)
@@ -165,10 +170,6 @@ struct Stat {
 }
 
 impl Stat {
-    fn read() -> Option<Self> {
-        Self::parse(&std::fs::read_to_string("/proc/self/stat").ok()?)
-    }
-
     /// Reads an open `/proc/<pid>/stat` again from its start.
     fn reread(file: &std::fs::File) -> Option<Self> {
         use std::os::unix::fs::FileExt;
@@ -194,8 +195,7 @@ impl Stat {
 
 /// When the process started, in seconds since the epoch: boot time (`btime` in `/proc/stat`)
 /// plus the start tick count.
-fn start_time() -> Option<f64> {
-    let stat = Stat::read()?;
+fn start_time(stat: &Stat) -> Option<f64> {
     let btime: f64 = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()

@@ -40,7 +40,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use mesh_tests::{
-    Cluster, PodSpec, ServiceSpec, artifact, bin_dir, in_netns, monotonic_ns, proc_cpu, proc_rss,
+    Cluster, PodSpec, ServiceSpec, artifact, bin_dir, fd_limit, in_netns, monotonic_ns, proc_cpu,
+    proc_rss, raise_fd_limit,
 };
 use serde_json::{Value, json};
 
@@ -570,36 +571,6 @@ fn scrape_keepalive(conn: &mut Option<BufReader<TcpStream>>, addr: SocketAddr) -
     Ok(String::from_utf8(body)?)
 }
 
-/// Raises this process's open-file limit to its hard limit (inherited by the agents, haproxy
-/// and the clients it starts) and returns it.
-fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
-        }
-    }
-    fd_limit()
-}
-
-/// The open-file limit this process and its children have.
-fn fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
-        return 0;
-    }
-    lim.rlim_cur
-}
-
 /// Proxy memory with `n` connections held open from `client` to `target`: RSS of each process
 /// in `pids`, sampled once the connections are up.
 fn rss_with(b: &Bench, client: &str, target: Target, n: usize, pids: &[u32]) -> Result<Vec<f64>> {
@@ -819,6 +790,7 @@ fn machine() -> Value {
 }
 
 fn main() -> Result<()> {
+    // The agents, haproxy and the clients inherit it.
     let fds = raise_fd_limit();
     let rounds = env_u64("MESH_BENCH_ROUNDS", 3) as usize;
     let secs = env_u64("MESH_BENCH_SECONDS", 3);

@@ -534,34 +534,14 @@ fn load(
     Ok(())
 }
 
-/// Raises the soft limit on open files to the hard one, so a client can hold thousands.
-fn raise_fd_limit(need: usize) -> anyhow::Result<()> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        lim.rlim_cur = lim.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-    }
-    let have = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
-    if have < need + 64 {
-        anyhow::bail!(
-            "the open-file limit is {have}, too low to hold {need} connections: raise it (ulimit -Hn)"
-        );
-    }
-    Ok(())
-}
-
 fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     use std::io::{Read, Write};
-    raise_fd_limit(count)?;
+    let have = mesh_tests::raise_fd_limit();
+    if have < count as u64 + 64 {
+        anyhow::bail!(
+            "the open-file limit is {have}, too low to hold {count} connections: raise it (ulimit -Hn)"
+        );
+    }
     let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
