@@ -27,8 +27,11 @@ pub mod programs {
     pub const SOCK_OPS: &str = "mesh_sock_ops";
     /// `sk_lookup`: steers inbound connections in a pod's netns to the proxy's listeners.
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// `sk_skb/stream_verdict`, attached to [`SPLICE_SOURCES`](crate::maps::SPLICE_SOURCES):
+    /// moves a spliced same-node connection's bytes to its peer socket inside the kernel.
+    pub const SPLICE_VERDICT: &str = "mesh_splice_verdict";
     /// Every program in the object, for tests and for pinning.
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SOCK_OPS, SK_LOOKUP];
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCK_OPS, SK_LOOKUP, SPLICE_VERDICT];
 }
 
 /// Map names (the static names in `mesh-ebpf`; the kernel truncates names to 15 bytes).
@@ -52,8 +55,17 @@ pub mod maps {
     pub const STRICT_ADDRS: &str = "STRICT_ADDRS";
     /// Per-CPU array: [`events`](crate::events) index → `u64` count, node-wide.
     pub const EVENTS: &str = "EVENTS";
+    /// Sock hash: socket cookie → a proxy socket being spliced; the redirect targets. No program
+    /// is attached to it, so entering it does not change how a socket's data flows.
+    pub const SPLICE_TARGETS: &str = "SPLICE_TARGETS";
+    /// Sock hash: socket cookie → the same sockets, entered only once both ends of the pair are in
+    /// [`SPLICE_TARGETS`]; the verdict program is attached here. Pinned like every map, so an
+    /// old agent draining during an upgrade keeps its spliced connections working.
+    pub const SPLICE_SOURCES: &str = "SPLICE_SOURCES";
+    /// Hash: socket cookie → [`SplicePeer`](crate::SplicePeer), the socket its bytes go to.
+    pub const SPLICE_PEERS: &str = "SPLICE_PEERS";
     /// Every map in the object, for tests and for pinning.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 11] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST,
         POD_STATS,
@@ -62,6 +74,9 @@ pub mod maps {
         EXCLUDED_PORTS,
         STRICT_ADDRS,
         EVENTS,
+        SPLICE_TARGETS,
+        SPLICE_SOURCES,
+        SPLICE_PEERS,
     ];
 }
 
@@ -100,8 +115,14 @@ pub mod events {
     pub const LOOKUP_DROP_STRICT: u32 = 13;
     /// `sk_lookup` dropped a connection because the proxy had no listener (agent down).
     pub const LOOKUP_DROP_NO_LISTENER: u32 = 14;
+    /// The splice verdict found no peer for a socket in `SPLICE_SOURCES` and let its bytes go to
+    /// the proxy instead (only while a pair is being taken apart).
+    pub const SPLICE_PASS_UNPAIRED: u32 = 15;
+    /// The splice verdict dropped bytes because the peer socket had left `SPLICE_TARGETS` (it
+    /// closed; the proxy closes the other end next).
+    pub const SPLICE_DROP_NO_PEER: u32 = 16;
     /// Number of slots.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     /// `(hook, outcome, reason)` of each slot, in index order (`-`: no reason).
     pub const LABELS: [(&str, &str, &str); COUNT as usize] = [
         ("connect4", "redirected", "-"),
@@ -119,6 +140,8 @@ pub mod events {
         ("sk_lookup", "passed", "not_enrolled"),
         ("sk_lookup", "dropped", "strict_plaintext"),
         ("sk_lookup", "dropped", "no_listener"),
+        ("splice", "passed", "unpaired"),
+        ("splice", "dropped", "no_peer"),
     ];
 }
 
@@ -127,6 +150,10 @@ pub mod events {
 pub const ORIG_DST_CAPACITY: u32 = 65_536;
 /// Most enrolled pods one node can hold.
 pub const MAX_PODS: u32 = 1024;
+
+/// Sockets the splice maps hold: two per same-node connection spliced in the kernel. A pair that
+/// finds them full is relayed by the proxy instead.
+pub const SPLICE_CAPACITY: u32 = 65_536;
 
 /// `AF_INET`, as stored in [`OrigDst::family`].
 pub const AF_INET: u16 = 2;
@@ -172,6 +199,18 @@ impl OrigDstKey {
         }
     }
 }
+
+/// One end of a spliced connection, in [`maps::SPLICE_PEERS`] under its own socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// Cookie of the socket this one's incoming bytes are sent out of.
+    pub peer: u64,
+    /// Bytes moved so far. Only this socket's verdict writes it, and a socket's verdicts run one
+    /// at a time under its lock, so a plain add is exact.
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<SplicePeer>() == 16);
 
 /// Per-pod counters kept by the connect hooks; the agent reads them for `/stats`.
 #[repr(C)]
@@ -261,12 +300,14 @@ const _: () = assert!(core::mem::size_of::<InboundStats>() == 32);
 /// and byte arrays, with no implicit padding (sizes asserted above), so every bit pattern is valid.
 #[cfg(feature = "user")]
 mod user {
-    use crate::{InboundKey, InboundStats, IpKey, OrigDst, OrigDstKey, PodStats};
+    use crate::{InboundKey, InboundStats, IpKey, OrigDst, OrigDstKey, PodStats, SplicePeer};
 
     // SAFETY: see the module doc.
     unsafe impl aya::Pod for OrigDst {}
     // SAFETY: see the module doc.
     unsafe impl aya::Pod for OrigDstKey {}
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for SplicePeer {}
     // SAFETY: see the module doc.
     unsafe impl aya::Pod for PodStats {}
     // SAFETY: see the module doc.

@@ -7,6 +7,9 @@
 //! - `sk_lookup` (attached to each enrolled pod's netns) steers connections arriving on the pod's
 //!   external interfaces to the proxy's inbound listeners, and refuses them when the proxy is down.
 //!
+//! - `sk_skb/stream_verdict` (attached to the splice sock hash) moves the bytes of same-node
+//!   connections the proxy has authorized from one of its sockets to the other in the kernel.
+//!
 //! Entry points are thin wrappers; each hook's logic lives in its own module.
 #![no_std]
 #![no_main]
@@ -15,10 +18,11 @@ mod connect;
 mod lookup;
 mod maps;
 mod sockops;
+mod splice;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, sk_lookup, sock_ops, stream_verdict},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 
 /// Connect hooks must return 1 to let the (possibly rewritten) connect proceed.
@@ -45,6 +49,11 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     lookup::on_sk_lookup(&ctx)
+}
+
+#[stream_verdict]
+pub fn mesh_splice_verdict(ctx: SkBuffContext) -> u32 {
+    splice::on_skb(&ctx)
 }
 
 #[cfg(not(test))]

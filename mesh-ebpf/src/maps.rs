@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     InboundKey, InboundStats, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats,
-    events,
+    SPLICE_CAPACITY, SplicePeer, events,
 };
 
 #[map]
@@ -31,6 +31,15 @@ pub static STRICT_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_PODS, 0);
 
 #[map]
 pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+
+#[map]
+pub static SPLICE_TARGETS: SockHash<u64> = SockHash::pinned(SPLICE_CAPACITY, 0);
+
+#[map]
+pub static SPLICE_SOURCES: SockHash<u64> = SockHash::pinned(SPLICE_CAPACITY, 0);
+
+#[map]
+pub static SPLICE_PEERS: HashMap<u64, SplicePeer> = HashMap::pinned(SPLICE_CAPACITY, 0);
 
 /// Node-wide event counters, one slot per `mesh_common::events` index.
 #[map]
