@@ -55,6 +55,11 @@ pub enum AppError {
     /// See [`metrics::MetricsError`].
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The same-node splice could not start its watch (an epoll instance).
+    #[error(
+        "cannot start the same-node splice: {0} (run with --same-node-splice=false to relay same-node traffic in the proxy)"
+    )]
+    Splice(std::io::Error),
 }
 
 /// Why one pod could not be enrolled; the others are unaffected.
@@ -352,7 +357,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     bpf::preflight(&config.bpffs)?;
     let pin_root = config.pin_root();
     let loaded = nodefile::load(&config.node_file, None)?;
-    let (dataplane, orig_dst) = Dataplane::load(&config.bpf_object, &pin_root)?;
+    let (dataplane, orig_dst, splice) = Dataplane::load(&config.bpf_object, &pin_root)?;
     info!(
         pin_root = %pin_root.display(),
         adopted_maps = dataplane.adopted_maps(),
@@ -396,6 +401,11 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         shared: Arc::new(Shared {
             routes: RwLock::new(Arc::new(Routes::default())),
             orig_dst,
+            splice: if config.same_node_splice {
+                Some(crate::proxy::splice::Splicer::start(splice).map_err(AppError::Splice)?)
+            } else {
+                None
+            },
             local: RwLock::new(std::collections::HashMap::new()),
             certs: certs.clone(),
             pool: hbone::Pool::default(),

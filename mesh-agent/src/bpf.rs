@@ -39,6 +39,9 @@ use mesh_common::{
 use crate::state::Pod;
 
 pub mod collector;
+mod splice;
+
+pub use splice::{SplicePair, SpliceTable};
 
 /// Errors from the BPF side of the agent. Load errors carry the verifier log.
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +180,16 @@ pub struct OrigDstTable {
     fd: OwnedFd,
 }
 
-const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+/// `bpf(2)` commands on one map element, for maps that connection tasks use concurrently: a raw
+/// fd needs no lock, where aya's map types want `&mut`.
+#[derive(Clone, Copy, Debug)]
+#[repr(i64)]
+enum ElemCmd {
+    Lookup = 1,
+    Update = 2,
+    Delete = 3,
+    LookupAndDelete = 21,
+}
 
 #[repr(C)]
 struct MapElemAttr {
@@ -188,39 +200,65 @@ struct MapElemAttr {
     flags: u64,
 }
 
+/// Runs `cmd` on the element `key` of the map `fd`; `value` is read (update) or written (lookups)
+/// and must be the map's value size. `Ok(false)`: no such element.
+///
+/// # Safety
+/// `key` and `value` must point at live buffers of the map's key and value sizes (`value` may be
+/// null for a delete).
+unsafe fn map_elem(
+    cmd: ElemCmd,
+    fd: &OwnedFd,
+    key: *const u8,
+    value: *mut u8,
+    flags: u64,
+) -> io::Result<bool> {
+    let attr = MapElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as u64,
+        value: value as u64,
+        flags,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for element commands; the caller vouches for the
+    // buffers it points at.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            &raw const attr,
+            std::mem::size_of::<MapElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
 impl OrigDstTable {
     /// Takes the original destination of the captured connection whose client is `port` in the
     /// namespace `netns_cookie`. One syscall, atomic, and it frees the slot.
     pub fn take(&self, netns_cookie: u64, port: u16) -> io::Result<Option<SocketAddr>> {
         let key = OrigDstKey::new(netns_cookie, port);
         let mut value = std::mem::MaybeUninit::<OrigDst>::zeroed();
-        let attr = MapElemAttr {
-            map_fd: self.fd.as_raw_fd() as u32,
-            _pad: 0,
-            key: (&raw const key) as u64,
-            value: value.as_mut_ptr() as u64,
-            flags: 0,
+        // SAFETY: a live key and a value buffer of the map's sizes.
+        let found = unsafe {
+            map_elem(
+                ElemCmd::LookupAndDelete,
+                &self.fd,
+                (&raw const key).cast(),
+                value.as_mut_ptr().cast(),
+                0,
+            )?
         };
-        // SAFETY: `attr` points at a live key and a value buffer of the map's value size.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-                &raw const attr,
-                std::mem::size_of::<MapElemAttr>(),
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENOENT) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
         // SAFETY: the kernel filled the value; every bit pattern of OrigDst is valid.
-        let v = unsafe { value.assume_init() };
-        Ok(Some(orig_to_addr(&v)))
+        Ok(found.then(|| orig_to_addr(&unsafe { value.assume_init() })))
     }
 }
 
@@ -331,7 +369,7 @@ fn pin_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> BpfErro
 
 impl Dataplane {
     /// Loads `object`, reusing maps pinned under `root/maps` by an earlier agent.
-    pub fn load(object: &Path, root: &Path) -> Result<(Self, OrigDstTable), BpfError> {
+    pub fn load(object: &Path, root: &Path) -> Result<(Self, OrigDstTable, SpliceTable), BpfError> {
         let data = std::fs::read(object).map_err(|source| BpfError::Object {
             path: object.to_owned(),
             source,
@@ -358,6 +396,7 @@ impl Dataplane {
                 Program::CgroupSockAddr(p) => p.load().map_err(prog_err("load", name))?,
                 Program::SockOps(p) => p.load().map_err(prog_err("load", name))?,
                 Program::SkLookup(p) => p.load().map_err(prog_err("load", name))?,
+                Program::SkSkb(p) => p.load().map_err(prog_err("load", name))?,
                 _ => {
                     return Err(BpfError::Missing {
                         kind: "program",
@@ -374,6 +413,7 @@ impl Dataplane {
                 Program::CgroupSockAddr(p) => p.pin(&pin),
                 Program::SockOps(p) => p.pin(&pin),
                 Program::SkLookup(p) => p.pin(&pin),
+                Program::SkSkb(p) => p.pin(&pin),
                 _ => Ok(()),
             };
             pinned.map_err(|e| BpfError::Pin {
@@ -406,6 +446,7 @@ impl Dataplane {
             .map_err(map_err(maps::EXCLUDED_PORTS, "open"))?;
         let strict = BpfHashMap::try_from(take_map(&mut ebpf, maps::STRICT_ADDRS)?)
             .map_err(map_err(maps::STRICT_ADDRS, "open"))?;
+        let splice = SpliceTable::attach(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
@@ -418,6 +459,7 @@ impl Dataplane {
                 adopted_maps,
             },
             OrigDstTable { fd },
+            splice,
         ))
     }
 

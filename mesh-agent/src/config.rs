@@ -23,6 +23,8 @@ pub const ENV_METRICS_RETENTION: &str = "MESH_METRICS_RETENTION";
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
 /// Env var for `--worker-threads`.
 pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
+/// Env var for `--same-node-splice`.
+pub const ENV_SAME_NODE_SPLICE: &str = "MESH_SAME_NODE_SPLICE";
 /// Environment variable for `--trust-domain`.
 pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 /// Environment variable for `--ca-addr`.
@@ -196,6 +198,10 @@ pub struct RunArgs {
     /// per request (the bench, L4 across nodes), since two spend it waking each other.
     #[arg(long, env = ENV_WORKER_THREADS, default_value_t = 0)]
     pub worker_threads: usize,
+    /// Splice same-node L4 connections in the kernel (sockmap) once policy allows them, so their
+    /// bytes never pass through the proxy. Off: the proxy relays them like any other.
+    #[arg(long, env = ENV_SAME_NODE_SPLICE, default_value_t = true, action = clap::ArgAction::Set)]
+    pub same_node_splice: bool,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -253,6 +259,8 @@ pub struct Config {
     pub access_log: crate::flows::AccessLogFormat,
     /// Proxy worker threads (resolved: never 0).
     pub worker_threads: usize,
+    /// Whether same-node L4 connections are spliced in the kernel.
+    pub same_node_splice: bool,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -289,6 +297,7 @@ impl Config {
                 0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
                 n => n,
             },
+            same_node_splice: args.same_node_splice,
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

@@ -17,6 +17,7 @@
 
 pub mod metrics;
 pub mod relay;
+pub mod splice;
 
 use self::metrics::TcpConn;
 
@@ -163,6 +164,8 @@ pub struct PodCounters {
     pub outbound_hbone: Counter,
     /// Upstream connections handed to a pod on this node, counted the same way.
     pub outbound_local: Counter,
+    /// Of those, connections spliced in the kernel (their bytes never reach the proxy).
+    pub outbound_spliced: Counter,
     /// Inbound plaintext connections accepted on 15006.
     pub inbound_accepted: Counter,
     /// Of those, ones that failed before relaying.
@@ -284,6 +287,8 @@ pub struct Shared {
     pub routes: RwLock<Arc<Routes>>,
     /// Original destinations recorded by the kernel.
     pub orig_dst: OrigDstTable,
+    /// Splices same-node L4 connections in the kernel; `None` when turned off.
+    pub splice: Option<Arc<splice::Splicer>>,
     /// Enrolled pods of this node by address.
     pub local: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
     /// Workload certificates.
@@ -999,7 +1004,6 @@ async fn outbound_relay(
     };
     let target = routes.resolve(dst).map_err(fail)?;
     note.target = Some(target);
-    let client = Counted::new(client, c, |c| &c.outbound_bytes_sent);
     let hop = Hop::to(shared, &routes, target.ip());
     let flow = Flow {
         reporter: Reporter::Source,
@@ -1025,6 +1029,25 @@ async fn outbound_relay(
             .map_err(|d| fail(ProxyError::Denied(d)))?;
     }
     let upstream = open(shared, src, &hop, target).await.map_err(fail)?;
+    let (client, upstream) = match (&hop, &shared.splice, upstream) {
+        (Hop::Local(dest), Some(splicer), UpstreamIo::Tcp(app)) => {
+            match splicer.splice(client, app).await {
+                Ok(s) => return same_node_spliced(cx, dest, s, &flow, target.port(), note).await,
+                Err(splice::NotSpliced::Failed(e)) => {
+                    return Err(fail(ProxyError::Connect {
+                        addr: target,
+                        source: e,
+                    }));
+                }
+                Err(splice::NotSpliced::Declined(d)) => {
+                    debug!(src = %src.pod.key, %target, "not spliced, relaying: {}", d.why);
+                    (d.client, UpstreamIo::Tcp(d.app))
+                }
+            }
+        }
+        (_, _, upstream) => (client, upstream),
+    };
+    let client = Counted::new(client, c, |c| &c.outbound_bytes_sent);
     let mut upstream = Counted::new(upstream, c, |c| &c.outbound_bytes_received);
     let conn = shared.metrics.tcp.open(&flow);
     let mut client = client.metered(&conn);
@@ -1062,6 +1085,51 @@ async fn outbound_relay(
     }
     note.bytes = client.totals();
     Ok(())
+}
+
+/// Runs a same-node connection the kernel has spliced, and counts its bytes at the end (the
+/// proxy does not see them go by).
+async fn same_node_spliced(
+    cx: &PodCx,
+    dest: &Arc<LocalPod>,
+    mut splice: splice::Splice,
+    flow: &Flow,
+    port: u16,
+    note: &mut Note,
+) -> Result<(), ProxyError> {
+    let (src, shared) = (&cx.local, &cx.shared);
+    let c = &src.counters;
+    c.outbound_local.inc();
+    c.outbound_spliced.inc();
+    debug!(src = %src.pod.key, dst = %dest.pod.key, port, "same-node delivery, spliced");
+    // One proxy is both ends here, so it reports both.
+    let conns = [
+        shared.metrics.tcp.open(flow),
+        shared
+            .metrics
+            .tcp
+            .open(&flow.reported_by(Reporter::Destination)),
+    ];
+    let tracked = dest.track(Some(src.identity().clone()), port);
+    let finished = tracked.run(splice.run()).await;
+    let (up, down) = splice.totals();
+    drop(splice);
+    c.outbound_bytes_sent.add(up);
+    c.outbound_bytes_received.add(down);
+    dest.counters.inbound_bytes_delivered.add(up);
+    for conn in &conns {
+        conn.received.inc_by(up);
+        conn.sent.inc_by(down);
+    }
+    note.bytes = (up, down);
+    match finished {
+        None => Err(ProxyError::Revoked),
+        Some(Err(e)) => {
+            debug!(src = %src.pod.key, dst = %dest.pod.key, "spliced connection ended: {e}");
+            Ok(())
+        }
+        Some(Ok(())) => Ok(()),
+    }
 }
 
 async fn inbound(cx: &PodCx, client: TcpStream) -> Result<(), ProxyError> {

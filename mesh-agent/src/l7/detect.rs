@@ -116,6 +116,16 @@ impl<S> Rewind<S> {
             inner,
         }
     }
+
+    /// The bytes still to replay, and the stream.
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
+
+    /// Puts back what [`Rewind::into_parts`] took apart.
+    pub fn from_parts(prefix: Bytes, inner: S) -> Self {
+        Self { prefix, inner }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
