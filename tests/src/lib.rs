@@ -240,13 +240,16 @@ pub fn wait_until(
 /// Spawns a long-running harness process (agent or CA) with its output appended to `log`.
 fn spawn_logged(cmd: &mut Command, log: &Path, what: &str) -> Result<Child> {
     let log = OpenOptions::new().create(true).append(true).open(log)?;
-    cmd.env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("spawn {what}"))
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("MESH_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    )
+    .env("NO_COLOR", "1")
+    .stdout(log.try_clone()?)
+    .stderr(log)
+    .stdin(Stdio::null())
+    .spawn()
+    .with_context(|| format!("spawn {what}"))
 }
 
 /// A pod to create.

@@ -19,6 +19,12 @@
 //!   `grpc-status: 0` in the trailers; the stream answers each message as it arrives.
 //!
 //! Every answer carries `x-served-by: <name>` (`serve --name`).
+//!
+//! `stream-serve` is a plain TCP server for opaque (L4) paths: it speaks first (`hello\n`,
+//! and its client waits for that),
+//! reads a line with the reply's length and then everything up to the client's FIN, answers
+//! `<hex sha256> <length>\n` and that many pattern bytes, and closes. `stream` is its client,
+//! and checks every byte.
 
 use std::{
     convert::Infallible,
@@ -120,6 +126,22 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value_t = 10)]
         messages: usize,
+    },
+    /// Serve the `stream` protocol (see the module doc) on 0.0.0.0:PORT.
+    StreamServe {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Wait for a `stream-serve`r's greeting, send SEND pattern bytes and close the sending side;
+    /// ask for REPLY bytes back. Fails unless the banner, the hash of what was sent and every byte of the reply
+    /// are right; prints JSON with the bytes sent and received.
+    Stream {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        send: u64,
+        #[arg(long)]
+        reply: u64,
     },
     /// HTTP/2 rapid reset: opens STREAMS streams, cancelling each at once; prints JSON with the
     /// GOAWAY the server sent, if any.
@@ -534,6 +556,125 @@ fn load(
     Ok(())
 }
 
+const STREAM_BANNER: &[u8] = b"hello\n";
+
+fn stream_serve(port: u16) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        std::thread::spawn(move || {
+            if let Err(e) = stream_answer(conn) {
+                eprintln!("stream-serve: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn stream_answer(mut conn: std::net::TcpStream) -> anyhow::Result<()> {
+    use std::io::{BufRead, Read, Write};
+    conn.write_all(STREAM_BANNER)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let reply: u64 = line.trim().parse().context("reply length line")?;
+    let mut hash = Sha256::new();
+    let mut len = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        len += n as u64;
+    }
+    conn.write_all(format!("{} {len}\n", hex::encode(hash.finalize())).as_bytes())?;
+    write_pattern(&mut conn, reply)?;
+    Ok(())
+}
+
+fn write_pattern(w: &mut impl std::io::Write, len: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut at = 0u64;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = mesh_tests::pattern_byte(at + i as u64);
+        }
+        w.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+fn stream(addr: SocketAddr, send: u64, reply: u64) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let header = format!("{reply}\n");
+    // The server speaks first, and we wait for it: a proxy that held the greeting back would
+    // stall us here.
+    let mut banner = vec![0u8; STREAM_BANNER.len()];
+    conn.read_exact(&mut banner)
+        .context("the server's greeting")?;
+    anyhow::ensure!(banner == STREAM_BANNER, "greeting was {banner:?}");
+    // Read concurrently: a server that answers while we still send must not deadlock us.
+    let mut rx = conn.try_clone()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        rx.read_to_end(&mut got)?;
+        Ok(got)
+    });
+    conn.write_all(header.as_bytes())?;
+    write_pattern(&mut conn, send)?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    let got = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let sent_hash = {
+        let mut h = Sha256::new();
+        let mut w = HashWriter(&mut h);
+        write_pattern(&mut w, send)?;
+        hex::encode(h.finalize())
+    };
+    let expect_head = format!("{sent_hash} {send}\n");
+    let head = got.get(..expect_head.len()).unwrap_or(&got);
+    anyhow::ensure!(
+        head == expect_head.as_bytes(),
+        "expected {expect_head:?} first, got {:?} ({} bytes in all)",
+        String::from_utf8_lossy(&head[..head.len().min(120)]),
+        got.len()
+    );
+    let body = &got[expect_head.len()..];
+    anyhow::ensure!(
+        body.len() as u64 == reply,
+        "reply has {} bytes, asked for {reply}",
+        body.len()
+    );
+    if let Some(i) = (0..reply).find(|&i| body[i as usize] != mesh_tests::pattern_byte(i)) {
+        anyhow::bail!("reply byte {i} differs from the pattern");
+    }
+    println!(
+        "{}",
+        serde_json::json!({"sent": header.len() as u64 + send, "received": banner.len() + got.len()})
+    );
+    Ok(())
+}
+
+/// Feeds writes into a hash.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let have = mesh_tests::raise_fd_limit();
@@ -909,6 +1050,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Raw { addr, input } => raw(addr, &input),
+        Cmd::StreamServe { port } => stream_serve(port),
+        Cmd::Stream { addr, send, reply } => stream(addr, send, reply),
         Cmd::Hold { addr, count } => hold(addr, count),
         Cmd::RapidReset { addr, streams } => rapid_reset(addr, streams),
         Cmd::Upgrade { addr, messages } => upgrade(addr, messages),
