@@ -6,7 +6,7 @@ use std::{fs::File, process::Command};
 use anyhow::{Context, Result, bail};
 use aya::{
     EbpfLoader,
-    maps::Map,
+    maps::{Map, MapData, SockHash},
     programs::{CgroupAttachMode, Program},
 };
 use mesh_common::{maps, programs};
@@ -77,6 +77,11 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
 
     let cgroup = File::open(&scratch.cgroup)?;
     let netns = File::open(format!("/var/run/netns/{}", scratch.netns))?;
+    // The splice verdict attaches to its sock hash.
+    let splice_sources: SockHash<MapData, u64> = SockHash::try_from(
+        ebpf.take_map(maps::SPLICE_SOURCES)
+            .context("SPLICE_SOURCES")?,
+    )?;
     for name in programs::ALL {
         let prog = ebpf
             .program_mut(name)
@@ -96,6 +101,11 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
                 p.load()
                     .with_context(|| format!("verifier rejected {name}"))?;
                 p.attach(&netns)?;
+            }
+            Program::SkSkb(p) => {
+                p.load()
+                    .with_context(|| format!("verifier rejected {name}"))?;
+                p.attach(splice_sources.fd())?;
             }
             other => bail!("{name} has unexpected type {:?}", other.prog_type()),
         }
@@ -120,6 +130,14 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
     ));
     assert!(matches!(
         ebpf.map(maps::EXCLUDED_PORTS),
+        Some(Map::HashMap(_))
+    ));
+    assert!(matches!(
+        ebpf.map(maps::SPLICE_TARGETS),
+        Some(Map::SockHash(_))
+    ));
+    assert!(matches!(
+        ebpf.map(maps::SPLICE_PEERS),
         Some(Map::HashMap(_))
     ));
     drop(ebpf);
