@@ -193,18 +193,24 @@ impl SpliceTable {
         Ok(pair)
     }
 
-    /// Second half: from here on the kernel moves every byte either socket receives, including
-    /// what is already queued. The caller must not read or write either socket any more.
+    /// Second half: from here on the kernel moves every byte a socket receives, including what
+    /// is already queued. Returns, for (a, b), whether it took the socket: the kernel only takes
+    /// established sockets, so one whose peer has already sent its FIN stays out, and the
+    /// caller copies what it holds itself (nothing more can come). The application side goes in
+    /// first, so a failure there leaves nothing moving.
     pub fn activate(
         &self,
         pair: SplicePair,
         a: BorrowedFd<'_>,
         b: BorrowedFd<'_>,
-    ) -> io::Result<()> {
-        Self::put_socket(&self.sources, pair.a, a)?;
-        Self::put_socket(&self.sources, pair.b, b)?;
-        kick(a)?;
-        kick(b)
+    ) -> io::Result<(bool, bool)> {
+        let put = |cookie, fd| match Self::put_socket(&self.sources, cookie, fd) {
+            Ok(()) => kick(fd).map(|()| true),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e),
+        };
+        let b_in = put(pair.b, b)?;
+        Ok((put(pair.a, a)?, b_in))
     }
 
     /// Bytes the kernel has moved out of the socket `cookie` into its peer.

@@ -56,8 +56,13 @@ pub struct Splice {
     /// Bytes the proxy itself wrote to the application (what detection had read, and what
     /// was queued before the kernel took over).
     prefix: u64,
+    /// Bytes the proxy itself copied from the application to the client (see `taken`).
+    copied_down: u64,
     /// [`written_mark`] of (a, b) when the kernel took over.
     marks: (u64, u64),
+    /// Whether the kernel took (a, b). A socket it did not take had its peer's FIN already
+    /// (say, a server that answers and closes at once); the proxy copies what it holds.
+    taken: (bool, bool),
 }
 
 /// Why a connection was not spliced: the caller relays it itself. Nothing was moved yet.
@@ -191,10 +196,13 @@ impl Splicer {
             a,
             b,
             prefix: forwarded,
+            copied_down: 0,
             marks: (0, 0),
+            taken: (false, false),
         };
         splice.marks = marks.map_err(NotSpliced::Failed)?;
-        self.table
+        splice.taken = self
+            .table
             .activate(pair, splice.a.as_fd(), splice.b.as_fd())
             .map_err(NotSpliced::Failed)?;
         Ok(splice)
@@ -324,11 +332,23 @@ impl Splice {
     /// broke; dropping the splice then closes both.
     pub async fn run(&mut self) -> io::Result<()> {
         let rdhup = libc::EPOLLRDHUP as u32;
-        let sp = &self.splicer;
+        let sp = self.splicer.clone();
         let (a_fd, b_fd) = (self.a.as_raw_fd(), self.b.as_raw_fd());
-        let mut rx_a = Some(sp.arm(a_fd, self.pair.a, rdhup, true)?);
-        let mut rx_b = Some(sp.arm(b_fd, self.pair.b, rdhup, true)?);
-        let (mut a_eof, mut b_eof) = (false, false);
+        // A socket the kernel did not take has its whole input queued: copy it, pass the FIN.
+        let (mut a_eof, mut b_eof) = (!self.taken.0, !self.taken.1);
+        if b_eof {
+            self.copied_down = copy_rest(&self.b, &self.a).await?;
+            self.a.shutdown(Shutdown::Write)?;
+        }
+        if a_eof {
+            self.prefix += copy_rest(&self.a, &self.b).await?;
+            self.b.shutdown(Shutdown::Write)?;
+        }
+        if a_eof && b_eof {
+            return Ok(());
+        }
+        let mut rx_a = Some(sp.arm(a_fd, self.pair.a, if a_eof { 0 } else { rdhup }, true)?);
+        let mut rx_b = Some(sp.arm(b_fd, self.pair.b, if b_eof { 0 } else { rdhup }, true)?);
         loop {
             let a_side = tokio::select! {
                 r = async { rx_a.as_mut().expect("armed").await }, if rx_a.is_some() => {
@@ -387,7 +407,67 @@ impl Splice {
     /// Bytes moved so far: (client to application, application to client).
     pub fn totals(&self) -> (u64, u64) {
         let moved = |c| self.splicer.table.moved(c).unwrap_or(0);
-        (self.prefix + moved(self.pair.a), moved(self.pair.b))
+        (
+            self.prefix + moved(self.pair.a),
+            self.copied_down + moved(self.pair.b),
+        )
+    }
+}
+
+/// Copies what `from` still holds (its peer has sent its FIN, so all of it is queued) into
+/// `to`. Neither socket is in tokio's reactor any more, so waits are short sleeps; this only
+/// runs for connections whose one side ended before the splice was made.
+async fn copy_rest(from: &StdTcpStream, to: &StdTcpStream) -> io::Result<u64> {
+    let retry = || tokio::time::sleep(Duration::from_millis(1));
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        // SAFETY: a valid socket and a buffer of the length given.
+        let n = unsafe {
+            libc::recv(
+                from.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let n = match usize::try_from(n) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
+                    retry().await;
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        let mut at = 0;
+        while at < n {
+            // SAFETY: a valid socket and the unsent part of the buffer.
+            let w = unsafe {
+                libc::send(
+                    to.as_raw_fd(),
+                    buf[at..n].as_ptr().cast(),
+                    n - at,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            match usize::try_from(w) {
+                Ok(w) => at += w,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::WouldBlock
+                        && e.kind() != io::ErrorKind::Interrupted
+                    {
+                        return Err(e);
+                    }
+                    retry().await;
+                }
+            }
+        }
+        total += n as u64;
     }
 }
 
