@@ -402,7 +402,13 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             routes: RwLock::new(Arc::new(Routes::default())),
             orig_dst,
             splice: if config.same_node_splice {
-                Some(crate::proxy::splice::Splicer::start(splice).map_err(AppError::Splice)?)
+                Some(
+                    crate::proxy::splice::Splicer::start(
+                        splice,
+                        config.same_node_splice_after_bytes,
+                    )
+                    .map_err(AppError::Splice)?,
+                )
             } else {
                 None
             },

@@ -1029,24 +1029,6 @@ async fn outbound_relay(
             .map_err(|d| fail(ProxyError::Denied(d)))?;
     }
     let upstream = open(shared, src, &hop, target).await.map_err(fail)?;
-    let (client, upstream) = match (&hop, &shared.splice, upstream) {
-        (Hop::Local(dest), Some(splicer), UpstreamIo::Tcp(app)) => {
-            match splicer.splice(client, app).await {
-                Ok(s) => return same_node_spliced(cx, dest, s, &flow, target.port(), note).await,
-                Err(splice::NotSpliced::Failed(e)) => {
-                    return Err(fail(ProxyError::Connect {
-                        addr: target,
-                        source: e,
-                    }));
-                }
-                Err(splice::NotSpliced::Declined(d)) => {
-                    debug!(src = %src.pod.key, %target, "not spliced, relaying: {}", d.why);
-                    (d.client, UpstreamIo::Tcp(d.app))
-                }
-            }
-        }
-        (_, _, upstream) => (client, upstream),
-    };
     let client = Counted::new(client, c, |c| &c.outbound_bytes_sent);
     let mut upstream = Counted::new(upstream, c, |c| &c.outbound_bytes_received);
     let conn = shared.metrics.tcp.open(&flow);
@@ -1064,14 +1046,28 @@ async fn outbound_relay(
                 Counted::new(&mut client, &dest.counters, |c| &c.inbound_bytes_delivered)
                     .metered(&dest_conn);
             let tracked = dest.track(Some(src.identity().clone()), target.port());
+            let splicer = shared.splice.as_ref();
             let finished = tracked
-                .run(relay::copy_both(&mut delivered, &mut upstream))
+                .run(relay::copy_both_until(
+                    &mut delivered,
+                    &mut upstream,
+                    splicer.map(|s| s.after_bytes()),
+                ))
                 .await;
             drop(delivered);
-            if finished.is_none() {
-                note.bytes = client.totals();
-                return Err(ProxyError::Revoked);
-            }
+            note.bytes = client.totals();
+            let handed = match (finished, splicer) {
+                (None, _) => return Err(ProxyError::Revoked),
+                (Some(Ok(relay::Relayed::HandOff)), Some(splicer)) => {
+                    let conns = [&conn, &dest_conn];
+                    hand_off(src, dest, splicer, client, upstream, conns, &tracked).await
+                }
+                _ => return Ok(()),
+            };
+            let (up, down) = handed?;
+            note.bytes.0 += up;
+            note.bytes.1 += down;
+            return Ok(());
         }
         Hop::Hbone(w) => {
             c.outbound_hbone.inc();
@@ -1087,48 +1083,65 @@ async fn outbound_relay(
     Ok(())
 }
 
-/// Runs a same-node connection the kernel has spliced, and counts its bytes at the end (the
-/// proxy does not see them go by).
-async fn same_node_spliced(
-    cx: &PodCx,
-    dest: &Arc<LocalPod>,
-    mut splice: splice::Splice,
-    flow: &Flow,
-    port: u16,
-    note: &mut Note,
-) -> Result<(), ProxyError> {
-    let (src, shared) = (&cx.local, &cx.shared);
+/// Hands a same-node connection that has proven bulk to the kernel, and runs it to its end.
+/// Returns the bytes moved from here on (client to application, application to client),
+/// counted into the same counters the relay fed live.
+async fn hand_off(
+    src: &LocalPod,
+    dest: &LocalPod,
+    splicer: &Arc<splice::Splicer>,
+    client: Counted<l7::detect::Rewind<TcpStream>>,
+    upstream: Counted<UpstreamIo>,
+    conns: [&TcpConn; 2],
+    tracked: &Tracked<'_>,
+) -> Result<(u64, u64), ProxyError> {
+    let UpstreamIo::Tcp(app) = upstream.into_inner() else {
+        // Same-node upstreams are always sockets; nothing else is ever handed off.
+        return Ok((0, 0));
+    };
     let c = &src.counters;
-    c.outbound_local.inc();
+    let count = |up: u64, down: u64| {
+        c.outbound_bytes_sent.add(up);
+        c.outbound_bytes_received.add(down);
+        dest.counters.inbound_bytes_delivered.add(up);
+        for conn in conns {
+            conn.received.inc_by(up);
+            conn.sent.inc_by(down);
+        }
+    };
+    let mut spliced = match splicer.splice(client.into_inner(), app).await {
+        Ok(s) => s,
+        Err(splice::NotSpliced::Failed(e)) => {
+            debug!(src = %src.pod.key, dst = %dest.pod.key, "splice failed, connection lost: {e}");
+            return Ok((0, 0));
+        }
+        Err(splice::NotSpliced::Declined(d)) => {
+            // The kernel's maps are full: keep relaying here.
+            debug!(src = %src.pod.key, dst = %dest.pod.key, "not spliced: {}", d.why);
+            let (mut client, mut app) = (d.client, d.app);
+            let copied = tracked.run(relay::copy_both(&mut client, &mut app)).await;
+            let (up, down) = match copied {
+                None => return Err(ProxyError::Revoked),
+                Some(r) => r.unwrap_or((0, 0)),
+            };
+            count(up, down);
+            return Ok((up, down));
+        }
+    };
     c.outbound_spliced.inc();
-    debug!(src = %src.pod.key, dst = %dest.pod.key, port, "same-node delivery, spliced");
-    // One proxy is both ends here, so it reports both.
-    let conns = [
-        shared.metrics.tcp.open(flow),
-        shared
-            .metrics
-            .tcp
-            .open(&flow.reported_by(Reporter::Destination)),
-    ];
-    let tracked = dest.track(Some(src.identity().clone()), port);
-    let finished = tracked.run(splice.run()).await;
-    let (up, down) = splice.totals();
-    drop(splice);
-    c.outbound_bytes_sent.add(up);
-    c.outbound_bytes_received.add(down);
-    dest.counters.inbound_bytes_delivered.add(up);
-    for conn in &conns {
-        conn.received.inc_by(up);
-        conn.sent.inc_by(down);
-    }
-    note.bytes = (up, down);
+    debug!(src = %src.pod.key, dst = %dest.pod.key, "same-node connection spliced");
+    let finished = tracked.run(spliced.run()).await;
+    let (up, down) = spliced.totals();
+    drop(spliced);
+    count(up, down);
     match finished {
         None => Err(ProxyError::Revoked),
-        Some(Err(e)) => {
-            debug!(src = %src.pod.key, dst = %dest.pod.key, "spliced connection ended: {e}");
-            Ok(())
+        Some(r) => {
+            if let Err(e) = r {
+                debug!(src = %src.pod.key, dst = %dest.pod.key, "spliced connection ended: {e}");
+            }
+            Ok((up, down))
         }
-        Some(Ok(())) => Ok(()),
     }
 }
 
@@ -1206,6 +1219,11 @@ impl<S> Counted<S> {
     /// Bytes read from and written to this stream so far.
     pub fn totals(&self) -> (u64, u64) {
         self.totals
+    }
+
+    /// The stream, for a hand-over that counts by other means.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 
     /// Also adds reads to `conn`'s received bytes and writes to its sent bytes: this stream is

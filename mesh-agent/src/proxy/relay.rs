@@ -152,11 +152,39 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    match copy_both_until(a, b, None).await? {
+        Relayed::Ended(x, y) => Ok((x, y)),
+        Relayed::HandOff => unreachable!("no hand-off without a limit"),
+    }
+}
+
+/// How [`copy_both_until`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Relayed {
+    /// Both directions ended; the bytes copied `a`→`b` and `b`→`a`.
+    Ended(u64, u64),
+    /// The limit was reached at a quiet point: nothing read is left unwritten, neither side has
+    /// ended, and neither has bytes ready. The caller may hand the connection on.
+    HandOff,
+}
+
+/// [`copy_both`], but stops at the first quiet point once `hand_off_after` bytes (both ways
+/// together) have been copied.
+pub async fn copy_both_until<A, B>(
+    a: &mut A,
+    b: &mut B,
+    hand_off_after: Option<u64>,
+) -> io::Result<Relayed>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     CopyBoth {
         a,
         b,
         a_to_b: Half::default(),
         b_to_a: Half::default(),
+        hand_off_after,
     }
     .await
 }
@@ -166,6 +194,14 @@ struct CopyBoth<'a, A: ?Sized, B: ?Sized> {
     b: &'a mut B,
     a_to_b: Half,
     b_to_a: Half,
+    hand_off_after: Option<u64>,
+}
+
+impl Half {
+    /// Open, with nothing read left unwritten.
+    fn quiet(&self) -> bool {
+        self.unwritten.is_none() && !self.eof && !self.done
+    }
 }
 
 impl<A, B> Future for CopyBoth<'_, A, B>
@@ -173,14 +209,23 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    type Output = io::Result<(u64, u64)>;
+    type Output = io::Result<Relayed>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let ab = this.a_to_b.poll_copy(cx, &mut *this.a, &mut *this.b)?;
         let ba = this.b_to_a.poll_copy(cx, &mut *this.b, &mut *this.a)?;
         match (ab, ba) {
-            (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready(Ok((x, y))),
+            (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready(Ok(Relayed::Ended(x, y))),
+            (Poll::Pending, Poll::Pending)
+                if this.hand_off_after.is_some_and(|limit| {
+                    this.a_to_b.total + this.b_to_a.total >= limit
+                        && this.a_to_b.quiet()
+                        && this.b_to_a.quiet()
+                }) =>
+            {
+                Poll::Ready(Ok(Relayed::HandOff))
+            }
             _ => Poll::Pending,
         }
     }
@@ -228,6 +273,32 @@ mod tests {
         assert!(got_down == down, "server→client bytes differ");
         let (ab, ba) = relay.await.expect("relay task").expect("relay");
         assert_eq!((ab, ba), (up.len() as u64, down.len() as u64));
+    }
+
+    /// Past its limit, the relay hands off only at a quiet point: with a stuck writer holding
+    /// a leftover it keeps going, and once that is written it stops with every byte delivered
+    /// and none held.
+    #[tokio::test]
+    async fn hands_off_only_once_nothing_read_is_unwritten() {
+        let (mut client, mut a) = duplex(4096);
+        let (mut b, mut server) = duplex(16);
+        client.write_all(&[9; 64]).await.expect("test io");
+        let mut relay = Box::pin(copy_both_until(&mut a, &mut b, Some(10)));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // 16 bytes reach the server's pipe; 48 are left over, so no hand-off yet.
+        assert!(relay.as_mut().poll(&mut cx).is_pending());
+        let mut got = vec![0; 64];
+        server.read_exact(&mut got[..16]).await.expect("test io");
+        assert!(relay.as_mut().poll(&mut cx).is_pending(), "32 still held");
+        server.read_exact(&mut got[16..32]).await.expect("test io");
+        assert!(relay.as_mut().poll(&mut cx).is_pending(), "16 still held");
+        server.read_exact(&mut got[32..48]).await.expect("test io");
+        match relay.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(Relayed::HandOff)) => {}
+            other => panic!("expected a hand-off, got {other:?}"),
+        }
+        server.read_exact(&mut got[48..]).await.expect("test io");
+        assert_eq!(got, vec![9; 64]);
     }
 
     /// An idle relay holds no copy of anything; one whose writer is stuck holds at most one

@@ -39,6 +39,7 @@ use crate::{
 #[derive(Debug)]
 pub struct Splicer {
     table: SpliceTable,
+    after_bytes: u64,
     epoll: AsyncFd<OwnedFd>,
     /// Who waits for an event on which socket (by cookie).
     waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
@@ -81,8 +82,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Splicer {
-    /// Starts the splicer's watch task on the current runtime.
-    pub fn start(table: SpliceTable) -> io::Result<Arc<Self>> {
+    /// Starts the splicer's watch task on the current runtime. Connections are handed to the
+    /// kernel once they have moved `after_bytes` (see `--same-node-splice-after-bytes`).
+    pub fn start(table: SpliceTable, after_bytes: u64) -> io::Result<Arc<Self>> {
         // SAFETY: plain syscall; the result is checked.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -92,6 +94,7 @@ impl Splicer {
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let splicer = Arc::new(Self {
             table,
+            after_bytes,
             // SAFETY: the AsyncFd owns the only handle to `fd`, which stays open while registered.
             epoll: unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
                 .map_err(|e| io::Error::other(e.to_string()))?,
@@ -99,6 +102,11 @@ impl Splicer {
         });
         tokio::spawn(splicer.clone().watch());
         Ok(splicer)
+    }
+
+    /// Bytes a same-node connection moves through the proxy before it is spliced.
+    pub fn after_bytes(&self) -> u64 {
+        self.after_bytes
     }
 
     /// Hands each socket event to its waiter.
@@ -180,9 +188,17 @@ impl Splicer {
             }
         };
         // From here on the pair is in the maps; `Splice`'s drop takes it out again.
-        let forwarded = forward_queued(&a, &mut app, &prefix).await;
-        let streams = forwarded.and_then(|n| Ok((n, a.into_std()?, app.into_std()?)));
-        let (forwarded, a, b) = match streams {
+        // Both ways: a relay may have read part of an skb on either side before handing off.
+        let mut a = a;
+        let mut forwarded = (0, 0);
+        let streams = async {
+            forwarded.0 = forward_queued(&a, &mut app, &prefix).await?;
+            forwarded.1 = forward_queued(&app, &mut a, &[]).await?;
+            Ok::<_, io::Error>(())
+        }
+        .await
+        .and_then(|()| Ok((forwarded, a.into_std()?, app.into_std()?)));
+        let ((forwarded, copied_down), a, b) = match streams {
             Ok(x) => x,
             Err(e) => {
                 self.table.release(pair);
@@ -196,7 +212,7 @@ impl Splicer {
             a,
             b,
             prefix: forwarded,
-            copied_down: 0,
+            copied_down,
             marks: (0, 0),
             taken: (false, false),
         };
