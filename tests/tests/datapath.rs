@@ -436,7 +436,8 @@ fn stream_through(
 /// greeting (queued before the splice was made) and what detection had read; each FIN is passed
 /// on only after the bytes before it (the server hashes up to the client's FIN, the client reads
 /// up to the server's); and the counts the proxy reports are exact though it never saw a byte.
-/// With the splice turned off the same traffic is relayed by the proxy, and counted the same.
+/// The same holds when the splice takes over a running relay after its first MiB (the
+/// default), and with the splice off, when the proxy relays everything.
 #[test]
 fn same_node_tcp_is_spliced_in_the_kernel_with_every_byte_and_fin_in_order() -> Result<()> {
     const PORT: u16 = 9000;
@@ -462,18 +463,21 @@ fn same_node_tcp_is_spliced_in_the_kernel_with_every_byte_and_fin_in_order() -> 
     ];
     let (send, reply) = (24u64 << 20, 40u64 << 20);
 
-    for splice in [true, false] {
-        if splice {
-            c.start_agent(0)?;
-        } else {
-            c.kill_agent(0);
-            c.start_agent_with(0, &["--same-node-splice=false"])?;
-            c.wait_ready(0, Duration::from_secs(15))?;
-        }
+    // Spliced at once, after the default first MiB (the hand-off from a running relay), and
+    // not at all.
+    let modes: [(&[&str], bool); 3] = [
+        (&["--same-node-splice-after-bytes=0"], true),
+        (&[], true),
+        (&["--same-node-splice=false"], false),
+    ];
+    for (flags, splice) in modes {
+        c.kill_agent(0);
+        c.start_agent_with(0, flags)?;
+        c.wait_ready(0, Duration::from_secs(15))?;
         let (sent, received) = stream_through(&c, "client", &addrs, send, reply)
             .with_context(|| format!("agent log:\n{}", c.agent_log(0)))?;
         let spliced = c.counter(0, "client", "outbound_spliced")?;
-        assert_eq!(spliced, if splice { 2 } else { 0 }, "splice {splice}");
+        assert_eq!(spliced, if splice { 2 } else { 0 }, "{flags:?}");
         assert_eq!(c.counter(0, "client", "outbound_local")?, 2);
         // Counts are filed when a connection ends, a moment after the client is done.
         wait_until("byte counts", Duration::from_secs(5), || {
@@ -482,12 +486,12 @@ fn same_node_tcp_is_spliced_in_the_kernel_with_every_byte_and_fin_in_order() -> 
         assert_eq!(
             c.counter(0, "client", "outbound_bytes_sent")?,
             sent,
-            "splice {splice}"
+            "{flags:?}"
         );
         assert_eq!(
             c.counter(0, "server", "inbound_bytes_delivered")?,
             sent,
-            "splice {splice}"
+            "{flags:?}"
         );
         let samples = c.scrape(0)?;
         let total = |name: &str, reporter: &str| -> f64 {
@@ -509,7 +513,7 @@ fn same_node_tcp_is_spliced_in_the_kernel_with_every_byte_and_fin_in_order() -> 
                     total("istio_tcp_connections_closed_total", reporter),
                 ],
                 [sent as f64, received as f64, 2.0],
-                "splice {splice}, {reporter} report"
+                "{flags:?}, {reporter} report"
             );
         }
         // A server that answers and closes at once often has its FIN in before the splice is
@@ -522,7 +526,7 @@ fn same_node_tcp_is_spliced_in_the_kernel_with_every_byte_and_fin_in_order() -> 
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             "100",
-            "splice {splice}: answered-and-closed requests: {}",
+            "{flags:?}: answered-and-closed requests: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         let dropped: f64 = samples
