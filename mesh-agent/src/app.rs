@@ -427,6 +427,12 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         kernel,
         logging,
     });
+    match crate::ktls::available() {
+        Ok(()) => info!(
+            "kTLS: the kernel has it; HBONE still uses rustls (the hand-over is not built yet)"
+        ),
+        Err(e) => info!("kTLS: {e}"),
+    }
     apply(&agent, loaded);
     release_startup_memory();
     tokio::spawn(admin::serve(admin_listener, agent.clone()));

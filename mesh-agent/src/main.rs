@@ -13,6 +13,7 @@ mod explain;
 mod flows;
 mod hbone;
 mod identity;
+mod ktls;
 mod l7;
 mod metrics;
 mod netns;
