@@ -225,20 +225,25 @@ fn sock_err(path: &Path, what: &str, source: io::Error) -> NetnsError {
 
 /// Reads `SO_NETNS_COOKIE` from any socket.
 pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    socket_u64(fd, SO_NETNS_COOKIE)
+}
+
+/// Reads a 64-bit `SOL_SOCKET` option (the cookies) from any socket.
+pub fn socket_u64(fd: &impl AsRawFd, name: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid out-parameters of the sizes given.
+    // SAFETY: `value` and `len` are valid out-parameters of the sizes given.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
+            name,
+            (&raw mut value).cast(),
             &mut len,
         )
     };
     if rc == 0 {
-        Ok(cookie)
+        Ok(value)
     } else {
         Err(io::Error::last_os_error())
     }

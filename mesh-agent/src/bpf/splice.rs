@@ -55,23 +55,7 @@ fn dup(fd: BorrowedFd<'_>, name: &'static str) -> Result<OwnedFd, BpfError> {
 
 /// The cookie the kernel gave `fd`'s socket: what the verdict sees as `bpf_get_socket_cookie`.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid fd and an 8-byte buffer with its length.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::netns::socket_u64(&fd, SO_COOKIE)
 }
 
 /// Re-runs `fd`'s data-ready callback over what its receive queue holds (`tcp_set_rcvlowat`

@@ -235,30 +235,29 @@ async fn forward_queued(client: &TcpStream, app: &mut TcpStream, prefix: &[u8]) 
     app.write_all(prefix).await?;
     let mut total = prefix.len() as u64;
     let mut buf = vec![0u8; 64 << 10];
+    while let Some(n) = recv_now(client.as_raw_fd(), &mut buf)? {
+        if n == 0 {
+            break;
+        }
+        app.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
+    Ok(total)
+}
+
+/// One non-blocking read from the socket itself; `None` when it has nothing now.
+fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
         // SAFETY: a valid socket and a buffer of the length given.
-        let n = unsafe {
-            libc::recv(
-                client.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        match usize::try_from(n) {
-            Ok(0) => return Ok(total),
-            Ok(n) => {
-                app.write_all(&buf[..n]).await?;
-                total += n as u64;
-            }
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(total),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => Err(e),
-                };
-            }
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(Some(n));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => return Ok(None),
+            io::ErrorKind::Interrupted => {}
+            _ => return Err(e),
         }
     }
 }
@@ -438,25 +437,12 @@ async fn copy_rest(from: &StdTcpStream, to: &StdTcpStream) -> io::Result<u64> {
     let mut buf = vec![0u8; 64 << 10];
     let mut total = 0u64;
     loop {
-        // SAFETY: a valid socket and a buffer of the length given.
-        let n = unsafe {
-            libc::recv(
-                from.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        let n = match usize::try_from(n) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
-                    retry().await;
-                    continue;
-                }
-                return Err(e);
+        let n = match recv_now(from.as_raw_fd(), &mut buf)? {
+            Some(0) => return Ok(total),
+            Some(n) => n,
+            None => {
+                retry().await;
+                continue;
             }
         };
         let mut at = 0;
