@@ -20,7 +20,8 @@
 //!
 //! Then memory (proxy RSS idle, and with 1k and 10k open keep-alive connections, measured before
 //! any other traffic), per-request balancing (P2C peak EWMA against round robin), and what
-//! scraping `/metrics` every 100 ms costs the L7 path's p99.
+//! scraping `/metrics` every 100 ms costs the L7 path's p99, beside control runs that fetch
+//! nothing (`MESH_BENCH_SCRAPE_RUNS` of each, 3 by default).
 //!
 //! Output: tables on stdout, `bench.json` and `bench.svg` in `MESH_BENCH_OUT` (default
 //! `target/bench`). `MESH_BENCH_ONLY=word,…` runs only the paths whose key contains a word, and
@@ -475,8 +476,15 @@ fn start_haproxy(c: &Cluster, dir: &FsPath) -> Result<Vec<u32>> {
 
 /// Scrapes every node's `/metrics` every 100 ms, but only in the odd periods of `period` on
 /// the machine's monotonic clock (the load generator's `--split-ms` tells those apart), until
-/// `stop`. Returns the number of scrapes, each checked to be a full answer.
-fn scrape_odd_periods(c: &Cluster, period: Duration, stop: &AtomicBool) -> Result<u64> {
+/// `stop`. Returns the number of scrapes, each checked to be a full answer. With `scrape`
+/// false (the control arm) the threads keep the same wake-ups but fetch nothing, so the two
+/// halves of a run differ only by chance and the ratio shows the measurement's noise floor.
+fn scrape_odd_periods(
+    c: &Cluster,
+    period: Duration,
+    stop: &AtomicBool,
+    scrape: bool,
+) -> Result<u64> {
     let scrapes = AtomicU64::new(0);
     let metrics: SocketAddr = ([127, 0, 0, 1], 15020).into();
     let period_ns = period.as_nanos().max(1) as u64;
@@ -498,6 +506,10 @@ fn scrape_odd_periods(c: &Cluster, period: Duration, stop: &AtomicBool) -> Resul
                                 continue;
                             }
                             let t = Instant::now();
+                            if !scrape {
+                                std::thread::sleep(Duration::from_millis(100));
+                                continue;
+                            }
                             let body = scrape_keepalive(&mut conn, metrics)
                                 .with_context(|| format!("scrape of {}", n.name))?;
                             if !body.contains("mesh_bpf_events_total") {
@@ -1007,7 +1019,9 @@ fn balancing(
 /// What scraping costs: the L7 path at 1000 requests/s for a long run in which a scraper
 /// fetches both nodes' `/metrics` every 100 ms during every other second. The load generator
 /// reports the requests scheduled in scraped and in quiet seconds apart, so both arms share
-/// every disturbance the machine has, second by second, and only the scraping differs.
+/// every disturbance the machine has, second by second, and only the scraping differs. Each
+/// scraped run is followed by a control run that fetches nothing: its ratio is the noise floor
+/// the scraped ratio is read against.
 fn scrape_cost(b: &Bench) -> Result<Value> {
     let runs = env_u64("MESH_BENCH_SCRAPE_RUNS", 3) as usize;
     let secs = env_u64("MESH_BENCH_SCRAPE_SECONDS", 40);
@@ -1016,59 +1030,28 @@ fn scrape_cost(b: &Bench) -> Result<Value> {
     let app = artifact("mesh-testapp")?.to_string_lossy().into_owned();
     let mut rows = vec![];
     for r in 0..runs {
-        eprintln!("scrape cost: run {}/{runs}, {secs}s of L7 load", r + 1);
-        let stop = AtomicBool::new(false);
-        let (out, scrapes) = std::thread::scope(|s| {
-            let scraper = s.spawn(|| scrape_odd_periods(&b.c, period, &stop));
-            let out = b.c.exec(
-                "client",
-                &[
-                    &app,
-                    "load",
-                    "--addr",
-                    &addr,
-                    "--rate",
-                    "1000",
-                    "--seconds",
-                    &secs.to_string(),
-                    "--connections",
-                    "8",
-                    "--split-ms",
-                    &period.as_millis().to_string(),
-                ],
+        for (arm, scrape) in [("scraped", true), ("control", false)] {
+            eprintln!(
+                "scrape cost: run {}/{runs} ({arm}), {secs}s of L7 load",
+                r + 1
             );
-            stop.store(true, Ordering::Relaxed);
-            let scrapes = scraper
-                .join()
-                .map_err(|_| anyhow::anyhow!("scraper panicked"))?;
-            Ok::<_, anyhow::Error>((out?, scrapes?))
-        })?;
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("load output: {}", String::from_utf8_lossy(&out.stderr)))?;
-        if v["errors"].as_u64() != Some(0) {
-            bail!("the L7 load saw errors while scraping: {v}");
+            rows.push(scrape_run(b, &app, &addr, period, secs, scrape)?);
+            rows.last_mut().context("pushed above")?["arm"] = json!(arm);
         }
-        let arm = |ph: usize, k: &str| v["split"][ph][k].as_f64().unwrap_or(f64::NAN);
-        rows.push(json!({
-            "scrapes": scrapes,
-            "quiet": {"p50_us": arm(0, "p50_us"), "p99_us": arm(0, "p99_us"), "p999_us": arm(0, "p999_us"), "requests": arm(0, "requests")},
-            "scraped": {"p50_us": arm(1, "p50_us"), "p99_us": arm(1, "p99_us"), "p999_us": arm(1, "p999_us"), "requests": arm(1, "requests")},
-            "p99_ratio": arm(1, "p99_us") / arm(0, "p99_us"),
-            "p50_ratio": arm(1, "p50_us") / arm(0, "p50_us"),
-        }));
     }
     println!(
-        "\nscraping /metrics every 100 ms on both nodes in every other second of L7 load (1000 req/s, 8 connections, {secs}s per run):"
+        "\nscraping /metrics every 100 ms on both nodes in every other second of L7 load (1000 req/s, 8 connections, {secs}s per run); control runs fetch nothing:"
     );
     println!(
-        "| run | scrapes | p50 µs quiet / scraped | p99 µs quiet / scraped | p99.9 µs quiet / scraped | p99 ratio |"
+        "| run | arm | scrapes | p50 µs quiet / scraped | p99 µs quiet / scraped | p99.9 µs quiet / scraped | p99 ratio |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     for (i, r) in rows.iter().enumerate() {
         let f = |arm: &str, k: &str| r[arm][k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.3} |",
-            i + 1,
+            "| {} | {} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.3} |",
+            i / 2 + 1,
+            r["arm"].as_str().unwrap_or_default(),
             r["scrapes"],
             f("quiet", "p50_us"),
             f("scraped", "p50_us"),
@@ -1079,13 +1062,116 @@ fn scrape_cost(b: &Bench) -> Result<Value> {
             r["p99_ratio"].as_f64().unwrap_or(f64::NAN)
         );
     }
-    let ratios: Vec<f64> = rows
+    let ratios = |arm: &str| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| r["arm"] == arm)
+            .map(|r| r["p99_ratio"].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let pairs = |arm: &str| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| r["arm"] == arm)
+            .filter_map(|r| r["pair_p99_ratios"].as_array())
+            .flatten()
+            .filter_map(Value::as_f64)
+            .collect()
+    };
+    let (m, floor) = (median(&ratios("scraped")), median(&ratios("control")));
+    let (pm, pfloor) = (median(&pairs("scraped")), median(&pairs("control")));
+    println!(
+        "\nmedian p99 ratio, scraped / quiet seconds: {m:.3} (control, nothing fetched: {floor:.3})"
+    );
+    println!(
+        "median over second pairs of p99 scraped / p99 of the quiet second before: {pm:.3} ({} pairs; control: {pfloor:.3}, {} pairs)",
+        pairs("scraped").len(),
+        pairs("control").len()
+    );
+    Ok(json!({
+        "runs": rows,
+        "median_p99_ratio": m,
+        "control_median_p99_ratio": floor,
+        "pair_median_p99_ratio": pm,
+        "control_pair_median_p99_ratio": pfloor,
+    }))
+}
+
+/// p99 of each scraped (odd) period over that of the quiet period just before it, for every
+/// such pair in which both periods ran whole (at least `full` / 2 requests each).
+fn pair_ratios(periods: &Value, full: u64) -> Vec<f64> {
+    let by_index: BTreeMap<u64, (u64, f64)> = periods
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    Some((
+                        p["index"].as_u64()?,
+                        (p["requests"].as_u64()?, p["p99_us"].as_f64()?),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    by_index
         .iter()
-        .map(|r| r["p99_ratio"].as_f64().unwrap_or(f64::NAN))
-        .collect();
-    let m = median(&ratios);
-    println!("\nmedian p99 ratio, scraped / quiet seconds: {m:.3}");
-    Ok(json!({"runs": rows, "median_p99_ratio": m}))
+        .filter(|(i, _)| *i % 2 == 1)
+        .filter_map(|(i, &(n, p99))| {
+            let &(quiet_n, quiet_p99) = by_index.get(&(i - 1))?;
+            (n * 2 >= full && quiet_n * 2 >= full && quiet_p99 > 0.0).then(|| p99 / quiet_p99)
+        })
+        .collect()
+}
+
+/// One run of [`scrape_cost`]: L7 load with the scraper fetching in odd seconds, or only
+/// waking (`scrape` false). Returns both halves' percentiles and their p99 ratio.
+fn scrape_run(
+    b: &Bench,
+    app: &str,
+    addr: &str,
+    period: Duration,
+    secs: u64,
+    scrape: bool,
+) -> Result<Value> {
+    let stop = AtomicBool::new(false);
+    let (out, scrapes) = std::thread::scope(|s| {
+        let scraper = s.spawn(|| scrape_odd_periods(&b.c, period, &stop, scrape));
+        let out = b.c.exec(
+            "client",
+            &[
+                app,
+                "load",
+                "--addr",
+                addr,
+                "--rate",
+                "1000",
+                "--seconds",
+                &secs.to_string(),
+                "--connections",
+                "8",
+                "--split-ms",
+                &period.as_millis().to_string(),
+            ],
+        );
+        stop.store(true, Ordering::Relaxed);
+        let scrapes = scraper
+            .join()
+            .map_err(|_| anyhow::anyhow!("scraper panicked"))?;
+        Ok::<_, anyhow::Error>((out?, scrapes?))
+    })?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("load output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if v["errors"].as_u64() != Some(0) {
+        bail!("the L7 load saw errors while scraping: {v}");
+    }
+    let arm = |ph: usize, k: &str| v["split"][ph][k].as_f64().unwrap_or(f64::NAN);
+    Ok(json!({
+        "scrapes": scrapes,
+        // At 1000 requests/s a whole period holds one request per millisecond.
+        "pair_p99_ratios": pair_ratios(&v["periods"], period.as_millis() as u64),
+        "quiet": {"p50_us": arm(0, "p50_us"), "p99_us": arm(0, "p99_us"), "p999_us": arm(0, "p999_us"), "requests": arm(0, "requests")},
+        "scraped": {"p50_us": arm(1, "p50_us"), "p99_us": arm(1, "p99_us"), "p999_us": arm(1, "p999_us"), "requests": arm(1, "requests")},
+        "p99_ratio": arm(1, "p99_us") / arm(0, "p99_us"),
+        "p50_ratio": arm(1, "p50_us") / arm(0, "p50_us"),
+    }))
 }
 
 /// The figures per path, then each mesh path's ratios to direct and to the peer.

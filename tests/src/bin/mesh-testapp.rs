@@ -440,9 +440,9 @@ fn read_response(r: &mut std::io::BufReader<std::net::TcpStream>) -> anyhow::Res
     Ok(ok)
 }
 
-/// One load thread's results: (latency µs, half of the `--split-ms` period) per answered
+/// One load thread's results: (latency µs, index of its `--split-ms` period) per answered
 /// request, and how many failed.
-type Timings = (Vec<(u64, usize)>, u64);
+type Timings = (Vec<(u64, u64)>, u64);
 
 /// Fixed-rate load on plain threads: `thread::sleep` wakes within tens of microseconds, where
 /// tokio's timer wheel would add up to a millisecond to every measurement.
@@ -460,9 +460,9 @@ fn load(
     let start = Instant::now() + Duration::from_millis(50);
     // The same instant on the monotonic clock every process on the machine reads.
     let start_mono = mesh_tests::monotonic_ns() + 50_000_000;
-    let phase = |i: u64| {
+    let period = |i: u64| {
         split_ms.map_or(0, |ms| {
-            ((start_mono + i * 1_000_000_000 / rate) / (ms * 1_000_000) % 2) as usize
+            (start_mono + i * 1_000_000_000 / rate) / (ms * 1_000_000)
         })
     };
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
@@ -502,7 +502,7 @@ fn load(
                         })();
                         match result {
                             Ok(true) => {
-                                lat.push((due.elapsed().as_micros() as u64, phase(scheduled)));
+                                lat.push((due.elapsed().as_micros() as u64, period(scheduled)));
                             }
                             Ok(false) => errors += 1,
                             Err(e) if reconnect => {
@@ -548,8 +548,22 @@ fn load(
     let mut out = summary(all.iter().map(|l| l.0).collect());
     out["errors"] = errors.into();
     if split_ms.is_some() {
+        // Even and odd periods apart, then every period on its own (a pair of neighbours
+        // compared period by period is immune to a burst of noise that hits only one pair).
         out["split"] = (0..2)
-            .map(|ph| summary(all.iter().filter(|l| l.1 == ph).map(|l| l.0).collect()))
+            .map(|ph| summary(all.iter().filter(|l| l.1 % 2 == ph).map(|l| l.0).collect()))
+            .collect();
+        let mut periods = std::collections::BTreeMap::<u64, Vec<u64>>::new();
+        for &(lat, p) in &all {
+            periods.entry(p).or_default().push(lat);
+        }
+        out["periods"] = periods
+            .into_iter()
+            .map(|(p, v)| {
+                let mut s = summary(v);
+                s["index"] = p.into();
+                s
+            })
             .collect();
     }
     println!("{out}");
