@@ -392,6 +392,12 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         },
     };
 
+    // Before any TLS config is built: they differ when connections go to the kernel.
+    match crate::ktls::configure(config.ktls) {
+        (true, _) => info!("kTLS: on; HBONE connections move to the kernel after the handshake"),
+        (false, Some(e)) => info!("kTLS: off: {e}"),
+        (false, None) => info!("kTLS: off (--ktls=false); HBONE stays on rustls"),
+    }
     let certs = CertManager::new(ca);
     metrics.register(Box::new(
         CertCollector::new(certs.clone()).map_err(crate::metrics::MetricsError::from)?,
@@ -427,12 +433,6 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         kernel,
         logging,
     });
-    match crate::ktls::available() {
-        Ok(()) => info!(
-            "kTLS: the kernel has it; HBONE still uses rustls (the hand-over is not built yet)"
-        ),
-        Err(e) => info!("kTLS: {e}"),
-    }
     apply(&agent, loaded);
     release_startup_memory();
     tokio::spawn(admin::serve(admin_listener, agent.clone()));

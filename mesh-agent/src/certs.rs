@@ -123,6 +123,12 @@ impl WorkloadCert {
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| build(&e))?;
         server.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // A connection handed to the kernel needs its secrets out of rustls, and no tickets
+        // after the handshake (they would reach the peer's kernel as records to skip).
+        server.enable_secret_extraction = crate::ktls::in_use();
+        if crate::ktls::in_use() {
+            server.send_tls13_tickets = 0;
+        }
         Ok(Self {
             identity,
             chain,
@@ -172,6 +178,7 @@ impl WorkloadCert {
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(build)?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.enable_secret_extraction = crate::ktls::in_use();
         Ok(Arc::new(config))
     }
 }
@@ -598,7 +605,7 @@ pub async fn request_once(
     clippy::unwrap_used,
     reason = "a test should stop at the first unexpected error"
 )]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
 
     use rcgen::{Issuer, KeyPair};
@@ -734,16 +741,17 @@ mod tests {
         (cr.err(), sr.err(), seen)
     }
 
-    struct Fixture {
-        dir: std::path::PathBuf,
+    /// A CA on disk and two workloads' certificates from it.
+    pub(crate) struct Fixture {
+        pub(crate) dir: std::path::PathBuf,
         ca: Ca,
-        server_id: Identity,
+        pub(crate) server_id: Identity,
         client_id: Identity,
-        server: WorkloadCert,
-        client: WorkloadCert,
+        pub(crate) server: WorkloadCert,
+        pub(crate) client: WorkloadCert,
     }
 
-    fn fixture(tag: &str) -> Fixture {
+    pub(crate) fn fixture(tag: &str) -> Fixture {
         let dir = tempdir(tag);
         let ca = Ca::open(&dir, TD, Duration::from_secs(3600)).unwrap();
         let server_id = Identity::new(TD, "default", "server");

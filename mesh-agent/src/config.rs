@@ -27,6 +27,8 @@ pub const ENV_WORKER_THREADS: &str = "MESH_WORKER_THREADS";
 pub const ENV_SAME_NODE_SPLICE: &str = "MESH_SAME_NODE_SPLICE";
 /// Env var for `--same-node-splice-after-bytes`.
 pub const ENV_SAME_NODE_SPLICE_AFTER: &str = "MESH_SAME_NODE_SPLICE_AFTER_BYTES";
+/// Env var for `--ktls`.
+pub const ENV_KTLS: &str = "MESH_KTLS";
 /// Environment variable for `--trust-domain`.
 pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 /// Environment variable for `--ca-addr`.
@@ -211,6 +213,10 @@ pub struct RunArgs {
     /// when every connection was spliced).
     #[arg(long, env = ENV_SAME_NODE_SPLICE_AFTER, default_value_t = 1 << 20)]
     pub same_node_splice_after_bytes: u64,
+    /// Hand HBONE connections to the kernel's TLS after the handshake, where the kernel has it
+    /// (CONFIG_TLS; detected at start, and without it everything stays on rustls).
+    #[arg(long, env = ENV_KTLS, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ktls: bool,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -272,6 +278,8 @@ pub struct Config {
     pub same_node_splice: bool,
     /// Bytes a same-node connection moves through the proxy before it is spliced.
     pub same_node_splice_after_bytes: u64,
+    /// Whether HBONE may use the kernel's TLS.
+    pub ktls: bool,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -310,6 +318,7 @@ impl Config {
             },
             same_node_splice: args.same_node_splice,
             same_node_splice_after_bytes: args.same_node_splice_after_bytes,
+            ktls: args.ktls,
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

@@ -215,7 +215,8 @@ impl Pool {
         let name = rustls::pki_types::ServerName::IpAddress(ip.into());
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, crate::ktls::Corked::new(tcp, crate::ktls::in_use())),
         )
         .await
         .map_err(|_| tunnel("TLS handshake timed out".into()))?
@@ -229,7 +230,9 @@ impl Pool {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(
+                crate::ktls::hand_over(tls.into()).map_err(|e| tunnel(e.to_string()))?,
+            ))
             .await
             .map_err(|e| tunnel(format!("HTTP/2 handshake: {e}")))?;
         let peer = dst_id.clone();
@@ -254,7 +257,8 @@ pub async fn serve(
     let cert = shared.certs.wait(my_id, CERT_WAIT).await?;
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(cert.server_config()).accept(stream),
+        tokio_rustls::TlsAcceptor::from(cert.server_config())
+            .accept(crate::ktls::Corked::new(stream, crate::ktls::in_use())),
     )
     .await
     .map_err(|_| ProxyError::Handshake {
@@ -293,7 +297,12 @@ pub async fn serve(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_concurrent_streams(SERVER_MAX_STREAMS)
-        .serve_connection(TokioIo::new(tls), svc);
+        .serve_connection(
+            TokioIo::new(
+                crate::ktls::hand_over(tls.into()).map_err(|e| handshake_err(e.to_string()))?,
+            ),
+            svc,
+        );
     // The client's identity holds only while its certificate does: at expiry the connection
     // and every stream on it end, so pooled streams cannot outlive the proof.
     let left = client_expiry
