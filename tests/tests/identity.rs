@@ -93,6 +93,18 @@ fn cross_node_traffic_is_mtls_on_the_wire() -> Result<()> {
         hbone_bytes >= body.len(),
         "the upload crossed as HBONE: {hbone_bytes} bytes on 15008"
     );
+    // Both agents decided on kTLS at start, as the kernel allows: here (no CONFIG_TLS) the
+    // upload above went through rustls, the kTLS path skipped with the reason logged.
+    let has_tls = std::path::Path::new("/sys/module/tls").exists();
+    for i in 0..2 {
+        let log = c.agent_log(i);
+        let said = if has_tls {
+            "kTLS: on"
+        } else {
+            "kTLS: off: the kernel has no TLS support"
+        };
+        assert!(log.contains(said), "agent {i} did not log {said:?}:\n{log}");
+    }
 
     // Control: the same upload from the pod outside the mesh is plaintext, and the capture sees
     // the marker, so the check above can fail.
