@@ -416,7 +416,7 @@ impl AsyncRead for KernelStream {
             }
             return Poll::Ready(Ok(()));
         }
-        if this.closed {
+        if this.closed || buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
         loop {
