@@ -442,6 +442,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     let watch = tokio::spawn(watch_node_file(agent.clone(), config.poll_interval));
     shutdown_signal().await;
     watch.abort();
+    agent.shared().flows.close();
     info!("shutting down; capture stays in place until `mesh-agent uninstall`");
     Ok(())
 }
