@@ -946,6 +946,27 @@ impl Cluster {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
+    /// The first line of node `i`'s log that `pred` accepts, waiting up to 5 s for it: the
+    /// access log reaches stdout in batches, a few milliseconds after its flow.
+    pub fn wait_log_line(
+        &self,
+        i: usize,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        let mut found = None;
+        wait_until(what, Duration::from_secs(5), || {
+            found = self
+                .agent_log(i)
+                .lines()
+                .find(|l| pred(l))
+                .map(str::to_string);
+            Ok(found.is_some())
+        })
+        .with_context(|| format!("node {} log:\n{}", i + 1, self.agent_log(i)))?;
+        found.context("found above")
+    }
+
     fn pod_command(&self, pod: &str, args: &[&str]) -> Result<(Command, File, File)> {
         let p = self.pod(pod);
         let ns = File::open(&p.netns)?;

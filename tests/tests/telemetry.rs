@@ -334,11 +334,9 @@ fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> 
     assert_eq!(denied["dst"]["workload"], "server");
     assert_eq!(denied["src"]["principal"], format!("{TD}/client-sa"));
     assert_eq!(denied["security"], "mutual_tls");
-    let log = c.agent_log(1);
-    let line = log
-        .lines()
-        .find(|l| l.contains("verdict=deny") && l.contains("src=default/client"))
-        .with_context(|| format!("no access-log line for the denial in:\n{log}"))?;
+    let line = c.wait_log_line(1, "the denial's access-log line", |l| {
+        l.contains("verdict=deny") && l.contains("src=default/client")
+    })?;
     println!("node-2 access log: {line}");
     assert!(line.contains("policy=default/no-client"), "{line}");
     // The client's node saw the tunnel refused and says so.
@@ -470,11 +468,9 @@ fn requests_carry_one_trace_id_through_both_nodes_and_l7_denials_name_the_policy
         assert_eq!(rec["reporter"], ["source", "destination"][i]);
         assert_eq!(rec["src"]["workload"], "client");
         assert_eq!(rec["dst"]["workload"], "server");
-        assert!(
-            c.agent_log(i).contains(&format!("trace_id={id}")),
-            "node-{} access log lacks the trace id",
-            i + 1
-        );
+        c.wait_log_line(i, "the trace id in the access log", |l| {
+            l.contains(&format!("trace_id={id}"))
+        })?;
     }
     // A request the policy refuses: 403, and the server's node names the policy.
     let (_, code) = c.curl(
@@ -496,11 +492,9 @@ fn requests_carry_one_trace_id_through_both_nodes_and_l7_denials_name_the_policy
     assert_eq!(rec["verdict"], "deny");
     assert_eq!(rec["http"]["code"], 403);
     assert_eq!(rec["policies"], serde_json::json!(["default/public-only"]));
-    let log = c.agent_log(1);
-    let line = log
-        .lines()
-        .find(|l| l.contains("path=/private"))
-        .context("no access-log line for /private")?;
+    let line = c.wait_log_line(1, "the access-log line for /private", |l| {
+        l.contains("path=/private")
+    })?;
     assert!(
         line.contains("verdict=deny")
             && line.contains("code=403")
