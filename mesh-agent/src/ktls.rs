@@ -265,14 +265,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
 /// An HBONE connection after its handshake.
 pub type HboneTls = tokio_rustls::TlsStream<Corked<TcpStream>>;
 
-/// An HBONE connection's byte stream: rustls in userspace, or the kernel's TLS.
-#[derive(Debug)]
-pub enum Transport {
-    /// rustls encrypts.
-    Rustls(Box<HboneTls>),
-    /// The kernel encrypts.
-    Kernel(KernelStream),
-}
+/// An HBONE connection's byte stream: rustls in userspace (left), or the kernel's TLS (right).
+pub type Transport = tokio_util::either::Either<Box<HboneTls>, KernelStream>;
 
 /// Moves a finished handshake into the kernel when it was corked (kTLS in use), the cipher
 /// has a kernel counterpart and the kernel takes the `tls` ULP; otherwise it stays on rustls,
@@ -280,7 +274,7 @@ pub enum Transport {
 pub fn hand_over(mut tls: HboneTls) -> Result<Transport, KtlsError> {
     let (io, state) = tls.get_mut();
     if !io.engaged() {
-        return Ok(Transport::Rustls(Box::new(tls)));
+        return Ok(Transport::Left(Box::new(tls)));
     }
     io.release();
     let kept = match kernel_cipher(state.negotiated_cipher_suite()) {
@@ -289,11 +283,11 @@ pub fn hand_over(mut tls: HboneTls) -> Result<Transport, KtlsError> {
     };
     if let Err(e) = kept {
         tracing::debug!("{e}");
-        return Ok(Transport::Rustls(Box::new(tls)));
+        return Ok(Transport::Left(Box::new(tls)));
     }
     let over = take_over(tls)?;
     keys::enable(over.tcp.as_fd(), &over.secrets)?;
-    Ok(Transport::Kernel(KernelStream {
+    Ok(Transport::Right(KernelStream {
         io: over.tcp,
         pending: over.pending,
         at: 0,
@@ -527,64 +521,6 @@ impl AsyncWrite for KernelStream {
             }
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
-    }
-}
-
-impl AsyncRead for Transport {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Rustls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Self::Kernel(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Transport {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Rustls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Self::Kernel(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Rustls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Self::Kernel(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Rustls(s) => s.is_write_vectored(),
-            Self::Kernel(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Rustls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Self::Kernel(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Rustls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Self::Kernel(s) => Pin::new(s).poll_shutdown(cx),
-        }
     }
 }
 
@@ -922,7 +858,7 @@ mod tests {
             let mut pong = [0u8; 4];
             io.read_exact(&mut pong).await.unwrap();
             io.shutdown().await.unwrap();
-            (matches!(io, Transport::Kernel(_)), pong)
+            (matches!(io, Transport::Right(_)), pong)
         });
         let (tcp, _) = listener.accept().await.unwrap();
         let tls = tokio_rustls::TlsAcceptor::from(server_cfg)
@@ -930,8 +866,8 @@ mod tests {
             .await
             .unwrap();
         let mut io = hand_over(tls.into()).unwrap();
-        let kernel = matches!(io, Transport::Kernel(_));
-        if let Transport::Rustls(s) = &io {
+        let kernel = matches!(io, Transport::Right(_));
+        if let Transport::Left(s) = &io {
             assert!(!s.get_ref().0.engaged(), "the cork stayed on");
         }
         let mut ping = [0u8; 4];
