@@ -320,11 +320,13 @@ impl FlowLog {
         }
     }
 
-    /// Writes what the access log still holds, at shutdown.
+    /// Writes what the access log still holds, at shutdown, after any batch the writer is
+    /// writing (both take stdout's lock before the queue, so batches keep their order).
     pub fn close(&self) {
         if let Some(w) = &self.out {
+            let mut out = std::io::stdout().lock();
             let batch = std::mem::take(&mut *lock(&w.queue));
-            let _ = write_batch(&batch, w.format);
+            let _ = write_batch(&mut out, &batch, w.format);
         }
     }
 
@@ -359,16 +361,21 @@ fn write_lines(queue: &Mutex<Vec<Arc<FlowRecord>>>, format: AccessLogFormat) {
     loop {
         std::thread::park();
         std::thread::sleep(GATHER);
+        let mut out = std::io::stdout().lock();
         std::mem::swap(&mut batch, &mut *lock(queue));
-        if write_batch(&batch, format).is_err() {
+        if write_batch(&mut out, &batch, format).is_err() {
             return;
         }
         batch.clear();
     }
 }
 
-/// Formats `batch` and writes it to stdout in one call.
-fn write_batch(batch: &[Arc<FlowRecord>], format: AccessLogFormat) -> std::io::Result<()> {
+/// Formats `batch` and writes it to `out` in one call.
+fn write_batch(
+    out: &mut impl Write,
+    batch: &[Arc<FlowRecord>],
+    format: AccessLogFormat,
+) -> std::io::Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -382,7 +389,7 @@ fn write_batch(batch: &[Arc<FlowRecord>], format: AccessLogFormat) -> std::io::R
         }
         text.push('\n');
     }
-    std::io::stdout().lock().write_all(text.as_bytes())
+    out.write_all(text.as_bytes())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
