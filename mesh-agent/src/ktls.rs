@@ -277,11 +277,9 @@ pub fn hand_over(mut tls: HboneTls) -> Result<Transport, KtlsError> {
         return Ok(Transport::Left(Box::new(tls)));
     }
     io.release();
-    let kept = match kernel_cipher(state.negotiated_cipher_suite()) {
-        Ok(()) => attach_ulp(io.io.as_fd()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = kept {
+    if let Err(e) =
+        kernel_cipher(state.negotiated_cipher_suite()).and_then(|()| attach_ulp(io.io.as_fd()))
+    {
         tracing::debug!("{e}");
         return Ok(Transport::Left(Box::new(tls)));
     }
