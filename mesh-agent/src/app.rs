@@ -356,7 +356,8 @@ impl Agent {
 pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppError> {
     bpf::preflight(&config.bpffs)?;
     let pin_root = config.pin_root();
-    let loaded = nodefile::load(&config.node_file, None)?;
+    let applied = nodefile::read(&config.node_file)?;
+    let loaded = nodefile::load_text(&config.node_file, &applied, None)?;
     let (dataplane, orig_dst, splice) = Dataplane::load(&config.bpf_object, &pin_root)?;
     info!(
         pin_root = %pin_root.display(),
@@ -439,7 +440,11 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     crate::metrics::start(metrics_listener, metrics)?;
     info!(admin = %config.admin_addr, metrics = %config.metrics_addr, "agent running");
 
-    let watch = tokio::spawn(watch_node_file(agent.clone(), config.poll_interval));
+    let watch = tokio::spawn(watch_node_file(
+        agent.clone(),
+        config.poll_interval,
+        applied,
+    ));
     shutdown_signal().await;
     watch.abort();
     agent.shared().flows.close();
@@ -467,17 +472,19 @@ fn apply(agent: &Agent, loaded: nodefile::Loaded) {
 
 /// Polls the node file's contents. Polling (rather than inotify) also sees files replaced by
 /// rename, which is how editors and ConfigMap updates write them.
-async fn watch_node_file(agent: Arc<Agent>, every: Duration) {
-    let mut last = std::fs::read(&agent.node_file).ok();
+async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
+    // What start-up applied, not a first reading here: a change written between the two (say,
+    // right after /ready) would otherwise become the baseline and never be applied.
+    let mut last = Some(applied);
     loop {
         tokio::time::sleep(every).await;
-        let now = std::fs::read(&agent.node_file).ok();
-        if now == last {
+        let now = nodefile::read(&agent.node_file);
+        if now.as_ref().ok() == last.as_ref() {
             continue;
         }
-        last = now;
+        last = now.as_ref().ok().cloned();
         let previous = agent.current_state();
-        match nodefile::load(&agent.node_file, Some(&previous)) {
+        match now.and_then(|text| nodefile::load_text(&agent.node_file, &text, Some(&previous))) {
             Ok(loaded) => {
                 info!(file = %agent.node_file.display(), "node file changed; reconciling");
                 let agent = agent.clone();

@@ -237,7 +237,18 @@ pub fn load_remote(path: &Path) -> Result<Loaded, NodeFileError> {
     parse(path, &read(path)?, None, &NoFsChecks)
 }
 
-fn read(path: &Path) -> Result<String, NodeFileError> {
+/// [`load`] on text already read: the agent keeps the text it applied, so its watcher compares
+/// the file with what is served, not with a later reading.
+pub fn load_text(
+    path: &Path,
+    text: &str,
+    previous: Option<&NodeState>,
+) -> Result<Loaded, NodeFileError> {
+    parse(path, text, previous, &RealFs)
+}
+
+/// The node file's text.
+pub fn read(path: &Path) -> Result<String, NodeFileError> {
     std::fs::read_to_string(path).map_err(|source| NodeFileError::Read {
         path: path.to_owned(),
         source,
