@@ -49,6 +49,10 @@ pub const CERT_WAIT: Duration = Duration::from_secs(10);
 /// HTTP/2 windows: large enough that one stream can fill a fast link.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest HTTP/2 frame each end accepts: a relay reads up to 64 KiB at a time, and one
+/// frame per read means one TLS write (four records, one `writev`) where 16 KiB frames took
+/// four.
+const MAX_FRAME: u32 = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -229,6 +233,7 @@ impl Pool {
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(TokioIo::new(
                 crate::ktls::hand_over(tls.into()).map_err(|e| tunnel(e.to_string()))?,
@@ -296,6 +301,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(SERVER_MAX_STREAMS)
         .serve_connection(
             TokioIo::new(

@@ -33,6 +33,8 @@ use tokio::{
     net::TcpStream,
 };
 
+use crate::proxy::relay::{SCRATCH, with_scratch};
+
 /// Errors from kTLS.
 #[derive(Debug, thiserror::Error)]
 pub enum KtlsError {
@@ -137,14 +139,21 @@ const KEY_UPDATE: u8 = 24;
 /// The largest TLS plaintext record: the kernel splits writes into records of at most this.
 const MAX_RECORD: usize = 1 << 14;
 
-/// A handshake's transport that, while engaged, gives rustls whole TLS records only and pauses
-/// after each one (it wakes itself and answers `Pending` once), so tokio-rustls's handshake
-/// loop checks for the end of the handshake between records and never reads past it.
-/// Released, it passes bytes straight through.
+/// The transport under rustls. While engaged (a handshake that may go to the kernel) it gives
+/// rustls whole TLS records only and pauses after each one (it wakes itself and answers
+/// `Pending` once), so tokio-rustls's handshake loop checks for the end of the handshake
+/// between records and never reads past it.
+///
+/// Released, it reads ahead: rustls asks for at most one record (16 KiB) per read, so a bulk
+/// transfer cost a `recv` per record. One `recv` now takes up to [`SCRATCH`] bytes into the
+/// worker's scratch buffer; what rustls did not ask for is kept, on the heap only until it is
+/// read, so an idle connection holds nothing.
 #[derive(Debug)]
 pub struct Corked<S> {
     io: S,
     engaged: bool,
+    /// Read ahead and not yet given to rustls, and how much of it was given.
+    ahead: Option<(Vec<u8>, usize)>,
     /// The current record's header, as far as it has come.
     header: [u8; 5],
     have: usize,
@@ -160,6 +169,7 @@ impl<S> Corked<S> {
         Self {
             io,
             engaged,
+            ahead: None,
             header: [0; 5],
             have: 0,
             body_left: 0,
@@ -210,7 +220,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Corked<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.engaged {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+            return this.read_ahead(cx, buf);
         }
         if this.paused {
             this.paused = false;
@@ -229,6 +239,35 @@ impl<S: AsyncRead + Unpin> AsyncRead for Corked<S> {
         this.paused = got > 0 && this.advance(&dst[..got]);
         buf.advance(got);
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> Corked<S> {
+    /// A released read: from what was read ahead, else one read of up to [`SCRATCH`] bytes.
+    fn read_ahead(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some((kept, at)) = &mut self.ahead {
+            let n = buf.remaining().min(kept.len() - *at);
+            buf.put_slice(&kept[*at..*at + n]);
+            *at += n;
+            if *at == kept.len() {
+                self.ahead = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() >= SCRATCH {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        with_scratch(|space| {
+            let mut rb = ReadBuf::new(space);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+            let got = rb.filled();
+            let n = buf.remaining().min(got.len());
+            buf.put_slice(&got[..n]);
+            if n < got.len() {
+                self.ahead = Some((got[n..].to_vec(), 0));
+            }
+            Poll::Ready(Ok(()))
+        })
     }
 }
 
@@ -274,14 +313,14 @@ pub type Transport = tokio_util::either::Either<Box<HboneTls>, KernelStream>;
 pub fn hand_over(mut tls: HboneTls) -> Result<Transport, KtlsError> {
     let (io, state) = tls.get_mut();
     if !io.engaged() {
-        return Ok(Transport::Left(Box::new(tls)));
+        return Ok(on_rustls(tls));
     }
     io.release();
     if let Err(e) =
         kernel_cipher(state.negotiated_cipher_suite()).and_then(|()| attach_ulp(io.io.as_fd()))
     {
         tracing::debug!("{e}");
-        return Ok(Transport::Left(Box::new(tls)));
+        return Ok(on_rustls(tls));
     }
     let over = take_over(tls)?;
     keys::enable(over.tcp.as_fd(), &over.secrets)?;
@@ -294,6 +333,19 @@ pub fn hand_over(mut tls: HboneTls) -> Result<Transport, KtlsError> {
         notified: false,
         closed: false,
     }))
+}
+
+/// rustls queues at most this much unsent TLS. Above the 64 KiB default, so a 64 KiB HTTP/2
+/// frame (HBONE's largest) is encrypted whole and leaves in one `writev` of four records.
+const TLS_BUFFER: usize = 256 * 1024;
+
+/// A connection that stays on rustls.
+fn on_rustls(mut tls: HboneTls) -> Transport {
+    match &mut tls {
+        tokio_rustls::TlsStream::Client(c) => c.get_mut().1.set_buffer_limit(Some(TLS_BUFFER)),
+        tokio_rustls::TlsStream::Server(s) => s.get_mut().1.set_buffer_limit(Some(TLS_BUFFER)),
+    }
+    Transport::Left(Box::new(tls))
 }
 
 /// Whether the kernel has the negotiated cipher (linux/tls.h: AES-GCM and ChaCha20-Poly1305).
@@ -828,6 +880,76 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(client.join().unwrap(), b"sealed as the kernel would");
+        let _ = std::fs::remove_dir_all(&f.dir);
+    }
+
+    /// Counts the reads that returned bytes.
+    struct CountingReads<R> {
+        io: R,
+        reads: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReads<R> {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            let before = buf.filled().len();
+            let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+            if buf.filled().len() > before {
+                this.reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+    }
+
+    /// A released transport reads ahead: 1 MiB of TLS already waiting is taken in reads of
+    /// 64 KiB, not one per 16 KiB record as rustls asks, every byte arrives once and in order,
+    /// and once it is read nothing is kept.
+    #[tokio::test]
+    async fn a_released_transport_reads_several_records_at_once_and_keeps_nothing_after() {
+        let f = fixture("read-ahead");
+        let (server_cfg, client_cfg) = ktls_configs(&f);
+        // Room for all of it, so the data waits whole before the server reads.
+        let (client_io, server_io) = tokio::io::duplex(4 << 20);
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+        let sent = data.clone();
+        let client = tokio::spawn(async move {
+            let name = rustls::pki_types::ServerName::IpAddress(
+                std::net::IpAddr::from([127, 0, 0, 1]).into(),
+            );
+            let mut tls = tokio_rustls::TlsConnector::from(client_cfg)
+                .connect(name, client_io)
+                .await
+                .unwrap();
+            tls.write_all(&sent).await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, w) = tokio::io::split(server_io);
+        let counted = CountingReads {
+            io: r,
+            reads: reads.clone(),
+        };
+        let mut tls = tokio_rustls::TlsAcceptor::from(server_cfg)
+            .accept(Corked::new(tokio::io::join(counted, w), false))
+            .await
+            .unwrap();
+        client.await.unwrap();
+        let handshake_reads = reads.load(std::sync::atomic::Ordering::Relaxed);
+        let mut got = Vec::new();
+        tls.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "the bytes differ");
+        let data_reads = reads.load(std::sync::atomic::Ordering::Relaxed) - handshake_reads;
+        let records = data.len() / super::MAX_RECORD;
+        assert!(
+            data_reads * 3 <= records,
+            "{data_reads} reads for {records} records: no read-ahead"
+        );
+        assert!(tls.get_ref().0.ahead.is_none(), "kept bytes after the end");
         let _ = std::fs::remove_dir_all(&f.dir);
     }
 

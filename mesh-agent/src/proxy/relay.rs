@@ -30,6 +30,16 @@ thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
+/// Runs `f` with the worker thread's [`SCRATCH`]-byte buffer. Callers borrow it only inside
+/// one synchronous poll; should a poll ever nest inside another on the same thread, the inner
+/// one gets a buffer of its own, so this stays correct.
+pub fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut vec![0; SCRATCH]),
+    })
+}
+
 /// One direction's state.
 #[derive(Debug, Default)]
 struct Half {
@@ -110,18 +120,7 @@ impl Half {
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
-        SCRATCH_BUF.with(|scratch| {
-            // A poll never re-enters another poll on this thread, so the borrow is free; if it
-            // ever were not, a one-off buffer keeps this correct.
-            let mut own;
-            let mut borrowed = scratch.try_borrow_mut();
-            let space: &mut [u8] = match borrowed.as_deref_mut() {
-                Ok(b) => b,
-                Err(_) => {
-                    own = vec![0; SCRATCH];
-                    &mut own
-                }
-            };
+        with_scratch(|space| {
             let mut rb = ReadBuf::new(space);
             ready!(Pin::new(&mut *r).poll_read(cx, &mut rb))?;
             let data = rb.filled();
