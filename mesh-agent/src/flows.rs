@@ -385,7 +385,7 @@ fn write_batch(
             AccessLogFormat::Json => {
                 text.push_str(&serde_json::to_string(&**rec).unwrap_or_default())
             }
-            _ => text.push_str(&text_line(rec)),
+            _ => write_text_line(&mut text, rec),
         }
         text.push('\n');
     }
@@ -396,19 +396,71 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A `key=value` line; values with spaces or quotes are quoted.
-pub fn text_line(r: &FlowRecord) -> String {
-    use std::fmt::Write as _;
-    fn v(s: &str) -> String {
-        if s.is_empty() || s.contains([' ', '"', '=']) {
-            format!("{s:?}")
+/// One record's text line on its own, as the writer appends it.
+#[cfg(test)]
+fn text_line(r: &FlowRecord) -> String {
+    let mut line = String::new();
+    write_text_line(&mut line, r);
+    line
+}
+
+/// A value as the text line shows it: quoted (Rust string syntax) when empty or when it holds a
+/// space, a quote or `=`, so `key=value` pairs split unambiguously.
+struct Value<'a>(&'a str);
+
+impl Value<'_> {
+    fn needs_quotes(s: &str) -> bool {
+        s.is_empty() || s.contains([' ', '"', '='])
+    }
+}
+
+impl std::fmt::Display for Value<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if Self::needs_quotes(self.0) {
+            write!(f, "{:?}", self.0)
         } else {
-            s.to_string()
+            f.write_str(self.0)
         }
     }
-    let side = |s: &Side| format!("{}/{}", s.namespace, s.workload);
-    let addr = |a: Option<SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
-    let mut line = format!(
+}
+
+/// A side as `namespace/workload`, quoted as [`Value`] would quote it.
+struct SideName<'a>(&'a Side);
+
+impl std::fmt::Display for SideName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Side {
+            namespace,
+            workload,
+            ..
+        } = self.0;
+        if Value::needs_quotes(namespace) || Value::needs_quotes(workload) {
+            write!(f, "{:?}", format!("{namespace}/{workload}"))
+        } else {
+            write!(f, "{namespace}/{workload}")
+        }
+    }
+}
+
+/// An address, or `-`.
+struct Addr(Option<SocketAddr>);
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// Appends `r` to `line` as a `key=value` line (values quoted as [`Value`] says), with no
+/// allocation per field: the writer thread formats every L7 request, and did so with a dozen
+/// small strings each.
+fn write_text_line(line: &mut String, r: &FlowRecord) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        line,
         "{} kind={} reporter={} verdict={} src={} src_principal={} src_addr={} dst={} dst_principal={} dst_addr={} service={} security={} flags={} received={} sent={} duration_ms={}",
         r.start,
         r.kind,
@@ -418,15 +470,15 @@ pub fn text_line(r: &FlowRecord) -> String {
             Verdict::Deny => "deny",
             Verdict::Error => "error",
         },
-        v(&side(&r.src)),
-        v(&r.src.principal),
-        addr(r.src.addr),
-        v(&side(&r.dst)),
-        v(&r.dst.principal),
-        addr(r.dst.addr),
-        v(&r.service),
+        SideName(&r.src),
+        Value(&r.src.principal),
+        Addr(r.src.addr),
+        SideName(&r.dst),
+        Value(&r.dst.principal),
+        Addr(r.dst.addr),
+        Value(&r.service),
         r.security,
-        v(&r.flags),
+        Value(&r.flags),
         r.bytes_received,
         r.bytes_sent,
         r.duration_ms,
@@ -435,21 +487,20 @@ pub fn text_line(r: &FlowRecord) -> String {
         let _ = write!(
             line,
             " method={} path={} authority={} protocol={} code={} trace_id={}",
-            v(&h.method),
-            v(&h.path),
-            v(&h.authority),
+            Value(&h.method),
+            Value(&h.path),
+            Value(&h.authority),
             h.protocol,
             h.code,
-            v(&h.trace_id),
+            Value(&h.trace_id),
         );
     }
     if !r.policies.is_empty() {
-        let _ = write!(line, " policy={}", v(&r.policies.join(",")));
+        let _ = write!(line, " policy={}", Value(&r.policies.join(",")));
     }
     if let Some(reason) = &r.reason {
-        let _ = write!(line, " reason={}", v(reason));
+        let _ = write!(line, " reason={}", Value(reason));
     }
-    line
 }
 
 #[cfg(test)]
@@ -505,6 +556,19 @@ mod tests {
             "{line}"
         );
         assert!(line.contains(" dst_addr=- "), "{line}");
+        assert!(line.contains(" src=default/client "), "{line}");
+        assert!(line.contains(" src_addr=10.0.0.1:4000 "), "{line}");
+    }
+
+    /// A side whose name has a space is quoted whole, and an empty value shows as `""`.
+    #[test]
+    fn text_line_quotes_a_side_and_an_empty_value() {
+        let mut r = sample();
+        r.dst.workload = "my server".into();
+        r.flags = String::new();
+        let line = text_line(&r);
+        assert!(line.contains(r#" dst="default/my server" "#), "{line}");
+        assert!(line.contains(r#" flags="" "#), "{line}");
     }
 
     #[test]
