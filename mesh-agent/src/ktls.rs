@@ -187,8 +187,10 @@ impl<S> Corked<S> {
         self.engaged = false;
     }
 
-    /// The transport itself.
+    /// The transport itself. Only for the kernel hand-over, which takes it right after an
+    /// engaged handshake: nothing was read ahead, so no byte stays behind here.
     pub fn into_inner(self) -> S {
+        debug_assert!(self.ahead.is_none(), "read-ahead bytes would be lost");
         self.io
     }
 
