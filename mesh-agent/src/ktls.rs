@@ -139,6 +139,37 @@ const KEY_UPDATE: u8 = 24;
 /// The largest TLS plaintext record: the kernel splits writes into records of at most this.
 const MAX_RECORD: usize = 1 << 14;
 
+/// Bytes read but not yet passed up, and how many of them were; holds no heap once drained.
+#[derive(Debug, Default)]
+struct Held {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl Held {
+    fn new(bytes: Vec<u8>) -> Self {
+        Self { bytes, at: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+
+    /// Moves as much as fits into `buf`; false when nothing was held.
+    fn give(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let n = (self.bytes.len() - self.at).min(buf.remaining());
+        buf.put_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        if self.is_empty() {
+            *self = Self::default();
+        }
+        true
+    }
+}
+
 /// The transport under rustls. While engaged (a handshake that may go to the kernel) it gives
 /// rustls whole TLS records only and pauses after each one (it wakes itself and answers
 /// `Pending` once), so tokio-rustls's handshake loop checks for the end of the handshake
@@ -152,8 +183,8 @@ const MAX_RECORD: usize = 1 << 14;
 pub struct Corked<S> {
     io: S,
     engaged: bool,
-    /// Read ahead and not yet given to rustls, and how much of it was given.
-    ahead: Option<(Vec<u8>, usize)>,
+    /// Read ahead and not yet given to rustls.
+    ahead: Held,
     /// The current record's header, as far as it has come.
     header: [u8; 5],
     have: usize,
@@ -169,7 +200,7 @@ impl<S> Corked<S> {
         Self {
             io,
             engaged,
-            ahead: None,
+            ahead: Held::default(),
             header: [0; 5],
             have: 0,
             body_left: 0,
@@ -190,7 +221,7 @@ impl<S> Corked<S> {
     /// The transport itself. Only for the kernel hand-over, which takes it right after an
     /// engaged handshake: nothing was read ahead, so no byte stays behind here.
     pub fn into_inner(self) -> S {
-        debug_assert!(self.ahead.is_none(), "read-ahead bytes would be lost");
+        debug_assert!(self.ahead.is_empty(), "read-ahead bytes would be lost");
         self.io
     }
 
@@ -247,13 +278,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Corked<S> {
 impl<S: AsyncRead + Unpin> Corked<S> {
     /// A released read: from what was read ahead, else one read of up to [`SCRATCH`] bytes.
     fn read_ahead(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if let Some((kept, at)) = &mut self.ahead {
-            let n = buf.remaining().min(kept.len() - *at);
-            buf.put_slice(&kept[*at..*at + n]);
-            *at += n;
-            if *at == kept.len() {
-                self.ahead = None;
-            }
+        if self.ahead.give(buf) {
             return Poll::Ready(Ok(()));
         }
         if buf.remaining() >= SCRATCH {
@@ -266,7 +291,7 @@ impl<S: AsyncRead + Unpin> Corked<S> {
             let n = buf.remaining().min(got.len());
             buf.put_slice(&got[..n]);
             if n < got.len() {
-                self.ahead = Some((got[n..].to_vec(), 0));
+                self.ahead = Held::new(got[n..].to_vec());
             }
             Poll::Ready(Ok(()))
         })
@@ -328,8 +353,7 @@ pub fn hand_over(mut tls: HboneTls) -> Result<Transport, KtlsError> {
     keys::enable(over.tcp.as_fd(), &over.secrets)?;
     Ok(Transport::Right(KernelStream {
         io: over.tcp,
-        pending: over.pending,
-        at: 0,
+        pending: Held::new(over.pending),
         sent_records: 0,
         limit: over.limit,
         notified: false,
@@ -434,8 +458,8 @@ impl std::fmt::Debug for Handover {
 #[derive(Debug)]
 pub struct KernelStream {
     io: TcpStream,
-    pending: Vec<u8>,
-    at: usize,
+    /// Plaintext rustls had decrypted before the hand-over.
+    pending: Held,
     /// Records sealed with the current key, against `limit`.
     sent_records: u64,
     limit: u64,
@@ -452,14 +476,7 @@ impl AsyncRead for KernelStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.at < this.pending.len() {
-            let n = (this.pending.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.pending[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.pending.len() {
-                this.pending = Vec::new();
-                this.at = 0;
-            }
+        if this.pending.give(buf) {
             return Poll::Ready(Ok(()));
         }
         if this.closed || buf.remaining() == 0 {
@@ -951,7 +968,7 @@ mod tests {
             data_reads * 3 <= records,
             "{data_reads} reads for {records} records: no read-ahead"
         );
-        assert!(tls.get_ref().0.ahead.is_none(), "kept bytes after the end");
+        assert!(tls.get_ref().0.ahead.is_empty(), "kept bytes after the end");
         let _ = std::fs::remove_dir_all(&f.dir);
     }
 
