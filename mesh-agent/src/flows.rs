@@ -409,8 +409,13 @@ fn text_line(r: &FlowRecord) -> String {
 struct Value<'a>(&'a str);
 
 impl Value<'_> {
+    /// Characters that would split or end a `key=value` pair.
+    fn has_separator(s: &str) -> bool {
+        s.contains([' ', '"', '='])
+    }
+
     fn needs_quotes(s: &str) -> bool {
-        s.is_empty() || s.contains([' ', '"', '='])
+        s.is_empty() || Self::has_separator(s)
     }
 }
 
@@ -434,7 +439,8 @@ impl std::fmt::Display for SideName<'_> {
             workload,
             ..
         } = self.0;
-        if Value::needs_quotes(namespace) || Value::needs_quotes(workload) {
+        // Never empty (it holds the `/`), so only separators call for quotes.
+        if Value::has_separator(namespace) || Value::has_separator(workload) {
             write!(f, "{:?}", format!("{namespace}/{workload}"))
         } else {
             write!(f, "{namespace}/{workload}")
@@ -560,7 +566,8 @@ mod tests {
         assert!(line.contains(" src_addr=10.0.0.1:4000 "), "{line}");
     }
 
-    /// A side whose name has a space is quoted whole, and an empty value shows as `""`.
+    /// A side whose name has a space is quoted whole, and an empty value shows as `""`; a side
+    /// with an empty part is not empty, so it stays bare, as it always was.
     #[test]
     fn text_line_quotes_a_side_and_an_empty_value() {
         let mut r = sample();
@@ -569,6 +576,9 @@ mod tests {
         let line = text_line(&r);
         assert!(line.contains(r#" dst="default/my server" "#), "{line}");
         assert!(line.contains(r#" flags="" "#), "{line}");
+        r.src.namespace = String::new();
+        let line = text_line(&r);
+        assert!(line.contains(" src=/client "), "{line}");
     }
 
     #[test]
