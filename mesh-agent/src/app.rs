@@ -60,6 +60,9 @@ pub enum AppError {
         "cannot start the same-node splice: {0} (run with --same-node-splice=false to relay same-node traffic in the proxy)"
     )]
     Splice(std::io::Error),
+    /// See [`cgroup::CgroupError`].
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
 /// Why one pod could not be enrolled; the others are unaffected.
@@ -355,15 +358,19 @@ impl Agent {
 /// `mesh-agent uninstall` removes it.
 pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppError> {
     bpf::preflight(&config.bpffs)?;
+    if let Some(dir) = &config.cgroup {
+        crate::cgroup::join(dir)?;
+    }
     let pin_root = config.pin_root();
     let applied = nodefile::read(&config.node_file)?;
     let loaded = nodefile::load_text(&config.node_file, &applied, None)?;
-    let (dataplane, orig_dst, splice) = Dataplane::load(&config.bpf_object, &pin_root)?;
+    let (mut dataplane, orig_dst, splice) = Dataplane::load(&config.bpf_object, &pin_root)?;
     info!(
         pin_root = %pin_root.display(),
         adopted_maps = dataplane.adopted_maps(),
         "eBPF programs loaded"
     );
+    let bypass = start_loop_bypass(&mut dataplane, config.loop_bypass)?;
     let admin_listener = admin::bind(config.admin_addr).await?;
     let metrics_listener = crate::metrics::bind(config.metrics_addr).await?;
     let metrics = Arc::new(crate::metrics::Metrics::new(config.metrics_retention)?);
@@ -408,7 +415,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         shared: Arc::new(Shared {
             routes: RwLock::new(Arc::new(Routes::default())),
             orig_dst,
-            splice: if config.same_node_splice {
+            splice: if config.same_node_splice && !bypass {
                 Some(
                     crate::proxy::splice::Splicer::start(
                         splice,
@@ -450,6 +457,37 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     agent.shared().flows.close();
     info!("shutting down; capture stays in place until `mesh-agent uninstall`");
     Ok(())
+}
+
+/// Starts the loopback bypass if it is wanted and the agent has a cgroup of its own to watch;
+/// returns whether it runs. Without it every hop stays on TCP, which is correct, only slower.
+fn start_loop_bypass(dp: &mut Dataplane, want: bool) -> Result<bool, AppError> {
+    let off = |dp: &mut Dataplane, why: &str| {
+        info!("loopback bypass: off: {why}");
+        dp.set_loop_bypass(false).map(|()| false)
+    };
+    if !want {
+        return Ok(off(dp, "--loop-bypass=false")?);
+    }
+    let dir = match crate::cgroup::own() {
+        Ok(dir) => dir,
+        Err(e) => return Ok(off(dp, &e.to_string())?),
+    };
+    if crate::cgroup::is_root(&dir) {
+        let why = format!(
+            "the agent runs in the root cgroup {}, where its sock_ops program would see every socket of the node; give it a cgroup of its own (--cgroup)",
+            dir.display()
+        );
+        return Ok(off(dp, &why)?);
+    }
+    let adopted = dp.attach_proxy(&dir)?;
+    dp.set_loop_bypass(true)?;
+    info!(
+        cgroup = %dir.display(),
+        adopted,
+        "loopback bypass: on; pod-proxy hops skip TCP, same-node connections are relayed"
+    );
+    Ok(true)
 }
 
 /// Returns the heap that start-up used and freed (loading the programs parses the kernel's

@@ -25,15 +25,16 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash},
     programs::{
-        CgroupAttachMode, Program,
+        CgroupAttachMode, Program, SkMsg,
         links::{FdLink, PinnedLink},
     },
     util::nr_cpus,
 };
 use mesh_common::{
-    InboundKey, InboundStats, IpKey, ListenerKind, OrigDst, OrigDstKey, PodStats, maps, programs,
+    InboundKey, InboundStats, IpKey, ListenerKind, LoopKey, OrigDst, OrigDstKey, PodStats, maps,
+    programs,
 };
 
 use crate::state::Pod;
@@ -321,6 +322,9 @@ pub struct Dataplane {
     inbound_stats: PerCpuHashMap<MapData, IpKey, InboundStats>,
     excluded: BpfHashMap<MapData, u16, u8>,
     strict: BpfHashMap<MapData, IpKey, u8>,
+    loop_enabled: Array<MapData, u32>,
+    /// Pin name of the link of `mesh_proxy_sock_ops` to the agent's cgroup, once attached.
+    proxy_link: Option<String>,
     adopted_maps: bool,
 }
 
@@ -397,6 +401,7 @@ impl Dataplane {
                 Program::SockOps(p) => p.load().map_err(prog_err("load", name))?,
                 Program::SkLookup(p) => p.load().map_err(prog_err("load", name))?,
                 Program::SkSkb(p) => p.load().map_err(prog_err("load", name))?,
+                Program::SkMsg(p) => p.load().map_err(prog_err("load", name))?,
                 _ => {
                     return Err(BpfError::Missing {
                         kind: "program",
@@ -414,6 +419,7 @@ impl Dataplane {
                 Program::SockOps(p) => p.pin(&pin),
                 Program::SkLookup(p) => p.pin(&pin),
                 Program::SkSkb(p) => p.pin(&pin),
+                Program::SkMsg(p) => p.pin(&pin),
                 _ => Ok(()),
             };
             pinned.map_err(|e| BpfError::Pin {
@@ -447,6 +453,24 @@ impl Dataplane {
         let strict = BpfHashMap::try_from(take_map(&mut ebpf, maps::STRICT_ADDRS)?)
             .map_err(map_err(maps::STRICT_ADDRS, "open"))?;
         let splice = SpliceTable::attach(&mut ebpf)?;
+        let loop_socks: SockHash<MapData, LoopKey> =
+            SockHash::try_from(take_map(&mut ebpf, maps::LOOP_SOCKS)?)
+                .map_err(map_err(maps::LOOP_SOCKS, "open"))?;
+        let loop_msg: &mut SkMsg = ebpf
+            .program_mut(programs::LOOP_MSG)
+            .ok_or(BpfError::Missing {
+                kind: "program",
+                name: programs::LOOP_MSG,
+            })?
+            .try_into()
+            .map_err(prog_err("open", programs::LOOP_MSG))?;
+        // Replaces an earlier agent's program on the pinned map; sockets already in it keep the
+        // program they entered with.
+        loop_msg
+            .attach(loop_socks.fd())
+            .map_err(prog_err("attach", programs::LOOP_MSG))?;
+        let loop_enabled = Array::try_from(take_map(&mut ebpf, maps::LOOP_ENABLED)?)
+            .map_err(map_err(maps::LOOP_ENABLED, "open"))?;
         Ok((
             Self {
                 ebpf,
@@ -456,6 +480,8 @@ impl Dataplane {
                 inbound_stats,
                 excluded,
                 strict,
+                loop_enabled,
+                proxy_link: None,
                 adopted_maps,
             },
             OrigDstTable { fd },
@@ -466,6 +492,59 @@ impl Dataplane {
     /// Whether the maps were adopted from an earlier agent rather than created.
     pub fn adopted_maps(&self) -> bool {
         self.adopted_maps
+    }
+
+    /// Turns the loopback bypass on or off for sockets that connect from now on. Sockets
+    /// already in it keep bypassing until they close.
+    pub fn set_loop_bypass(&mut self, on: bool) -> Result<(), BpfError> {
+        self.loop_enabled
+            .set(0, u32::from(on), 0)
+            .map_err(map_err(maps::LOOP_ENABLED, "set"))
+    }
+
+    /// Attaches `mesh_proxy_sock_ops` to the agent's own cgroup `dir` (adopting an earlier
+    /// agent's link to the same cgroup), so the proxy's loopback sockets enter the bypass.
+    /// Returns whether the link was adopted.
+    pub fn attach_proxy(&mut self, dir: &Path) -> Result<bool, BpfError> {
+        let program = programs::PROXY_SOCK_OPS;
+        let target = |source| BpfError::Target {
+            pod: "(the agent itself)".into(),
+            path: dir.to_owned(),
+            program,
+            source,
+        };
+        let ino = std::fs::metadata(dir).map_err(target)?.ino();
+        let name = format!("agent_{program}_cg{ino}");
+        let pin = self.root.join("links").join(&name);
+        self.proxy_link = Some(name);
+        if pin.exists() {
+            return Ok(true);
+        }
+        let cgroup = File::open(dir).map_err(target)?;
+        let prog: &mut aya::programs::SockOps = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(BpfError::Missing {
+                kind: "program",
+                name: program,
+            })?
+            .try_into()
+            .map_err(prog_err("open", program))?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err("attach", program))?;
+        let link = prog.take_link(id).map_err(prog_err("take link", program))?;
+        let link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
+            path: pin.clone(),
+            what: "convert link",
+            source: io::Error::other(chain(&e)),
+        })?;
+        link.pin(&pin).map_err(|e| BpfError::Pin {
+            path: pin.clone(),
+            what: "pin link",
+            source: io::Error::other(chain(&e)),
+        })?;
+        Ok(false)
     }
 
     /// Makes the kernel's excluded-port set equal `ports`.
@@ -679,7 +758,7 @@ impl Dataplane {
     /// Unpins (and so detaches) every link not belonging to one of `pods`. Returns the pin names
     /// removed.
     pub fn detach_others(&mut self, pods: &[&Pod]) -> Result<Vec<String>, BpfError> {
-        let mut keep = BTreeSet::new();
+        let mut keep: BTreeSet<String> = self.proxy_link.iter().cloned().collect();
         for pod in pods {
             // A pod whose cgroup or netns vanished keeps nothing: its links are stale.
             if let Ok(names) = Self::link_names(pod) {

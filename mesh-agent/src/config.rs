@@ -29,6 +29,10 @@ pub const ENV_SAME_NODE_SPLICE: &str = "MESH_SAME_NODE_SPLICE";
 pub const ENV_SAME_NODE_SPLICE_AFTER: &str = "MESH_SAME_NODE_SPLICE_AFTER_BYTES";
 /// Env var for `--ktls`.
 pub const ENV_KTLS: &str = "MESH_KTLS";
+/// Env var for `--loop-bypass`.
+pub const ENV_LOOP_BYPASS: &str = "MESH_LOOP_BYPASS";
+/// Env var for `--cgroup`.
+pub const ENV_CGROUP: &str = "MESH_CGROUP";
 /// Environment variable for `--trust-domain`.
 pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 /// Environment variable for `--ca-addr`.
@@ -217,6 +221,18 @@ pub struct RunArgs {
     /// (CONFIG_TLS; detected at start, and without it everything stays on rustls).
     #[arg(long, env = ENV_KTLS, default_value_t = true, action = clap::ArgAction::Set)]
     pub ktls: bool,
+    /// Take TCP out of the hops between pods and the proxy over each pod's loopback: sockmap
+    /// `sk_msg` moves each message into the receiving socket (the first 4 MiB each socket
+    /// sends; then TCP). Off by default: on Linux 6.18 a socket in a sockmap can fail a
+    /// blocking read with EAGAIN, which applications reading blocking sockets do not expect.
+    /// Needs the agent in a cgroup of its own (see --cgroup). While it is on, same-node
+    /// connections are relayed rather than spliced: their bytes skip the queues the splice reads.
+    #[arg(long, env = ENV_LOOP_BYPASS, default_value_t = false, action = clap::ArgAction::Set)]
+    pub loop_bypass: bool,
+    /// cgroup v2 directory the agent moves itself into at start, before it opens any socket
+    /// (the loopback bypass watches the agent's cgroup). Default: the one it was started in.
+    #[arg(long, env = ENV_CGROUP)]
+    pub cgroup: Option<PathBuf>,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -280,6 +296,10 @@ pub struct Config {
     pub same_node_splice_after_bytes: u64,
     /// Whether HBONE may use the kernel's TLS.
     pub ktls: bool,
+    /// Whether pod↔proxy loopback hops may bypass TCP.
+    pub loop_bypass: bool,
+    /// The cgroup to join at start.
+    pub cgroup: Option<PathBuf>,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -319,6 +339,8 @@ impl Config {
             same_node_splice: args.same_node_splice,
             same_node_splice_after_bytes: args.same_node_splice_after_bytes,
             ktls: args.ktls,
+            loop_bypass: args.loop_bypass,
+            cgroup: args.cgroup,
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

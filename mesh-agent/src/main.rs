@@ -7,6 +7,7 @@ mod app;
 mod bpf;
 mod ca;
 mod certs;
+mod cgroup;
 mod cli;
 mod config;
 mod explain;

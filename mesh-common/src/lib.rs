@@ -30,8 +30,23 @@ pub mod programs {
     /// `sk_skb/stream_verdict`, attached to [`SPLICE_SOURCES`](crate::maps::SPLICE_SOURCES):
     /// moves a spliced same-node connection's bytes to its peer socket inside the kernel.
     pub const SPLICE_VERDICT: &str = "mesh_splice_verdict";
+    /// `sock_ops` attached to the agent's own cgroup: enters the proxy's loopback sockets (its
+    /// accepted 15001 connections and its deliveries to applications) in
+    /// [`LOOP_SOCKS`](crate::maps::LOOP_SOCKS).
+    pub const PROXY_SOCK_OPS: &str = "mesh_proxy_sock_ops";
+    /// `sk_msg`, attached to [`LOOP_SOCKS`](crate::maps::LOOP_SOCKS): moves each message sent
+    /// between a pod and the proxy over the pod's loopback straight into the receiver's queue.
+    pub const LOOP_MSG: &str = "mesh_loop_msg";
     /// Every program in the object, for tests and for pinning.
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCK_OPS, SK_LOOKUP, SPLICE_VERDICT];
+    pub const ALL: [&str; 7] = [
+        CONNECT4,
+        CONNECT6,
+        SOCK_OPS,
+        SK_LOOKUP,
+        SPLICE_VERDICT,
+        PROXY_SOCK_OPS,
+        LOOP_MSG,
+    ];
 }
 
 /// Map names (the static names in `mesh-ebpf`; the kernel truncates names to 15 bytes).
@@ -64,8 +79,18 @@ pub mod maps {
     pub const SPLICE_SOURCES: &str = "SPLICE_SOURCES";
     /// Hash: socket cookie → [`SplicePeer`](crate::SplicePeer), the socket its bytes go to.
     pub const SPLICE_PEERS: &str = "SPLICE_PEERS";
+    /// Sock hash: [`LoopKey`](crate::LoopKey) → one end of a pod↔proxy loopback connection.
+    /// The `sk_msg` program is attached here, and redirects only between sockets in it.
+    pub const LOOP_SOCKS: &str = "LOOP_SOCKS";
+    /// LRU hash: [`LoopKey`](crate::LoopKey) → [`LoopState`](crate::LoopState): whether that
+    /// socket's sends bypass TCP, and how many more bytes may. A missing entry means TCP, which
+    /// is always safe.
+    pub const LOOP_MODES: &str = "LOOP_MODES";
+    /// Array of one `u32`: 1 while an agent runs the loopback bypass. Pod sockets enter
+    /// [`LOOP_SOCKS`] only then, so with the bypass off they never leave plain TCP.
+    pub const LOOP_ENABLED: &str = "LOOP_ENABLED";
     /// Every map in the object, for tests and for pinning.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 14] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST,
         POD_STATS,
@@ -77,6 +102,9 @@ pub mod maps {
         SPLICE_TARGETS,
         SPLICE_SOURCES,
         SPLICE_PEERS,
+        LOOP_SOCKS,
+        LOOP_MODES,
+        LOOP_ENABLED,
     ];
 }
 
@@ -121,8 +149,23 @@ pub mod events {
     /// The splice verdict dropped bytes because the peer socket had left `SPLICE_TARGETS` (it
     /// closed; the proxy closes the other end next).
     pub const SPLICE_DROP_NO_PEER: u32 = 16;
+    /// A pod↔proxy loopback socket entered [`LOOP_SOCKS`](crate::maps::LOOP_SOCKS).
+    pub const LOOP_ENTERED: u32 = 17;
+    /// A loopback socket could not enter the map (full): it stays on TCP.
+    pub const LOOP_ENTER_FAILED: u32 = 18;
+    /// A connecting socket's first send found its peer in the map: its sends bypass TCP.
+    pub const LOOP_BYPASSED: u32 = 19;
+    /// A connecting socket's first send came before its peer entered the map: it stays on TCP
+    /// for good, since later bypassed bytes could overtake the ones TCP still carries.
+    pub const LOOP_TCP_EARLY_SEND: u32 = 20;
+    /// A bypassing socket's peer had left the map (it closed): the send goes by TCP, which
+    /// reports the closed peer as TCP always does.
+    pub const LOOP_TCP_PEER_GONE: u32 = 21;
+    /// A bypassing socket used up its [`LOOP_BUDGET`](crate::LOOP_BUDGET): it goes on by TCP,
+    /// whose receive window bounds what waits for a slow reader.
+    pub const LOOP_TCP_BUDGET: u32 = 22;
     /// Number of slots.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 23;
     /// `(hook, outcome, reason)` of each slot, in index order (`-`: no reason).
     pub const LABELS: [(&str, &str, &str); COUNT as usize] = [
         ("connect4", "redirected", "-"),
@@ -142,6 +185,12 @@ pub mod events {
         ("sk_lookup", "dropped", "no_listener"),
         ("splice", "passed", "unpaired"),
         ("splice", "dropped", "no_peer"),
+        ("loopback", "entered", "-"),
+        ("loopback", "error", "map_full"),
+        ("loopback", "bypassed", "-"),
+        ("loopback", "tcp", "early_send"),
+        ("loopback", "tcp", "peer_gone"),
+        ("loopback", "tcp", "budget_spent"),
     ];
 }
 
@@ -154,6 +203,72 @@ pub const MAX_PODS: u32 = 1024;
 /// Sockets the splice maps hold: two per same-node connection spliced in the kernel. A pair that
 /// finds them full is relayed by the proxy instead.
 pub const SPLICE_CAPACITY: u32 = 65_536;
+
+/// Sockets the loopback bypass can hold: two per pod↔proxy hop (client and proxy on 15001,
+/// proxy and application on delivery). A socket that finds it full stays on TCP.
+pub const LOOP_CAPACITY: u32 = 65_536;
+
+/// Bytes one socket may send through the loopback bypass in its lifetime; it then goes on by
+/// TCP. The bypass has no flow control (the kernel queues whatever the sender sends, until the
+/// node's TCP memory runs out), so this is what bounds the bytes waiting for a slow reader: as
+/// much as a TCP receive buffer may hold at its default size on these machines, times 32.
+pub const LOOP_BUDGET: u32 = 4 << 20;
+
+/// [`LoopState::mode`] values. The order of bytes is only at risk when a socket switches
+/// from TCP to the bypass (the receiver reads its bypass queue first), so that switch happens
+/// at most once, before the socket's first byte, and never later.
+pub mod loop_mode {
+    /// A connecting socket that has not sent yet: its first send decides.
+    pub const UNDECIDED: u32 = 1;
+    /// Sends go straight into the peer's receive queue.
+    pub const BYPASS: u32 = 2;
+    /// Sends go by TCP, for good.
+    pub const TCP: u32 = 3;
+}
+
+/// One socket's state in [`maps::LOOP_MODES`]. Only that socket's `sk_msg` runs write it after
+/// entry, one at a time under the socket's lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopState {
+    /// A [`loop_mode`] value.
+    pub mode: u32,
+    /// Bytes it may still bypass; starts at [`LOOP_BUDGET`].
+    pub left: u32,
+}
+const _: () = assert!(core::mem::size_of::<LoopState>() == 8);
+
+/// One end of a pod↔proxy connection over a pod's loopback, as its own socket sees it. The
+/// netns cookie is part of the key because every pod has its own 127.0.0.1 and port space; the
+/// peer's key is this one with the two sides swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LoopKey {
+    /// `bpf_get_netns_cookie` of the namespace both ends live in.
+    pub netns_cookie: u64,
+    /// Local IPv4 address, network byte order, as the kernel stores it.
+    pub local_ip4: u32,
+    /// Remote IPv4 address, network byte order.
+    pub remote_ip4: u32,
+    /// Local port, host byte order.
+    pub local_port: u32,
+    /// Remote port, host byte order.
+    pub remote_port: u32,
+}
+const _: () = assert!(core::mem::size_of::<LoopKey>() == 24);
+
+impl LoopKey {
+    /// The key the other end of this connection is stored under.
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns_cookie: self.netns_cookie,
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
 
 /// `AF_INET`, as stored in [`OrigDst::family`].
 pub const AF_INET: u16 = 2;
@@ -300,7 +415,12 @@ const _: () = assert!(core::mem::size_of::<InboundStats>() == 32);
 /// and byte arrays, with no implicit padding (sizes asserted above), so every bit pattern is valid.
 #[cfg(feature = "user")]
 mod user {
-    use crate::{InboundKey, InboundStats, IpKey, OrigDst, OrigDstKey, PodStats, SplicePeer};
+    use crate::{
+        InboundKey, InboundStats, IpKey, LoopKey, OrigDst, OrigDstKey, PodStats, SplicePeer,
+    };
+
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for LoopKey {}
 
     // SAFETY: see the module doc.
     unsafe impl aya::Pod for OrigDst {}

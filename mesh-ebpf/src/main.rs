@@ -10,19 +10,23 @@
 //! - `sk_skb/stream_verdict` (attached to the splice sock hash) moves the bytes of same-node
 //!   connections the proxy has authorized from one of its sockets to the other in the kernel.
 //!
+//! - `sock_ops` on the agent's own cgroup and `sk_msg` (attached to the loopback sock hash) take
+//!   TCP out of the hops between pods and the proxy over each pod's loopback.
+//!
 //! Entry points are thin wrappers; each hook's logic lives in its own module.
 #![no_std]
 #![no_main]
 
 mod connect;
 mod lookup;
+mod loopback;
 mod maps;
 mod sockops;
 mod splice;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sk_lookup, sock_ops, stream_verdict},
-    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, sk_lookup, sk_msg, sock_ops, stream_verdict},
+    programs::{SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 
 /// Connect hooks must return 1 to let the (possibly rewritten) connect proceed.
@@ -44,6 +48,17 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
     sockops::on_sock_ops(&ctx);
     1
+}
+
+#[sock_ops]
+pub fn mesh_proxy_sock_ops(ctx: SockOpsContext) -> u32 {
+    sockops::on_proxy_sock_ops(&ctx);
+    1
+}
+
+#[sk_msg]
+pub fn mesh_loop_msg(ctx: SkMsgContext) -> u32 {
+    loopback::on_msg(&ctx)
 }
 
 #[sk_lookup]

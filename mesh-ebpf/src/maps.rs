@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    InboundKey, InboundStats, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats,
-    SPLICE_CAPACITY, SplicePeer, events,
+    InboundKey, InboundStats, IpKey, LOOP_CAPACITY, LoopKey, LoopState, MAX_PODS,
+    ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats, SPLICE_CAPACITY, SplicePeer, events,
 };
 
 #[map]
@@ -40,6 +40,15 @@ pub static SPLICE_SOURCES: SockHash<u64> = SockHash::pinned(SPLICE_CAPACITY, 0);
 
 #[map]
 pub static SPLICE_PEERS: HashMap<u64, SplicePeer> = HashMap::pinned(SPLICE_CAPACITY, 0);
+
+#[map]
+pub static LOOP_SOCKS: SockHash<LoopKey> = SockHash::pinned(LOOP_CAPACITY, 0);
+
+#[map]
+pub static LOOP_MODES: LruHashMap<LoopKey, LoopState> = LruHashMap::pinned(LOOP_CAPACITY, 0);
+
+#[map]
+pub static LOOP_ENABLED: Array<u32> = Array::pinned(1, 0);
 
 /// Node-wide event counters, one slot per `mesh_common::events` index.
 #[map]

@@ -830,6 +830,11 @@ impl Cluster {
         let object = artifact("mesh-ebpf.o")?;
         let token = self.token_file(i);
         let bundle = self.ca_dir().join("bundle.pem");
+        // Its own cgroup, as a DaemonSet pod has: the loopback bypass watches the agent's cgroup.
+        let cgroup = self
+            .cgroup_dir
+            .join(format!("agent-{}", self.nodes[i].name));
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("create {}", cgroup.display()))?;
         let node = &mut self.nodes[i];
         let mut cmd = Command::new("nsenter");
         let cmd = cmd
@@ -844,6 +849,8 @@ impl Cluster {
             .arg(&object)
             .arg("--poll-interval-ms")
             .arg("200")
+            .arg("--cgroup")
+            .arg(&cgroup)
             .args(if embedded {
                 vec![]
             } else {

@@ -463,19 +463,57 @@ fn same_node_tcp_is_spliced_in_the_kernel_with_every_byte_and_fin_in_order() -> 
     ];
     let (send, reply) = (24u64 << 20, 40u64 << 20);
 
-    // Spliced at once, after the default first MiB (the hand-off from a running relay), and
-    // not at all.
-    let modes: [(&[&str], bool); 3] = [
+    // With the loopback bypass off (the default): spliced at once, after the default first MiB
+    // (the hand-off from a running relay), and not at all. With it on, relayed, every pod-proxy
+    // hop skipping TCP for its first bytes.
+    let modes: [(&[&str], bool); 4] = [
         (&["--same-node-splice-after-bytes=0"], true),
         (&[], true),
         (&["--same-node-splice=false"], false),
+        (&["--loop-bypass=true"], false),
     ];
     for (flags, splice) in modes {
+        let bypass = flags == ["--loop-bypass=true"];
         c.kill_agent(0);
         c.start_agent_with(0, flags)?;
         c.wait_ready(0, Duration::from_secs(15))?;
+        let loopback = |outcome: &str, reason: &str| -> Result<f64> {
+            Ok(c.scrape(0)?
+                .iter()
+                .filter(|s| {
+                    s.name == "mesh_bpf_events_total"
+                        && s.labels.get("hook").map(String::as_str) == Some("loopback")
+                        && s.labels.get("outcome").map(String::as_str) == Some(outcome)
+                        && s.labels.get("reason").map(String::as_str) == Some(reason)
+                })
+                .map(|s| s.value)
+                .sum())
+        };
+        let (bypassed, early) = (loopback("bypassed", "-")?, loopback("tcp", "early_send")?);
+        let spent = loopback("tcp", "budget_spent")?;
         let (sent, received) = stream_through(&c, "client", &addrs, send, reply)
             .with_context(|| format!("agent log:\n{}", c.agent_log(0)))?;
+        // Each connection has two connecting ends on loopback (the client's, and the proxy's
+        // delivery), and each decides once, at its first send.
+        let decided =
+            loopback("bypassed", "-")? - bypassed + loopback("tcp", "early_send")? - early;
+        let took = loopback("bypassed", "-")? - bypassed;
+        if bypass {
+            assert_eq!(decided, 4.0, "two connections, two connecting ends each");
+            assert!(took >= 2.0, "only {took} of 4 connecting ends bypassed TCP");
+            // Both streams send more than a socket's budget both ways: the bypassing ends go on
+            // by TCP mid-stream, and the digests above prove no byte overtook another.
+            let spent = loopback("tcp", "budget_spent")? - spent;
+            assert!(
+                spent >= took,
+                "{took} ends bypassed, {spent} spent their budget"
+            );
+        } else {
+            assert_eq!(
+                decided, 0.0,
+                "{flags:?}: nothing enters the bypass while it is off"
+            );
+        }
         let spliced = c.counter(0, "client", "outbound_spliced")?;
         assert_eq!(spliced, if splice { 2 } else { 0 }, "{flags:?}");
         assert_eq!(c.counter(0, "client", "outbound_local")?, 2);

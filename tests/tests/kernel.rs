@@ -82,6 +82,9 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
         ebpf.take_map(maps::SPLICE_SOURCES)
             .context("SPLICE_SOURCES")?,
     )?;
+    // The loopback bypass's message verdict attaches to its sock hash.
+    let loop_socks: SockHash<MapData, mesh_common::LoopKey> =
+        SockHash::try_from(ebpf.take_map(maps::LOOP_SOCKS).context("LOOP_SOCKS")?)?;
     for name in programs::ALL {
         let prog = ebpf
             .program_mut(name)
@@ -106,6 +109,11 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
                 p.load()
                     .with_context(|| format!("verifier rejected {name}"))?;
                 p.attach(splice_sources.fd())?;
+            }
+            Program::SkMsg(p) => {
+                p.load()
+                    .with_context(|| format!("verifier rejected {name}"))?;
+                p.attach(loop_socks.fd())?;
             }
             other => bail!("{name} has unexpected type {:?}", other.prog_type()),
         }
@@ -136,6 +144,11 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
         ebpf.map(maps::SPLICE_TARGETS),
         Some(Map::SockHash(_))
     ));
+    assert!(matches!(
+        ebpf.map(maps::LOOP_MODES),
+        Some(Map::LruHashMap(_))
+    ));
+    assert!(matches!(ebpf.map(maps::LOOP_ENABLED), Some(Map::Array(_))));
     assert!(matches!(
         ebpf.map(maps::SPLICE_PEERS),
         Some(Map::HashMap(_))

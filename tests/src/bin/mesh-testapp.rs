@@ -637,8 +637,25 @@ fn stream(addr: SocketAddr, send: u64, reply: u64) -> anyhow::Result<()> {
     let mut rx = conn.try_clone()?;
     let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
         let mut got = Vec::new();
-        rx.read_to_end(&mut got)?;
-        Ok(got)
+        let mut buf = vec![0u8; 1 << 16];
+        let mut progress = std::time::Instant::now();
+        loop {
+            match rx.read(&mut buf) {
+                Ok(0) => return Ok(got),
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    progress = std::time::Instant::now();
+                }
+                // A socket in a sockmap (the mesh's opt-in loopback bypass) can end a blocking
+                // read with EAGAIN after a wake-up that brought nothing (Linux 6.18). An
+                // application on non-blocking sockets would poll again; so does this one,
+                // until the read timeout has really passed.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && progress.elapsed() < Duration::from_secs(30) => {}
+                Err(e) => return Err(e),
+            }
+        }
     });
     conn.write_all(header.as_bytes())?;
     write_pattern(&mut conn, send)?;

@@ -1,0 +1,175 @@
+//! The loopback bypass: bytes between a pod and the node proxy cross the pod's loopback without
+//! TCP. Both ends of each such connection sit in `LOOP_SOCKS`, and `sk_msg` moves every message
+//! one of them sends straight into the other's receive queue (`BPF_F_INGRESS`): no segments, no
+//! ACKs, no softirq work, one copy.
+//!
+//! Which sockets enter, at ESTABLISHED (`sock_ops`):
+//! - a pod's captured connect to 15001 (pod cgroup, connecting end);
+//! - the proxy's delivery to an application over the pod's loopback (agent cgroup, connecting);
+//! - the accepted end of either, but only when its connecting peer is already in.
+//!
+//! Invariants:
+//! - A socket's `LOOP_MODES` entry exists from its entry until it stops receiving for good
+//!   (close, reset, or shut for writing: `STATE_CB`), and it is what "the peer is in" means:
+//!   `sock_ops` and `sk_msg` cannot release the socket reference a sock hash lookup takes.
+//! - Bytes never overtake each other. The receiver reads its bypass queue before its TCP queue,
+//!   so a socket may go from bypass to TCP, never the other way once TCP carried a byte. An
+//!   accepted end enters before its application can send; a connecting end decides at its
+//!   first send (`loop_mode`), and if its peer is not in yet it stays on TCP for good.
+//! - A missing mode means TCP, so an LRU eviction can only move a socket the safe way.
+//! - FIN, RST and errors still travel by TCP, behind every byte sent before them.
+//! - The bypass has no flow control, so each socket may bypass `LOOP_BUDGET` bytes in all and
+//!   then goes on by TCP: at most that much ever waits in a receiver's bypass queue.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_STATE_CB_FLAG, sk_action},
+    helpers::bpf_get_netns_cookie,
+    programs::{SkMsgContext, SockOpsContext},
+};
+use mesh_common::{AF_INET, LOOP_BUDGET, LoopKey, LoopState, events, loop_mode};
+
+use crate::maps::{LOOP_ENABLED, LOOP_MODES, LOOP_SOCKS, event};
+
+/// `sock_ops` and `sk_msg` give the remote port as the network-order port shifted into the
+/// upper half (the local port is host order); keys hold both in host order.
+fn remote_port(raw: u32) -> u32 {
+    u32::from(u16::from_be((raw >> 16) as u16))
+}
+
+fn is_loopback(ip_be: u32) -> bool {
+    u32::from_be(ip_be) >> 24 == 127
+}
+
+fn enabled() -> bool {
+    LOOP_ENABLED.get(0) == Some(&1)
+}
+
+/// TCP states (include/net/tcp_states.h) in which a socket still receives.
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_CLOSE_WAIT: u32 = 8;
+
+/// Whether the socket `key` names is in the bypass and still receiving.
+fn present(key: &LoopKey) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { LOOP_MODES.get(key) }.is_some()
+}
+
+/// The key of `ctx`'s socket, if it is an IPv4 socket talking to a loopback address.
+fn sock_ops_key(ctx: &SockOpsContext) -> Option<LoopKey> {
+    if ctx.family() != u32::from(AF_INET) || !is_loopback(ctx.remote_ip4()) {
+        return None;
+    }
+    Some(LoopKey {
+        // SAFETY: reads the netns of the context's socket.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_port: ctx.local_port(),
+        remote_port: remote_port(ctx.remote_port()),
+    })
+}
+
+fn enter(ctx: &SockOpsContext, mut key: LoopKey, mode: u32) {
+    // SAFETY: the kernel passes a valid `bpf_sock_ops` for the duration of the program.
+    let ops = unsafe { &mut *ctx.ops };
+    if LOOP_SOCKS
+        .update(&mut key, ops, u64::from(BPF_ANY))
+        .is_err()
+        || ctx
+            .set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32)
+            .is_err()
+        || LOOP_MODES
+            .insert(
+                &key,
+                &LoopState {
+                    mode,
+                    left: LOOP_BUDGET,
+                },
+                0,
+            )
+            .is_err()
+    {
+        event(events::LOOP_ENTER_FAILED);
+        return;
+    }
+    event(events::LOOP_ENTERED);
+}
+
+/// `STATE_CB` of an entered socket: once it stops receiving, its peer's sends go by TCP (the
+/// safe way round), and its entry is freed.
+pub fn on_state(ctx: &SockOpsContext) {
+    let new = ctx.arg(1);
+    if new == TCP_ESTABLISHED || new == TCP_CLOSE_WAIT {
+        return;
+    }
+    if let Some(key) = sock_ops_key(ctx) {
+        let _ = LOOP_MODES.remove(&key);
+    }
+}
+
+/// A connecting end at ACTIVE_ESTABLISHED: in, undecided until its first send.
+pub fn enter_connecting(ctx: &SockOpsContext) {
+    if !enabled() {
+        return;
+    }
+    if let Some(key) = sock_ops_key(ctx) {
+        enter(ctx, key, loop_mode::UNDECIDED);
+    }
+}
+
+/// An accepted end at PASSIVE_ESTABLISHED: in, bypassing from its first byte, when its peer is.
+/// It cannot have sent anything yet: its application has not accepted it.
+pub fn enter_accepted(ctx: &SockOpsContext) {
+    if !enabled() {
+        return;
+    }
+    if let Some(key) = sock_ops_key(ctx)
+        && present(&key.peer())
+    {
+        enter(ctx, key, loop_mode::BYPASS);
+    }
+}
+
+/// `sk_msg` on every send of a socket in `LOOP_SOCKS`.
+pub fn on_msg(ctx: &SkMsgContext) -> u32 {
+    // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the program.
+    let md = unsafe { &*ctx.msg };
+    let key = LoopKey {
+        // SAFETY: reads the netns of the sending socket.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        local_ip4: md.local_ip4,
+        remote_ip4: md.remote_ip4,
+        local_port: md.local_port,
+        remote_port: remote_port(md.remote_port),
+    };
+    let Some(state) = LOOP_MODES.get_ptr_mut(&key) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: `state` points into a live map value; a socket's sends run one at a time under
+    // its lock, and nothing else writes this entry while the socket lives.
+    let state = unsafe { &mut *state };
+    if state.mode == loop_mode::TCP {
+        return sk_action::SK_PASS;
+    }
+    let mut peer = key.peer();
+    let why = if !present(&peer) {
+        if state.mode == loop_mode::UNDECIDED {
+            events::LOOP_TCP_EARLY_SEND
+        } else {
+            events::LOOP_TCP_PEER_GONE
+        }
+    } else if md.size > state.left {
+        events::LOOP_TCP_BUDGET
+    } else {
+        if state.mode == loop_mode::UNDECIDED {
+            state.mode = loop_mode::BYPASS;
+            event(events::LOOP_BYPASSED);
+        }
+        state.left -= md.size;
+        return LOOP_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32;
+    };
+    state.mode = loop_mode::TCP;
+    event(why);
+    sk_action::SK_PASS
+}
