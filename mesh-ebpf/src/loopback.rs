@@ -9,9 +9,11 @@
 //! - the accepted end of either, but only when its connecting peer is already in.
 //!
 //! Invariants:
-//! - A socket's `LOOP_MODES` entry exists from its entry until it stops receiving for good
-//!   (close, reset, or shut for writing: `STATE_CB`), and it is what "the peer is in" means:
-//!   `sock_ops` and `sk_msg` cannot release the socket reference a sock hash lookup takes.
+//! - A socket's `LOOP_MODES` entry exists from its entry until it leaves ESTABLISHED and
+//!   CLOSE_WAIT (it closed, was reset or shut its writing side: `STATE_CB`), and it is what "the
+//!   peer is in" means: `sock_ops` may not call `bpf_sk_release`, so it cannot look a socket up
+//!   in the sock hash (the lookup takes a reference). Once it is gone, the peer's sends go by
+//!   TCP, the safe way round.
 //! - Bytes never overtake each other. The receiver reads its bypass queue before its TCP queue,
 //!   so a socket may go from bypass to TCP, never the other way once TCP carried a byte. An
 //!   accepted end enters before its application can send; a connecting end decides at its
