@@ -366,6 +366,20 @@ fn prog_err(
     }
 }
 
+/// The program `name`, as its kind `T` (a verdict that attaches to a map, say).
+fn typed_program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(prog_err("open", name))
+}
+
 fn pin_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> BpfError {
     let path = path.to_owned();
     move |source| BpfError::Pin { path, what, source }
@@ -456,14 +470,7 @@ impl Dataplane {
         let loop_socks: SockHash<MapData, LoopKey> =
             SockHash::try_from(take_map(&mut ebpf, maps::LOOP_SOCKS)?)
                 .map_err(map_err(maps::LOOP_SOCKS, "open"))?;
-        let loop_msg: &mut SkMsg = ebpf
-            .program_mut(programs::LOOP_MSG)
-            .ok_or(BpfError::Missing {
-                kind: "program",
-                name: programs::LOOP_MSG,
-            })?
-            .try_into()
-            .map_err(prog_err("open", programs::LOOP_MSG))?;
+        let loop_msg: &mut SkMsg = typed_program(&mut ebpf, programs::LOOP_MSG)?;
         // Replaces an earlier agent's program on the pinned map; sockets already in it keep the
         // program they entered with.
         loop_msg
@@ -521,29 +528,7 @@ impl Dataplane {
             return Ok(true);
         }
         let cgroup = File::open(dir).map_err(target)?;
-        let prog: &mut aya::programs::SockOps = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(BpfError::Missing {
-                kind: "program",
-                name: program,
-            })?
-            .try_into()
-            .map_err(prog_err("open", program))?;
-        let id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(prog_err("attach", program))?;
-        let link = prog.take_link(id).map_err(prog_err("take link", program))?;
-        let link = FdLink::try_from(link).map_err(|e| BpfError::Pin {
-            path: pin.clone(),
-            what: "convert link",
-            source: io::Error::other(chain(&e)),
-        })?;
-        link.pin(&pin).map_err(|e| BpfError::Pin {
-            path: pin.clone(),
-            what: "pin link",
-            source: io::Error::other(chain(&e)),
-        })?;
+        self.attach_link(program, &cgroup, &pin)?;
         Ok(false)
     }
 
@@ -707,52 +692,64 @@ impl Dataplane {
                 program,
                 source,
             })?;
-            let prog = self.ebpf.program_mut(program).ok_or(BpfError::Missing {
-                kind: "program",
-                name: program,
-            })?;
-            let convert = |e: aya::programs::links::LinkError| BpfError::Pin {
-                path: pin.clone(),
-                what: "convert link",
-                source: io::Error::other(chain(&e)),
-            };
-            // `Single` is the flags-0 mode: the kernel rejects any other flags on a cgroup
-            // bpf_link (EINVAL), and links to one cgroup coexist with other programs anyway.
-            let link: FdLink = match prog {
-                Program::CgroupSockAddr(p) => {
-                    let id = p
-                        .attach(&target, CgroupAttachMode::Single)
-                        .map_err(prog_err("attach", program))?;
-                    let l = p.take_link(id).map_err(prog_err("take link", program))?;
-                    FdLink::try_from(l).map_err(&convert)?
-                }
-                Program::SockOps(p) => {
-                    let id = p
-                        .attach(&target, CgroupAttachMode::Single)
-                        .map_err(prog_err("attach", program))?;
-                    let l = p.take_link(id).map_err(prog_err("take link", program))?;
-                    FdLink::try_from(l).map_err(&convert)?
-                }
-                Program::SkLookup(p) => {
-                    let id = p.attach(&target).map_err(prog_err("attach", program))?;
-                    p.take_link(id)
-                        .map_err(prog_err("take link", program))?
-                        .into()
-                }
-                _ => {
-                    return Err(BpfError::Missing {
-                        kind: "program",
-                        name: program,
-                    });
-                }
-            };
-            link.pin(&pin).map_err(|e| BpfError::Pin {
-                path: pin.clone(),
-                what: "pin link",
-                source: io::Error::other(chain(&e)),
-            })?;
+            self.attach_link(program, &target, &pin)?;
         }
         Ok(adopted)
+    }
+
+    /// Attaches `program` to `target` (a cgroup, or a netns for `sk_lookup`) and pins the link
+    /// at `pin`, so it outlives this process.
+    fn attach_link(
+        &mut self,
+        program: &'static str,
+        target: &File,
+        pin: &Path,
+    ) -> Result<(), BpfError> {
+        let prog = self.ebpf.program_mut(program).ok_or(BpfError::Missing {
+            kind: "program",
+            name: program,
+        })?;
+        let convert = |e: aya::programs::links::LinkError| BpfError::Pin {
+            path: pin.to_owned(),
+            what: "convert link",
+            source: io::Error::other(chain(&e)),
+        };
+        // `Single` is the flags-0 mode: the kernel rejects any other flags on a cgroup
+        // bpf_link (EINVAL), and links to one cgroup coexist with other programs anyway.
+        let link: FdLink = match prog {
+            Program::CgroupSockAddr(p) => {
+                let id = p
+                    .attach(target, CgroupAttachMode::Single)
+                    .map_err(prog_err("attach", program))?;
+                let l = p.take_link(id).map_err(prog_err("take link", program))?;
+                FdLink::try_from(l).map_err(&convert)?
+            }
+            Program::SockOps(p) => {
+                let id = p
+                    .attach(target, CgroupAttachMode::Single)
+                    .map_err(prog_err("attach", program))?;
+                let l = p.take_link(id).map_err(prog_err("take link", program))?;
+                FdLink::try_from(l).map_err(&convert)?
+            }
+            Program::SkLookup(p) => {
+                let id = p.attach(target).map_err(prog_err("attach", program))?;
+                p.take_link(id)
+                    .map_err(prog_err("take link", program))?
+                    .into()
+            }
+            _ => {
+                return Err(BpfError::Missing {
+                    kind: "program",
+                    name: program,
+                });
+            }
+        };
+        link.pin(pin).map_err(|e| BpfError::Pin {
+            path: pin.to_owned(),
+            what: "pin link",
+            source: io::Error::other(chain(&e)),
+        })?;
+        Ok(())
     }
 
     /// Unpins (and so detaches) every link not belonging to one of `pods`. Returns the pin names

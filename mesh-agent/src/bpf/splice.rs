@@ -23,7 +23,7 @@ use aya::{
 };
 use mesh_common::{SplicePeer, maps, programs};
 
-use super::{BpfError, ElemCmd, map_elem, map_err, prog_err, take_map};
+use super::{BpfError, ElemCmd, map_elem, map_err, prog_err, take_map, typed_program};
 
 /// `SO_COOKIE` (asm-generic/socket.h); libc does not export it.
 const SO_COOKIE: libc::c_int = 57;
@@ -98,14 +98,7 @@ impl SpliceTable {
                 });
             }
         };
-        let prog: &mut SkSkb = ebpf
-            .program_mut(programs::SPLICE_VERDICT)
-            .ok_or(BpfError::Missing {
-                kind: "program",
-                name: programs::SPLICE_VERDICT,
-            })?
-            .try_into()
-            .map_err(prog_err("open", programs::SPLICE_VERDICT))?;
+        let prog: &mut SkSkb = typed_program(ebpf, programs::SPLICE_VERDICT)?;
         prog.attach(sources.fd())
             .map_err(prog_err("attach", programs::SPLICE_VERDICT))?;
         Ok(Self {
