@@ -1446,3 +1446,12 @@ pub fn metric_sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f6
         .map(|s| s.value)
         .sum()
 }
+
+/// The count of one kernel event slot (`mesh_bpf_events_total`) in a scrape.
+pub fn bpf_event(samples: &[Sample], hook: &str, outcome: &str, reason: &str) -> f64 {
+    metric_sum(
+        samples,
+        "mesh_bpf_events_total",
+        &[("hook", hook), ("outcome", outcome), ("reason", reason)],
+    )
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact, pattern_byte, wait_until};
+use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact, bpf_event, pattern_byte, wait_until};
 use sha2::{Digest, Sha256};
 
 const APP_PORT: u16 = 8080;
@@ -477,33 +477,24 @@ fn same_node_tcp_is_spliced_in_the_kernel_with_every_byte_and_fin_in_order() -> 
         c.kill_agent(0);
         c.start_agent_with(0, flags)?;
         c.wait_ready(0, Duration::from_secs(15))?;
-        let loopback = |outcome: &str, reason: &str| -> Result<f64> {
-            Ok(c.scrape(0)?
-                .iter()
-                .filter(|s| {
-                    s.name == "mesh_bpf_events_total"
-                        && s.labels.get("hook").map(String::as_str) == Some("loopback")
-                        && s.labels.get("outcome").map(String::as_str) == Some(outcome)
-                        && s.labels.get("reason").map(String::as_str) == Some(reason)
-                })
-                .map(|s| s.value)
-                .sum())
-        };
-        let (bypassed, early) = (loopback("bypassed", "-")?, loopback("tcp", "early_send")?);
-        let spent = loopback("tcp", "budget_spent")?;
+        let before = c.scrape(0)?;
         let (sent, received) = stream_through(&c, "client", &addrs, send, reply)
             .with_context(|| format!("agent log:\n{}", c.agent_log(0)))?;
+        let after = c.scrape(0)?;
+        let loopback = |outcome: &str, reason: &str| {
+            bpf_event(&after, "loopback", outcome, reason)
+                - bpf_event(&before, "loopback", outcome, reason)
+        };
         // Each connection has two connecting ends on loopback (the client's, and the proxy's
         // delivery), and each decides once, at its first send.
-        let decided =
-            loopback("bypassed", "-")? - bypassed + loopback("tcp", "early_send")? - early;
-        let took = loopback("bypassed", "-")? - bypassed;
+        let took = loopback("bypassed", "-");
+        let decided = took + loopback("tcp", "early_send");
         if bypass {
             assert_eq!(decided, 4.0, "two connections, two connecting ends each");
             assert!(took >= 2.0, "only {took} of 4 connecting ends bypassed TCP");
             // Both streams send more than a socket's budget both ways: the bypassing ends go on
             // by TCP mid-stream, and the digests above prove no byte overtook another.
-            let spent = loopback("tcp", "budget_spent")? - spent;
+            let spent = loopback("tcp", "budget_spent");
             assert!(
                 spent >= took,
                 "{took} ends bypassed, {spent} spent their budget"

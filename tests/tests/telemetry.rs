@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::{Cluster, PodSpec, Sample, ServiceSpec, metric_sum, wait_until};
+use mesh_tests::{Cluster, PodSpec, Sample, ServiceSpec, bpf_event, metric_sum, wait_until};
 
 const APP_PORT: u16 = 8080;
 const TD: &str = "spiffe://cluster.local/ns/default/sa";
@@ -163,14 +163,6 @@ fn http_metrics_count_requests_per_response_code() -> Result<()> {
     Ok(())
 }
 
-fn event(samples: &[Sample], hook: &str, outcome: &str, reason: &str) -> f64 {
-    metric_sum(
-        samples,
-        "mesh_bpf_events_total",
-        &[("hook", hook), ("outcome", outcome), ("reason", reason)],
-    )
-}
-
 #[test]
 fn kernel_and_agent_health_families_count_what_happened() -> Result<()> {
     let c = cluster()?;
@@ -193,10 +185,10 @@ fn kernel_and_agent_health_families_count_what_happened() -> Result<()> {
     let (after1, after2) = (c.scrape(0)?, c.scrape(1)?);
     let delta = |a: &[Sample], b: &[Sample], f: &dyn Fn(&[Sample]) -> f64| f(a) - f(b);
     let redirected = delta(&after1, &before1, &|s| {
-        event(s, "connect4", "redirected", "-")
+        bpf_event(s, "connect4", "redirected", "-")
     });
     let loopback = delta(&after1, &before1, &|s| {
-        event(s, "connect", "passed", "loopback")
+        bpf_event(s, "connect", "passed", "loopback")
     });
     let captured = delta(&after1, &before1, &|s| {
         metric_sum(s, "mesh_captured_connections_total", &[])
@@ -204,7 +196,9 @@ fn kernel_and_agent_health_families_count_what_happened() -> Result<()> {
     let misses = delta(&after1, &before1, &|s| {
         metric_sum(s, "mesh_orig_dst_misses_total", &[])
     });
-    let rekeyed = delta(&after1, &before1, &|s| event(s, "sock_ops", "rekeyed", "-"));
+    let rekeyed = delta(&after1, &before1, &|s| {
+        bpf_event(s, "sock_ops", "rekeyed", "-")
+    });
     println!(
         "node-1: redirected {redirected}, re-keyed {rekeyed}, passed (loopback) {loopback}, captured by the proxy {captured} ({misses} without a destination)"
     );
@@ -214,7 +208,7 @@ fn kernel_and_agent_health_families_count_what_happened() -> Result<()> {
     );
     // The server's node steered the tunnel; nothing was dropped.
     let hbone = delta(&after2, &before2, &|s| {
-        event(s, "sk_lookup", "steered", "hbone")
+        bpf_event(s, "sk_lookup", "steered", "hbone")
     });
     let dropped = metric_sum(&after2, "mesh_bpf_events_total", &[("outcome", "dropped")]);
     println!("node-2: steered to 15008 {hbone}, dropped {dropped}");
