@@ -38,6 +38,9 @@ pub enum ExplainError {
     /// The method is not a valid HTTP method.
     #[error("method {0:?} is not a valid HTTP method")]
     BadMethod(String),
+    /// The path is one the proxy refuses with 400.
+    #[error("path {0:?} would be refused with 400: {1}")]
+    BadPath(String, crate::l7::path::PathError),
 }
 
 /// The question.
@@ -183,7 +186,7 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
         out.verdict = "bypass".into();
         return Ok(out);
     }
-    let http = request_parts(q)?;
+    let http = request_parts(q, &routes.state.mesh)?;
     let detects = routes.detects(dst);
     out.mode = match (detects, &http) {
         (false, _) => "l4",
@@ -224,7 +227,7 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
                 dst.port()
             ));
             let mut backends = vec![(entry.clone(), target_port)];
-            if let (Some((parts, path)), true) = (&http, detects) {
+            if let (Some((parts, path, _)), true) = (&http, detects) {
                 match l7::find_rule(entry, dst.port(), parts, path) {
                     None => {
                         out.route = Some("none".into());
@@ -311,7 +314,13 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
 }
 
 /// The request as the route and policy code see it: parts and the normalized path.
-fn request_parts(q: &Question) -> Result<Option<(http::request::Parts, String)>, ExplainError> {
+/// The parts, the normalized path and the path's deny form.
+type ExplainRequest = (http::request::Parts, String, String);
+
+fn request_parts(
+    q: &Question,
+    mesh: &crate::state::MeshConfig,
+) -> Result<Option<ExplainRequest>, ExplainError> {
     if q.method.is_none() && q.path.is_none() && q.headers.is_empty() {
         return Ok(None);
     }
@@ -338,8 +347,10 @@ fn request_parts(q: &Question) -> Result<Option<(http::request::Parts, String)>,
         .map_err(|_| ExplainError::BadDestination(raw_path.clone()))?
         .into_parts();
     let path_only = parts.uri.path().to_string();
-    let path = l7::path::normalize(&path_only).unwrap_or(path_only);
-    Ok(Some((parts, path)))
+    let path = l7::path::normalize(&path_only, mesh.path_normalization)
+        .map_err(|e| ExplainError::BadPath(path_only, e))?;
+    let deny = l7::path::deny_form(&path, mesh.case_insensitive_deny);
+    Ok(Some((parts, path, deny)))
 }
 
 fn endpoint(
@@ -347,7 +358,7 @@ fn endpoint(
     src_node: &str,
     id: &crate::identity::Identity,
     addr: SocketAddr,
-    http: Option<&(http::request::Parts, String)>,
+    http: Option<&ExplainRequest>,
     ejected: bool,
     steps: &mut Vec<String>,
 ) -> EndpointAnswer {
@@ -362,9 +373,11 @@ fn endpoint(
     let decision = match w {
         None => Decision::Allow,
         Some(w) => {
-            let attrs = http.map(|(parts, path)| HttpAttributes {
+            let attrs = http.map(|(parts, path, deny_path)| HttpAttributes {
                 method: parts.method.as_str(),
                 path,
+                deny_path,
+                fold_case: state.mesh.case_insensitive_deny,
                 headers: &parts.headers,
             });
             policy::evaluate(

@@ -67,7 +67,8 @@ use crate::{
     policy::{Decision, HttpAttributes},
     proxy::{Hop, LocalPod, ProxyError, Routes, Shared},
     state::{
-        HeaderModifier, HttpRoute, NodeState, ObjectKey, PathMatch, RouteMatch, RouteRule, Service,
+        HeaderModifier, HttpRoute, MeshConfig, NodeState, ObjectKey, PathMatch, RouteMatch,
+        RouteRule, Service,
     },
 };
 
@@ -323,17 +324,59 @@ fn chance(percent: f64) -> bool {
 }
 
 /// The request after the checks every path shares: CONNECT refused, path normalized, URI in the
-/// form the upstream protocol expects, hop-by-hop headers gone.
+/// form the upstream protocol expects, hop-by-hop headers gone, and only allowed upgrades left.
 struct Prepared {
     parts: http::request::Parts,
     /// The normalized path, without query.
     path: String,
-    /// The client's side of a protocol switch it asked for.
+    /// The path as DENY rules also see it (`path::deny_form`).
+    deny_path: String,
+    /// Whether `deny_path` is case-folded.
+    fold_case: bool,
+    /// The client's side of an allowed protocol switch that was forwarded.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
+impl Prepared {
+    /// What authorization looks at.
+    fn attributes(&self) -> HttpAttributes<'_> {
+        HttpAttributes {
+            method: self.parts.method.as_str(),
+            path: &self.path,
+            deny_path: &self.deny_path,
+            fold_case: self.fold_case,
+            headers: &self.parts.headers,
+        }
+    }
+}
+
+/// The tokens of an `Upgrade` value that `allowed` names (by protocol name, any version), in the
+/// client's order; the rest are dropped so the upstream answers as HTTP/1.1.
+fn allowed_upgrades(value: &HeaderValue, allowed: &[String]) -> Option<HeaderValue> {
+    let kept: Vec<&str> = value
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .filter(|t| {
+            let name = t.split('/').next().unwrap_or_default();
+            allowed
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(t) || a.eq_ignore_ascii_case(name))
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
 #[expect(clippy::result_large_err, reason = "the error is the reply itself")]
-fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body>> {
+fn prepare(
+    req: Request<Incoming>,
+    mesh: &MeshConfig,
+    upgrades: &[String],
+) -> Result<(Prepared, Incoming), Response<Body>> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
         return Err(reply(
@@ -351,7 +394,14 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
         ));
     }
     strip_hop_by_hop(&mut parts.headers);
-    let upgrade = match switch_to {
+    // Only the upgrades the service allows go on (WebSocket by default). Any other token (h2c
+    // above all) would have the upstream switch protocols, and every request after the switch
+    // would then pass unrouted and unauthorized: it is removed, and the upstream answers as
+    // HTTP/1.1.
+    let forwarded = switch_to
+        .as_ref()
+        .and_then(|v| allowed_upgrades(v, upgrades));
+    let upgrade = match forwarded {
         Some(proto) => {
             // The upgrade itself is end to end: the upstream decides whether to switch.
             parts
@@ -360,12 +410,22 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
             parts.headers.insert(header::UPGRADE, proto);
             parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
         }
-        None => None,
+        None => {
+            if let Some(v) = &switch_to {
+                debug!(upgrade = ?v, "upgrade not allowed for this service: removed");
+            }
+            None
+        }
     };
-    let path = match path::normalize(parts.uri.path()) {
+    let path = match path::normalize(parts.uri.path(), mesh.path_normalization) {
         Ok(p) => p,
-        Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),
+        Err(e) => {
+            warn!(path = ?parts.uri.path(), "refused a request path: {e}");
+            return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string()));
+        }
     };
+    let deny_path = path::deny_form(&path, mesh.case_insensitive_deny);
+    let fold_case = mesh.case_insensitive_deny;
     let h2 = parts.version == Version::HTTP_2;
     // HTTP/1 sends origin-form upstream; HTTP/2 needs scheme and authority.
     let (scheme, authority) = (
@@ -383,6 +443,8 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
             Prepared {
                 parts,
                 path,
+                deny_path,
+                fold_case,
                 upgrade,
             },
             body,
@@ -413,6 +475,8 @@ fn prepare(req: Request<Incoming>) -> Result<(Prepared, Incoming), Response<Body
         Prepared {
             parts,
             path,
+            deny_path,
+            fold_case,
             upgrade,
         },
         body,
@@ -432,30 +496,28 @@ fn strip_response(status: StatusCode, headers: &mut HeaderMap) {
     }
 }
 
-/// Finishes a request that asked to switch protocols (e.g. WebSocket): when the upstream
-/// switched, the two upgraded connections are joined byte for byte; otherwise the client's
-/// connection closes after the answer, because the framing guard stopped checking its bytes at
-/// the upgrade request.
+/// Finishes a request. An upstream that switched protocols (101) is joined byte for byte with
+/// the client only when the client asked for an upgrade the service allows and it was forwarded
+/// (`downstream`); a 101 to anything else is answered 502 `UPE` and the connection closes, so no
+/// tunnel can form that routing and authorization never see. A request that asked to switch
+/// (`asked`) and was not switched closes the client's connection after the answer, because the
+/// framing guard stopped checking its bytes at the upgrade request.
 fn switch_protocols(
     mut resp: Response<Body>,
     downstream: Option<hyper::upgrade::OnUpgrade>,
-    requested: bool,
+    asked: bool,
 ) -> Response<Body> {
-    if !requested {
-        return resp;
-    }
     let upstream = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
-    let (StatusCode::SWITCHING_PROTOCOLS, Some(down), Some(up)) =
-        (resp.status(), downstream, upstream)
-    else {
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return with_close(reply(
-                StatusCode::BAD_GATEWAY,
-                "UPE",
-                "the upstream switched protocols but the connection could not be handed over",
-            ));
-        }
-        return with_close(resp);
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return if asked { with_close(resp) } else { resp };
+    }
+    let (Some(down), Some(up)) = (downstream, upstream) else {
+        warn!("the upstream switched protocols without an allowed upgrade request: refused");
+        return with_close(reply(
+            StatusCode::BAD_GATEWAY,
+            "UPE",
+            "the upstream switched protocols, but no allowed upgrade was requested",
+        ));
     };
     tokio::spawn(async move {
         match tokio::try_join!(down, up) {
@@ -575,13 +637,17 @@ async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response
     let shape = Shape::of(&mut req);
     let switching = req.headers().contains_key(header::UPGRADE);
     let routes = cx.shared.routes();
-    let (mut resp, downstream) = match prepare(req) {
+    let upgrades = routes
+        .service_at(cx.dst.ip())
+        .map_or_else(crate::state::default_upgrades, |e| e.svc.upgrades.clone());
+    let (resp, downstream) = match prepare(req, &routes.state.mesh, &upgrades) {
         Ok((mut prepared, body)) => {
             let downstream = prepared.upgrade.take();
             (route_request(cx, &routes, prepared, body).await, downstream)
         }
         Err(r) => (r, None),
     };
+    let mut resp = switch_protocols(resp, downstream, switching);
     // Reported by the source: the endpoint that answered, or unknown for the proxy's own replies.
     let served = resp.extensions_mut().remove::<Served>();
     let flow = Flow {
@@ -612,8 +678,7 @@ async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response
         src: None,
         dst: served.map(|s| s.addr),
     };
-    let resp = recorded(&cx.shared, flow, both, shape, ends, started, resp);
-    switch_protocols(resp, downstream, switching)
+    recorded(&cx.shared, flow, both, shape, ends, started, resp)
 }
 
 /// Where a request was answered, for its metrics.
@@ -916,7 +981,11 @@ async fn forward(
     rule: &RouteRule,
 ) -> Response<Body> {
     let Prepared {
-        mut parts, path, ..
+        mut parts,
+        path,
+        deny_path,
+        fold_case,
+        ..
     } = prepared;
     let request_slot = match &backend {
         Some(b) => match b.limits.requests.try_acquire(b.limits.policy.max_requests) {
@@ -995,6 +1064,8 @@ async fn forward(
             let attrs = HttpAttributes {
                 method: parts.method.as_str(),
                 path: &path,
+                deny_path: &deny_path,
+                fold_case,
                 headers: &parts.headers,
             };
             if let Err(d) =
@@ -1322,13 +1393,16 @@ async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<B
     let started = Instant::now();
     let shape = Shape::of(&mut req);
     let switching = req.headers().contains_key(header::UPGRADE);
-    let (resp, downstream) = match prepare(req) {
+    let routes = cx.shared.routes();
+    let upgrades = routes.upgrades_to(cx.dest.pod.ip, cx.port);
+    let (resp, downstream) = match prepare(req, &routes.state.mesh, &upgrades) {
         Ok((mut prepared, body)) => {
             let downstream = prepared.upgrade.take();
             (authorize_and_send(cx, prepared, body).await, downstream)
         }
         Err(r) => (r, None),
     };
+    let resp = switch_protocols(resp, downstream, switching);
     let flow = Flow {
         reporter: Reporter::Destination,
         src: cx.from.clone(),
@@ -1344,17 +1418,12 @@ async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<B
         src: Some(cx.peer),
         dst: Some(SocketAddr::new(cx.dest.pod.ip, cx.port)),
     };
-    let resp = recorded(&cx.shared, flow, false, shape, ends, started, resp);
-    switch_protocols(resp, downstream, switching)
+    recorded(&cx.shared, flow, false, shape, ends, started, resp)
 }
 
 /// Authorizes one prepared request on the inbound side and sends it to the application.
 async fn authorize_and_send(cx: &Inbound, prepared: Prepared, body: Incoming) -> Response<Body> {
-    let attrs = HttpAttributes {
-        method: prepared.parts.method.as_str(),
-        path: &prepared.path,
-        headers: &prepared.parts.headers,
-    };
+    let attrs = prepared.attributes();
     if let Err(d) = cx.dest.authorize(
         &cx.shared,
         cx.source.as_ref(),
@@ -1378,5 +1447,67 @@ async fn authorize_and_send(cx: &Inbound, prepared: Prepared, body: Incoming) ->
             "UC",
             &format!("application: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(value: &'static str, list: &[&str]) -> Option<String> {
+        let list: Vec<String> = list.iter().map(ToString::to_string).collect();
+        allowed_upgrades(&HeaderValue::from_static(value), &list)
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+    }
+
+    #[test]
+    fn only_allowed_upgrade_tokens_are_forwarded() {
+        let ws = ["websocket"];
+        assert_eq!(allowed("h2c", &ws), None);
+        assert_eq!(allowed("websocket", &ws).as_deref(), Some("websocket"));
+        assert_eq!(allowed("WebSocket", &ws).as_deref(), Some("WebSocket"));
+        assert_eq!(allowed("h2c, websocket", &ws).as_deref(), Some("websocket"));
+        assert_eq!(
+            allowed("websocket/13, h2c", &ws).as_deref(),
+            Some("websocket/13")
+        );
+        assert_eq!(allowed("h2c", &["websocket", "mesh-echo"]), None);
+        assert_eq!(
+            allowed("mesh-echo", &["websocket", "mesh-echo"]).as_deref(),
+            Some("mesh-echo")
+        );
+    }
+
+    fn status(code: u16) -> Response<Body> {
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        r
+    }
+
+    #[tokio::test]
+    async fn a_switch_nobody_asked_for_is_refused_and_closes() {
+        // An upstream 101 to a request that asked for nothing, or for an upgrade that was
+        // removed: 502 UPE, and the client's connection closes.
+        for asked in [false, true] {
+            let r = switch_protocols(status(101), None, asked);
+            assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+            assert_eq!(
+                r.headers().get(FLAGS_HEADER).and_then(|v| v.to_str().ok()),
+                Some("UPE")
+            );
+            assert_eq!(
+                r.headers()
+                    .get(header::CONNECTION)
+                    .and_then(|v| v.to_str().ok()),
+                Some("close")
+            );
+        }
+        // A request that asked and was declined: the answer passes, then the connection closes.
+        let r = switch_protocols(status(200), None, true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers().get(header::CONNECTION).is_some());
+        // An ordinary request: untouched, kept alive.
+        let r = switch_protocols(status(200), None, false);
+        assert!(r.headers().get(header::CONNECTION).is_none());
     }
 }

@@ -85,6 +85,23 @@ struct RawFile {
     http_routes: Vec<routes::RawHttpRoute>,
     #[serde(default)]
     destination_rules: Vec<routes::RawDestinationRule>,
+    #[serde(default)]
+    mesh_config: RawMeshConfig,
+}
+
+/// Mesh-wide settings, in the shape of Istio's `meshConfig` where Istio has one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMeshConfig {
+    path_normalization: Option<RawPathNormalization>,
+    /// DENY rules match paths regardless of letter case (default true).
+    case_insensitive_deny: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPathNormalization {
+    normalization: crate::state::PathNormalization,
 }
 
 /// A pod on another node: what this node needs to reach it over HBONE.
@@ -205,6 +222,8 @@ struct RawService {
     ports: Option<Vec<RawServicePort>>,
     #[serde(default)]
     endpoints: Vec<String>,
+    /// HTTP/1.1 upgrade tokens forwarded to the service (default `[websocket]`).
+    allowed_upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +444,15 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
     let mut state = NodeState {
         node,
         excluded_ports: raw.excluded_ports,
+        mesh: crate::state::MeshConfig {
+            path_normalization: raw
+                .mesh_config
+                .path_normalization
+                .as_ref()
+                .map(|p| p.normalization)
+                .unwrap_or_default(),
+            case_insensitive_deny: raw.mesh_config.case_insensitive_deny.unwrap_or(true),
+        },
         ..NodeState::default()
     };
     // Address → owner, across pods and services, to reject duplicates.
@@ -566,6 +594,32 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
                 Err(_) => cx.fail("endpoints", format!("{e:?} is not an IP address")),
             }
         }
+        let mut upgrades = Vec::new();
+        for u in rs
+            .allowed_upgrades
+            .clone()
+            .unwrap_or_else(crate::state::default_upgrades)
+        {
+            let token = u.to_ascii_lowercase();
+            let valid = !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            if valid {
+                upgrades.push(token);
+            } else {
+                cx.fail(
+                    "allowedUpgrades",
+                    format!("{u:?} is not an HTTP upgrade token (e.g. websocket)"),
+                );
+            }
+        }
+        if upgrades.iter().any(|u| u == "h2c" || u.starts_with("h2c/")) {
+            cx.fail(
+                "allowedUpgrades",
+                "h2c cannot be allowed: after the switch every request on the connection would skip routing and authorization",
+            );
+        }
         let key = match (namespace, name) {
             (Some(namespace), Some(name)) => Some(ObjectKey { namespace, name }),
             _ => None,
@@ -586,6 +640,7 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
                         ip,
                         ports: sports,
                         endpoints,
+                        upgrades,
                     },
                 );
             }

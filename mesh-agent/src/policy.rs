@@ -70,8 +70,14 @@ pub struct Request<'a> {
 pub struct HttpAttributes<'a> {
     /// Method.
     pub method: &'a str,
-    /// Normalized path.
+    /// Normalized path: what ALLOW rules and routes match, and what the backend receives.
     pub path: &'a str,
+    /// The path with every spelling a backend may fold into one folded (`l7::path::deny_form`).
+    /// DENY rules match it as well as `path`, so `/ADMIN`, `/admin.` or `/admin%20` are denied
+    /// with `/admin`.
+    pub deny_path: &'a str,
+    /// Whether `deny_path` was case-folded, so DENY patterns are folded too.
+    pub fold_case: bool,
     /// Request headers.
     pub headers: &'a http::HeaderMap,
 }
@@ -106,7 +112,8 @@ pub fn evaluate(policies: &[AuthorizationPolicy], req: &Request<'_>) -> Decision
 }
 
 /// `l7_unknown`: what an HTTP condition evaluates to when the traffic is not HTTP (fail closed:
-/// true for DENY, false for ALLOW).
+/// true for DENY, false for ALLOW). It also says which action is decided: DENY paths match the
+/// request's deny form too.
 fn rule_matches(rule: &Rule, req: &Request<'_>, l7_unknown: bool) -> bool {
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req.source)))
         && (rule.to.is_empty()
@@ -144,8 +151,18 @@ fn operation_matches(o: &Operation, req: &Request<'_>, l7_unknown: bool) -> bool
     let Some(http) = req.http else {
         return l7_unknown;
     };
+    let deny = l7_unknown;
+    let path_matches = |p: &String| {
+        glob(p, http.path)
+            || (deny
+                && if http.fold_case {
+                    glob(&p.to_lowercase(), http.deny_path)
+                } else {
+                    glob(p, http.deny_path)
+                })
+    };
     (o.methods.is_empty() || o.methods.iter().any(|m| m == http.method))
-        && (o.paths.is_empty() || o.paths.iter().any(|p| glob(p, http.path)))
+        && (o.paths.is_empty() || o.paths.iter().any(path_matches))
 }
 
 fn condition_matches(c: &Condition, http: Option<&HttpAttributes<'_>>, l7_unknown: bool) -> bool {
@@ -319,9 +336,12 @@ mod tests {
         headers.insert("x-team", http::HeaderValue::from_static("blue"));
         let ask =
             |policies: &[AuthorizationPolicy], method: &str, path: &str, h: &http::HeaderMap| {
+                let deny_path = crate::l7::path::deny_form(path, true);
                 let attrs = HttpAttributes {
                     method,
                     path,
+                    deny_path: &deny_path,
+                    fold_case: true,
                     headers: h,
                 };
                 evaluate(
@@ -337,6 +357,14 @@ mod tests {
             };
         let both = [deny_admin.clone(), allow_get.clone()];
         assert_eq!(ask(&both, "GET", "/x", &headers), Decision::Allow);
+        // DENY folds case and trailing dots; ALLOW keeps the exact path.
+        for p in ["/ADMIN/users", "/Admin./users", "/admin/USERS"] {
+            assert_eq!(
+                ask(&both, "GET", p, &headers),
+                Decision::Denied(deny_admin.key.clone()),
+                "{p}"
+            );
+        }
         assert_eq!(
             ask(&both, "GET", "/admin/users", &headers),
             Decision::Denied(deny_admin.key.clone())

@@ -209,6 +209,24 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The upgrade tokens allowed to `port` of the local pod at `ip`: those of every service
+    /// that sends that port to it, or the default when none does.
+    pub fn upgrades_to(&self, ip: IpAddr, port: u16) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .state
+            .services
+            .values()
+            .filter(|s| s.endpoints.contains(&ip) && s.ports.iter().any(|p| p.target_port == port))
+            .flat_map(|s| s.upgrades.iter().cloned())
+            .collect();
+        if all.is_empty() {
+            return crate::state::default_upgrades();
+        }
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// Builds routes, carrying round-robin cursors over from `old` so a reload does not reset
     /// balancing.
     pub fn build(state: &Arc<NodeState>, old: &Routes) -> Self {

@@ -194,6 +194,15 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Endpoint pod addresses.
     pub endpoints: Vec<IpAddr>,
+    /// HTTP/1.1 upgrade tokens forwarded to it, lowercase (by default only `websocket`). Any
+    /// other token is removed from `Upgrade` and `Connection`, so the upstream answers as
+    /// HTTP/1.1 instead of switching to a protocol the proxy cannot check (h2c).
+    pub upgrades: Vec<String>,
+}
+
+/// The upgrades a service allows when it names none.
+pub fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_string()]
 }
 
 impl Service {
@@ -460,6 +469,43 @@ pub struct NodeState {
     pub http_routes: Vec<HttpRoute>,
     /// Traffic policies by service.
     pub traffic_policies: BTreeMap<ObjectKey, TrafficPolicy>,
+    /// Mesh-wide settings.
+    pub mesh: MeshConfig,
+}
+
+/// How request paths are normalized before routing, authorization and forwarding (Istio's
+/// `meshConfig.pathNormalization`); see `l7::path`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalization {
+    /// Invalid encodings are still refused; nothing is rewritten.
+    None,
+    /// RFC 3986: unreserved escapes decoded, dot segments resolved, path parameters removed.
+    Base,
+    /// `Base`, and runs of slashes merged.
+    MergeSlashes,
+    /// `MergeSlashes` after decoding `%2F` and `%5C`: the default, and the strictest.
+    #[default]
+    DecodeAndMergeSlashes,
+}
+
+/// Settings that hold for the whole mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MeshConfig {
+    /// Path normalization.
+    pub path_normalization: PathNormalization,
+    /// DENY rules match paths regardless of letter case (on by default: a backend that folds
+    /// case would otherwise serve `/ADMIN` past a DENY on `/admin`).
+    pub case_insensitive_deny: bool,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            path_normalization: PathNormalization::default(),
+            case_insensitive_deny: true,
+        }
+    }
 }
 
 impl NodeState {

@@ -291,6 +291,8 @@ pub struct ServiceSpec {
     pub endpoints: Vec<String>,
     /// `appProtocol` of its port (`tcp`: no protocol detection, always L4).
     pub app_protocol: Option<String>,
+    /// `allowedUpgrades` (the agent's default, `[websocket]`, when `None`).
+    pub allowed_upgrades: Option<Vec<String>>,
 }
 
 impl ServiceSpec {
@@ -302,7 +304,14 @@ impl ServiceSpec {
             target_port,
             endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             app_protocol: None,
+            allowed_upgrades: None,
         }
+    }
+
+    /// Declares the HTTP upgrade tokens forwarded to it.
+    pub fn allowed_upgrades(mut self, tokens: &[&str]) -> Self {
+        self.allowed_upgrades = Some(tokens.iter().map(ToString::to_string).collect());
+        self
     }
 
     /// Declares the port's `appProtocol`.
@@ -673,7 +682,7 @@ impl Cluster {
                 .map(|e| self.pod(e).ip.to_string())
                 .collect();
             s.push_str(&format!(
-                "  - name: {}\n    namespace: default\n    ip: {}\n    ports: [{{port: {}, targetPort: {}{}}}]\n    endpoints: [{}]\n",
+                "  - name: {}\n    namespace: default\n    ip: {}\n    ports: [{{port: {}, targetPort: {}{}}}]\n    endpoints: [{}]\n{}",
                 svc.name,
                 self.service_ip(&svc.name),
                 svc.port,
@@ -682,7 +691,11 @@ impl Cluster {
                     .as_ref()
                     .map(|p| format!(", appProtocol: {p}"))
                     .unwrap_or_default(),
-                eps.join(", ")
+                eps.join(", "),
+                svc.allowed_upgrades
+                    .as_ref()
+                    .map(|u| format!("    allowedUpgrades: [{}]\n", u.join(", ")))
+                    .unwrap_or_default(),
             ));
         }
         s

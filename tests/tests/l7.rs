@@ -11,7 +11,8 @@ const APP_PORT: u16 = 8080;
 
 /// node-1: client, client2 (mesh), bare (outside); node-2: server, server2, idle (mesh; idle
 /// serves nothing). Services (port 80 → 8080): `web` over both servers, `v1` over server, `v2`
-/// and `opaque` (`appProtocol: tcp`) over server2, `half` over server and idle.
+/// (which also allows the `mesh-echo` upgrade) and `opaque` (`appProtocol: tcp`) over server2,
+/// `half` over server and idle.
 fn cluster() -> Result<Cluster> {
     let svc = |name: &str, endpoints: &[&str]| ServiceSpec::new(name, 80, APP_PORT, endpoints);
     let mut c = Cluster::new(
@@ -30,7 +31,7 @@ fn cluster() -> Result<Cluster> {
         vec![
             svc("web", &["server", "server2"]),
             svc("v1", &["server"]),
-            svc("v2", &["server2"]),
+            svc("v2", &["server2"]).allowed_upgrades(&["websocket", "mesh-echo"]),
             svc("opaque", &["server2"]).app_protocol("tcp"),
             svc("half", &["server", "idle"]),
         ],
@@ -891,7 +892,7 @@ fn a_route_change_applies_to_a_live_keep_alive_connection() -> Result<()> {
 #[test]
 fn protocol_upgrades_are_forwarded_and_joined() -> Result<()> {
     let c = cluster()?;
-    let v1 = c.service_ip("v1");
+    let (v1, v2) = (c.service_ip("v1"), c.service_ip("v2"));
     // An L7 policy on the server makes its node parse HTTP too: the upgrade crosses two L7 hops.
     c.apply(
         1,
@@ -899,15 +900,24 @@ fn protocol_upgrades_are_forwarded_and_joined() -> Result<()> {
         "authorization_policies",
         &["default/upgrades"],
     )?;
-    let run = |pod: &str| -> Result<serde_json::Value> {
+    let run = |pod: &str, addr: std::net::Ipv4Addr, protocol: &str| -> Result<serde_json::Value> {
         let out = c.testapp(
             pod,
-            &["upgrade", "--addr", &format!("{v1}:80"), "--messages", "50"],
+            &[
+                "upgrade",
+                "--addr",
+                &format!("{addr}:80"),
+                "--messages",
+                "50",
+                "--protocol",
+                protocol,
+            ],
         )?;
         Ok(serde_json::from_str(out.trim())?)
     };
-    let up = run("client")?;
-    println!("upgrade through L7 on both nodes: {up}");
+    // WebSocket is allowed by default.
+    let up = run("client", v1, "websocket")?;
+    println!("websocket through L7 on both nodes: {up}");
     assert_eq!(
         (up["status"].as_u64(), up["echoed"].as_u64()),
         (Some(101), Some(50)),
@@ -916,12 +926,22 @@ fn protocol_upgrades_are_forwarded_and_joined() -> Result<()> {
     assert!(
         up["head"]
             .as_str()
-            .is_some_and(|h| h.to_ascii_lowercase().contains("upgrade: mesh-echo")),
+            .is_some_and(|h| h.to_ascii_lowercase().contains("upgrade: websocket")),
         "{up}"
     );
     assert!(
         c.counter(0, "client", "http_requests")? >= 1,
         "the client's node handled it at L7"
+    );
+    // Another token is removed unless the service allows it: the server never saw the Upgrade
+    // (it answers 426 to a plain GET /upgrade), and the connection closed after the answer.
+    let other = run("client", v1, "mesh-echo")?;
+    assert_eq!(other["status"].as_u64(), Some(426), "{other}");
+    let allowed = run("client", v2, "mesh-echo")?;
+    assert_eq!(
+        (allowed["status"].as_u64(), allowed["echoed"].as_u64()),
+        (Some(101), Some(50)),
+        "v2 allows mesh-echo: {allowed}"
     );
     // A principal the policy does not know is still refused before any switch.
     c.apply(
@@ -930,8 +950,74 @@ fn protocol_upgrades_are_forwarded_and_joined() -> Result<()> {
         "authorization_policies",
         &["default/client2-upgrades"],
     )?;
-    let denied = run("client")?;
+    let denied = run("client", v1, "websocket")?;
     assert_eq!(denied["status"].as_u64(), Some(403), "{denied}");
-    assert_eq!(run("client2")?["echoed"].as_u64(), Some(50));
+    assert_eq!(
+        run("client2", v1, "websocket")?["echoed"].as_u64(),
+        Some(50)
+    );
+    Ok(())
+}
+
+/// The h2c smuggling bypass: the server really switches to HTTP/2 on `Upgrade: h2c` (as Go's h2c
+/// handler, Jetty and Tomcat do), so a forwarded upgrade would turn the connection into a tunnel
+/// where `GET /admin` reaches it past the DENY. The proxy removes the token: the server answers
+/// the upgrade request as plain HTTP/1.1, having seen no `Upgrade`, and nothing is tunnelled.
+#[test]
+fn h2c_upgrade_cannot_open_a_tunnel_past_policy() -> Result<()> {
+    let c = cluster()?;
+    let server = c.pod("server").ip;
+    let v1 = c.service_ip("v1");
+    c.apply(
+        1,
+        "authorizationPolicies:\n  - name: no-admin\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - to: [{operation: {paths: [/admin, /admin/*]}}]\n",
+        "authorization_policies",
+        &["default/no-admin"],
+    )?;
+    // The same policy answers a direct GET /admin with 403.
+    let direct = c.exec(
+        "client",
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{server}:{APP_PORT}/admin"),
+        ],
+    )?;
+    assert_eq!(String::from_utf8_lossy(&direct.stdout), "403");
+    // From a mesh pod (its node and the server's both parse HTTP) and from outside the mesh (the
+    // server's node parses it), to the pod and to the service.
+    for (from, addr) in [
+        ("client", format!("{server}:{APP_PORT}")),
+        ("client", format!("{v1}:80")),
+        ("bare", format!("{server}:{APP_PORT}")),
+    ] {
+        let before = c.app_requests("server", APP_PORT)?;
+        let out = c.testapp(from, &["h2c-upgrade", "--addr", &addr, "--path", "/admin"])?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        println!("h2c from {from} to {addr}: {v}");
+        assert_eq!(v["status"].as_u64(), Some(200), "no switch: {v}");
+        assert!(v["tunnelled"].is_null(), "nothing tunnelled: {v}");
+        let seen = v["body"].as_str().unwrap_or_default().to_ascii_lowercase();
+        assert!(seen.starts_with("get /echo"), "{v}");
+        assert!(
+            !seen.contains("upgrade") && !seen.contains("http2-settings"),
+            "the server saw no upgrade: {seen}"
+        );
+        assert!(
+            v["head"]
+                .as_str()
+                .is_some_and(|h| h.to_ascii_lowercase().contains("connection: close")),
+            "{v}"
+        );
+        assert_eq!(
+            c.app_requests("server", APP_PORT)?,
+            before + 1,
+            "only the upgrade request itself reached the server"
+        );
+    }
     Ok(())
 }

@@ -14,7 +14,11 @@
 //! - `GET /delay/MS` — answers after MS milliseconds;
 //! - `/echo`, or any path ending in `/echo` (any method) — the request line as received, then its headers, one per line;
 //! - `POST /control/fail`, `DELETE /control/fail` — answer every other request 500, or stop;
-//! - `GET /upgrade` with `Upgrade: mesh-echo` — switches protocols (101) and echoes every byte;
+//! - `GET /upgrade` with `Upgrade: websocket` or `Upgrade: mesh-echo` — switches to that protocol
+//!   (101) and echoes every byte;
+//! - any request with `Upgrade: h2c` — switches to HTTP/2 (101) and serves every later request on
+//!   the connection as HTTP/2, as Go's h2c handler, Jetty and Tomcat do (it does not insist on
+//!   `HTTP2-Settings`, which a proxy drops as hop-by-hop);
 //! - `POST /mesh.test.Echo/Unary` and `/mesh.test.Echo/Stream` — gRPC: echo each message, with
 //!   `grpc-status: 0` in the trailers; the stream answers each message as it arrives.
 //!
@@ -126,6 +130,17 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value_t = 10)]
         messages: usize,
+        /// The `Upgrade` token asked for.
+        #[arg(long, default_value = "websocket")]
+        protocol: String,
+    },
+    /// The h2c smuggling attempt: `Upgrade: h2c` on a harmless request, then `GET PATH` over
+    /// HTTP/2 if the connection switched; prints JSON.
+    H2cUpgrade {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/admin")]
+        path: String,
     },
     /// Serve the `stream` protocol (see the module doc) on 0.0.0.0:PORT.
     StreamServe {
@@ -230,7 +245,14 @@ async fn handle(
             tokio::time::sleep(app.delay).await;
         }
     }
-    let mut resp = if !control && app.fail.load(Ordering::Relaxed) {
+    let h2c = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
+    let mut resp = if h2c {
+        switch_to_h2c(req, app.clone())
+    } else if !control && app.fail.load(Ordering::Relaxed) {
         status(500, "failing on request")
     } else {
         route(req, &app, &path).await
@@ -311,13 +333,17 @@ async fn route(req: Request<hyper::body::Incoming>, app: &App, path: &str) -> Re
 
 /// Answers 101 and echoes the upgraded connection's bytes until it closes.
 fn switch_to_echo(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
-    let wants = req
+    let Some(proto) = req
         .headers()
         .get(hyper::header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"mesh-echo"));
-    if !wants {
-        return status(426, "upgrade to mesh-echo");
-    }
+        .filter(|v| {
+            v.as_bytes().eq_ignore_ascii_case(b"mesh-echo")
+                || v.as_bytes().eq_ignore_ascii_case(b"websocket")
+        })
+        .cloned()
+    else {
+        return status(426, "upgrade to websocket or mesh-echo");
+    };
     let on = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         if let Ok(up) = on.await {
@@ -326,9 +352,30 @@ fn switch_to_echo(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
         }
     });
     let mut r = status(101, "");
+    r.headers_mut().insert(hyper::header::UPGRADE, proto);
+    r.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    *r.body_mut() = full(Bytes::new());
+    r
+}
+
+/// Answers 101 to an h2c upgrade and serves HTTP/2 on the connection from then on.
+fn switch_to_h2c(mut req: Request<hyper::body::Incoming>, app: Arc<App>) -> Response<Body> {
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let svc = service_fn(move |req| handle(req, app.clone()));
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(up, svc)
+                .await;
+        }
+    });
+    let mut r = status(101, "");
     r.headers_mut().insert(
         hyper::header::UPGRADE,
-        hyper::header::HeaderValue::from_static("mesh-echo"),
+        hyper::header::HeaderValue::from_static("h2c"),
     );
     r.headers_mut().insert(
         hyper::header::CONNECTION,
@@ -338,15 +385,78 @@ fn switch_to_echo(mut req: Request<hyper::body::Incoming>) -> Response<Body> {
     r
 }
 
+/// The h2c smuggling client: asks for `Upgrade: h2c` on a harmless `GET /echo` and, if the answer
+/// is 101, sends `GET PATH` as HTTP/2 on the switched connection. Prints JSON with the upgrade's
+/// status and head, the echoed request when it did not switch, and, when it switched, the
+/// tunnelled request's status.
+async fn h2c_upgrade(addr: SocketAddr, path: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await??;
+    s.write_all(
+        format!("GET /echo HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    // Byte by byte, so nothing after the head is taken from the HTTP/2 side.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await?? {
+            0 => break,
+            _ => head.push(b[0]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut tunnelled = serde_json::Value::Null;
+    let mut body = String::new();
+    if status != 101 {
+        // `/echo` answers with the request as the server saw it.
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut buf = vec![0u8; len];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+        body = String::from_utf8_lossy(&buf).to_string();
+    } else {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
+        tokio::spawn(conn);
+        let req = Request::get(format!("http://{addr}{path}"))
+            .body(Full::new(Bytes::new()))
+            .context("request")?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await??;
+        tunnelled = serde_json::json!({
+            "status": resp.status().as_u16(),
+            "served_by": resp.headers().get("x-served-by").and_then(|v| v.to_str().ok()),
+        });
+    }
+    println!(
+        "{}",
+        serde_json::json!({"status": status, "head": head, "body": body, "tunnelled": tunnelled})
+    );
+    Ok(())
+}
+
 /// The client side of `/upgrade`.
-fn upgrade(addr: SocketAddr, messages: usize) -> anyhow::Result<()> {
+fn upgrade(addr: SocketAddr, messages: usize, protocol: &str) -> anyhow::Result<()> {
     use std::io::{BufRead, Write};
     let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut w = s.try_clone()?;
     let mut r = std::io::BufReader::new(s);
     w.write_all(
-        format!("GET /upgrade HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: mesh-echo\r\n\r\n")
+        format!("GET /upgrade HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n")
             .as_bytes(),
     )?;
     let mut head = String::new();
@@ -1085,7 +1195,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Stream { addr, send, reply } => stream(addr, send, reply),
         Cmd::Hold { addr, count } => hold(addr, count),
         Cmd::RapidReset { addr, streams } => rapid_reset(addr, streams),
-        Cmd::Upgrade { addr, messages } => upgrade(addr, messages),
+        Cmd::Upgrade {
+            addr,
+            messages,
+            protocol,
+        } => upgrade(addr, messages, &protocol),
+        Cmd::H2cUpgrade { addr, path } => {
+            tokio::runtime::Runtime::new()?.block_on(h2c_upgrade(addr, &path))
+        }
         Cmd::ContinuationFlood { addr, frames } => continuation_flood(addr, frames),
     }
 }
