@@ -433,6 +433,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             trust_domain: config.trust_domain.clone(),
             flows: crate::flows::FlowLog::new(config.access_log, &metrics)?,
             metrics: metrics.clone(),
+            http_timeouts: config.http,
         }),
         pods: Mutex::new(BTreeMap::new()),
         state: RwLock::new(Arc::new(NodeState::default())),

@@ -33,6 +33,10 @@ pub const ENV_KTLS: &str = "MESH_KTLS";
 pub const ENV_LOOP_BYPASS: &str = "MESH_LOOP_BYPASS";
 /// Env var for `--cgroup`.
 pub const ENV_CGROUP: &str = "MESH_CGROUP";
+/// Env name of `--http-head-timeout`.
+pub const ENV_HTTP_HEAD_TIMEOUT: &str = "MESH_HTTP_HEAD_TIMEOUT";
+/// Env name of `--http-idle-timeout`.
+pub const ENV_HTTP_IDLE_TIMEOUT: &str = "MESH_HTTP_IDLE_TIMEOUT";
 /// Environment variable for `--trust-domain`.
 pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 /// Environment variable for `--ca-addr`.
@@ -233,6 +237,13 @@ pub struct RunArgs {
     /// (the loopback bypass watches the agent's cgroup). Default: the one it was started in.
     #[arg(long, env = ENV_CGROUP)]
     pub cgroup: Option<PathBuf>,
+    /// Time an HTTP/1 client has to finish a request head it has started; past it the proxy
+    /// answers 408 and closes. Short, because a stalled head holds memory and a slot.
+    #[arg(long, env = ENV_HTTP_HEAD_TIMEOUT, default_value = "10s")]
+    pub http_head_timeout: String,
+    /// Time an HTTP/1 connection may wait for its next request (including its first).
+    #[arg(long, env = ENV_HTTP_IDLE_TIMEOUT, default_value = "30s")]
+    pub http_idle_timeout: String,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -263,6 +274,24 @@ impl PinArgs {
             Ok(self.bpffs.join(&self.pin_name))
         } else {
             Err(ConfigError::PinName(self.pin_name.clone()))
+        }
+    }
+}
+
+/// How long HTTP/1 clients may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// To finish a request head once its first byte arrived (408 after).
+    pub head: Duration,
+    /// To start the next request on a connection.
+    pub idle: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            head: Duration::from_secs(10),
+            idle: Duration::from_secs(30),
         }
     }
 }
@@ -300,6 +329,8 @@ pub struct Config {
     pub loop_bypass: bool,
     /// The cgroup to join at start.
     pub cgroup: Option<PathBuf>,
+    /// HTTP timeouts.
+    pub http: HttpTimeouts,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -328,6 +359,10 @@ impl Config {
         }
         let (trust_domain, ca) = args.ca.validate()?;
         let metrics_retention = parse_duration("--metrics-retention", &args.metrics_retention)?;
+        let http = HttpTimeouts {
+            head: parse_duration("--http-head-timeout", &args.http_head_timeout)?,
+            idle: parse_duration("--http-idle-timeout", &args.http_idle_timeout)?,
+        };
         Ok(Self {
             metrics_addr: args.metrics_addr,
             metrics_retention,
@@ -341,6 +376,7 @@ impl Config {
             ktls: args.ktls,
             loop_bypass: args.loop_bypass,
             cgroup: args.cgroup,
+            http,
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

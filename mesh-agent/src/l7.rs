@@ -38,7 +38,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -61,6 +61,7 @@ use self::{
     upstream::UpstreamError,
 };
 use crate::{
+    config::HttpTimeouts,
     flows::{Draft, HttpInfo},
     identity::Identity,
     metrics::{Flow, Peer, Reporter, Security},
@@ -83,8 +84,6 @@ const MAX_RETRY_BODY: u64 = 64 * 1024;
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Streams a client may reset before the server accepted them (rapid reset) before GOAWAY.
 const MAX_PENDING_RESETS: usize = 20;
-/// Idle time allowed while reading an HTTP/1 request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The header carrying the proxy's response flags on replies it made itself.
 pub const FLAGS_HEADER: &str = "x-mesh-flags";
@@ -592,15 +591,16 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     cx.src.counters.outbound_http.inc();
+    let timeouts = cx.shared.http_timeouts;
     let svc = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(outbound_request(&cx, req).await) }
     });
-    serve(io, protocol, svc).await;
+    serve(io, protocol, timeouts, svc).await;
 }
 
 /// Runs hyper's server for `protocol` with the hardening settings on `io`.
-async fn serve<S, Svc>(io: S, protocol: Protocol, svc: Svc)
+async fn serve<S, Svc>(io: S, protocol: Protocol, timeouts: HttpTimeouts, svc: Svc)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: hyper::service::HttpService<Incoming, ResBody = Body, Error = Infallible>,
@@ -620,9 +620,9 @@ where
         hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .half_close(true)
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(timeouts.idle)
             .max_buf_size(guard::MAX_HEAD + 16 * 1024)
-            .serve_connection(TokioIo::new(guard::H1Guard::new(io)), svc)
+            .serve_connection(TokioIo::new(guard::H1Guard::new(io, timeouts.head)), svc)
             .with_upgrades()
             .await
     };
@@ -1330,11 +1330,12 @@ pub async fn serve_inbound<S>(
         warn!(dst = %cx.dest.pod.key, "application connection: {e}");
         return;
     }
+    let timeouts = cx.shared.http_timeouts;
     let svc = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(inbound_request(&cx, req).await) }
     });
-    serve(io, protocol, svc).await;
+    serve(io, protocol, timeouts, svc).await;
 }
 
 impl Inbound {

@@ -321,6 +321,8 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Flow records: the access log and `/debug/flows`.
     pub flows: Arc<FlowLog>,
+    /// HTTP/1 head and idle timeouts.
+    pub http_timeouts: crate::config::HttpTimeouts,
 }
 
 impl Shared {

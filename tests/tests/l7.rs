@@ -474,6 +474,30 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
         ("%5C", get("/%5Cadmin"), 403),
         ("10k tiny headers", format!("GET /x HTTP/1.1\r\nHost: s\r\n{many}\r\n"), 431),
         ("header block over the limit", format!("GET /x HTTP/1.1\r\nHost: s\r\nX-Big: {big}\r\n\r\n"), 431),
+        // Path forms that backends take for /admin: denied.
+        ("upper case", get("/ADMIN"), 403),
+        ("mixed case", get("/Admin/x"), 403),
+        ("escaped capital", get("/%41dmin"), 403),
+        ("path parameter", get("/admin;jsessionid=0123"), 403),
+        ("parameter on a dot segment", get("/public/..;/admin"), 403),
+        ("trailing encoded space", get("/admin%20"), 403),
+        ("trailing dot", get("/admin."), 403),
+        ("trailing dots", get("/admin../x"), 403),
+        ("fullwidth solidus", get("/%EF%BC%8Fadmin"), 403),
+        // Invalid encodings: refused, never normalized.
+        ("double encoding", get("/%2561dmin"), 400),
+        ("overlong /", get("/%C0%AFadmin"), 400),
+        ("overlong .", get("/x/%C0%AE%C0%AE/admin"), 400),
+        ("invalid UTF-8", get("/%FF"), 400),
+        ("encoded CR", get("/a%0d%0aX-Injected:%201"), 400),
+        // Heads that must get an answer: 400.
+        ("1.1 without Host", "GET /x HTTP/1.1\r\n\r\n".into(), 400),
+        ("invalid Host", "GET /x HTTP/1.1\r\nHost: a b\r\n\r\n".into(), 400),
+        ("raw non-ASCII target", "GET /caf\u{e9} HTTP/1.1\r\nHost: s\r\n\r\n".into(), 400),
+        ("invalid method token", "G(T /x HTTP/1.1\r\nHost: s\r\n\r\n".into(), 400),
+        ("NUL in the method", "G\0T /x HTTP/1.1\r\nHost: s\r\n\r\n".into(), 400),
+        ("bare LF", "GET /x HTTP/1.1\nHost: s\n\n".into(), 400),
+        ("HTTP/0.9", "GET /x\r\n".into(), 400),
     ];
     // Sends `bytes` raw from `from` to the server; returns the answer.
     let send = |from: &str, bytes: &str| -> Result<String> {
@@ -516,6 +540,16 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
         let out = send(from, &get("/public"))?;
         assert!(out.starts_with("HTTP/1.1 404"), "{out}");
         assert_eq!(c.app_requests("server", APP_PORT)?, before + 1);
+        // A path parameter is removed, and the server receives the path policy decided on.
+        let out = send(from, &get("/x/../echo;jsessionid=0123?q=1"))?;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("\nGET /echo?q=1\n"), "the server saw: {out}");
+        // Valid non-ASCII, percent-encoded, passes as sent.
+        let out = send(from, &get("/caf%C3%A9/echo"))?;
+        assert!(
+            out.contains("\nGET /caf%C3%A9/echo\n"),
+            "the server saw: {out}"
+        );
         // Smuggling behind an upgrade the server declines: the upgrade request itself is
         // forwarded (the server decides), but the connection then closes, so the request hidden
         // behind it never reaches the server.
@@ -539,10 +573,17 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
             "only the upgrade request from {from} reached the server"
         );
     }
-    assert!(
-        c.agent_log(1)
-            .contains("denied by DENY policy default/no-admin")
-    );
+    let log = c.agent_log(1);
+    assert!(log.contains("denied by DENY policy default/no-admin"));
+    for refusal in [
+        "bare LF line ending",
+        "HTTP/0.9",
+        "invalid method token",
+        "HTTP/1.1 request without Host",
+        "double percent-encoding",
+    ] {
+        assert!(log.contains(refusal), "no log line for {refusal}");
+    }
     Ok(())
 }
 

@@ -73,8 +73,33 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
             undecided = true;
         }
     }
-    (!undecided).then_some(Protocol::Opaque)
+    if undecided {
+        return None;
+    }
+    // Not a method we know: still HTTP/1 if its first line ends in an HTTP version, so a request
+    // with an invalid or unusual method (or a NUL in it) reaches the framing guard, which answers
+    // 400, instead of being relayed unparsed. Only a text-looking start waits for that line.
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !token(buf[0]) {
+        return Some(Protocol::Opaque);
+    }
+    match buf.iter().position(|b| *b == b'\n') {
+        Some(nl) => {
+            let line = buf[..nl].strip_suffix(b"\r").unwrap_or(&buf[..nl]);
+            let http = line.windows(6).any(|w| w == b" HTTP/");
+            Some(if http {
+                Protocol::Http1
+            } else {
+                Protocol::Opaque
+            })
+        }
+        None if buf.len() < MAX_FIRST_LINE => None,
+        None => Some(Protocol::Opaque),
+    }
 }
+
+/// Longest first line detection waits for when the method is not one it knows.
+const MAX_FIRST_LINE: usize = 1024;
 
 /// Reads until the protocol is known or the timeout passes. The stream comes back with the
 /// bytes read, ready to be replayed.
@@ -181,10 +206,20 @@ mod tests {
         assert_eq!(classify(b"DELETE /x"), Some(Protocol::Http1));
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(classify(&H2_PREFACE[..10]), None);
-        assert_eq!(classify(b"PRI * HTTP/1.1"), Some(Protocol::Opaque));
         assert_eq!(classify(&[0x16, 0x03, 0x01]), Some(Protocol::Tls));
-        assert_eq!(classify(b"SSH-2.0"), Some(Protocol::Opaque));
-        assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"SSH-2.0-x\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(&[0, 0, 0, 8, 4, 210, 22, 47]),
+            Some(Protocol::Opaque)
+        );
+        // Unknown or invalid methods are HTTP once the line says so, so the guard answers them.
+        assert_eq!(classify(b"SSH-2.0"), None);
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"G\0T / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PROPFIND /x HTTP/1.1\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(&[b'A'; 2000]), Some(Protocol::Opaque));
     }
 
     #[tokio::test]

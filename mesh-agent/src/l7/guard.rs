@@ -7,7 +7,11 @@
 //! guard holds each request head back until it is complete and checked:
 //! - `Content-Length` together with `Transfer-Encoding`, two `Content-Length`s, a non-numeric
 //!   length, a `Transfer-Encoding` other than a single `chunked`, or two `Host`s: 400;
-//! - a malformed head (e.g. `Transfer-Encoding : chunked`, with a space before the colon): 400;
+//! - a malformed head (e.g. `Transfer-Encoding : chunked`, with a space before the colon), an
+//!   invalid method token (a NUL in it included), a bare LF line ending, a request line without
+//!   an HTTP/1.x version (HTTP/0.9), a raw byte outside printable ASCII in the request target, an
+//!   HTTP/1.1 request without `Host`, or a `Host` that is not `host[:port]`: 400;
+//! - a head that has started but not finished within the head timeout: 408;
 //! - more than [`MAX_HEADERS`] headers, or a head over [`MAX_HEAD`] bytes: 431;
 //! - in a chunked body, a chunk size that overflows or is not hex, or a chunk not followed by
 //!   CRLF: 400.
@@ -19,9 +23,11 @@
 //! upstream.
 
 use std::{
+    future::Future,
     io,
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -97,6 +103,22 @@ fn check_head(head: &[u8]) -> Result<Framing, Refusal> {
     if hosts > 1 {
         return Err(bad("more than one Host header"));
     }
+    if let Some(target) = req.path
+        && !target.bytes().all(|b| (0x21..0x7f).contains(&b))
+    {
+        return Err(bad(
+            "raw non-ASCII or control byte in the request target; percent-encode it",
+        ));
+    }
+    match req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+    {
+        None if req.version == Some(1) => return Err(bad("HTTP/1.1 request without Host")),
+        Some(h) if !valid_host(h.value) => return Err(bad("invalid Host header")),
+        _ => {}
+    }
     if !te.is_empty() && !cl.is_empty() {
         return Err(bad("Content-Length together with Transfer-Encoding"));
     }
@@ -144,6 +166,65 @@ fn check_head(head: &[u8]) -> Result<Framing, Refusal> {
     })
 }
 
+/// `host[:port]` as RFC 9110 §7.2 allows it: a registered name (unreserved, sub-delims and
+/// percent-escapes) or a bracketed IP literal, and digits after one colon. Empty is allowed (a
+/// request whose target has no authority).
+fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if let Some(rest) = v.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => (&b""[..], None),
+            [b':', port @ ..] => (&b""[..], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match v.iter().position(|b| *b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        }
+    };
+    let host_ok = host
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(b));
+    let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    host_ok && port_ok
+}
+
+/// Checks a complete request line (without its line ending) before the rest of the head
+/// arrives, so a request that can never be valid is refused at once instead of waiting for a
+/// blank line that an HTTP/0.9 or bare-LF client never sends.
+fn check_request_line(line: &[u8]) -> Result<(), Refusal> {
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(
+            "malformed request line: expected `METHOD target HTTP/1.x` (HTTP/0.9 is not served)",
+        ));
+    };
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if method.is_empty() || !method.iter().all(token) {
+        return Err(bad("invalid method token"));
+    }
+    if target.is_empty() {
+        return Err(bad("empty request target"));
+    }
+    if version != b"HTTP/1.1" && version != b"HTTP/1.0" {
+        return Err(bad("unsupported HTTP version in the request line"));
+    }
+    Ok(())
+}
+
 /// Parses a chunk-size line (without CRLF): hex digits, then optional `;extensions`.
 fn chunk_size(line: &[u8]) -> Result<u64, Refusal> {
     let digits = line
@@ -180,11 +261,15 @@ pub struct H1Guard<S> {
     refusal: Option<Refusal>,
     /// The refusal response, written before shutdown.
     reply: Option<Bytes>,
+    /// How long a started head may take to finish.
+    head_timeout: Duration,
+    /// When the head being read must be complete (set at its first byte).
+    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> H1Guard<S> {
-    /// Guards `inner`.
-    pub fn new(inner: S) -> Self {
+    /// Guards `inner`; a request head that has started must be complete within `head_timeout`.
+    pub fn new(inner: S, head_timeout: Duration) -> Self {
         Self {
             inner,
             framing: Framing::Head,
@@ -193,6 +278,20 @@ impl<S> H1Guard<S> {
             pending: BytesMut::new(),
             refusal: None,
             reply: None,
+            head_timeout,
+            head_deadline: None,
+        }
+    }
+
+    /// Starts the head timer at a head's first byte, and stops it once the head is whole.
+    fn time_head(&mut self) {
+        let reading = matches!(self.framing, Framing::Head) && !self.head.is_empty();
+        match (reading, self.head_deadline.is_some()) {
+            (true, false) => {
+                self.head_deadline = Some(Box::pin(tokio::time::sleep(self.head_timeout)));
+            }
+            (false, true) => self.head_deadline = None,
+            _ => {}
         }
     }
 
@@ -204,6 +303,7 @@ impl<S> H1Guard<S> {
 
     fn refuse(&mut self, r: Refusal) {
         let text = match r.status {
+            408 => "Request Timeout",
             431 => "Request Header Fields Too Large",
             _ => "Bad Request",
         };
@@ -314,6 +414,26 @@ impl<S> H1Guard<S> {
                     let from = self.head.len().saturating_sub(3);
                     let more = self.pending.split();
                     take(&mut self.head, more);
+                    // Every LF must end a CRLF: a bare LF would never make the blank line
+                    // this guard waits for, and other parsers read it as a line end.
+                    let scan = from.saturating_sub(1);
+                    let bare_lf = self.head[scan..].iter().enumerate().any(|(i, b)| {
+                        *b == b'\n' && (scan + i == 0 || self.head[scan + i - 1] != b'\r')
+                    });
+                    if bare_lf {
+                        self.refuse(bad("bare LF line ending in the request head"));
+                        break;
+                    }
+                    // The request line, once it is whole (empty lines before it are skipped,
+                    // as RFC 9112 §2.2 allows).
+                    let start = self.head.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+                    if let Some(start) = start
+                        && let Some(eol) = self.head[start..].windows(2).position(|w| w == b"\r\n")
+                        && let Err(r) = check_request_line(&self.head[start..start + eol])
+                    {
+                        self.refuse(r);
+                        break;
+                    }
                     let end = self.head[from..]
                         .windows(4)
                         .position(|w| w == b"\r\n\r\n")
@@ -359,8 +479,11 @@ fn take(to: &mut BytesMut, part: BytesMut) {
     }
 }
 
-/// How much room a read from the client gets.
+/// How much room a body read gets.
 const READ_SIZE: usize = 8 * 1024;
+/// How much a read between messages takes at once: heads are read through a buffer on the
+/// stack, so an idle or stalled connection holds no read buffer of its own.
+const HEAD_READ: usize = 2 * 1024;
 
 impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
     fn poll_read(
@@ -374,22 +497,59 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
                 let n = this.ready.len().min(buf.remaining());
                 buf.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
+                if this.ready.is_empty() {
+                    // Let go of the buffer: an idle connection keeps none.
+                    this.ready = BytesMut::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.refusal.is_some() {
                 // End of input: hyper finishes and shuts down, and the refusal goes out then.
                 return Poll::Ready(Ok(()));
             }
-            // Straight into `pending`, which `frame` then moves on without copying when it can.
-            this.pending.reserve(READ_SIZE);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.pending) {
+            let read = if matches!(this.framing, Framing::Head) {
+                let mut stack = [0u8; HEAD_READ];
+                let mut rb = ReadBuf::new(&mut stack);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        this.pending.extend_from_slice(rb.filled());
+                        Poll::Ready(Ok(rb.filled().len()))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            } else {
+                // Straight into `pending`, which `frame` then moves on without copying when it
+                // can.
+                this.pending.reserve(READ_SIZE);
+                tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.pending)
+            };
+            match read {
                 Poll::Ready(Ok(0)) => {
                     // The client's end of input; a half-read head is simply dropped.
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Ok(_)) => this.frame(),
+                Poll::Ready(Ok(_)) => {
+                    this.frame();
+                    if this.pending.is_empty() {
+                        this.pending = BytesMut::new();
+                    }
+                    this.time_head();
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if let Some(deadline) = this.head_deadline.as_mut()
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        this.head_deadline = None;
+                        this.refuse(Refusal {
+                            status: 408,
+                            reason: "the request head was not finished in time",
+                        });
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -445,7 +605,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         client.write_all(input).await.unwrap_or_default();
         client.shutdown().await.unwrap_or_default();
-        let mut g = H1Guard::new(server);
+        let mut g = H1Guard::new(server, Duration::from_secs(10));
         let mut passed = Vec::new();
         g.read_to_end(&mut passed).await.unwrap_or_default();
         let refusal = g.refusal();
@@ -457,7 +617,7 @@ mod tests {
 
     #[tokio::test]
     async fn passes_well_framed_pipelines_whole() {
-        let input = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\nHost: x\r\n\r\nPOST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\nGET /d HTTP/1.1\r\n\r\n";
+        let input = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.1\r\nHost: x\r\n\r\nPOST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\nGET /d HTTP/1.1\r\nHost: x\r\n\r\n";
         let (passed, refusal, reply) = run(input).await;
         assert_eq!(refusal, None);
         assert_eq!(passed, input.to_vec());
@@ -484,6 +644,116 @@ mod tests {
             assert_eq!(refusal.map(|r| r.status), Some(*status));
             assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")), "{reply}");
         }
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_heads_with_400_at_once() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 request without Host"),
+            (
+                b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+                "invalid Host header",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: x/y\r\n\r\n",
+                "invalid Host header",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: x:80x\r\n\r\n",
+                "invalid Host header",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: [zz]\r\n\r\n",
+                "invalid Host header",
+            ),
+            (
+                b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
+                "raw non-ASCII or control byte in the request target; percent-encode it",
+            ),
+            (b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n", "invalid method token"),
+            (
+                b"G\0T / HTTP/1.1\r\nHost: x\r\n\r\n",
+                "invalid method token",
+            ),
+            // No blank line ever comes: these must be refused on their first line, not wait.
+            (
+                b"GET / HTTP/1.1\nHost: x\n\n",
+                "bare LF line ending in the request head",
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: x\n\n",
+                "bare LF line ending in the request head",
+            ),
+            (
+                b"GET /\r\n",
+                "malformed request line: expected `METHOD target HTTP/1.x` (HTTP/0.9 is not served)",
+            ),
+            (
+                b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
+                "unsupported HTTP version in the request line",
+            ),
+        ];
+        for (input, reason) in cases {
+            // The client does not close: a refusal must not wait for more input.
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            client.write_all(input).await.unwrap_or_default();
+            let mut g = H1Guard::new(server, Duration::from_secs(10));
+            let mut passed = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(2), g.read_to_end(&mut passed)).await;
+            assert!(
+                read.is_ok(),
+                "waited on {:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert!(passed.is_empty(), "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                g.refusal(),
+                Some(bad(reason)),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        // Valid forms still pass: HTTP/1.0 without Host, IPv6 and port hosts, leading CRLF.
+        for ok in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: svc.ns.svc.cluster.local:80\r\n\r\n",
+            b"\r\nGET /a%20b HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"PROPFIND /dav HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            let (passed, refusal, _) = run(ok).await;
+            assert_eq!(refusal, None, "{:?}", String::from_utf8_lossy(ok));
+            assert_eq!(passed, ok.to_vec());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_head_gets_408_and_holds_no_read_buffer() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap_or_default();
+        let mut g = H1Guard::new(server, Duration::from_millis(100));
+        let mut one = [0u8; 1];
+        // Nothing for hyper yet, and no buffer kept beyond the bytes that arrived.
+        let early = tokio::time::timeout(Duration::from_millis(30), g.read(&mut one)).await;
+        assert!(early.is_err());
+        assert_eq!(g.pending.capacity(), 0);
+        assert!(g.head.capacity() < 256, "{}", g.head.capacity());
+        let started = std::time::Instant::now();
+        let mut passed = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), g.read_to_end(&mut passed))
+            .await
+            .ok();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(passed.is_empty());
+        assert_eq!(g.refusal().map(|r| r.status), Some(408));
+        g.shutdown().await.unwrap_or_default();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).await.unwrap_or_default();
+        assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
     }
 
     #[tokio::test]
