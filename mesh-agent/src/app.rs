@@ -94,6 +94,8 @@ pub struct Agent {
     state: RwLock<Arc<NodeState>>,
     problems: Mutex<Vec<String>>,
     node_file: PathBuf,
+    /// Pods' cgroups must be below this one.
+    pod_cgroup_root: Option<PathBuf>,
     /// The kernel's counters and map fill levels (also on `/metrics`).
     kernel: Arc<bpf::collector::KernelCollector>,
     /// Run-time log level.
@@ -363,7 +365,12 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     }
     let pin_root = config.pin_root();
     let applied = nodefile::read(&config.node_file)?;
-    let loaded = nodefile::load_text(&config.node_file, &applied, None)?;
+    let loaded = nodefile::load_text(
+        &config.node_file,
+        &applied,
+        None,
+        config.pod_cgroup_root.as_deref(),
+    )?;
     let (mut dataplane, orig_dst, splice) = Dataplane::load(&config.bpf_object, &pin_root)?;
     info!(
         pin_root = %pin_root.display(),
@@ -439,6 +446,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         state: RwLock::new(Arc::new(NodeState::default())),
         problems: Mutex::new(Vec::new()),
         node_file: config.node_file.clone(),
+        pod_cgroup_root: config.pod_cgroup_root.clone(),
         kernel,
         logging,
     });
@@ -517,23 +525,41 @@ async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
     let mut last = Some(applied);
     loop {
         tokio::time::sleep(every).await;
-        let now = nodefile::read(&agent.node_file);
-        if now.as_ref().ok() == last.as_ref() {
-            continue;
-        }
-        last = now.as_ref().ok().cloned();
-        let previous = agent.current_state();
-        match now.and_then(|text| nodefile::load_text(&agent.node_file, &text, Some(&previous))) {
-            Ok(loaded) => {
-                info!(file = %agent.node_file.display(), "node file changed; reconciling");
-                let agent = agent.clone();
-                // Reconcile does blocking work (netns threads, bpf syscalls).
-                let _ = tokio::task::spawn_blocking(move || apply(&agent, loaded)).await;
+        // Reading, parsing and reconciling all run on the blocking pool: the file is input, and
+        // however large or nested it is, the proxy's workers keep serving.
+        let task_agent = agent.clone();
+        let seen = last.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let agent = task_agent;
+            let now = nodefile::read(&agent.node_file);
+            if now.as_ref().ok() == seen.as_ref() {
+                return None;
             }
-            Err(e) => {
-                error!("{e}; still serving the previous configuration");
-                lock(&agent.problems).push(e.to_string());
+            let text = now.as_ref().ok().cloned();
+            let previous = agent.current_state();
+            let result = now.and_then(|text| {
+                nodefile::load_text(
+                    &agent.node_file,
+                    &text,
+                    Some(&previous),
+                    agent.pod_cgroup_root.as_deref(),
+                )
+            });
+            match result {
+                Ok(loaded) => {
+                    info!(file = %agent.node_file.display(), "node file changed; reconciling");
+                    apply(&agent, loaded);
+                }
+                Err(e) => {
+                    error!("{e}; still serving the previous configuration");
+                    lock(&agent.problems).push(e.to_string());
+                }
             }
+            Some(text)
+        })
+        .await;
+        if let Ok(Some(text)) = outcome {
+            last = text;
         }
     }
 }

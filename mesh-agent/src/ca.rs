@@ -626,7 +626,7 @@ pub async fn serve(
             };
             let svc = service_fn(move |req| {
                 let (ca, nodes) = (ca.clone(), nodes.clone());
-                async move { Ok::<_, Infallible>(handle(&ca, &nodes, peer, req).await) }
+                async move { Ok::<_, Infallible>(handle(ca, &nodes, peer, req).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -657,7 +657,7 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
 }
 
 async fn handle(
-    ca: &Ca,
+    ca: Arc<Ca>,
     nodes: &[CaNode],
     peer: SocketAddr,
     req: Request<Incoming>,
@@ -707,9 +707,15 @@ async fn handle(
             );
         }
     };
-    match ca.sign(&sign_req.csr, |id| {
-        authorize_node(&node.name, &node.node_file, id)
-    }) {
+    // Reading the node file is parsing input: it runs on the blocking pool, never on a worker
+    // that serves other requests.
+    let (name, node_file) = (node.name.clone(), node.node_file.clone());
+    let signed = tokio::task::spawn_blocking(move || {
+        ca.sign(&sign_req.csr, |id| authorize_node(&name, &node_file, id))
+    })
+    .await
+    .unwrap_or_else(|e| Err(CaError::BadCsr(format!("signing task failed: {e}"))));
+    match signed {
         Ok(issued) => {
             info!(node = %node.name, "CA signed a workload certificate");
             json(StatusCode::OK, &issued)

@@ -33,6 +33,8 @@ pub const ENV_KTLS: &str = "MESH_KTLS";
 pub const ENV_LOOP_BYPASS: &str = "MESH_LOOP_BYPASS";
 /// Env var for `--cgroup`.
 pub const ENV_CGROUP: &str = "MESH_CGROUP";
+/// Env name of `--pod-cgroup-root`.
+pub const ENV_POD_CGROUP_ROOT: &str = "MESH_POD_CGROUP_ROOT";
 /// Env name of `--http-head-timeout`.
 pub const ENV_HTTP_HEAD_TIMEOUT: &str = "MESH_HTTP_HEAD_TIMEOUT";
 /// Env name of `--http-idle-timeout`.
@@ -237,6 +239,11 @@ pub struct RunArgs {
     /// (the loopback bypass watches the agent's cgroup). Default: the one it was started in.
     #[arg(long, env = ENV_CGROUP)]
     pub cgroup: Option<PathBuf>,
+    /// Every pod's cgroup must be strictly below this cgroup v2 directory (on Kubernetes, the
+    /// kubelet's `kubepods` cgroup). Unset: any cgroup but the root, the agent's own and its
+    /// ancestors.
+    #[arg(long, env = ENV_POD_CGROUP_ROOT)]
+    pub pod_cgroup_root: Option<PathBuf>,
     /// Time an HTTP/1 client has to finish a request head it has started; past it the proxy
     /// answers 408 and closes. Short, because a stalled head holds memory and a slot.
     #[arg(long, env = ENV_HTTP_HEAD_TIMEOUT, default_value = "10s")]
@@ -331,6 +338,8 @@ pub struct Config {
     pub cgroup: Option<PathBuf>,
     /// HTTP timeouts.
     pub http: HttpTimeouts,
+    /// Pods' cgroups must be below this one.
+    pub pod_cgroup_root: Option<PathBuf>,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -377,6 +386,7 @@ impl Config {
             loop_bypass: args.loop_bypass,
             cgroup: args.cgroup,
             http,
+            pod_cgroup_root: args.pod_cgroup_root,
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

@@ -53,6 +53,9 @@ enum Command {
     Check {
         /// The node file.
         node_file: std::path::PathBuf,
+        /// Pods' cgroups must be strictly below this cgroup (as `run --pod-cgroup-root`).
+        #[arg(long, env = config::ENV_POD_CGROUP_ROOT)]
+        pod_cgroup_root: Option<std::path::PathBuf>,
     },
     /// Remove this agent's capture (links), programs and maps from the bpffs. Enrolled pods'
     /// traffic then flows directly, without the mesh.
@@ -320,7 +323,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { node_file } => match nodefile::load(&node_file, None) {
+        Command::Check {
+            node_file,
+            pod_cgroup_root,
+        } => match nodefile::load(&node_file, None, pod_cgroup_root.as_deref()) {
             Ok(l) if l.errors.is_empty() => {
                 println!(
                     "{}: ok ({} pods, {} services)",

@@ -41,6 +41,40 @@ pub enum NodeFileError {
         /// serde_yaml's message, with line and column.
         message: String,
     },
+    /// The file is larger than [`MAX_NODE_FILE`].
+    #[error(
+        "node file {path} is {size} bytes, over the limit of {max}; split it or remove unused objects; nothing from this version was applied"
+    )]
+    TooLarge {
+        /// The node file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// Flow collections are nested deeper than [`MAX_DEPTH`].
+    #[error(
+        "node file {path}: collections nested deeper than {max} levels at line {line}; nothing from this version was applied"
+    )]
+    TooDeep {
+        /// The node file.
+        path: PathBuf,
+        /// Where the limit was passed.
+        line: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The top-level `node` field is not a string.
+    #[error(
+        "node file {path}: top-level field `node` must be a string (this node's name), not {found}"
+    )]
+    NodeNotString {
+        /// The node file.
+        path: PathBuf,
+        /// What it was.
+        found: String,
+    },
     /// The top-level `node` field is missing.
     #[error("node file {path}: missing required top-level field `node` (this node's name)")]
     MissingNode {
@@ -68,7 +102,8 @@ pub struct ObjectError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawFile {
-    node: Option<String>,
+    /// A `Value`, so a number or a list is reported rather than turned into a name.
+    node: Option<serde_yaml::Value>,
     #[serde(default)]
     pods: Vec<RawPod>,
     #[serde(default)]
@@ -246,8 +281,12 @@ pub struct Loaded {
 
 /// Reads and validates `path`. `previous` is the state currently served: a rejected object that
 /// exists there is kept as it was.
-pub fn load(path: &Path, previous: Option<&NodeState>) -> Result<Loaded, NodeFileError> {
-    parse(path, &read(path)?, previous, &RealFs)
+pub fn load(
+    path: &Path,
+    previous: Option<&NodeState>,
+    pod_cgroup_root: Option<&Path>,
+) -> Result<Loaded, NodeFileError> {
+    parse(path, &read(path)?, previous, &RealFs { pod_cgroup_root })
 }
 
 /// [`load`] for the CA, which runs on another machine: it needs each pod's namespace and service
@@ -262,16 +301,111 @@ pub fn load_text(
     path: &Path,
     text: &str,
     previous: Option<&NodeState>,
+    pod_cgroup_root: Option<&Path>,
 ) -> Result<Loaded, NodeFileError> {
-    parse(path, text, previous, &RealFs)
+    parse(path, text, previous, &RealFs { pod_cgroup_root })
 }
 
 /// The node file's text.
 pub fn read(path: &Path) -> Result<String, NodeFileError> {
-    std::fs::read_to_string(path).map_err(|source| NodeFileError::Read {
+    use std::io::Read;
+    let read_err = |source| NodeFileError::Read {
         path: path.to_owned(),
         source,
-    })
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    // Read one byte past the limit rather than trusting the size, which can change meanwhile.
+    let mut text = String::new();
+    file.take(MAX_NODE_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    let size = text.len() as u64;
+    if size > MAX_NODE_FILE {
+        let size = std::fs::metadata(path).map_or(size, |m| m.len());
+        return Err(NodeFileError::TooLarge {
+            path: path.to_owned(),
+            size,
+            max: MAX_NODE_FILE,
+        });
+    }
+    Ok(text)
+}
+
+/// Largest node file accepted (bytes). A node file lists one node's pods and the mesh's
+/// services and policies: a few thousand objects fit in well under a megabyte.
+pub const MAX_NODE_FILE: u64 = 8 * 1024 * 1024;
+/// Deepest nesting of flow collections (`[` and `{`). The YAML parser takes time that grows
+/// with depth before its own recursion limit (128) stops it: 100,000 levels took 19 s on one
+/// core. Block nesting is bounded by that limit at once, since each level needs its indent.
+pub const MAX_DEPTH: usize = 64;
+
+/// Refuses flow collections nested deeper than [`MAX_DEPTH`] in one linear pass, before the
+/// YAML parser sees the text. Quoted scalars and comments are skipped; in block context a
+/// bracket opens a collection only where a value starts (so `a[b` stays a plain scalar).
+fn check_depth(path: &Path, text: &str) -> Result<(), NodeFileError> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut value_start = true;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => {
+                line += 1;
+                value_start = true;
+                continue;
+            }
+            '#' if value_start || depth > 0 => {
+                while chars.peek().is_some_and(|c| *c != '\n') {
+                    chars.next();
+                }
+                continue;
+            }
+            '"' | '\'' if value_start || depth > 0 => {
+                while let Some(q) = chars.next() {
+                    match q {
+                        '\\' if c == '"' => {
+                            chars.next();
+                        }
+                        '\n' => line += 1,
+                        q if q == c => {
+                            if c == '\'' && chars.peek() == Some(&'\'') {
+                                chars.next();
+                            } else {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                value_start = false;
+                continue;
+            }
+            '[' | '{' if value_start || depth > 0 => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(NodeFileError::TooDeep {
+                        path: path.to_owned(),
+                        line,
+                        max: MAX_DEPTH,
+                    });
+                }
+                value_start = true;
+                continue;
+            }
+            ']' | '}' if depth > 0 => depth -= 1,
+            ',' if depth > 0 => {
+                value_start = true;
+                continue;
+            }
+            ':' | '-' | '?' => {
+                value_start = chars.peek().is_none_or(|c| c.is_whitespace());
+                continue;
+            }
+            c if c.is_whitespace() => continue,
+            _ => {}
+        }
+        value_start = false;
+    }
+    Ok(())
 }
 
 /// [`load`] on text already read; `path` is used only in messages.
@@ -281,6 +415,14 @@ fn parse(
     previous: Option<&NodeState>,
     fs: &dyn Fs,
 ) -> Result<Loaded, NodeFileError> {
+    if text.len() as u64 > MAX_NODE_FILE {
+        return Err(NodeFileError::TooLarge {
+            path: path.to_owned(),
+            size: text.len() as u64,
+            max: MAX_NODE_FILE,
+        });
+    }
+    check_depth(path, text)?;
     let raw: RawFile = if text.trim().is_empty() {
         RawFile::default()
     } else {
@@ -289,9 +431,25 @@ fn parse(
             message: e.to_string(),
         })?
     };
-    let node = raw.node.clone().ok_or_else(|| NodeFileError::MissingNode {
-        path: path.to_owned(),
-    })?;
+    let node = match &raw.node {
+        None => {
+            return Err(NodeFileError::MissingNode {
+                path: path.to_owned(),
+            });
+        }
+        Some(serde_yaml::Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(NodeFileError::NodeNotString {
+                path: path.to_owned(),
+                found: serde_yaml::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .chars()
+                    .take(40)
+                    .collect(),
+            });
+        }
+    };
     Ok(validate(node, raw, previous, fs))
 }
 
@@ -300,9 +458,15 @@ fn parse(
 trait Fs {
     fn is_netns(&self, path: &Path) -> Result<(), String>;
     fn is_cgroup2(&self, path: &Path) -> Result<(), String>;
+    /// Whether the cgroup at `path` (a cgroup v2 directory) may be a pod's: the connect hooks
+    /// attached there capture every process in it and below it.
+    fn is_pod_cgroup(&self, path: &Path) -> Result<(), String>;
 }
 
-struct RealFs;
+/// The machine itself; a pod's cgroup must be strictly below `pod_cgroup_root` when it is set.
+struct RealFs<'a> {
+    pod_cgroup_root: Option<&'a Path>,
+}
 
 /// Accepts every path: for readers on another machine.
 struct NoFsChecks;
@@ -312,6 +476,9 @@ impl Fs for NoFsChecks {
         Ok(())
     }
     fn is_cgroup2(&self, _: &Path) -> Result<(), String> {
+        Ok(())
+    }
+    fn is_pod_cgroup(&self, _: &Path) -> Result<(), String> {
         Ok(())
     }
 }
@@ -333,7 +500,31 @@ pub(crate) fn fs_magic(path: &Path) -> Result<i64, String> {
     Ok(st.f_type as i64)
 }
 
-impl Fs for RealFs {
+impl Fs for RealFs<'_> {
+    fn is_pod_cgroup(&self, path: &Path) -> Result<(), String> {
+        let canon = path
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+        let own = crate::cgroup::own()
+            .ok()
+            .map(|o| o.canonicalize().unwrap_or(o));
+        let root = match self.pod_cgroup_root {
+            Some(r) => Some(r.canonicalize().map_err(|e| {
+                format!(
+                    "the pods' cgroup root {} (--pod-cgroup-root): {e}",
+                    r.display()
+                )
+            })?),
+            None => None,
+        };
+        check_pod_cgroup(
+            &canon,
+            crate::cgroup::is_root(&canon),
+            own.as_deref(),
+            root.as_deref(),
+        )
+    }
+
     fn is_netns(&self, path: &Path) -> Result<(), String> {
         match fs_magic(path) {
             Err(e) => Err(format!(
@@ -361,6 +552,42 @@ impl Fs for RealFs {
             )),
         }
     }
+}
+
+/// The rules for a pod's cgroup, on resolved paths: not the root cgroup (every process of the
+/// machine), not the agent's own cgroup or an ancestor of it (capture would take in the agent),
+/// and strictly below the pods' root when one is configured.
+fn check_pod_cgroup(
+    path: &Path,
+    is_root: bool,
+    agent: Option<&Path>,
+    pods_root: Option<&Path>,
+) -> Result<(), String> {
+    if is_root {
+        return Err(format!(
+            "{} is the root cgroup, which holds every process on the machine: name the pod's own cgroup",
+            path.display()
+        ));
+    }
+    if let Some(agent) = agent
+        && agent.starts_with(path)
+    {
+        return Err(format!(
+            "{} is the agent's own cgroup or one of its ancestors ({}): capture there would take in the agent itself and more than the pod",
+            path.display(),
+            agent.display()
+        ));
+    }
+    if let Some(root) = pods_root
+        && (!path.starts_with(root) || path == root)
+    {
+        return Err(format!(
+            "{} is not strictly below the pods' cgroup root {} (--pod-cgroup-root)",
+            path.display(),
+            root.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Lowercase DNS label rules (RFC 1123), which also makes names safe in bpffs file names.
@@ -422,12 +649,68 @@ impl Ctx<'_> {
     fn ip(&mut self, field: &'static str, value: &Option<String>) -> Option<IpAddr> {
         let v = self.required(field, value)?;
         match v.parse() {
-            Ok(a) => Some(a),
+            Ok(a) => match unroutable(a) {
+                None => Some(a),
+                Some(why) => {
+                    self.fail(
+                        field,
+                        format!("{a} is {why}, which cannot be a pod's or a service's address"),
+                    );
+                    None
+                }
+            },
             Err(_) => {
                 self.fail(field, format!("{v:?} is not an IP address"));
                 None
             }
         }
+    }
+}
+
+/// What a rejected entry without a usable key still tells about the object it describes.
+#[derive(Debug)]
+struct Clue {
+    name: Option<String>,
+    namespace: Option<String>,
+    ip: Option<IpAddr>,
+}
+
+impl Clue {
+    fn of(name: &Option<String>, namespace: &Option<String>, ip: &Option<String>) -> Self {
+        let text = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+        Self {
+            name: text(name),
+            namespace: text(namespace),
+            ip: ip.as_deref().and_then(|s| s.parse().ok()),
+        }
+    }
+
+    /// Whether the entry may describe the object `key` at `ip`: any field that still reads
+    /// matches, and an entry of which nothing reads may be any object.
+    fn may_be(&self, key: &ObjectKey, ip: IpAddr) -> bool {
+        let nothing = self.name.is_none() && self.namespace.is_none() && self.ip.is_none();
+        nothing
+            || self.ip == Some(ip)
+            || self.name.as_deref() == Some(key.name.as_str())
+            || self.namespace.as_deref() == Some(key.namespace.as_str())
+    }
+}
+
+/// Why `a` can never be a workload's or a service's address, if it cannot: capturing it would
+/// redirect the node's own loopback, every interface, a group, or a link's neighbours.
+fn unroutable(a: IpAddr) -> Option<&'static str> {
+    let a = match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match a {
+        a if a.is_unspecified() => Some("the unspecified address"),
+        a if a.is_loopback() => Some("a loopback address"),
+        a if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        _ => None,
     }
 }
 
@@ -461,6 +744,7 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
     // Pass 1: check each pod on its own.
     let mut candidates: Vec<(usize, Pod)> = Vec::new();
     let mut rejected: Vec<ObjectKey> = Vec::new();
+    let mut clues: Vec<Clue> = Vec::new();
     for (i, rp) in raw.pods.iter().enumerate() {
         let mut cx = Ctx {
             kind: "pod",
@@ -481,7 +765,7 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
             cx.fail("netns", e);
         }
         if let Some(p) = &cgroup
-            && let Err(e) = fs.is_cgroup2(p)
+            && let Err(e) = fs.is_cgroup2(p).and_then(|()| fs.is_pod_cgroup(p))
         {
             cx.fail("cgroup", e);
         }
@@ -512,7 +796,7 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
                 ));
             }
             (_, Some(key), ..) => rejected.push(key),
-            _ => {}
+            _ => clues.push(Clue::of(&rp.name, &rp.namespace, &rp.ip)),
         }
     }
     // Pass 2: one pod per address. The pod already serving an address keeps it, so adding a
@@ -545,8 +829,22 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
             rejected.push(pod.key.clone());
         }
     }
-    // Pass 3: a rejected pod keeps its last valid version, unless its address is now taken.
-    for key in rejected {
+    // Pass 3: a rejected pod keeps its last valid version, unless its address is now taken. So
+    // does a previous pod that an entry without a usable key may describe (an empty namespace,
+    // a name that is not a DNS label): it cannot be told apart from a removal.
+    let listed: Vec<ObjectKey> = candidates
+        .iter()
+        .map(|(_, p)| p.key.clone())
+        .chain(rejected.iter().cloned())
+        .collect();
+    let shielded = previous
+        .into_iter()
+        .flat_map(|p| p.pods.values())
+        .filter(|old| {
+            !listed.contains(&old.key) && clues.iter().any(|c| c.may_be(&old.key, old.ip))
+        });
+    let shielded: Vec<ObjectKey> = shielded.map(|p| p.key.clone()).collect();
+    for key in rejected.into_iter().chain(shielded) {
         if let Some(old) = previous.and_then(|p| p.pods.get(&key))
             && !owners.contains_key(&old.ip)
             && !state.pods.contains_key(&key)
@@ -556,6 +854,8 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
         }
     }
 
+    let mut service_clues: Vec<Clue> = Vec::new();
+    let mut services_listed: Vec<ObjectKey> = Vec::new();
     for (i, rs) in raw.services.iter().enumerate() {
         let mut cx = Ctx {
             kind: "service",
@@ -590,7 +890,13 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
         let mut endpoints = Vec::new();
         for e in &rs.endpoints {
             match e.parse::<IpAddr>() {
-                Ok(a) => endpoints.push(a),
+                Ok(a) => match unroutable(a) {
+                    None => endpoints.push(a),
+                    Some(why) => cx.fail(
+                        "endpoints",
+                        format!("{a} is {why}, which cannot be a pod's address"),
+                    ),
+                },
                 Err(_) => cx.fail("endpoints", format!("{e:?} is not an IP address")),
             }
         }
@@ -630,6 +936,7 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
             cx.fail("name", format!("service {k} is listed twice"));
         }
         let valid = cx.errors.len() == before;
+        services_listed.extend(key.clone());
         match (valid, key, ip) {
             (true, Some(key), Some(ip)) => {
                 owners.insert(ip, format!("service {key}"));
@@ -647,12 +954,23 @@ fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn F
             (false, Some(key), _) => {
                 if let Some(old) = previous.and_then(|p| p.services.get(&key))
                     && !owners.contains_key(&old.ip)
+                    && !state.services.contains_key(&key)
                 {
                     owners.insert(old.ip, format!("service {key}"));
                     state.services.insert(key, old.clone());
                 }
             }
-            _ => {}
+            _ => service_clues.push(Clue::of(&rs.name, &rs.namespace, &rs.ip)),
+        }
+    }
+    // As for pods: a previous service that a keyless bad entry may describe stays.
+    for old in previous.into_iter().flat_map(|p| p.services.values()) {
+        if !services_listed.contains(&old.key)
+            && service_clues.iter().any(|c| c.may_be(&old.key, old.ip))
+            && !owners.contains_key(&old.ip)
+        {
+            owners.insert(old.ip, format!("service {}", old.key));
+            state.services.insert(old.key.clone(), old.clone());
         }
     }
     validate_workloads(&raw.workloads, &mut state, &mut errors);
@@ -898,15 +1216,19 @@ mod tests {
                 Err(format!("cgroup {} does not exist", p.display()))
             }
         }
+        /// `/cg` is the root; the agent is in `/cg/system/agent`; no pods' root is set.
+        fn is_pod_cgroup(&self, p: &Path) -> Result<(), String> {
+            check_pod_cgroup(
+                p,
+                p == Path::new("/cg"),
+                Some(Path::new("/cg/system/agent")),
+                None,
+            )
+        }
     }
 
     fn run(text: &str, prev: Option<&NodeState>) -> Result<Loaded, NodeFileError> {
-        let raw: RawFile = serde_yaml::from_str(text).map_err(|e| NodeFileError::Syntax {
-            path: "t.yaml".into(),
-            message: e.to_string(),
-        })?;
-        let node = raw.node.clone().unwrap_or_default();
-        Ok(validate(node, raw, prev, &FakeFs))
+        parse(Path::new("t.yaml"), text, prev, &FakeFs)
     }
 
     const GOOD: &str = "
@@ -942,6 +1264,198 @@ services:
         // Without a previous version it is left out.
         let l = run(&bad, None).expect("parses");
         assert_eq!(l.state.pods.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_entry_never_takes_a_serving_pod_or_service_out() {
+        let prev = run(GOOD, None).expect("parses").state;
+        let cases = [
+            // Pod b's entry with an empty namespace, an empty name, a name that is no DNS label.
+            GOOD.replace("name: b, namespace: default", "name: b, namespace: \"\""),
+            GOOD.replace(
+                "name: b, namespace: default",
+                "name: \"\", namespace: default",
+            ),
+            GOOD.replace(
+                "name: b, namespace: default",
+                "name: B_1, namespace: default",
+            ),
+            GOOD.replace("{name: b, namespace: default,", "{"),
+            // Pod b moved to an address no pod can have.
+            GOOD.replace("ip: 10.0.0.2", "ip: 127.0.0.1"),
+            GOOD.replace("ip: 10.0.0.2", "ip: 169.254.1.1"),
+            // The service moved to a loopback address, or lost its name.
+            GOOD.replace("ip: 10.96.0.1", "ip: \"::1\""),
+            GOOD.replace("ip: 10.96.0.1", "ip: 0.0.0.0"),
+            GOOD.replace("ip: 10.96.0.1", "ip: 224.0.0.1"),
+            GOOD.replace(
+                "{name: web, namespace: default,",
+                "{name: \"\", namespace: default,",
+            ),
+            GOOD.replace("{name: web, namespace: default,", "{namespace: \"\","),
+        ];
+        for bad in &cases {
+            let l = run(bad, Some(&prev)).expect("parses");
+            assert!(!l.errors.is_empty(), "reported: {bad}");
+            assert_eq!(l.state.pods, prev.pods, "{bad}");
+            assert_eq!(l.state.services, prev.services, "{bad}");
+        }
+        // A valid change still applies, and a removal still removes.
+        let moved =
+            run(&GOOD.replace("ip: 10.96.0.1", "ip: 10.96.0.9"), Some(&prev)).expect("parses");
+        assert!(moved.errors.is_empty());
+        assert_eq!(
+            moved
+                .state
+                .services
+                .values()
+                .next()
+                .map(|s| s.ip.to_string())
+                .as_deref(),
+            Some("10.96.0.9")
+        );
+        let removed = GOOD.replace(
+            "  - {name: b, namespace: default, serviceAccount: sa, ip: 10.0.0.2, netns: /ns/b, cgroup: /cg/b}\n",
+            "",
+        );
+        assert_eq!(
+            run(&removed, Some(&prev)).expect("parses").state.pods.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn addresses_that_cannot_be_a_pods_are_refused_naming_the_field() {
+        for (ip, why) in [
+            ("0.0.0.0", "the unspecified address"),
+            ("\"::\"", "the unspecified address"),
+            ("127.0.0.5", "a loopback address"),
+            ("\"::1\"", "a loopback address"),
+            ("\"::ffff:127.0.0.1\"", "a loopback address"),
+            ("239.1.1.1", "a multicast address"),
+            ("\"ff02::1\"", "a multicast address"),
+            ("169.254.0.9", "a link-local address"),
+            ("\"fe80::1\"", "a link-local address"),
+            ("255.255.255.255", "the broadcast address"),
+        ] {
+            let l = run(&GOOD.replace("ip: 10.0.0.2", &format!("ip: {ip}")), None).expect("parses");
+            let msg = l
+                .errors
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                msg.contains("pod default/b (pods[1]): field `ip`") && msg.contains(why),
+                "{ip}: {msg}"
+            );
+            let l =
+                run(&GOOD.replace("ip: 10.96.0.1", &format!("ip: {ip}")), None).expect("parses");
+            let msg = l
+                .errors
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                msg.contains("service default/web (services[0]): field `ip`") && msg.contains(why),
+                "{ip}: {msg}"
+            );
+            let l = run(
+                &GOOD.replace("endpoints: [10.0.0.1]", &format!("endpoints: [{ip}]")),
+                None,
+            )
+            .expect("parses");
+            let msg = l
+                .errors
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                msg.contains("field `endpoints`") && msg.contains(why),
+                "{ip}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pods_cgroup_must_be_a_pods_cgroup() {
+        for (cg, why) in [
+            ("/cg", "is the root cgroup"),
+            (
+                "/cg/system",
+                "the agent's own cgroup or one of its ancestors",
+            ),
+            (
+                "/cg/system/agent",
+                "the agent's own cgroup or one of its ancestors",
+            ),
+        ] {
+            let l = run(
+                &GOOD.replace("cgroup: /cg/b", &format!("cgroup: {cg}")),
+                None,
+            )
+            .expect("parses");
+            let msg = l
+                .errors
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                msg.contains("pod default/b (pods[1]): field `cgroup`") && msg.contains(why),
+                "{cg}: {msg}"
+            );
+            assert_eq!(l.state.pods.len(), 1);
+        }
+        // Below a configured root only.
+        let root = Some(Path::new("/k/kubepods"));
+        assert!(check_pod_cgroup(Path::new("/k/kubepods/pod1"), false, None, root).is_ok());
+        for p in ["/k/kubepods", "/k/other", "/k"] {
+            let e = check_pod_cgroup(Path::new(p), false, None, root).unwrap_err();
+            assert!(
+                e.contains("not strictly below the pods' cgroup root"),
+                "{p}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_fast_and_the_node_must_be_a_string() {
+        let deep = format!(
+            "node: n1\npods: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let started = std::time::Instant::now();
+        let e = run(&deep, None).unwrap_err();
+        assert!(matches!(e, NodeFileError::TooDeep { line: 2, .. }), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let mapping = format!("node: n1\nx: {}1{}\n", "{a: ".repeat(70), "}".repeat(70));
+        assert!(matches!(
+            run(&mapping, None),
+            Err(NodeFileError::TooDeep { .. })
+        ));
+        // Brackets inside scalars and comments are not nesting.
+        let fine = format!(
+            "node: n1 # {}\nexcludedPorts: [22]\npods: []\nservices:\n  - {{name: a, namespace: \"{}\"}}\n",
+            "[".repeat(100),
+            "[".repeat(100)
+        );
+        assert!(
+            !matches!(run(&fine, None), Err(NodeFileError::TooDeep { .. })),
+            "{:?}",
+            run(&fine, None).err()
+        );
+        let big = format!("node: n1\n#{}\n", "x".repeat(MAX_NODE_FILE as usize));
+        assert!(matches!(
+            run(&big, None),
+            Err(NodeFileError::TooLarge { .. })
+        ));
+        for node in ["123", "[a]", "{a: b}", "true"] {
+            let e = run(&format!("node: {node}\npods: []\n"), None).unwrap_err();
+            assert!(
+                matches!(e, NodeFileError::NodeNotString { .. }),
+                "{node}: {e}"
+            );
+        }
     }
 
     #[test]

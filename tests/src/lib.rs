@@ -864,6 +864,8 @@ impl Cluster {
             .arg("200")
             .arg("--cgroup")
             .arg(&cgroup)
+            .arg("--pod-cgroup-root")
+            .arg(&self.cgroup_dir)
             .args(if embedded {
                 vec![]
             } else {

@@ -314,6 +314,132 @@ fn node_file_changes_apply_live_and_bad_input_keeps_what_was_valid() -> Result<(
     Ok(())
 }
 
+/// Hostile or careless node files: each is refused with a message naming the field, the pods
+/// keep being served, and the agent's admin endpoint answers within 100 ms throughout, because
+/// parsing runs off the proxy's workers and the input is bounded before the YAML parser sees it.
+#[test]
+fn hostile_node_files_are_refused_while_the_agent_keeps_serving() -> Result<()> {
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::mesh("client"), PodSpec::mesh("server")]],
+        vec![],
+    )?;
+    c.serve("server", APP_PORT)?;
+    c.start_agent(0)?;
+    let server = c.pod("server").ip;
+    let url = format!("http://{server}:{APP_PORT}/");
+    let base = c.node_file_text(0);
+    let problems = |c: &Cluster| -> Result<String> { Ok(c.stats(0)?["problems"].to_string()) };
+    let root = mesh_tests::cgroup2_root()?;
+    let server_cg = c.pod("server").cgroup.display().to_string();
+    let agent_cg = c.pod("server").cgroup.with_file_name("agent-node-1");
+    let cases = [
+        (
+            "100,000-deep flow nesting",
+            format!(
+                "{base}excludedPorts: {}{}\n",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
+            "nested deeper than 64 levels".to_string(),
+        ),
+        (
+            "10 MB",
+            format!("{base}# {}\n", "x".repeat(10 * 1024 * 1024)),
+            "over the limit of 8388608".to_string(),
+        ),
+        (
+            "the root cgroup",
+            base.replacen(&server_cg, &root.display().to_string(), 1),
+            "is the root cgroup".to_string(),
+        ),
+        (
+            "the agent's own cgroup",
+            base.replacen(&server_cg, &agent_cg.display().to_string(), 1),
+            "the agent's own cgroup or one of its ancestors".to_string(),
+        ),
+        (
+            "an ancestor of the pods",
+            base.replacen(
+                &server_cg,
+                &c.pod("server")
+                    .cgroup
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                1,
+            ),
+            "field `cgroup`".to_string(),
+        ),
+        (
+            "a loopback pod address",
+            base.replacen(&format!("ip: {server}"), "ip: 127.0.0.9", 1),
+            "field `ip`: 127.0.0.9 is a loopback address".to_string(),
+        ),
+        (
+            "a node name that is not a string",
+            base.replacen("node: node-1", "node: [node-1]", 1),
+            "top-level field `node` must be a string".to_string(),
+        ),
+    ];
+    for (what, text, expect) in &cases {
+        c.set_node_file(0, text)?;
+        // /healthz every 20 ms while the file is read and refused.
+        let started = std::time::Instant::now();
+        let mut slowest = Duration::ZERO;
+        let mut seen = false;
+        while started.elapsed() < Duration::from_secs(3) {
+            let t = std::time::Instant::now();
+            let (code, _) = c.agent_get(0, "/healthz")?;
+            slowest = slowest.max(t.elapsed());
+            assert_eq!(code, 200, "{what}");
+            if !seen {
+                seen = problems(&c)?.contains(expect.as_str());
+            }
+            if seen && started.elapsed() > Duration::from_millis(500) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!("{what}: slowest /healthz {slowest:?}");
+        assert!(seen, "{what}: problems were {}", problems(&c)?);
+        assert!(
+            slowest < Duration::from_millis(100),
+            "{what}: /healthz took {slowest:?}"
+        );
+        assert_eq!(
+            c.curl("client", &["-o", "/dev/null", &url])?.0,
+            0,
+            "{what}: still served"
+        );
+        assert!(c.stats(0)?["pods"]["default/server"].is_object(), "{what}");
+        // Its capture links are still on its own cgroup, and on no other.
+        let links: Vec<String> =
+            std::fs::read_dir(format!("/sys/fs/bpf/{}/links", c.nodes[0].pin_name))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.contains("_cg"))
+                .collect();
+        let own = format!(
+            "_cg{}",
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&server_cg)?)
+        );
+        let server_links: Vec<&String> = links
+            .iter()
+            .filter(|n| n.starts_with("default_server_"))
+            .collect();
+        assert!(
+            !server_links.is_empty() && server_links.iter().all(|n| n.ends_with(&own)),
+            "{what}: {links:?}"
+        );
+        assert_eq!(
+            links.len(),
+            2 * server_links.len(),
+            "{what}: only the two pods' cgroups: {links:?}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn start_without_root_or_bpffs_says_what_to_do() -> Result<()> {
     let agent = artifact("mesh-agent")?;
