@@ -139,6 +139,8 @@ pub struct Stats {
     pub destination_rules: Vec<String>,
     /// Current configuration problems (rejected pods or services).
     pub problems: Vec<String>,
+    /// HBONE connections open in the client pool.
+    pub hbone_pool_connections: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -216,6 +218,7 @@ impl Agent {
                 .filter_map(|p| p.rule.as_ref().map(ToString::to_string))
                 .collect(),
             problems: lock(&self.problems).clone(),
+            hbone_pool_connections: self.shared.pool.connections(),
         }
     }
 
@@ -435,7 +438,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             },
             local: RwLock::new(std::collections::HashMap::new()),
             certs: certs.clone(),
-            pool: hbone::Pool::default(),
+            pool: hbone::Pool::new(config.hbone_idle_timeout),
             http_pool: Arc::default(),
             trust_domain: config.trust_domain.clone(),
             flows: crate::flows::FlowLog::new(config.access_log, &metrics)?,

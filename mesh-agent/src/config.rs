@@ -35,6 +35,8 @@ pub const ENV_LOOP_BYPASS: &str = "MESH_LOOP_BYPASS";
 pub const ENV_CGROUP: &str = "MESH_CGROUP";
 /// Env name of `--pod-cgroup-root`.
 pub const ENV_POD_CGROUP_ROOT: &str = "MESH_POD_CGROUP_ROOT";
+/// Env name of `--hbone-idle-timeout`.
+pub const ENV_HBONE_IDLE_TIMEOUT: &str = "MESH_HBONE_IDLE_TIMEOUT";
 /// Env name of `--http-head-timeout`.
 pub const ENV_HTTP_HEAD_TIMEOUT: &str = "MESH_HTTP_HEAD_TIMEOUT";
 /// Env name of `--http-idle-timeout`.
@@ -248,6 +250,9 @@ pub struct RunArgs {
     /// answers 408 and closes. Short, because a stalled head holds memory and a slot.
     #[arg(long, env = ENV_HTTP_HEAD_TIMEOUT, default_value = "10s")]
     pub http_head_timeout: String,
+    /// An HBONE connection to another node with no open stream for this long closes.
+    #[arg(long, env = ENV_HBONE_IDLE_TIMEOUT, default_value = "30s")]
+    pub hbone_idle_timeout: String,
     /// Time an HTTP/1 connection may wait for its next request (including its first).
     #[arg(long, env = ENV_HTTP_IDLE_TIMEOUT, default_value = "30s")]
     pub http_idle_timeout: String,
@@ -340,6 +345,8 @@ pub struct Config {
     pub http: HttpTimeouts,
     /// Pods' cgroups must be below this one.
     pub pod_cgroup_root: Option<PathBuf>,
+    /// Idle HBONE connections close after this.
+    pub hbone_idle_timeout: Duration,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
     /// Where certificates come from.
@@ -387,6 +394,7 @@ impl Config {
             cgroup: args.cgroup,
             http,
             pod_cgroup_root: args.pod_cgroup_root,
+            hbone_idle_timeout: parse_duration("--hbone-idle-timeout", &args.hbone_idle_timeout)?,
             node_file: args.node_file,
             bpffs: args.pins.bpffs,
             pin_root,

@@ -9,6 +9,12 @@
 //!   [`MAX_STREAMS_PER_CONN`] streams each: a stream over the server's limit would wait,
 //!   unopened, for another to end, so a node with thousands of connections to one pod would
 //!   stall. A stream is counted until its tunnel is dropped;
+//! - concurrent callers share a dial in progress: a caller that finds no free stream joins a
+//!   dial that has room for it (each promises [`MAX_STREAMS_PER_CONN`] streams) and starts one
+//!   only when every dial in progress is spoken for, so N concurrent tunnels open about
+//!   N / [`MAX_STREAMS_PER_CONN`] connections, never one each;
+//! - a connection with no open stream for the idle timeout is taken out of the pool and closes
+//!   (GOAWAY), so connections and descriptors return to zero when traffic stops;
 //! - a connection is made from the source pod's netns to `<dest pod IP>:15008`, so the network
 //!   sees the pod's address;
 //! - the server must prove the destination workload's identity, or the handshake fails.
@@ -25,7 +31,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -35,7 +41,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -73,7 +79,28 @@ const SERVER_MAX_STREAMS: u32 = 1024;
 #[derive(Debug, Clone)]
 struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
-    streams: Arc<AtomicUsize>,
+    streams: Arc<Streams>,
+}
+
+/// A connection's open streams, and since when it has had none.
+#[derive(Debug)]
+struct Streams {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Streams {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Whether no stream has been open for `timeout`.
+    fn idle_for(&self, timeout: Duration) -> bool {
+        self.open.load(Ordering::Acquire) == 0 && lock(&self.idle_since).elapsed() >= timeout
+    }
 }
 
 impl Pooled {
@@ -83,6 +110,7 @@ impl Pooled {
             return None;
         }
         self.streams
+            .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < MAX_STREAMS_PER_CONN).then_some(n + 1)
             })
@@ -93,11 +121,13 @@ impl Pooled {
 
 /// One open stream on a pooled connection; frees its slot when dropped.
 #[derive(Debug)]
-struct StreamSlot(Arc<AtomicUsize>);
+struct StreamSlot(Arc<Streams>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.0.idle_since) = Instant::now();
+        }
     }
 }
 
@@ -110,9 +140,32 @@ pub struct Tunnel {
 }
 
 /// Pooled HTTP/2 connections to other nodes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pool {
-    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    conns: Arc<Mutex<HashMap<PoolKey, Entry>>>,
+    next_dial: AtomicUsize,
+}
+
+/// One key's connections, and the dials under way for it.
+#[derive(Debug, Default)]
+struct Entry {
+    conns: Vec<Pooled>,
+    dials: Vec<Dial>,
+}
+
+/// A dial under way: how many callers count on it, and how it ended (`Some` once it has).
+#[derive(Debug)]
+struct Dial {
+    id: usize,
+    promised: usize,
+    done: watch::Receiver<Option<Result<(), String>>>,
+}
+
+/// What a caller does next.
+enum Next {
+    Claimed(SendRequest<Empty<Bytes>>, StreamSlot),
+    Join(watch::Receiver<Option<Result<(), String>>>),
+    Dial(usize, watch::Sender<Option<Result<(), String>>>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,6 +173,43 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pool {
+    /// An empty pool whose connections close after `idle_timeout` without a stream. Must be
+    /// made inside the runtime: it starts the task that closes idle connections.
+    pub fn new(idle_timeout: Duration) -> Self {
+        let conns: Arc<Mutex<HashMap<PoolKey, Entry>>> = Arc::default();
+        let weak = Arc::downgrade(&conns);
+        let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(conns) = weak.upgrade() else { return };
+                let mut conns = lock(&conns);
+                let mut closed = 0;
+                for entry in conns.values_mut() {
+                    let before = entry.conns.len();
+                    // Dropping the last sender of an idle connection makes hyper close it.
+                    entry
+                        .conns
+                        .retain(|p| !p.sender.is_closed() && !p.streams.idle_for(idle_timeout));
+                    closed += before - entry.conns.len();
+                }
+                conns.retain(|_, e| !e.conns.is_empty() || !e.dials.is_empty());
+                if closed > 0 {
+                    debug!(closed, "closed idle HBONE connections");
+                }
+            }
+        });
+        Self {
+            conns,
+            next_dial: AtomicUsize::new(0),
+        }
+    }
+
+    /// Open HBONE connections in the pool.
+    pub fn connections(&self) -> usize {
+        lock(&self.conns).values().map(|e| e.conns.len()).sum()
+    }
+
     /// Opens a tunnel from `src` to `target` on workload `dst`.
     pub async fn connect(
         &self,
@@ -141,34 +231,81 @@ impl Pool {
             dst: dst_id.clone(),
             src_serial: cert.serial.clone(),
         };
-        let pooled = lock(&self.conns).get(&key).and_then(|list| {
-            list.iter()
-                .find_map(|p| p.claim().map(|slot| (p.sender.clone(), slot)))
-        });
-        let (mut sender, slot) = match pooled {
-            Some(found) => found,
-            None => {
-                let p = Pooled {
-                    sender: self.dial(src, &cert, &dst_id, target.ip()).await?,
-                    streams: Arc::new(AtomicUsize::new(0)),
-                };
-                let slot = p.claim().ok_or_else(|| ProxyError::Tunnel {
-                    target,
-                    problem: "the new HBONE connection closed at once".into(),
-                })?;
+        let tunnel = |problem: String| ProxyError::Tunnel { target, problem };
+        // A caller that joined a dial may find its streams taken by others when it ends; it
+        // then goes round again, a bounded number of times.
+        let mut rounds = 0;
+        let (mut sender, slot) = loop {
+            rounds += 1;
+            let next = {
                 let mut conns = lock(&self.conns);
-                // Drop connections made with an older certificate of the same source (they
-                // finish their streams and close), and closed ones.
-                conns.retain(|k, _| {
-                    k == &key || !(k.src == key.src && k.node == key.node && k.dst == key.dst)
-                });
-                let list = conns.entry(key).or_default();
-                list.retain(|p| !p.sender.is_closed());
-                list.push(p.clone());
-                (p.sender, slot)
+                let entry = conns.entry(key.clone()).or_default();
+                entry.conns.retain(|p| !p.sender.is_closed());
+                if let Some((sender, slot)) = entry
+                    .conns
+                    .iter()
+                    .find_map(|p| p.claim().map(|slot| (p.sender.clone(), slot)))
+                {
+                    Next::Claimed(sender, slot)
+                } else if let Some(d) = entry
+                    .dials
+                    .iter_mut()
+                    .find(|d| d.promised < MAX_STREAMS_PER_CONN)
+                {
+                    d.promised += 1;
+                    Next::Join(d.done.clone())
+                } else {
+                    let (tx, rx) = watch::channel(None);
+                    let id = self.next_dial.fetch_add(1, Ordering::Relaxed);
+                    entry.dials.push(Dial {
+                        id,
+                        promised: 1,
+                        done: rx,
+                    });
+                    Next::Dial(id, tx)
+                }
+            };
+            match next {
+                Next::Claimed(sender, slot) => break (sender, slot),
+                Next::Join(mut done) => {
+                    let outcome = done.wait_for(Option::is_some).await.map(|v| v.clone());
+                    if let Ok(Some(Err(e))) = outcome {
+                        return Err(tunnel(e));
+                    }
+                }
+                Next::Dial(id, tx) => {
+                    let result = self.dial(src, &cert, &dst_id, target.ip()).await;
+                    {
+                        let mut conns = lock(&self.conns);
+                        if result.is_ok() {
+                            // Connections made with an older certificate of the same source
+                            // finish their streams and close.
+                            conns.retain(|k, _| {
+                                k == &key
+                                    || !(k.src == key.src && k.node == key.node && k.dst == key.dst)
+                            });
+                        }
+                        let entry = conns.entry(key.clone()).or_default();
+                        entry.dials.retain(|d| d.id != id);
+                        if let Ok(sender) = &result {
+                            entry.conns.push(Pooled {
+                                sender: sender.clone(),
+                                streams: Streams::new(),
+                            });
+                        }
+                    }
+                    let _ = tx.send(Some(
+                        result.as_ref().map(|_| ()).map_err(ToString::to_string),
+                    ));
+                    result?;
+                }
+            }
+            if rounds > 8 {
+                return Err(tunnel(
+                    "no HBONE stream became free after several new connections".into(),
+                ));
             }
         };
-        let tunnel = |problem: String| ProxyError::Tunnel { target, problem };
         sender
             .ready()
             .await

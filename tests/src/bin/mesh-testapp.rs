@@ -98,6 +98,9 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long)]
         count: usize,
+        /// Open them from this many threads at once.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
     },
     /// A unary call and a bidirectional stream of MESSAGES to the gRPC echo service; prints JSON
     /// and fails unless every echo and trailer is right.
@@ -816,7 +819,7 @@ impl std::io::Write for HashWriter<'_> {
     }
 }
 
-fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
+fn hold(addr: SocketAddr, count: usize, parallel: usize) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let have = mesh_tests::raise_fd_limit();
     if have < count as u64 + 64 {
@@ -825,8 +828,7 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
         );
     }
     let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    let mut held = Vec::with_capacity(count);
-    for i in 0..count {
+    let open = |i: usize| -> anyhow::Result<std::io::BufReader<std::net::TcpStream>> {
         let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .with_context(|| format!("connection {i} of {count} to {addr}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -835,8 +837,32 @@ fn hold(addr: SocketAddr, count: usize) -> anyhow::Result<()> {
         if !read_response(&mut reader)? {
             anyhow::bail!("connection {i}: the GET was not answered 2xx");
         }
-        held.push(reader);
-    }
+        Ok(reader)
+    };
+    let parallel = parallel.clamp(1, count.max(1));
+    let held: Vec<_> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..parallel)
+            .map(|t| {
+                let open = &open;
+                scope.spawn(move || {
+                    (t..count)
+                        .step_by(parallel)
+                        .map(open)
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a connecting thread panicked"))?
+            })
+            .collect::<anyhow::Result<Vec<Vec<_>>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
     println!("ready {}", held.len());
     std::io::stdout().flush()?;
     let mut sink = Vec::new();
@@ -1193,7 +1219,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Raw { addr, input } => raw(addr, &input),
         Cmd::StreamServe { port } => stream_serve(port),
         Cmd::Stream { addr, send, reply } => stream(addr, send, reply),
-        Cmd::Hold { addr, count } => hold(addr, count),
+        Cmd::Hold {
+            addr,
+            count,
+            parallel,
+        } => hold(addr, count, parallel),
         Cmd::RapidReset { addr, streams } => rapid_reset(addr, streams),
         Cmd::Upgrade {
             addr,
