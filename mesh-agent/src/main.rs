@@ -48,7 +48,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent in local mode: capture the pods listed in the node file and proxy them.
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Validate a node file and print every problem; exits non-zero if there are any.
     Check {
         /// The node file.
@@ -303,7 +303,7 @@ fn main() -> ExitCode {
     let logging = init_logging(cli.log_format);
     match cli.command {
         Command::Run(args) => {
-            let config = match config::Config::from_args(args) {
+            let config = match config::Config::from_args(*args) {
                 Ok(c) => c,
                 Err(e) => {
                     error!("{e}");
