@@ -519,11 +519,17 @@ async fn connect_stream(
     let Ok(per_request) = dest.admit(shared, Some(&client.id), peer, target.port()) else {
         return status(StatusCode::FORBIDDEN);
     };
-    let app = match dest.dial_app(target.port()).await {
-        Ok(a) => a,
-        Err(e) => {
-            warn!(dst = %dest.pod.key, "{e}");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+    // A pod decided per request is dialled only once something is allowed; any other is
+    // dialled now, so a refusing application is a 503 before any byte flows.
+    let app = if per_request {
+        None
+    } else {
+        match dest.dial_app(target.port()).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                warn!(dst = %dest.pod.key, "{e}");
+                return status(StatusCode::SERVICE_UNAVAILABLE);
+            }
         }
     };
     let client = client.id.clone();

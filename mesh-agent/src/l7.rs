@@ -1297,11 +1297,8 @@ struct Inbound {
 }
 
 /// Serves a connection to `dest`'s application at L7: every request is authorized with
-/// `source` and forwarded over `app` (re-dialled if the application closes it).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the inbound hand-over's context, once"
-)]
+/// `source` and forwarded over one connection to the application, dialled for the first
+/// allowed request (so a refused one never reaches it) and again if the application closes it.
 pub async fn serve_inbound<S>(
     shared: Arc<Shared>,
     dest: Arc<LocalPod>,
@@ -1310,7 +1307,6 @@ pub async fn serve_inbound<S>(
     port: u16,
     protocol: Protocol,
     io: S,
-    app: tokio::net::TcpStream,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -1326,10 +1322,6 @@ pub async fn serve_inbound<S>(
         h1_app: Mutex::new(None),
         h2_app: Mutex::new(None),
     });
-    if let Err(e) = cx.attach(app).await {
-        warn!(dst = %cx.dest.pod.key, "application connection: {e}");
-        return;
-    }
     let timeouts = cx.shared.http_timeouts;
     let svc = service_fn(move |req| {
         let cx = cx.clone();

@@ -668,9 +668,12 @@ impl LocalPod {
             .map(|()| false)
     }
 
-    /// Delivers an admitted connection to the application over `app`. With `per_request`, HTTP
-    /// is authorized request by request; anything else gets the connection-level decision, in
-    /// which HTTP-only rules fail closed.
+    /// Delivers an admitted connection to the application. Without `per_request`, `app` is the
+    /// connection to it, dialled once L4 policy allowed. With `per_request` nothing is dialled
+    /// yet: HTTP is authorized request by request and the application is dialled for the first
+    /// allowed request; anything else gets the connection-level decision, in which HTTP-only
+    /// rules fail closed, and is dialled only if allowed. So a refused connection never reaches
+    /// the application, not even as an empty accept.
     #[expect(
         clippy::too_many_arguments,
         reason = "one hand-over point for both inbound paths"
@@ -683,14 +686,16 @@ impl LocalPod {
         port: u16,
         per_request: bool,
         client: S,
-        app: TcpStream,
+        app: Option<TcpStream>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let flow = || self.inbound_flow(shared, source.as_ref(), peer.ip());
         if !per_request {
-            self.relay_recorded(shared, client, app, flow(), source, peer, port)
-                .await;
+            if let Some(app) = app {
+                self.relay_recorded(shared, client, app, flow(), source, peer, port)
+                    .await;
+            }
             return;
         }
         let (protocol, client) = match l7::detect::detect(client).await {
@@ -711,15 +716,19 @@ impl LocalPod {
                 port,
                 protocol,
                 client,
-                app,
             )
             .await;
         } else if self
             .authorize(shared, source.as_ref(), Some(peer), port, None)
             .is_ok()
         {
-            self.relay_recorded(shared, client, app, flow(), source, peer, port)
-                .await;
+            match self.dial_app(port).await {
+                Ok(app) => {
+                    self.relay_recorded(shared, client, app, flow(), source, peer, port)
+                        .await;
+                }
+                Err(e) => warn!(dst = %self.pod.key, "{e}"),
+            }
         }
     }
 
@@ -1192,7 +1201,13 @@ async fn inbound(cx: &PodCx, client: TcpStream) -> Result<(), ProxyError> {
     let per_request = pod
         .admit(&cx.shared, None, peer, local.port())
         .map_err(|d| fail(ProxyError::Denied(d)))?;
-    let app = pod.dial_app(local.port()).await.map_err(fail)?;
+    // Per-request pods are dialled only once a request (or, for non-HTTP, the connection) is
+    // allowed.
+    let app = if per_request {
+        None
+    } else {
+        Some(pod.dial_app(local.port()).await.map_err(fail)?)
+    };
     pod.deliver(
         &cx.shared,
         None,

@@ -1062,3 +1062,79 @@ fn h2c_upgrade_cannot_open_a_tunnel_past_policy() -> Result<()> {
     }
     Ok(())
 }
+
+/// A connection that policy refuses never reaches the application, not even as an empty
+/// accept: a pod decided per request is dialled only once something is allowed. Counted with
+/// the kernel's passive opens in the server pod's netns: each accepted connection there is one
+/// (the proxy's 15006 listener takes the client's, the application the proxy's own).
+#[test]
+fn a_refused_connection_never_reaches_the_application() -> Result<()> {
+    let c = cluster()?;
+    let server = c.pod("server").ip;
+    c.apply(
+        1,
+        "authorizationPolicies:\n  - name: no-admin\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - to: [{operation: {paths: [/admin]}}]\n",
+        "authorization_policies",
+        &["default/no-admin"],
+    )?;
+    let passive_opens = || -> Result<u64> {
+        let out = c.exec("server", &["cat", "/proc/net/snmp"])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (
+            tcp.next().context("Tcp header")?,
+            tcp.next().context("Tcp values")?,
+        );
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "PassiveOpens")
+            .context("PassiveOpens")?;
+        Ok(values
+            .split_whitespace()
+            .nth(at)
+            .context("value")?
+            .parse()?)
+    };
+    let send = |bytes: &[u8]| -> Result<String> {
+        let file = c.dir().join("refused.bin");
+        std::fs::write(&file, bytes)?;
+        c.testapp(
+            "bare",
+            &[
+                "raw",
+                "--addr",
+                &format!("{server}:{APP_PORT}"),
+                "--input",
+                &file.to_string_lossy(),
+            ],
+        )
+    };
+    // Not HTTP: the DENY's path rule fails closed, and the application is never dialled.
+    let before = passive_opens()?;
+    let out = send(b"\x00\x01\x02 not http\n")?;
+    assert!(out.trim().is_empty(), "{out}");
+    assert_eq!(
+        passive_opens()? - before,
+        1,
+        "only the proxy's listener accepted"
+    );
+    // A denied request: 403, and the application was not dialled for it.
+    let before = passive_opens()?;
+    let out = send(b"GET /admin HTTP/1.1\r\nHost: s\r\n\r\n")?;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert_eq!(
+        passive_opens()? - before,
+        1,
+        "only the proxy's listener accepted"
+    );
+    // Control: an allowed request dials the application (a second accept).
+    let before = passive_opens()?;
+    let out = send(b"GET /public HTTP/1.1\r\nHost: s\r\n\r\n")?;
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert_eq!(
+        passive_opens()? - before,
+        2,
+        "the listener and the application accepted"
+    );
+    Ok(())
+}
