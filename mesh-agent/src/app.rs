@@ -455,6 +455,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     });
     apply(&agent, loaded);
     release_startup_memory();
+    start_memory_return();
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
     crate::metrics::start(metrics_listener, metrics)?;
     info!(admin = %config.admin_addr, metrics = %config.metrics_addr, "agent running");
@@ -502,13 +503,33 @@ fn start_loop_bypass(dp: &mut Dataplane, want: bool) -> Result<bool, AppError> {
     Ok(true)
 }
 
-/// Returns the heap that start-up used and freed (loading the programs parses the kernel's
-/// BTF, megabytes) to the OS: glibc would otherwise keep it as free heap, counted in the idle
+/// Returns freed heap to the OS: after start-up (loading the programs parses the kernel's BTF,
+/// megabytes) and then periodically; glibc would otherwise keep it as free heap, counted in the
 /// agent's resident memory for good.
 fn release_startup_memory() {
     // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// How often freed heap goes back to the OS.
+const MEMORY_RETURN_EVERY: Duration = Duration::from_secs(10);
+
+/// Returns freed heap to the OS every few seconds, from a thread of its own. glibc keeps what a
+/// burst freed (a client that made the proxy buffer megabytes, then left) as free heap in its
+/// arenas for good; trimming hands it back, so memory falls again after a connection closes.
+fn start_memory_return() {
+    let started = std::thread::Builder::new()
+        .name("memory-return".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(MEMORY_RETURN_EVERY);
+                release_startup_memory();
+            }
+        });
+    if let Err(e) = started {
+        warn!("cannot start the memory-return thread: {e}; freed heap stays with the agent");
     }
 }
 

