@@ -25,6 +25,7 @@
 pub mod balance;
 pub mod detect;
 pub mod guard;
+pub mod h2guard;
 pub mod limits;
 pub mod metrics;
 pub mod path;
@@ -632,7 +633,7 @@ where
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
             .max_send_buf_size(H2_SEND_BUF)
-            .serve_connection(TokioIo::new(io), svc)
+            .serve_connection(TokioIo::new(h2guard::H2Guard::new(io)), svc)
             .await
     } else {
         hyper::server::conn::http1::Builder::new()
