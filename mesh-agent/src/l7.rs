@@ -93,6 +93,12 @@ pub(crate) const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 pub(crate) const H2_CONN_WINDOW: u32 = 4 * 1024 * 1024;
 /// Data hyper may queue per stream beyond what the peer's window lets it send.
 pub(crate) const H2_SEND_BUF: usize = 64 * 1024;
+/// The header list HTTP/2 decodes before the proxy's own 60 KiB check answers 431. It is
+/// larger, because h2 must decode a whole header block to keep its HPACK table in step: a block
+/// over its limit is 431 only while the encoded block fits, and past that a connection error. So
+/// every request a client would send is answered 431 by the proxy, as on HTTP/1, and only an
+/// encoded block over 256 KiB ends the connection.
+pub(crate) const H2_DECODE_LIMIT: u32 = 256 * 1024;
 
 /// The header carrying the proxy's response flags on replies it made itself.
 pub const FLAGS_HEADER: &str = "x-mesh-flags";
@@ -393,13 +399,26 @@ fn prepare(
             "CONNECT is not proxied",
         ));
     }
-    // HTTP/1's guard counts header lines; HTTP/2 gets the same limit here, repeated names
-    // included, so both protocols answer 431 at the first proxy that decodes the request.
+    // HTTP/1's guard counts header lines and head bytes; HTTP/2 gets the same limits here,
+    // repeated names included, so both protocols answer 431 at the first proxy that decodes the
+    // request, and every later hop accepts what passed.
     if parts.headers.len() > guard::MAX_HEADERS {
         return Err(reply(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "DPE",
             "too many request headers",
+        ));
+    }
+    let list: usize = parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len())
+        .sum();
+    if list > guard::MAX_HEAD {
+        return Err(reply(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "DPE",
+            "request headers too large",
         ));
     }
     let switch_to = parts.headers.get(header::UPGRADE).cloned();
@@ -628,7 +647,7 @@ where
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(guard::MAX_HEAD as u32)
+            .max_header_list_size(H2_DECODE_LIMIT)
             .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
@@ -636,12 +655,26 @@ where
             .serve_connection(TokioIo::new(h2guard::H2Guard::new(io)), svc)
             .await
     } else {
+        let mut guarded = guard::H1Guard::new(io, timeouts.head);
+        // hyper starts once the first head is whole (or refused): a connection that stalls in
+        // its first head holds only the bytes it sent.
+        match tokio::time::timeout(timeouts.idle, guarded.first_head()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!("HTTP/1 connection ended before its first request: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!("HTTP/1 connection sent no request within the idle timeout");
+                return;
+            }
+        }
         hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .half_close(true)
             .header_read_timeout(timeouts.idle)
             .max_buf_size(guard::MAX_HEAD + 16 * 1024)
-            .serve_connection(TokioIo::new(guard::H1Guard::new(io, timeouts.head)), svc)
+            .serve_connection(TokioIo::new(guarded), svc)
             .with_upgrades()
             .await
     };
@@ -1358,7 +1391,7 @@ impl Inbound {
                 .initial_stream_window_size(H2_STREAM_WINDOW)
                 .initial_connection_window_size(H2_CONN_WINDOW)
                 .max_send_buf_size(H2_SEND_BUF)
-                .max_header_list_size(guard::MAX_HEAD as u32)
+                .max_header_list_size(H2_DECODE_LIMIT)
                 .handshake(io)
                 .await?;
             tokio::spawn(conn);

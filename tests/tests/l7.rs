@@ -1231,3 +1231,95 @@ fn http2_abuse_is_bounded_answered_and_kept_to_its_stream() -> Result<()> {
     }
     Ok(())
 }
+
+/// One set of header limits, checked once where the request is first decoded, with the same
+/// answer on both protocols: 30 KB of headers cross both nodes' L7 (the server's node parses too,
+/// for its policy) and reach the server; 62 KB and 150 repeated headers get 431 at the client's
+/// node, on HTTP/1.1 and HTTP/2 alike.
+#[test]
+fn header_limits_are_one_set_with_431_on_both_protocols() -> Result<()> {
+    let c = cluster()?;
+    c.apply(
+        1,
+        "authorizationPolicies:\n  - name: gets\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - to: [{operation: {methods: [GET]}}]\n",
+        "authorization_policies",
+        &["default/gets"],
+    )?;
+    let url = format!("http://{}:{APP_PORT}/status/200", c.pod("server").ip);
+    let status = |proto: &str, headers: &[String]| -> Result<String> {
+        let mut args: Vec<&str> = vec![proto, "-o", "/dev/null", "-w", "%{http_code}"];
+        for h in headers {
+            args.extend(["-H", h.as_str()]);
+        }
+        args.push(&url);
+        Ok(c.curl("client", &args)?.1)
+    };
+    let big = |n: usize| vec![format!("x-big: {}", "a".repeat(n))];
+    let repeated: Vec<String> = (0..150).map(|i| format!("x-dup: {i}")).collect();
+    for proto in ["--http1.1", "--http2-prior-knowledge"] {
+        let before = c.app_requests("server", APP_PORT)?;
+        assert_eq!(status(proto, &big(30_000))?, "200", "{proto}: 30 KB");
+        assert_eq!(c.app_requests("server", APP_PORT)?, before + 1, "{proto}");
+        // 62 KB: over the mesh's 60 KiB, and under curl's own 64 KiB for an HTTP/2 header block.
+        assert_eq!(status(proto, &big(62_000))?, "431", "{proto}: 62 KB");
+        assert_eq!(status(proto, &repeated)?, "431", "{proto}: 150 repeated");
+        assert_eq!(c.app_requests("server", APP_PORT)?, before + 1, "{proto}");
+    }
+    Ok(())
+}
+
+/// 2,000 connections each holding half a request head: what each costs the agent while it
+/// stalls, and the 408 each gets when the head timeout passes.
+#[test]
+fn stalled_heads_cost_little_and_get_408() -> Result<()> {
+    const HELD: usize = 2000;
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![ServiceSpec::new("web", 80, APP_PORT, &["server"])],
+    )?;
+    c.serve("server", APP_PORT)?;
+    c.start_agent_with(0, &["--http-head-timeout", "3s"])?;
+    c.wait_ready(0, Duration::from_secs(15))?;
+    c.start_agent(1)?;
+    let vip = c.service_ip("web");
+    let before = agent_rss_kb(&c, 0)?;
+    let app = mesh_tests::artifact("mesh-testapp")?;
+    let mut hold = c.spawn_piped(
+        "client",
+        &[
+            app.to_str().context("path")?,
+            "hold",
+            "--addr",
+            &format!("{vip}:80"),
+            "--count",
+            &HELD.to_string(),
+            "--parallel",
+            "16",
+            "--half-head",
+        ],
+    )?;
+    let mut out = std::io::BufReader::new(hold.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    assert_eq!(line.trim(), format!("ready {HELD}"));
+    // Detection and the guard have the half heads now.
+    std::thread::sleep(Duration::from_millis(500));
+    let during = agent_rss_kb(&c, 0)?;
+    std::thread::sleep(Duration::from_secs(4));
+    drop(hold.stdin.take());
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut out, &mut answer)?;
+    let _ = hold.wait();
+    let per_conn = (during.saturating_sub(before)) as f64 / HELD as f64;
+    println!(
+        "{HELD} half heads: agent RSS {before} → {during} kB, {per_conn:.1} kB each; {answer}"
+    );
+    let v: serde_json::Value = serde_json::from_str(answer.trim())?;
+    assert_eq!(
+        v["timed_out"].as_u64(),
+        Some(HELD as u64),
+        "every stalled head got 408"
+    );
+    assert!(per_conn < 8.0, "{per_conn:.1} kB per stalled head");
+    Ok(())
+}

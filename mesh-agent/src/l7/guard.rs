@@ -485,34 +485,24 @@ const READ_SIZE: usize = 8 * 1024;
 /// stack, so an idle or stalled connection holds no read buffer of its own.
 const HEAD_READ: usize = 2 * 1024;
 
-impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+impl<S: AsyncRead + Unpin> H1Guard<S> {
+    /// Reads until checked bytes are ready for hyper, or the connection is refused or ends
+    /// (`Ok(false)`: nothing more will come).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         loop {
-            if !this.ready.is_empty() {
-                let n = this.ready.len().min(buf.remaining());
-                buf.put_slice(&this.ready[..n]);
-                this.ready.advance(n);
-                if this.ready.is_empty() {
-                    // Let go of the buffer: an idle connection keeps none.
-                    this.ready = BytesMut::new();
-                }
-                return Poll::Ready(Ok(()));
+            if !self.ready.is_empty() {
+                return Poll::Ready(Ok(true));
             }
-            if this.refusal.is_some() {
+            if self.refusal.is_some() {
                 // End of input: hyper finishes and shuts down, and the refusal goes out then.
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(false));
             }
-            let read = if matches!(this.framing, Framing::Head) {
+            let read = if matches!(self.framing, Framing::Head) {
                 let mut stack = [0u8; HEAD_READ];
                 let mut rb = ReadBuf::new(&mut stack);
-                match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
-                        this.pending.extend_from_slice(rb.filled());
+                        self.pending.extend_from_slice(rb.filled());
                         Poll::Ready(Ok(rb.filled().len()))
                     }
                     Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -521,28 +511,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
             } else {
                 // Straight into `pending`, which `frame` then moves on without copying when it
                 // can.
-                this.pending.reserve(READ_SIZE);
-                tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.pending)
+                self.pending.reserve(READ_SIZE);
+                tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.pending)
             };
             match read {
-                Poll::Ready(Ok(0)) => {
-                    // The client's end of input; a half-read head is simply dropped.
-                    return Poll::Ready(Ok(()));
-                }
+                // The client's end of input; a half-read head is simply dropped.
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(false)),
                 Poll::Ready(Ok(_)) => {
-                    this.frame();
-                    if this.pending.is_empty() {
-                        this.pending = BytesMut::new();
+                    self.frame();
+                    if self.pending.is_empty() {
+                        self.pending = BytesMut::new();
                     }
-                    this.time_head();
+                    self.time_head();
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    if let Some(deadline) = this.head_deadline.as_mut()
+                    if let Some(deadline) = self.head_deadline.as_mut()
                         && deadline.as_mut().poll(cx).is_ready()
                     {
-                        this.head_deadline = None;
-                        this.refuse(Refusal {
+                        self.head_deadline = None;
+                        self.refuse(Refusal {
                             status: 408,
                             reason: "the request head was not finished in time",
                         });
@@ -552,6 +540,36 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
                 }
             }
         }
+    }
+
+    /// Waits for the first request head to be whole and checked, or refused, or for the
+    /// connection to end. The server starts after this, so a client that stalls in its first
+    /// head costs the guard's few bytes, not hyper's buffers (16 KiB for each connection).
+    pub async fn first_head(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_fill(cx))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !std::task::ready!(this.poll_fill(cx))? {
+            return Poll::Ready(Ok(()));
+        }
+        let n = this.ready.len().min(buf.remaining());
+        buf.put_slice(&this.ready[..n]);
+        this.ready.advance(n);
+        if this.ready.is_empty() {
+            // Let go of the buffer: an idle connection keeps none.
+            this.ready = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -376,7 +376,7 @@ impl Pool {
                 // The request was checked against this limit where it was decoded; every later
                 // hop accepts what that hop accepted, so a large head is 431 there, never a
                 // reset here.
-                .max_header_list_size(super::guard::MAX_HEAD as u32)
+                .max_header_list_size(super::H2_DECODE_LIMIT)
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(UpstreamError::Reset)?;
