@@ -1231,6 +1231,17 @@ mod tests {
         parse(Path::new("t.yaml"), text, prev, &FakeFs)
     }
 
+    /// The first problem reported for `text`, and the pods that were kept.
+    fn first_error(text: &str) -> (String, usize) {
+        let l = run(text, None).expect("parses");
+        let msg = l
+            .errors
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        (msg, l.state.pods.len())
+    }
+
     const GOOD: &str = "
 node: n1
 pods:
@@ -1338,41 +1349,26 @@ services:
             ("\"fe80::1\"", "a link-local address"),
             ("255.255.255.255", "the broadcast address"),
         ] {
-            let l = run(&GOOD.replace("ip: 10.0.0.2", &format!("ip: {ip}")), None).expect("parses");
-            let msg = l
-                .errors
-                .first()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            assert!(
-                msg.contains("pod default/b (pods[1]): field `ip`") && msg.contains(why),
-                "{ip}: {msg}"
-            );
-            let l =
-                run(&GOOD.replace("ip: 10.96.0.1", &format!("ip: {ip}")), None).expect("parses");
-            let msg = l
-                .errors
-                .first()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            assert!(
-                msg.contains("service default/web (services[0]): field `ip`") && msg.contains(why),
-                "{ip}: {msg}"
-            );
-            let l = run(
-                &GOOD.replace("endpoints: [10.0.0.1]", &format!("endpoints: [{ip}]")),
-                None,
-            )
-            .expect("parses");
-            let msg = l
-                .errors
-                .first()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            assert!(
-                msg.contains("field `endpoints`") && msg.contains(why),
-                "{ip}: {msg}"
-            );
+            for (from, to, field) in [
+                (
+                    "ip: 10.0.0.2",
+                    format!("ip: {ip}"),
+                    "pod default/b (pods[1]): field `ip`",
+                ),
+                (
+                    "ip: 10.96.0.1",
+                    format!("ip: {ip}"),
+                    "service default/web (services[0]): field `ip`",
+                ),
+                (
+                    "endpoints: [10.0.0.1]",
+                    format!("endpoints: [{ip}]"),
+                    "field `endpoints`",
+                ),
+            ] {
+                let (msg, _) = first_error(&GOOD.replace(from, &to));
+                assert!(msg.contains(field) && msg.contains(why), "{ip}: {msg}");
+            }
         }
     }
 
@@ -1389,21 +1385,12 @@ services:
                 "the agent's own cgroup or one of its ancestors",
             ),
         ] {
-            let l = run(
-                &GOOD.replace("cgroup: /cg/b", &format!("cgroup: {cg}")),
-                None,
-            )
-            .expect("parses");
-            let msg = l
-                .errors
-                .first()
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let (msg, pods) = first_error(&GOOD.replace("cgroup: /cg/b", &format!("cgroup: {cg}")));
             assert!(
                 msg.contains("pod default/b (pods[1]): field `cgroup`") && msg.contains(why),
                 "{cg}: {msg}"
             );
-            assert_eq!(l.state.pods.len(), 1);
+            assert_eq!(pods, 1);
         }
         // Below a configured root only.
         let root = Some(Path::new("/k/kubepods"));

@@ -381,6 +381,24 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 const PREFIX: &str = "mt";
 
 impl Cluster {
+    /// Two nodes, a mesh pod `client` on node-1 and a mesh pod `server` on node-2 serving HTTP
+    /// on `port`, with `services`; node-1's agent gets `client_flags`. Both agents are ready.
+    pub fn client_server(
+        services: Vec<ServiceSpec>,
+        port: u16,
+        client_flags: &[&str],
+    ) -> Result<Self> {
+        let mut c = Self::new(
+            vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+            services,
+        )?;
+        c.serve("server", port)?;
+        c.start_agent_with(0, client_flags)?;
+        c.wait_ready(0, Duration::from_secs(15))?;
+        c.start_agent(1)?;
+        Ok(c)
+    }
+
     /// Builds the topology: `nodes[i]` lists node i's pods.
     pub fn new(nodes: Vec<Vec<PodSpec>>, services: Vec<ServiceSpec>) -> Result<Self> {
         // SAFETY: geteuid has no preconditions.

@@ -481,14 +481,11 @@ fn start_without_root_or_bpffs_says_what_to_do() -> Result<()> {
 fn concurrent_tunnels_share_dials_and_idle_connections_close() -> Result<()> {
     const HELD: usize = 2000;
     // A port declared `tcp`: each client connection is its own tunnel (HTTP would be pooled).
-    let mut c = Cluster::new(
-        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+    let c = Cluster::client_server(
         vec![ServiceSpec::new("raw", 80, APP_PORT, &["server"]).app_protocol("tcp")],
+        APP_PORT,
+        &["--hbone-idle-timeout", "1s"],
     )?;
-    c.serve("server", APP_PORT)?;
-    c.start_agent_with(0, &["--hbone-idle-timeout", "1s"])?;
-    c.wait_ready(0, Duration::from_secs(15))?;
-    c.start_agent(1)?;
     let vip = c.service_ip("raw");
     let fds = |c: &Cluster| -> Result<usize> {
         let pid = c.agent_pid(0).context("agent pid")?;

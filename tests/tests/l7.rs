@@ -1273,14 +1273,11 @@ fn header_limits_are_one_set_with_431_on_both_protocols() -> Result<()> {
 #[test]
 fn stalled_heads_cost_little_and_get_408() -> Result<()> {
     const HELD: usize = 2000;
-    let mut c = Cluster::new(
-        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+    let c = Cluster::client_server(
         vec![ServiceSpec::new("web", 80, APP_PORT, &["server"])],
+        APP_PORT,
+        &["--http-head-timeout", "3s"],
     )?;
-    c.serve("server", APP_PORT)?;
-    c.start_agent_with(0, &["--http-head-timeout", "3s"])?;
-    c.wait_ready(0, Duration::from_secs(15))?;
-    c.start_agent(1)?;
     let vip = c.service_ip("web");
     let before = agent_rss_kb(&c, 0)?;
     let app = mesh_tests::artifact("mesh-testapp")?;

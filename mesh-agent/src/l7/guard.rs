@@ -470,6 +470,17 @@ impl<S> H1Guard<S> {
     }
 }
 
+/// Gives the reader as much of `ready` as it takes, and lets go of the buffer once it is empty,
+/// so an idle connection keeps none.
+pub(super) fn hand_over(ready: &mut BytesMut, buf: &mut ReadBuf<'_>) {
+    let n = ready.len().min(buf.remaining());
+    buf.put_slice(&ready[..n]);
+    ready.advance(n);
+    if ready.is_empty() {
+        *ready = BytesMut::new();
+    }
+}
+
 /// Appends `part` to `to`, without a copy when `to` is empty (the common case).
 fn take(to: &mut BytesMut, part: BytesMut) {
     if to.is_empty() {
@@ -559,15 +570,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !std::task::ready!(this.poll_fill(cx))? {
-            return Poll::Ready(Ok(()));
-        }
-        let n = this.ready.len().min(buf.remaining());
-        buf.put_slice(&this.ready[..n]);
-        this.ready.advance(n);
-        if this.ready.is_empty() {
-            // Let go of the buffer: an idle connection keeps none.
-            this.ready = BytesMut::new();
+        if std::task::ready!(this.poll_fill(cx))? {
+            hand_over(&mut this.ready, buf);
         }
         Poll::Ready(Ok(()))
     }

@@ -390,12 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for H2Guard<S> {
                 }
             }
             if !this.ready.is_empty() {
-                let n = this.ready.len().min(buf.remaining());
-                buf.put_slice(&this.ready[..n]);
-                this.ready.advance(n);
-                if this.ready.is_empty() {
-                    this.ready = BytesMut::new();
-                }
+                super::guard::hand_over(&mut this.ready, buf);
                 return Poll::Ready(Ok(()));
             }
             this.raw.reserve(READ_SIZE);
