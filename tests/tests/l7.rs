@@ -65,6 +65,22 @@ fn hits(c: &Cluster, pod: &str, url: &str, n: usize, parallel: bool) -> Result<V
     Ok(answers)
 }
 
+/// Sends with `send` until the answer starts with `want` (a node-file change takes a moment).
+fn wait_until_answer(c: &Cluster, send: impl Fn() -> Result<String>, want: &str) -> Result<()> {
+    let _ = c;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = send()?;
+        if out.starts_with(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("still answered {:?}", out.lines().next().unwrap_or(""));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn count(answers: &[(u16, String)], status: u16) -> usize {
     answers.iter().filter(|(s, _)| *s == status).count()
 }
@@ -573,6 +589,23 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
             "only the upgrade request from {from} reached the server"
         );
     }
+    // The mesh-wide options, through the node file: case-sensitive DENY lets `/ADMIN` through
+    // (the server answers 404 for it), and NONE forwards `//echo` as sent, where the default
+    // merges the slashes.
+    let out = send("bare", &get("//echo"))?;
+    assert!(out.contains("\nGET /echo\n"), "merged by default: {out}");
+    c.apply(
+        1,
+        "authorizationPolicies:\n  - name: no-admin\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - to: [{operation: {paths: [/admin, /admin/*]}}]\nmeshConfig:\n  pathNormalization: {normalization: NONE}\n  caseInsensitiveDeny: false\n",
+        "authorization_policies",
+        &["default/no-admin"],
+    )?;
+    wait_until_answer(|| send("bare", &get("/ADMIN")), "HTTP/1.1 404")?;
+    let out = send("bare", &get("//echo"))?;
+    assert!(out.contains("\nGET //echo\n"), "NONE keeps the path: {out}");
+    // Whatever the mode, invalid encodings are refused and the deny form still resolves dots.
+    assert!(send("bare", &get("/%2561dmin"))?.starts_with("HTTP/1.1 400"));
+    assert!(send("bare", &get("/x/../admin"))?.starts_with("HTTP/1.1 403"));
     let log = c.agent_log(1);
     assert!(log.contains("denied by DENY policy default/no-admin"));
     for refusal in [
