@@ -66,8 +66,7 @@ fn hits(c: &Cluster, pod: &str, url: &str, n: usize, parallel: bool) -> Result<V
 }
 
 /// Sends with `send` until the answer starts with `want` (a node-file change takes a moment).
-fn wait_until_answer(c: &Cluster, send: impl Fn() -> Result<String>, want: &str) -> Result<()> {
-    let _ = c;
+fn wait_until_answer(send: impl Fn() -> Result<String>, want: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let out = send()?;
