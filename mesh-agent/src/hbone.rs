@@ -161,6 +161,22 @@ struct Dial {
     done: watch::Receiver<Option<Result<(), String>>>,
 }
 
+/// Takes a dial off its key's list when dropped, whether it ended or was abandoned; those who
+/// joined it then see its sender gone and go round again.
+struct Unlist<'a> {
+    conns: &'a Mutex<HashMap<PoolKey, Entry>>,
+    key: &'a PoolKey,
+    id: usize,
+}
+
+impl Drop for Unlist<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = lock(self.conns).get_mut(self.key) {
+            entry.dials.retain(|d| d.id != self.id);
+        }
+    }
+}
+
 /// What a caller does next.
 enum Next {
     Claimed(SendRequest<Empty<Bytes>>, StreamSlot),
@@ -268,12 +284,20 @@ impl Pool {
             match next {
                 Next::Claimed(sender, slot) => break (sender, slot),
                 Next::Join(mut done) => {
+                    // `Err`: the dialling caller went away; go round and dial or join anew.
                     let outcome = done.wait_for(Option::is_some).await.map(|v| v.clone());
                     if let Ok(Some(Err(e))) = outcome {
                         return Err(tunnel(e));
                     }
                 }
                 Next::Dial(id, tx) => {
+                    // If this caller goes away mid-dial (its client closed), the dial must not
+                    // stay listed: those who joined it would wait on nothing.
+                    let _unlist = Unlist {
+                        conns: &self.conns,
+                        key: &key,
+                        id,
+                    };
                     let result = self.dial(src, &cert, &dst_id, target.ip()).await;
                     {
                         let mut conns = lock(&self.conns);
