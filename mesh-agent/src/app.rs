@@ -454,7 +454,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         logging,
     });
     apply(&agent, loaded);
-    release_startup_memory();
+    return_free_heap();
     start_memory_return();
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
     crate::metrics::start(metrics_listener, metrics)?;
@@ -506,7 +506,7 @@ fn start_loop_bypass(dp: &mut Dataplane, want: bool) -> Result<bool, AppError> {
 /// Returns freed heap to the OS: after start-up (loading the programs parses the kernel's BTF,
 /// megabytes) and then periodically; glibc would otherwise keep it as free heap, counted in the
 /// agent's resident memory for good.
-fn release_startup_memory() {
+fn return_free_heap() {
     // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
     unsafe {
         libc::malloc_trim(0);
@@ -525,7 +525,7 @@ fn start_memory_return() {
         .spawn(|| {
             loop {
                 std::thread::sleep(MEMORY_RETURN_EVERY);
-                release_startup_memory();
+                return_free_heap();
             }
         });
     if let Err(e) = started {
@@ -546,7 +546,8 @@ fn apply(agent: &Agent, loaded: nodefile::Loaded) {
 async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
     // What start-up applied, not a first reading here: a change written between the two (say,
     // right after /ready) would otherwise become the baseline and never be applied.
-    let mut last = Some(applied);
+    // Shared with each poll's task rather than copied into it: the file may be megabytes.
+    let mut last = Some(Arc::new(applied));
     loop {
         tokio::time::sleep(every).await;
         // Reading, parsing and reconciling all run on the blocking pool: the file is input, and
@@ -556,10 +557,10 @@ async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
         let outcome = tokio::task::spawn_blocking(move || {
             let agent = task_agent;
             let now = nodefile::read(&agent.node_file);
-            if now.as_ref().ok() == seen.as_ref() {
+            if now.as_ref().ok() == seen.as_deref() {
                 return None;
             }
-            let text = now.as_ref().ok().cloned();
+            let text = now.as_ref().ok().map(|t| Arc::new(t.clone()));
             let previous = agent.current_state();
             let result = now.and_then(|text| {
                 nodefile::load_text(

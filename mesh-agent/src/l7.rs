@@ -689,10 +689,10 @@ async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response
     let shape = Shape::of(&mut req);
     let switching = req.headers().contains_key(header::UPGRADE);
     let routes = cx.shared.routes();
-    let upgrades = routes
+    let upgrades: &[String] = routes
         .service_at(cx.dst.ip())
-        .map_or_else(crate::state::default_upgrades, |e| e.svc.upgrades.clone());
-    let (resp, downstream) = match prepare(req, &routes.state.mesh, &upgrades) {
+        .map_or(&crate::state::DEFAULT_UPGRADES, |e| &e.svc.upgrades);
+    let (resp, downstream) = match prepare(req, &routes.state.mesh, upgrades) {
         Ok((mut prepared, body)) => {
             let downstream = prepared.upgrade.take();
             (route_request(cx, &routes, prepared, body).await, downstream)
@@ -1444,7 +1444,7 @@ async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<B
     let switching = req.headers().contains_key(header::UPGRADE);
     let routes = cx.shared.routes();
     let upgrades = routes.upgrades_to(cx.dest.pod.ip, cx.port);
-    let (resp, downstream) = match prepare(req, &routes.state.mesh, &upgrades) {
+    let (resp, downstream) = match prepare(req, &routes.state.mesh, upgrades) {
         Ok((mut prepared, body)) => {
             let downstream = prepared.upgrade.take();
             (authorize_and_send(cx, prepared, body).await, downstream)

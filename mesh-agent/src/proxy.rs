@@ -202,6 +202,8 @@ struct ServiceRoute {
 #[derive(Debug, Default)]
 pub struct Routes {
     by_vip: HashMap<IpAddr, Arc<ServiceRoute>>,
+    /// Upgrade tokens allowed to (pod address, target port), from the services that send there.
+    inbound_upgrades: HashMap<(IpAddr, u16), Vec<String>>,
     /// The state the routes were built from: workloads, modes and policies.
     pub state: Arc<NodeState>,
     /// HTTP routes, balancers and limits by service.
@@ -211,20 +213,10 @@ pub struct Routes {
 impl Routes {
     /// The upgrade tokens allowed to `port` of the local pod at `ip`: those of every service
     /// that sends that port to it, or the default when none does.
-    pub fn upgrades_to(&self, ip: IpAddr, port: u16) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .state
-            .services
-            .values()
-            .filter(|s| s.endpoints.contains(&ip) && s.ports.iter().any(|p| p.target_port == port))
-            .flat_map(|s| s.upgrades.iter().cloned())
-            .collect();
-        if all.is_empty() {
-            return crate::state::default_upgrades();
-        }
-        all.sort();
-        all.dedup();
-        all
+    pub fn upgrades_to(&self, ip: IpAddr, port: u16) -> &[String] {
+        self.inbound_upgrades
+            .get(&(ip, port))
+            .map_or(&crate::state::DEFAULT_UPGRADES, |u| u)
     }
 
     /// Builds routes, carrying round-robin cursors over from `old` so a reload does not reset
@@ -246,8 +238,22 @@ impl Routes {
                 (s.ip, Arc::new(route))
             })
             .collect();
+        let mut inbound_upgrades: HashMap<(IpAddr, u16), Vec<String>> = HashMap::new();
+        for s in state.services.values() {
+            for (ip, p) in s
+                .endpoints
+                .iter()
+                .flat_map(|ip| s.ports.iter().map(move |p| (ip, p)))
+            {
+                let all = inbound_upgrades.entry((*ip, p.target_port)).or_default();
+                all.extend(s.upgrades.iter().cloned());
+                all.sort();
+                all.dedup();
+            }
+        }
         Self {
             by_vip,
+            inbound_upgrades,
             l7: l7::Table::build(state, &old.l7),
             state: state.clone(),
         }

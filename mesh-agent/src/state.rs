@@ -205,6 +205,10 @@ pub fn default_upgrades() -> Vec<String> {
     vec!["websocket".to_string()]
 }
 
+/// [`default_upgrades`], made once.
+pub static DEFAULT_UPGRADES: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(default_upgrades);
+
 impl Service {
     /// Whether `port` is declared opaque TCP.
     pub fn is_opaque(&self, port: u16) -> bool {
