@@ -1233,6 +1233,7 @@ type Pick = fn(&PodCounters) -> &Counter;
 /// A stream that adds the bytes read from it (and, optionally, written to it) to a pod's
 /// counters as they flow, so counters are right while a connection is still open (long-lived
 /// connections would otherwise report nothing). It owns its counters, so it can move into tasks.
+#[derive(Debug)]
 pub struct Counted<S> {
     inner: S,
     counters: Arc<PodCounters>,
