@@ -21,7 +21,22 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::app::Agent;
+use crate::proxy::Shared;
+
+/// What the admin endpoints read. The agent, which wires everything, hands itself over as one,
+/// so this module never imports the wiring above it.
+pub trait AdminView: Send + Sync + 'static {
+    /// Why the agent is not ready, if it is not (`/ready`).
+    fn not_ready_reason(&self) -> Option<String>;
+    /// Every counter (`/stats`).
+    fn stats(&self) -> serde_json::Value;
+    /// What the agent works from (`/config_dump`).
+    fn config_dump(&self) -> serde_json::Value;
+    /// The proxy's state, for `/debug/flows` and `/explain`.
+    fn shared(&self) -> &Arc<Shared>;
+    /// The run-time log filter (`/logging`).
+    fn logging(&self) -> &LogControl;
+}
 
 /// Errors starting the admin server.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +128,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
 }
 
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+pub async fn serve(listener: TcpListener, agent: Arc<dyn AdminView>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -122,7 +137,7 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let agent = agent.clone();
-                async move { Ok::<_, Infallible>(handle(&agent, &req)) }
+                async move { Ok::<_, Infallible>(handle(&*agent, &req)) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -185,7 +200,7 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn handle(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn handle(agent: &dyn AdminView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let q = query(req);
     let param = |name: &str| q.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     match req.uri().path() {
@@ -227,7 +242,7 @@ fn handle(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/logging" => {
             let wanted = param("level").or_else(|| param("filter"));
             match (req.method(), wanted) {
-                (&hyper::Method::POST, Some(filter)) => match agent.logging.set(&filter) {
+                (&hyper::Method::POST, Some(filter)) => match agent.logging().set(&filter) {
                     Ok(()) => {
                         info!(%filter, "log filter changed");
                         text(StatusCode::OK, format!("log filter: {filter}\n"))
@@ -244,7 +259,7 @@ fn handle(agent: &Agent, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
                 (_, None) => text(
                     StatusCode::OK,
-                    format!("log filter: {}\n", agent.logging.current()),
+                    format!("log filter: {}\n", agent.logging().current()),
                 ),
             }
         }

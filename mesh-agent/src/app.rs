@@ -102,6 +102,24 @@ pub struct Agent {
     pub logging: admin::LogControl,
 }
 
+impl admin::AdminView for Agent {
+    fn not_ready_reason(&self) -> Option<String> {
+        Agent::not_ready_reason(self)
+    }
+    fn stats(&self) -> serde_json::Value {
+        serde_json::to_value(Agent::stats(self)).unwrap_or_default()
+    }
+    fn config_dump(&self) -> serde_json::Value {
+        Agent::config_dump(self)
+    }
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    fn logging(&self) -> &admin::LogControl {
+        &self.logging
+    }
+}
+
 /// One pod's line in `/stats`.
 #[derive(Debug, Serialize)]
 pub struct PodReport {
