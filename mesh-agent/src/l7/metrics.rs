@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
-use crate::metrics::{Flow, MetricsError, RemovableFamily, label_names};
+use crate::metrics::labels::{Flow, MetricsError, RemovableFamily, label_names};
 
 /// The families' own labels, after the flow's.
 const OWN_LABELS: &[&str] = &["response_code", "response_flags"];

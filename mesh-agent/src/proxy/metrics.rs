@@ -2,7 +2,7 @@
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
-use crate::metrics::{Flow, MetricsError, RemovableFamily, label_names};
+use crate::metrics::labels::{Flow, MetricsError, RemovableFamily, label_names};
 
 /// The families' own labels, after the flow's.
 const OWN_LABELS: &[&str] = &["response_flags"];
