@@ -1130,6 +1130,15 @@ impl Cluster {
         self.wait_listening(pod, port)
     }
 
+    /// Starts `mesh-testapp <args>` in pod `pod` with piped standard streams, without waiting.
+    pub fn spawn_testapp(&self, pod: &str, args: &[&str]) -> Result<Child> {
+        let app = artifact("mesh-testapp")?;
+        let app = app.to_string_lossy().into_owned();
+        let mut all = vec![app.as_str()];
+        all.extend_from_slice(args);
+        self.spawn_piped(pod, &all)
+    }
+
     /// Runs `mesh-testapp <args>` in pod `pod` and returns its stdout; fails if it does.
     pub fn testapp(&self, pod: &str, args: &[&str]) -> Result<String> {
         let app = artifact("mesh-testapp")?;

@@ -500,11 +500,9 @@ fn concurrent_tunnels_share_dials_and_idle_connections_close() -> Result<()> {
         Ok(String::from_utf8_lossy(&out.stdout).lines().count())
     };
     let fds_before = fds(&c)?;
-    let app = artifact("mesh-testapp")?;
-    let mut hold = c.spawn_piped(
+    let mut hold = c.spawn_testapp(
         "client",
         &[
-            app.to_str().context("path")?,
             "hold",
             "--addr",
             &format!("{vip}:80"),

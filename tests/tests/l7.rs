@@ -1312,11 +1312,9 @@ fn stalled_heads_cost_little_and_get_408() -> Result<()> {
     )?;
     let vip = c.service_ip("web");
     let before = agent_rss_kb(&c, 0)?;
-    let app = mesh_tests::artifact("mesh-testapp")?;
-    let mut hold = c.spawn_piped(
+    let mut hold = c.spawn_testapp(
         "client",
         &[
-            app.to_str().context("path")?,
             "hold",
             "--addr",
             &format!("{vip}:80"),
