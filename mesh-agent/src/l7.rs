@@ -1032,13 +1032,7 @@ async fn forward(
     port: u16,
     rule: &RouteRule,
 ) -> Response<Body> {
-    let Prepared {
-        mut parts,
-        path,
-        deny_path,
-        fold_case,
-        ..
-    } = prepared;
+    let mut prepared = prepared;
     let request_slot = match &backend {
         Some(b) => match b.limits.requests.try_acquire(b.limits.policy.max_requests) {
             Some(s) => Some(s),
@@ -1075,7 +1069,7 @@ async fn forward(
             }
         }
     } else {
-        match checked_body(parts.version, body).await {
+        match checked_body(prepared.parts.version, body).await {
             Ok(b) => ReqBody::Once(Some(b)),
             Err(r) => return r,
         }
@@ -1113,13 +1107,7 @@ async fn forward(
         avoid = Some(target.ip());
         let hop = Hop::to(&cx.shared, routes, target.ip());
         if let Hop::Local(dest) = &hop {
-            let attrs = HttpAttributes {
-                method: parts.method.as_str(),
-                path: &path,
-                deny_path: &deny_path,
-                fold_case,
-                headers: &parts.headers,
-            };
+            let attrs = prepared.attributes();
             if let Err(d) =
                 dest.authorize(&cx.shared, Some(src_id), None, target.port(), Some(&attrs))
             {
@@ -1133,11 +1121,12 @@ async fn forward(
         let req = if attempt == attempts {
             // The last try takes the parts themselves, so a request that is not retried copies
             // no headers.
-            let mut last_parts = std::mem::replace(&mut parts, Request::new(()).into_parts().0);
+            let mut last_parts =
+                std::mem::replace(&mut prepared.parts, Request::new(()).into_parts().0);
             last_parts.extensions.clear();
             Request::from_parts(last_parts, req_body)
         } else {
-            rebuild(&parts, req_body)
+            rebuild(&prepared.parts, req_body)
         };
         let limits = backend.as_ref().map(|b| &b.limits);
         let dest = upstream::Dest {

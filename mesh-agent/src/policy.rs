@@ -156,7 +156,7 @@ fn operation_matches(o: &Operation, req: &Request<'_>, l7_unknown: bool) -> bool
         glob(p, http.path)
             || (deny
                 && if http.fold_case {
-                    glob(&p.to_lowercase(), http.deny_path)
+                    glob_lowercased(p, http.deny_path)
                 } else {
                     glob(p, http.deny_path)
                 })
@@ -176,6 +176,32 @@ fn condition_matches(c: &Condition, http: Option<&HttpAttributes<'_>>, l7_unknow
         .any(|v| c.values.iter().any(|pat| glob(pat, v)))
 }
 
+/// [`glob`] of `pattern` lowercased against a `value` that already is, without allocating: it
+/// runs for every DENY path pattern of every request.
+fn glob_lowercased(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        let mut v = value.chars();
+        prefix
+            .chars()
+            .flat_map(char::to_lowercase)
+            .all(|c| v.next() == Some(c))
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        let mut v = value.chars().rev();
+        suffix
+            .chars()
+            .rev()
+            .flat_map(|c| c.to_lowercase().rev())
+            .all(|c| v.next() == Some(c))
+    } else {
+        pattern
+            .chars()
+            .flat_map(char::to_lowercase)
+            .eq(value.chars())
+    }
+}
+
 /// Istio's string match: exact, `*`, `prefix*` or `*suffix`.
 fn glob(pattern: &str, value: &str) -> bool {
     if pattern == "*" {
@@ -192,6 +218,25 @@ fn glob(pattern: &str, value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lowercased_glob_is_glob_of_the_lowercased_pattern() {
+        let patterns = [
+            "*", "/Admin*", "*.JSON", "/ADMIN", "/Ä*", "*İ", "/x", "", "/admin/*",
+        ];
+        let values = [
+            "/admin", "/admin/x", "/a.json", "/äb", "/i̇", "/x", "", "/adm", "x.json",
+        ];
+        for p in patterns {
+            for v in values {
+                assert_eq!(
+                    glob_lowercased(p, v),
+                    glob(&p.to_lowercase(), v),
+                    "{p:?} against {v:?}"
+                );
+            }
+        }
+    }
 
     fn policy(name: &str, action: Action, rules: Vec<Rule>) -> AuthorizationPolicy {
         AuthorizationPolicy {
