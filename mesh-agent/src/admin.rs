@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::proxy::Shared;
+use crate::{telemetry::flows::FlowLog, view::Snapshot};
 
 /// What the admin endpoints read. The agent, which wires everything, hands itself over as one,
 /// so this module never imports the wiring above it.
@@ -32,8 +32,10 @@ pub trait AdminView: Send + Sync + 'static {
     fn stats(&self) -> serde_json::Value;
     /// What the agent works from (`/config_dump`).
     fn config_dump(&self) -> serde_json::Value;
-    /// The proxy's state, for `/debug/flows` and `/explain`.
-    fn shared(&self) -> &Arc<Shared>;
+    /// The flow records, for `/debug/flows`.
+    fn flows(&self) -> &FlowLog;
+    /// The published view, for `explain`.
+    fn snapshot(&self) -> Arc<Snapshot>;
     /// The run-time log filter (`/logging`).
     fn logging(&self) -> &LogControl;
 }
@@ -218,8 +220,8 @@ fn handle(agent: &dyn AdminView, req: &Request<Incoming>) -> Response<Full<Bytes
             let since = param("since").and_then(|v| v.parse().ok()).unwrap_or(0);
             let limit = param("limit")
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(crate::flows::HISTORY);
-            let flows = agent.shared().flows.since(since, limit);
+                .unwrap_or(crate::telemetry::flows::HISTORY);
+            let flows = agent.flows().since(since, limit);
             json(&flows.iter().map(|f| &**f).collect::<Vec<_>>())
         }
         "/explain" => {
@@ -234,7 +236,7 @@ fn handle(agent: &dyn AdminView, req: &Request<Incoming>) -> Response<Full<Bytes
                     .map(|(_, v)| v.clone())
                     .collect(),
             };
-            match crate::explain::explain(agent.shared(), &question) {
+            match crate::explain::explain(&agent.snapshot(), &question) {
                 Ok(answer) => json(&answer),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }

@@ -15,7 +15,7 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard, RwLock},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -25,16 +25,22 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin,
-    bpf::{self, Dataplane, KernelPodStats},
-    ca::{self, CaClient},
-    certs::{CertCollector, CertManager, CertReport},
+    capture::bpf::{self, Dataplane, KernelPodStats},
+    capture::netns::Netns,
     config::{CaSource, Config},
-    hbone,
+    discovery::nodefile,
     identity::Identity,
-    netns::Netns,
-    nodefile,
-    proxy::{self, PodProxy, Routes, Shared},
+    identity::ca::{self, CaClient},
+    identity::certs::{CertCollector, CertManager, CertReport},
+    proxy::{
+        admission,
+        inputs::ProxyInputs,
+        listen::{self, PodProxy},
+    },
     state::{MtlsMode, NodeState, ObjectKey, Pod},
+    transport::dial::Dialer,
+    transport::hbone,
+    view::{Snapshot, View},
 };
 
 /// Errors that stop the agent from starting.
@@ -54,7 +60,7 @@ pub enum AppError {
     Ca(#[from] ca::CaError),
     /// See [`metrics::MetricsError`].
     #[error(transparent)]
-    Metrics(#[from] crate::metrics::MetricsError),
+    Metrics(#[from] crate::telemetry::metrics::MetricsError),
     /// The same-node splice could not start its watch (an epoll instance).
     #[error(
         "cannot start the same-node splice: {0} (run with --same-node-splice=false to relay same-node traffic in the proxy)"
@@ -62,7 +68,7 @@ pub enum AppError {
     Splice(std::io::Error),
     /// See [`cgroup::CgroupError`].
     #[error(transparent)]
-    Cgroup(#[from] crate::cgroup::CgroupError),
+    Cgroup(#[from] crate::capture::cgroup::CgroupError),
 }
 
 /// Why one pod could not be enrolled; the others are unaffected.
@@ -71,7 +77,7 @@ enum EnrollError {
     #[error("pod {pod}: {source}")]
     Netns {
         pod: ObjectKey,
-        source: crate::netns::NetnsError,
+        source: crate::capture::netns::NetnsError,
     },
     #[error("pod {pod}: {source}")]
     Bpf {
@@ -89,9 +95,11 @@ enum EnrollError {
 #[derive(Debug)]
 pub struct Agent {
     dataplane: Mutex<Dataplane>,
-    shared: Arc<Shared>,
+    inputs: Arc<ProxyInputs>,
+    /// The mesh's trust domain.
+    trust_domain: String,
+    /// The running pod proxies; the published view lists their pods.
     pods: Mutex<BTreeMap<ObjectKey, PodProxy>>,
-    state: RwLock<Arc<NodeState>>,
     problems: Mutex<Vec<String>>,
     node_file: PathBuf,
     /// Pods' cgroups must be below this one.
@@ -112,8 +120,11 @@ impl admin::AdminView for Agent {
     fn config_dump(&self) -> serde_json::Value {
         Agent::config_dump(self)
     }
-    fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    fn flows(&self) -> &crate::telemetry::flows::FlowLog {
+        &self.inputs.flows
+    }
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.inputs.view.load()
     }
     fn logging(&self) -> &admin::LogControl {
         &self.logging
@@ -180,17 +191,15 @@ impl Agent {
         if !missing.is_empty() {
             return Some(format!("pods not yet enrolled: {}", missing.join(", ")));
         }
-        self.shared
+        self.inputs
             .certs
             .not_ready_reason()
             .map(|why| format!("certificates missing: {why}"))
     }
 
+    /// The state of the published view.
     fn current_state(&self) -> Arc<NodeState> {
-        match self.state.read() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.inputs.view.load().state().clone()
     }
 
     /// A snapshot of every counter.
@@ -218,8 +227,8 @@ impl Agent {
             node: state.node.clone(),
             adopted_maps: dp.adopted_maps(),
             pods: reports,
-            certificates: self.shared.certs.report(),
-            trust_roots: self.shared.certs.trust_roots(),
+            certificates: self.inputs.certs.report(),
+            trust_roots: self.inputs.certs.trust_roots(),
             authorization_policies: state
                 .authorization_policies
                 .iter()
@@ -236,13 +245,13 @@ impl Agent {
                 .filter_map(|p| p.rule.as_ref().map(ToString::to_string))
                 .collect(),
             problems: lock(&self.problems).clone(),
-            hbone_pool_connections: self.shared.pool.connections(),
+            hbone_pool_connections: self.inputs.dialer.hbone.connections(),
         }
     }
 
     /// The connection-handling side, for `explain` and `/debug/flows`.
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    pub fn inputs(&self) -> &Arc<ProxyInputs> {
+        &self.inputs
     }
 
     /// Everything the agent is working from, for `/config_dump`: the state (pods, workloads,
@@ -256,8 +265,8 @@ impl Agent {
             "node": state.node,
             "enrolled": enrolled,
             "state": &*state,
-            "certificates": self.shared.certs.report(),
-            "trust_roots": self.shared.certs.trust_roots(),
+            "certificates": self.inputs.certs.report(),
+            "trust_roots": self.inputs.certs.trust_roots(),
             "bpf": { "maps": maps, "events": events },
             "problems": lock(&self.problems).clone(),
         })
@@ -265,7 +274,7 @@ impl Agent {
 
     /// Makes the kernel and the proxy match `state`.
     fn reconcile(&self, state: NodeState, problems: Vec<String>) {
-        self.shared.metrics.observe(&state);
+        self.inputs.metrics.observe(&state);
         let mut dp = lock(&self.dataplane);
         let mut pods = lock(&self.pods);
         let mut problems = problems;
@@ -282,15 +291,13 @@ impl Agent {
         for key in gone {
             if let Some(mut p) = pods.remove(&key) {
                 p.stop();
-                let ip = p.local.pod.ip;
-                self.shared.set_local_pod(ip, None);
-                dp.unregister_pod(ip, p.local.netns.cookie());
+                dp.unregister_pod(p.local.pod.ip, p.local.netns.cookie());
                 info!(pod = %key, "pod removed from the mesh");
             }
         }
         // Certificates for exactly the identities of this node's pods.
-        let td = &self.shared.trust_domain;
-        self.shared.certs.set_wanted(
+        let td = &self.trust_domain;
+        self.inputs.certs.set_wanted(
             state
                 .pods
                 .values()
@@ -304,21 +311,16 @@ impl Agent {
             Ok(_) => {}
             Err(e) => problems.push(e.to_string()),
         }
-        // Routes before new pods, so their first connections already see the new services.
-        {
-            let mut routes = self
-                .shared
-                .routes
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let policy_changed =
-                routes.state.authorization_policies != state.authorization_policies;
-            *routes = Arc::new(Routes::build(&state, &routes));
-            drop(routes);
-            if policy_changed {
-                for proxy in pods.values() {
-                    proxy.local.recheck(&self.shared);
-                }
+        // Routes before new pods, so their first connections already see the new services; the
+        // pods that left are out of the view from here on.
+        let view = &self.inputs.view;
+        let policy_changed =
+            view.load().state().authorization_policies != state.authorization_policies;
+        view.publish(&state, pods.values().map(|p| p.local.clone()));
+        if policy_changed {
+            let now = view.load();
+            for proxy in pods.values() {
+                admission::recheck(&now, &self.inputs.flows, &proxy.local);
             }
         }
         for pod in state.pods.values() {
@@ -333,7 +335,6 @@ impl Agent {
             match self.enroll(&mut dp, pod, strict) {
                 Ok((proxy, adopted)) => {
                     info!(pod = %pod.key, ip = %pod.ip, adopted_links = adopted, strict, "pod enrolled");
-                    self.shared.set_local_pod(pod.ip, Some(proxy.local.clone()));
                     pods.insert(pod.key.clone(), proxy);
                 }
                 Err(e) => {
@@ -342,11 +343,8 @@ impl Agent {
                 }
             }
         }
+        view.publish_pods(pods.values().map(|p| p.local.clone()));
         *lock(&self.problems) = problems;
-        *self
-            .state
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
     }
 
     fn enroll(
@@ -363,7 +361,7 @@ impl Agent {
         dp.register_pod(pod, netns.cookie())
             .and_then(|()| dp.set_strict(pod.ip, strict))
             .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
-        let listeners = proxy::open_listeners(&netns, pod)
+        let listeners = listen::open_listeners(&netns, pod)
             .map_err(|source| EnrollError::Netns { pod: key(), source })?;
         dp.set_listener(pod.ip, ListenerKind::Inbound, &listeners.inbound)
             .and_then(|()| dp.set_listener(pod.ip, ListenerKind::Hbone, &listeners.hbone))
@@ -371,8 +369,14 @@ impl Agent {
         let adopted = dp
             .attach_pod(pod)
             .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
-        let proxy = PodProxy::start(pod.clone(), netns, listeners, self.shared.clone())
-            .map_err(|source| EnrollError::Io { pod: key(), source })?;
+        let proxy = PodProxy::start(
+            pod.clone(),
+            netns,
+            listeners,
+            &self.trust_domain,
+            self.inputs.clone(),
+        )
+        .map_err(|source| EnrollError::Io { pod: key(), source })?;
         Ok((proxy, adopted))
     }
 }
@@ -382,7 +386,7 @@ impl Agent {
 pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppError> {
     bpf::preflight(&config.bpffs)?;
     if let Some(dir) = &config.cgroup {
-        crate::cgroup::join(dir)?;
+        crate::capture::cgroup::join(dir)?;
     }
     let pin_root = config.pin_root();
     let applied = nodefile::read(&config.node_file)?;
@@ -400,8 +404,10 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     );
     let bypass = start_loop_bypass(&mut dataplane, config.loop_bypass)?;
     let admin_listener = admin::bind(config.admin_addr).await?;
-    let metrics_listener = crate::metrics::bind(config.metrics_addr).await?;
-    let metrics = Arc::new(crate::metrics::Metrics::new(config.metrics_retention)?);
+    let metrics_listener = crate::telemetry::metrics::bind(config.metrics_addr).await?;
+    let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(
+        config.metrics_retention,
+    )?);
     let kernel = Arc::new(bpf::collector::KernelCollector::open(
         &pin_root.join("maps"),
     )?);
@@ -410,10 +416,12 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         CaSource::Embedded { dir, ttl } => {
             let ca = ca::Ca::open(dir, &config.trust_domain, *ttl)?;
             info!(dir = %dir.display(), ttl = ?ttl, "embedded CA ready");
+            let (node, node_file) = (loaded.state.node.clone(), config.node_file.clone());
             CaClient::Embedded {
                 ca: Arc::new(ca),
-                node: loaded.state.node.clone(),
-                node_file: config.node_file.clone(),
+                authorize: ca::Authorizer(Arc::new(move |id| {
+                    crate::ca_server::authorize_node(&node, &node_file, id)
+                })),
             }
         }
         CaSource::Remote {
@@ -429,23 +437,32 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     };
 
     // Before any TLS config is built: they differ when connections go to the kernel.
-    match crate::ktls::configure(config.ktls) {
-        (true, _) => info!("kTLS: on; HBONE connections move to the kernel after the handshake"),
-        (false, Some(e)) => info!("kTLS: off: {e}"),
-        (false, None) => info!("kTLS: off (--ktls=false); HBONE stays on rustls"),
-    }
-    let certs = CertManager::new(ca);
+    let ktls = match crate::transport::ktls::configure(config.ktls) {
+        (true, _) => {
+            info!("kTLS: on; HBONE connections move to the kernel after the handshake");
+            true
+        }
+        (false, Some(e)) => {
+            info!("kTLS: off: {e}");
+            false
+        }
+        (false, None) => {
+            info!("kTLS: off (--ktls=false); HBONE stays on rustls");
+            false
+        }
+    };
+    let certs = CertManager::new(ca, ktls);
     metrics.register(Box::new(
-        CertCollector::new(certs.clone()).map_err(crate::metrics::MetricsError::from)?,
+        CertCollector::new(certs.clone()).map_err(crate::telemetry::metrics::MetricsError::from)?,
     ))?;
     let agent = Arc::new(Agent {
         dataplane: Mutex::new(dataplane),
-        shared: Arc::new(Shared {
-            routes: RwLock::new(Arc::new(Routes::default())),
+        inputs: Arc::new(ProxyInputs {
+            view: Arc::new(View::new(&config.trust_domain)),
             orig_dst,
             splice: if config.same_node_splice && !bypass {
                 Some(
-                    crate::proxy::splice::Splicer::start(
+                    crate::transport::splice::Splicer::start(
                         splice,
                         config.same_node_splice_after_bytes,
                     )
@@ -454,17 +471,23 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             } else {
                 None
             },
-            local: RwLock::new(std::collections::HashMap::new()),
             certs: certs.clone(),
-            pool: hbone::Pool::new(config.hbone_idle_timeout),
+            ktls,
+            dialer: Dialer {
+                hbone: hbone::Pool::new(
+                    config.hbone_idle_timeout,
+                    certs.clone(),
+                    &config.trust_domain,
+                    ktls,
+                ),
+            },
             http_pool: Arc::default(),
-            trust_domain: config.trust_domain.clone(),
-            flows: crate::flows::FlowLog::new(config.access_log, &metrics)?,
+            flows: crate::telemetry::flows::FlowLog::new(config.access_log, &metrics)?,
             metrics: metrics.clone(),
             http_timeouts: config.http,
         }),
+        trust_domain: config.trust_domain.clone(),
         pods: Mutex::new(BTreeMap::new()),
-        state: RwLock::new(Arc::new(NodeState::default())),
         problems: Mutex::new(Vec::new()),
         node_file: config.node_file.clone(),
         pod_cgroup_root: config.pod_cgroup_root.clone(),
@@ -475,7 +498,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     return_free_heap();
     start_memory_return();
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
-    crate::metrics::start(metrics_listener, metrics)?;
+    crate::telemetry::metrics::start(metrics_listener, metrics)?;
     info!(admin = %config.admin_addr, metrics = %config.metrics_addr, "agent running");
 
     let watch = tokio::spawn(watch_node_file(
@@ -485,7 +508,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     ));
     shutdown_signal().await;
     watch.abort();
-    agent.shared().flows.close();
+    agent.inputs().flows.close();
     info!("shutting down; capture stays in place until `mesh-agent uninstall`");
     Ok(())
 }
@@ -500,11 +523,11 @@ fn start_loop_bypass(dp: &mut Dataplane, want: bool) -> Result<bool, AppError> {
     if !want {
         return Ok(off(dp, "--loop-bypass=false")?);
     }
-    let dir = match crate::cgroup::own() {
+    let dir = match crate::capture::cgroup::own() {
         Ok(dir) => dir,
         Err(e) => return Ok(off(dp, &e.to_string())?),
     };
-    if crate::cgroup::is_root(&dir) {
+    if crate::capture::cgroup::is_root(&dir) {
         let why = format!(
             "the agent runs in the root cgroup {}, where its sock_ops program would see every socket of the node; give it a cgroup of its own (--cgroup)",
             dir.display()

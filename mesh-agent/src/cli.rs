@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::{
     explain::Explanation,
-    flows::{FlowRecord, Verdict},
+    telemetry::flows::{FlowRecord, Verdict},
 };
 
 /// Why a command failed.
@@ -302,8 +302,8 @@ pub fn status(c: &Common) -> Result<(), CliError> {
 }
 
 fn flow_row(f: &FlowRecord) -> Vec<String> {
-    let side = |s: &crate::flows::Side| {
-        if s.workload == crate::metrics::UNKNOWN {
+    let side = |s: &crate::telemetry::flows::Side| {
+        if s.workload == crate::telemetry::metrics::UNKNOWN {
             s.addr.map_or_else(|| "unknown".into(), |a| a.to_string())
         } else {
             format!("{}/{}", s.namespace, s.workload)

@@ -1,5 +1,5 @@
 //! The `mesh-agent` command line: every subcommand, parsed with clap and handed to the module
-//! that does the work (`run` to [`crate::app`], `ca` to [`crate::ca`], the admin clients to
+//! that does the work (`run` to [`crate::app`], `ca` to [`crate::identity::ca`], the admin clients to
 //! [`crate::cli`]). `main.rs` calls [`main`] and nothing else.
 
 use std::process::ExitCode;
@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
 
-use crate::{admin, app, bpf, ca, certs, cli, config, nodefile};
+use crate::{
+    admin, app, ca_server, capture::bpf, cli, config, discovery::nodefile, identity::ca,
+    identity::certs,
+};
 
 /// Node agent of the sidecar-less mesh.
 #[derive(Debug, Parser)]
@@ -226,13 +229,13 @@ async fn serve_ca(a: CaServeArgs) -> Result<(), ca::CaError> {
             "--config is required: the CA must know each node's token and node file".into(),
         ));
     };
-    let nodes = ca::load_config(config_path)?;
+    let nodes = ca_server::load_config(config_path)?;
     let authority = std::sync::Arc::new(ca::Ca::open(&a.dir, &a.trust_domain, ttl)?);
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .map_err(|e| bad(format!("cannot listen on {}: {e}", a.listen)))?;
     info!(listen = %a.listen, dir = %a.dir.display(), nodes = nodes.len(), ttl = ?ttl, "CA serving");
-    ca::serve(authority, listener, std::sync::Arc::new(nodes)).await
+    ca_server::serve(authority, listener, std::sync::Arc::new(nodes)).await
 }
 
 /// Starts logging to stderr with `RUST_LOG` (default `info`); the returned control changes the

@@ -5,6 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
+pub use crate::protocol::guard::HttpTimeouts;
+
 /// Environment variable for `--node-file`.
 pub const ENV_NODE_FILE: &str = "MESH_NODE_FILE";
 /// Environment variable for `--bpffs`.
@@ -90,23 +92,17 @@ pub enum ConfigError {
     },
 }
 
-/// Parses `250ms`, `90s`, `15m`, `24h` or plain seconds; zero is refused.
+/// Parses a duration as `humantime` writes them (`250ms`, `90s`, `15m`, `24h`, `1h30m`) or plain
+/// seconds; zero is refused.
 pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
     let err = || ConfigError::Duration {
         flag,
         value: value.to_string(),
     };
-    let (num, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => value.split_at(i),
-        None => (value, "s"),
-    };
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
-        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
-        _ => return Err(err()),
+    let d = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_secs(value.parse().map_err(|_| err())?)
+    } else {
+        humantime::parse_duration(value).map_err(|_| err())?
     };
     if d.is_zero() {
         return Err(err());
@@ -208,7 +204,7 @@ pub struct RunArgs {
     pub metrics_retention: String,
     /// Access log on stdout: one line per connection (L4) and per request (L7).
     #[arg(long, env = ENV_ACCESS_LOG, value_enum, default_value = "text")]
-    pub access_log: crate::flows::AccessLogFormat,
+    pub access_log: crate::telemetry::flows::AccessLogFormat,
     /// Proxy worker threads; 0 picks half the CPUs, at least one. The proxy shares the node
     /// with its pods: on 2 cores, one worker served as many requests as two for 15% less CPU
     /// per request (the bench, L4 across nodes), since two spend it waking each other.
@@ -290,24 +286,6 @@ impl PinArgs {
     }
 }
 
-/// How long HTTP/1 clients may take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HttpTimeouts {
-    /// To finish a request head once its first byte arrived (408 after).
-    pub head: Duration,
-    /// To start the next request on a connection.
-    pub idle: Duration,
-}
-
-impl Default for HttpTimeouts {
-    fn default() -> Self {
-        Self {
-            head: Duration::from_secs(10),
-            idle: Duration::from_secs(30),
-        }
-    }
-}
-
 /// The validated configuration of `mesh-agent run`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -328,7 +306,7 @@ pub struct Config {
     /// How long departed workloads' series stay.
     pub metrics_retention: Duration,
     /// The access log's format.
-    pub access_log: crate::flows::AccessLogFormat,
+    pub access_log: crate::telemetry::flows::AccessLogFormat,
     /// Proxy worker threads (resolved: never 0).
     pub worker_threads: usize,
     /// Whether same-node L4 connections are spliced in the kernel.

@@ -14,11 +14,12 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    flows::decision_policies,
-    l7,
-    policy::{self, Decision, HttpAttributes},
-    proxy::{Routes, Shared},
+    authz::{self, Decision, HttpAttributes},
+    protocol::path,
+    route::{rules::find_rule, table::Routes},
     state::{ObjectKey, Workload},
+    telemetry::flows::decision_policies,
+    view::Snapshot,
 };
 
 /// Why a question cannot be answered.
@@ -40,7 +41,7 @@ pub enum ExplainError {
     BadMethod(String),
     /// The path is one the proxy refuses with 400.
     #[error("path {0:?} would be refused with 400: {1}")]
-    BadPath(String, crate::l7::path::PathError),
+    BadPath(String, crate::protocol::path::PathError),
 }
 
 /// The question.
@@ -127,8 +128,8 @@ fn parse_key(s: &str) -> ObjectKey {
 }
 
 /// Answers `q` from the proxy's current state.
-pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainError> {
-    let routes = shared.routes();
+pub fn explain(view: &Snapshot, q: &Question) -> Result<Explanation, ExplainError> {
+    let routes = &view.routes;
     let state = &routes.state;
     let key = parse_key(&q.src);
     let src: &Workload = state
@@ -140,7 +141,7 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
         .dst
         .parse()
         .map_err(|_| ExplainError::BadDestination(q.dst.clone()))?;
-    let id = shared.identity_of(src);
+    let id = view.identity_of(src);
     let mut steps = Vec::new();
     let (captured, capture_reason) = if dst.ip().is_loopback() {
         (
@@ -228,7 +229,7 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
             ));
             let mut backends = vec![(entry.clone(), target_port)];
             if let (Some((parts, path, _)), true) = (&http, detects) {
-                match l7::find_rule(entry, dst.port(), parts, path) {
+                match find_rule(entry, dst.port(), parts, path) {
                     None => {
                         out.route = Some("none".into());
                         out.steps
@@ -252,7 +253,7 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
                             backends.clear();
                             for b in &rule.backends {
                                 out.backends.push((b.service.to_string(), b.weight));
-                                match routes.l7.service(&b.service) {
+                                match routes.service(&b.service) {
                                     Some(e) => match e.svc.target_port(b.port) {
                                         Some(p) => backends.push((e.clone(), p)),
                                         None => out.steps.push(format!(
@@ -290,7 +291,7 @@ pub fn explain(shared: &Shared, q: &Question) -> Result<Explanation, ExplainErro
     }
     for (t, ejected) in targets {
         out.endpoints.push(endpoint(
-            &routes,
+            routes,
             &src.node,
             &id,
             t,
@@ -347,9 +348,9 @@ fn request_parts(
         .map_err(|_| ExplainError::BadDestination(raw_path.clone()))?
         .into_parts();
     let path_only = parts.uri.path().to_string();
-    let path = l7::path::normalize(&path_only, mesh.path_normalization)
+    let path = path::normalize(&path_only, mesh.path_normalization)
         .map_err(|e| ExplainError::BadPath(path_only, e))?;
-    let deny = l7::path::deny_form(&path, mesh.case_insensitive_deny);
+    let deny = path::deny_form(&path, mesh.case_insensitive_deny);
     Ok(Some((parts, path, deny)))
 }
 
@@ -380,9 +381,9 @@ fn endpoint(
                 fold_case: state.mesh.case_insensitive_deny,
                 headers: &parts.headers,
             });
-            policy::evaluate(
+            authz::evaluate(
                 &state.authorization_policies,
-                &policy::Request {
+                &authz::Request {
                     source: Some(id),
                     namespace: &w.key.namespace,
                     labels: &w.labels,

@@ -10,6 +10,9 @@
 //! Servers accept any identity of the trust domain: who may connect is authorization's
 //! question, and it is answered with the identity this module extracted.
 
+pub mod ca;
+pub mod certs;
+
 use std::{fmt, str::FromStr, sync::Arc};
 
 use rustls::{

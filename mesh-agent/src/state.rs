@@ -224,29 +224,41 @@ impl Service {
     }
 }
 
-/// A compiled regular expression that compares by its source, so states stay comparable.
+/// A regular expression that must match a whole value (Gateway API and Istio regexes are
+/// anchored). It is compiled anchored, `^(?:…)$`, so an alternation matches on any branch that
+/// covers the value (searching and checking the found span would miss `a|ab` on `ab`). States
+/// compare patterns by their source.
 #[derive(Clone, Debug)]
-pub struct Pattern(pub regex_lite::Regex);
+pub struct Pattern {
+    source: String,
+    anchored: regex_lite::Regex,
+}
 
 impl serde::Serialize for Pattern {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.0.as_str())
+        s.serialize_str(&self.source)
     }
 }
 
 impl PartialEq for Pattern {
     fn eq(&self, other: &Self) -> bool {
-        self.0.as_str() == other.0.as_str()
+        self.source == other.source
     }
 }
 impl Eq for Pattern {}
 
 impl Pattern {
-    /// Whether the whole of `value` matches (Gateway API regexes are anchored).
+    /// Compiles `source`; the error says why it is not a valid expression.
+    pub fn new(source: &str) -> Result<Self, regex_lite::Error> {
+        Ok(Self {
+            anchored: regex_lite::Regex::new(&format!("^(?:{source})$"))?,
+            source: source.to_string(),
+        })
+    }
+
+    /// Whether the whole of `value` matches.
     pub fn full_match(&self, value: &str) -> bool {
-        self.0
-            .find(value)
-            .is_some_and(|m| m.start() == 0 && m.end() == value.len())
+        self.anchored.is_match(value)
     }
 }
 
@@ -545,5 +557,68 @@ impl NodeState {
                 && selects(&p.selector, labels)
                 && p.rules.iter().any(Rule::is_l7)
         })
+    }
+}
+
+/// Builders for tests of the layers above: a state without a node file.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// `namespace/name`.
+    pub fn key(namespace: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// An address from a string known to be one.
+    pub fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    /// Service `default/name` at `vip`, serving `(port, target port)` pairs on `endpoints`.
+    pub fn service(name: &str, vip: &str, ports: &[(u16, u16)], endpoints: &[&str]) -> Service {
+        Service {
+            key: key("default", name),
+            ip: ip(vip),
+            ports: ports
+                .iter()
+                .map(|&(port, target_port)| ServicePort {
+                    port,
+                    target_port,
+                    opaque: false,
+                })
+                .collect(),
+            endpoints: endpoints.iter().map(|e| ip(e)).collect(),
+            upgrades: default_upgrades(),
+        }
+    }
+
+    /// Workload `default/name` at `addr` on `node`, running as service account `sa`.
+    pub fn workload(name: &str, addr: &str, sa: &str, node: &str) -> Workload {
+        Workload {
+            key: key("default", name),
+            ip: ip(addr),
+            service_account: sa.into(),
+            node: node.into(),
+            labels: Labels::from([("app".to_string(), name.to_string())]),
+        }
+    }
+
+    /// A state holding `services` and `workloads`.
+    pub fn state(services: Vec<Service>, workloads: Vec<Workload>) -> NodeState {
+        NodeState {
+            node: "node-1".into(),
+            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            workloads: workloads.into_iter().map(|w| (w.ip, w)).collect(),
+            ..NodeState::default()
+        }
+    }
+
+    /// A compiled pattern.
+    pub fn pattern(re: &str) -> Pattern {
+        Pattern::new(re).expect("test regex")
     }
 }

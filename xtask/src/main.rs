@@ -3,7 +3,8 @@
 //! - `setup` installs every prerequisite a fresh machine lacks, idempotently;
 //! - `build` builds the eBPF object (nightly, build-std, bpf-linker) and then the host binaries;
 //! - `test` runs every test, the kernel tests included (needs root; never skips them);
-//! - `lint` runs rustfmt and clippy;
+//! - `lint` runs rustfmt, clippy and the layering check;
+//! - `layers` checks that mesh-agent's modules import each other without cycles, downwards only;
 //! - `demo` runs a two-node mesh with traffic and prints what was captured;
 //! - `bench` measures direct vs mesh paths side by side.
 //!
@@ -16,6 +17,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod layers;
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -39,8 +42,10 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// rustfmt --check and clippy -D warnings.
+    /// rustfmt --check, clippy -D warnings, and the layering check.
     Lint,
+    /// Check that mesh-agent's modules have no import cycle and import only lower layers.
+    Layers,
     /// Start a two-node demo mesh, send traffic, print what was captured, clean up.
     Demo,
     /// Benchmark direct vs mesh paths and print a table of ratios.
@@ -262,7 +267,9 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))
-        }),
+        })
+        .and_then(|()| layers::check(&root().join("mesh-agent/src"))),
+        Task::Layers => layers::check(&root().join("mesh-agent/src")),
         Task::Demo => {
             let out = build(true)?;
             status(&mut Command::new(out.join("mesh-demo")))

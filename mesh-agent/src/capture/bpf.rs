@@ -1,0 +1,803 @@
+//! Loading the capture programs, pinning them, and attaching them per pod.
+//!
+//! Invariants:
+//! - Everything lives under one bpffs directory per agent (`<bpffs>/<pin-name>/`): `maps/`,
+//!   `progs/` and `links/`. Maps are pinned by name, so a restarted agent reuses them (and their
+//!   contents) instead of creating new ones.
+//! - A pod is captured exactly while its links are pinned. A link's pin name carries the pod key,
+//!   the program and the inode of the cgroup or netns it is attached to, so a restarted agent can
+//!   adopt the links it still wants and unpin (detach) the rest, including links to a pod's old
+//!   cgroup or netns after the pod was recreated.
+//! - Links outlive the agent process: while no agent runs, capture stays and enrolled traffic
+//!   fails closed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash},
+    programs::{
+        CgroupAttachMode, Program, SkMsg,
+        links::{FdLink, PinnedLink},
+    },
+    util::nr_cpus,
+};
+use mesh_common::{
+    InboundKey, InboundStats, IpKey, ListenerKind, LoopKey, OrigDst, OrigDstKey, PodStats, maps,
+    programs,
+};
+
+use crate::state::Pod;
+
+pub mod collector;
+mod splice;
+
+pub use splice::{SplicePair, SpliceTable};
+
+/// Errors from the BPF side of the agent. Load errors carry the verifier log.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// Not running as root (or without CAP_BPF / CAP_NET_ADMIN / CAP_SYS_ADMIN).
+    #[error(
+        "mesh-agent must run as root: it loads eBPF programs and enters pod network namespaces (try: sudo mesh-agent ...)"
+    )]
+    NotRoot,
+    /// No bpffs at the configured path.
+    #[error(
+        "no bpf filesystem is mounted at {0}: mount it with `mount -t bpf bpf {0}` (in Kubernetes, mount the host's /sys/fs/bpf into the agent)"
+    )]
+    NoBpffs(PathBuf),
+    /// The BPF object file is missing.
+    #[error(
+        "cannot read the eBPF object {path}: {source} (build it with `cargo xtask build`, or pass --bpf-object)"
+    )]
+    Object {
+        /// The object path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// aya could not load the object (parse error, map creation, pinned-map mismatch).
+    #[error("cannot load the eBPF object {path}: {source}")]
+    Load {
+        /// The object path.
+        path: PathBuf,
+        /// aya's error.
+        source: Box<aya::EbpfError>,
+    },
+    /// A program or map the agent needs is not in the object (agent and object out of step).
+    #[error(
+        "the eBPF object has no {kind} named {name}: rebuild it with `cargo xtask build` so it matches this agent"
+    )]
+    Missing {
+        /// `program` or `map`.
+        kind: &'static str,
+        /// The name.
+        name: &'static str,
+    },
+    /// The verifier or the kernel refused a program, or attaching failed.
+    #[error("{what} {name}: {detail}")]
+    Program {
+        /// What was being done.
+        what: &'static str,
+        /// The program.
+        name: String,
+        /// aya's error with its causes, which include the verifier log for load failures.
+        detail: String,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {what}: {source}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// What was being done.
+        what: String,
+        /// aya's error.
+        source: Box<aya::maps::MapError>,
+    },
+    /// Pinning or unpinning under bpffs failed.
+    #[error("bpffs {path}: {what}: {source}")]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// The pod's cgroup or netns could not be opened for attaching.
+    #[error("pod {pod}: cannot open {path} to attach {program}: {source}")]
+    Target {
+        /// The pod.
+        pod: String,
+        /// The cgroup or netns path.
+        path: PathBuf,
+        /// The program.
+        program: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// An error and all its causes on one line: aya's top-level messages ("bpf_link_create failed")
+/// do not say why, the cause (errno, verifier log) does.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Checks the process can do what the agent needs, with errors that say how to fix it.
+pub fn preflight(bpffs: &Path) -> Result<(), BpfError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(BpfError::NotRoot);
+    }
+    if super::cgroup::fs_magic(bpffs) != Ok(BPF_FS_MAGIC) {
+        return Err(BpfError::NoBpffs(bpffs.to_owned()));
+    }
+    Ok(())
+}
+
+/// Counters the kernel keeps for one pod, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct KernelPodStats {
+    /// IPv4 connects redirected to the proxy.
+    pub captured_v4: u64,
+    /// IPv6 connects redirected to the proxy.
+    pub captured_v6: u64,
+    /// Connects left alone (loopback, excluded ports).
+    pub bypassed: u64,
+    /// Inbound connections steered to 15006.
+    pub steered_inbound: u64,
+    /// Inbound connections steered to 15008.
+    pub steered_hbone: u64,
+    /// Inbound connections refused for want of a listener.
+    pub refused_no_listener: u64,
+    /// Plaintext connections refused in the kernel because the pod is STRICT.
+    pub refused_strict: u64,
+}
+
+/// Lookup-and-delete of captured connections' original destinations, shareable across tasks.
+#[derive(Debug)]
+pub struct OrigDstTable {
+    fd: OwnedFd,
+}
+
+/// `bpf(2)` commands on one map element, for maps that connection tasks use concurrently: a raw
+/// fd needs no lock, where aya's map types want `&mut`.
+#[derive(Clone, Copy, Debug)]
+#[repr(i64)]
+enum ElemCmd {
+    Lookup = 1,
+    Update = 2,
+    Delete = 3,
+    LookupAndDelete = 21,
+}
+
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Runs `cmd` on the element `key` of the map `fd`; `value` is read (update) or written (lookups)
+/// and must be the map's value size. `Ok(false)`: no such element.
+///
+/// # Safety
+/// `key` and `value` must point at live buffers of the map's key and value sizes (`value` may be
+/// null for a delete).
+unsafe fn map_elem(
+    cmd: ElemCmd,
+    fd: &OwnedFd,
+    key: *const u8,
+    value: *mut u8,
+    flags: u64,
+) -> io::Result<bool> {
+    let attr = MapElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as u64,
+        value: value as u64,
+        flags,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for element commands; the caller vouches for the
+    // buffers it points at.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            &raw const attr,
+            std::mem::size_of::<MapElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+impl OrigDstTable {
+    /// Takes the original destination of the captured connection whose client is `port` in the
+    /// namespace `netns_cookie`. One syscall, atomic, and it frees the slot.
+    pub fn take(&self, netns_cookie: u64, port: u16) -> io::Result<Option<SocketAddr>> {
+        let key = OrigDstKey::new(netns_cookie, port);
+        let mut value = std::mem::MaybeUninit::<OrigDst>::zeroed();
+        // SAFETY: a live key and a value buffer of the map's sizes.
+        let found = unsafe {
+            map_elem(
+                ElemCmd::LookupAndDelete,
+                &self.fd,
+                (&raw const key).cast(),
+                value.as_mut_ptr().cast(),
+                0,
+            )?
+        };
+        // SAFETY: the kernel filled the value; every bit pattern of OrigDst is valid.
+        Ok(found.then(|| orig_to_addr(&unsafe { value.assume_init() })))
+    }
+}
+
+fn orig_to_addr(v: &OrigDst) -> SocketAddr {
+    let ip = if v.family == mesh_common::AF_INET6 {
+        IpAddr::from(v.addr)
+    } else {
+        IpAddr::from([v.addr[0], v.addr[1], v.addr[2], v.addr[3]])
+    };
+    SocketAddr::new(ip, v.port)
+}
+
+/// The IpKey for an address.
+pub fn ip_key(ip: IpAddr) -> IpKey {
+    match ip {
+        IpAddr::V4(a) => IpKey::v4(a.octets()),
+        IpAddr::V6(a) => IpKey { addr: a.octets() },
+    }
+}
+
+/// Inserts zeroed per-CPU counters under `key` unless an entry exists (an earlier agent's
+/// counters are kept, so counts span restarts).
+fn zero_if_absent<K: aya::Pod, V: aya::Pod + Default>(
+    map: &mut PerCpuHashMap<MapData, K, V>,
+    key: K,
+    cpus: usize,
+    name: &'static str,
+    pod: &str,
+) -> Result<(), BpfError> {
+    if map.get(&key, 0).is_ok() {
+        return Ok(());
+    }
+    let zero = PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|e| BpfError::Map {
+        name,
+        what: "build per-CPU values".into(),
+        source: Box::new(aya::maps::MapError::IoError(e)),
+    })?;
+    map.insert(key, zero, 0)
+        .map_err(map_err(name, format!("insert pod {pod}")))
+}
+
+/// Removes a link pin. Dropping the last reference detaches the program; a pin that is not a
+/// link (left by something else) is just removed.
+fn unpin_link(path: &Path) -> Result<(), BpfError> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => {
+            drop(link.unpin().map_err(pin_err(path, "unpin link"))?);
+            Ok(())
+        }
+        Err(_) => std::fs::remove_file(path).map_err(pin_err(path, "remove pin")),
+    }
+}
+
+/// The loaded programs and the maps the control plane writes.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    root: PathBuf,
+    inbound_socks: SockHash<MapData, InboundKey>,
+    pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
+    inbound_stats: PerCpuHashMap<MapData, IpKey, InboundStats>,
+    excluded: BpfHashMap<MapData, u16, u8>,
+    strict: BpfHashMap<MapData, IpKey, u8>,
+    loop_enabled: Array<MapData, u32>,
+    /// Pin name of the link of `mesh_proxy_sock_ops` to the agent's cgroup, once attached.
+    proxy_link: Option<String>,
+    adopted_maps: bool,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("root", &self.root)
+            .field("adopted_maps", &self.adopted_maps)
+            .finish_non_exhaustive()
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, BpfError> {
+    ebpf.take_map(name)
+        .ok_or(BpfError::Missing { kind: "map", name })
+}
+
+fn map_err(
+    name: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> BpfError {
+    let what = what.into();
+    move |e| BpfError::Map {
+        name,
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn prog_err(
+    what: &'static str,
+    name: &str,
+) -> impl FnOnce(aya::programs::ProgramError) -> BpfError {
+    let name = name.to_string();
+    move |e| BpfError::Program {
+        what,
+        name,
+        detail: chain(&e),
+    }
+}
+
+/// The program `name`, as its kind `T` (a verdict that attaches to a map, say).
+fn typed_program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(prog_err("open", name))
+}
+
+fn pin_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> BpfError {
+    let path = path.to_owned();
+    move |source| BpfError::Pin { path, what, source }
+}
+
+impl Dataplane {
+    /// Loads `object`, reusing maps pinned under `root/maps` by an earlier agent.
+    pub fn load(object: &Path, root: &Path) -> Result<(Self, OrigDstTable, SpliceTable), BpfError> {
+        let data = std::fs::read(object).map_err(|source| BpfError::Object {
+            path: object.to_owned(),
+            source,
+        })?;
+        for sub in ["maps", "progs", "links"] {
+            let dir = root.join(sub);
+            std::fs::create_dir_all(&dir).map_err(pin_err(&dir, "create directory"))?;
+        }
+        let maps_dir = root.join("maps");
+        let adopted_maps = maps_dir.join(maps::ORIG_DST).exists();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(&data)
+            .map_err(|e| BpfError::Load {
+                path: object.to_owned(),
+                source: Box::new(e),
+            })?;
+        for name in programs::ALL {
+            let prog = ebpf.program_mut(name).ok_or(BpfError::Missing {
+                kind: "program",
+                name,
+            })?;
+            match prog {
+                Program::CgroupSockAddr(p) => p.load().map_err(prog_err("load", name))?,
+                Program::SockOps(p) => p.load().map_err(prog_err("load", name))?,
+                Program::SkLookup(p) => p.load().map_err(prog_err("load", name))?,
+                Program::SkSkb(p) => p.load().map_err(prog_err("load", name))?,
+                Program::SkMsg(p) => p.load().map_err(prog_err("load", name))?,
+                _ => {
+                    return Err(BpfError::Missing {
+                        kind: "program",
+                        name,
+                    });
+                }
+            }
+            // Pin so bpftool and operators can see what is loaded; replace an older agent's pin.
+            let pin = root.join("progs").join(name);
+            if pin.exists() {
+                std::fs::remove_file(&pin).map_err(pin_err(&pin, "remove old program pin"))?;
+            }
+            let pinned = match prog {
+                Program::CgroupSockAddr(p) => p.pin(&pin),
+                Program::SockOps(p) => p.pin(&pin),
+                Program::SkLookup(p) => p.pin(&pin),
+                Program::SkSkb(p) => p.pin(&pin),
+                Program::SkMsg(p) => p.pin(&pin),
+                _ => Ok(()),
+            };
+            pinned.map_err(|e| BpfError::Pin {
+                path: pin.clone(),
+                what: "pin program",
+                source: io::Error::other(chain(&e)),
+            })?;
+        }
+        let orig = match take_map(&mut ebpf, maps::ORIG_DST)? {
+            Map::LruHashMap(m) => m,
+            _ => {
+                return Err(BpfError::Missing {
+                    kind: "map",
+                    name: maps::ORIG_DST,
+                });
+            }
+        };
+        let fd = orig
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(pin_err(&maps_dir, "dup ORIG_DST fd"))?;
+        let inbound_socks = SockHash::try_from(take_map(&mut ebpf, maps::INBOUND_SOCKS)?)
+            .map_err(map_err(maps::INBOUND_SOCKS, "open"))?;
+        let pod_stats = PerCpuHashMap::try_from(take_map(&mut ebpf, maps::POD_STATS)?)
+            .map_err(map_err(maps::POD_STATS, "open"))?;
+        let inbound_stats = PerCpuHashMap::try_from(take_map(&mut ebpf, maps::INBOUND_STATS)?)
+            .map_err(map_err(maps::INBOUND_STATS, "open"))?;
+        let excluded = BpfHashMap::try_from(take_map(&mut ebpf, maps::EXCLUDED_PORTS)?)
+            .map_err(map_err(maps::EXCLUDED_PORTS, "open"))?;
+        let strict = BpfHashMap::try_from(take_map(&mut ebpf, maps::STRICT_ADDRS)?)
+            .map_err(map_err(maps::STRICT_ADDRS, "open"))?;
+        let splice = SpliceTable::attach(&mut ebpf)?;
+        let loop_socks: SockHash<MapData, LoopKey> =
+            SockHash::try_from(take_map(&mut ebpf, maps::LOOP_SOCKS)?)
+                .map_err(map_err(maps::LOOP_SOCKS, "open"))?;
+        let loop_msg: &mut SkMsg = typed_program(&mut ebpf, programs::LOOP_MSG)?;
+        // Replaces an earlier agent's program on the pinned map; sockets already in it keep the
+        // program they entered with.
+        loop_msg
+            .attach(loop_socks.fd())
+            .map_err(prog_err("attach", programs::LOOP_MSG))?;
+        let loop_enabled = Array::try_from(take_map(&mut ebpf, maps::LOOP_ENABLED)?)
+            .map_err(map_err(maps::LOOP_ENABLED, "open"))?;
+        Ok((
+            Self {
+                ebpf,
+                root: root.to_owned(),
+                inbound_socks,
+                pod_stats,
+                inbound_stats,
+                excluded,
+                strict,
+                loop_enabled,
+                proxy_link: None,
+                adopted_maps,
+            },
+            OrigDstTable { fd },
+            splice,
+        ))
+    }
+
+    /// Whether the maps were adopted from an earlier agent rather than created.
+    pub fn adopted_maps(&self) -> bool {
+        self.adopted_maps
+    }
+
+    /// Turns the loopback bypass on or off for sockets that connect from now on. Sockets
+    /// already in it keep bypassing until they close.
+    pub fn set_loop_bypass(&mut self, on: bool) -> Result<(), BpfError> {
+        self.loop_enabled
+            .set(0, u32::from(on), 0)
+            .map_err(map_err(maps::LOOP_ENABLED, "set"))
+    }
+
+    /// Attaches `mesh_proxy_sock_ops` to the agent's own cgroup `dir` (adopting an earlier
+    /// agent's link to the same cgroup), so the proxy's loopback sockets enter the bypass.
+    /// Returns whether the link was adopted.
+    pub fn attach_proxy(&mut self, dir: &Path) -> Result<bool, BpfError> {
+        let program = programs::PROXY_SOCK_OPS;
+        let target = |source| BpfError::Target {
+            pod: "(the agent itself)".into(),
+            path: dir.to_owned(),
+            program,
+            source,
+        };
+        let ino = std::fs::metadata(dir).map_err(target)?.ino();
+        let name = format!("agent_{program}_cg{ino}");
+        let pin = self.root.join("links").join(&name);
+        self.proxy_link = Some(name);
+        if pin.exists() {
+            return Ok(true);
+        }
+        let cgroup = File::open(dir).map_err(target)?;
+        self.attach_link(program, &cgroup, &pin)?;
+        Ok(false)
+    }
+
+    /// Makes the kernel's excluded-port set equal `ports`.
+    pub fn set_excluded_ports(&mut self, ports: &[u16]) -> Result<(), BpfError> {
+        let want: BTreeSet<u16> = ports.iter().copied().collect();
+        let have: Vec<u16> = self.excluded.keys().filter_map(Result::ok).collect();
+        for p in have.iter().filter(|p| !want.contains(p)) {
+            self.excluded
+                .remove(p)
+                .map_err(map_err(maps::EXCLUDED_PORTS, format!("remove {p}")))?;
+        }
+        for p in &want {
+            self.excluded
+                .insert(p, 1, 0)
+                .map_err(map_err(maps::EXCLUDED_PORTS, format!("insert {p}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the kernel refuse (STRICT) or pass (PERMISSIVE) plaintext to a pod's address.
+    pub fn set_strict(&mut self, ip: IpAddr, strict: bool) -> Result<(), BpfError> {
+        let key = ip_key(ip);
+        if strict {
+            self.strict
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::STRICT_ADDRS, format!("insert {ip}")))
+        } else if self.strict.get(&key, 0).is_ok() {
+            self.strict
+                .remove(&key)
+                .map_err(map_err(maps::STRICT_ADDRS, format!("remove {ip}")))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers a pod's counters (keeping existing ones, so counts survive a restart) and its
+    /// address, which tells `sk_lookup` the address is ours to steer.
+    pub fn register_pod(&mut self, pod: &Pod, netns_cookie: u64) -> Result<(), BpfError> {
+        let n = nr_cpus().map_err(|(_, e)| BpfError::Pin {
+            path: "/sys/devices/system/cpu/possible".into(),
+            what: "count CPUs",
+            source: e,
+        })?;
+        let who = pod.key.to_string();
+        zero_if_absent(&mut self.pod_stats, netns_cookie, n, maps::POD_STATS, &who)?;
+        zero_if_absent(
+            &mut self.inbound_stats,
+            ip_key(pod.ip),
+            n,
+            maps::INBOUND_STATS,
+            &who,
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a pod's counters and address (after its links are gone).
+    pub fn unregister_pod(&mut self, ip: IpAddr, netns_cookie: u64) {
+        let _ = self.pod_stats.remove(&netns_cookie);
+        let _ = self.inbound_stats.remove(&ip_key(ip));
+        let _ = self.strict.remove(&ip_key(ip));
+        for kind in [ListenerKind::Inbound, ListenerKind::Hbone] {
+            let _ = self
+                .inbound_socks
+                .remove(&InboundKey::new(ip_key(ip), kind));
+        }
+    }
+
+    /// Points `sk_lookup` at the pod's listener of `kind`.
+    pub fn set_listener(
+        &mut self,
+        ip: IpAddr,
+        kind: ListenerKind,
+        listener: &impl AsRawFd,
+    ) -> Result<(), BpfError> {
+        self.inbound_socks
+            .insert(InboundKey::new(ip_key(ip), kind), listener.as_raw_fd(), 0)
+            .map_err(map_err(
+                maps::INBOUND_SOCKS,
+                format!("insert {ip} {kind:?}"),
+            ))
+    }
+
+    /// Summed kernel counters for a pod.
+    pub fn pod_stats(&self, ip: IpAddr, netns_cookie: u64) -> KernelPodStats {
+        let mut out = KernelPodStats::default();
+        if let Ok(v) = self.pod_stats.get(&netns_cookie, 0) {
+            for s in v.iter() {
+                out.captured_v4 += s.captured_v4;
+                out.captured_v6 += s.captured_v6;
+                out.bypassed += s.bypassed;
+            }
+        }
+        if let Ok(v) = self.inbound_stats.get(&ip_key(ip), 0) {
+            for s in v.iter() {
+                out.steered_inbound += s.steered_inbound;
+                out.steered_hbone += s.steered_hbone;
+                out.refused_no_listener += s.refused_no_listener;
+                out.refused_strict += s.refused_strict;
+            }
+        }
+        out
+    }
+
+    /// The pin names a pod's links should have, given its cgroup and netns inodes.
+    fn link_names(pod: &Pod) -> Result<BTreeMap<&'static str, String>, BpfError> {
+        let stem = pod.key.file_stem();
+        let ino = |path: &Path, program: &'static str| {
+            std::fs::metadata(path)
+                .map(|m| m.ino())
+                .map_err(|source| BpfError::Target {
+                    pod: pod.key.to_string(),
+                    path: path.to_owned(),
+                    program,
+                    source,
+                })
+        };
+        let cg = ino(&pod.cgroup, programs::CONNECT4)?;
+        let ns = ino(&pod.netns, programs::SK_LOOKUP)?;
+        Ok([
+            (
+                programs::CONNECT4,
+                format!("{stem}_{}_cg{cg}", programs::CONNECT4),
+            ),
+            (
+                programs::CONNECT6,
+                format!("{stem}_{}_cg{cg}", programs::CONNECT6),
+            ),
+            (
+                programs::SOCK_OPS,
+                format!("{stem}_{}_cg{cg}", programs::SOCK_OPS),
+            ),
+            (
+                programs::SK_LOOKUP,
+                format!("{stem}_{}_ns{ns}", programs::SK_LOOKUP),
+            ),
+        ]
+        .into_iter()
+        .collect())
+    }
+
+    /// Attaches every program for `pod`, adopting links an earlier agent pinned. Returns how many
+    /// links were adopted rather than created.
+    pub fn attach_pod(&mut self, pod: &Pod) -> Result<usize, BpfError> {
+        let names = Self::link_names(pod)?;
+        let mut adopted = 0;
+        for (program, pin_name) in names {
+            let pin = self.root.join("links").join(&pin_name);
+            if pin.exists() {
+                adopted += 1;
+                continue;
+            }
+            let target_path = if program == programs::SK_LOOKUP {
+                &pod.netns
+            } else {
+                &pod.cgroup
+            };
+            let target = File::open(target_path).map_err(|source| BpfError::Target {
+                pod: pod.key.to_string(),
+                path: target_path.clone(),
+                program,
+                source,
+            })?;
+            self.attach_link(program, &target, &pin)?;
+        }
+        Ok(adopted)
+    }
+
+    /// Attaches `program` to `target` (a cgroup, or a netns for `sk_lookup`) and pins the link
+    /// at `pin`, so it outlives this process.
+    fn attach_link(
+        &mut self,
+        program: &'static str,
+        target: &File,
+        pin: &Path,
+    ) -> Result<(), BpfError> {
+        let prog = self.ebpf.program_mut(program).ok_or(BpfError::Missing {
+            kind: "program",
+            name: program,
+        })?;
+        let convert = |e: aya::programs::links::LinkError| BpfError::Pin {
+            path: pin.to_owned(),
+            what: "convert link",
+            source: io::Error::other(chain(&e)),
+        };
+        // `Single` is the flags-0 mode: the kernel rejects any other flags on a cgroup
+        // bpf_link (EINVAL), and links to one cgroup coexist with other programs anyway.
+        let link: FdLink = match prog {
+            Program::CgroupSockAddr(p) => {
+                let id = p
+                    .attach(target, CgroupAttachMode::Single)
+                    .map_err(prog_err("attach", program))?;
+                let l = p.take_link(id).map_err(prog_err("take link", program))?;
+                FdLink::try_from(l).map_err(&convert)?
+            }
+            Program::SockOps(p) => {
+                let id = p
+                    .attach(target, CgroupAttachMode::Single)
+                    .map_err(prog_err("attach", program))?;
+                let l = p.take_link(id).map_err(prog_err("take link", program))?;
+                FdLink::try_from(l).map_err(&convert)?
+            }
+            Program::SkLookup(p) => {
+                let id = p.attach(target).map_err(prog_err("attach", program))?;
+                p.take_link(id)
+                    .map_err(prog_err("take link", program))?
+                    .into()
+            }
+            _ => {
+                return Err(BpfError::Missing {
+                    kind: "program",
+                    name: program,
+                });
+            }
+        };
+        link.pin(pin).map_err(|e| BpfError::Pin {
+            path: pin.to_owned(),
+            what: "pin link",
+            source: io::Error::other(chain(&e)),
+        })?;
+        Ok(())
+    }
+
+    /// Unpins (and so detaches) every link not belonging to one of `pods`. Returns the pin names
+    /// removed.
+    pub fn detach_others(&mut self, pods: &[&Pod]) -> Result<Vec<String>, BpfError> {
+        let mut keep: BTreeSet<String> = self.proxy_link.iter().cloned().collect();
+        for pod in pods {
+            // A pod whose cgroup or netns vanished keeps nothing: its links are stale.
+            if let Ok(names) = Self::link_names(pod) {
+                keep.extend(names.into_values());
+            }
+        }
+        let dir = self.root.join("links");
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(pin_err(&dir, "list links"))? {
+            let entry = entry.map_err(pin_err(&dir, "list links"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name) {
+                continue;
+            }
+            unpin_link(&entry.path())?;
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+
+    /// Removes every pin this agent owns: links (so capture stops), programs and maps. Used by
+    /// `mesh-agent uninstall`, the clean removal path.
+    pub fn uninstall(root: &Path) -> Result<(), BpfError> {
+        let links = root.join("links");
+        if links.exists() {
+            for entry in std::fs::read_dir(&links).map_err(pin_err(&links, "list links"))? {
+                unpin_link(&entry.map_err(pin_err(&links, "list links"))?.path())?;
+            }
+        }
+        for sub in ["links", "progs", "maps"] {
+            let dir = root.join(sub);
+            if dir.exists() {
+                for entry in std::fs::read_dir(&dir).map_err(pin_err(&dir, "list"))? {
+                    let path = entry.map_err(pin_err(&dir, "list"))?.path();
+                    std::fs::remove_file(&path).map_err(pin_err(&path, "remove pin"))?;
+                }
+                std::fs::remove_dir(&dir).map_err(pin_err(&dir, "remove directory"))?;
+            }
+        }
+        if root.exists() {
+            std::fs::remove_dir(root).map_err(pin_err(root, "remove directory"))?;
+        }
+        Ok(())
+    }
+}

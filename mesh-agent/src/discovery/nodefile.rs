@@ -1,0 +1,1591 @@
+//! The local-mode discovery source: a YAML node file listing this node's pods and the mesh's
+//! services.
+//!
+//! Parsing is two-stage so that errors can name the pod and the field: serde reads every field as
+//! optional, then [`validate`] checks each object on its own. A bad object is reported and, on a
+//! reload, replaced by its last valid version (or left out if it never had one), so one typo never
+//! takes down the pods that were already served. A file that is not valid YAML at all changes
+//! nothing.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::state::{
+    Action, AuthorizationPolicy, Condition, Labels, MtlsMode, NodeState, ObjectKey, Operation,
+    PeerAuthentication, Pod, Rule, Service, ServicePort, Source, Workload,
+};
+
+mod routes;
+
+/// Errors about the node file as a whole; per-object problems are [`ObjectError`]s.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeFileError {
+    /// The file could not be read.
+    #[error("cannot read node file {path}: {source}")]
+    Read {
+        /// The node file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML, or its top level has the wrong shape.
+    #[error("node file {path} is not valid: {message}; nothing from this version was applied")]
+    Syntax {
+        /// The node file.
+        path: PathBuf,
+        /// serde_yaml's message, with line and column.
+        message: String,
+    },
+    /// The file is larger than [`MAX_NODE_FILE`].
+    #[error(
+        "node file {path} is {size} bytes, over the limit of {max}; split it or remove unused objects; nothing from this version was applied"
+    )]
+    TooLarge {
+        /// The node file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// Flow collections are nested deeper than [`MAX_DEPTH`].
+    #[error(
+        "node file {path}: collections nested deeper than {max} levels at line {line}; nothing from this version was applied"
+    )]
+    TooDeep {
+        /// The node file.
+        path: PathBuf,
+        /// Where the limit was passed.
+        line: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The top-level `node` field is not a string.
+    #[error(
+        "node file {path}: top-level field `node` must be a string (this node's name), not {found}"
+    )]
+    NodeNotString {
+        /// The node file.
+        path: PathBuf,
+        /// What it was.
+        found: String,
+    },
+    /// The top-level `node` field is missing.
+    #[error("node file {path}: missing required top-level field `node` (this node's name)")]
+    MissingNode {
+        /// The node file.
+        path: PathBuf,
+    },
+}
+
+/// A problem with one pod or service; the rest of the file is still applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {who} ({position}): field `{field}`: {problem}")]
+pub struct ObjectError {
+    /// `pod` or `service`.
+    pub kind: &'static str,
+    /// `namespace/name`, or `<unnamed>` when the name itself is missing.
+    pub who: String,
+    /// `pods[3]` or `services[0]`.
+    pub position: String,
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong and what to do.
+    pub problem: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFile {
+    /// A `Value`, so a number or a list is reported rather than turned into a name.
+    node: Option<serde_yaml::Value>,
+    #[serde(default)]
+    pods: Vec<RawPod>,
+    #[serde(default)]
+    services: Vec<RawService>,
+    #[serde(default)]
+    excluded_ports: Vec<u16>,
+    #[serde(default)]
+    workloads: Vec<RawWorkload>,
+    #[serde(default)]
+    peer_authentications: Vec<RawPeerAuthentication>,
+    #[serde(default)]
+    authorization_policies: Vec<RawAuthorizationPolicy>,
+    #[serde(default)]
+    http_routes: Vec<routes::RawHttpRoute>,
+    #[serde(default)]
+    destination_rules: Vec<routes::RawDestinationRule>,
+    #[serde(default)]
+    mesh_config: RawMeshConfig,
+}
+
+/// Mesh-wide settings, in the shape of Istio's `meshConfig` where Istio has one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMeshConfig {
+    path_normalization: Option<RawPathNormalization>,
+    /// DENY rules match paths regardless of letter case (default true).
+    case_insensitive_deny: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPathNormalization {
+    normalization: crate::state::PathNormalization,
+}
+
+/// A pod on another node: what this node needs to reach it over HBONE.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    name: Option<String>,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    ip: Option<String>,
+    node: Option<String>,
+    /// Its labels, so this node can tell which policies select it (for `explain`).
+    #[serde(default)]
+    labels: Labels,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSelector {
+    #[serde(default)]
+    match_labels: Labels,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPeerAuthentication {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    selector: RawSelector,
+    mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAuthorizationPolicy {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    selector: RawSelector,
+    action: Option<String>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(default)]
+    from: Vec<RawFrom>,
+    #[serde(default)]
+    to: Vec<RawTo>,
+    #[serde(default)]
+    when: Vec<RawCondition>,
+}
+
+/// `key: request.headers[<name>]`, `values: [...]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCondition {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrom {
+    source: RawSource,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTo {
+    operation: RawOperation,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperation {
+    /// Istio writes ports as strings; numbers are accepted too.
+    #[serde(default)]
+    ports: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPod {
+    name: Option<String>,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    ip: Option<String>,
+    netns: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
+    #[serde(default)]
+    labels: Labels,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawService {
+    name: Option<String>,
+    namespace: Option<String>,
+    ip: Option<String>,
+    ports: Option<Vec<RawServicePort>>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+    /// HTTP/1.1 upgrade tokens forwarded to the service (default `[websocket]`).
+    allowed_upgrades: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServicePort {
+    port: u16,
+    target_port: Option<u16>,
+    /// Kubernetes' free-form `appProtocol`; `tcp` turns protocol detection off.
+    app_protocol: Option<String>,
+}
+
+/// The result of reading a node file: the state to apply and what was wrong with it.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The state to apply.
+    pub state: NodeState,
+    /// Objects that were rejected (and, on reload, kept at their previous version).
+    pub errors: Vec<ObjectError>,
+}
+
+/// Reads and validates `path`. `previous` is the state currently served: a rejected object that
+/// exists there is kept as it was.
+pub fn load(
+    path: &Path,
+    previous: Option<&NodeState>,
+    pod_cgroup_root: Option<&Path>,
+) -> Result<Loaded, NodeFileError> {
+    parse(path, &read(path)?, previous, &RealFs { pod_cgroup_root })
+}
+
+/// [`load`] for the CA, which runs on another machine: it needs each pod's namespace and service
+/// account, not its netns and cgroup paths, which exist only on the pod's node.
+pub fn load_remote(path: &Path) -> Result<Loaded, NodeFileError> {
+    parse(path, &read(path)?, None, &NoFsChecks)
+}
+
+/// [`load`] on text already read: the agent keeps the text it applied, so its watcher compares
+/// the file with what is served, not with a later reading.
+pub fn load_text(
+    path: &Path,
+    text: &str,
+    previous: Option<&NodeState>,
+    pod_cgroup_root: Option<&Path>,
+) -> Result<Loaded, NodeFileError> {
+    parse(path, text, previous, &RealFs { pod_cgroup_root })
+}
+
+/// The node file's text.
+pub fn read(path: &Path) -> Result<String, NodeFileError> {
+    use std::io::Read;
+    let read_err = |source| NodeFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    // Read one byte past the limit rather than trusting the size, which can change meanwhile.
+    let mut text = String::new();
+    file.take(MAX_NODE_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    let size = text.len() as u64;
+    if size > MAX_NODE_FILE {
+        let size = std::fs::metadata(path).map_or(size, |m| m.len());
+        return Err(NodeFileError::TooLarge {
+            path: path.to_owned(),
+            size,
+            max: MAX_NODE_FILE,
+        });
+    }
+    Ok(text)
+}
+
+/// Largest node file accepted (bytes). A node file lists one node's pods and the mesh's
+/// services and policies: a few thousand objects fit in well under a megabyte.
+pub const MAX_NODE_FILE: u64 = 8 * 1024 * 1024;
+/// Deepest nesting of flow collections (`[` and `{`). The YAML parser takes time that grows
+/// with depth before its own recursion limit (128) stops it: 100,000 levels took 19 s on one
+/// core. Block nesting is bounded by that limit at once, since each level needs its indent.
+pub const MAX_DEPTH: usize = 64;
+
+/// Refuses flow collections nested deeper than [`MAX_DEPTH`] in one linear pass, before the
+/// YAML parser sees the text. Quoted scalars and comments are skipped; in block context a
+/// bracket opens a collection only where a value starts (so `a[b` stays a plain scalar).
+fn check_depth(path: &Path, text: &str) -> Result<(), NodeFileError> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut value_start = true;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => {
+                line += 1;
+                value_start = true;
+                continue;
+            }
+            '#' if value_start || depth > 0 => {
+                while chars.peek().is_some_and(|c| *c != '\n') {
+                    chars.next();
+                }
+                continue;
+            }
+            '"' | '\'' if value_start || depth > 0 => {
+                while let Some(q) = chars.next() {
+                    match q {
+                        '\\' if c == '"' => {
+                            chars.next();
+                        }
+                        '\n' => line += 1,
+                        q if q == c => {
+                            if c == '\'' && chars.peek() == Some(&'\'') {
+                                chars.next();
+                            } else {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                value_start = false;
+                continue;
+            }
+            '[' | '{' if value_start || depth > 0 => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(NodeFileError::TooDeep {
+                        path: path.to_owned(),
+                        line,
+                        max: MAX_DEPTH,
+                    });
+                }
+                value_start = true;
+                continue;
+            }
+            ']' | '}' if depth > 0 => depth -= 1,
+            ',' if depth > 0 => {
+                value_start = true;
+                continue;
+            }
+            ':' | '-' | '?' => {
+                value_start = chars.peek().is_none_or(|c| c.is_whitespace());
+                continue;
+            }
+            c if c.is_whitespace() => continue,
+            _ => {}
+        }
+        value_start = false;
+    }
+    Ok(())
+}
+
+/// [`load`] on text already read; `path` is used only in messages.
+fn parse(
+    path: &Path,
+    text: &str,
+    previous: Option<&NodeState>,
+    fs: &dyn Fs,
+) -> Result<Loaded, NodeFileError> {
+    if text.len() as u64 > MAX_NODE_FILE {
+        return Err(NodeFileError::TooLarge {
+            path: path.to_owned(),
+            size: text.len() as u64,
+            max: MAX_NODE_FILE,
+        });
+    }
+    check_depth(path, text)?;
+    let raw: RawFile = if text.trim().is_empty() {
+        RawFile::default()
+    } else {
+        serde_yaml::from_str(text).map_err(|e| NodeFileError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?
+    };
+    let node = match &raw.node {
+        None => {
+            return Err(NodeFileError::MissingNode {
+                path: path.to_owned(),
+            });
+        }
+        Some(serde_yaml::Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(NodeFileError::NodeNotString {
+                path: path.to_owned(),
+                found: serde_yaml::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .chars()
+                    .take(40)
+                    .collect(),
+            });
+        }
+    };
+    Ok(validate(node, raw, previous, fs))
+}
+
+/// What validation needs to know about the machine, so tests can check messages without
+/// creating namespaces.
+trait Fs {
+    fn is_netns(&self, path: &Path) -> Result<(), String>;
+    fn is_cgroup2(&self, path: &Path) -> Result<(), String>;
+    /// Whether the cgroup at `path` (a cgroup v2 directory) may be a pod's: the connect hooks
+    /// attached there capture every process in it and below it.
+    fn is_pod_cgroup(&self, path: &Path) -> Result<(), String>;
+}
+
+/// The machine itself; a pod's cgroup must be strictly below `pod_cgroup_root` when it is set.
+struct RealFs<'a> {
+    pod_cgroup_root: Option<&'a Path>,
+}
+
+/// Accepts every path: for readers on another machine.
+struct NoFsChecks;
+
+impl Fs for NoFsChecks {
+    fn is_netns(&self, _: &Path) -> Result<(), String> {
+        Ok(())
+    }
+    fn is_cgroup2(&self, _: &Path) -> Result<(), String> {
+        Ok(())
+    }
+    fn is_pod_cgroup(&self, _: &Path) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+impl Fs for RealFs<'_> {
+    fn is_pod_cgroup(&self, path: &Path) -> Result<(), String> {
+        let canon = path
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+        let own = crate::capture::cgroup::own()
+            .ok()
+            .map(|o| o.canonicalize().unwrap_or(o));
+        let root = match self.pod_cgroup_root {
+            Some(r) => Some(r.canonicalize().map_err(|e| {
+                format!(
+                    "the pods' cgroup root {} (--pod-cgroup-root): {e}",
+                    r.display()
+                )
+            })?),
+            None => None,
+        };
+        check_pod_cgroup(
+            &canon,
+            crate::capture::cgroup::is_root(&canon),
+            own.as_deref(),
+            root.as_deref(),
+        )
+    }
+
+    fn is_netns(&self, path: &Path) -> Result<(), String> {
+        match crate::capture::cgroup::fs_magic(path) {
+            Err(e) => Err(format!(
+                "network namespace {} does not exist ({e}); create it (ip netns add) or fix the path",
+                path.display()
+            )),
+            Ok(NSFS_MAGIC) => Ok(()),
+            Ok(_) => Err(format!(
+                "{} is not a network namespace file (expected e.g. /var/run/netns/<name> or /proc/<pid>/ns/net)",
+                path.display()
+            )),
+        }
+    }
+
+    fn is_cgroup2(&self, path: &Path) -> Result<(), String> {
+        match crate::capture::cgroup::fs_magic(path) {
+            Err(e) => Err(format!(
+                "cgroup {} does not exist ({e}); create the pod's cgroup v2 directory first",
+                path.display()
+            )),
+            Ok(CGROUP2_SUPER_MAGIC) => Ok(()),
+            Ok(_) => Err(format!(
+                "{} is not on a cgroup v2 mount; the connect hooks attach only to cgroup v2 (see /proc/self/mountinfo for the cgroup2 mount)",
+                path.display()
+            )),
+        }
+    }
+}
+
+/// The rules for a pod's cgroup, on resolved paths: not the root cgroup (every process of the
+/// machine), not the agent's own cgroup or an ancestor of it (capture would take in the agent),
+/// and strictly below the pods' root when one is configured.
+fn check_pod_cgroup(
+    path: &Path,
+    is_root: bool,
+    agent: Option<&Path>,
+    pods_root: Option<&Path>,
+) -> Result<(), String> {
+    if is_root {
+        return Err(format!(
+            "{} is the root cgroup, which holds every process on the machine: name the pod's own cgroup",
+            path.display()
+        ));
+    }
+    if let Some(agent) = agent
+        && agent.starts_with(path)
+    {
+        return Err(format!(
+            "{} is the agent's own cgroup or one of its ancestors ({}): capture there would take in the agent itself and more than the pod",
+            path.display(),
+            agent.display()
+        ));
+    }
+    if let Some(root) = pods_root
+        && (!path.starts_with(root) || path == root)
+    {
+        return Err(format!(
+            "{} is not strictly below the pods' cgroup root {} (--pod-cgroup-root)",
+            path.display(),
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Lowercase DNS label rules (RFC 1123), which also makes names safe in bpffs file names.
+fn check_label(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a valid name: use 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+struct Ctx<'a> {
+    kind: &'static str,
+    who: String,
+    position: String,
+    errors: &'a mut Vec<ObjectError>,
+}
+
+impl Ctx<'_> {
+    fn fail(&mut self, field: &'static str, problem: impl Into<String>) {
+        self.errors.push(ObjectError {
+            kind: self.kind,
+            who: self.who.clone(),
+            position: self.position.clone(),
+            field,
+            problem: problem.into(),
+        });
+    }
+
+    fn required<'v, T>(&mut self, field: &'static str, value: &'v Option<T>) -> Option<&'v T> {
+        if value.is_none() {
+            self.fail(field, "missing (required)");
+        }
+        value.as_ref()
+    }
+
+    /// A required DNS-label field.
+    fn label(&mut self, field: &'static str, value: &Option<String>) -> Option<String> {
+        let v = self.required(field, value)?;
+        match check_label(v) {
+            Ok(()) => Some(v.clone()),
+            Err(e) => {
+                self.fail(field, e);
+                None
+            }
+        }
+    }
+
+    /// A required IP-address field.
+    fn ip(&mut self, field: &'static str, value: &Option<String>) -> Option<IpAddr> {
+        let v = self.required(field, value)?;
+        match v.parse() {
+            Ok(a) => match unroutable(a) {
+                None => Some(a),
+                Some(why) => {
+                    self.fail(
+                        field,
+                        format!("{a} is {why}, which cannot be a pod's or a service's address"),
+                    );
+                    None
+                }
+            },
+            Err(_) => {
+                self.fail(field, format!("{v:?} is not an IP address"));
+                None
+            }
+        }
+    }
+}
+
+/// What a rejected entry without a usable key still tells about the object it describes.
+#[derive(Debug)]
+struct Clue {
+    name: Option<String>,
+    namespace: Option<String>,
+    ip: Option<IpAddr>,
+}
+
+impl Clue {
+    fn of(name: &Option<String>, namespace: &Option<String>, ip: &Option<String>) -> Self {
+        let text = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+        Self {
+            name: text(name),
+            namespace: text(namespace),
+            ip: ip.as_deref().and_then(|s| s.parse().ok()),
+        }
+    }
+
+    /// Whether the entry may describe the object `key` at `ip`: any field that still reads
+    /// matches, and an entry of which nothing reads may be any object.
+    fn may_be(&self, key: &ObjectKey, ip: IpAddr) -> bool {
+        let nothing = self.name.is_none() && self.namespace.is_none() && self.ip.is_none();
+        nothing
+            || self.ip == Some(ip)
+            || self.name.as_deref() == Some(key.name.as_str())
+            || self.namespace.as_deref() == Some(key.namespace.as_str())
+    }
+}
+
+/// Why `a` can never be a workload's or a service's address, if it cannot: capturing it would
+/// redirect the node's own loopback, every interface, a group, or a link's neighbours.
+fn unroutable(a: IpAddr) -> Option<&'static str> {
+    let a = match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match a {
+        a if a.is_unspecified() => Some("the unspecified address"),
+        a if a.is_loopback() => Some("a loopback address"),
+        a if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        _ => None,
+    }
+}
+
+fn who(namespace: &Option<String>, name: &Option<String>) -> String {
+    match (namespace, name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) => format!("?/{n}"),
+        _ => "<unnamed>".to_string(),
+    }
+}
+
+fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn Fs) -> Loaded {
+    let mut errors = Vec::new();
+    let mut state = NodeState {
+        node,
+        excluded_ports: raw.excluded_ports,
+        mesh: crate::state::MeshConfig {
+            path_normalization: raw
+                .mesh_config
+                .path_normalization
+                .as_ref()
+                .map(|p| p.normalization)
+                .unwrap_or_default(),
+            case_insensitive_deny: raw.mesh_config.case_insensitive_deny.unwrap_or(true),
+        },
+        ..NodeState::default()
+    };
+    // Address → owner, across pods and services, to reject duplicates.
+    let mut owners: HashMap<IpAddr, String> = HashMap::new();
+
+    // Pass 1: check each pod on its own.
+    let mut candidates: Vec<(usize, Pod)> = Vec::new();
+    let mut rejected: Vec<ObjectKey> = Vec::new();
+    let mut clues: Vec<Clue> = Vec::new();
+    for (i, rp) in raw.pods.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "pod",
+            who: who(&rp.namespace, &rp.name),
+            position: format!("pods[{i}]"),
+            errors: &mut errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rp.name);
+        let namespace = cx.label("namespace", &rp.namespace);
+        let sa = cx.label("serviceAccount", &rp.service_account);
+        let ip = cx.ip("ip", &rp.ip);
+        let netns = cx.required("netns", &rp.netns).cloned();
+        let cgroup = cx.required("cgroup", &rp.cgroup).cloned();
+        if let Some(p) = &netns
+            && let Err(e) = fs.is_netns(p)
+        {
+            cx.fail("netns", e);
+        }
+        if let Some(p) = &cgroup
+            && let Err(e) = fs.is_cgroup2(p).and_then(|()| fs.is_pod_cgroup(p))
+        {
+            cx.fail("cgroup", e);
+        }
+        let key = match (namespace, name) {
+            (Some(namespace), Some(name)) => Some(ObjectKey { namespace, name }),
+            _ => None,
+        };
+        if let Some(k) = &key
+            && candidates.iter().any(|(_, p)| &p.key == k)
+        {
+            cx.fail(
+                "name",
+                format!("pod {k} is listed twice; each pod may appear once"),
+            );
+        }
+        match (cx.errors.len() == before, key, ip, sa, netns, cgroup) {
+            (true, Some(key), Some(ip), Some(service_account), Some(netns), Some(cgroup)) => {
+                candidates.push((
+                    i,
+                    Pod {
+                        key,
+                        service_account,
+                        ip,
+                        netns,
+                        cgroup,
+                        labels: rp.labels.clone(),
+                    },
+                ));
+            }
+            (_, Some(key), ..) => rejected.push(key),
+            _ => clues.push(Clue::of(&rp.name, &rp.namespace, &rp.ip)),
+        }
+    }
+    // Pass 2: one pod per address. The pod already serving an address keeps it, so adding a
+    // conflicting pod can never knock out a running one; otherwise the first listed wins.
+    let previous_owner = |ip: IpAddr| {
+        previous.and_then(|p| p.pods.values().find(|p| p.ip == ip).map(|p| p.key.clone()))
+    };
+    for (i, pod) in &candidates {
+        let winner = candidates
+            .iter()
+            .filter(|(_, p)| p.ip == pod.ip)
+            .find(|(_, p)| Some(&p.key) == previous_owner(pod.ip).as_ref())
+            .or_else(|| candidates.iter().find(|(_, p)| p.ip == pod.ip))
+            .map(|(_, p)| p.key.clone());
+        if winner.as_ref() == Some(&pod.key) {
+            owners.insert(pod.ip, format!("pod {}", pod.key));
+            state.pods.insert(pod.key.clone(), pod.clone());
+        } else {
+            let owner = winner.map(|k| format!("pod {k}")).unwrap_or_default();
+            errors.push(ObjectError {
+                kind: "pod",
+                who: pod.key.to_string(),
+                position: format!("pods[{i}]"),
+                field: "ip",
+                problem: format!(
+                    "address {} is already used by {owner}; pod addresses must be unique",
+                    pod.ip
+                ),
+            });
+            rejected.push(pod.key.clone());
+        }
+    }
+    // Pass 3: a rejected pod keeps its last valid version, unless its address is now taken. So
+    // does a previous pod that an entry without a usable key may describe (an empty namespace,
+    // a name that is not a DNS label): it cannot be told apart from a removal.
+    let listed: Vec<ObjectKey> = candidates
+        .iter()
+        .map(|(_, p)| p.key.clone())
+        .chain(rejected.iter().cloned())
+        .collect();
+    let shielded = previous
+        .into_iter()
+        .flat_map(|p| p.pods.values())
+        .filter(|old| {
+            !listed.contains(&old.key) && clues.iter().any(|c| c.may_be(&old.key, old.ip))
+        });
+    let shielded: Vec<ObjectKey> = shielded.map(|p| p.key.clone()).collect();
+    for key in rejected.into_iter().chain(shielded) {
+        if let Some(old) = previous.and_then(|p| p.pods.get(&key))
+            && !owners.contains_key(&old.ip)
+            && !state.pods.contains_key(&key)
+        {
+            owners.insert(old.ip, format!("pod {key}"));
+            state.pods.insert(key, old.clone());
+        }
+    }
+
+    let mut service_clues: Vec<Clue> = Vec::new();
+    let mut services_listed: Vec<ObjectKey> = Vec::new();
+    for (i, rs) in raw.services.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "service",
+            who: who(&rs.namespace, &rs.name),
+            position: format!("services[{i}]"),
+            errors: &mut errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rs.name);
+        let namespace = cx.label("namespace", &rs.namespace);
+        let ip = cx.ip("ip", &rs.ip);
+        let ports = cx.required("ports", &rs.ports);
+        if let Some(a) = ip
+            && let Some(owner) = owners.get(&a)
+        {
+            cx.fail("ip", format!("address {a} is already used by {owner}"));
+        }
+        let mut sports = Vec::new();
+        for p in ports.into_iter().flatten() {
+            if p.port == 0 || p.target_port == Some(0) {
+                cx.fail("ports", "port 0 is not a valid service or target port");
+            }
+            sports.push(ServicePort {
+                port: p.port,
+                target_port: p.target_port.unwrap_or(p.port),
+                opaque: p.app_protocol.as_deref() == Some("tcp"),
+            });
+        }
+        if ports.is_some_and(|p| p.is_empty()) {
+            cx.fail("ports", "a service needs at least one port");
+        }
+        let mut endpoints = Vec::new();
+        for e in &rs.endpoints {
+            match e.parse::<IpAddr>() {
+                Ok(a) => match unroutable(a) {
+                    None => endpoints.push(a),
+                    Some(why) => cx.fail(
+                        "endpoints",
+                        format!("{a} is {why}, which cannot be a pod's address"),
+                    ),
+                },
+                Err(_) => cx.fail("endpoints", format!("{e:?} is not an IP address")),
+            }
+        }
+        let mut upgrades = Vec::new();
+        for u in rs
+            .allowed_upgrades
+            .clone()
+            .unwrap_or_else(crate::state::default_upgrades)
+        {
+            let token = u.to_ascii_lowercase();
+            let valid = !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            if valid {
+                upgrades.push(token);
+            } else {
+                cx.fail(
+                    "allowedUpgrades",
+                    format!("{u:?} is not an HTTP upgrade token (e.g. websocket)"),
+                );
+            }
+        }
+        if upgrades.iter().any(|u| u == "h2c" || u.starts_with("h2c/")) {
+            cx.fail(
+                "allowedUpgrades",
+                "h2c cannot be allowed: after the switch every request on the connection would skip routing and authorization",
+            );
+        }
+        let key = match (namespace, name) {
+            (Some(namespace), Some(name)) => Some(ObjectKey { namespace, name }),
+            _ => None,
+        };
+        if let Some(k) = &key
+            && state.services.contains_key(k)
+        {
+            cx.fail("name", format!("service {k} is listed twice"));
+        }
+        let valid = cx.errors.len() == before;
+        services_listed.extend(key.clone());
+        match (valid, key, ip) {
+            (true, Some(key), Some(ip)) => {
+                owners.insert(ip, format!("service {key}"));
+                state.services.insert(
+                    key.clone(),
+                    Service {
+                        key,
+                        ip,
+                        ports: sports,
+                        endpoints,
+                        upgrades,
+                    },
+                );
+            }
+            (false, Some(key), _) => {
+                if let Some(old) = previous.and_then(|p| p.services.get(&key))
+                    && !owners.contains_key(&old.ip)
+                    && !state.services.contains_key(&key)
+                {
+                    owners.insert(old.ip, format!("service {key}"));
+                    state.services.insert(key, old.clone());
+                }
+            }
+            _ => service_clues.push(Clue::of(&rs.name, &rs.namespace, &rs.ip)),
+        }
+    }
+    // As for pods: a previous service that a keyless bad entry may describe stays.
+    for old in previous.into_iter().flat_map(|p| p.services.values()) {
+        if !services_listed.contains(&old.key)
+            && service_clues.iter().any(|c| c.may_be(&old.key, old.ip))
+            && !owners.contains_key(&old.ip)
+        {
+            owners.insert(old.ip, format!("service {}", old.key));
+            state.services.insert(old.key.clone(), old.clone());
+        }
+    }
+    validate_workloads(&raw.workloads, &mut state, &mut errors);
+    validate_peer_authentications(&raw.peer_authentications, &mut state, &mut errors);
+    validate_authorization_policies(&raw.authorization_policies, &mut state, &mut errors);
+    routes::validate_http_routes(&raw.http_routes, &mut state, previous, &mut errors);
+    routes::validate_destination_rules(&raw.destination_rules, &mut state, previous, &mut errors);
+    Loaded { state, errors }
+}
+
+/// Remote pods, plus this node's own pods (so every lookup by address sees one table).
+fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut Vec<ObjectError>) {
+    for pod in state.pods.values() {
+        state.workloads.insert(
+            pod.ip,
+            Workload {
+                key: pod.key.clone(),
+                ip: pod.ip,
+                service_account: pod.service_account.clone(),
+                node: state.node.clone(),
+                labels: pod.labels.clone(),
+            },
+        );
+    }
+    for (i, rw) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "workload",
+            who: who(&rw.namespace, &rw.name),
+            position: format!("workloads[{i}]"),
+            errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rw.name);
+        let namespace = cx.label("namespace", &rw.namespace);
+        let sa = cx.label("serviceAccount", &rw.service_account);
+        let ip = cx.ip("ip", &rw.ip);
+        let node = cx.label("node", &rw.node);
+        if let Some(a) = ip
+            && let Some(w) = state.workloads.get(&a)
+        {
+            cx.fail(
+                "ip",
+                format!("address {a} is already used by workload {}", w.key),
+            );
+        }
+        if let (true, Some(name), Some(namespace), Some(service_account), Some(ip), Some(node)) =
+            (cx.errors.len() == before, name, namespace, sa, ip, node)
+        {
+            state.workloads.insert(
+                ip,
+                Workload {
+                    key: ObjectKey { namespace, name },
+                    ip,
+                    service_account,
+                    node,
+                    labels: rw.labels.clone(),
+                },
+            );
+        }
+    }
+}
+
+fn validate_peer_authentications(
+    raw: &[RawPeerAuthentication],
+    state: &mut NodeState,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (i, rp) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "peerAuthentication",
+            who: who(&rp.namespace, &rp.name),
+            position: format!("peerAuthentications[{i}]"),
+            errors,
+        };
+        let name = cx.label("name", &rp.name);
+        let namespace = cx.label("namespace", &rp.namespace);
+        // A mode that cannot be read is taken as STRICT: a typo must not open a workload.
+        let mode = match cx.required("mode", &rp.mode).map(String::as_str) {
+            Some("STRICT") => MtlsMode::Strict,
+            Some("PERMISSIVE") => MtlsMode::Permissive,
+            other => {
+                if let Some(m) = other {
+                    cx.fail(
+                        "mode",
+                        format!("{m:?} is not STRICT or PERMISSIVE; applying STRICT until fixed"),
+                    );
+                }
+                MtlsMode::Strict
+            }
+        };
+        if let (Some(name), Some(namespace)) = (name, namespace) {
+            state.peer_authentications.push(PeerAuthentication {
+                key: ObjectKey { namespace, name },
+                selector: rp.selector.match_labels.clone(),
+                mode,
+            });
+        }
+    }
+}
+
+fn validate_authorization_policies(
+    raw: &[RawAuthorizationPolicy],
+    state: &mut NodeState,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (i, rp) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "authorizationPolicy",
+            who: who(&rp.namespace, &rp.name),
+            position: format!("authorizationPolicies[{i}]"),
+            errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rp.name);
+        let namespace = cx.label("namespace", &rp.namespace);
+        let action = match rp.action.as_deref() {
+            None | Some("ALLOW") => Action::Allow,
+            Some("DENY") => Action::Deny,
+            Some(other) => {
+                cx.fail(
+                    "action",
+                    format!("{other:?} is not ALLOW or DENY; the policy denies everything it selects until fixed"),
+                );
+                Action::Deny
+            }
+        };
+        let mut rules = Vec::new();
+        for r in &rp.rules {
+            let from = r
+                .from
+                .iter()
+                .map(|f| Source {
+                    principals: f
+                        .source
+                        .principals
+                        .iter()
+                        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_string())
+                        .collect(),
+                    namespaces: f.source.namespaces.clone(),
+                })
+                .collect();
+            let mut to = Vec::new();
+            for t in &r.to {
+                let mut ports = Vec::new();
+                for v in &t.operation.ports {
+                    let port = match v {
+                        serde_yaml::Value::Number(n) => n.as_u64(),
+                        serde_yaml::Value::String(s) => s.parse().ok(),
+                        _ => None,
+                    };
+                    match port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) {
+                        Some(p) => ports.push(p),
+                        None => cx.fail("rules.to.operation.ports", format!("{v:?} is not a port")),
+                    }
+                }
+                for path in &t.operation.paths {
+                    if !(path.starts_with('/') || path.starts_with('*')) {
+                        cx.fail(
+                            "rules.to.operation.paths",
+                            format!("{path:?} must start with '/' (or be a '*' suffix match)"),
+                        );
+                    }
+                }
+                to.push(Operation {
+                    ports,
+                    methods: t.operation.methods.clone(),
+                    paths: t.operation.paths.clone(),
+                });
+            }
+            let mut when = Vec::new();
+            for c in &r.when {
+                let header = c
+                    .key
+                    .strip_prefix("request.headers[")
+                    .and_then(|k| k.strip_suffix(']'))
+                    .filter(|h| http::HeaderName::try_from(*h).is_ok());
+                match header {
+                    Some(h) if !c.values.is_empty() => when.push(Condition {
+                        header: h.to_ascii_lowercase(),
+                        values: c.values.clone(),
+                    }),
+                    Some(_) => cx.fail("rules.when", format!("{}: needs `values`", c.key)),
+                    None => cx.fail(
+                        "rules.when",
+                        format!("{:?} is not supported: use request.headers[<name>]", c.key),
+                    ),
+                }
+            }
+            rules.push(Rule { from, to, when });
+        }
+        let (Some(name), Some(namespace)) = (name, namespace) else {
+            continue;
+        };
+        let key = ObjectKey { namespace, name };
+        if cx.errors.len() != before {
+            // Fail closed: a broken ALLOW allows nothing, a broken DENY denies everything.
+            rules = match action {
+                Action::Allow => Vec::new(),
+                Action::Deny => vec![Rule::default()],
+            };
+            cx.fail(
+                "rules",
+                format!(
+                    "policy {key} is invalid; until fixed it {}",
+                    match action {
+                        Action::Allow => "allows nothing",
+                        Action::Deny => "denies every connection it selects",
+                    }
+                ),
+            );
+        }
+        state.authorization_policies.push(AuthorizationPolicy {
+            key,
+            selector: rp.selector.match_labels.clone(),
+            action,
+            rules,
+        });
+    }
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test should stop at the first unexpected error"
+)]
+mod tests {
+    use super::*;
+
+    /// Pretends every path under /ns is a netns and every path under /cg is a cgroup.
+    struct FakeFs;
+    impl Fs for FakeFs {
+        fn is_netns(&self, p: &Path) -> Result<(), String> {
+            if p.starts_with("/ns") {
+                Ok(())
+            } else {
+                Err(format!("network namespace {} does not exist", p.display()))
+            }
+        }
+        fn is_cgroup2(&self, p: &Path) -> Result<(), String> {
+            if p.starts_with("/cg") {
+                Ok(())
+            } else {
+                Err(format!("cgroup {} does not exist", p.display()))
+            }
+        }
+        /// `/cg` is the root; the agent is in `/cg/system/agent`; no pods' root is set.
+        fn is_pod_cgroup(&self, p: &Path) -> Result<(), String> {
+            check_pod_cgroup(
+                p,
+                p == Path::new("/cg"),
+                Some(Path::new("/cg/system/agent")),
+                None,
+            )
+        }
+    }
+
+    fn run(text: &str, prev: Option<&NodeState>) -> Result<Loaded, NodeFileError> {
+        parse(Path::new("t.yaml"), text, prev, &FakeFs)
+    }
+
+    /// The first problem reported for `text`, and the pods that were kept.
+    fn first_error(text: &str) -> (String, usize) {
+        let l = run(text, None).expect("parses");
+        let msg = l
+            .errors
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        (msg, l.state.pods.len())
+    }
+
+    const GOOD: &str = "
+node: n1
+pods:
+  - {name: a, namespace: default, serviceAccount: sa, ip: 10.0.0.1, netns: /ns/a, cgroup: /cg/a}
+  - {name: b, namespace: default, serviceAccount: sa, ip: 10.0.0.2, netns: /ns/b, cgroup: /cg/b}
+services:
+  - {name: web, namespace: default, ip: 10.96.0.1, ports: [{port: 80, targetPort: 8080}], endpoints: [10.0.0.1]}
+";
+
+    #[test]
+    fn good_file_parses() {
+        let l = run(GOOD, None).expect("parses");
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        assert_eq!(l.state.pods.len(), 2);
+        let svc = l.state.services.values().next().expect("service");
+        assert_eq!(svc.target_port(80), Some(8080));
+        assert_eq!(svc.target_port(81), None);
+    }
+
+    #[test]
+    fn missing_field_names_pod_and_field_and_keeps_previous() {
+        let prev = run(GOOD, None).expect("parses").state;
+        let bad = GOOD.replace("ip: 10.0.0.2, ", "");
+        let l = run(&bad, Some(&prev)).expect("parses");
+        assert_eq!(l.errors.len(), 1);
+        let msg = l.errors[0].to_string();
+        assert!(msg.contains("pod default/b (pods[1])"), "{msg}");
+        assert!(msg.contains("field `ip`: missing"), "{msg}");
+        // The previous version of b is still served.
+        assert_eq!(l.state.pods, prev.pods);
+        // Without a previous version it is left out.
+        let l = run(&bad, None).expect("parses");
+        assert_eq!(l.state.pods.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_entry_never_takes_a_serving_pod_or_service_out() {
+        let prev = run(GOOD, None).expect("parses").state;
+        let cases = [
+            // Pod b's entry with an empty namespace, an empty name, a name that is no DNS label.
+            GOOD.replace("name: b, namespace: default", "name: b, namespace: \"\""),
+            GOOD.replace(
+                "name: b, namespace: default",
+                "name: \"\", namespace: default",
+            ),
+            GOOD.replace(
+                "name: b, namespace: default",
+                "name: B_1, namespace: default",
+            ),
+            GOOD.replace("{name: b, namespace: default,", "{"),
+            // Pod b moved to an address no pod can have.
+            GOOD.replace("ip: 10.0.0.2", "ip: 127.0.0.1"),
+            GOOD.replace("ip: 10.0.0.2", "ip: 169.254.1.1"),
+            // The service moved to a loopback address, or lost its name.
+            GOOD.replace("ip: 10.96.0.1", "ip: \"::1\""),
+            GOOD.replace("ip: 10.96.0.1", "ip: 0.0.0.0"),
+            GOOD.replace("ip: 10.96.0.1", "ip: 224.0.0.1"),
+            GOOD.replace(
+                "{name: web, namespace: default,",
+                "{name: \"\", namespace: default,",
+            ),
+            GOOD.replace("{name: web, namespace: default,", "{namespace: \"\","),
+        ];
+        for bad in &cases {
+            let l = run(bad, Some(&prev)).expect("parses");
+            assert!(!l.errors.is_empty(), "reported: {bad}");
+            assert_eq!(l.state.pods, prev.pods, "{bad}");
+            assert_eq!(l.state.services, prev.services, "{bad}");
+        }
+        // A valid change still applies, and a removal still removes.
+        let moved =
+            run(&GOOD.replace("ip: 10.96.0.1", "ip: 10.96.0.9"), Some(&prev)).expect("parses");
+        assert!(moved.errors.is_empty());
+        assert_eq!(
+            moved
+                .state
+                .services
+                .values()
+                .next()
+                .map(|s| s.ip.to_string())
+                .as_deref(),
+            Some("10.96.0.9")
+        );
+        let removed = GOOD.replace(
+            "  - {name: b, namespace: default, serviceAccount: sa, ip: 10.0.0.2, netns: /ns/b, cgroup: /cg/b}\n",
+            "",
+        );
+        assert_eq!(
+            run(&removed, Some(&prev)).expect("parses").state.pods.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn addresses_that_cannot_be_a_pods_are_refused_naming_the_field() {
+        for (ip, why) in [
+            ("0.0.0.0", "the unspecified address"),
+            ("\"::\"", "the unspecified address"),
+            ("127.0.0.5", "a loopback address"),
+            ("\"::1\"", "a loopback address"),
+            ("\"::ffff:127.0.0.1\"", "a loopback address"),
+            ("239.1.1.1", "a multicast address"),
+            ("\"ff02::1\"", "a multicast address"),
+            ("169.254.0.9", "a link-local address"),
+            ("\"fe80::1\"", "a link-local address"),
+            ("255.255.255.255", "the broadcast address"),
+        ] {
+            for (from, to, field) in [
+                (
+                    "ip: 10.0.0.2",
+                    format!("ip: {ip}"),
+                    "pod default/b (pods[1]): field `ip`",
+                ),
+                (
+                    "ip: 10.96.0.1",
+                    format!("ip: {ip}"),
+                    "service default/web (services[0]): field `ip`",
+                ),
+                (
+                    "endpoints: [10.0.0.1]",
+                    format!("endpoints: [{ip}]"),
+                    "field `endpoints`",
+                ),
+            ] {
+                let (msg, _) = first_error(&GOOD.replace(from, &to));
+                assert!(msg.contains(field) && msg.contains(why), "{ip}: {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pods_cgroup_must_be_a_pods_cgroup() {
+        for (cg, why) in [
+            ("/cg", "is the root cgroup"),
+            (
+                "/cg/system",
+                "the agent's own cgroup or one of its ancestors",
+            ),
+            (
+                "/cg/system/agent",
+                "the agent's own cgroup or one of its ancestors",
+            ),
+        ] {
+            let (msg, pods) = first_error(&GOOD.replace("cgroup: /cg/b", &format!("cgroup: {cg}")));
+            assert!(
+                msg.contains("pod default/b (pods[1]): field `cgroup`") && msg.contains(why),
+                "{cg}: {msg}"
+            );
+            assert_eq!(pods, 1);
+        }
+        // Below a configured root only.
+        let root = Some(Path::new("/k/kubepods"));
+        assert!(check_pod_cgroup(Path::new("/k/kubepods/pod1"), false, None, root).is_ok());
+        for p in ["/k/kubepods", "/k/other", "/k"] {
+            let e = check_pod_cgroup(Path::new(p), false, None, root).unwrap_err();
+            assert!(
+                e.contains("not strictly below the pods' cgroup root"),
+                "{p}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_fast_and_the_node_must_be_a_string() {
+        let deep = format!(
+            "node: n1\npods: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let started = std::time::Instant::now();
+        let e = run(&deep, None).unwrap_err();
+        assert!(matches!(e, NodeFileError::TooDeep { line: 2, .. }), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let mapping = format!("node: n1\nx: {}1{}\n", "{a: ".repeat(70), "}".repeat(70));
+        assert!(matches!(
+            run(&mapping, None),
+            Err(NodeFileError::TooDeep { .. })
+        ));
+        // Brackets inside scalars and comments are not nesting.
+        let fine = format!(
+            "node: n1 # {}\nexcludedPorts: [22]\npods: []\nservices:\n  - {{name: a, namespace: \"{}\"}}\n",
+            "[".repeat(100),
+            "[".repeat(100)
+        );
+        assert!(
+            !matches!(run(&fine, None), Err(NodeFileError::TooDeep { .. })),
+            "{:?}",
+            run(&fine, None).err()
+        );
+        let big = format!("node: n1\n#{}\n", "x".repeat(MAX_NODE_FILE as usize));
+        assert!(matches!(
+            run(&big, None),
+            Err(NodeFileError::TooLarge { .. })
+        ));
+        for node in ["123", "[a]", "{a: b}", "true"] {
+            let e = run(&format!("node: {node}\npods: []\n"), None).unwrap_err();
+            assert!(
+                matches!(e, NodeFileError::NodeNotString { .. }),
+                "{node}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_ip_rejects_the_later_pod() {
+        let bad = GOOD.replace("ip: 10.0.0.2", "ip: 10.0.0.1");
+        let l = run(&bad, None).expect("parses");
+        let msg = l.errors[0].to_string();
+        assert!(
+            msg.contains("pod default/b") && msg.contains("already used by pod default/a"),
+            "{msg}"
+        );
+        assert_eq!(l.state.pods.len(), 1);
+    }
+
+    #[test]
+    fn duplicate_ip_never_evicts_the_running_pod() {
+        let prev = run(GOOD, None).expect("parses").state;
+        // A new pod listed first claims b's address: b keeps it, the newcomer is rejected.
+        let bad = GOOD.replace(
+            "pods:\n",
+            "pods:\n  - {name: c, namespace: default, serviceAccount: sa, ip: 10.0.0.2, netns: /ns/c, cgroup: /cg/c}\n",
+        );
+        let l = run(&bad, Some(&prev)).expect("parses");
+        assert_eq!(l.state.pods, prev.pods);
+        let msg = l.errors[0].to_string();
+        assert!(
+            msg.contains("pod default/c (pods[0]): field `ip`") && msg.contains("default/b"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_netns_is_reported() {
+        let bad = GOOD.replace("/ns/b", "/nope/b");
+        let l = run(&bad, None).expect("parses");
+        let msg = l.errors[0].to_string();
+        assert!(
+            msg.contains("field `netns`") && msg.contains("/nope/b"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let err = parse(
+            Path::new("x.yaml"),
+            "node: n1\npods: [ {name: a",
+            None,
+            &FakeFs,
+        )
+        .expect_err("must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("x.yaml") && msg.contains("line"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_field_is_a_syntax_error() {
+        let err =
+            parse(Path::new("x.yaml"), "node: n1\npodz: []\n", None, &FakeFs).expect_err("fail");
+        assert!(err.to_string().contains("podz"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        let bad = GOOD.replace("name: a,", "name: A/../x,");
+        let l = run(&bad, None).expect("parses");
+        assert!(
+            l.errors[0].to_string().contains("field `name`"),
+            "{:?}",
+            l.errors
+        );
+    }
+
+    const POLICIES: &str = "
+workloads:
+  - {name: r, namespace: default, serviceAccount: rsa, ip: 10.0.1.1, node: n2}
+peerAuthentications:
+  - {name: ns-wide, namespace: default, mode: PERMISSIVE}
+  - {name: only-a, namespace: default, selector: {matchLabels: {app: a}}, mode: STRICT}
+authorizationPolicies:
+  - name: allow-web
+    namespace: default
+    selector: {matchLabels: {app: a}}
+    rules:
+      - from: [{source: {principals: [\"spiffe://cluster.local/ns/default/sa/web\"], namespaces: [default]}}]
+        to: [{operation: {ports: [\"8080\", 9090]}}]
+";
+
+    #[test]
+    fn workloads_modes_and_policies_parse() {
+        let text = GOOD.replace("cgroup: /cg/a}", "cgroup: /cg/a, labels: {app: a}}") + POLICIES;
+        let l = run(&text, None).expect("parses");
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        // Local pods are workloads of this node; remote ones name theirs.
+        assert_eq!(l.state.workloads.len(), 3);
+        assert_eq!(l.state.workloads[&"10.0.1.1".parse().unwrap()].node, "n2");
+        assert_eq!(l.state.workloads[&"10.0.0.1".parse().unwrap()].node, "n1");
+        let pod = |n: &str| l.state.pods.values().find(|p| p.key.name == n).unwrap();
+        // The selector beats the namespace-wide setting.
+        assert_eq!(l.state.mtls_mode(pod("a")), MtlsMode::Strict);
+        assert_eq!(l.state.mtls_mode(pod("b")), MtlsMode::Permissive);
+        let p = &l.state.authorization_policies[0];
+        assert_eq!(p.action, Action::Allow);
+        // `spiffe://` is accepted and stripped to Istio's principal form.
+        assert_eq!(
+            p.rules[0].from[0].principals,
+            vec!["cluster.local/ns/default/sa/web".to_string()]
+        );
+        assert_eq!(p.rules[0].to[0].ports, vec![8080, 9090]);
+    }
+
+    #[test]
+    fn broken_policies_fail_closed_and_say_so() {
+        let text = format!(
+            "{GOOD}{}",
+            "peerAuthentications:
+  - {name: typo, namespace: default, mode: STRIKT}
+authorizationPolicies:
+  - {name: bad-allow, namespace: default, rules: [{to: [{operation: {ports: [\"http\"]}}]}]}
+  - {name: bad-deny, namespace: default, action: DENY, rules: [{to: [{operation: {ports: [0]}}]}]}
+  - {name: bad-action, namespace: default, action: AUDIT}
+"
+        );
+        let l = run(&text, None).expect("parses");
+        let msgs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        let all = msgs.join("\n");
+        assert!(
+            all.contains("peerAuthentication default/typo") && all.contains("applying STRICT"),
+            "{all}"
+        );
+        assert!(
+            all.contains("authorizationPolicy default/bad-allow") && all.contains("allows nothing"),
+            "{all}"
+        );
+        assert!(
+            all.contains("default/bad-deny") && all.contains("denies every connection"),
+            "{all}"
+        );
+        assert!(all.contains("\"AUDIT\" is not ALLOW or DENY"), "{all}");
+        let pod = l.state.pods.values().next().unwrap();
+        assert_eq!(l.state.mtls_mode(pod), MtlsMode::Strict);
+        let by = |n: &str| {
+            l.state
+                .authorization_policies
+                .iter()
+                .find(|p| p.key.name == n)
+                .unwrap()
+        };
+        assert!(
+            by("bad-allow").rules.is_empty(),
+            "an ALLOW with no rules allows nothing"
+        );
+        assert_eq!(
+            by("bad-deny").rules,
+            vec![Rule::default()],
+            "a DENY matching everything"
+        );
+        assert_eq!(by("bad-action").action, Action::Deny);
+    }
+}

@@ -1,0 +1,700 @@
+//! The L7 parts of the node file: `httpRoutes` (Gateway API HTTPRoute attached to a Service, as
+//! GAMMA does) and `destinationRules` (Istio's `trafficPolicy` shape, plus a local rate limit and
+//! a retry budget).
+//!
+//! A route or rule that fails validation is reported and, on a reload, kept at its last valid
+//! version; one never seen valid is left out, so its service keeps default routing. Routes carry
+//! no security decision, so leaving one out cannot open anything.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Ctx, ObjectError, who};
+use crate::{
+    config::parse_duration,
+    state::{
+        BackendRef, Fault, HeaderModifier, HttpRoute, LbPolicy, NodeState, ObjectKey,
+        OutlierDetection, PathMatch, Pattern, RateLimit, RetryPolicy, RouteMatch, RouteRule,
+        TrafficPolicy, ValueMatch,
+    },
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawHttpRoute {
+    name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    parent_refs: Vec<RawParentRef>,
+    #[serde(default)]
+    rules: Vec<RawRouteRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawParentRef {
+    group: Option<String>,
+    kind: Option<String>,
+    name: Option<String>,
+    port: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRouteRule {
+    #[serde(default)]
+    matches: Vec<RawMatch>,
+    #[serde(default)]
+    filters: Vec<RawFilter>,
+    #[serde(default)]
+    backend_refs: Vec<RawBackendRef>,
+    timeouts: Option<RawTimeouts>,
+    retry: Option<RawRetry>,
+    fault: Option<RawFault>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMatch {
+    path: Option<RawPathMatch>,
+    #[serde(default)]
+    headers: Vec<RawValueMatch>,
+    #[serde(default)]
+    query_params: Vec<RawValueMatch>,
+    method: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPathMatch {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    value: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawValueMatch {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    name: Option<String>,
+    value: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFilter {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    request_header_modifier: Option<RawHeaderModifier>,
+    response_header_modifier: Option<RawHeaderModifier>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderModifier {
+    #[serde(default)]
+    set: Vec<RawHeader>,
+    #[serde(default)]
+    add: Vec<RawHeader>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    name: String,
+    value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendRef {
+    kind: Option<String>,
+    name: Option<String>,
+    port: Option<u16>,
+    weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTimeouts {
+    request: Option<String>,
+    backend_request: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<u32>,
+    #[serde(default)]
+    codes: Vec<u16>,
+    /// `5xx`, `reset`, `connect-failure`.
+    #[serde(default)]
+    on: Vec<String>,
+    backoff: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFault {
+    delay: Option<RawDelay>,
+    abort: Option<RawAbort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDelay {
+    fixed_delay: Option<String>,
+    percentage: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAbort {
+    http_status: Option<u16>,
+    percentage: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawDestinationRule {
+    name: Option<String>,
+    namespace: Option<String>,
+    /// The service's name, in the rule's namespace.
+    host: Option<String>,
+    #[serde(default)]
+    traffic_policy: RawTrafficPolicy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTrafficPolicy {
+    load_balancer: Option<RawLoadBalancer>,
+    connection_pool: Option<RawConnectionPool>,
+    outlier_detection: Option<RawOutlier>,
+    local_rate_limit: Option<RawRateLimit>,
+    retry_budget: Option<RawRetryBudget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLoadBalancer {
+    simple: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnectionPool {
+    tcp: Option<RawTcpPool>,
+    http: Option<RawHttpPool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTcpPool {
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawHttpPool {
+    http1_max_pending_requests: Option<u32>,
+    http2_max_requests: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOutlier {
+    #[serde(rename = "consecutive5xxErrors")]
+    consecutive_5xx_errors: Option<u32>,
+    base_ejection_time: Option<String>,
+    max_ejection_percent: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRateLimit {
+    requests_per_second: Option<u32>,
+    burst: Option<u32>,
+    #[serde(default)]
+    per_source: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRetryBudget {
+    percent: Option<u32>,
+    min_retries_per_second: Option<u32>,
+}
+
+/// Retries may add this share of requests by default (Linkerd's default budget).
+const DEFAULT_RETRY_PERCENT: u32 = 20;
+const DEFAULT_MIN_RETRIES_PER_SECOND: u32 = 10;
+
+fn duration(cx: &mut Ctx<'_>, field: &'static str, value: &str) -> Option<Duration> {
+    match parse_duration(field, value) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            cx.fail(field, e.to_string());
+            None
+        }
+    }
+}
+
+fn pattern(cx: &mut Ctx<'_>, field: &'static str, value: &str) -> Option<Pattern> {
+    match Pattern::new(value) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            cx.fail(
+                field,
+                format!("{value:?} is not a valid regular expression: {e}"),
+            );
+            None
+        }
+    }
+}
+
+fn percentage(cx: &mut Ctx<'_>, field: &'static str, value: Option<f64>) -> f64 {
+    match value {
+        None => 100.0,
+        Some(p) if (0.0..=100.0).contains(&p) => p,
+        Some(p) => {
+            cx.fail(field, format!("{p} is not a percentage between 0 and 100"));
+            0.0
+        }
+    }
+}
+
+fn value_match(
+    cx: &mut Ctx<'_>,
+    field: &'static str,
+    raw: &RawValueMatch,
+) -> Option<(String, ValueMatch)> {
+    let name = match &raw.name {
+        Some(n) if !n.is_empty() => n.to_ascii_lowercase(),
+        _ => {
+            cx.fail(field, "every match needs a `name`");
+            return None;
+        }
+    };
+    let Some(value) = &raw.value else {
+        cx.fail(field, format!("match on {name:?} needs a `value`"));
+        return None;
+    };
+    let m = match raw.kind.as_deref() {
+        None | Some("Exact") => ValueMatch::Exact(value.clone()),
+        Some("RegularExpression") => ValueMatch::Regex(pattern(cx, field, value)?),
+        Some(other) => {
+            cx.fail(
+                field,
+                format!("type {other:?} is not Exact or RegularExpression"),
+            );
+            return None;
+        }
+    };
+    Some((name, m))
+}
+
+fn header_modifier(cx: &mut Ctx<'_>, raw: &RawHeaderModifier) -> HeaderModifier {
+    let mut header = |list: &[RawHeader]| {
+        let mut out = Vec::new();
+        for h in list {
+            match (
+                http::HeaderName::try_from(h.name.as_str()),
+                http::HeaderValue::try_from(h.value.as_str()),
+            ) {
+                (Ok(n), Ok(v)) => out.push((n, v)),
+                _ => cx.fail(
+                    "rules.filters",
+                    format!("{}: {:?} is not a valid header", h.name, h.value),
+                ),
+            }
+        }
+        out
+    };
+    let set = header(&raw.set);
+    let add = header(&raw.add);
+    let mut remove = Vec::new();
+    for n in &raw.remove {
+        match http::HeaderName::try_from(n.as_str()) {
+            Ok(n) => remove.push(n),
+            Err(_) => cx.fail("rules.filters", format!("{n:?} is not a valid header name")),
+        }
+    }
+    HeaderModifier { set, add, remove }
+}
+
+fn route_rule(cx: &mut Ctx<'_>, namespace: &str, raw: &RawRouteRule) -> RouteRule {
+    let mut rule = RouteRule::default();
+    for m in &raw.matches {
+        let mut out = RouteMatch::default();
+        if let Some(p) = &m.path {
+            let value = p.value.clone().unwrap_or_else(|| "/".to_string());
+            if !value.starts_with('/') && p.kind.as_deref() != Some("RegularExpression") {
+                cx.fail(
+                    "rules.matches.path",
+                    format!("{value:?} must start with '/'"),
+                );
+            }
+            out.path = match p.kind.as_deref() {
+                None | Some("PathPrefix") => {
+                    Some(PathMatch::Prefix(value.trim_end_matches('/').to_string()))
+                }
+                Some("Exact") => Some(PathMatch::Exact(value)),
+                Some("RegularExpression") => {
+                    pattern(cx, "rules.matches.path", &value).map(PathMatch::Regex)
+                }
+                Some(other) => {
+                    cx.fail(
+                        "rules.matches.path",
+                        format!("type {other:?} is not Exact, PathPrefix or RegularExpression"),
+                    );
+                    None
+                }
+            };
+        }
+        out.headers = m
+            .headers
+            .iter()
+            .filter_map(|h| value_match(cx, "rules.matches.headers", h))
+            .collect();
+        out.query = m
+            .query_params
+            .iter()
+            .filter_map(|q| value_match(cx, "rules.matches.queryParams", q))
+            .collect();
+        if let Some(method) = &m.method {
+            if http::Method::from_bytes(method.as_bytes()).is_err() {
+                cx.fail(
+                    "rules.matches.method",
+                    format!("{method:?} is not an HTTP method"),
+                );
+            }
+            out.method = Some(method.clone());
+        }
+        rule.matches.push(out);
+    }
+    for f in &raw.filters {
+        match (f.kind.as_deref(), &f.request_header_modifier, &f.response_header_modifier) {
+            (Some("RequestHeaderModifier"), Some(m), None) => {
+                rule.request_headers = header_modifier(cx, m);
+            }
+            (Some("ResponseHeaderModifier"), None, Some(m)) => {
+                rule.response_headers = header_modifier(cx, m);
+            }
+            (kind, ..) => cx.fail(
+                "rules.filters",
+                format!(
+                    "filter type {kind:?} with its settings is not supported: use RequestHeaderModifier with requestHeaderModifier, or ResponseHeaderModifier with responseHeaderModifier"
+                ),
+            ),
+        }
+    }
+    for b in &raw.backend_refs {
+        if b.kind.as_deref().is_some_and(|k| k != "Service") {
+            cx.fail("rules.backendRefs", "only Service backends are supported");
+        }
+        let (Some(name), Some(port)) = (&b.name, b.port) else {
+            cx.fail(
+                "rules.backendRefs",
+                "every backendRef needs a `name` and a `port`",
+            );
+            continue;
+        };
+        rule.backends.push(BackendRef {
+            service: ObjectKey {
+                namespace: namespace.to_string(),
+                name: name.clone(),
+            },
+            port,
+            weight: b.weight.unwrap_or(1),
+        });
+    }
+    if !rule.backends.is_empty() && rule.backends.iter().all(|b| b.weight == 0) {
+        cx.fail(
+            "rules.backendRefs",
+            "every weight is 0: no request could be served",
+        );
+    }
+    if let Some(t) = &raw.timeouts {
+        rule.request_timeout = t
+            .request
+            .as_deref()
+            .and_then(|v| duration(cx, "rules.timeouts.request", v));
+        rule.backend_timeout = t
+            .backend_request
+            .as_deref()
+            .and_then(|v| duration(cx, "rules.timeouts.backendRequest", v));
+    }
+    if let Some(r) = &raw.retry {
+        let mut retry = RetryPolicy {
+            attempts: r.attempts.unwrap_or(1),
+            codes: r.codes.clone(),
+            on_reset: false,
+            on_connect_failure: false,
+            backoff: Duration::from_millis(25),
+        };
+        for on in &r.on {
+            match on.as_str() {
+                "5xx" => retry.codes.extend(500..600),
+                "reset" => retry.on_reset = true,
+                "connect-failure" => retry.on_connect_failure = true,
+                other => cx.fail(
+                    "rules.retry.on",
+                    format!("{other:?} is not 5xx, reset or connect-failure"),
+                ),
+            }
+        }
+        if let Some(b) = &r.backoff {
+            retry.backoff = duration(cx, "rules.retry.backoff", b).unwrap_or_default();
+        }
+        if retry.codes.iter().any(|c| !(100..600).contains(c)) {
+            cx.fail("rules.retry.codes", "codes must be HTTP statuses (100-599)");
+        }
+        rule.retry = Some(retry);
+    }
+    if let Some(f) = &raw.fault {
+        let mut fault = Fault::default();
+        if let Some(d) = &f.delay {
+            let p = percentage(cx, "rules.fault.delay.percentage", d.percentage);
+            match d.fixed_delay.as_deref() {
+                Some(v) => {
+                    fault.delay = duration(cx, "rules.fault.delay.fixedDelay", v).map(|d| (d, p));
+                }
+                None => cx.fail("rules.fault.delay", "needs `fixedDelay`"),
+            }
+        }
+        if let Some(a) = &f.abort {
+            let p = percentage(cx, "rules.fault.abort.percentage", a.percentage);
+            match a.http_status {
+                Some(s) if (200..600).contains(&s) => fault.abort = Some((s, p)),
+                _ => cx.fail(
+                    "rules.fault.abort",
+                    "needs `httpStatus` between 200 and 599",
+                ),
+            }
+        }
+        rule.fault = Some(fault);
+    }
+    rule
+}
+
+pub(super) fn validate_http_routes(
+    raw: &[RawHttpRoute],
+    state: &mut NodeState,
+    previous: Option<&NodeState>,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (i, rr) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "httpRoute",
+            who: who(&rr.namespace, &rr.name),
+            position: format!("httpRoutes[{i}]"),
+            errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rr.name);
+        let namespace = cx.label("namespace", &rr.namespace);
+        let (Some(name), Some(namespace)) = (name, namespace) else {
+            continue;
+        };
+        let key = ObjectKey { namespace, name };
+        if rr.parent_refs.len() != 1 {
+            cx.fail(
+                "parentRefs",
+                "exactly one parentRef is supported: the Service the route attaches to",
+            );
+        }
+        let mut parent = None;
+        for p in &rr.parent_refs {
+            let core = matches!(p.group.as_deref(), None | Some("" | "core"));
+            if !core || p.kind.as_deref() != Some("Service") {
+                cx.fail(
+                    "parentRefs",
+                    "the parent must be a Service (`kind: Service`): routes attach to services in the mesh (GAMMA)",
+                );
+            }
+            match &p.name {
+                Some(n) => {
+                    parent = Some((
+                        ObjectKey {
+                            namespace: key.namespace.clone(),
+                            name: n.clone(),
+                        },
+                        p.port,
+                    ));
+                }
+                None => cx.fail("parentRefs", "the parentRef needs a `name`"),
+            }
+        }
+        let rules: Vec<RouteRule> = rr
+            .rules
+            .iter()
+            .map(|r| route_rule(&mut cx, &key.namespace, r))
+            .collect();
+        match parent {
+            Some((service, port)) if cx.errors.len() == before => {
+                state.http_routes.push(HttpRoute {
+                    key,
+                    service,
+                    port,
+                    rules,
+                });
+            }
+            _ => {
+                let old = previous.and_then(|p| p.http_routes.iter().find(|r| r.key == key));
+                let outcome = match old {
+                    Some(old) => {
+                        state.http_routes.push(old.clone());
+                        "its last valid version stays in force"
+                    }
+                    None => "it is not applied; its service keeps default routing",
+                };
+                cx.fail("rules", format!("route {key} is invalid; {outcome}"));
+            }
+        }
+    }
+}
+
+pub(super) fn validate_destination_rules(
+    raw: &[RawDestinationRule],
+    state: &mut NodeState,
+    previous: Option<&NodeState>,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (i, rd) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "destinationRule",
+            who: who(&rd.namespace, &rd.name),
+            position: format!("destinationRules[{i}]"),
+            errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rd.name);
+        let namespace = cx.label("namespace", &rd.namespace);
+        let host = cx.label("host", &rd.host);
+        let (Some(name), Some(namespace), Some(host)) = (name, namespace, host) else {
+            continue;
+        };
+        let rule = ObjectKey {
+            namespace: namespace.clone(),
+            name,
+        };
+        let service = ObjectKey {
+            namespace,
+            name: host,
+        };
+        let tp = &rd.traffic_policy;
+        let mut policy = TrafficPolicy {
+            rule: Some(rule),
+            retry_budget_percent: DEFAULT_RETRY_PERCENT,
+            min_retries_per_second: DEFAULT_MIN_RETRIES_PER_SECOND,
+            ..TrafficPolicy::default()
+        };
+        if let Some(lb) = &tp.load_balancer {
+            policy.lb = match lb.simple.as_deref() {
+                None | Some("P2C_PEAK_EWMA" | "LEAST_REQUEST") => LbPolicy::P2cPeakEwma,
+                Some("ROUND_ROBIN") => LbPolicy::RoundRobin,
+                Some(other) => {
+                    cx.fail(
+                        "trafficPolicy.loadBalancer.simple",
+                        format!("{other:?} is not P2C_PEAK_EWMA, LEAST_REQUEST or ROUND_ROBIN"),
+                    );
+                    LbPolicy::default()
+                }
+            };
+        }
+        let positive = |cx: &mut Ctx<'_>, field: &'static str, v: Option<u32>| {
+            if v == Some(0) {
+                cx.fail(
+                    field,
+                    "0 would refuse every request; leave it out for no limit",
+                );
+            }
+            v
+        };
+        if let Some(cp) = &tp.connection_pool {
+            policy.max_connections = positive(
+                &mut cx,
+                "trafficPolicy.connectionPool.tcp.maxConnections",
+                cp.tcp.as_ref().and_then(|t| t.max_connections),
+            );
+            policy.max_pending_requests =
+                cp.http.as_ref().and_then(|h| h.http1_max_pending_requests);
+            policy.max_requests = positive(
+                &mut cx,
+                "trafficPolicy.connectionPool.http.http2MaxRequests",
+                cp.http.as_ref().and_then(|h| h.http2_max_requests),
+            );
+        }
+        if let Some(o) = &tp.outlier_detection {
+            let base = match o.base_ejection_time.as_deref() {
+                Some(v) => duration(
+                    &mut cx,
+                    "trafficPolicy.outlierDetection.baseEjectionTime",
+                    v,
+                ),
+                None => Some(Duration::from_secs(30)),
+            };
+            let pct = o.max_ejection_percent.unwrap_or(50);
+            if pct > 100 {
+                cx.fail(
+                    "trafficPolicy.outlierDetection.maxEjectionPercent",
+                    "must be at most 100",
+                );
+            }
+            policy.outlier = base.map(|base_ejection_time| OutlierDetection {
+                consecutive_errors: o.consecutive_5xx_errors.unwrap_or(5).max(1),
+                base_ejection_time,
+                max_ejection_percent: pct,
+            });
+        }
+        if let Some(r) = &tp.local_rate_limit {
+            match r.requests_per_second {
+                Some(per_second) if per_second > 0 => {
+                    policy.rate_limit = Some(RateLimit {
+                        per_second,
+                        burst: r.burst.unwrap_or(per_second).max(1),
+                        per_source: r.per_source,
+                    });
+                }
+                _ => cx.fail(
+                    "trafficPolicy.localRateLimit.requestsPerSecond",
+                    "needs a positive rate",
+                ),
+            }
+        }
+        if let Some(b) = &tp.retry_budget {
+            policy.retry_budget_percent = b.percent.unwrap_or(DEFAULT_RETRY_PERCENT);
+            policy.min_retries_per_second = b
+                .min_retries_per_second
+                .unwrap_or(DEFAULT_MIN_RETRIES_PER_SECOND);
+        }
+        if state.traffic_policies.contains_key(&service) {
+            cx.fail(
+                "host",
+                format!("service {service} already has a destinationRule; give each service one"),
+            );
+            continue;
+        }
+        if cx.errors.len() == before {
+            state.traffic_policies.insert(service, policy);
+        } else {
+            let old = previous.and_then(|p| p.traffic_policies.get(&service));
+            let outcome = match old {
+                Some(old) => {
+                    state.traffic_policies.insert(service.clone(), old.clone());
+                    "its last valid version stays in force"
+                }
+                None => "it is not applied; the service has no limits",
+            };
+            cx.fail(
+                "trafficPolicy",
+                format!("the rule for {service} is invalid; {outcome}"),
+            );
+        }
+    }
+}

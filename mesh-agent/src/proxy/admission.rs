@@ -1,0 +1,120 @@
+//! Authorization at a destination pod: the decision for a connection or a request, the log line
+//! and counter of a denial, and the flow record of a refused connection. Every handler that
+//! reaches a pod of this node calls here: plaintext inbound, HBONE streams, same-node delivery
+//! and per-request L7.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tracing::warn;
+
+use crate::{
+    authz::{self, Decision, HttpAttributes},
+    identity::Identity,
+    pods::LocalPod,
+    telemetry::{
+        flows::{Draft, FlowLog},
+        metrics::labels::{Flow, Peer, Reporter, Security, UNKNOWN},
+    },
+    view::Snapshot,
+};
+
+/// Authorizes a connection (`http: None`) or a request to `dest` on `port` from `source` (at
+/// address `from`, when known); logs and counts a denial, and files a connection's denial as a
+/// flow record (a request's denial is filed with the request).
+pub fn authorize(
+    view: &Snapshot,
+    flows: &FlowLog,
+    dest: &LocalPod,
+    source: Option<&Identity>,
+    from: Option<SocketAddr>,
+    port: u16,
+    http: Option<&HttpAttributes<'_>>,
+) -> Result<(), Decision> {
+    let decision = decide(view, dest, source, port, http);
+    if decision == Decision::Allow {
+        return Ok(());
+    }
+    dest.counters.denied.inc();
+    let src = source.map_or_else(
+        || "plaintext (no identity)".to_string(),
+        ToString::to_string,
+    );
+    match http {
+        Some(h) => {
+            warn!(%src, dst = %dest.pod.key, port, method = h.method, path = h.path, "request {decision}");
+        }
+        None => {
+            warn!(%src, dst = %dest.pod.key, port, "connection {decision}");
+            let peer = from.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            let mut draft = Draft::new(inbound_flow(view, dest, source, peer));
+            draft.src_addr = from;
+            draft.dst_addr = Some(SocketAddr::new(dest.pod.ip, port));
+            draft.denied(&decision);
+            flows.record(draft);
+        }
+    }
+    Err(decision)
+}
+
+/// The decision alone: what the policies of `view` say of `source` reaching `dest` on `port`.
+pub fn decide(
+    view: &Snapshot,
+    dest: &LocalPod,
+    source: Option<&Identity>,
+    port: u16,
+    http: Option<&HttpAttributes<'_>>,
+) -> Decision {
+    authz::evaluate(
+        &view.state().authorization_policies,
+        &authz::Request {
+            source,
+            namespace: &dest.pod.key.namespace,
+            labels: &dest.pod.labels,
+            port,
+            http,
+        },
+    )
+}
+
+/// A flow to `dest` from `source` at `peer`, as this node reports it: mTLS when HBONE proved the
+/// source's identity.
+pub fn inbound_flow(
+    view: &Snapshot,
+    dest: &LocalPod,
+    source: Option<&Identity>,
+    peer: IpAddr,
+) -> Flow {
+    Flow {
+        reporter: Reporter::Destination,
+        src: view.peer_at(peer, source),
+        dst: Peer::new(&dest.pod.key, dest.identity()),
+        service: UNKNOWN.into(),
+        security: if source.is_some() {
+            Security::MutualTls
+        } else {
+            Security::None
+        },
+    }
+}
+
+/// Admits a connection to `dest`: `Ok(true)` when L7 policy selects the pod, so the decision
+/// waits for each request; `Ok(false)` when L4 policy allowed it now.
+pub fn admit(
+    view: &Snapshot,
+    flows: &FlowLog,
+    dest: &LocalPod,
+    source: Option<&Identity>,
+    from: SocketAddr,
+    port: u16,
+) -> Result<bool, Decision> {
+    if view.state().has_l7_policy(&dest.pod) {
+        return Ok(true);
+    }
+    authorize(view, flows, dest, source, Some(from), port, None).map(|()| false)
+}
+
+/// Re-decides every live L4 connection to `pod` under `view` after a policy change, and closes
+/// those now denied (each denial is logged, counted and filed like any other).
+pub fn recheck(view: &Snapshot, flows: &FlowLog, pod: &LocalPod) {
+    pod.revoke_where(|source, port| authorize(view, flows, pod, source, None, port, None).is_err());
+}

@@ -1,0 +1,212 @@
+//! What a request leaves behind: its Istio metrics and its flow record, filed once its response
+//! has been sent to the end (or dropped), so the duration runs to the last byte.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{Method, header};
+use http_body_util::BodyExt;
+use hyper::{
+    Request, Response,
+    body::{Frame, SizeHint},
+};
+
+use super::message::{FLAGS_HEADER, Why};
+use crate::proxy::inputs::ProxyInputs;
+use crate::{
+    authz::Decision,
+    protocol::{
+        body::{Body, BoxError},
+        trace,
+    },
+    state::ObjectKey,
+    telemetry::{
+        flows::{Draft, HttpInfo},
+        metrics::{
+            http::Outcome,
+            labels::{Flow, Reporter},
+        },
+    },
+};
+
+/// Where a request was answered, for its metrics.
+#[derive(Clone, Debug)]
+pub(super) struct Served {
+    pub(super) addr: SocketAddr,
+    pub(super) service: Option<ObjectKey>,
+    pub(super) hbone: bool,
+}
+
+/// What metrics and the flow record need from a request before it is consumed.
+#[derive(Clone, Debug)]
+pub(super) struct Shape {
+    grpc: bool,
+    /// The declared body length (a chunked body counts 0).
+    request_bytes: u64,
+    method: Method,
+    /// Path and query as the client sent them.
+    path: String,
+    authority: String,
+    trace_id: String,
+}
+
+impl Shape {
+    /// Reads the request and gives it a trace context if it has none (see `trace.rs`).
+    pub(super) fn of<B: hyper::body::Body>(req: &mut Request<B>) -> Self {
+        let trace_id = trace::ensure(req.headers_mut());
+        let authority = match req.uri().authority() {
+            Some(a) => a.as_str().to_string(),
+            None => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        };
+        Self {
+            grpc: req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+            request_bytes: req.body().size_hint().exact().unwrap_or(0),
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(String::new, |p| p.as_str().to_string()),
+            authority,
+            trace_id,
+        }
+    }
+}
+
+/// The addresses a request's record names, where known.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Ends {
+    pub(super) src: Option<SocketAddr>,
+    pub(super) dst: Option<SocketAddr>,
+}
+
+/// `resp`, with a body that records the request (metrics and flow record) once it has been
+/// sent to the end (or dropped): the duration runs to the response's last byte, as Istio's does.
+pub(super) fn recorded(
+    inputs: &ProxyInputs,
+    flow: Flow,
+    both: bool,
+    shape: Shape,
+    ends: Ends,
+    started: Instant,
+    mut resp: Response<Body>,
+) -> Response<Body> {
+    let code = resp.status().as_u16();
+    let flags = resp
+        .headers()
+        .get(FLAGS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let denial = resp.extensions_mut().remove::<Decision>();
+    let why = resp.extensions_mut().remove::<Why>();
+    let (metrics, flows) = (inputs.metrics.clone(), inputs.flows.clone());
+    let wall = std::time::SystemTime::now() - started.elapsed();
+    resp.map(move |inner| {
+        Recorded {
+            inner,
+            bytes: 0,
+            done: Some(Box::new(move |bytes| {
+                let protocol = if shape.grpc { "grpc" } else { "http" };
+                let outcome = Outcome {
+                    protocol,
+                    code,
+                    flags: &flags,
+                    duration: started.elapsed(),
+                    request_bytes: shape.request_bytes,
+                    response_bytes: bytes,
+                };
+                metrics.http.record(&flow, &outcome);
+                if both {
+                    metrics
+                        .http
+                        .record(&flow.reported_by(Reporter::Destination), &outcome);
+                }
+                let mut draft = Draft::new(flow);
+                draft.started = wall;
+                draft.src_addr = ends.src;
+                draft.dst_addr = ends.dst;
+                draft.bytes_received = shape.request_bytes;
+                draft.bytes_sent = bytes;
+                match (&denial, why) {
+                    (Some(d), _) => draft.denied(d),
+                    (None, Some(Why(message))) => draft.failed(&flags, message),
+                    (None, None) => draft.flags = flags,
+                }
+                draft.http = Some(HttpInfo {
+                    method: shape.method.to_string(),
+                    path: shape.path,
+                    authority: shape.authority,
+                    protocol: protocol.into(),
+                    code,
+                    trace_id: shape.trace_id,
+                });
+                flows.record(draft);
+            })),
+        }
+        .boxed_unsync()
+    })
+}
+
+/// A response body that counts its bytes and reports them once, at its end or drop.
+pub(super) struct Recorded {
+    inner: Body,
+    bytes: u64,
+    done: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl Recorded {
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes);
+        }
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Recorded {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

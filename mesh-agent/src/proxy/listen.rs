@@ -1,0 +1,146 @@
+//! A pod's listeners and accept loops. Which listener accepted a connection says which pod it
+//! belongs to: the proxy never infers the pod from a source address.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::{debug, warn};
+
+use super::{error::ProxyError, hbone, inbound, inputs::ProxyInputs, outbound};
+use crate::{
+    capture::netns::{Netns, NetnsError},
+    pods::LocalPod,
+    state::Pod,
+};
+
+/// The proxy side of one enrolled pod: its listeners and accept loops. Dropping it stops
+/// accepting; connections already relaying run to completion.
+#[derive(Debug)]
+pub struct PodProxy {
+    /// The pod, with its namespace and counters.
+    pub local: Arc<LocalPod>,
+    tasks: JoinSet<()>,
+}
+/// The three listeners, opened inside the pod's netns before capture is enabled.
+#[derive(Debug)]
+pub struct PodListeners {
+    /// 127.0.0.1:15001 (and [::1]:15001 when the pod has IPv6 loopback).
+    pub outbound: Vec<std::net::TcpListener>,
+    /// 15006, the plaintext inbound listener `sk_lookup` steers to.
+    pub inbound: std::net::TcpListener,
+    /// 15008, the HBONE listener `sk_lookup` steers to.
+    pub hbone: std::net::TcpListener,
+}
+
+/// Opens a pod's listeners in its namespace.
+pub fn open_listeners(netns: &Netns, pod: &Pod) -> Result<PodListeners, NetnsError> {
+    use mesh_common::ports;
+    let mut outbound =
+        vec![netns.listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports::OUTBOUND))?];
+    match netns.listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), ports::OUTBOUND)) {
+        Ok(l) => outbound.push(l),
+        Err(e) => debug!(pod = %pod.key, "no IPv6 outbound listener: {e}"),
+    }
+    let any: IpAddr = if pod.ip.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let inbound = netns.listen(SocketAddr::new(any, ports::INBOUND))?;
+    let hbone = netns.listen(SocketAddr::new(any, ports::HBONE))?;
+    Ok(PodListeners {
+        outbound,
+        inbound,
+        hbone,
+    })
+}
+
+impl PodProxy {
+    /// Starts accepting on `listeners`. Must be called inside the tokio runtime.
+    pub fn start(
+        pod: Pod,
+        netns: Arc<Netns>,
+        listeners: PodListeners,
+        trust_domain: &str,
+        inputs: Arc<ProxyInputs>,
+    ) -> io::Result<Self> {
+        let local = Arc::new(LocalPod::new(pod, netns, trust_domain));
+        let mut tasks = JoinSet::new();
+        let cx = Arc::new(PodCx {
+            local: local.clone(),
+            inputs,
+        });
+        for l in listeners.outbound {
+            let l = TcpListener::from_std(l)?;
+            tasks.spawn(accept_loop(l, cx.clone(), Kind::Outbound));
+        }
+        let l = TcpListener::from_std(listeners.inbound)?;
+        tasks.spawn(accept_loop(l, cx.clone(), Kind::Inbound));
+        let l = TcpListener::from_std(listeners.hbone)?;
+        tasks.spawn(accept_loop(l, cx, Kind::Hbone));
+        Ok(Self { local, tasks })
+    }
+
+    /// Stops accepting.
+    pub fn stop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+impl Drop for PodProxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Outbound,
+    Inbound,
+    Hbone,
+}
+
+#[derive(Debug)]
+struct PodCx {
+    local: Arc<LocalPod>,
+    inputs: Arc<ProxyInputs>,
+}
+
+async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(pod = %cx.local.pod.key, ?kind, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let cx = cx.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let result = match kind {
+                Kind::Outbound => outbound::handle(&cx.inputs, &cx.local, stream, peer).await,
+                Kind::Inbound => inbound::handle(&cx.inputs, &cx.local, stream).await,
+                Kind::Hbone => {
+                    let r = hbone::serve(cx.inputs.clone(), cx.local.clone(), stream, peer).await;
+                    if r.is_err() {
+                        cx.local.counters.hbone_refused.inc();
+                    }
+                    r
+                }
+            };
+            match result {
+                // Denials were logged with their policy where they were decided, revocations
+                // where they happened.
+                Ok(()) | Err(ProxyError::Denied(_) | ProxyError::Revoked) => {}
+                Err(e) => warn!(pod = %cx.local.pod.key, ?kind, %peer, "connection failed: {e}"),
+            }
+        });
+    }
+}

@@ -1,0 +1,201 @@
+//! The routing table of one state: services by address, their HTTP routes, balancers and
+//! limits, and the upgrade tokens each local port accepts. Built from a [`NodeState`] by
+//! [`Routes::build`]; balancer statistics, limit counters and round-robin cursors carry over
+//! from the table it replaces, so a reload does not reset them.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use super::{balance::Balancer, limits::Limits};
+use crate::{
+    state::{HttpRoute, NodeState, ObjectKey, Service, TrafficPolicy},
+    telemetry::metrics::labels::{UNKNOWN, service_fqdn},
+};
+
+/// Why a connection has nowhere to go.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// A service address was dialled on a port it does not serve, or it has no endpoints.
+    #[error("service {service} has no endpoints for port {port}")]
+    NoEndpoints {
+        /// The service.
+        service: ObjectKey,
+        /// The requested port.
+        port: u16,
+    },
+}
+
+/// One service as routing sees it: its HTTP routes, balancer and limits.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// The service.
+    pub svc: Service,
+    /// The HTTP routes attached to it, in the state's order.
+    pub routes: Vec<HttpRoute>,
+    /// Endpoint choice per request.
+    pub balancer: Balancer,
+    /// Admission limits.
+    pub limits: Arc<Limits>,
+    /// Round-robin cursor for connections routed at L4.
+    next: AtomicUsize,
+}
+
+impl ServiceEntry {
+    /// An entry for `svc` with its attached `routes`.
+    pub fn new(
+        svc: Service,
+        routes: Vec<HttpRoute>,
+        balancer: Balancer,
+        limits: Arc<Limits>,
+    ) -> Self {
+        Self {
+            svc,
+            routes,
+            balancer,
+            limits,
+            next: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The routing table; replaced whole on every change.
+#[derive(Debug, Default)]
+pub struct Routes {
+    by_vip: HashMap<IpAddr, Arc<ServiceEntry>>,
+    services: HashMap<ObjectKey, Arc<ServiceEntry>>,
+    /// Upgrade tokens allowed to (pod address, target port), from the services that send there.
+    inbound_upgrades: HashMap<(IpAddr, u16), Vec<String>>,
+    /// The state the table was built from: workloads, modes and policies.
+    pub state: Arc<NodeState>,
+}
+
+/// The traffic policy of a service no DestinationRule names.
+fn default_policy() -> TrafficPolicy {
+    TrafficPolicy {
+        retry_budget_percent: 20,
+        min_retries_per_second: 10,
+        ..Default::default()
+    }
+}
+
+impl Routes {
+    /// Builds the table for `state`, carrying balancer state, limit counters and cursors over
+    /// from `old`.
+    pub fn build(state: &Arc<NodeState>, old: &Routes) -> Self {
+        let services: HashMap<ObjectKey, Arc<ServiceEntry>> = state
+            .services
+            .values()
+            .map(|svc| {
+                let policy = state
+                    .traffic_policies
+                    .get(&svc.key)
+                    .cloned()
+                    .unwrap_or_else(default_policy);
+                let prev = old.services.get(&svc.key);
+                let limits = match prev {
+                    Some(p) if p.limits.policy == policy => p.limits.clone(),
+                    _ => Arc::new(Limits::new(&policy)),
+                };
+                let balancer = Balancer::new(
+                    &svc.endpoints,
+                    policy.lb,
+                    policy.outlier.clone(),
+                    prev.map(|p| &p.balancer),
+                );
+                let routes = state
+                    .http_routes
+                    .iter()
+                    .filter(|r| r.service == svc.key)
+                    .cloned()
+                    .collect();
+                let entry = ServiceEntry::new(svc.clone(), routes, balancer, limits);
+                if let Some(p) = prev {
+                    entry
+                        .next
+                        .store(p.next.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+                (svc.key.clone(), Arc::new(entry))
+            })
+            .collect();
+        let by_vip = services.values().map(|e| (e.svc.ip, e.clone())).collect();
+        let mut inbound_upgrades: HashMap<(IpAddr, u16), Vec<String>> = HashMap::new();
+        for s in state.services.values() {
+            for (ip, p) in s
+                .endpoints
+                .iter()
+                .flat_map(|ip| s.ports.iter().map(move |p| (ip, p)))
+            {
+                let all = inbound_upgrades.entry((*ip, p.target_port)).or_default();
+                all.extend(s.upgrades.iter().cloned());
+                all.sort();
+                all.dedup();
+            }
+        }
+        Self {
+            by_vip,
+            services,
+            inbound_upgrades,
+            state: state.clone(),
+        }
+    }
+
+    /// The upgrade tokens allowed to `port` of the local pod at `ip`: those of every service
+    /// that sends that port to it, or the default when none does.
+    pub fn upgrades_to(&self, ip: IpAddr, port: u16) -> &[String] {
+        self.inbound_upgrades
+            .get(&(ip, port))
+            .map_or(&crate::state::DEFAULT_UPGRADES, |u| u)
+    }
+
+    /// The service whose address is `ip`.
+    pub fn service_at(&self, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// The service `key`.
+    pub fn service(&self, key: &ObjectKey) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
+    }
+
+    /// `destination_service` for a connection to `ip`: the service's FQDN when `ip` is a
+    /// service address.
+    pub fn service_name_at(&self, ip: IpAddr) -> String {
+        self.by_vip
+            .get(&ip)
+            .map_or_else(|| UNKNOWN.to_string(), |e| service_fqdn(&e.svc.key))
+    }
+
+    /// Whether connections to `dst` get protocol detection: mesh destinations (a service
+    /// address or a workload), except service ports declared `appProtocol: tcp`.
+    pub fn detects(&self, dst: SocketAddr) -> bool {
+        match self.by_vip.get(&dst.ip()) {
+            Some(e) => !e.svc.is_opaque(dst.port()),
+            None => self.state.workloads.contains_key(&dst.ip()),
+        }
+    }
+
+    /// Where to connect for a connection to `dst` routed at L4: a service address becomes one
+    /// of its endpoints (round-robin); any other address is dialled as is.
+    pub fn resolve(&self, dst: SocketAddr) -> Result<SocketAddr, RouteError> {
+        let Some(entry) = self.by_vip.get(&dst.ip()) else {
+            return Ok(dst);
+        };
+        let svc = &entry.svc;
+        let no_endpoints = || RouteError::NoEndpoints {
+            service: svc.key.clone(),
+            port: dst.port(),
+        };
+        let target_port = svc.target_port(dst.port()).ok_or_else(no_endpoints)?;
+        if svc.endpoints.is_empty() {
+            return Err(no_endpoints());
+        }
+        let i = entry.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
+        Ok(SocketAddr::new(svc.endpoints[i], target_port))
+    }
+}
