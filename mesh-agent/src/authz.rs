@@ -432,4 +432,165 @@ mod tests {
             Decision::NotAllowed(_)
         ));
     }
+
+    fn http_request<'a>(
+        method: &'a str,
+        path: &'a str,
+        deny_path: &'a str,
+        headers: &'a http::HeaderMap,
+    ) -> HttpAttributes<'a> {
+        HttpAttributes {
+            method,
+            path,
+            deny_path,
+            fold_case: true,
+            headers,
+        }
+    }
+
+    fn decide_http(policies: &[AuthorizationPolicy], h: &HttpAttributes<'_>) -> Decision {
+        let labels = Labels::new();
+        let web = Identity::new("cluster.local", "default", "web");
+        evaluate(
+            policies,
+            &Request {
+                source: Some(&web),
+                namespace: "default",
+                labels: &labels,
+                port: 80,
+                http: Some(h),
+            },
+        )
+    }
+
+    fn to_paths(paths: &[&str], methods: &[&str]) -> Rule {
+        Rule {
+            from: vec![],
+            to: vec![Operation {
+                ports: vec![],
+                methods: methods.iter().map(ToString::to_string).collect(),
+                paths: paths.iter().map(ToString::to_string).collect(),
+            }],
+            when: vec![],
+        }
+    }
+
+    #[test]
+    fn a_policy_for_other_labels_or_namespaces_does_not_apply() {
+        let web = Identity::new("cluster.local", "default", "web");
+        let mut p = policy("allow-none", Action::Allow, vec![]);
+        p.selector = Labels::from([("app".to_string(), "db".to_string())]);
+        assert_eq!(
+            decide(std::slice::from_ref(&p), Some(&web), 80),
+            Decision::Allow
+        );
+        let mut other_ns = policy("allow-none", Action::Allow, vec![]);
+        other_ns.key.namespace = "other".into();
+        assert_eq!(decide(&[other_ns], Some(&web), 80), Decision::Allow);
+    }
+
+    #[test]
+    fn an_allow_policy_without_rules_allows_nothing() {
+        let web = Identity::new("cluster.local", "default", "web");
+        let p = policy("empty", Action::Allow, vec![]);
+        assert_eq!(
+            decide(std::slice::from_ref(&p), Some(&web), 80),
+            Decision::NotAllowed(vec![p.key.clone()])
+        );
+    }
+
+    #[test]
+    fn a_deny_rule_with_an_empty_match_denies_everything() {
+        let p = policy("deny-all", Action::Deny, vec![Rule::default()]);
+        assert_eq!(
+            decide(std::slice::from_ref(&p), None, 80),
+            Decision::Denied(p.key.clone())
+        );
+    }
+
+    #[test]
+    fn principals_never_match_plaintext() {
+        let p = policy("allow-any-sa", Action::Allow, vec![from_principal("*")]);
+        assert!(matches!(decide(&[p], None, 80), Decision::NotAllowed(_)));
+    }
+
+    #[test]
+    fn allow_rules_match_method_and_path() {
+        let h = http::HeaderMap::new();
+        let p = policy(
+            "get-api",
+            Action::Allow,
+            vec![to_paths(&["/api/*"], &["GET"])],
+        );
+        let ps = std::slice::from_ref(&p);
+        assert_eq!(
+            decide_http(ps, &http_request("GET", "/api/x", "/api/x", &h)),
+            Decision::Allow
+        );
+        assert!(matches!(
+            decide_http(ps, &http_request("POST", "/api/x", "/api/x", &h)),
+            Decision::NotAllowed(_)
+        ));
+        assert!(matches!(
+            decide_http(ps, &http_request("GET", "/other", "/other", &h)),
+            Decision::NotAllowed(_)
+        ));
+    }
+
+    #[test]
+    fn deny_rules_also_match_the_folded_spelling_of_a_path() {
+        let h = http::HeaderMap::new();
+        let p = policy("deny-admin", Action::Deny, vec![to_paths(&["/admin"], &[])]);
+        let ps = std::slice::from_ref(&p);
+        // `/ADMIN.` reaches a backend that folds case and trailing dots as `/admin`.
+        assert_eq!(
+            decide_http(ps, &http_request("GET", "/ADMIN.", "/admin", &h)),
+            Decision::Denied(p.key.clone())
+        );
+        assert_eq!(
+            decide_http(ps, &http_request("GET", "/public", "/public", &h)),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn deny_patterns_are_folded_too() {
+        let h = http::HeaderMap::new();
+        let p = policy(
+            "deny-admin",
+            Action::Deny,
+            vec![to_paths(&["/Admin*"], &[])],
+        );
+        assert_eq!(
+            decide_http(
+                std::slice::from_ref(&p),
+                &http_request("GET", "/x", "/admin/users", &h)
+            ),
+            Decision::Denied(p.key.clone())
+        );
+    }
+
+    #[test]
+    fn when_conditions_match_request_headers() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-team", http::HeaderValue::from_static("blue"));
+        let rule = Rule {
+            when: vec![Condition {
+                header: "x-team".into(),
+                values: vec!["blue".into()],
+            }],
+            ..Rule::default()
+        };
+        let p = policy("team", Action::Allow, vec![rule]);
+        let ps = std::slice::from_ref(&p);
+        assert_eq!(
+            decide_http(ps, &http_request("GET", "/", "/", &h)),
+            Decision::Allow
+        );
+        let none = http::HeaderMap::new();
+        assert!(matches!(
+            decide_http(ps, &http_request("GET", "/", "/", &none)),
+            Decision::NotAllowed(_)
+        ));
+    }
 }

@@ -115,3 +115,71 @@ impl View {
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::testing::{ip, state, workload};
+
+    fn view() -> View {
+        let v = View::new("cluster.local");
+        let st = Arc::new(state(
+            vec![],
+            vec![workload("db", "10.0.0.9", "db-sa", "node-2")],
+        ));
+        v.publish(&st, []);
+        v
+    }
+
+    #[test]
+    fn an_address_alone_proves_nothing() {
+        let s = view().load();
+        assert_eq!(s.peer_at(ip("10.0.0.9"), None).workload, UNKNOWN_NAME);
+    }
+
+    #[test]
+    fn a_proven_identity_that_matches_the_workload_names_it() {
+        let s = view().load();
+        let id = Identity::new("cluster.local", "default", "db-sa");
+        let p = s.peer_at(ip("10.0.0.9"), Some(&id));
+        assert_eq!(
+            (p.workload.as_str(), p.namespace.as_str()),
+            ("db", "default")
+        );
+        assert_eq!(p.principal, "spiffe://cluster.local/ns/default/sa/db-sa");
+    }
+
+    #[test]
+    fn an_identity_that_is_not_the_workloads_keeps_only_its_principal() {
+        let s = view().load();
+        let other = Identity::new("cluster.local", "default", "impostor");
+        let p = s.peer_at(ip("10.0.0.9"), Some(&other));
+        assert_eq!(p.workload, UNKNOWN_NAME, "the address is not believed");
+        assert_eq!(p.principal, "spiffe://cluster.local/ns/default/sa/impostor");
+    }
+
+    #[test]
+    fn a_workloads_identity_is_made_in_the_trust_domain() {
+        let s = view().load();
+        let w = s.state().workloads.get(&ip("10.0.0.9")).expect("published");
+        assert_eq!(
+            s.identity_of(w).to_string(),
+            "spiffe://cluster.local/ns/default/sa/db-sa"
+        );
+    }
+
+    #[test]
+    fn publishing_swaps_the_whole_snapshot_and_readers_keep_theirs() {
+        let v = view();
+        let before = v.load();
+        v.publish(&Arc::new(state(vec![], vec![])), []);
+        assert_eq!(
+            before.state().workloads.len(),
+            1,
+            "a reader's snapshot does not change"
+        );
+        assert!(v.load().state().workloads.is_empty());
+    }
+
+    const UNKNOWN_NAME: &str = crate::telemetry::metrics::labels::UNKNOWN;
+}

@@ -3,7 +3,11 @@
 use std::io;
 
 use crate::{
-    authz::Decision, route::table::RouteError, state::ObjectKey, transport::error::TransportError,
+    authz::Decision,
+    route::table::RouteError,
+    state::ObjectKey,
+    telemetry::flows::{Draft, Verdict},
+    transport::error::TransportError,
 };
 
 /// Errors on one proxied connection. Each ends that connection only.
@@ -35,4 +39,97 @@ pub enum ProxyError {
     /// The connection could not be carried.
     #[error(transparent)]
     Transport(#[from] TransportError),
+}
+
+impl ProxyError {
+    /// Files this error as a connection's outcome in its flow record: the destination's policy
+    /// refusing the tunnel is a denial (`RBAC`); no endpoint is `UH`; a failure to connect or
+    /// tunnel is `UF`; anything else is an error without a flag.
+    pub fn file(&self, draft: &mut Draft) {
+        match self {
+            Self::Transport(TransportError::TunnelRefused {
+                status: http::StatusCode::FORBIDDEN,
+                ..
+            }) => {
+                draft.verdict = Verdict::Deny;
+                draft.flags = "RBAC".into();
+                draft.reason = Some(format!("{self} (the destination's policy)"));
+            }
+            Self::Route(RouteError::NoEndpoints { .. }) => draft.failed("UH", self.to_string()),
+            Self::Transport(_) => draft.failed("UF", self.to_string()),
+            _ => draft.failed("-", self.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::metrics::labels::{Flow, Peer, Reporter, Security};
+
+    fn filed(e: ProxyError) -> (Verdict, String, String) {
+        let mut d = Draft::new(Flow {
+            reporter: Reporter::Source,
+            src: Peer::unknown(),
+            dst: Peer::unknown(),
+            service: "-".into(),
+            security: Security::None,
+        });
+        e.file(&mut d);
+        (d.verdict, d.flags, d.reason.unwrap_or_default())
+    }
+
+    fn target() -> std::net::SocketAddr {
+        "10.0.0.1:8080".parse().expect("test address")
+    }
+
+    #[test]
+    fn the_destinations_refusal_is_a_denial_not_an_error() {
+        let (v, flags, why) = filed(
+            TransportError::TunnelRefused {
+                target: target(),
+                status: http::StatusCode::FORBIDDEN,
+            }
+            .into(),
+        );
+        assert_eq!((v, flags.as_str()), (Verdict::Deny, "RBAC"));
+        assert!(why.ends_with("(the destination's policy)"), "{why}");
+    }
+
+    #[test]
+    fn no_endpoints_is_uh() {
+        let e = RouteError::NoEndpoints {
+            service: crate::state::testing::key("default", "web"),
+            port: 80,
+        };
+        let (v, flags, _) = filed(e.into());
+        assert_eq!((v, flags.as_str()), (Verdict::Error, "UH"));
+    }
+
+    #[test]
+    fn connect_and_tunnel_failures_are_uf() {
+        for e in [
+            TransportError::Tunnel {
+                target: target(),
+                problem: "x".into(),
+            },
+            TransportError::TunnelRefused {
+                target: target(),
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+            },
+            TransportError::Connect {
+                addr: target(),
+                source: io::Error::from(io::ErrorKind::ConnectionRefused),
+            },
+        ] {
+            assert_eq!(filed(e.into()).1, "UF");
+        }
+    }
+
+    #[test]
+    fn other_errors_carry_no_flag() {
+        let (v, flags, why) = filed(ProxyError::NoOrigDst(40000));
+        assert_eq!((v, flags.as_str()), (Verdict::Error, "-"));
+        assert!(why.contains("40000"));
+    }
 }

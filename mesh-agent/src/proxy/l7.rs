@@ -10,3 +10,4 @@ pub mod message;
 pub mod outbound;
 pub mod record;
 pub mod server;
+pub mod tries;

@@ -16,9 +16,8 @@ use super::{admission, error::ProxyError, inputs::ProxyInputs, l7};
 use crate::{
     pods::{Counted, LocalPod, Tracked},
     protocol::detect,
-    route::table::RouteError,
     telemetry::{
-        flows::{Draft, Verdict},
+        flows::Draft,
         metrics::labels::{Flow, Peer, Reporter, Security, UNKNOWN},
         metrics::tcp::TcpConn,
     },
@@ -73,23 +72,8 @@ pub async fn handle(
     draft.src_addr = Some(SocketAddr::new(src.pod.ip, peer.port()));
     draft.dst_addr = note.target.or(note.dst);
     (draft.bytes_received, draft.bytes_sent) = note.bytes;
-    match &result {
-        Ok(()) => {}
-        Err(
-            e @ ProxyError::Transport(TransportError::TunnelRefused {
-                status: http::StatusCode::FORBIDDEN,
-                ..
-            }),
-        ) => {
-            draft.verdict = Verdict::Deny;
-            draft.flags = "RBAC".into();
-            draft.reason = Some(format!("{e} (the destination's policy)"));
-        }
-        Err(e @ ProxyError::Route(RouteError::NoEndpoints { .. })) => {
-            draft.failed("UH", e.to_string());
-        }
-        Err(e @ ProxyError::Transport(_)) => draft.failed("UF", e.to_string()),
-        Err(e) => draft.failed("-", e.to_string()),
+    if let Err(e) = &result {
+        e.file(&mut draft);
     }
     inputs.flows.record(draft);
     result

@@ -199,3 +199,163 @@ impl Routes {
         Ok(SocketAddr::new(svc.endpoints[i], target_port))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::testing::{ip, service, state, workload};
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    fn routes(services: Vec<Service>) -> Routes {
+        let w = workload("db", "10.0.0.9", "db", "node-2");
+        Routes::build(&Arc::new(state(services, vec![w])), &Routes::default())
+    }
+
+    #[test]
+    fn a_service_address_resolves_round_robin_over_its_endpoints() {
+        let r = routes(vec![service(
+            "web",
+            "10.96.0.10",
+            &[(80, 8080)],
+            &["10.0.0.1", "10.0.0.2"],
+        )]);
+        let got: Vec<SocketAddr> = (0..4)
+            .map(|_| r.resolve(addr("10.96.0.10:80")).expect("endpoints"))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                addr("10.0.0.1:8080"),
+                addr("10.0.0.2:8080"),
+                addr("10.0.0.1:8080"),
+                addr("10.0.0.2:8080")
+            ]
+        );
+    }
+
+    #[test]
+    fn any_other_address_is_dialled_as_it_is() {
+        let r = routes(vec![]);
+        assert_eq!(
+            r.resolve(addr("1.2.3.4:443")).ok(),
+            Some(addr("1.2.3.4:443"))
+        );
+    }
+
+    #[test]
+    fn a_port_the_service_does_not_serve_has_no_endpoints() {
+        let r = routes(vec![service(
+            "web",
+            "10.96.0.10",
+            &[(80, 8080)],
+            &["10.0.0.1"],
+        )]);
+        let e = r
+            .resolve(addr("10.96.0.10:81"))
+            .expect_err("port 81 is not served");
+        assert_eq!(
+            e.to_string(),
+            "service default/web has no endpoints for port 81"
+        );
+    }
+
+    #[test]
+    fn a_service_without_endpoints_has_none() {
+        let r = routes(vec![service("web", "10.96.0.10", &[(80, 8080)], &[])]);
+        assert!(r.resolve(addr("10.96.0.10:80")).is_err());
+    }
+
+    #[test]
+    fn the_round_robin_cursor_survives_a_rebuild() {
+        let s = service(
+            "web",
+            "10.96.0.10",
+            &[(80, 8080)],
+            &["10.0.0.1", "10.0.0.2"],
+        );
+        let st = Arc::new(state(vec![s], vec![]));
+        let old = Routes::build(&st, &Routes::default());
+        assert_eq!(
+            old.resolve(addr("10.96.0.10:80")).ok(),
+            Some(addr("10.0.0.1:8080"))
+        );
+        let new = Routes::build(&st, &old);
+        assert_eq!(
+            new.resolve(addr("10.96.0.10:80")).ok(),
+            Some(addr("10.0.0.2:8080")),
+            "a reload does not send the next connection back to the first endpoint"
+        );
+    }
+
+    #[test]
+    fn detection_is_for_mesh_destinations_except_opaque_ports() {
+        let mut s = service(
+            "web",
+            "10.96.0.10",
+            &[(80, 8080), (5432, 5432)],
+            &["10.0.0.1"],
+        );
+        s.ports[1].opaque = true;
+        let r = routes(vec![s]);
+        assert!(r.detects(addr("10.96.0.10:80")), "a service port");
+        assert!(!r.detects(addr("10.96.0.10:5432")), "appProtocol: tcp");
+        assert!(
+            r.detects(addr("10.0.0.9:5432")),
+            "a workload addressed directly"
+        );
+        assert!(!r.detects(addr("1.2.3.4:80")), "outside the mesh");
+    }
+
+    #[test]
+    fn service_names_are_fqdns_and_unknown_elsewhere() {
+        let r = routes(vec![service(
+            "web",
+            "10.96.0.10",
+            &[(80, 8080)],
+            &["10.0.0.1"],
+        )]);
+        assert_eq!(
+            r.service_name_at(ip("10.96.0.10")),
+            "web.default.svc.cluster.local"
+        );
+        assert_eq!(r.service_name_at(ip("10.0.0.1")), UNKNOWN);
+    }
+
+    #[test]
+    fn inbound_upgrades_are_the_union_of_the_services_that_send_there() {
+        let mut a = service("a", "10.96.0.1", &[(80, 8080)], &["10.0.0.1"]);
+        a.upgrades = vec!["websocket".into()];
+        let mut b = service("b", "10.96.0.2", &[(81, 8080)], &["10.0.0.1"]);
+        b.upgrades = vec!["mesh-echo".into(), "websocket".into()];
+        let r = routes(vec![a, b]);
+        assert_eq!(
+            r.upgrades_to(ip("10.0.0.1"), 8080),
+            ["mesh-echo", "websocket"]
+        );
+        assert_eq!(
+            r.upgrades_to(ip("10.0.0.1"), 9999),
+            ["websocket"],
+            "a port no service sends to gets the default"
+        );
+    }
+
+    #[test]
+    fn services_are_found_by_address_and_by_name() {
+        let r = routes(vec![service(
+            "web",
+            "10.96.0.10",
+            &[(80, 8080)],
+            &["10.0.0.1"],
+        )]);
+        let by_ip = r.service_at(ip("10.96.0.10")).expect("by address");
+        let by_key = r.service(&by_ip.svc.key).expect("by name");
+        assert!(
+            Arc::ptr_eq(by_ip, by_key),
+            "one entry, so one balancer and one set of limits"
+        );
+        assert!(r.service_at(ip("10.0.0.1")).is_none());
+    }
+}

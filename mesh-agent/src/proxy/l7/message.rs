@@ -149,11 +149,11 @@ pub(super) fn allowed_upgrades(value: &HeaderValue, allowed: &[String]) -> Optio
 }
 
 #[expect(clippy::result_large_err, reason = "the error is the reply itself")]
-pub(super) fn prepare(
-    req: Request<Incoming>,
+pub(super) fn prepare<B>(
+    req: Request<B>,
     mesh: &MeshConfig,
     upgrades: &[String],
-) -> Result<(Prepared, Incoming), Response<Body>> {
+) -> Result<(Prepared, B), Response<Body>> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
         return Err(reply(
@@ -436,6 +436,242 @@ impl hyper::body::Body for Prepend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(method: &str, uri: &str, version: Version, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(uri).version(version);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).expect("test request")
+    }
+
+    #[expect(clippy::result_large_err, reason = "the error is the reply itself")]
+    fn prepared(req: Request<()>) -> Result<Prepared, Response<Body>> {
+        prepare(req, &MeshConfig::default(), &["websocket".to_string()]).map(|(p, ())| p)
+    }
+
+    fn refused(req: Request<()>) -> (StatusCode, String) {
+        match prepared(req) {
+            Ok(_) => panic!("the request was not refused"),
+            Err(r) => (r.status(), flags(&r)),
+        }
+    }
+
+    fn flags(r: &Response<Body>) -> String {
+        r.headers()
+            .get(FLAGS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn connect_is_not_proxied() {
+        let r = request("CONNECT", "example.com:443", Version::HTTP_11, &[]);
+        assert_eq!(refused(r), (StatusCode::METHOD_NOT_ALLOWED, "NR".into()));
+    }
+
+    #[test]
+    fn too_many_headers_is_431_on_http2_as_on_http1() {
+        let names: Vec<String> = (0..=guard::MAX_HEADERS)
+            .map(|i| format!("x-h{i}"))
+            .collect();
+        let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        let r = request("GET", "http://a/", Version::HTTP_2, &headers);
+        assert_eq!(
+            refused(r),
+            (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "DPE".into())
+        );
+    }
+
+    #[test]
+    fn a_header_list_over_the_head_limit_is_431() {
+        let big = "v".repeat(guard::MAX_HEAD);
+        let r = request("GET", "http://a/", Version::HTTP_2, &[("x-big", &big)]);
+        assert_eq!(refused(r).0, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
+    #[test]
+    fn an_upgrade_outside_http11_is_501() {
+        let r = request(
+            "GET",
+            "http://a/",
+            Version::HTTP_2,
+            &[("upgrade", "websocket")],
+        );
+        assert_eq!(refused(r).0, StatusCode::NOT_IMPLEMENTED);
+    }
+
+    #[test]
+    fn a_path_with_a_bad_escape_is_400() {
+        let r = request("GET", "/a%zz", Version::HTTP_11, &[("host", "a")]);
+        assert_eq!(refused(r), (StatusCode::BAD_REQUEST, "DPE".into()));
+    }
+
+    #[test]
+    fn the_path_is_normalized_once_and_the_upstream_gets_it_with_the_query() {
+        let r = request(
+            "GET",
+            "/a/./b/../c//d?x=1",
+            Version::HTTP_11,
+            &[("host", "a")],
+        );
+        let p = prepared(r).expect("accepted");
+        assert_eq!(p.path, "/a/c/d");
+        assert_eq!(p.parts.uri.to_string(), "/a/c/d?x=1");
+    }
+
+    #[test]
+    fn deny_rules_see_the_decoded_case_folded_path() {
+        let r = request("GET", "/ADMIN%2e", Version::HTTP_11, &[("host", "a")]);
+        let p = prepared(r).expect("accepted");
+        assert_eq!(p.deny_path, "/admin");
+        assert!(p.fold_case);
+    }
+
+    #[test]
+    fn http2_keeps_scheme_and_authority_when_the_path_changes() {
+        let r = request("GET", "http://web:80/a//b", Version::HTTP_2, &[]);
+        let p = prepared(r).expect("accepted");
+        assert_eq!(p.parts.uri.to_string(), "http://web:80/a/b");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let r = request(
+            "GET",
+            "/",
+            Version::HTTP_11,
+            &[
+                ("host", "a"),
+                ("connection", "x-private, keep-alive"),
+                ("x-private", "1"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authorization", "secret"),
+                ("te", "gzip"),
+                ("x-kept", "1"),
+            ],
+        );
+        let h = prepared(r).expect("accepted").parts.headers;
+        for gone in [
+            "connection",
+            "x-private",
+            "keep-alive",
+            "proxy-authorization",
+            "te",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} was forwarded");
+        }
+        assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn te_trailers_is_kept_for_grpc() {
+        let r = request("POST", "http://a/", Version::HTTP_2, &[("te", "trailers")]);
+        let h = prepared(r).expect("accepted").parts.headers;
+        assert_eq!(h.get("te").and_then(|v| v.to_str().ok()), Some("trailers"));
+    }
+
+    #[test]
+    fn an_upgrade_the_service_does_not_allow_is_removed() {
+        let r = request(
+            "GET",
+            "/",
+            Version::HTTP_11,
+            &[("host", "a"), ("connection", "upgrade"), ("upgrade", "h2c")],
+        );
+        let h = prepared(r).expect("accepted").parts.headers;
+        assert!(h.get("upgrade").is_none());
+        assert!(h.get("connection").is_none());
+    }
+
+    #[test]
+    fn an_allowed_upgrade_is_forwarded_end_to_end() {
+        let r = request(
+            "GET",
+            "/",
+            Version::HTTP_11,
+            &[
+                ("host", "a"),
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+            ],
+        );
+        let h = prepared(r).expect("accepted").parts.headers;
+        assert_eq!(
+            h.get("upgrade").and_then(|v| v.to_str().ok()),
+            Some("websocket")
+        );
+        assert_eq!(
+            h.get("connection").and_then(|v| v.to_str().ok()),
+            Some("upgrade")
+        );
+    }
+
+    #[test]
+    fn a_switching_response_keeps_naming_its_protocol() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_response(StatusCode::SWITCHING_PROTOCOLS, &mut h);
+        assert_eq!(
+            h.get(header::UPGRADE).and_then(|v| v.to_str().ok()),
+            Some("websocket")
+        );
+        assert!(h.get("keep-alive").is_none());
+        let mut h2 = HeaderMap::new();
+        h2.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_response(StatusCode::OK, &mut h2);
+        assert!(
+            h2.get(header::UPGRADE).is_none(),
+            "only a 101 keeps Upgrade"
+        );
+    }
+
+    #[test]
+    fn the_proxys_own_replies_carry_flags_and_say_why() {
+        let r = reply(StatusCode::SERVICE_UNAVAILABLE, "UO", "circuit breaker");
+        assert_eq!(flags(&r), "UO");
+        assert_eq!(
+            r.extensions().get::<Why>().map(|w| w.0.as_str()),
+            Some("circuit breaker")
+        );
+        let d = forbidden(Decision::Denied(crate::state::testing::key(
+            "default",
+            "deny-admin",
+        )));
+        assert_eq!(
+            (d.status(), flags(&d)),
+            (StatusCode::FORBIDDEN, "RBAC".into())
+        );
+        assert!(
+            d.extensions().get::<Decision>().is_some(),
+            "the record names the policy"
+        );
+    }
+
+    #[test]
+    fn header_edits_set_add_and_remove() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("old"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        let m = HeaderModifier {
+            set: vec![(
+                HeaderName::from_static("x-a"),
+                HeaderValue::from_static("new"),
+            )],
+            add: vec![(
+                HeaderName::from_static("x-b"),
+                HeaderValue::from_static("1"),
+            )],
+            remove: vec![HeaderName::from_static("x-gone")],
+        };
+        modify(&mut h, &m);
+        assert_eq!(h.get("x-a").and_then(|v| v.to_str().ok()), Some("new"));
+        assert!(h.get("x-b").is_some());
+        assert!(h.get("x-gone").is_none());
+    }
 
     fn allowed(value: &'static str, list: &[&str]) -> Option<String> {
         let list: Vec<String> = list.iter().map(ToString::to_string).collect();

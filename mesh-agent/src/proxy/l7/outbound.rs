@@ -29,6 +29,7 @@ use super::{
     },
     record::{Ends, Served, Shape, recorded},
     server::serve,
+    tries,
 };
 use crate::{
     pods::LocalPod,
@@ -46,14 +47,10 @@ use crate::{
     telemetry::metrics::labels::{Flow, Peer, Reporter, Security, service_fqdn},
     transport::{
         dial::Hop,
-        error::TransportError,
         upstream::{Dest, UpstreamError},
     },
     view::Snapshot,
 };
-
-/// Largest request body buffered so that a retry can resend it; larger ones are not retried.
-const MAX_RETRY_BODY: u64 = 64 * 1024;
 
 /// What an outbound connection's requests share.
 #[derive(Debug)]
@@ -265,11 +262,9 @@ async fn forward(
         b.limits.budget.deposit();
     }
     // A body that can be resent makes retries possible; a large or streaming one goes once.
-    let retry = rule.retry.as_ref().filter(|r| r.attempts > 0);
-    let small = hyper::body::Body::size_hint(&body)
-        .upper()
-        .is_some_and(|n| n <= MAX_RETRY_BODY);
-    let mut req_body = if retry.is_some() && small {
+    let retry = rule.retry.as_ref();
+    let attempts = tries::retries(retry, hyper::body::Body::size_hint(&body).upper());
+    let mut req_body = if attempts > 0 {
         match body.collect().await {
             Ok(c) => ReqBody::Replay(c.to_bytes()),
             Err(e) => {
@@ -285,10 +280,6 @@ async fn forward(
             Ok(b) => ReqBody::Once(Some(b)),
             Err(r) => return r,
         }
-    };
-    let attempts = match req_body {
-        ReqBody::Replay(_) => retry.map_or(0, |r| r.attempts),
-        ReqBody::Once(_) => 0,
     };
     let src_id = cx.src.identity();
     let mut avoid = None;
@@ -381,7 +372,7 @@ async fn forward(
                 }
                 let status = resp.status();
                 record(status.is_server_error());
-                let retriable = retry.is_some_and(|r| r.codes.contains(&status.as_u16()));
+                let retriable = tries::retries_status(retry, status);
                 strip_response(status, resp.headers_mut());
                 let (rparts, rbody) = resp.into_parts();
                 let held = Held {
@@ -405,44 +396,12 @@ async fn forward(
                 };
                 return Response::from_parts(rparts, held.boxed_unsync());
             }
-            Ok(Err(UpstreamError::Overflow)) => {
-                return reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UO",
-                    "circuit breaker: connection limit reached",
-                );
-            }
-            Ok(Err(UpstreamError::Connect(TransportError::TunnelRefused {
-                status: StatusCode::FORBIDDEN,
-                ..
-            }))) => {
-                // The destination's policy refused this source: not a failure of the endpoint.
-                return reply(
-                    StatusCode::FORBIDDEN,
-                    "RBAC",
-                    "RBAC: access denied by the destination's policy",
-                );
-            }
-            Ok(Err(e @ UpstreamError::Connect(_))) => Failed {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                flags: "UF",
-                message: format!("upstream connect failure: {e}"),
-                retriable: retry.is_some_and(|r| r.on_connect_failure),
-            },
-            Ok(Err(e @ (UpstreamError::Reset(_) | UpstreamError::Unsent(_)))) => Failed {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                flags: "UC",
-                message: format!("upstream reset: {e}"),
-                retriable: retry.is_some_and(|r| r.on_reset),
-            },
-            // A per-try timeout answers 504, so it is retried when 504 is (as `5xx` says).
-            Err(()) => Failed {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                flags: "UT",
-                message: "per-try timeout".into(),
-                retriable: retry.is_some_and(|r| r.codes.contains(&504)),
-            },
+            Ok(Err(e)) => tries::classify(Some(&e), retry),
+            Err(()) => tries::classify(None, retry),
         };
+        if !failed.endpoint_failed {
+            return reply(failed.status, failed.flags, &failed.message);
+        }
         // A failed try: it counts against the endpoint, and the next try may follow.
         record(true);
         debug!(%target, "{}", failed.message);
@@ -458,12 +417,4 @@ async fn forward(
             .insert(FLAGS_HEADER, HeaderValue::from_static("URX"));
     }
     resp
-}
-
-/// A try that got no usable answer, and whether the rule retries it.
-struct Failed {
-    status: StatusCode,
-    flags: &'static str,
-    message: String,
-    retriable: bool,
 }
