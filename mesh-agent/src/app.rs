@@ -320,7 +320,7 @@ impl Agent {
         if policy_changed {
             let now = view.load();
             for proxy in pods.values() {
-                admission::recheck(&now, &self.inputs.flows, &proxy.local);
+                admission::recheck(&now, &proxy.local);
             }
         }
         for pod in state.pods.values() {

@@ -19,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::warn;
 
 use crate::{
-    capture::netns::Netns, identity::Identity, state::Pod, telemetry::metrics::tcp::TcpConn,
+    authz::Decision, capture::netns::Netns, identity::Identity, state::Pod,
+    telemetry::metrics::tcp::TcpConn,
 };
 
 /// A counter that many tasks bump.
@@ -107,7 +108,14 @@ pub struct LocalPod {
 struct LiveConn {
     source: Option<Identity>,
     port: u16,
-    revoke: Arc<tokio::sync::Notify>,
+    revoke: Arc<Revocation>,
+}
+
+/// How a policy change closes a live connection: the decision that refused it, then a wake-up.
+#[derive(Debug, Default)]
+struct Revocation {
+    why: std::sync::OnceLock<Decision>,
+    notify: tokio::sync::Notify,
 }
 
 /// Registration of a live connection; dropping it removes the registration.
@@ -115,17 +123,19 @@ struct LiveConn {
 pub struct Tracked<'a> {
     pod: &'a LocalPod,
     id: u64,
-    revoke: Arc<tokio::sync::Notify>,
+    revoke: Arc<Revocation>,
 }
 
 impl Tracked<'_> {
-    /// Runs `relay` until it ends (its output) or policy stops allowing the connection (`None`).
-    pub async fn run<F: std::future::Future>(&self, relay: F) -> Option<F::Output> {
+    /// Runs `relay` until it ends (its output) or policy stops allowing the connection (the
+    /// decision that refused it).
+    pub async fn run<F: std::future::Future>(&self, relay: F) -> Result<F::Output, Decision> {
         tokio::select! {
-            out = relay => Some(out),
-            () = self.revoke.notified() => {
-                warn!(dst = %self.pod.pod.key, "closed a connection that policy no longer allows");
-                None
+            out = relay => Ok(out),
+            () = self.revoke.notify.notified() => {
+                let why = self.revoke.why.get().cloned().unwrap_or(Decision::NotAllowed(Vec::new()));
+                warn!(dst = %self.pod.pod.key, "closed a connection that policy no longer allows: {why}");
+                Err(why)
             }
         }
     }
@@ -164,7 +174,7 @@ impl LocalPod {
     /// Registers a connection from `source` to `port` that was authorized at L4.
     pub fn track(&self, source: Option<Identity>, port: u16) -> Tracked<'_> {
         let id = self.next_live.fetch_add(1, Ordering::Relaxed);
-        let revoke = Arc::new(tokio::sync::Notify::new());
+        let revoke = Arc::new(Revocation::default());
         lock(&self.live).insert(
             id,
             LiveConn {
@@ -180,13 +190,16 @@ impl LocalPod {
         }
     }
 
-    /// Closes every live L4 connection that `denied` (given its source and port) now refuses:
-    /// a pooled connection must not keep carrying what policy has since refused.
-    pub fn revoke_where(&self, denied: impl Fn(Option<&Identity>, u16) -> bool) {
+    /// Closes every live L4 connection that `decide` (given its source and port) now refuses:
+    /// a pooled connection must not keep carrying what policy has since refused. Each closed
+    /// connection files its own record, with the decision.
+    pub fn revoke_where(&self, decide: impl Fn(Option<&Identity>, u16) -> Decision) {
         let live = lock(&self.live);
         for conn in live.values() {
-            if denied(conn.source.as_ref(), conn.port) {
-                conn.revoke.notify_one();
+            let decision = decide(conn.source.as_ref(), conn.port);
+            if decision != Decision::Allow {
+                let _ = conn.revoke.why.set(decision);
+                conn.revoke.notify.notify_one();
             }
         }
     }

@@ -358,6 +358,53 @@ fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> 
     Ok(())
 }
 
+#[test]
+fn a_policy_change_closes_open_connections_and_each_records_who_it_was() -> Result<()> {
+    use std::io::BufRead;
+    let c = cluster()?;
+    let opaque = c.service_ip("opaque");
+    // One connection, opened and used while the policy allows it, then held open.
+    let mut hold = c.spawn_testapp(
+        "client",
+        &["hold", "--addr", &format!("{opaque}:80"), "--count", "1"],
+    )?;
+    let mut out = std::io::BufReader::new(hold.stdout.take().context("hold's stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    assert_eq!(line.trim(), "ready 1", "the held connection was not opened");
+    for i in 0..2 {
+        c.apply(
+            i,
+            DENY_CLIENT,
+            "authorization_policies",
+            &["default/no-client"],
+        )?;
+    }
+    // The server's node closes it and files one record: a denial that names the policy
+    // change, the source workload and the addresses (an address-less `unknown` source before).
+    let closed = wait_flow(&c, 1, "the closed connection's record", |f| {
+        f["verdict"] == "deny"
+    })?;
+    println!("node-2 record: {closed}");
+    assert_eq!(closed["src"]["workload"], "client", "{closed}");
+    assert_eq!(closed["policies"], serde_json::json!(["default/no-client"]));
+    assert!(
+        closed["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("closed after a policy change")),
+        "{closed}"
+    );
+    assert!(closed["src"]["addr"].is_string(), "{closed}");
+    let unknown: Vec<_> = flows(&c, 1)?
+        .into_iter()
+        .filter(|f| f["verdict"] == "deny" && f["src"]["workload"] == "unknown")
+        .collect();
+    assert!(unknown.is_empty(), "denials nothing explains: {unknown:?}");
+    drop(hold.stdin.take());
+    let _ = hold.wait();
+    Ok(())
+}
+
 const ALLOW_PUBLIC: &str = "authorizationPolicies:\n  - name: public-only\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - to: [{operation: {methods: [GET], paths: [/public/*]}}]\n";
 
 #[test]

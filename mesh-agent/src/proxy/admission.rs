@@ -114,7 +114,14 @@ pub fn admit(
 }
 
 /// Re-decides every live L4 connection to `pod` under `view` after a policy change, and closes
-/// those now denied (each denial is logged, counted and filed like any other).
-pub fn recheck(view: &Snapshot, flows: &FlowLog, pod: &LocalPod) {
-    pod.revoke_where(|source, port| authorize(view, flows, pod, source, None, port, None).is_err());
+/// those now denied; each is counted here and files its own record (with its addresses) as it
+/// closes.
+pub fn recheck(view: &Snapshot, pod: &LocalPod) {
+    pod.revoke_where(|source, port| {
+        let decision = decide(view, pod, source, port, None);
+        if decision != Decision::Allow {
+            pod.counters.denied.inc();
+        }
+        decision
+    });
 }

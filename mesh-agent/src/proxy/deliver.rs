@@ -111,8 +111,8 @@ async fn relay_recorded<C: AsyncRead + AsyncWrite + Unpin>(
     draft.dst_addr = Some(SocketAddr::new(dest.pod.ip, port));
     let tracked = dest.track(source, port);
     match tracked.run(relay_to_app(dest, client, app, conn)).await {
-        Some(bytes) => (draft.bytes_received, draft.bytes_sent) = bytes,
-        None => draft.failed("-", ProxyError::Revoked.to_string()),
+        Ok(bytes) => (draft.bytes_received, draft.bytes_sent) = bytes,
+        Err(why) => ProxyError::Revoked(why).file(&mut draft),
     }
     inputs.flows.record(draft);
 }

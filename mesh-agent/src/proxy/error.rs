@@ -34,8 +34,8 @@ pub enum ProxyError {
     #[error("connection {0}")]
     Denied(Decision),
     /// A policy change closed a connection it had allowed.
-    #[error("closed: policy no longer allows the connection")]
-    Revoked,
+    #[error("closed after a policy change: {0}")]
+    Revoked(Decision),
     /// The connection could not be carried.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -54,6 +54,10 @@ impl ProxyError {
                 draft.verdict = Verdict::Deny;
                 draft.flags = "RBAC".into();
                 draft.reason = Some(format!("{self} (the destination's policy)"));
+            }
+            Self::Revoked(d) => {
+                draft.denied(d);
+                draft.reason = Some(self.to_string());
             }
             Self::Route(RouteError::NoEndpoints { .. }) => draft.failed("UH", self.to_string()),
             Self::Transport(_) => draft.failed("UF", self.to_string()),
@@ -124,6 +128,17 @@ mod tests {
         ] {
             assert_eq!(filed(e.into()).1, "UF");
         }
+    }
+
+    #[test]
+    fn a_revoked_connection_is_a_denial_that_names_the_policy_change() {
+        let key = crate::state::testing::key("default", "deny-web");
+        let (v, flags, why) = filed(ProxyError::Revoked(Decision::Denied(key)));
+        assert_eq!((v, flags.as_str()), (Verdict::Deny, "RBAC"));
+        assert_eq!(
+            why,
+            "closed after a policy change: denied by DENY policy default/deny-web"
+        );
     }
 
     #[test]

@@ -138,7 +138,7 @@ async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
             match result {
                 // Denials were logged with their policy where they were decided, revocations
                 // where they happened.
-                Ok(()) | Err(ProxyError::Denied(_) | ProxyError::Revoked) => {}
+                Ok(()) | Err(ProxyError::Denied(_) | ProxyError::Revoked(_)) => {}
                 Err(e) => warn!(pod = %cx.local.pod.key, ?kind, %peer, "connection failed: {e}"),
             }
         });

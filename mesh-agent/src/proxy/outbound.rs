@@ -198,8 +198,8 @@ async fn relay(
             drop(delivered);
             note.bytes = client.totals();
             let handed = match (finished, splicer) {
-                (None, _) => return Err(ProxyError::Revoked),
-                (Some(Ok(relay::Relayed::HandOff)), Some(splicer)) => {
+                (Err(why), _) => return Err(ProxyError::Revoked(why)),
+                (Ok(Ok(relay::Relayed::HandOff)), Some(splicer)) => {
                     let conns = [&conn, &dest_conn];
                     hand_off(src, dest, splicer, client, upstream, conns, &tracked).await
                 }
@@ -262,8 +262,8 @@ async fn hand_off(
             let (mut client, mut app) = (d.client, d.app);
             let copied = tracked.run(relay::copy_both(&mut client, &mut app)).await;
             let (up, down) = match copied {
-                None => return Err(ProxyError::Revoked),
-                Some(r) => r.unwrap_or((0, 0)),
+                Err(why) => return Err(ProxyError::Revoked(why)),
+                Ok(r) => r.unwrap_or((0, 0)),
             };
             count(up, down);
             return Ok((up, down));
@@ -276,8 +276,8 @@ async fn hand_off(
     drop(spliced);
     count(up, down);
     match finished {
-        None => Err(ProxyError::Revoked),
-        Some(r) => {
+        Err(why) => Err(ProxyError::Revoked(why)),
+        Ok(r) => {
             if let Err(e) = r {
                 debug!(src = %src.pod.key, dst = %dest.pod.key, "spliced connection ended: {e}");
             }
