@@ -146,6 +146,19 @@ fn main() -> Result<()> {
     for line in flows.lines() {
         println!("  {line}");
     }
+    // Each row in words: a refused connection, or one the worker still had open from its
+    // earlier request (pooled by its node's proxy) that the policy change closed.
+    let json = c.agent_cli(1, &["flows", "--once", "--verdict", "deny", "-o", "json"])?;
+    for (i, line) in json.lines().enumerate() {
+        let f: serde_json::Value = serde_json::from_str(line)?;
+        println!(
+            "  row {}: {} -> {}: {}",
+            i + 1,
+            f["src"]["workload"].as_str().unwrap_or("-"),
+            f["dst"]["workload"].as_str().unwrap_or("-"),
+            f["reason"].as_str().unwrap_or("-")
+        );
+    }
 
     println!("\ncleaning up (namespaces, cgroups, pinned programs and maps)...");
     drop(c);
