@@ -490,16 +490,6 @@ mod tests {
     }
 
     #[test]
-    fn an_allow_policy_without_rules_allows_nothing() {
-        let web = Identity::new("cluster.local", "default", "web");
-        let p = policy("empty", Action::Allow, vec![]);
-        assert_eq!(
-            decide(std::slice::from_ref(&p), Some(&web), 80),
-            Decision::NotAllowed(vec![p.key.clone()])
-        );
-    }
-
-    #[test]
     fn a_deny_rule_with_an_empty_match_denies_everything() {
         let p = policy("deny-all", Action::Deny, vec![Rule::default()]);
         assert_eq!(

@@ -272,13 +272,8 @@ fn wait_flow(
     found.context("no such flow record")
 }
 
-const DENY_CLIENT: &str = "authorizationPolicies:\n  - name: no-client\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/client-sa]}}]\n        to: [{operation: {ports: [\"8080\"]}}]\n";
-
-#[test]
-fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> {
-    let c = cluster()?;
-    let opaque = c.service_ip("opaque");
-    // Both nodes know the policy (as every node does in Kubernetes); the server's node enforces.
+/// Applies [`DENY_CLIENT`] on both nodes (as every node knows every policy in Kubernetes).
+fn deny_client(c: &Cluster) -> Result<()> {
     for i in 0..2 {
         c.apply(
             i,
@@ -287,6 +282,17 @@ fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> 
             &["default/no-client"],
         )?;
     }
+    Ok(())
+}
+
+const DENY_CLIENT: &str = "authorizationPolicies:\n  - name: no-client\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/client-sa]}}]\n        to: [{operation: {ports: [\"8080\"]}}]\n";
+
+#[test]
+fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> {
+    let c = cluster()?;
+    let opaque = c.service_ip("opaque");
+    // Both nodes know the policy (as every node does in Kubernetes); the server's node enforces.
+    deny_client(&c)?;
     // Before sending anything, explain predicts the decision, on either node.
     let dst = format!("{opaque}:80");
     for i in 0..2 {
@@ -372,14 +378,7 @@ fn a_policy_change_closes_open_connections_and_each_records_who_it_was() -> Resu
     let mut line = String::new();
     out.read_line(&mut line)?;
     assert_eq!(line.trim(), "ready 1", "the held connection was not opened");
-    for i in 0..2 {
-        c.apply(
-            i,
-            DENY_CLIENT,
-            "authorization_policies",
-            &["default/no-client"],
-        )?;
-    }
+    deny_client(&c)?;
     // The server's node closes it and files one record: a denial that names the policy
     // change, the source workload and the addresses (an address-less `unknown` source before).
     let closed = wait_flow(&c, 1, "the closed connection's record", |f| {

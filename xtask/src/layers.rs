@@ -48,7 +48,10 @@ struct Module {
 
 /// Collects the module paths a file refers to.
 struct Refs<'a> {
-    here: &'a [String],
+    /// The module being read: the file's, and inside an inline `mod`, that module's.
+    here: Vec<String>,
+    /// Every file module, to resolve a path that starts at a child module (`routes::x`).
+    known: &'a BTreeSet<Vec<String>>,
     found: Vec<(Vec<String>, String)>,
 }
 
@@ -65,13 +68,22 @@ impl Refs<'_> {
     /// do not start at `crate`, `super` or `self`.
     fn resolve(&self, segs: &[String]) -> Option<Vec<String>> {
         let first = segs.first()?;
-        let mut out: Vec<String> = match first.as_str() {
-            "crate" => Vec::new(),
-            "self" => self.here.to_vec(),
-            "super" => self.here[..self.here.len().saturating_sub(1)].to_vec(),
+        let child = || {
+            let mut c = self.here.to_vec();
+            c.push(first.clone());
+            c
+        };
+        let (mut out, mut rest): (Vec<String>, &[String]) = match first.as_str() {
+            "crate" => (Vec::new(), &segs[1..]),
+            "self" => (self.here.to_vec(), &segs[1..]),
+            "super" => (
+                self.here[..self.here.len().saturating_sub(1)].to_vec(),
+                &segs[1..],
+            ),
+            // A path through a child module declared here.
+            _ if self.known.contains(&child()) => (self.here.to_vec(), segs),
             _ => return None,
         };
-        let mut rest = &segs[1..];
         while rest.first().is_some_and(|s| s == "super") {
             out.pop();
             rest = &rest[1..];
@@ -126,9 +138,12 @@ impl<'ast> Visit<'ast> for Refs<'_> {
         self.use_tree(&mut Vec::new(), &u.tree);
     }
     fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
-        if !is_test(&m.attrs) {
-            syn::visit::visit_item_mod(self, m);
+        if is_test(&m.attrs) {
+            return;
         }
+        self.here.push(m.ident.to_string());
+        syn::visit::visit_item_mod(self, m);
+        self.here.pop();
     }
     fn visit_item_fn(&mut self, f: &'ast syn::ItemFn) {
         if !is_test(&f.attrs) {
@@ -139,6 +154,9 @@ impl<'ast> Visit<'ast> for Refs<'_> {
         if !is_test(&f.attrs) {
             syn::visit::visit_impl_item_fn(self, f);
         }
+    }
+    fn visit_visibility(&mut self, _: &'ast syn::Visibility) {
+        // `pub(super)` names who may see an item, not an import.
     }
     fn visit_path(&mut self, p: &'ast syn::Path) {
         let segs: Vec<String> = p.segments.iter().map(|s| s.ident.to_string()).collect();
@@ -259,13 +277,15 @@ pub fn check(src: &Path) -> Result<()> {
         .enumerate()
         .map(|(i, m)| (m.path.as_slice(), i))
         .collect();
+    let known: BTreeSet<Vec<String>> = mods.iter().map(|m| m.path.clone()).collect();
     let mut edges: BTreeMap<(usize, usize), BTreeSet<String>> = BTreeMap::new();
     for (i, m) in mods.iter().enumerate() {
         let text = std::fs::read_to_string(&m.file)?;
         let file =
             syn::parse_file(&text).with_context(|| format!("parsing {}", m.file.display()))?;
         let mut refs = Refs {
-            here: &m.path,
+            here: m.path.clone(),
+            known: &known,
             found: Vec::new(),
         };
         refs.visit_file(&file);

@@ -41,106 +41,11 @@ use crate::state::Pod;
 
 pub mod collector;
 mod splice;
+pub mod sys;
 
 pub use splice::{SplicePair, SpliceTable};
-
-/// Errors from the BPF side of the agent. Load errors carry the verifier log.
-#[derive(Debug, thiserror::Error)]
-pub enum BpfError {
-    /// Not running as root (or without CAP_BPF / CAP_NET_ADMIN / CAP_SYS_ADMIN).
-    #[error(
-        "mesh-agent must run as root: it loads eBPF programs and enters pod network namespaces (try: sudo mesh-agent ...)"
-    )]
-    NotRoot,
-    /// No bpffs at the configured path.
-    #[error(
-        "no bpf filesystem is mounted at {0}: mount it with `mount -t bpf bpf {0}` (in Kubernetes, mount the host's /sys/fs/bpf into the agent)"
-    )]
-    NoBpffs(PathBuf),
-    /// The BPF object file is missing.
-    #[error(
-        "cannot read the eBPF object {path}: {source} (build it with `cargo xtask build`, or pass --bpf-object)"
-    )]
-    Object {
-        /// The object path.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
-    /// aya could not load the object (parse error, map creation, pinned-map mismatch).
-    #[error("cannot load the eBPF object {path}: {source}")]
-    Load {
-        /// The object path.
-        path: PathBuf,
-        /// aya's error.
-        source: Box<aya::EbpfError>,
-    },
-    /// A program or map the agent needs is not in the object (agent and object out of step).
-    #[error(
-        "the eBPF object has no {kind} named {name}: rebuild it with `cargo xtask build` so it matches this agent"
-    )]
-    Missing {
-        /// `program` or `map`.
-        kind: &'static str,
-        /// The name.
-        name: &'static str,
-    },
-    /// The verifier or the kernel refused a program, or attaching failed.
-    #[error("{what} {name}: {detail}")]
-    Program {
-        /// What was being done.
-        what: &'static str,
-        /// The program.
-        name: String,
-        /// aya's error with its causes, which include the verifier log for load failures.
-        detail: String,
-    },
-    /// A map operation failed.
-    #[error("map {name}: {what}: {source}")]
-    Map {
-        /// The map.
-        name: &'static str,
-        /// What was being done.
-        what: String,
-        /// aya's error.
-        source: Box<aya::maps::MapError>,
-    },
-    /// Pinning or unpinning under bpffs failed.
-    #[error("bpffs {path}: {what}: {source}")]
-    Pin {
-        /// The pin path.
-        path: PathBuf,
-        /// What was being done.
-        what: &'static str,
-        /// Why.
-        source: io::Error,
-    },
-    /// The pod's cgroup or netns could not be opened for attaching.
-    #[error("pod {pod}: cannot open {path} to attach {program}: {source}")]
-    Target {
-        /// The pod.
-        pod: String,
-        /// The cgroup or netns path.
-        path: PathBuf,
-        /// The program.
-        program: &'static str,
-        /// Why.
-        source: io::Error,
-    },
-}
-
-/// An error and all its causes on one line: aya's top-level messages ("bpf_link_create failed")
-/// do not say why, the cause (errno, verifier log) does.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
+pub use sys::{BpfError, chain};
+use sys::{ElemCmd, map_elem, map_err, pin_err, prog_err, take_map, typed_program};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -179,67 +84,6 @@ pub struct KernelPodStats {
 #[derive(Debug)]
 pub struct OrigDstTable {
     fd: OwnedFd,
-}
-
-/// `bpf(2)` commands on one map element, for maps that connection tasks use concurrently: a raw
-/// fd needs no lock, where aya's map types want `&mut`.
-#[derive(Clone, Copy, Debug)]
-#[repr(i64)]
-enum ElemCmd {
-    Lookup = 1,
-    Update = 2,
-    Delete = 3,
-    LookupAndDelete = 21,
-}
-
-#[repr(C)]
-struct MapElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-/// Runs `cmd` on the element `key` of the map `fd`; `value` is read (update) or written (lookups)
-/// and must be the map's value size. `Ok(false)`: no such element.
-///
-/// # Safety
-/// `key` and `value` must point at live buffers of the map's key and value sizes (`value` may be
-/// null for a delete).
-unsafe fn map_elem(
-    cmd: ElemCmd,
-    fd: &OwnedFd,
-    key: *const u8,
-    value: *mut u8,
-    flags: u64,
-) -> io::Result<bool> {
-    let attr = MapElemAttr {
-        map_fd: fd.as_raw_fd() as u32,
-        _pad: 0,
-        key: key as u64,
-        value: value as u64,
-        flags,
-    };
-    // SAFETY: `attr` is a valid bpf_attr prefix for element commands; the caller vouches for the
-    // buffers it points at.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            &raw const attr,
-            std::mem::size_of::<MapElemAttr>(),
-        )
-    };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
 }
 
 impl OrigDstTable {
@@ -335,54 +179,6 @@ impl std::fmt::Debug for Dataplane {
             .field("adopted_maps", &self.adopted_maps)
             .finish_non_exhaustive()
     }
-}
-
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, BpfError> {
-    ebpf.take_map(name)
-        .ok_or(BpfError::Missing { kind: "map", name })
-}
-
-fn map_err(
-    name: &'static str,
-    what: impl Into<String>,
-) -> impl FnOnce(aya::maps::MapError) -> BpfError {
-    let what = what.into();
-    move |e| BpfError::Map {
-        name,
-        what,
-        source: Box::new(e),
-    }
-}
-
-fn prog_err(
-    what: &'static str,
-    name: &str,
-) -> impl FnOnce(aya::programs::ProgramError) -> BpfError {
-    let name = name.to_string();
-    move |e| BpfError::Program {
-        what,
-        name,
-        detail: chain(&e),
-    }
-}
-
-/// The program `name`, as its kind `T` (a verdict that attaches to a map, say).
-fn typed_program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
-where
-    &'a mut T: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(BpfError::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(prog_err("open", name))
-}
-
-fn pin_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> BpfError {
-    let path = path.to_owned();
-    move |source| BpfError::Pin { path, what, source }
 }
 
 impl Dataplane {

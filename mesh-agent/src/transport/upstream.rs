@@ -333,12 +333,11 @@ impl Pool {
                     }
                 }
             }
-            let Some(slot) = self.connection_slot(limits).await? else {
+            let Some((io, slot)) = self.connect(dialer, src, hop, key, limits).await? else {
                 continue;
             };
-            let io = open(dialer, src, hop, key.target).await?;
             let (sender, conn) = http1::Builder::new()
-                .handshake(TokioIo::new(io))
+                .handshake(io)
                 .await
                 .map_err(UpstreamError::Reset)?;
             // Upgrades (e.g. WebSocket) hand the connection over rather than end it.
@@ -369,10 +368,9 @@ impl Pool {
             if lock(&self.h2).get(key).is_some_and(|s| !s.is_closed()) {
                 continue;
             }
-            let Some(slot) = self.connection_slot(limits).await? else {
+            let Some((io, slot)) = self.connect(dialer, src, hop, key, limits).await? else {
                 continue;
             };
-            let io = open(dialer, src, hop, key.target).await?;
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .initial_stream_window_size(body::H2_STREAM_WINDOW)
@@ -382,7 +380,7 @@ impl Pool {
                 // hop accepts what that hop accepted, so a large head is 431 there, never a
                 // reset here.
                 .max_header_list_size(body::H2_DECODE_LIMIT)
-                .handshake(TokioIo::new(io))
+                .handshake(io)
                 .await
                 .map_err(UpstreamError::Reset)?;
             drive(conn, key.target, slot, limits.cloned());
@@ -391,6 +389,23 @@ impl Pool {
             lock(&self.h2_dials).remove(key);
             return Ok(sender);
         }
+    }
+
+    /// A new connection for `key`, within the service's connection limit: `Ok(None)` means a
+    /// connection was freed while waiting for a slot, so look for an idle one again.
+    async fn connect(
+        &self,
+        dialer: &Dialer,
+        src: &LocalPod,
+        hop: &Hop,
+        key: &Key,
+        limits: Option<&Arc<Limits>>,
+    ) -> Result<Option<(TokioIo<UpstreamIo>, Option<Slot>)>, UpstreamError> {
+        let Some(slot) = self.connection_slot(limits).await? else {
+            return Ok(None);
+        };
+        let io = open(dialer, src, hop, key.target).await?;
+        Ok(Some((TokioIo::new(io), slot)))
     }
 
     /// A slot under the service's connection limit: `Ok(None)` means a connection was freed

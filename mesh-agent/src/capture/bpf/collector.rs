@@ -28,7 +28,7 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use super::BpfError;
+use super::sys::BpfError;
 
 /// How often a scrape may recount a big map.
 pub const BIG_MAP_RECOUNT: Duration = Duration::from_secs(10);

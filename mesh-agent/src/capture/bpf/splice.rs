@@ -23,7 +23,7 @@ use aya::{
 };
 use mesh_common::{SplicePeer, maps, programs};
 
-use super::{BpfError, ElemCmd, map_elem, map_err, prog_err, take_map, typed_program};
+use super::sys::{BpfError, ElemCmd, map_elem, map_err, prog_err, take_map, typed_program};
 
 /// `SO_COOKIE` (asm-generic/socket.h); libc does not export it.
 const SO_COOKIE: libc::c_int = 57;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Ctx, ObjectError, who};
+use super::fields::{Ctx, ObjectError, who};
 use crate::{
     config::parse_duration,
     state::{

@@ -8,10 +8,9 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Instant,
 };
 
-use http::{StatusCode, header};
+use http::StatusCode;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -138,9 +137,7 @@ impl Inbound {
 
 async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<Body> {
     cx.dest.counters.http_requests.inc();
-    let started = Instant::now();
     let shape = Shape::of(&mut req);
-    let switching = req.headers().contains_key(header::UPGRADE);
     let view = cx.inputs.view.load();
     let upgrades = view.routes.upgrades_to(cx.dest.pod.ip, cx.port);
     let (resp, downstream) = match prepare(req, &view.state().mesh, upgrades) {
@@ -153,7 +150,7 @@ async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<B
         }
         Err(r) => (r, None),
     };
-    let resp = switch_protocols(resp, downstream, switching);
+    let resp = switch_protocols(resp, downstream, shape.upgrade);
     let flow = Flow {
         reporter: Reporter::Destination,
         src: cx.from.clone(),
@@ -169,7 +166,7 @@ async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<B
         src: Some(cx.peer),
         dst: Some(SocketAddr::new(cx.dest.pod.ip, cx.port)),
     };
-    recorded(&cx.inputs, flow, false, shape, ends, started, resp)
+    recorded(&cx.inputs, flow, false, shape, ends, resp)
 }
 
 /// Authorizes one prepared request on the inbound side and sends it to the application.

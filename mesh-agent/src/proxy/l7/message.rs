@@ -236,40 +236,30 @@ pub(super) fn prepare<B>(
     } else {
         !scheme && !authority
     };
-    if path == parts.uri.path() && right_form {
-        // Already what the upstream should get (the common case): keep the URI as it is.
-        return Ok((
-            Prepared {
-                parts,
-                path,
-                deny_path,
-                fold_case,
-                upgrade,
-            },
-            body,
-        ));
+    // The common case keeps the URI as it is: already what the upstream should get.
+    if path != parts.uri.path() || !right_form {
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        let mut uri = http::uri::Builder::new().path_and_query(path_and_query);
+        if h2 {
+            // HTTP/2 carries scheme and authority as pseudo-headers: keep the client's.
+            uri = uri
+                .scheme(parts.uri.scheme_str().unwrap_or("http"))
+                .authority(
+                    parts
+                        .uri
+                        .authority()
+                        .map_or("localhost", |a| a.as_str())
+                        .to_string(),
+                );
+        }
+        parts.uri = match uri.build() {
+            Ok(u) => u,
+            Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),
+        };
     }
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.clone(),
-    };
-    let mut uri = http::uri::Builder::new().path_and_query(path_and_query);
-    if h2 {
-        // HTTP/2 carries scheme and authority as pseudo-headers: keep the client's.
-        uri = uri
-            .scheme(parts.uri.scheme_str().unwrap_or("http"))
-            .authority(
-                parts
-                    .uri
-                    .authority()
-                    .map_or("localhost", |a| a.as_str())
-                    .to_string(),
-            );
-    }
-    parts.uri = match uri.build() {
-        Ok(u) => u,
-        Err(e) => return Err(reply(StatusCode::BAD_REQUEST, "DPE", &e.to_string())),
-    };
     Ok((
         Prepared {
             parts,

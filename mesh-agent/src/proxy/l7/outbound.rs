@@ -13,10 +13,10 @@
 //! 9. response header edits; the body streams back, trailers included. An HTTP/1.1 upgrade the
 //!    upstream accepts (101) joins the two connections byte for byte.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -81,9 +81,7 @@ where
 
 async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
     cx.src.counters.http_requests.inc();
-    let started = Instant::now();
     let shape = Shape::of(&mut req);
-    let switching = req.headers().contains_key(header::UPGRADE);
     let view = cx.inputs.view.load();
     let routes = &view.routes;
     let upgrades: &[String] = routes
@@ -96,7 +94,7 @@ async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response
         }
         Err(r) => (r, None),
     };
-    let mut resp = switch_protocols(resp, downstream, switching);
+    let mut resp = switch_protocols(resp, downstream, shape.upgrade);
     // Reported by the source: the endpoint that answered, or unknown for the proxy's own replies.
     let served = resp.extensions_mut().remove::<Served>();
     let flow = Flow {
@@ -125,7 +123,7 @@ async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response
         src: None,
         dst: served.map(|s| s.addr),
     };
-    recorded(&cx.inputs, flow, both, shape, ends, started, resp)
+    recorded(&cx.inputs, flow, both, shape, ends, resp)
 }
 
 /// Routes and forwards one prepared request from the outbound side.

@@ -45,6 +45,10 @@ pub(super) struct Served {
 /// What metrics and the flow record need from a request before it is consumed.
 #[derive(Clone, Debug)]
 pub(super) struct Shape {
+    /// When the request arrived.
+    started: Instant,
+    /// Whether it asked to switch protocols.
+    pub(super) upgrade: bool,
     grpc: bool,
     /// The declared body length (a chunked body counts 0).
     request_bytes: u64,
@@ -69,6 +73,8 @@ impl Shape {
                 .to_string(),
         };
         Self {
+            started: Instant::now(),
+            upgrade: req.headers().contains_key(header::UPGRADE),
             grpc: req
                 .headers()
                 .get(header::CONTENT_TYPE)
@@ -100,7 +106,6 @@ pub(super) fn recorded(
     both: bool,
     shape: Shape,
     ends: Ends,
-    started: Instant,
     mut resp: Response<Body>,
 ) -> Response<Body> {
     let code = resp.status().as_u16();
@@ -113,6 +118,7 @@ pub(super) fn recorded(
     let denial = resp.extensions_mut().remove::<Decision>();
     let why = resp.extensions_mut().remove::<Why>();
     let (metrics, flows) = (inputs.metrics.clone(), inputs.flows.clone());
+    let started = shape.started;
     let wall = std::time::SystemTime::now() - started.elapsed();
     resp.map(move |inner| {
         Recorded {

@@ -1,0 +1,169 @@
+//! The security parts of the node file: `peerAuthentications` (mTLS mode per selector) and
+//! `authorizationPolicies` (Istio's shape).
+
+use super::{
+    fields::{Ctx, ObjectError, who},
+    raw::{RawAuthorizationPolicy, RawPeerAuthentication},
+};
+use crate::state::{
+    Action, AuthorizationPolicy, Condition, MtlsMode, NodeState, ObjectKey, Operation,
+    PeerAuthentication, Rule, Source,
+};
+
+pub(super) fn validate_peer_authentications(
+    raw: &[RawPeerAuthentication],
+    state: &mut NodeState,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (i, rp) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "peerAuthentication",
+            who: who(&rp.namespace, &rp.name),
+            position: format!("peerAuthentications[{i}]"),
+            errors,
+        };
+        let name = cx.label("name", &rp.name);
+        let namespace = cx.label("namespace", &rp.namespace);
+        // A mode that cannot be read is taken as STRICT: a typo must not open a workload.
+        let mode = match cx.required("mode", &rp.mode).map(String::as_str) {
+            Some("STRICT") => MtlsMode::Strict,
+            Some("PERMISSIVE") => MtlsMode::Permissive,
+            other => {
+                if let Some(m) = other {
+                    cx.fail(
+                        "mode",
+                        format!("{m:?} is not STRICT or PERMISSIVE; applying STRICT until fixed"),
+                    );
+                }
+                MtlsMode::Strict
+            }
+        };
+        if let (Some(name), Some(namespace)) = (name, namespace) {
+            state.peer_authentications.push(PeerAuthentication {
+                key: ObjectKey { namespace, name },
+                selector: rp.selector.match_labels.clone(),
+                mode,
+            });
+        }
+    }
+}
+
+pub(super) fn validate_authorization_policies(
+    raw: &[RawAuthorizationPolicy],
+    state: &mut NodeState,
+    errors: &mut Vec<ObjectError>,
+) {
+    for (i, rp) in raw.iter().enumerate() {
+        let mut cx = Ctx {
+            kind: "authorizationPolicy",
+            who: who(&rp.namespace, &rp.name),
+            position: format!("authorizationPolicies[{i}]"),
+            errors,
+        };
+        let before = cx.errors.len();
+        let name = cx.label("name", &rp.name);
+        let namespace = cx.label("namespace", &rp.namespace);
+        let action = match rp.action.as_deref() {
+            None | Some("ALLOW") => Action::Allow,
+            Some("DENY") => Action::Deny,
+            Some(other) => {
+                cx.fail(
+                    "action",
+                    format!("{other:?} is not ALLOW or DENY; the policy denies everything it selects until fixed"),
+                );
+                Action::Deny
+            }
+        };
+        let mut rules = Vec::new();
+        for r in &rp.rules {
+            let from = r
+                .from
+                .iter()
+                .map(|f| Source {
+                    principals: f
+                        .source
+                        .principals
+                        .iter()
+                        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_string())
+                        .collect(),
+                    namespaces: f.source.namespaces.clone(),
+                })
+                .collect();
+            let mut to = Vec::new();
+            for t in &r.to {
+                let mut ports = Vec::new();
+                for v in &t.operation.ports {
+                    let port = match v {
+                        serde_yaml::Value::Number(n) => n.as_u64(),
+                        serde_yaml::Value::String(s) => s.parse().ok(),
+                        _ => None,
+                    };
+                    match port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) {
+                        Some(p) => ports.push(p),
+                        None => cx.fail("rules.to.operation.ports", format!("{v:?} is not a port")),
+                    }
+                }
+                for path in &t.operation.paths {
+                    if !(path.starts_with('/') || path.starts_with('*')) {
+                        cx.fail(
+                            "rules.to.operation.paths",
+                            format!("{path:?} must start with '/' (or be a '*' suffix match)"),
+                        );
+                    }
+                }
+                to.push(Operation {
+                    ports,
+                    methods: t.operation.methods.clone(),
+                    paths: t.operation.paths.clone(),
+                });
+            }
+            let mut when = Vec::new();
+            for c in &r.when {
+                let header = c
+                    .key
+                    .strip_prefix("request.headers[")
+                    .and_then(|k| k.strip_suffix(']'))
+                    .filter(|h| http::HeaderName::try_from(*h).is_ok());
+                match header {
+                    Some(h) if !c.values.is_empty() => when.push(Condition {
+                        header: h.to_ascii_lowercase(),
+                        values: c.values.clone(),
+                    }),
+                    Some(_) => cx.fail("rules.when", format!("{}: needs `values`", c.key)),
+                    None => cx.fail(
+                        "rules.when",
+                        format!("{:?} is not supported: use request.headers[<name>]", c.key),
+                    ),
+                }
+            }
+            rules.push(Rule { from, to, when });
+        }
+        let (Some(name), Some(namespace)) = (name, namespace) else {
+            continue;
+        };
+        let key = ObjectKey { namespace, name };
+        if cx.errors.len() != before {
+            // Fail closed: a broken ALLOW allows nothing, a broken DENY denies everything.
+            rules = match action {
+                Action::Allow => Vec::new(),
+                Action::Deny => vec![Rule::default()],
+            };
+            cx.fail(
+                "rules",
+                format!(
+                    "policy {key} is invalid; until fixed it {}",
+                    match action {
+                        Action::Allow => "allows nothing",
+                        Action::Deny => "denies every connection it selects",
+                    }
+                ),
+            );
+        }
+        state.authorization_policies.push(AuthorizationPolicy {
+            key,
+            selector: rp.selector.match_labels.clone(),
+            action,
+            rules,
+        });
+    }
+}
