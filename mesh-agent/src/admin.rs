@@ -74,7 +74,7 @@ type ApplyFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// Changes the log filter of the running process.
 pub struct LogControl {
     set: ApplyFilter,
-    current: std::sync::Mutex<String>,
+    current: parking_lot::Mutex<String>,
 }
 
 impl std::fmt::Debug for LogControl {
@@ -93,16 +93,13 @@ impl LogControl {
     ) -> Self {
         Self {
             set: Box::new(set),
-            current: std::sync::Mutex::new(current),
+            current: parking_lot::Mutex::new(current),
         }
     }
 
     /// The filter in force.
     pub fn current(&self) -> String {
-        self.current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.current.lock().clone()
     }
 
     /// Applies `filter`; the old one stays if it is refused.
@@ -111,10 +108,7 @@ impl LogControl {
             filter: filter.into(),
             problem,
         })?;
-        *self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = filter.into();
+        *self.current.lock() = filter.into();
         Ok(())
     }
 }
@@ -167,43 +161,14 @@ fn json(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
     r
 }
 
-/// Decodes `%XX` and `+` in a query component; a `%` without two hex digits stays as it is.
-fn decode(s: &str) -> String {
-    let hex = |c: u8| char::from(c).to_digit(16);
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (b[i], b.get(i + 1).copied(), b.get(i + 2).copied()) {
-            (b'+', ..) => out.push(b' '),
-            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
-                let v = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
-                out.push(u8::try_from(v).unwrap_or(b'?'));
-                i += 2;
-            }
-            (c, ..) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The query's `name=value` pairs, decoded, in order.
-fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
-    req.uri()
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (decode(k), decode(v)),
-            None => (decode(p), String::new()),
-        })
-        .collect()
+fn query(uri: &hyper::Uri) -> Vec<(String, String)> {
+    let q = uri.query().unwrap_or_default();
+    form_urlencoded::parse(q.as_bytes()).into_owned().collect()
 }
 
 fn handle(agent: &dyn AdminView, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let q = query(req);
+    let q = query(req.uri());
     let param = |name: &str| q.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -274,13 +239,21 @@ fn handle(agent: &dyn AdminView, req: &Request<Incoming>) -> Response<Full<Bytes
 
 #[cfg(test)]
 mod tests {
-    use super::decode;
+    use super::query;
 
     #[test]
     fn query_components_decode() {
-        assert_eq!(decode("default%2Fclient"), "default/client");
-        assert_eq!(decode("x-user:+alice"), "x-user: alice");
-        assert_eq!(decode("100%"), "100%");
-        assert_eq!(decode("%zz"), "%zz");
+        let uri: hyper::Uri = "/explain?src=default%2Fclient&header=x-user:+alice&p=100%25&flag"
+            .parse()
+            .expect("test URI");
+        let q = query(&uri);
+        let want = [
+            ("src", "default/client"),
+            ("header", "x-user: alice"),
+            ("p", "100%"),
+            ("flag", ""),
+        ];
+        let got: Vec<(&str, &str)> = q.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(got, want);
     }
 }

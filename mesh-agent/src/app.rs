@@ -11,13 +11,9 @@
 //! capture, so an enrolled pod is never captured into nothing by our own doing; connections that
 //! need a certificate wait for it (see `certs.rs`) and never fall back to plaintext.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
 
 use mesh_common::ListenerKind;
 use serde::Serialize;
@@ -172,16 +168,12 @@ pub struct Stats {
     pub hbone_pool_connections: usize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Agent {
     /// Why the agent is not ready, if it is not: ready means every pod in the node file is
     /// enrolled with programs, maps and listeners in place, and has a valid certificate.
     pub fn not_ready_reason(&self) -> Option<String> {
         let state = self.current_state();
-        let pods = lock(&self.pods);
+        let pods = self.pods.lock();
         let missing: Vec<String> = state
             .pods
             .keys()
@@ -204,8 +196,8 @@ impl Agent {
 
     /// A snapshot of every counter.
     pub fn stats(&self) -> Stats {
-        let dp = lock(&self.dataplane);
-        let pods = lock(&self.pods);
+        let dp = self.dataplane.lock();
+        let pods = self.pods.lock();
         let state = self.current_state();
         let reports = pods
             .iter()
@@ -244,7 +236,7 @@ impl Agent {
                 .values()
                 .filter_map(|p| p.rule.as_ref().map(ToString::to_string))
                 .collect(),
-            problems: lock(&self.problems).clone(),
+            problems: self.problems.lock().clone(),
             hbone_pool_connections: self.inputs.dialer.hbone.connections(),
         }
     }
@@ -259,7 +251,7 @@ impl Agent {
     /// summarized.
     pub fn config_dump(&self) -> serde_json::Value {
         let state = self.current_state();
-        let enrolled: Vec<String> = lock(&self.pods).keys().map(ToString::to_string).collect();
+        let enrolled: Vec<String> = self.pods.lock().keys().map(ToString::to_string).collect();
         let (maps, events) = self.kernel.summary();
         serde_json::json!({
             "node": state.node,
@@ -268,15 +260,15 @@ impl Agent {
             "certificates": self.inputs.certs.report(),
             "trust_roots": self.inputs.certs.trust_roots(),
             "bpf": { "maps": maps, "events": events },
-            "problems": lock(&self.problems).clone(),
+            "problems": self.problems.lock().clone(),
         })
     }
 
     /// Makes the kernel and the proxy match `state`.
     fn reconcile(&self, state: NodeState, problems: Vec<String>) {
         self.inputs.metrics.observe(&state);
-        let mut dp = lock(&self.dataplane);
-        let mut pods = lock(&self.pods);
+        let mut dp = self.dataplane.lock();
+        let mut pods = self.pods.lock();
         let mut problems = problems;
 
         if let Err(e) = dp.set_excluded_ports(&state.excluded_ports) {
@@ -344,7 +336,7 @@ impl Agent {
             }
         }
         view.publish_pods(pods.values().map(|p| p.local.clone()));
-        *lock(&self.problems) = problems;
+        *self.problems.lock() = problems;
     }
 
     fn enroll(
@@ -618,7 +610,7 @@ async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
                 }
                 Err(e) => {
                     error!("{e}; still serving the previous configuration");
-                    lock(&agent.problems).push(e.to_string());
+                    agent.problems.lock().push(e.to_string());
                 }
             }
             Some(text)

@@ -6,9 +6,11 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -55,7 +57,7 @@ pub struct CaNode {
 /// Reads the CA config (`nodes: [{name, tokenFile, nodeFile}]`).
 pub fn load_config(path: &Path) -> Result<Vec<CaNode>, CaError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let raw: RawCaConfig = serde_yaml::from_str(&text).map_err(|e| CaError::Config {
+    let raw: RawCaConfig = serde_yaml_ng::from_str(&text).map_err(|e| CaError::Config {
         path: path.to_owned(),
         problem: e.to_string(),
     })?;
@@ -157,8 +159,7 @@ pub async fn serve(
                 if changed || made.elapsed() > ca.ttl() / 2 {
                     match server_tls(&ca) {
                         Ok(c) => {
-                            *tls.lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner) = c;
+                            *tls.lock() = c;
                             made = std::time::Instant::now();
                         }
                         Err(e) => warn!("re-making the CA serving certificate: {e}"),
@@ -176,10 +177,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let config = tls
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let config = tls.lock().clone();
         let (ca, nodes) = (ca.clone(), nodes.clone());
         tokio::spawn(async move {
             let stream = match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {

@@ -4,11 +4,7 @@
 //! They speak plain HTTP/1.0 to the loopback admin address, so they need no runtime and work
 //! from `kubectl exec` into the agent's pod.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{io::Write, net::SocketAddr, time::Duration};
 
 use clap::{Args, ValueEnum};
 use serde_json::Value;
@@ -117,50 +113,60 @@ pub struct ExplainArgs {
     pub headers: Vec<String>,
 }
 
-/// Percent-encodes a query component.
+/// Encodes a query component (`application/x-www-form-urlencoded`, as the admin endpoint
+/// decodes it).
 fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// GETs `path` from the agent and returns the body of a 200.
 fn get(addr: SocketAddr, path: &str) -> Result<String, CliError> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|source| CliError::Connect { addr, source })?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
-        .map_err(|source| CliError::Connect { addr, source })?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|source| CliError::Connect { addr, source })?;
-    let text = String::from_utf8_lossy(&raw);
-    let bad = |problem: &str| CliError::Answer {
+    use http_body_util::{BodyExt, Empty};
+    let unreachable = |source| CliError::Connect { addr, source };
+    let bad = |problem: String| CliError::Answer {
         path: path.into(),
-        problem: problem.into(),
+        problem,
     };
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| bad("no HTTP head"))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| bad("no status"))?;
-    if status != 200 {
-        return Err(CliError::Refused {
-            path: path.into(),
-            status,
-            body: body.trim().into(),
-        });
-    }
-    Ok(body.to_string())
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(unreachable)?;
+    rt.block_on(async {
+        let tcp =
+            tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| unreachable(std::io::ErrorKind::TimedOut.into()))?
+                .map_err(unreachable)?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| bad(e.to_string()))?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
+            .await
+            .map_err(|_| bad("no answer within 30 s".into()))?
+            .map_err(|e| bad(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| bad(e.to_string()))?
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status != 200 {
+            return Err(CliError::Refused {
+                path: path.into(),
+                status,
+                body: body.trim().into(),
+            });
+        }
+        Ok(body)
+    })
 }
 
 fn get_json<T: serde::de::DeserializeOwned>(addr: SocketAddr, path: &str) -> Result<T, CliError> {
@@ -581,7 +587,7 @@ mod tests {
     #[test]
     fn query_components_are_encoded() {
         assert_eq!(encode("default/client"), "default%2Fclient");
-        assert_eq!(encode("x-user: a b"), "x-user%3A%20a%20b");
+        assert_eq!(encode("x-user: a b"), "x-user%3A+a+b");
     }
 
     #[test]

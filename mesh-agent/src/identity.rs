@@ -201,42 +201,13 @@ pub fn parse_pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, Identi
 
 /// One certificate as PEM.
 pub fn der_to_pem(der: &CertificateDer<'_>) -> String {
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}-----END CERTIFICATE-----\n",
-        base64_lines(der)
-    )
+    to_pem("CERTIFICATE", der)
 }
 
-/// Base64 in 64-character lines, each ending in a newline, as PEM bodies are written.
-pub fn base64_lines(data: &[u8]) -> String {
-    let b64 = base64_encode(data);
-    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 1);
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+/// A PEM block of `tag` holding `der`, in 64-character lines ending in `\n`.
+pub fn to_pem(tag: &str, der: &[u8]) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(tag, der), config)
 }
 
 /// The SPIFFE ID in a certificate: exactly one URI SAN, which must be a workload ID. Does not

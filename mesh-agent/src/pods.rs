@@ -8,11 +8,13 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
 };
+
+use parking_lot::Mutex;
 
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -143,14 +145,8 @@ impl Tracked<'_> {
 
 impl Drop for Tracked<'_> {
     fn drop(&mut self) {
-        lock(&self.pod.live).remove(&self.id);
+        self.pod.live.lock().remove(&self.id);
     }
-}
-
-/// Locks `m`, taking the data of a poisoned lock as it is: every lock in the proxy guards data
-/// that stays consistent between statements, so a panic elsewhere leaves nothing half-done.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl LocalPod {
@@ -175,7 +171,7 @@ impl LocalPod {
     pub fn track(&self, source: Option<Identity>, port: u16) -> Tracked<'_> {
         let id = self.next_live.fetch_add(1, Ordering::Relaxed);
         let revoke = Arc::new(Revocation::default());
-        lock(&self.live).insert(
+        self.live.lock().insert(
             id,
             LiveConn {
                 source,
@@ -194,7 +190,7 @@ impl LocalPod {
     /// a pooled connection must not keep carrying what policy has since refused. Each closed
     /// connection files its own record, with the decision.
     pub fn revoke_where(&self, decide: impl Fn(Option<&Identity>, u16) -> Decision) {
-        let live = lock(&self.live);
+        let live = self.live.lock();
         for conn in live.values() {
             let decision = decide(conn.source.as_ref(), conn.port);
             if decision != Decision::Allow {

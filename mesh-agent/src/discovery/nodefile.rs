@@ -43,7 +43,7 @@ pub enum NodeFileError {
     Syntax {
         /// The node file.
         path: PathBuf,
-        /// serde_yaml's message, with line and column.
+        /// serde_yaml_ng's message, with line and column.
         message: String,
     },
     /// The file is larger than [`MAX_NODE_FILE`].
@@ -244,7 +244,7 @@ fn parse(
     let raw: RawFile = if text.trim().is_empty() {
         RawFile::default()
     } else {
-        serde_yaml::from_str(text).map_err(|e| NodeFileError::Syntax {
+        serde_yaml_ng::from_str(text).map_err(|e| NodeFileError::Syntax {
             path: path.to_owned(),
             message: e.to_string(),
         })?
@@ -255,11 +255,11 @@ fn parse(
                 path: path.to_owned(),
             });
         }
-        Some(serde_yaml::Value::String(s)) => s.clone(),
+        Some(serde_yaml_ng::Value::String(s)) => s.clone(),
         Some(other) => {
             return Err(NodeFileError::NodeNotString {
                 path: path.to_owned(),
-                found: serde_yaml::to_string(other)
+                found: serde_yaml_ng::to_string(other)
                     .unwrap_or_default()
                     .trim()
                     .chars()

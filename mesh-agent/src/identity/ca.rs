@@ -25,9 +25,11 @@ use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -242,10 +244,7 @@ impl Ca {
     }
 
     fn signer(&self) -> Arc<Signer> {
-        self.signer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.signer.lock().clone()
     }
 
     /// How long the certificates it signs live.
@@ -270,10 +269,7 @@ impl Ca {
             return Ok(false);
         }
         let signer = load_signer(&self.dir)?;
-        *self
-            .signer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(signer);
+        *self.signer.lock() = Arc::new(signer);
         info!(dir = %self.dir.display(), "CA root directory changed; now signing with the current root");
         Ok(true)
     }

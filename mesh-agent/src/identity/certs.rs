@@ -14,11 +14,13 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
+
+use parking_lot::{Mutex, RwLock};
 
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -261,10 +263,6 @@ pub struct CertManager {
     secret_extraction: bool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl CertManager {
     /// A manager getting certificates from `ca`.
     pub fn new(ca: CaClient, secret_extraction: bool) -> Arc<Self> {
@@ -290,7 +288,7 @@ impl CertManager {
     /// Makes the managed set exactly `ids`: starts renewal for new ones, stops the rest.
     pub fn set_wanted(self: &Arc<Self>, ids: impl IntoIterator<Item = Identity>) {
         let want: std::collections::BTreeSet<Identity> = ids.into_iter().collect();
-        let mut entries = lock(&self.entries);
+        let mut entries = self.entries.lock();
         entries.retain(|id, e| {
             let keep = want.contains(id);
             if !keep {
@@ -317,7 +315,7 @@ impl CertManager {
 
     /// The identity's valid certificate now, if it has one.
     pub fn get(&self, id: &Identity) -> Result<Arc<WorkloadCert>, CertError> {
-        let entries = lock(&self.entries);
+        let entries = self.entries.lock();
         let e = entries
             .get(id)
             .ok_or_else(|| CertError::NotManaged(id.clone()))?;
@@ -326,7 +324,9 @@ impl CertManager {
             Some(c) if c.is_valid() => Ok(c),
             _ => Err(CertError::NotReady {
                 identity: id.clone(),
-                why: lock(&e.report)
+                why: e
+                    .report
+                    .lock()
                     .last_error
                     .clone()
                     .unwrap_or_else(|| "the first request to the CA is in flight".into()),
@@ -342,7 +342,7 @@ impl CertManager {
         timeout: Duration,
     ) -> Result<Arc<WorkloadCert>, CertError> {
         let mut rx = {
-            let entries = lock(&self.entries);
+            let entries = self.entries.lock();
             entries
                 .get(id)
                 .ok_or_else(|| CertError::NotManaged(id.clone()))?
@@ -365,7 +365,7 @@ impl CertManager {
 
     /// Why not every managed identity has a valid certificate, if so.
     pub fn not_ready_reason(&self) -> Option<String> {
-        let ids: Vec<Identity> = lock(&self.entries).keys().cloned().collect();
+        let ids: Vec<Identity> = self.entries.lock().keys().cloned().collect();
         let missing: Vec<String> = ids
             .iter()
             .filter_map(|id| self.get(id).err().map(|e| e.to_string()))
@@ -376,10 +376,11 @@ impl CertManager {
     /// Per identity, for `/stats`.
     pub fn report(&self) -> BTreeMap<String, CertReport> {
         let now = SystemTime::now();
-        lock(&self.entries)
+        self.entries
+            .lock()
             .iter()
             .map(|(id, e)| {
-                let mut r = lock(&e.report).clone();
+                let mut r = e.report.lock().clone();
                 if let Some(c) = e.tx.borrow().as_ref() {
                     r.serial = Some(c.serial.clone());
                     r.issuer = Some(c.issuer.clone());
@@ -400,21 +401,14 @@ impl CertManager {
 
     /// How many roots the agent trusts now (2 during a root rotation's overlap).
     pub fn trust_roots(&self) -> usize {
-        self.bundle
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .map_or(0, |b| b.roots().len())
+        self.bundle.read().as_ref().map_or(0, |b| b.roots().len())
     }
 
     /// Publishes `cert`; if its bundle is new, re-publishes every other certificate with it.
     fn publish(&self, cert: WorkloadCert) {
         let bundle = cert.bundle.clone();
         let changed = {
-            let mut b = self
-                .bundle
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut b = self.bundle.write();
             let changed = b.as_ref().is_none_or(|old| old.roots() != bundle.roots());
             if changed {
                 *b = Some(bundle.clone());
@@ -422,7 +416,7 @@ impl CertManager {
             }
             changed
         };
-        let entries = lock(&self.entries);
+        let entries = self.entries.lock();
         if let Some(e) = entries.get(&cert.identity) {
             e.tx.send_replace(Some(Arc::new(cert)));
         }
@@ -482,7 +476,7 @@ async fn renew_loop(
                 let left = cert.not_after.duration_since(now).unwrap_or_default();
                 lifetime = left;
                 {
-                    let mut r = lock(&report);
+                    let mut r = report.lock();
                     r.issued += 1;
                     r.last_error = None;
                 }
@@ -498,7 +492,7 @@ async fn renew_loop(
             }
             Err(e) => {
                 {
-                    let mut r = lock(&report);
+                    let mut r = report.lock();
                     r.failures += 1;
                     r.last_error = Some(e.clone());
                 }
@@ -562,7 +556,7 @@ impl prometheus::core::Collector for CertCollector {
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let _one = lock(&self.scrape);
+        let _one = self.scrape.lock();
         self.expiry.reset();
         for (id, r) in self.mgr.report() {
             if let Some(t) = r.not_after_unix {
@@ -595,10 +589,7 @@ pub async fn request_once(
     let issued = client.sign(csr).await?;
     if let Some(path) = key_out {
         use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        let pem = format!(
-            "-----BEGIN PRIVATE KEY-----\n{}-----END PRIVATE KEY-----\n",
-            identity::base64_lines(key.secret_der())
-        );
+        let pem = identity::to_pem("PRIVATE KEY", key.secret_der());
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)

@@ -14,11 +14,13 @@
 use std::{
     net::IpAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use crate::state::{LbPolicy, OutlierDetection};
 
@@ -64,10 +66,7 @@ impl Endpoint {
     /// The estimate decays towards zero while no sample arrives, so an endpoint that has not
     /// been tried for a while is tried again (and one that was slow is forgiven).
     fn cost(&self) -> f64 {
-        let (ewma, stamp) = *self
-            .ewma
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (ewma, stamp) = *self.ewma.lock();
         let idle = stamp.elapsed().as_secs_f64();
         ewma * (-idle / DECAY.as_secs_f64()).exp()
             * f64::from(self.in_flight.load(Ordering::Relaxed) + 1)
@@ -90,10 +89,7 @@ impl Endpoint {
     }
 
     fn observe(&self, rtt: Duration) {
-        let mut e = self
-            .ewma
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut e = self.ewma.lock();
         let now = Instant::now();
         let rtt = rtt.as_nanos() as f64;
         let dt = now.duration_since(e.1).as_secs_f64();

@@ -5,17 +5,15 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU32, Ordering},
     },
     time::Instant,
 };
 
-use crate::state::{RateLimit, TrafficPolicy};
+use parking_lot::Mutex;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use crate::state::{RateLimit, TrafficPolicy};
 
 /// A token bucket refilled continuously.
 #[derive(Debug, Clone, Copy)]
@@ -73,9 +71,9 @@ impl RateLimiter {
             f64::from(self.limit.burst),
         );
         if !self.limit.per_source {
-            return lock(&self.shared).take(rate, burst, 1.0);
+            return self.shared.lock().take(rate, burst, 1.0);
         }
-        let mut map = lock(&self.per_source);
+        let mut map = self.per_source.lock();
         if map.len() >= MAX_SOURCE_BUCKETS && !map.contains_key(source) {
             map.clear();
         }
@@ -113,14 +111,16 @@ impl RetryBudget {
     /// Called once per original request.
     pub fn deposit(&self) {
         let cap = self.cap();
-        let mut b = lock(&self.balance);
+        let mut b = self.balance.lock();
         let _ = b.take(self.min_per_second, cap, 0.0);
         b.tokens = (b.tokens + self.ratio).min(cap);
     }
 
     /// Whether one retry may be sent now.
     pub fn withdraw(&self) -> bool {
-        lock(&self.balance).take(self.min_per_second, self.cap(), 1.0)
+        self.balance
+            .lock()
+            .take(self.min_per_second, self.cap(), 1.0)
     }
 }
 

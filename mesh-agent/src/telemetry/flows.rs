@@ -21,11 +21,13 @@ use std::{
     io::Write,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
+
+use parking_lot::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -298,7 +300,7 @@ impl FlowLog {
             http: d.http,
         });
         {
-            let mut recent = lock(&self.recent);
+            let mut recent = self.recent.lock();
             if recent.len() == HISTORY {
                 recent.pop_front();
             }
@@ -306,7 +308,7 @@ impl FlowLog {
         }
         if let Some(w) = &self.out {
             let first = {
-                let mut q = lock(&w.queue);
+                let mut q = w.queue.lock();
                 if q.len() >= QUEUE {
                     self.dropped.inc();
                     return;
@@ -325,14 +327,14 @@ impl FlowLog {
     pub fn close(&self) {
         if let Some(w) = &self.out {
             let mut out = std::io::stdout().lock();
-            let batch = std::mem::take(&mut *lock(&w.queue));
+            let batch = std::mem::take(&mut *w.queue.lock());
             let _ = write_batch(&mut out, &batch, w.format);
         }
     }
 
     /// Records after `since`, oldest first, at most `limit`.
     pub fn since(&self, since: u64, limit: usize) -> Vec<Arc<FlowRecord>> {
-        let recent = lock(&self.recent);
+        let recent = self.recent.lock();
         recent
             .iter()
             .filter(|r| r.seq > since)
@@ -362,7 +364,7 @@ fn write_lines(queue: &Mutex<Vec<Arc<FlowRecord>>>, format: AccessLogFormat) {
         std::thread::park();
         std::thread::sleep(GATHER);
         let mut out = std::io::stdout().lock();
-        std::mem::swap(&mut batch, &mut *lock(queue));
+        std::mem::swap(&mut batch, &mut *queue.lock());
         if write_batch(&mut out, &batch, format).is_err() {
             return;
         }
@@ -390,10 +392,6 @@ fn write_batch(
         text.push('\n');
     }
     out.write_all(text.as_bytes())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One record's text line on its own, as the writer appends it.

@@ -15,9 +15,11 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use prometheus::{Encoder, Registry, TextEncoder, core::Collector};
 use tokio::net::TcpListener;
@@ -97,7 +99,7 @@ impl Metrics {
             .values()
             .map(|w| (w.key.namespace.clone(), w.key.name.clone()))
             .collect();
-        let mut gone = lock(&self.gone);
+        let mut gone = self.gone.lock();
         gone.retain(|k, _| !present.contains(k));
         for k in self.flow_workloads() {
             if k.1 != UNKNOWN && !present.contains(&k) {
@@ -136,7 +138,7 @@ impl Metrics {
     /// Removes the series of workloads gone for longer than the retention period.
     fn collect_garbage(&self) {
         let expired: Vec<(String, String)> = {
-            let mut gone = lock(&self.gone);
+            let mut gone = self.gone.lock();
             let now = Instant::now();
             let expired = gone
                 .iter()
@@ -187,10 +189,6 @@ fn remove_series(family: &dyn RemovableFamily, workloads: &[(String, String)]) {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Binds the metrics listener (so a bad address fails start-up, not later).

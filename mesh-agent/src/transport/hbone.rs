@@ -28,11 +28,13 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -100,7 +102,7 @@ impl Streams {
 
     /// Whether no stream has been open for `timeout`.
     fn idle_for(&self, timeout: Duration) -> bool {
-        self.open.load(Ordering::Acquire) == 0 && lock(&self.idle_since).elapsed() >= timeout
+        self.open.load(Ordering::Acquire) == 0 && self.idle_since.lock().elapsed() >= timeout
     }
 }
 
@@ -127,7 +129,7 @@ struct StreamSlot(Arc<Streams>);
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *lock(&self.0.idle_since) = Instant::now();
+            *self.0.idle_since.lock() = Instant::now();
         }
     }
 }
@@ -178,7 +180,7 @@ struct Unlist<'a> {
 
 impl Drop for Unlist<'_> {
     fn drop(&mut self) {
-        if let Some(entry) = lock(self.conns).get_mut(self.key) {
+        if let Some(entry) = self.conns.lock().get_mut(self.key) {
             entry.dials.retain(|d| d.id != self.id);
         }
     }
@@ -189,10 +191,6 @@ enum Next {
     Claimed(SendRequest<Empty<Bytes>>, StreamSlot),
     Join(watch::Receiver<Option<Result<(), String>>>),
     Dial(usize, watch::Sender<Option<Result<(), String>>>),
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Pool {
@@ -211,7 +209,7 @@ impl Pool {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(conns) = weak.upgrade() else { return };
-                let mut conns = lock(&conns);
+                let mut conns = conns.lock();
                 let mut closed = 0;
                 for entry in conns.values_mut() {
                     let before = entry.conns.len();
@@ -244,7 +242,7 @@ impl Pool {
 
     /// Open HBONE connections in the pool.
     pub fn connections(&self) -> usize {
-        lock(&self.conns).values().map(|e| e.conns.len()).sum()
+        self.conns.lock().values().map(|e| e.conns.len()).sum()
     }
 
     /// Opens a tunnel from `src` to `target` on workload `dst`.
@@ -270,7 +268,7 @@ impl Pool {
         let (mut sender, slot) = loop {
             rounds += 1;
             let next = {
-                let mut conns = lock(&self.conns);
+                let mut conns = self.conns.lock();
                 let entry = conns.entry(key.clone()).or_default();
                 entry.conns.retain(|p| !p.sender.is_closed());
                 if let Some((sender, slot)) = entry
@@ -316,7 +314,7 @@ impl Pool {
                     };
                     let result = self.dial(src, &cert, &dst_id, target.ip()).await;
                     {
-                        let mut conns = lock(&self.conns);
+                        let mut conns = self.conns.lock();
                         if result.is_ok() {
                             // Connections made with an older certificate of the same source
                             // finish their streams and close.

@@ -19,9 +19,11 @@ use std::{
     io,
     net::{Shutdown, TcpStream as StdTcpStream},
     os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use tokio::{
     io::{AsyncWriteExt, unix::AsyncFd},
@@ -77,10 +79,6 @@ pub struct Declined {
     pub why: io::Error,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Splicer {
     /// Starts the splicer's watch task on the current runtime. Connections are handed to the
     /// kernel once they have moved `after_bytes` (see `--same-node-splice-after-bytes`).
@@ -133,7 +131,7 @@ impl Splicer {
             if n < events.len() {
                 ready.clear_ready();
             }
-            let mut waiters = lock(&self.waiters);
+            let mut waiters = self.waiters.lock();
             for ev in &events[..n] {
                 if let Some(tx) = waiters.remove(&{ ev.u64 }) {
                     let _ = tx.send(());
@@ -151,7 +149,7 @@ impl Splicer {
         add: bool,
     ) -> io::Result<oneshot::Receiver<()>> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(cookie, tx);
+        self.waiters.lock().insert(cookie, tx);
         let mut ev = libc::epoll_event {
             events: interest | libc::EPOLLONESHOT as u32,
             u64: cookie,
@@ -164,7 +162,7 @@ impl Splicer {
         // SAFETY: valid fds and event.
         let rc = unsafe { libc::epoll_ctl(self.epoll.get_ref().as_raw_fd(), op, fd, &raw mut ev) };
         if rc != 0 {
-            lock(&self.waiters).remove(&cookie);
+            self.waiters.lock().remove(&cookie);
             return Err(io::Error::last_os_error());
         }
         Ok(rx)
@@ -507,7 +505,7 @@ async fn pass_fin(
 impl Drop for Splice {
     fn drop(&mut self) {
         self.splicer.table.release(self.pair);
-        let mut waiters = lock(&self.splicer.waiters);
+        let mut waiters = self.splicer.waiters.lock();
         waiters.remove(&self.pair.a);
         waiters.remove(&self.pair.b);
         debug!(a = self.pair.a, b = self.pair.b, "splice taken apart");

@@ -15,9 +15,11 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use hyper::{
     Request, Response,
@@ -187,7 +189,7 @@ impl Returning {
             return;
         };
         let put = |sender: http1::SendRequest<Body>, pool: &Pool, key: Key| {
-            let mut idle = lock(&pool.h1);
+            let mut idle = pool.h1.lock();
             let list = idle.entry(key).or_default();
             if list.len() < MAX_IDLE {
                 list.push(sender);
@@ -276,14 +278,10 @@ pub struct Pool {
     h2_dials: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Pool {
     /// Drops the idle connections from `src` to `dest`, after one of them proved stale.
     pub fn forget_idle(&self, dialer: &Dialer, src: &LocalPod, dest: Dest<'_>) {
-        lock(&self.h1).remove(&Key::new(dialer, src, &dest));
+        self.h1.lock().remove(&Key::new(dialer, src, &dest));
     }
 
     /// A connection from `src` to `dest`, idle or new. Connecting is kept apart from sending so
@@ -324,7 +322,7 @@ impl Pool {
     ) -> Result<http1::SendRequest<Body>, UpstreamError> {
         loop {
             {
-                let mut idle = lock(&self.h1);
+                let mut idle = self.h1.lock();
                 if let Some(list) = idle.get_mut(key) {
                     while let Some(s) = list.pop() {
                         if s.is_ready() {
@@ -355,17 +353,17 @@ impl Pool {
         limits: Option<&Arc<Limits>>,
     ) -> Result<http2::SendRequest<Body>, UpstreamError> {
         loop {
-            let existing = lock(&self.h2).get(key).filter(|s| !s.is_closed()).cloned();
+            let existing = self.h2.lock().get(key).filter(|s| !s.is_closed()).cloned();
             if let Some(mut s) = existing {
                 if s.ready().await.is_ok() {
                     return Ok(s);
                 }
-                lock(&self.h2).remove(key);
+                self.h2.lock().remove(key);
             }
-            let dial = lock(&self.h2_dials).entry(key.clone()).or_default().clone();
+            let dial = self.h2_dials.lock().entry(key.clone()).or_default().clone();
             let _dialing = dial.lock().await;
             // Whoever held the dial before may have made the connection this caller needs.
-            if lock(&self.h2).get(key).is_some_and(|s| !s.is_closed()) {
+            if self.h2.lock().get(key).is_some_and(|s| !s.is_closed()) {
                 continue;
             }
             let Some((io, slot)) = self.connect(dialer, src, hop, key, limits).await? else {
@@ -384,9 +382,9 @@ impl Pool {
                 .await
                 .map_err(UpstreamError::Reset)?;
             drive(conn, key.target, slot, limits.cloned());
-            lock(&self.h2).insert(key.clone(), sender.clone());
+            self.h2.lock().insert(key.clone(), sender.clone());
             // The connection is in the map now, so later callers need no dial lock.
-            lock(&self.h2_dials).remove(key);
+            self.h2_dials.lock().remove(key);
             return Ok(sender);
         }
     }

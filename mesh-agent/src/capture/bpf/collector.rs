@@ -16,9 +16,10 @@
 use std::{
     os::fd::{AsFd, AsRawFd},
     path::Path,
-    sync::Mutex,
     time::{Duration, Instant},
 };
+
+use parking_lot::Mutex;
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use mesh_common::{events, maps};
@@ -52,10 +53,7 @@ impl Counted {
         if self.capacity <= BIG_MAP {
             return count_entries(self);
         }
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.last.lock();
         match *last {
             Some((at, n)) if at.elapsed() < BIG_MAP_RECOUNT => n,
             _ => {
@@ -261,10 +259,7 @@ impl Collector for KernelCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let _one = self
-            .scrape
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = self.scrape.lock();
         for (total, (hook, outcome, reason)) in self.event_totals().iter().zip(events::LABELS) {
             let c = self
                 .events_total

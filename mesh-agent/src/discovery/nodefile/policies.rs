@@ -94,8 +94,8 @@ pub(super) fn validate_authorization_policies(
                 let mut ports = Vec::new();
                 for v in &t.operation.ports {
                     let port = match v {
-                        serde_yaml::Value::Number(n) => n.as_u64(),
-                        serde_yaml::Value::String(s) => s.parse().ok(),
+                        serde_yaml_ng::Value::Number(n) => n.as_u64(),
+                        serde_yaml_ng::Value::String(s) => s.parse().ok(),
                         _ => None,
                     };
                     match port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) {

@@ -12,7 +12,7 @@ use crate::state::Labels;
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct RawFile {
     /// A `Value`, so a number or a list is reported rather than turned into a name.
-    pub(super) node: Option<serde_yaml::Value>,
+    pub(super) node: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     pub(super) pods: Vec<RawPod>,
     #[serde(default)]
@@ -137,7 +137,7 @@ pub(super) struct RawTo {
 pub(super) struct RawOperation {
     /// Istio writes ports as strings; numbers are accepted too.
     #[serde(default)]
-    pub(super) ports: Vec<serde_yaml::Value>,
+    pub(super) ports: Vec<serde_yaml_ng::Value>,
     #[serde(default)]
     pub(super) methods: Vec<String>,
     #[serde(default)]

@@ -4,11 +4,9 @@
 //! first allowed request (so a refused one never reaches it) and again if the application
 //! closes it.
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use parking_lot::Mutex;
 
 use http::StatusCode;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
@@ -25,7 +23,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    pods::{LocalPod, lock},
+    pods::LocalPod,
     protocol::{
         body::{Body, H2_CONN_WINDOW, H2_DECODE_LIMIT, H2_SEND_BUF, H2_STREAM_WINDOW, incoming},
         detect::Protocol,
@@ -99,13 +97,13 @@ impl Inbound {
                 .handshake(io)
                 .await?;
             tokio::spawn(conn);
-            *lock(&self.h2_app) = Some(s);
+            *self.h2_app.lock() = Some(s);
         } else {
             let (s, conn) = hyper::client::conn::http1::Builder::new()
                 .handshake(io)
                 .await?;
             tokio::spawn(conn.with_upgrades());
-            *lock(&self.h1_app) = Some(s);
+            *self.h1_app.lock() = Some(s);
         }
         Ok(())
     }
@@ -113,16 +111,16 @@ impl Inbound {
     async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
         for _ in 0..2 {
             if self.h2 {
-                let s = lock(&self.h2_app).clone().filter(|s| !s.is_closed());
+                let s = self.h2_app.lock().clone().filter(|s| !s.is_closed());
                 if let Some(mut s) = s {
                     return s.send_request(req).await.map_err(|e| e.to_string());
                 }
             } else {
-                let s = lock(&self.h1_app).take().filter(|s| !s.is_closed());
+                let s = self.h1_app.lock().take().filter(|s| !s.is_closed());
                 if let Some(mut s) = s {
                     s.ready().await.map_err(|e| e.to_string())?;
                     let fut = s.send_request(req);
-                    *lock(&self.h1_app) = Some(s);
+                    *self.h1_app.lock() = Some(s);
                     return fut.await.map_err(|e| e.to_string());
                 }
             }

@@ -6,10 +6,9 @@
 //! idle agent showed 0. This one reads one procfs file per scrape, takes CPU time from
 //! `getrusage` (microseconds), and reads what cannot change (the start time) once.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use prometheus::{
     Counter, Gauge, IntGauge, Opts,
@@ -106,10 +105,7 @@ impl ProcessCollector {
             self.virtual_.set(stat.vsize);
             self.threads.set(stat.threads);
         }
-        let mut fds_at = self
-            .fds_at
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut fds_at = self.fds_at.lock();
         if fds_at.is_none_or(|at| at.elapsed() >= FD_RECOUNT)
             && let Ok(dir) = std::fs::read_dir("/proc/self/fd")
         {
