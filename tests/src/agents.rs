@@ -1,0 +1,204 @@
+//! Starting, stopping and asking the agents: admin endpoint, CLI, logs, metrics.
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::*;
+
+impl Cluster {
+    /// Runs `mesh-agent <args>` in node `i`'s namespace (where its admin endpoint listens) and
+    /// returns its stdout; fails with its stderr if it fails.
+    pub fn agent_cli(&self, i: usize, args: &[&str]) -> Result<String> {
+        let agent = artifact("mesh-agent")?;
+        let mut all = vec![agent.to_str().context("agent path")?];
+        all.extend(args);
+        self.node_exec(i, &all)
+    }
+
+    /// Runs a command in node `i`'s namespace and returns its stdout; fails with its stderr if
+    /// it fails.
+    pub fn node_exec(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.nodes[i].netns.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts node `i`'s agent and waits until it reports ready.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        self.start_agent_with(i, &[])?;
+        self.wait_ready(i, Duration::from_secs(15))
+    }
+
+    /// Starts node `i`'s agent with extra flags, without waiting. Unless `extra` chooses the
+    /// embedded CA (`--ca-dir`), the agent uses the harness's CA, which is started (1 h
+    /// certificates) if it never was (a test that stopped it keeps it stopped).
+    pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        let embedded = extra.contains(&"--ca-dir");
+        if !embedded && !self.ca_dir().join("bundle.pem").exists() {
+            self.start_ca("1h")?;
+        }
+        let agent = artifact("mesh-agent")?;
+        let object = artifact("mesh-ebpf.o")?;
+        let token = self.token_file(i);
+        let bundle = self.ca_dir().join("bundle.pem");
+        // Its own cgroup, as a DaemonSet pod has: the loopback bypass watches the agent's cgroup.
+        let cgroup = self
+            .cgroup_dir
+            .join(format!("agent-{}", self.nodes[i].name));
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("create {}", cgroup.display()))?;
+        let node = &mut self.nodes[i];
+        let mut cmd = Command::new("nsenter");
+        let cmd = cmd
+            .arg(format!("--net={}", node.netns.display()))
+            .arg(&agent)
+            .arg("run")
+            .arg("--node-file")
+            .arg(&node.node_file)
+            .arg("--pin-name")
+            .arg(&node.pin_name)
+            .arg("--bpf-object")
+            .arg(&object)
+            .arg("--poll-interval-ms")
+            .arg("200")
+            .arg("--cgroup")
+            .arg(&cgroup)
+            .arg("--pod-cgroup-root")
+            .arg(&self.cgroup_dir)
+            .args(if embedded {
+                vec![]
+            } else {
+                vec![
+                    "--ca-addr".into(),
+                    CA_ADDR.into(),
+                    "--ca-token-file".into(),
+                    token.into_os_string(),
+                    "--ca-bundle".into(),
+                    bundle.into_os_string(),
+                ]
+            })
+            .args(extra);
+        let child = spawn_logged(cmd, &node.log, "agent")?;
+        node.agent = Some(child);
+        Ok(())
+    }
+
+    /// Polls node `i`'s `/ready` until 200, or fails with the agent's log.
+    pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = self.agent_get(i, "/ready") {
+                return Ok(());
+            }
+            if let Some(c) = self.nodes[i].agent.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "agent on {} exited ({status}):\n{}",
+                    self.nodes[i].name,
+                    self.agent_log(i)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent on {} not ready after {timeout:?}:\n{}",
+                    self.nodes[i].name,
+                    self.agent_log(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs node `i`'s agent (a crash: no cleanup runs).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// GET on node `i`'s admin endpoint.
+    pub fn agent_get(&self, i: usize, path: &str) -> Result<(u16, String)> {
+        let addr: SocketAddr = ([127, 0, 0, 1], 15000).into();
+        in_netns(&self.nodes[i].netns, || http_get(addr, path))?
+    }
+
+    /// Node `i`'s `/metrics`, parsed by the Prometheus project's own Python parser
+    /// (`prometheus_client`, the Debian package `cargo xtask setup` installs), so a format
+    /// error fails the test. Returns every sample.
+    pub fn scrape(&self, i: usize) -> Result<Vec<Sample>> {
+        let addr: SocketAddr = ([127, 0, 0, 1], 15020).into();
+        let (code, text) = in_netns(&self.nodes[i].netns, || http_get(addr, "/metrics"))??;
+        if code != 200 {
+            bail!("/metrics answered {code}: {text}");
+        }
+        parse_metrics(&text)
+    }
+
+    /// Node `i`'s `/stats`, parsed.
+    pub fn stats(&self, i: usize) -> Result<serde_json::Value> {
+        let (code, body) = self.agent_get(i, "/stats")?;
+        if code != 200 {
+            bail!("/stats answered {code}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// CPU time (user + system, all threads) node `i`'s agent has used so far, from
+    /// /proc/<pid>/stat; `None` when it is not running.
+    pub fn agent_cpu(&self, i: usize) -> Option<Duration> {
+        proc_cpu(self.agent_pid(i)?)
+    }
+
+    /// One counter of one pod from node `i`'s `/stats`, e.g. `("client", "kernel.captured_v4")`.
+    pub fn counter(&self, i: usize, pod: &str, field: &str) -> Result<u64> {
+        let s = self.stats(i)?;
+        let mut v = &s["pods"][format!("default/{pod}")];
+        for part in field.split('.') {
+            v = &v[part];
+        }
+        v.as_u64()
+            .with_context(|| format!("no counter {field} for pod {pod} in {s}"))
+    }
+
+    /// Node `i`'s agent log so far.
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// The first line of node `i`'s log that `pred` accepts, waiting up to 5 s for it: the
+    /// access log reaches stdout in batches, a few milliseconds after its flow.
+    pub fn wait_log_line(
+        &self,
+        i: usize,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        let mut found = None;
+        wait_until(what, Duration::from_secs(5), || {
+            found = self
+                .agent_log(i)
+                .lines()
+                .find(|l| pred(l))
+                .map(str::to_string);
+            Ok(found.is_some())
+        })
+        .with_context(|| format!("node {} log:\n{}", i + 1, self.agent_log(i)))?;
+        found.context("found above")
+    }
+}
