@@ -4,61 +4,81 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use mesh_agent::discovery::nodefile::raw::{
+    RawFile, RawPod, RawService, RawServicePort, RawWorkload,
+};
+
 use crate::*;
 
+/// The `app` label the harness gives every pod and workload: its name.
+fn app_label(name: &str) -> std::collections::BTreeMap<String, String> {
+    [("app".to_string(), name.to_string())].into()
+}
+
 impl Cluster {
-    /// The YAML listing of one pod, as the node file has it.
-    pub fn pod_entry(&self, pod: &Pod) -> String {
-        format!(
-            "  - name: {}\n    namespace: default\n    serviceAccount: {}\n    labels: {{app: {}}}\n    ip: {}\n    netns: {}\n    cgroup: {}\n",
-            pod.name,
-            pod.service_account,
-            pod.name,
-            pod.ip,
-            pod.netns.display(),
-            pod.cgroup.display()
-        )
+    /// One pod as the node file lists it.
+    pub fn pod_entry(&self, pod: &Pod) -> RawPod {
+        RawPod {
+            name: Some(pod.name.clone()),
+            namespace: Some("default".into()),
+            service_account: Some(pod.service_account.clone()),
+            ip: Some(pod.ip.to_string()),
+            netns: Some(pod.netns.clone()),
+            cgroup: Some(pod.cgroup.clone()),
+            labels: app_label(&pod.name),
+        }
     }
 
     /// The node file for node `i` as the harness writes it: its enrolled pods, the enrolled pods
-    /// of other nodes as workloads, and all services.
+    /// of other nodes as workloads, and all services, in the agent's own node-file model.
+    pub fn node_file(&self, i: usize) -> RawFile {
+        let mut file = RawFile::default();
+        file.node = Some(self.nodes[i].name.clone().into());
+        file.pods = self
+            .pods
+            .iter()
+            .filter(|p| p.node == i && p.enrolled)
+            .map(|p| self.pod_entry(p))
+            .collect();
+        file.workloads = self
+            .pods
+            .iter()
+            .filter(|p| p.node != i && p.enrolled)
+            .map(|p| RawWorkload {
+                name: Some(p.name.clone()),
+                namespace: Some("default".into()),
+                service_account: Some(p.service_account.clone()),
+                ip: Some(p.ip.to_string()),
+                node: Some(self.nodes[p.node].name.clone()),
+                labels: app_label(&p.name),
+            })
+            .collect();
+        file.services = self
+            .services
+            .iter()
+            .map(|svc| RawService {
+                name: Some(svc.name.clone()),
+                namespace: Some("default".into()),
+                ip: Some(self.service_ip(&svc.name).to_string()),
+                ports: Some(vec![RawServicePort {
+                    port: svc.port,
+                    target_port: Some(svc.target_port),
+                    app_protocol: svc.app_protocol.clone(),
+                }]),
+                endpoints: svc
+                    .endpoints
+                    .iter()
+                    .map(|e| self.pod(e).ip.to_string())
+                    .collect(),
+                allowed_upgrades: svc.allowed_upgrades.clone(),
+            })
+            .collect();
+        file
+    }
+
+    /// [`Cluster::node_file`] as YAML, to which tests append policies and routes.
     pub fn node_file_text(&self, i: usize) -> String {
-        let mut s = format!("node: {}\npods:\n", self.nodes[i].name);
-        for p in self.pods.iter().filter(|p| p.node == i && p.enrolled) {
-            s.push_str(&self.pod_entry(p));
-        }
-        s.push_str("workloads:\n");
-        for p in self.pods.iter().filter(|p| p.node != i && p.enrolled) {
-            s.push_str(&format!(
-                "  - {{name: {}, namespace: default, serviceAccount: {}, labels: {{app: {}}}, ip: {}, node: {}}}\n",
-                p.name, p.service_account, p.name, p.ip, self.nodes[p.node].name
-            ));
-        }
-        s.push_str("services:\n");
-        for svc in &self.services {
-            let eps: Vec<String> = svc
-                .endpoints
-                .iter()
-                .map(|e| self.pod(e).ip.to_string())
-                .collect();
-            s.push_str(&format!(
-                "  - name: {}\n    namespace: default\n    ip: {}\n    ports: [{{port: {}, targetPort: {}{}}}]\n    endpoints: [{}]\n{}",
-                svc.name,
-                self.service_ip(&svc.name),
-                svc.port,
-                svc.target_port,
-                svc.app_protocol
-                    .as_ref()
-                    .map(|p| format!(", appProtocol: {p}"))
-                    .unwrap_or_default(),
-                eps.join(", "),
-                svc.allowed_upgrades
-                    .as_ref()
-                    .map(|u| format!("    allowedUpgrades: [{}]\n", u.join(", ")))
-                    .unwrap_or_default(),
-            ));
-        }
-        s
+        serde_yaml_ng::to_string(&self.node_file(i)).expect("a node file serializes")
     }
 
     /// Writes node `i`'s default node file.

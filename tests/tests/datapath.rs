@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use mesh_agent::discovery::nodefile::raw::RawPod;
 use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact, bpf_event, pattern_byte, wait_until};
 use sha2::{Digest, Sha256};
 
@@ -241,8 +242,14 @@ fn node_file_changes_apply_live_and_bad_input_keeps_what_was_valid() -> Result<(
 
     // Adding a pod enrolls it without a restart.
     let base = c.node_file_text(0);
-    let late = c.pod_entry(c.pod("late"));
-    let with_late = base.replacen("pods:\n", &format!("pods:\n{late}"), 1);
+    let with = |edit: &dyn Fn(&mut RawPod)| {
+        let mut file = c.node_file(0);
+        let mut late = c.pod_entry(c.pod("late"));
+        edit(&mut late);
+        file.pods.insert(0, late);
+        serde_yaml_ng::to_string(&file)
+    };
+    let with_late = with(&|_| {})?;
     c.set_node_file(0, &with_late)?;
     wait_until("late pod enrolled", Duration::from_secs(10), || {
         Ok(c.stats(0)?["pods"]["default/late"].is_object())
@@ -253,28 +260,21 @@ fn node_file_changes_apply_live_and_bad_input_keeps_what_was_valid() -> Result<(
     let problems = |c: &Cluster| -> Result<String> { Ok(c.stats(0)?["problems"].to_string()) };
     // Each bad input is reported naming the pod and the field, and the pods that were valid keep
     // being served.
+    let client_ip = c.pod("client").ip.to_string();
     let cases = [
         (
             "missing field",
-            with_late.replacen(&format!("    ip: {}\n", c.pod("late").ip), "", 1),
+            with(&|p| p.ip = None)?,
             "pod default/late (pods[0]): field `ip`: missing",
         ),
         (
             "missing netns",
-            with_late.replacen(
-                &c.pod("late").netns.display().to_string(),
-                "/var/run/netns/does-not-exist",
-                1,
-            ),
+            with(&|p| p.netns = Some("/var/run/netns/does-not-exist".into()))?,
             "field `netns`: network namespace /var/run/netns/does-not-exist does not exist",
         ),
         (
             "duplicate ip",
-            with_late.replacen(
-                &format!("ip: {}", c.pod("late").ip),
-                &format!("ip: {}", c.pod("client").ip),
-                1,
-            ),
+            with(&|p| p.ip = Some(client_ip.clone()))?,
             "already used by pod default/client",
         ),
         (

@@ -18,7 +18,7 @@ use crate::state::{NodeState, ObjectKey, Pod, Service, ServicePort, Workload};
 mod fields;
 mod fs;
 mod policies;
-mod raw;
+pub mod raw;
 mod routes;
 
 pub use fields::ObjectError;

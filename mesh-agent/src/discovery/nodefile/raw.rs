@@ -1,35 +1,45 @@
 //! The node file as serde reads it: every field optional, so that validation can name the object
-//! and the field that is wrong instead of failing the whole file.
+//! and the field that is wrong instead of failing the whole file. The parts a test harness or a
+//! tool writes (the node, its pods, the other nodes' workloads, the services) are public and
+//! serialize back to the same YAML.
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::routes::{RawDestinationRule, RawHttpRoute};
 use crate::state::Labels;
 
-#[derive(Debug, Default, Deserialize)]
+/// A whole node file. Policies, routes and mesh settings are read only: a writer appends them
+/// as YAML.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawFile {
-    /// A `Value`, so a number or a list is reported rather than turned into a name.
-    pub(super) node: Option<serde_yaml_ng::Value>,
-    #[serde(default)]
-    pub(super) pods: Vec<RawPod>,
-    #[serde(default)]
-    pub(super) services: Vec<RawService>,
-    #[serde(default)]
-    pub(super) excluded_ports: Vec<u16>,
-    #[serde(default)]
-    pub(super) workloads: Vec<RawWorkload>,
-    #[serde(default)]
+pub struct RawFile {
+    /// This node's name. A `Value`, so a number or a list is reported rather than turned into a
+    /// name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<serde_yaml_ng::Value>,
+    /// This node's pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<RawPod>,
+    /// The mesh's services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<RawService>,
+    /// Ports never captured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_ports: Vec<u16>,
+    /// The other nodes' pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<RawWorkload>,
+    #[serde(default, skip_serializing)]
     pub(super) peer_authentications: Vec<RawPeerAuthentication>,
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub(super) authorization_policies: Vec<RawAuthorizationPolicy>,
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub(super) http_routes: Vec<RawHttpRoute>,
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub(super) destination_rules: Vec<RawDestinationRule>,
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub(super) mesh_config: RawMeshConfig,
 }
 
@@ -49,17 +59,22 @@ pub(super) struct RawPathNormalization {
 }
 
 /// A pod on another node: what this node needs to reach it over HBONE.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawWorkload {
-    pub(super) name: Option<String>,
-    pub(super) namespace: Option<String>,
-    pub(super) service_account: Option<String>,
-    pub(super) ip: Option<String>,
-    pub(super) node: Option<String>,
+pub struct RawWorkload {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Its labels, so this node can tell which policies select it (for `explain`).
-    #[serde(default)]
-    pub(super) labels: Labels,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,37 +159,50 @@ pub(super) struct RawOperation {
     pub(super) paths: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawPod {
-    pub(super) name: Option<String>,
-    pub(super) namespace: Option<String>,
-    pub(super) service_account: Option<String>,
-    pub(super) ip: Option<String>,
-    pub(super) netns: Option<PathBuf>,
-    pub(super) cgroup: Option<PathBuf>,
-    #[serde(default)]
-    pub(super) labels: Labels,
+pub struct RawPod {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawService {
-    pub(super) name: Option<String>,
-    pub(super) namespace: Option<String>,
-    pub(super) ip: Option<String>,
-    pub(super) ports: Option<Vec<RawServicePort>>,
-    #[serde(default)]
-    pub(super) endpoints: Vec<String>,
+pub struct RawService {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<RawServicePort>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
     /// HTTP/1.1 upgrade tokens forwarded to the service (default `[websocket]`).
-    pub(super) allowed_upgrades: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_upgrades: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawServicePort {
-    pub(super) port: u16,
-    pub(super) target_port: Option<u16>,
+pub struct RawServicePort {
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
     /// Kubernetes' free-form `appProtocol`; `tcp` turns protocol detection off.
-    pub(super) app_protocol: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
 }
