@@ -186,7 +186,7 @@ async fn authorize_and_send(
     ) {
         return forbidden(d);
     }
-    let body = match checked_body(prepared.parts.version, body).await {
+    let body = match checked_body(prepared.parts.version, incoming(body)).await {
         Ok(b) => b,
         Err(r) => return r,
     };

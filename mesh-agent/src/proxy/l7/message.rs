@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, head
 use http_body_util::BodyExt;
 use hyper::{
     Request, Response,
-    body::{Frame, Incoming, SizeHint},
+    body::{Frame, SizeHint},
 };
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::{
     authz::{Decision, HttpAttributes},
     protocol::{
-        body::{Body, BoxError, full, incoming},
+        body::{Body, BoxError, full},
         guard, path,
     },
     route::{balance::InFlight, limits::Slot},
@@ -373,15 +373,12 @@ pub(super) enum ReqBody {
 /// The body to forward. A chunked HTTP/1 body (one without an exact length) is held until its
 /// first frame has arrived, so a body broken from its first byte (e.g. a chunk-size overflow) is
 /// refused and never forwarded; other bodies, HTTP/2 streams included, go at once.
-pub(super) async fn checked_body(
-    version: Version,
-    mut body: Incoming,
-) -> Result<Body, Response<Body>> {
+pub(super) async fn checked_body(version: Version, mut body: Body) -> Result<Body, Response<Body>> {
     let chunked = version != Version::HTTP_2
         && !hyper::body::Body::is_end_stream(&body)
         && hyper::body::Body::size_hint(&body).exact().is_none();
     if !chunked {
-        return Ok(incoming(body));
+        return Ok(body);
     }
     match body.frame().await {
         None => Ok(full(Bytes::new())),
@@ -401,7 +398,7 @@ pub(super) async fn checked_body(
 /// A body whose first frame was already read.
 pub(super) struct Prepend {
     first: Option<Frame<Bytes>>,
-    rest: Incoming,
+    rest: Body,
 }
 
 impl hyper::body::Body for Prepend {
@@ -414,9 +411,7 @@ impl hyper::body::Body for Prepend {
         if let Some(f) = self.first.take() {
             return Poll::Ready(Some(Ok(f)));
         }
-        Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map_err(|e| Box::new(e) as BoxError)
+        Pin::new(&mut self.rest).poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
         self.first.is_none() && self.rest.is_end_stream()

@@ -6,49 +6,38 @@
 //! 5. faults: abort (`FI`) or delay (`DI`);
 //! 6. request header edits, hop-by-hop headers dropped;
 //! 7. weighted backend choice, then the backend's circuit breaker (503 `UO`);
-//! 8. tries: endpoint by P2C over peak EWMA, authorization when the endpoint is on this node,
-//!    the pooled upstream connection, per-try timeout (504 `UT`), retries on the rule's codes,
-//!    resets and connect failures while the retry budget allows; outlier detection sees every
-//!    try;
+//! 8. tries (`forward.rs`): endpoint by P2C over peak EWMA, authorization when the endpoint is
+//!    on this node, the pooled upstream connection, per-try timeout (504 `UT`), retries on the
+//!    rule's codes, resets and connect failures while the retry budget allows; outlier detection
+//!    sees every try;
 //! 9. response header edits; the body streams back, trailers included. An HTTP/1.1 upgrade the
 //!    upstream accepts (101) joins the two connections byte for byte.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
-use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
-use http_body_util::BodyExt;
+use http::StatusCode;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, warn};
 
 use super::{
-    message::{
-        FLAGS_HEADER, Held, Prepared, ReqBody, checked_body, forbidden, modify, prepare, rebuild,
-        reply, strip_response, switch_protocols,
-    },
+    forward::{Forward, Pools, forward},
+    message::{Prepared, modify, prepare, reply, switch_protocols},
     record::{Ends, Served, Shape, recorded},
     server::serve,
-    tries,
 };
 use crate::{
     pods::LocalPod,
     protocol::{
-        body::{Body, full},
+        body::{Body, incoming},
         detect::Protocol,
     },
-    proxy::{admission::authorize, inputs::ProxyInputs},
+    proxy::inputs::ProxyInputs,
     route::{
-        balance,
         rules::{applies, find_rule, weighted},
         table::{Routes, ServiceEntry},
     },
     state::RouteRule,
     telemetry::metrics::labels::{Flow, Peer, Reporter, Security, service_fqdn},
-    transport::{
-        dial::Hop,
-        upstream::{Dest, UpstreamError},
-    },
     view::Snapshot,
 };
 
@@ -133,12 +122,25 @@ async fn route_request(
     prepared: Prepared,
     body: Incoming,
 ) -> Response<Body> {
+    let body = incoming(body);
+    let pools = Pools {
+        pool: &cx.inputs.http_pool,
+        dialer: &cx.inputs.dialer,
+        src: &cx.src,
+    };
+    let fwd = Forward {
+        view,
+        flows: &cx.inputs.flows,
+        src_id: cx.src.identity(),
+        dst: cx.dst,
+        h2: cx.h2,
+        upstream: &pools,
+    };
     let entry = view.routes.service_at(cx.dst.ip()).cloned();
     let Some(entry) = entry else {
         // A workload addressed directly: one endpoint, no routes.
         return forward(
-            cx,
-            view,
+            &fwd,
             prepared,
             body,
             None,
@@ -176,16 +178,15 @@ async fn route_request(
         Err(r) => return r,
     };
     let mut resp = match rule.request_timeout {
-        Some(t) => match tokio::time::timeout(
-            t,
-            forward(cx, view, prepared, body, Some(backend), port, &rule),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "UT", "request timeout"),
-        },
-        None => forward(cx, view, prepared, body, Some(backend), port, &rule).await,
+        Some(t) => {
+            match tokio::time::timeout(t, forward(&fwd, prepared, body, Some(backend), port, &rule))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "UT", "request timeout"),
+            }
+        }
+        None => forward(&fwd, prepared, body, Some(backend), port, &rule).await,
     };
     modify(resp.headers_mut(), &rule.response_headers);
     resp
@@ -226,193 +227,4 @@ fn pick_backend(
             &format!("service {} has no port {svc_port}", entry.svc.key),
         )),
     }
-}
-
-/// Sends the request to an endpoint of `backend` (or to `cx.dst` when there is none), with the
-/// rule's tries and per-try timeout.
-async fn forward(
-    cx: &Outbound,
-    view: &Snapshot,
-    prepared: Prepared,
-    body: Incoming,
-    backend: Option<Arc<ServiceEntry>>,
-    port: u16,
-    rule: &RouteRule,
-) -> Response<Body> {
-    let mut prepared = prepared;
-    let request_slot = match &backend {
-        Some(b) => match b.limits.requests.try_acquire(b.limits.policy.max_requests) {
-            Some(s) => Some(s),
-            None => {
-                return reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UO",
-                    &format!(
-                        "circuit breaker: {} has too many requests in flight",
-                        b.svc.key
-                    ),
-                );
-            }
-        },
-        None => None,
-    };
-    if let Some(b) = &backend {
-        b.limits.budget.deposit();
-    }
-    // A body that can be resent makes retries possible; a large or streaming one goes once.
-    let retry = rule.retry.as_ref();
-    let attempts = tries::retries(retry, hyper::body::Body::size_hint(&body).upper());
-    let mut req_body = if attempts > 0 {
-        match body.collect().await {
-            Ok(c) => ReqBody::Replay(c.to_bytes()),
-            Err(e) => {
-                return reply(
-                    StatusCode::BAD_REQUEST,
-                    "DPE",
-                    &format!("request body: {e}"),
-                );
-            }
-        }
-    } else {
-        match checked_body(prepared.parts.version, body).await {
-            Ok(b) => ReqBody::Once(Some(b)),
-            Err(r) => return r,
-        }
-    };
-    let src_id = cx.src.identity();
-    let mut avoid = None;
-    let mut last: Option<Response<Body>> = None;
-    for attempt in 0..=attempts {
-        if attempt > 0 {
-            let Some(b) = &backend else { break };
-            if !b.limits.budget.withdraw() {
-                break;
-            }
-            if let Some(r) = retry {
-                tokio::time::sleep(r.backoff).await;
-            }
-        }
-        let (endpoint, target) = match &backend {
-            Some(b) => match b.balancer.pick(avoid) {
-                Some(e) => (Some(e.clone()), SocketAddr::new(e.ip, port)),
-                None => {
-                    return reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UH",
-                        &format!("service {} has no endpoints", b.svc.key),
-                    );
-                }
-            },
-            None => (None, cx.dst),
-        };
-        avoid = Some(target.ip());
-        let hop = Hop::to(view, target.ip());
-        if let Hop::Local(dest) = &hop {
-            let attrs = prepared.attributes();
-            let flows = &cx.inputs.flows;
-            let port = target.port();
-            if let Err(d) = authorize(view, flows, dest, Some(src_id), None, port, Some(&attrs)) {
-                return forbidden(d);
-            }
-        }
-        let req_body = match &mut req_body {
-            ReqBody::Replay(bytes) => full(bytes.clone()),
-            ReqBody::Once(b) => b.take().unwrap_or_else(|| full(Bytes::new())),
-        };
-        let req = if attempt == attempts {
-            // The last try takes the parts themselves, so a request that is not retried copies
-            // no headers.
-            let mut last_parts =
-                std::mem::replace(&mut prepared.parts, Request::new(()).into_parts().0);
-            last_parts.extensions.clear();
-            Request::from_parts(last_parts, req_body)
-        } else {
-            rebuild(&prepared.parts, req_body)
-        };
-        let limits = backend.as_ref().map(|b| &b.limits);
-        let dest = Dest {
-            hop: &hop,
-            addr: target,
-            h2: cx.h2,
-            limits,
-        };
-        let mut in_flight = None;
-        let send = async {
-            let (pool, dialer) = (&cx.inputs.http_pool, &cx.inputs.dialer);
-            let conn = pool.checkout(dialer, &cx.src, dest).await?;
-            // Timed from here: the endpoint's latency, not the connection handshake.
-            in_flight = endpoint.as_ref().map(balance::Endpoint::start);
-            match conn.send(req).await {
-                // An idle connection closed under the request before it was written: nothing
-                // was sent, so it goes once more on a new connection.
-                Err(UpstreamError::Unsent(req)) => {
-                    pool.forget_idle(dialer, &cx.src, dest);
-                    pool.checkout(dialer, &cx.src, dest).await?.send(req).await
-                }
-                other => other,
-            }
-        };
-        let result = match rule.backend_timeout {
-            Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ()),
-            None => Ok(send.await),
-        };
-        let record = |failed: bool| {
-            if let (Some(b), Some(e)) = (&backend, &endpoint)
-                && b.balancer.record(e, failed)
-            {
-                warn!(service = %b.svc.key, endpoint = %e.ip, "endpoint ejected after consecutive failures");
-            }
-        };
-        let failed = match result {
-            Ok(Ok(mut resp)) => {
-                if let Some(f) = &in_flight {
-                    f.answered();
-                }
-                let status = resp.status();
-                record(status.is_server_error());
-                let retriable = tries::retries_status(retry, status);
-                strip_response(status, resp.headers_mut());
-                let (rparts, rbody) = resp.into_parts();
-                let held = Held {
-                    inner: rbody,
-                    _hold: (None, in_flight),
-                };
-                let resp = Response::from_parts(rparts, held.boxed_unsync());
-                if retriable && attempt < attempts {
-                    last = Some(resp);
-                    continue;
-                }
-                let (mut rparts, rbody) = resp.into_parts();
-                rparts.extensions.insert(Served {
-                    addr: target,
-                    service: backend.as_ref().map(|b| b.svc.key.clone()),
-                    hbone: matches!(hop, Hop::Hbone(_)),
-                });
-                let held = Held {
-                    inner: rbody,
-                    _hold: (request_slot, None),
-                };
-                return Response::from_parts(rparts, held.boxed_unsync());
-            }
-            Ok(Err(e)) => tries::classify(Some(&e), retry),
-            Err(()) => tries::classify(None, retry),
-        };
-        if !failed.endpoint_failed {
-            return reply(failed.status, failed.flags, &failed.message);
-        }
-        // A failed try: it counts against the endpoint, and the next try may follow.
-        record(true);
-        debug!(%target, "{}", failed.message);
-        last = Some(reply(failed.status, failed.flags, &failed.message));
-        if !failed.retriable {
-            break;
-        }
-    }
-    let mut resp =
-        last.unwrap_or_else(|| reply(StatusCode::SERVICE_UNAVAILABLE, "URX", "no try made"));
-    if attempts > 0 && resp.headers().get(FLAGS_HEADER).is_none() {
-        resp.headers_mut()
-            .insert(FLAGS_HEADER, HeaderValue::from_static("URX"));
-    }
-    resp
 }
