@@ -328,6 +328,9 @@ impl Agent {
                 Ok((proxy, adopted)) => {
                     info!(pod = %pod.key, ip = %pod.ip, adopted_links = adopted, strict, "pod enrolled");
                     pods.insert(pod.key.clone(), proxy);
+                    // At once, as its capture is already on: an HBONE stream for it must find
+                    // it in the view.
+                    view.publish_pods(pods.values().map(|p| p.local.clone()));
                 }
                 Err(e) => {
                     error!("{e}");
@@ -335,7 +338,6 @@ impl Agent {
                 }
             }
         }
-        view.publish_pods(pods.values().map(|p| p.local.clone()));
         *self.problems.lock() = problems;
     }
 

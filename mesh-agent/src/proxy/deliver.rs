@@ -41,11 +41,12 @@ pub async fn deliver<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let view = inputs.view.load();
-    let flow = || admission::inbound_flow(&view, dest, source.as_ref(), peer.ip());
+    // The snapshot is read here and not held across the relay: a long connection must not keep
+    // old routes, or removed pods, alive.
+    let flow = admission::inbound_flow(&inputs.view.load(), dest, source.as_ref(), peer.ip());
     if !per_request {
         if let Some(app) = app {
-            relay_recorded(inputs, dest, client, app, flow(), source, peer, port).await;
+            relay_recorded(inputs, dest, client, app, flow, source, peer, port).await;
         }
         return;
     }
@@ -58,7 +59,7 @@ pub async fn deliver<S>(
     };
     if protocol.is_http() {
         let client = Counted::new(client, &dest.counters, |c| &c.inbound_bytes_delivered);
-        let from = flow().src;
+        let from = flow.src;
         serve_inbound(
             inputs.clone(),
             dest.clone(),
@@ -70,7 +71,7 @@ pub async fn deliver<S>(
         )
         .await;
     } else if admission::authorize(
-        &view,
+        &inputs.view.load(),
         &inputs.flows,
         dest,
         source.as_ref(),
@@ -82,7 +83,7 @@ pub async fn deliver<S>(
     {
         match dial_app(dest, port).await {
             Ok(app) => {
-                relay_recorded(inputs, dest, client, app, flow(), source, peer, port).await;
+                relay_recorded(inputs, dest, client, app, flow, source, peer, port).await;
             }
             Err(e) => warn!(dst = %dest.pod.key, "{e}"),
         }

@@ -41,6 +41,8 @@ pub async fn handle(
     let peer = client.peer_addr().unwrap_or(local);
     let per_request = admission::admit(&view, &inputs.flows, pod, None, peer, local.port())
         .map_err(|d| fail(ProxyError::Denied(d)))?;
+    // Not held across the connection: it must not keep old routes, or removed pods, alive.
+    drop(view);
     // Per-request pods are dialled only once a request (or, for non-HTTP, the connection) is
     // allowed.
     let app = if per_request {

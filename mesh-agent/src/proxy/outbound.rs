@@ -102,10 +102,11 @@ async fn relay(
             fail(ProxyError::NoOrigDst(peer.port()))
         })?;
     note.dst = Some(dst);
-    let view = inputs.view.load();
-    let routes = &view.routes;
-    // Mesh destinations get protocol detection: HTTP is proxied per request.
-    let client = if routes.detects(dst) {
+    // Mesh destinations get protocol detection: HTTP is proxied per request. The snapshot is
+    // loaded for each decision and not held across I/O: a long connection must not keep old
+    // routes, or removed pods, alive.
+    let detects = inputs.view.load().routes.detects(dst);
+    let client = if detects {
         let (protocol, client) = detect::detect(client).await.map_err(|source| {
             fail(ProxyError::Transport(TransportError::Connect {
                 addr: dst,
@@ -130,6 +131,8 @@ async fn relay(
     } else {
         detect::Rewind::new(client)
     };
+    let view = inputs.view.load();
+    let routes = &view.routes;
     let target = routes.resolve(dst).map_err(|e| fail(e.into()))?;
     note.target = Some(target);
     let hop = Hop::to(&view, target.ip());
@@ -165,6 +168,7 @@ async fn relay(
         )
         .map_err(|d| fail(ProxyError::Denied(d)))?;
     }
+    drop(view);
     let upstream = inputs
         .dialer
         .open(src, &hop, target)
