@@ -490,7 +490,7 @@ pub struct NodeState {
 }
 
 /// How request paths are normalized before routing, authorization and forwarding (Istio's
-/// `meshConfig.pathNormalization`); see `l7::path`.
+/// `meshConfig.pathNormalization`); see `protocol::path`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PathNormalization {

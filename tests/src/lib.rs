@@ -25,6 +25,7 @@ mod sys;
 mod topology;
 
 pub use capture::*;
+pub use nodefile::{backend, destination_rule, route, rules, traffic_policy};
 pub use prometheus::*;
 pub use sys::*;
 pub use topology::*;

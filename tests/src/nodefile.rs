@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use mesh_agent::discovery::nodefile::raw::{
-    RawFile, RawPod, RawService, RawServicePort, RawWorkload,
+    RawDestinationRule, RawFile, RawHttpRoute, RawPod, RawService, RawServicePort, RawWorkload,
+    route::{RawBackendRef, RawParentRef, RawRouteRule, RawTrafficPolicy},
 };
 
 use crate::*;
@@ -13,6 +14,51 @@ use crate::*;
 /// The `app` label the harness gives every pod and workload: its name.
 fn app_label(name: &str) -> std::collections::BTreeMap<String, String> {
     [("app".to_string(), name.to_string())].into()
+}
+
+/// An HTTPRoute in `default` attached to service `parent` on port 80.
+pub fn route(name: &str, parent: &str, rules: Vec<RawRouteRule>) -> RawHttpRoute {
+    RawHttpRoute {
+        name: Some(name.into()),
+        namespace: Some("default".into()),
+        parent_refs: vec![RawParentRef {
+            kind: Some("Service".into()),
+            name: Some(parent.into()),
+            port: Some(80),
+            ..Default::default()
+        }],
+        rules,
+    }
+}
+
+/// Route rules written as users write them in an HTTPRoute's `rules`, read into the agent's
+/// model: a typo fails here, in the test, instead of as a problem the agent reports.
+pub fn rules(yaml: &str) -> Vec<RawRouteRule> {
+    serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("bad route rules in a test: {e}"))
+}
+
+/// A Service backend on port 80.
+pub fn backend(name: &str) -> RawBackendRef {
+    RawBackendRef {
+        name: Some(name.into()),
+        port: Some(80),
+        ..Default::default()
+    }
+}
+
+/// A DestinationRule in `default` for service `host`.
+pub fn destination_rule(name: &str, host: &str, policy: RawTrafficPolicy) -> RawDestinationRule {
+    RawDestinationRule {
+        name: Some(name.into()),
+        namespace: Some("default".into()),
+        host: Some(host.into()),
+        traffic_policy: policy,
+    }
+}
+
+/// A traffic policy written as users write a DestinationRule's `trafficPolicy`.
+pub fn traffic_policy(yaml: &str) -> RawTrafficPolicy {
+    serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("bad traffic policy in a test: {e}"))
 }
 
 impl Cluster {
@@ -32,15 +78,13 @@ impl Cluster {
     /// The node file for node `i` as the harness writes it: its enrolled pods, the enrolled pods
     /// of other nodes as workloads, and all services, in the agent's own node-file model.
     pub fn node_file(&self, i: usize) -> RawFile {
-        let mut file = RawFile::default();
-        file.node = Some(self.nodes[i].name.clone().into());
-        file.pods = self
+        let pods = self
             .pods
             .iter()
             .filter(|p| p.node == i && p.enrolled)
             .map(|p| self.pod_entry(p))
             .collect();
-        file.workloads = self
+        let workloads = self
             .pods
             .iter()
             .filter(|p| p.node != i && p.enrolled)
@@ -53,7 +97,7 @@ impl Cluster {
                 labels: app_label(&p.name),
             })
             .collect();
-        file.services = self
+        let services = self
             .services
             .iter()
             .map(|svc| RawService {
@@ -73,7 +117,13 @@ impl Cluster {
                 allowed_upgrades: svc.allowed_upgrades.clone(),
             })
             .collect();
-        file
+        RawFile {
+            node: Some(self.nodes[i].name.clone().into()),
+            pods,
+            workloads,
+            services,
+            ..Default::default()
+        }
     }
 
     /// [`Cluster::node_file`] as YAML, to which tests append policies and routes.
@@ -95,11 +145,33 @@ impl Cluster {
         Ok(())
     }
 
-    /// Replaces node `i`'s node file with the default plus `extra`, and waits until the agent's
-    /// `/stats` list `field` holds exactly `expect`. Only names are compared: to wait for a new
-    /// version of an object, give it a new name.
-    pub fn apply(&self, i: usize, extra: &str, field: &str, expect: &[&str]) -> Result<()> {
+    /// Replaces node `i`'s node file with the default changed by `edit`, and waits until the
+    /// agent's `/stats` list `field` holds exactly `expect`. Only names are compared: to wait for
+    /// a new version of an object, give it a new name.
+    pub fn apply(
+        &self,
+        i: usize,
+        edit: impl FnOnce(&mut RawFile),
+        field: &str,
+        expect: &[&str],
+    ) -> Result<()> {
+        let mut file = self.node_file(i);
+        edit(&mut file);
+        let text = serde_yaml_ng::to_string(&file).context("the node file serializes")?;
+        self.set_node_file(i, &text)?;
+        self.wait_applied(i, field, expect)
+    }
+
+    /// [`Cluster::apply`] with `extra` appended to the default file as text: for tests that state
+    /// policies and routes as users write them, and for objects the model cannot hold because they
+    /// are wrong on purpose.
+    pub fn apply_yaml(&self, i: usize, extra: &str, field: &str, expect: &[&str]) -> Result<()> {
         self.set_node_file(i, &format!("{}{extra}", self.node_file_text(i)))?;
+        self.wait_applied(i, field, expect)
+    }
+
+    /// Waits until the agent's `/stats` list `field` holds exactly `expect`.
+    fn wait_applied(&self, i: usize, field: &str, expect: &[&str]) -> Result<()> {
         wait_until(
             "the agent to apply the node file",
             Duration::from_secs(5),

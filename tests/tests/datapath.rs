@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mesh_agent::discovery::nodefile::raw::RawPod;
-use mesh_tests::{Cluster, PodSpec, ServiceSpec, artifact, bpf_event, pattern_byte, wait_until};
+use mesh_tests::{
+    Cluster, PodSpec, ServiceSpec, artifact, bpf_event, destination_rule, pattern_byte,
+    traffic_policy, wait_until,
+};
 use sha2::{Digest, Sha256};
 
 const APP_PORT: u16 = 8080;
@@ -136,7 +139,13 @@ fn service_balances_over_endpoints() -> Result<()> {
     // makes the split exact.
     c.apply(
         0,
-        "destinationRules:\n  - {name: web, namespace: default, host: web, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
+        |f| {
+            f.destination_rules = vec![destination_rule(
+                "web",
+                "web",
+                traffic_policy("{loadBalancer: {simple: ROUND_ROBIN}}"),
+            )]
+        },
         "destination_rules",
         &["default/web"],
     )?;

@@ -34,7 +34,7 @@ fn cluster() -> Result<Cluster> {
 /// Replaces node `i`'s node file with the default plus `extra`, and waits until the agent
 /// reports the policies named in `expect`.
 fn apply(c: &Cluster, i: usize, extra: &str, expect: &[&str]) -> Result<()> {
-    c.apply(i, extra, "authorization_policies", expect)?;
+    c.apply_yaml(i, extra, "authorization_policies", expect)?;
     // The mode reaches the kernel in the same reconcile pass.
     std::thread::sleep(Duration::from_millis(100));
     Ok(())

@@ -5,7 +5,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::{Cluster, PodSpec, ServiceSpec};
+use mesh_agent::discovery::nodefile::raw::{RawFile, route::RawRouteRule};
+use mesh_tests::{
+    Cluster, PodSpec, ServiceSpec, backend, destination_rule, route, rules, traffic_policy,
+};
 
 const APP_PORT: u16 = 8080;
 
@@ -84,26 +87,19 @@ fn count(answers: &[(u16, String)], status: u16) -> usize {
     answers.iter().filter(|(s, _)| *s == status).count()
 }
 
-fn route(name: &str, parent: &str, rules: &str) -> String {
-    format!(
-        "  - name: {name}\n    namespace: default\n    parentRefs: [{{kind: Service, name: {parent}, port: 80}}]\n    rules:\n{rules}"
-    )
-}
-
 #[test]
 fn weighted_split_lands_within_three_points_of_90_10() -> Result<()> {
     let c = cluster()?;
     let vip = c.service_ip("web");
     c.apply(
         0,
-        &format!(
-            "httpRoutes:\n{}",
-            route(
+        |f| {
+            f.http_routes = vec![route(
                 "canary",
                 "web",
-                "      - backendRefs: [{name: v1, port: 80, weight: 90}, {name: v2, port: 80, weight: 10}]\n"
-            )
-        ),
+                rules("- backendRefs: [{name: v1, port: 80, weight: 90}, {name: v2, port: 80, weight: 10}]"),
+            )]
+        },
         "http_routes",
         &["default/canary"],
     )?;
@@ -145,14 +141,23 @@ fn retries_recover_a_flaky_backend_and_the_budget_caps_them() -> Result<()> {
     let v1 = c.service_ip("v1");
     c.apply(
         0,
-        &format!(
-            "httpRoutes:\n{}destinationRules:\n  - {{name: v1, namespace: default, host: v1, trafficPolicy: {{retryBudget: {{percent: 100}}}}}}\n  - {{name: v2, namespace: default, host: v2, trafficPolicy: {{retryBudget: {{percent: 20, minRetriesPerSecond: 0}}}}}}\n",
-            route(
+        |f| {
+            f.http_routes = vec![route(
                 "retries",
                 "web",
-                "      - matches: [{path: {type: PathPrefix, value: /flaky}}]\n        backendRefs: [{name: v1, port: 80}]\n        retry: {attempts: 2, codes: [503]}\n      - matches: [{path: {type: PathPrefix, value: /status}}]\n        backendRefs: [{name: v2, port: 80}]\n        retry: {attempts: 3, codes: [503], backoff: 1ms}\n"
-            )
-        ),
+                rules(
+                    "- matches: [{path: {type: PathPrefix, value: /flaky}}]\n  backendRefs: [{name: v1, port: 80}]\n  retry: {attempts: 2, codes: [503]}\n- matches: [{path: {type: PathPrefix, value: /status}}]\n  backendRefs: [{name: v2, port: 80}]\n  retry: {attempts: 3, codes: [503], backoff: 1ms}",
+                ),
+            )];
+            f.destination_rules = vec![
+                destination_rule("v1", "v1", traffic_policy("retryBudget: {percent: 100}")),
+                destination_rule(
+                    "v2",
+                    "v2",
+                    traffic_policy("retryBudget: {percent: 20, minRetriesPerSecond: 0}"),
+                ),
+            ];
+        },
         "http_routes",
         &["default/retries"],
     )?;
@@ -193,14 +198,15 @@ fn request_timeout_fires_and_faults_delay_and_abort() -> Result<()> {
     let web = c.service_ip("web");
     c.apply(
         0,
-        &format!(
-            "httpRoutes:\n{}",
-            route(
+        |f| {
+            f.http_routes = vec![route(
                 "faults",
                 "web",
-                "      - matches: [{path: {type: PathPrefix, value: /delay}}]\n        backendRefs: [{name: v1, port: 80}]\n        timeouts: {request: 300ms}\n      - matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: abort}]}]\n        backendRefs: [{name: v1, port: 80}]\n        fault: {abort: {httpStatus: 418, percentage: 100}}\n      - matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: half}]}]\n        backendRefs: [{name: v1, port: 80}]\n        fault: {abort: {httpStatus: 503, percentage: 50}}\n      - matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: delay}]}]\n        backendRefs: [{name: v1, port: 80}]\n        fault: {delay: {fixedDelay: 400ms, percentage: 100}}\n"
-            )
-        ),
+                rules(
+                    "- matches: [{path: {type: PathPrefix, value: /delay}}]\n  backendRefs: [{name: v1, port: 80}]\n  timeouts: {request: 300ms}\n- matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: abort}]}]\n  backendRefs: [{name: v1, port: 80}]\n  fault: {abort: {httpStatus: 418, percentage: 100}}\n- matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: half}]}]\n  backendRefs: [{name: v1, port: 80}]\n  fault: {abort: {httpStatus: 503, percentage: 50}}\n- matches: [{path: {type: Exact, value: /status/200}, headers: [{name: x-fault, value: delay}]}]\n  backendRefs: [{name: v1, port: 80}]\n  fault: {delay: {fixedDelay: 400ms, percentage: 100}}",
+                ),
+            )]
+        },
         "http_routes",
         &["default/faults"],
     )?;
@@ -263,7 +269,11 @@ fn failing_endpoint_is_ejected_and_returns_after_the_backoff() -> Result<()> {
     let web = c.service_ip("web");
     c.apply(
         0,
-        "destinationRules:\n  - {name: web, namespace: default, host: web, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 3s, maxEjectionPercent: 50}}}\n",
+        |f| {
+            f.destination_rules = vec![
+                destination_rule("web", "web", traffic_policy("{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 3s, maxEjectionPercent: 50}}")),
+            ]
+        },
         "destination_rules",
         &["default/web"],
     )?;
@@ -312,7 +322,20 @@ fn circuit_breaker_and_rate_limit_refuse_past_their_limits() -> Result<()> {
     let v2 = c.service_ip("v2");
     c.apply(
         0,
-        "destinationRules:\n  - {name: v1, namespace: default, host: v1, trafficPolicy: {connectionPool: {http: {http2MaxRequests: 2}}}}\n  - {name: v2, namespace: default, host: v2, trafficPolicy: {localRateLimit: {requestsPerSecond: 2, burst: 5}}}\n",
+        |f| {
+            f.destination_rules = vec![
+                destination_rule(
+                    "v1",
+                    "v1",
+                    traffic_policy("{connectionPool: {http: {http2MaxRequests: 2}}}"),
+                ),
+                destination_rule(
+                    "v2",
+                    "v2",
+                    traffic_policy("{localRateLimit: {requestsPerSecond: 2, burst: 5}}"),
+                ),
+            ]
+        },
         "destination_rules",
         &["default/v1", "default/v2"],
     )?;
@@ -380,14 +403,15 @@ fn routes_match_edit_headers_and_send_the_normalized_path() -> Result<()> {
     let web = c.service_ip("web");
     c.apply(
         0,
-        &format!(
-            "httpRoutes:\n{}",
-            route(
+        |f| {
+            f.http_routes = vec![route(
                 "matches",
                 "web",
-                "      - matches: [{path: {type: RegularExpression, value: \"/ec.o\"}, headers: [{name: x-canary, value: \"1\"}], method: GET, queryParams: [{name: v, value: \"2\"}]}]\n        backendRefs: [{name: v2, port: 80}]\n        filters:\n          - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-route, value: canary}], remove: [x-secret]}}\n          - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-mesh-route, value: canary}]}}\n      - matches: [{path: {type: PathPrefix, value: /echo}}]\n        backendRefs: [{name: v1, port: 80}]\n"
-            )
-        ),
+                rules(
+                    "- matches: [{path: {type: RegularExpression, value: \"/ec.o\"}, headers: [{name: x-canary, value: \"1\"}], method: GET, queryParams: [{name: v, value: \"2\"}]}]\n  backendRefs: [{name: v2, port: 80}]\n  filters:\n    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-route, value: canary}], remove: [x-secret]}}\n    - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-mesh-route, value: canary}]}}\n- matches: [{path: {type: PathPrefix, value: /echo}}]\n  backendRefs: [{name: v1, port: 80}]",
+                ),
+            )]
+        },
         "http_routes",
         &["default/matches"],
     )?;
@@ -465,7 +489,7 @@ fn routes_match_edit_headers_and_send_the_normalized_path() -> Result<()> {
 fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
     let c = cluster()?;
     let server = c.pod("server").ip;
-    c.apply(
+    c.apply_yaml(
         1,
         "authorizationPolicies:\n  - name: no-admin\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - to: [{operation: {paths: [/admin, /admin/*]}}]\n",
         "authorization_policies",
@@ -593,7 +617,7 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
     // merges the slashes.
     let out = send("bare", &get("//echo"))?;
     assert!(out.contains("\nGET /echo\n"), "merged by default: {out}");
-    c.apply(
+    c.apply_yaml(
         1,
         "authorizationPolicies:\n  - name: no-admin\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - to: [{operation: {paths: [/admin, /admin/*]}}]\nmeshConfig:\n  pathNormalization: {normalization: NONE}\n  caseInsensitiveDeny: false\n",
         "authorization_policies",
@@ -623,7 +647,7 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
 fn l7_allow_policy_on_method_and_header() -> Result<()> {
     let c = cluster()?;
     let server = c.pod("server").ip;
-    c.apply(
+    c.apply_yaml(
         1,
         "authorizationPolicies:\n  - name: blue-gets\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/client-sa]}}]\n        to: [{operation: {methods: [GET]}}]\n        when: [{key: \"request.headers[x-team]\", values: [blue]}]\n",
         "authorization_policies",
@@ -763,7 +787,13 @@ fn retries_on_reset_and_connect_failure_and_the_per_try_timeout() -> Result<()> 
     // round robin over `half` sends every other request to `idle`, where nothing listens.
     c.apply(
         0,
-        "destinationRules:\n  - {name: half, namespace: default, host: half, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
+        |f| {
+            f.destination_rules = vec![destination_rule(
+                "half",
+                "half",
+                traffic_policy("{loadBalancer: {simple: ROUND_ROBIN}}"),
+            )]
+        },
         "destination_rules",
         &["default/half"],
     )?;
@@ -787,29 +817,43 @@ fn retries_on_reset_and_connect_failure_and_the_per_try_timeout() -> Result<()> 
     );
     let served = c.app_requests("server", APP_PORT)?;
 
-    let budget = "trafficPolicy: {retryBudget: {percent: 100}";
     c.apply(
         0,
-        &format!(
-            "httpRoutes:\n{}{}{}destinationRules:\n  - {{name: v1, namespace: default, host: v1, {budget}}}}}\n  - {{name: half, namespace: default, host: half, {budget}, loadBalancer: {{simple: ROUND_ROBIN}}}}}}\n",
-            route(
-                "on-reset",
-                "v1",
-                "      - retry: {attempts: 1, on: [reset]}\n"
-            ),
-            route(
-                "on-connect-failure",
-                "half",
-                "      - retry: {attempts: 1, on: [connect-failure]}\n"
-            ),
-            route(
-                "per-try",
-                "v2",
-                "      - timeouts: {backendRequest: 200ms}\n"
-            ),
-        ),
+        |f| {
+            f.http_routes = vec![
+                route(
+                    "on-reset",
+                    "v1",
+                    rules("- retry: {attempts: 1, on: [reset]}"),
+                ),
+                route(
+                    "on-connect-failure",
+                    "half",
+                    rules("- retry: {attempts: 1, on: [connect-failure]}"),
+                ),
+                route(
+                    "per-try",
+                    "v2",
+                    rules("- timeouts: {backendRequest: 200ms}"),
+                ),
+            ];
+            f.destination_rules = vec![
+                destination_rule("v1", "v1", traffic_policy("retryBudget: {percent: 100}")),
+                destination_rule(
+                    "half",
+                    "half",
+                    traffic_policy(
+                        "{retryBudget: {percent: 100}, loadBalancer: {simple: ROUND_ROBIN}}",
+                    ),
+                ),
+            ];
+        },
         "http_routes",
-        &["default/on-connect-failure", "default/on-reset", "default/per-try"],
+        &[
+            "default/on-connect-failure",
+            "default/on-reset",
+            "default/per-try",
+        ],
     )?;
     let reset = hits(&c, "client", &format!("http://{v1}/flaky-reset"), 10, false)?;
     assert_eq!(count(&reset, 200), 10, "retried on reset: {reset:?}");
@@ -843,7 +887,11 @@ fn connection_limit_queues_pending_requests_then_overflows() -> Result<()> {
     let v2 = c.service_ip("v2");
     c.apply(
         0,
-        "destinationRules:\n  - {name: v2, namespace: default, host: v2, trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}}\n",
+        |f| {
+            f.destination_rules = vec![
+                destination_rule("v2", "v2", traffic_policy("{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}")),
+            ]
+        },
         "destination_rules",
         &["default/v2"],
     )?;
@@ -871,14 +919,17 @@ fn rate_limit_per_source_keeps_one_client_from_starving_another() -> Result<()> 
     let url = format!("http://{v1}/status/200");
     // Each version has its own name, so `apply` can tell when the agent has it.
     let limit = |name: &str, per_source: bool| {
-        format!(
-            "destinationRules:\n  - {{name: {name}, namespace: default, host: v1, trafficPolicy: {{localRateLimit: {{requestsPerSecond: 1, burst: 3, perSource: {per_source}}}}}}}\n"
-        )
+        let mut policy = traffic_policy("localRateLimit: {requestsPerSecond: 1, burst: 3}");
+        if let Some(l) = policy.local_rate_limit.as_mut() {
+            l.per_source = per_source;
+        }
+        let rule = destination_rule(name, "v1", policy);
+        move |f: &mut RawFile| f.destination_rules = vec![rule]
     };
     // Control: one bucket for the service, so client2 finds it drained by client.
     c.apply(
         0,
-        &limit("shared", false),
+        limit("shared", false),
         "destination_rules",
         &["default/shared"],
     )?;
@@ -890,7 +941,7 @@ fn rate_limit_per_source_keeps_one_client_from_starving_another() -> Result<()> 
     // Per source: each client identity has its own bucket.
     c.apply(
         0,
-        &limit("per-source", true),
+        limit("per-source", true),
         "destination_rules",
         &["default/per-source"],
     )?;
@@ -906,17 +957,15 @@ fn a_route_change_applies_to_a_live_keep_alive_connection() -> Result<()> {
     let c = cluster()?;
     let web = c.service_ip("web");
     // Each version has its own name, so `apply` can tell when the agent has it.
-    let to = |backend: &str| {
-        format!(
-            "httpRoutes:\n{}",
-            route(
-                &format!("to-{backend}"),
-                "web",
-                &format!("      - backendRefs: [{{name: {backend}, port: 80}}]\n")
-            )
-        )
+    let to = |to: &str| {
+        let rule = RawRouteRule {
+            backend_refs: vec![backend(to)],
+            ..Default::default()
+        };
+        let r = route(&format!("to-{to}"), "web", vec![rule]);
+        move |f: &mut RawFile| f.http_routes = vec![r]
     };
-    c.apply(0, &to("v1"), "http_routes", &["default/to-v1"])?;
+    c.apply(0, to("v1"), "http_routes", &["default/to-v1"])?;
     let captured = c.counter(0, "client", "kernel.captured_v4")?;
     // 150 requests over one keep-alive connection; the route moves to v2 a second in.
     let load = std::thread::scope(|s| -> Result<String> {
@@ -937,7 +986,7 @@ fn a_route_change_applies_to_a_live_keep_alive_connection() -> Result<()> {
             )
         });
         std::thread::sleep(Duration::from_secs(1));
-        c.apply(0, &to("v2"), "http_routes", &["default/to-v2"])?;
+        c.apply(0, to("v2"), "http_routes", &["default/to-v2"])?;
         load.join()
             .map_err(|_| anyhow::anyhow!("load thread panicked"))?
     })?;
@@ -967,7 +1016,7 @@ fn protocol_upgrades_are_forwarded_and_joined() -> Result<()> {
     let c = cluster()?;
     let (v1, v2) = (c.service_ip("v1"), c.service_ip("v2"));
     // An L7 policy on the server makes its node parse HTTP too: the upgrade crosses two L7 hops.
-    c.apply(
+    c.apply_yaml(
         1,
         "authorizationPolicies:\n  - name: upgrades\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - to: [{operation: {methods: [GET], paths: [/upgrade]}}]\n",
         "authorization_policies",
@@ -1017,7 +1066,7 @@ fn protocol_upgrades_are_forwarded_and_joined() -> Result<()> {
         "v2 allows mesh-echo: {allowed}"
     );
     // A principal the policy does not know is still refused before any switch.
-    c.apply(
+    c.apply_yaml(
         1,
         "authorizationPolicies:\n  - name: client2-upgrades\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/client2-sa]}}]\n        to: [{operation: {methods: [GET], paths: [/upgrade]}}]\n",
         "authorization_policies",
@@ -1041,7 +1090,7 @@ fn h2c_upgrade_cannot_open_a_tunnel_past_policy() -> Result<()> {
     let c = cluster()?;
     let server = c.pod("server").ip;
     let v1 = c.service_ip("v1");
-    c.apply(
+    c.apply_yaml(
         1,
         "authorizationPolicies:\n  - name: no-admin\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - to: [{operation: {paths: [/admin, /admin/*]}}]\n",
         "authorization_policies",
@@ -1103,7 +1152,7 @@ fn h2c_upgrade_cannot_open_a_tunnel_past_policy() -> Result<()> {
 fn a_refused_connection_never_reaches_the_application() -> Result<()> {
     let c = cluster()?;
     let server = c.pod("server").ip;
-    c.apply(
+    c.apply_yaml(
         1,
         "authorizationPolicies:\n  - name: no-admin\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    action: DENY\n    rules:\n      - to: [{operation: {paths: [/admin]}}]\n",
         "authorization_policies",
@@ -1271,7 +1320,7 @@ fn http2_abuse_is_bounded_answered_and_kept_to_its_stream() -> Result<()> {
 #[test]
 fn header_limits_are_one_set_with_431_on_both_protocols() -> Result<()> {
     let c = cluster()?;
-    c.apply(
+    c.apply_yaml(
         1,
         "authorizationPolicies:\n  - name: gets\n    namespace: default\n    selector: {matchLabels: {app: server}}\n    rules:\n      - to: [{operation: {methods: [GET]}}]\n",
         "authorization_policies",

@@ -275,7 +275,7 @@ fn wait_flow(
 /// Applies [`DENY_CLIENT`] on both nodes (as every node knows every policy in Kubernetes).
 fn deny_client(c: &Cluster) -> Result<()> {
     for i in 0..2 {
-        c.apply(
+        c.apply_yaml(
             i,
             DENY_CLIENT,
             "authorization_policies",
@@ -351,7 +351,7 @@ fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> 
     assert!(listed.contains("default/no-client"), "{listed}");
     // After the policy is gone, explain and traffic agree again.
     for i in 0..2 {
-        c.apply(i, "", "authorization_policies", &[])?;
+        c.apply_yaml(i, "", "authorization_policies", &[])?;
     }
     let out = c.agent_cli(0, &["explain", "client", &dst, "-o", "json"])?;
     let e: serde_json::Value = serde_json::from_str(&out)?;
@@ -411,7 +411,7 @@ fn requests_carry_one_trace_id_through_both_nodes_and_l7_denials_name_the_policy
     let c = cluster()?;
     let web = c.service_ip("web");
     for i in 0..2 {
-        c.apply(
+        c.apply_yaml(
             i,
             ALLOW_PUBLIC,
             "authorization_policies",

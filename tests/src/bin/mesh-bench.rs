@@ -40,9 +40,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use mesh_agent::discovery::nodefile::raw::{
+    RawFile,
+    route::{RawBackendRef, RawLoadBalancer, RawTrafficPolicy},
+};
 use mesh_tests::{
-    Cluster, PodSpec, ServiceSpec, artifact, bin_dir, fd_limit, in_netns, monotonic_ns, proc_cpu,
-    proc_rss, raise_fd_limit,
+    Cluster, PodSpec, ServiceSpec, artifact, backend, bin_dir, destination_rule, fd_limit,
+    in_netns, monotonic_ns, proc_cpu, proc_rss, raise_fd_limit, route, rules,
 };
 use serde_json::{Value, json};
 
@@ -199,11 +203,32 @@ fn fig_index(key: &str) -> usize {
 }
 
 /// Node-1's node file additions: the L7 row's route, and the balancing policy of `trio`.
-fn config(lb: &str) -> String {
-    format!(
-        "httpRoutes:\n  - name: l7\n    namespace: default\n    parentRefs: [{{kind: Service, name: l7, port: {HTTP}}}]\n    rules:\n      - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n        backendRefs: [{{name: l7, port: {HTTP}}}]\ndestinationRules:\n  - {{name: {}, namespace: default, host: trio, trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}}}\n",
-        rule_name(lb)
-    )
+fn config(lb: &str) -> impl FnOnce(&mut RawFile) {
+    let mut l7 = route(
+        "l7",
+        "l7",
+        rules("- matches: [{path: {type: PathPrefix, value: /}}]"),
+    );
+    for p in &mut l7.parent_refs {
+        p.port = Some(HTTP);
+    }
+    for r in &mut l7.rules {
+        r.backend_refs = vec![RawBackendRef {
+            port: Some(HTTP),
+            ..backend("l7")
+        }];
+    }
+    let policy = RawTrafficPolicy {
+        load_balancer: Some(RawLoadBalancer {
+            simple: Some(lb.to_string()),
+        }),
+        ..Default::default()
+    };
+    let trio = destination_rule(&rule_name(lb), "trio", policy);
+    move |f| {
+        f.http_routes = vec![l7];
+        f.destination_rules = vec![trio];
+    }
 }
 
 /// The destination rule's name for `lb`: each version is named apart, so `apply` can tell when
@@ -866,7 +891,7 @@ fn main() -> Result<()> {
     let expect = |lb: &str| [format!("default/{}", rule_name(lb))];
     let apply_lb = |c: &Cluster, lb: &str| {
         let e = expect(lb);
-        c.apply(0, &config(lb), "destination_rules", &[e[0].as_str()])
+        c.apply(0, config(lb), "destination_rules", &[e[0].as_str()])
     };
     apply_lb(&c, "ROUND_ROBIN")?;
     let haproxy = start_haproxy(&c, &c.dir().join("haproxy"))?;

@@ -5,6 +5,9 @@
 //! on failure (the harness tears down on drop).
 
 use anyhow::{Result, ensure};
+use mesh_agent::discovery::nodefile::raw::policy::{
+    RawAuthorizationPolicy, RawFrom, RawRule, RawSelector, RawSource,
+};
 use mesh_tests::{Cluster, PodSpec, ServiceSpec};
 
 const PORT: u16 = 8080;
@@ -110,10 +113,26 @@ fn main() -> Result<()> {
     }
 
     println!("\npolicy: backend-a accepts only frontend's identity");
-    let policy = "authorizationPolicies:\n  - name: backend-a-from-frontend\n    namespace: default\n    selector: {matchLabels: {app: backend-a}}\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/default/sa/frontend-sa]}}]\n";
+    let policy = RawAuthorizationPolicy {
+        name: Some("backend-a-from-frontend".into()),
+        namespace: Some("default".into()),
+        selector: RawSelector {
+            match_labels: [("app".into(), "backend-a".into())].into(),
+        },
+        rules: vec![RawRule {
+            from: vec![RawFrom {
+                source: RawSource {
+                    principals: vec!["cluster.local/ns/default/sa/frontend-sa".into()],
+                    ..Default::default()
+                },
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
     c.apply(
         1,
-        policy,
+        |f| f.authorization_policies = vec![policy],
         "authorization_policies",
         &["default/backend-a-from-frontend"],
     )?;

@@ -3,7 +3,7 @@
 
 use super::{
     fields::{Ctx, ObjectError, who},
-    raw::{RawAuthorizationPolicy, RawPeerAuthentication},
+    raw::policy::{RawAuthorizationPolicy, RawPeerAuthentication},
 };
 use crate::state::{
     Action, AuthorizationPolicy, Condition, MtlsMode, NodeState, ObjectKey, Operation,

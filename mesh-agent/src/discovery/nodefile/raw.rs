@@ -1,23 +1,26 @@
-//! The node file as serde reads it: every field optional, so that validation can name the object
-//! and the field that is wrong instead of failing the whole file. The parts a test harness or a
-//! tool writes (the node, its pods, the other nodes' workloads, the services) are public and
-//! serialize back to the same YAML.
+//! The node file as serde reads and writes it: every field optional, so that validation can name
+//! the object and the field that is wrong instead of failing the whole file. Every type is public
+//! and serializes back to the YAML it was read from, so a harness, a bench or a tool builds node
+//! files from this model rather than from text.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::routes::{RawDestinationRule, RawHttpRoute};
-use crate::state::Labels;
+pub mod policy;
+pub mod route;
 
-/// A whole node file. Policies, routes and mesh settings are read only: a writer appends them
-/// as YAML.
-#[derive(Debug, Default, Deserialize, Serialize)]
+use crate::state::Labels;
+pub use policy::{RawAuthorizationPolicy, RawPeerAuthentication};
+pub use route::{RawDestinationRule, RawHttpRoute};
+
+/// A whole node file.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawFile {
     /// This node's name. A `Value`, so a number or a list is reported rather than turned into a
     /// name.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<serde_yaml_ng::Value>,
     /// This node's pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -31,178 +34,172 @@ pub struct RawFile {
     /// The other nodes' pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<RawWorkload>,
-    #[serde(default, skip_serializing)]
-    pub(super) peer_authentications: Vec<RawPeerAuthentication>,
-    #[serde(default, skip_serializing)]
-    pub(super) authorization_policies: Vec<RawAuthorizationPolicy>,
-    #[serde(default, skip_serializing)]
-    pub(super) http_routes: Vec<RawHttpRoute>,
-    #[serde(default, skip_serializing)]
-    pub(super) destination_rules: Vec<RawDestinationRule>,
-    #[serde(default, skip_serializing)]
-    pub(super) mesh_config: RawMeshConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<RawPeerAuthentication>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<RawAuthorizationPolicy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_routes: Vec<RawHttpRoute>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_rules: Vec<RawDestinationRule>,
+    #[serde(default, skip_serializing_if = "RawMeshConfig::is_empty")]
+    pub mesh_config: RawMeshConfig,
 }
 
 /// Mesh-wide settings, in the shape of Istio's `meshConfig` where Istio has one.
-#[derive(Debug, Default, Deserialize)]
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawMeshConfig {
-    pub(super) path_normalization: Option<RawPathNormalization>,
+pub struct RawMeshConfig {
+    pub path_normalization: Option<RawPathNormalization>,
     /// DENY rules match paths regardless of letter case (default true).
-    pub(super) case_insensitive_deny: Option<bool>,
+    pub case_insensitive_deny: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+impl RawMeshConfig {
+    /// Nothing set: every default holds.
+    pub fn is_empty(&self) -> bool {
+        self.path_normalization.is_none() && self.case_insensitive_deny.is_none()
+    }
+}
+
+/// `meshConfig.pathNormalization`.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawPathNormalization {
-    pub(super) normalization: crate::state::PathNormalization,
+pub struct RawPathNormalization {
+    pub normalization: crate::state::PathNormalization,
 }
 
 /// A pod on another node: what this node needs to reach it over HBONE.
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawWorkload {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// Its labels, so this node can tell which policies select it (for `explain`).
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawSelector {
-    #[serde(default)]
-    pub(super) match_labels: Labels,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawPeerAuthentication {
-    pub(super) name: Option<String>,
-    pub(super) namespace: Option<String>,
-    #[serde(default)]
-    pub(super) selector: RawSelector,
-    pub(super) mode: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawAuthorizationPolicy {
-    pub(super) name: Option<String>,
-    pub(super) namespace: Option<String>,
-    #[serde(default)]
-    pub(super) selector: RawSelector,
-    pub(super) action: Option<String>,
-    #[serde(default)]
-    pub(super) rules: Vec<RawRule>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawRule {
-    #[serde(default)]
-    pub(super) from: Vec<RawFrom>,
-    #[serde(default)]
-    pub(super) to: Vec<RawTo>,
-    #[serde(default)]
-    pub(super) when: Vec<RawCondition>,
-}
-
-/// `key: request.headers[<name>]`, `values: [...]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawCondition {
-    pub(super) key: String,
-    #[serde(default)]
-    pub(super) values: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawFrom {
-    pub(super) source: RawSource,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawSource {
-    #[serde(default)]
-    pub(super) principals: Vec<String>,
-    #[serde(default)]
-    pub(super) namespaces: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawTo {
-    pub(super) operation: RawOperation,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawOperation {
-    /// Istio writes ports as strings; numbers are accepted too.
-    #[serde(default)]
-    pub(super) ports: Vec<serde_yaml_ng::Value>,
-    #[serde(default)]
-    pub(super) methods: Vec<String>,
-    #[serde(default)]
-    pub(super) paths: Vec<String>,
-}
-
-#[derive(Debug, Default, Deserialize, Serialize)]
+/// A pod on this node: what capture needs (its netns and cgroup) and its identity.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawPod {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+/// A service: its virtual IP, ports and endpoints.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawService {
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<RawServicePort>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
     /// HTTP/1.1 upgrade tokens forwarded to the service (default `[websocket]`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_upgrades: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+/// One service port and the pod port it maps to.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawServicePort {
     pub port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u16>,
     /// Kubernetes' free-form `appProtocol`; `tcp` turns protocol detection off.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every section and most fields, written as a user would: reading then writing it must give
+    /// the same document back, so nothing a writer sets is dropped or renamed.
+    const FULL: &str = r#"
+node: node-a
+pods:
+  - {name: a, namespace: default, serviceAccount: sa-a, ip: 10.0.0.1, netns: /run/netns/a, cgroup: /sys/fs/cgroup/a, labels: {app: a}}
+services:
+  - name: web
+    namespace: default
+    ip: 10.96.0.1
+    ports: [{port: 80, targetPort: 8080, appProtocol: http}]
+    endpoints: [10.0.0.1]
+    allowedUpgrades: [websocket]
+excludedPorts: [22]
+workloads:
+  - {name: b, namespace: default, serviceAccount: sa-b, ip: 10.0.1.1, node: node-b, labels: {app: b}}
+peerAuthentications:
+  - {name: strict, namespace: default, selector: {matchLabels: {app: a}}, mode: STRICT}
+authorizationPolicies:
+  - name: allow-b
+    namespace: default
+    action: ALLOW
+    rules:
+      - from: [{source: {principals: [cluster.local/ns/default/sa/sa-b], namespaces: [default]}}]
+        to: [{operation: {ports: ["8080"], methods: [GET], paths: [/api/*]}}]
+        when: [{key: "request.headers[x-team]", values: [blue]}]
+httpRoutes:
+  - name: web
+    namespace: default
+    parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+    rules:
+      - matches:
+          - path: {type: PathPrefix, value: /api}
+            headers: [{type: Exact, name: x-canary, value: "1"}]
+            queryParams: [{name: v, value: "2"}]
+            method: GET
+        filters:
+          - type: RequestHeaderModifier
+            requestHeaderModifier: {set: [{name: x-a, value: "1"}], add: [{name: x-b, value: "2"}], remove: [x-c]}
+        backendRefs: [{kind: Service, name: web, port: 80, weight: 90}]
+        timeouts: {request: 5s, backendRequest: 1s}
+        retry: {attempts: 3, codes: [503], on: [reset], backoff: 25ms}
+        fault: {delay: {fixedDelay: 1s, percentage: 10.0}, abort: {httpStatus: 503, percentage: 5.0}}
+destinationRules:
+  - name: web
+    namespace: default
+    host: web
+    trafficPolicy:
+      loadBalancer: {simple: PEAK_EWMA}
+      connectionPool: {tcp: {maxConnections: 10}, http: {http1MaxPendingRequests: 5, http2MaxRequests: 20}}
+      outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}
+      localRateLimit: {requestsPerSecond: 100, burst: 10, perSource: true}
+      retryBudget: {percent: 20, minRetriesPerSecond: 10}
+meshConfig:
+  pathNormalization: {normalization: MERGE_SLASHES}
+  caseInsensitiveDeny: false
+"#;
+
+    #[test]
+    fn a_node_file_reads_and_writes_back_unchanged() {
+        let raw: RawFile = serde_yaml_ng::from_str(FULL).expect("the example parses");
+        let written = serde_yaml_ng::to_value(&raw).expect("it serializes");
+        let original: serde_yaml_ng::Value = serde_yaml_ng::from_str(FULL).expect("it is YAML");
+        assert_eq!(written, original);
+    }
+
+    #[test]
+    fn unset_fields_are_left_out_when_written() {
+        let text = serde_yaml_ng::to_string(&RawFile::default()).expect("it serializes");
+        assert_eq!(text.trim(), "{}");
+    }
 }

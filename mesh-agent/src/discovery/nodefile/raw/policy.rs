@@ -1,0 +1,113 @@
+//! The node file's `peerAuthentications` and `authorizationPolicies` as serde reads and writes
+//! them: Istio's specs, with each object's name and namespace beside them. Every field is optional
+//! so that validation (`policies.rs`) can name what is wrong.
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::Labels;
+
+/// Which pods a policy applies to, by label; none means the whole namespace.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawSelector {
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub match_labels: Labels,
+}
+
+impl RawSelector {
+    /// No labels: the policy applies to its whole namespace.
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty()
+    }
+}
+
+/// Istio's PeerAuthentication: whether pods accept plaintext.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPeerAuthentication {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "RawSelector::is_empty")]
+    pub selector: RawSelector,
+    pub mode: Option<String>,
+}
+
+/// Istio's AuthorizationPolicy: `ALLOW`, `DENY` or `AUDIT` rules for the selected pods.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawAuthorizationPolicy {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "RawSelector::is_empty")]
+    pub selector: RawSelector,
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RawRule>,
+}
+
+/// One rule: it matches when one `from`, one `to` and every `when` match.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<RawFrom>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<RawTo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<RawCondition>,
+}
+
+/// `key: request.headers[<name>]`, `values: [...]`.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCondition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+/// Who a rule matches.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFrom {
+    pub source: RawSource,
+}
+
+/// Callers by SPIFFE principal or namespace.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+}
+
+/// What a rule matches.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTo {
+    pub operation: RawOperation,
+}
+
+/// Ports, methods and paths.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOperation {
+    /// Istio writes ports as strings; numbers are accepted too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<serde_yaml_ng::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
