@@ -80,6 +80,14 @@ pub enum NodeFileError {
         /// What it was.
         found: String,
     },
+    /// The top-level `node` field is not a node name.
+    #[error("node file {path}: top-level field `node`: {problem}")]
+    BadNode {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with the name.
+        problem: String,
+    },
     /// The top-level `node` field is missing.
     #[error("node file {path}: missing required top-level field `node` (this node's name)")]
     MissingNode {
@@ -255,7 +263,13 @@ fn parse(
                 path: path.to_owned(),
             });
         }
-        Some(serde_yaml_ng::Value::String(s)) => s.clone(),
+        Some(serde_yaml_ng::Value::String(s)) => {
+            fields::check_subdomain(s).map_err(|problem| NodeFileError::BadNode {
+                path: path.to_owned(),
+                problem,
+            })?;
+            s.clone()
+        }
         Some(other) => {
             return Err(NodeFileError::NodeNotString {
                 path: path.to_owned(),
@@ -556,7 +570,7 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
         let namespace = cx.label("namespace", &rw.namespace);
         let sa = cx.label("serviceAccount", &rw.service_account);
         let ip = cx.ip("ip", &rw.ip);
-        let node = cx.label("node", &rw.node);
+        let node = cx.node("node", &rw.node);
         if let Some(a) = ip
             && let Some(w) = state.workloads.get(&a)
         {
@@ -829,6 +843,17 @@ services:
             run(&big, None),
             Err(NodeFileError::TooLarge { .. })
         ));
+        // Node names are DNS subdomains, as Kubernetes names nodes.
+        for node in ["ip-10-0-0-1.ec2.internal", "n1", "a.b-c.d"] {
+            assert!(
+                run(&format!("node: {node}\npods: []\n"), None).is_ok(),
+                "{node}"
+            );
+        }
+        for node in ["\"Node-1\"", "\"a..b\"", "\".a\"", "\"a.-b\"", "\"a_b\""] {
+            let e = run(&format!("node: {node}\npods: []\n"), None).unwrap_err();
+            assert!(matches!(e, NodeFileError::BadNode { .. }), "{node}: {e}");
+        }
         for node in ["123", "[a]", "{a: b}", "true"] {
             let e = run(&format!("node: {node}\npods: []\n"), None).unwrap_err();
             assert!(
@@ -911,7 +936,7 @@ services:
 
     const POLICIES: &str = "
 workloads:
-  - {name: r, namespace: default, serviceAccount: rsa, ip: 10.0.1.1, node: n2}
+  - {name: r, namespace: default, serviceAccount: rsa, ip: 10.0.1.1, node: ip-10-0-1-1.ec2.internal}
 peerAuthentications:
   - {name: ns-wide, namespace: default, mode: PERMISSIVE}
   - {name: only-a, namespace: default, selector: {matchLabels: {app: a}}, mode: STRICT}
@@ -931,7 +956,10 @@ authorizationPolicies:
         assert!(l.errors.is_empty(), "{:?}", l.errors);
         // Local pods are workloads of this node; remote ones name theirs.
         assert_eq!(l.state.workloads.len(), 3);
-        assert_eq!(l.state.workloads[&"10.0.1.1".parse().unwrap()].node, "n2");
+        assert_eq!(
+            l.state.workloads[&"10.0.1.1".parse().unwrap()].node,
+            "ip-10-0-1-1.ec2.internal"
+        );
         assert_eq!(l.state.workloads[&"10.0.0.1".parse().unwrap()].node, "n1");
         let pod = |n: &str| l.state.pods.values().find(|p| p.key.name == n).unwrap();
         // The selector beats the namespace-wide setting.

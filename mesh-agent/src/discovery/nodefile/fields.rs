@@ -39,6 +39,20 @@ pub(super) fn check_label(value: &str) -> Result<(), String> {
     }
 }
 
+/// DNS subdomain rules (RFC 1123), which Kubernetes uses for node names: dot-separated labels,
+/// 253 characters at most (`ip-10-0-0-1.ec2.internal`).
+pub(super) fn check_subdomain(value: &str) -> Result<(), String> {
+    let ok =
+        !value.is_empty() && value.len() <= 253 && value.split('.').all(|l| check_label(l).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a valid node name: use up to 253 lowercase letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit"
+        ))
+    }
+}
+
 pub(super) struct Ctx<'a> {
     pub(super) kind: &'static str,
     pub(super) who: String,
@@ -72,6 +86,18 @@ impl Ctx<'_> {
     pub(super) fn label(&mut self, field: &'static str, value: &Option<String>) -> Option<String> {
         let v = self.required(field, value)?;
         match check_label(v) {
+            Ok(()) => Some(v.clone()),
+            Err(e) => {
+                self.fail(field, e);
+                None
+            }
+        }
+    }
+
+    /// A required node-name field: a DNS subdomain.
+    pub(super) fn node(&mut self, field: &'static str, value: &Option<String>) -> Option<String> {
+        let v = self.required(field, value)?;
+        match check_subdomain(v) {
             Ok(()) => Some(v.clone()),
             Err(e) => {
                 self.fail(field, e);
