@@ -16,6 +16,7 @@
 //! processes that no longer exist.
 
 mod agents;
+pub mod apiserver;
 mod ca;
 mod capture;
 mod nodefile;

@@ -106,9 +106,13 @@ fn is_root() -> bool {
 
 fn setup() -> Result<()> {
     // Debian packages.
+    // kubectl drives the stand-in API server in the Kubernetes tests. These machines carry a
+    // recent one; Debian's kubernetes-client is the fallback where none is on the PATH.
+    let kubectl = output(Command::new("kubectl").args(["version", "--client"])).is_some();
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
+        .chain((!kubectl).then_some("kubernetes-client"))
         .filter(|p| {
             output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
                 .is_none_or(|s| !s.contains("install ok installed"))

@@ -1,0 +1,225 @@
+//! Kubernetes mode, end to end, against the stand-in API server (`mesh_tests::apiserver`): no
+//! real kube-apiserver can be installed on these machines. Cluster state changes through kubectl
+//! wherever it can.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use mesh_tests::apiserver::{ApiServer, Kubectl, TokenInfo};
+use serde_json::json;
+
+/// A scratch directory for one test, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("mesh-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A stand-in on a loopback port that stays the same across a stop and restart.
+fn loopback_api(dir: &std::path::Path) -> Result<ApiServer> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    ApiServer::start(dir, move || {
+        let l = std::net::TcpListener::bind(("127.0.0.1", port))?;
+        Ok(l)
+    })
+}
+
+const OBJECTS: &str = "
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {app: web}
+spec:
+  nodeName: ip-10-0-0-1.ec2.internal
+  serviceAccountName: web
+  containers: [{name: web, image: nginx}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: web-from-frontend
+  namespace: shop
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+    - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]
+";
+
+#[test]
+fn the_stand_in_api_server_serves_kubectl_watches_and_token_reviews() -> Result<()> {
+    let dir = Scratch::new("apiserver")?;
+    let mut api = loopback_api(&dir.0)?;
+    let k = Kubectl::new(&api, None);
+    let out = k.create(OBJECTS)?;
+    assert!(out.contains("pod/web-1 created"), "{out}");
+    assert!(
+        out.contains("authorizationpolicy.security.istio.io/web-from-frontend created"),
+        "{out}"
+    );
+    let pods = k.get_json(&["pods", "-n", "shop"])?;
+    assert_eq!(pods["items"][0]["metadata"]["name"], "web-1");
+    // kubectl rebuilds lists without their resourceVersion: read the server's own.
+    let raw: serde_json::Value =
+        serde_json::from_str(&k.run(&["get", "--raw", "/api/v1/namespaces/shop/pods"], None)?)?;
+    assert_eq!(raw["kind"], "PodList");
+    let rv0 = raw["metadata"]["resourceVersion"]
+        .as_str()
+        .context("list resourceVersion")?
+        .to_string();
+
+    // Labels change through kubectl's patch.
+    k.run(
+        &["label", "namespace", "shop", "mesh.dev/enabled=true"],
+        None,
+    )?;
+    let ns = k.get_json(&["namespace", "shop"])?;
+    assert_eq!(ns["metadata"]["labels"]["mesh.dev/enabled"], "true");
+    k.run(&["label", "pod", "-n", "shop", "web-1", "app-"], None)?;
+    let pod = k.get_json(&["pod", "-n", "shop", "web-1"])?;
+    assert!(pod["metadata"]["labels"].get("app").is_none(), "{pod}");
+
+    // Field and label selectors, as the agent's watches use them.
+    let on_node = k.run(
+        &[
+            "get",
+            "pods",
+            "-A",
+            "--field-selector",
+            "spec.nodeName=ip-10-0-0-1.ec2.internal",
+            "-o",
+            "name",
+        ],
+        None,
+    )?;
+    assert_eq!(on_node.trim(), "pod/web-1");
+    let elsewhere = k.run(
+        &[
+            "get",
+            "pods",
+            "-A",
+            "--field-selector",
+            "spec.nodeName=other",
+            "-o",
+            "name",
+        ],
+        None,
+    )?;
+    assert_eq!(elsewhere.trim(), "");
+    let labelled = k.run(
+        &["get", "ns", "-l", "mesh.dev/enabled=true", "-o", "name"],
+        None,
+    )?;
+    assert_eq!(labelled.trim(), "namespace/shop");
+
+    // A watch resumes from a resourceVersion and sees what changed since.
+    let watch = k.run(
+        &[
+            "get",
+            "--raw",
+            &format!("/api/v1/pods?watch=true&resourceVersion={rv0}&timeoutSeconds=1"),
+        ],
+        None,
+    )?;
+    let events: Vec<serde_json::Value> = watch
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(events.len(), 1, "{rv0}: {watch}");
+    assert_eq!(events[0]["type"], "MODIFIED", "{rv0}: {watch}");
+
+    // After compaction the same resourceVersion is gone: one ERROR event with 410.
+    api.compact();
+    let gone = k.run(
+        &[
+            "get",
+            "--raw",
+            &format!("/api/v1/pods?watch=true&resourceVersion={rv0}&timeoutSeconds=1"),
+        ],
+        None,
+    )?;
+    let e: serde_json::Value = serde_json::from_str(gone.trim())?;
+    assert_eq!(
+        (e["type"].as_str(), e["object"]["code"].as_u64()),
+        (Some("ERROR"), Some(410)),
+        "{gone}"
+    );
+
+    // Replace, then delete.
+    let mut pod = k.get_json(&["pod", "-n", "shop", "web-1"])?;
+    pod["metadata"]["labels"] = json!({"app": "web", "version": "v2"});
+    k.run(
+        &["replace", "--validate=false", "-f", "-"],
+        Some(&pod.to_string()),
+    )?;
+    let replaced = k.get_json(&["pod", "-n", "shop", "web-1"])?;
+    assert_eq!(replaced["metadata"]["labels"]["version"], "v2");
+    assert_ne!(
+        replaced["metadata"]["resourceVersion"],
+        pod["metadata"]["resourceVersion"]
+    );
+    k.run(&["delete", "pod", "-n", "shop", "web-1"], None)?;
+    let missing = k
+        .run(&["get", "pod", "-n", "shop", "web-1"], None)
+        .expect_err("the pod is deleted");
+    assert!(
+        missing.to_string().contains("NotFound") || missing.to_string().contains("not found"),
+        "{missing}"
+    );
+
+    // TokenReview answers for registered tokens and audiences only.
+    api.add_token(
+        "agent-token",
+        TokenInfo {
+            user: json!({"username": "system:serviceaccount:mesh-system:mesh-agent", "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}),
+            audiences: vec!["mesh-ca".into()],
+        },
+    );
+    let review = |token: &str, aud: &str| -> Result<serde_json::Value> {
+        let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token, "audiences": [aud]}});
+        Ok(serde_json::from_str(&k.run(
+            &["create", "--validate=false", "-o", "json", "-f", "-"],
+            Some(&body.to_string()),
+        )?)?)
+    };
+    let ok = review("agent-token", "mesh-ca")?;
+    assert_eq!(ok["status"]["authenticated"], true, "{ok}");
+    assert_eq!(
+        ok["status"]["user"]["extra"]["authentication.kubernetes.io/node-name"][0],
+        "n1"
+    );
+    assert_eq!(
+        review("agent-token", "other")?["status"]["authenticated"],
+        false
+    );
+    assert_eq!(
+        review("stolen", "mesh-ca")?["status"]["authenticated"],
+        false
+    );
+
+    // Down, then back with the same objects.
+    api.stop();
+    assert!(k.run(&["get", "ns", "shop"], None).is_err());
+    api.restart()?;
+    assert_eq!(k.get_json(&["ns", "shop"])?["metadata"]["name"], "shop");
+    Ok(())
+}
