@@ -23,8 +23,8 @@ use crate::{
     admin,
     capture::bpf::{self, Dataplane, KernelPodStats},
     capture::netns::Netns,
-    config::{CaSource, Config},
-    discovery::nodefile,
+    config::{CaSource, Config, DiscoverySource, KubeSettings},
+    discovery::{kube, nodefile},
     identity::Identity,
     identity::ca::{self, CaClient},
     identity::certs::{CertCollector, CertManager, CertReport},
@@ -48,6 +48,9 @@ pub enum AppError {
     /// See [`nodefile::NodeFileError`].
     #[error(transparent)]
     NodeFile(#[from] nodefile::NodeFileError),
+    /// See [`kube::KubeError`].
+    #[error(transparent)]
+    Kube(#[from] kube::KubeError),
     /// See [`admin::AdminError`].
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
@@ -97,7 +100,8 @@ pub struct Agent {
     /// The running pod proxies; the published view lists their pods.
     pods: Mutex<BTreeMap<ObjectKey, PodProxy>>,
     problems: Mutex<Vec<String>>,
-    node_file: PathBuf,
+    /// Kubernetes discovery's watches (for readiness); `None` in local mode.
+    kube: Option<Arc<kube::watch::Shared>>,
     /// Pods' cgroups must be below this one.
     pod_cgroup_root: Option<PathBuf>,
     /// The kernel's counters and map fill levels (also on `/metrics`).
@@ -172,6 +176,9 @@ impl Agent {
     /// Why the agent is not ready, if it is not: ready means every pod in the node file is
     /// enrolled with programs, maps and listeners in place, and has a valid certificate.
     pub fn not_ready_reason(&self) -> Option<String> {
+        if let Some(why) = self.kube.as_ref().and_then(|k| k.not_ready_reason()) {
+            return Some(why);
+        }
         let state = self.current_state();
         let pods = self.pods.lock();
         let missing: Vec<String> = state
@@ -383,13 +390,29 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         crate::capture::cgroup::join(dir)?;
     }
     let pin_root = config.pin_root();
-    let applied = nodefile::read(&config.node_file)?;
-    let loaded = nodefile::load_text(
-        &config.node_file,
-        &applied,
-        None,
-        config.pod_cgroup_root.as_deref(),
-    )?;
+    // A node file is read now, so a bad one stops the start; Kubernetes starts watching, and
+    // nothing is reconciled until the whole cluster has been listed.
+    let (source, pod_cgroup_root) = match &config.discovery {
+        DiscoverySource::NodeFile(path) => {
+            let applied = nodefile::read(path)?;
+            let loaded =
+                nodefile::load_text(path, &applied, None, config.pod_cgroup_root.as_deref())?;
+            let source = Source::File {
+                path: path.clone(),
+                applied,
+                loaded: Box::new(loaded),
+            };
+            (source, config.pod_cgroup_root.clone())
+        }
+        DiscoverySource::Kubernetes(k) => {
+            let discovery = kube::start(kube_settings(k)).await?;
+            let root = config
+                .pod_cgroup_root
+                .clone()
+                .unwrap_or_else(|| k.kubelet_cgroup_root.clone());
+            (Source::Kube(discovery), Some(root))
+        }
+    };
     let (mut dataplane, orig_dst, splice) = Dataplane::load(&config.bpf_object, &pin_root)?;
     info!(
         pin_root = %pin_root.display(),
@@ -406,16 +429,29 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         &pin_root.join("maps"),
     )?);
     metrics.register(Box::new(SharedCollector(kernel.clone())))?;
+    let view = Arc::new(View::new(&config.trust_domain));
     let ca = match &config.ca {
         CaSource::Embedded { dir, ttl } => {
             let ca = ca::Ca::open(dir, &config.trust_domain, *ttl)?;
             info!(dir = %dir.display(), ttl = ?ttl, "embedded CA ready");
-            let (node, node_file) = (loaded.state.node.clone(), config.node_file.clone());
+            let authorize = match &source {
+                Source::File { path, loaded, .. } => {
+                    let (node, node_file) = (loaded.state.node.clone(), path.clone());
+                    ca::Authorizer(Arc::new(move |id| {
+                        crate::ca_server::authorize_node(&node, &node_file, id)
+                    }))
+                }
+                // The published state lists this node's pods before any is enrolled.
+                Source::Kube(_) => {
+                    let view = view.clone();
+                    ca::Authorizer(Arc::new(move |id| {
+                        crate::ca_server::authorize_in(view.load().state(), id)
+                    }))
+                }
+            };
             CaClient::Embedded {
                 ca: Arc::new(ca),
-                authorize: ca::Authorizer(Arc::new(move |id| {
-                    crate::ca_server::authorize_node(&node, &node_file, id)
-                })),
+                authorize,
             }
         }
         CaSource::Remote {
@@ -452,7 +488,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     let agent = Arc::new(Agent {
         dataplane: Mutex::new(dataplane),
         inputs: Arc::new(ProxyInputs {
-            view: Arc::new(View::new(&config.trust_domain)),
+            view,
             orig_dst,
             splice: if config.same_node_splice && !bypass {
                 Some(
@@ -483,25 +519,38 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         trust_domain: config.trust_domain.clone(),
         pods: Mutex::new(BTreeMap::new()),
         problems: Mutex::new(Vec::new()),
-        node_file: config.node_file.clone(),
-        pod_cgroup_root: config.pod_cgroup_root.clone(),
+        kube: match &source {
+            Source::Kube(d) => Some(d.shared.clone()),
+            Source::File { .. } => None,
+        },
+        pod_cgroup_root,
         kernel,
         logging,
     });
-    apply(&agent, loaded);
+    let follow = match source {
+        Source::File {
+            path,
+            applied,
+            loaded,
+        } => {
+            apply(&agent, *loaded, Vec::new());
+            tokio::spawn(watch_node_file(
+                agent.clone(),
+                path,
+                config.poll_interval,
+                applied,
+            ))
+        }
+        Source::Kube(d) => tokio::spawn(follow_kubernetes(agent.clone(), d.updates)),
+    };
     return_free_heap();
     start_memory_return();
     tokio::spawn(admin::serve(admin_listener, agent.clone()));
     crate::telemetry::metrics::start(metrics_listener, metrics)?;
     info!(admin = %config.admin_addr, metrics = %config.metrics_addr, "agent running");
 
-    let watch = tokio::spawn(watch_node_file(
-        agent.clone(),
-        config.poll_interval,
-        applied,
-    ));
     shutdown_signal().await;
-    watch.abort();
+    follow.abort();
     agent.inputs().flows.close();
     info!("shutting down; capture stays in place until `mesh-agent uninstall`");
     Ok(())
@@ -568,17 +617,77 @@ fn start_memory_return() {
     }
 }
 
-fn apply(agent: &Agent, loaded: nodefile::Loaded) {
+/// Where the node's state comes from, once started.
+enum Source {
+    /// A node file, with the text applied at start and what it held.
+    File {
+        path: PathBuf,
+        applied: String,
+        loaded: Box<nodefile::Loaded>,
+    },
+    /// The Kubernetes API.
+    Kube(kube::Discovery),
+}
+
+fn kube_settings(k: &KubeSettings) -> kube::Settings {
+    kube::Settings {
+        node: k.node.clone(),
+        kubeconfig: k.kubeconfig.clone(),
+        enrollment: kube::world::Enrollment {
+            label: k.enroll_label.clone(),
+            istio_ambient: k.istio_ambient_label,
+        },
+        podfs: kube::podfs::PodFs {
+            cgroup_root: k.kubelet_cgroup_root.clone(),
+            proc_root: k.proc_root.clone(),
+        },
+    }
+}
+
+/// Reconciles `loaded`; `waiting` lists pods that cannot be enrolled yet, and why.
+fn apply(agent: &Agent, loaded: nodefile::Loaded, waiting: Vec<String>) {
     let problems: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
     for p in &problems {
         error!("{p}");
     }
+    let mut problems = problems;
+    problems.extend(
+        waiting
+            .into_iter()
+            .map(|w| format!("not enrolled yet: {w}")),
+    );
     agent.reconcile(loaded.state, problems);
+}
+
+/// Applies each complete view Kubernetes discovery builds, validated as a node file is.
+async fn follow_kubernetes(agent: Arc<Agent>, updates: Arc<kube::Latest>) {
+    loop {
+        let update = updates.next().await;
+        let task_agent = agent.clone();
+        // Validation and reconcile run on the blocking pool, as for the node file.
+        let _ = tokio::task::spawn_blocking(move || {
+            let agent = task_agent;
+            let previous = agent.current_state();
+            match nodefile::load_raw(
+                update.file,
+                update.errors,
+                Some(&previous),
+                agent.pod_cgroup_root.as_deref(),
+            ) {
+                Ok(loaded) => apply(&agent, loaded, update.waiting),
+                Err(e) => {
+                    error!("{e}; still serving the previous state");
+                    agent.problems.lock().push(e.to_string());
+                }
+            }
+        })
+        .await;
+    }
 }
 
 /// Polls the node file's contents. Polling (rather than inotify) also sees files replaced by
 /// rename, which is how editors and ConfigMap updates write them.
-async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
+async fn watch_node_file(agent: Arc<Agent>, path: PathBuf, every: Duration, applied: String) {
     // What start-up applied, not a first reading here: a change written between the two (say,
     // right after /ready) would otherwise become the baseline and never be applied.
     // Shared with each poll's task rather than copied into it: the file may be megabytes.
@@ -589,9 +698,10 @@ async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
         // however large or nested it is, the proxy's workers keep serving.
         let task_agent = agent.clone();
         let seen = last.clone();
+        let path = path.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let agent = task_agent;
-            let now = nodefile::read(&agent.node_file);
+            let now = nodefile::read(&path);
             if now.as_ref().ok() == seen.as_deref() {
                 return None;
             }
@@ -599,7 +709,7 @@ async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
             let previous = agent.current_state();
             let result = now.and_then(|text| {
                 nodefile::load_text(
-                    &agent.node_file,
+                    &path,
                     &text,
                     Some(&previous),
                     agent.pod_cgroup_root.as_deref(),
@@ -607,8 +717,8 @@ async fn watch_node_file(agent: Arc<Agent>, every: Duration, applied: String) {
             });
             match result {
                 Ok(loaded) => {
-                    info!(file = %agent.node_file.display(), "node file changed; reconciling");
-                    apply(&agent, loaded);
+                    info!(file = %path.display(), "node file changed; reconciling");
+                    apply(&agent, loaded, Vec::new());
                 }
                 Err(e) => {
                     error!("{e}; still serving the previous configuration");

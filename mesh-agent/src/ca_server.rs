@@ -27,6 +27,7 @@ use crate::{
         self, Identity,
         ca::{Ca, CaError, ErrorBody, MAX_BODY, SIGN_PATH, SignRequest, ca_identity, io_err},
     },
+    state::NodeState,
 };
 
 /// How the standalone CA knows nodes: a token each, and the node file listing its pods.
@@ -93,18 +94,26 @@ pub fn authorize_node(node: &str, node_file: &Path, id: &Identity) -> Result<(),
         why,
     };
     let loaded = nodefile::load_remote(node_file).map_err(|e| forbidden(e.to_string()))?;
-    let found = loaded
-        .state
+    authorize_in(&loaded.state, id)
+}
+
+/// Whether `state`'s node runs a pod with `id`'s namespace and service account.
+pub fn authorize_in(state: &NodeState, id: &Identity) -> Result<(), CaError> {
+    let found = state
         .pods
         .values()
         .any(|p| p.key.namespace == id.namespace && p.service_account == id.service_account);
     if found {
         Ok(())
     } else {
-        Err(forbidden(format!(
-            "no pod on this node runs as service account {}/{}",
-            id.namespace, id.service_account
-        )))
+        Err(CaError::Forbidden {
+            node: state.node.clone(),
+            identity: id.clone(),
+            why: format!(
+                "no pod on this node runs as service account {}/{}",
+                id.namespace, id.service_account
+            ),
+        })
     }
 }
 

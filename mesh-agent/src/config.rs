@@ -55,6 +55,20 @@ pub const ENV_CA_BUNDLE: &str = "MESH_CA_BUNDLE";
 pub const ENV_CA_DIR: &str = "MESH_CA_DIR";
 /// Environment variable for `--cert-ttl`.
 pub const ENV_CERT_TTL: &str = "MESH_CERT_TTL";
+/// Env var for `--kubernetes`.
+pub const ENV_KUBERNETES: &str = "MESH_KUBERNETES";
+/// Env var for `--node-name`: the name the downward API gives (`spec.nodeName`).
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// Env var for `--kubeconfig`.
+pub const ENV_KUBECONFIG: &str = "MESH_KUBECONFIG";
+/// Env var for `--enroll-label`.
+pub const ENV_ENROLL_LABEL: &str = "MESH_ENROLL_LABEL";
+/// Env var for `--istio-ambient-label`.
+pub const ENV_ISTIO_AMBIENT_LABEL: &str = "MESH_ISTIO_AMBIENT_LABEL";
+/// Env var for `--kubelet-cgroup-root`.
+pub const ENV_KUBELET_CGROUP_ROOT: &str = "MESH_KUBELET_CGROUP_ROOT";
+/// Env var for `--proc-root`.
+pub const ENV_PROC_ROOT: &str = "MESH_PROC_ROOT";
 
 /// Errors in the settings themselves.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +96,9 @@ pub enum ConfigError {
         "--ca-addr needs --ca-token-file (this node's CA token) and --ca-bundle (the CA's roots)"
     )]
     RemoteCaIncomplete,
+    /// Neither a node file nor Kubernetes discovery was chosen, or Kubernetes lacks its node.
+    #[error("{0}")]
+    Discovery(&'static str),
     /// A duration flag could not be read.
     #[error("{flag} {value:?}: expected a positive duration like 500ms, 30s, 15m, 24h")]
     Duration {
@@ -179,12 +196,93 @@ impl CaArgs {
     }
 }
 
+/// Kubernetes discovery, instead of a node file.
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    /// Discover pods, services and policies through the Kubernetes API instead of a node file.
+    #[arg(long, env = ENV_KUBERNETES, default_value_t = false, action = clap::ArgAction::Set)]
+    pub kubernetes: bool,
+    /// This node's name as the API server knows it (the DaemonSet passes `spec.nodeName`).
+    #[arg(long, env = ENV_NODE_NAME)]
+    pub node_name: Option<String>,
+    /// A kubeconfig file. Without it, the agent uses its pod's service account (in-cluster).
+    #[arg(long, env = ENV_KUBECONFIG)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The namespace label that enrolls every pod in it (`<label>=true`); a pod opts out with
+    /// `<label>=false`.
+    #[arg(long, env = ENV_ENROLL_LABEL, default_value = "mesh.dev/enabled")]
+    pub enroll_label: String,
+    /// Also enroll namespaces labelled `istio.io/dataplane-mode=ambient` (pods opt out with
+    /// `istio.io/dataplane-mode=none`), for a migration from Istio ambient.
+    #[arg(long, env = ENV_ISTIO_AMBIENT_LABEL, default_value_t = false, action = clap::ArgAction::Set)]
+    pub istio_ambient_label: bool,
+    /// The cgroup v2 directory that holds the kubelet's `kubepods.slice` (systemd driver) or
+    /// `kubepods` (cgroupfs driver).
+    #[arg(long, env = ENV_KUBELET_CGROUP_ROOT, default_value = "/sys/fs/cgroup")]
+    pub kubelet_cgroup_root: PathBuf,
+    /// The node's `/proc`: the host's, mounted, if the agent has a PID namespace of its own.
+    #[arg(long, env = ENV_PROC_ROOT, default_value = "/proc")]
+    pub proc_root: PathBuf,
+}
+
+/// Where the agent learns its node's state.
+#[derive(Debug, Clone)]
+pub enum DiscoverySource {
+    /// A node file, polled for changes.
+    NodeFile(PathBuf),
+    /// The Kubernetes API.
+    Kubernetes(KubeSettings),
+}
+
+/// Kubernetes discovery's settings, validated.
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// This node's name.
+    pub node: String,
+    /// A kubeconfig; in-cluster when `None`.
+    pub kubeconfig: Option<PathBuf>,
+    /// The enrolling namespace label.
+    pub enroll_label: String,
+    /// Whether Istio ambient's label enrolls too.
+    pub istio_ambient_label: bool,
+    /// Where the kubelet's pod cgroups are.
+    pub kubelet_cgroup_root: PathBuf,
+    /// The node's `/proc`.
+    pub proc_root: PathBuf,
+}
+
+impl KubeArgs {
+    fn validate(self, node_file: Option<PathBuf>) -> Result<DiscoverySource, ConfigError> {
+        match (node_file, self.kubernetes) {
+            (Some(_), true) => Err(ConfigError::Discovery(
+                "--node-file and --kubernetes exclude each other: choose one source of state",
+            )),
+            (Some(f), false) => Ok(DiscoverySource::NodeFile(f)),
+            (None, false) => Err(ConfigError::Discovery(
+                "say where the node's state comes from: --node-file FILE (local mode) or --kubernetes",
+            )),
+            (None, true) => Ok(DiscoverySource::Kubernetes(KubeSettings {
+                node: self.node_name.filter(|n| !n.is_empty()).ok_or(ConfigError::Discovery(
+                    "--kubernetes needs --node-name (or NODE_NAME from the downward API's spec.nodeName)",
+                ))?,
+                kubeconfig: self.kubeconfig,
+                enroll_label: self.enroll_label,
+                istio_ambient_label: self.istio_ambient_label,
+                kubelet_cgroup_root: self.kubelet_cgroup_root,
+                proc_root: self.proc_root,
+            })),
+        }
+    }
+}
+
 /// Flags of `mesh-agent run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The node file (YAML) listing this node's pods and the mesh's services.
+    /// The node file (YAML) listing this node's pods and the mesh's services (local mode).
     #[arg(long, env = ENV_NODE_FILE)]
-    pub node_file: PathBuf,
+    pub node_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
     #[command(flatten)]
     pub pins: PinArgs,
     /// The compiled eBPF object; defaults to `mesh-ebpf.o` next to this executable.
@@ -289,8 +387,8 @@ impl PinArgs {
 /// The validated configuration of `mesh-agent run`.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The node file.
-    pub node_file: PathBuf,
+    /// Where the node's state comes from.
+    pub discovery: DiscoverySource,
     /// The bpffs mount.
     pub bpffs: PathBuf,
     /// `<bpffs>/<pin-name>`.
@@ -352,6 +450,7 @@ impl Config {
             return Err(ConfigError::PollInterval);
         }
         let (trust_domain, ca) = args.ca.validate()?;
+        let discovery = args.kube.validate(args.node_file)?;
         let metrics_retention = parse_duration("--metrics-retention", &args.metrics_retention)?;
         let http = HttpTimeouts {
             head: parse_duration("--http-head-timeout", &args.http_head_timeout)?,
@@ -373,7 +472,7 @@ impl Config {
             http,
             pod_cgroup_root: args.pod_cgroup_root,
             hbone_idle_timeout: parse_duration("--hbone-idle-timeout", &args.hbone_idle_timeout)?,
-            node_file: args.node_file,
+            discovery,
             bpffs: args.pins.bpffs,
             pin_root,
             bpf_object,

@@ -28,6 +28,7 @@ pub fn route(name: &str, parent: &str, rules: Vec<RawRouteRule>) -> RawHttpRoute
             ..Default::default()
         }],
         rules,
+        ..Default::default()
     }
 }
 
@@ -53,6 +54,7 @@ pub fn destination_rule(name: &str, host: &str, policy: RawTrafficPolicy) -> Raw
         namespace: Some("default".into()),
         host: Some(host.into()),
         traffic_policy: policy,
+        ..Default::default()
     }
 }
 

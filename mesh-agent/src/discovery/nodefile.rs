@@ -17,6 +17,7 @@ use crate::state::{NodeState, ObjectKey, Pod, Service, ServicePort, Workload};
 
 mod fields;
 mod fs;
+pub mod objects;
 mod policies;
 pub mod raw;
 mod routes;
@@ -249,15 +250,37 @@ fn parse(
         });
     }
     check_depth(path, text)?;
-    let raw: RawFile = if text.trim().is_empty() {
-        RawFile::default()
-    } else {
-        serde_yaml_ng::from_str(text).map_err(|e| NodeFileError::Syntax {
+    let (raw, object_errors) =
+        objects::documents(text).map_err(|message| NodeFileError::Syntax {
             path: path.to_owned(),
-            message: e.to_string(),
-        })?
-    };
-    let node = match &raw.node {
+            message,
+        })?;
+    let node = node_name(path, &raw)?;
+    Ok(validate(node, raw, object_errors, previous, fs))
+}
+
+/// Validates a model built elsewhere (Kubernetes discovery) exactly as a node file's, with
+/// `object_errors` (objects that could not be read) reported beside its own problems.
+pub fn load_raw(
+    raw: RawFile,
+    object_errors: Vec<ObjectError>,
+    previous: Option<&NodeState>,
+    pod_cgroup_root: Option<&Path>,
+) -> Result<Loaded, NodeFileError> {
+    let path = Path::new("<kubernetes>");
+    let node = node_name(path, &raw)?;
+    Ok(validate(
+        node,
+        raw,
+        object_errors,
+        previous,
+        &RealFs { pod_cgroup_root },
+    ))
+}
+
+/// The top-level `node`: present, a string, and a DNS subdomain.
+fn node_name(path: &Path, raw: &RawFile) -> Result<String, NodeFileError> {
+    Ok(match &raw.node {
         None => {
             return Err(NodeFileError::MissingNode {
                 path: path.to_owned(),
@@ -281,12 +304,16 @@ fn parse(
                     .collect(),
             });
         }
-    };
-    Ok(validate(node, raw, previous, fs))
+    })
 }
 
-fn validate(node: String, raw: RawFile, previous: Option<&NodeState>, fs: &dyn Fs) -> Loaded {
-    let mut errors = Vec::new();
+fn validate(
+    node: String,
+    raw: RawFile,
+    mut errors: Vec<ObjectError>,
+    previous: Option<&NodeState>,
+    fs: &dyn Fs,
+) -> Loaded {
     let mut state = NodeState {
         node,
         excluded_ports: raw.excluded_ports,

@@ -19,13 +19,32 @@ pub(super) fn validate_peer_authentications(
         let mut cx = Ctx {
             kind: "peerAuthentication",
             who: who(&rp.namespace, &rp.name),
-            position: format!("peerAuthentications[{i}]"),
+            position: rp
+                .position
+                .clone()
+                .unwrap_or_else(|| format!("peerAuthentications[{i}]")),
             errors,
         };
         let name = cx.label("name", &rp.name);
         let namespace = cx.label("namespace", &rp.namespace);
+        if let Some(why) = &rp.unreadable {
+            cx.fail("spec", format!("{why}; applying STRICT until fixed"));
+        }
+        let written = match (&rp.mode, rp.mtls.as_ref().map(|m| &m.mode)) {
+            (Some(_), Some(_)) => {
+                cx.fail("mode", "set `mode` or `mtls.mode`, not both");
+                &None
+            }
+            (Some(_), None) => &rp.mode,
+            (None, Some(m)) => m,
+            (None, None) if rp.unreadable.is_some() => &None,
+            (None, None) => {
+                cx.fail("mtls.mode", "missing (required)");
+                &None
+            }
+        };
         // A mode that cannot be read is taken as STRICT: a typo must not open a workload.
-        let mode = match cx.required("mode", &rp.mode).map(String::as_str) {
+        let mode = match written.as_deref() {
             Some("STRICT") => MtlsMode::Strict,
             Some("PERMISSIVE") => MtlsMode::Permissive,
             other => {
@@ -57,12 +76,18 @@ pub(super) fn validate_authorization_policies(
         let mut cx = Ctx {
             kind: "authorizationPolicy",
             who: who(&rp.namespace, &rp.name),
-            position: format!("authorizationPolicies[{i}]"),
+            position: rp
+                .position
+                .clone()
+                .unwrap_or_else(|| format!("authorizationPolicies[{i}]")),
             errors,
         };
         let before = cx.errors.len();
         let name = cx.label("name", &rp.name);
         let namespace = cx.label("namespace", &rp.namespace);
+        if let Some(why) = &rp.unreadable {
+            cx.fail("spec", why.clone());
+        }
         let action = match rp.action.as_deref() {
             None | Some("ALLOW") => Action::Allow,
             Some("DENY") => Action::Deny,

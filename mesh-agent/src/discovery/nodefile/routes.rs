@@ -285,7 +285,10 @@ pub(super) fn validate_http_routes(
         let mut cx = Ctx {
             kind: "httpRoute",
             who: who(&rr.namespace, &rr.name),
-            position: format!("httpRoutes[{i}]"),
+            position: rr
+                .position
+                .clone()
+                .unwrap_or_else(|| format!("httpRoutes[{i}]")),
             errors,
         };
         let before = cx.errors.len();
@@ -362,7 +365,10 @@ pub(super) fn validate_destination_rules(
         let mut cx = Ctx {
             kind: "destinationRule",
             who: who(&rd.namespace, &rd.name),
-            position: format!("destinationRules[{i}]"),
+            position: rd
+                .position
+                .clone()
+                .unwrap_or_else(|| format!("destinationRules[{i}]")),
             errors,
         };
         let before = cx.errors.len();

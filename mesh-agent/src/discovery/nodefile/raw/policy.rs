@@ -31,6 +31,25 @@ pub struct RawPeerAuthentication {
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "RawSelector::is_empty")]
     pub selector: RawSelector,
+    /// The node file's short form of `mtls.mode`.
+    pub mode: Option<String>,
+    /// Istio's form.
+    pub mtls: Option<RawMtls>,
+    /// Where the object came from when not the node file's own list (a YAML document, an API
+    /// object), for messages.
+    #[serde(skip)]
+    pub position: Option<String>,
+    /// Why the object as written could not be read: it then fails closed.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
+}
+
+/// Istio's `mtls` setting.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMtls {
+    /// `STRICT` or `PERMISSIVE`.
     pub mode: Option<String>,
 }
 
@@ -46,6 +65,13 @@ pub struct RawAuthorizationPolicy {
     pub action: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RawRule>,
+    /// Where the object came from when not the node file's own list (a YAML document, an API
+    /// object), for messages.
+    #[serde(skip)]
+    pub position: Option<String>,
+    /// Why the object as written could not be read: it then fails closed.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
 }
 
 /// One rule: it matches when one `from`, one `to` and every `when` match.

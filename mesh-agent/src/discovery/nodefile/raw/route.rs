@@ -16,6 +16,10 @@ pub struct RawHttpRoute {
     pub parent_refs: Vec<RawParentRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RawRouteRule>,
+    /// Where the object came from when not the node file's own list (a YAML document, an API
+    /// object), for messages.
+    #[serde(skip)]
+    pub position: Option<String>,
 }
 
 /// The Service (and optionally port) a route attaches to.
@@ -184,6 +188,10 @@ pub struct RawDestinationRule {
     pub host: Option<String>,
     #[serde(default)]
     pub traffic_policy: RawTrafficPolicy,
+    /// Where the object came from when not the node file's own list (a YAML document, an API
+    /// object), for messages.
+    #[serde(skip)]
+    pub position: Option<String>,
 }
 
 /// How requests to the service are balanced, limited and ejected.

@@ -1,0 +1,190 @@
+//! Kubernetes discovery: the API server's Pods, Namespaces, Services, EndpointSlices, Istio
+//! policies and Gateway API routes, and this node's pods found on disk, become the same node-file
+//! model the local mode reads (`World::raw_file`), validated by the same code.
+//!
+//! - `watch`: a kube-rs watcher per kind, with backoff and relist, into a shared `World`;
+//! - `world`: the few fields kept of each object, enrollment, and the model built from them;
+//! - `podfs`: a pod's cgroup and netns on this node from its UID, with no CNI plugin.
+//!
+//! Nothing is published until every kind has been listed once, so an agent that starts while
+//! the API server is away keeps the capture it had (pinned in bpffs), failing closed, and
+//! reconciles only when it can see the whole cluster again.
+
+pub mod podfs;
+pub mod watch;
+pub mod world;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tracing::{debug, info};
+
+use super::nodefile::{ObjectError, raw::RawFile};
+use podfs::{Found, PodFs};
+use watch::Shared;
+use world::Enrollment;
+
+/// Errors starting Kubernetes discovery.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// No usable kubeconfig or in-cluster service account.
+    #[error(
+        "cannot configure the Kubernetes client: {0} (set --kubeconfig, or run in a pod with a service account)"
+    )]
+    Config(String),
+    /// The client could not be built from the configuration.
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// What Kubernetes discovery needs to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name (the DaemonSet passes `spec.nodeName` as `NODE_NAME`).
+    pub node: String,
+    /// A kubeconfig file; in-cluster configuration when `None`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Which labels enroll pods.
+    pub enrollment: Enrollment,
+    /// Where the kubelet's pod cgroups and the node's processes are.
+    pub podfs: PodFs,
+}
+
+/// One complete view of the cluster, ready to validate and reconcile.
+#[derive(Debug)]
+pub struct Update {
+    /// The model, as a node file would hold it.
+    pub file: RawFile,
+    /// Objects that could not be read.
+    pub errors: Vec<ObjectError>,
+    /// Enrolled pods of this node not enrolled yet, and why (the sandbox is starting, say).
+    pub waiting: Vec<String>,
+}
+
+/// The newest view not yet taken: a slow consumer skips the views it had no time for.
+#[derive(Debug, Default)]
+pub struct Latest {
+    slot: Mutex<Option<Update>>,
+    ready: Notify,
+}
+
+impl Latest {
+    fn put(&self, u: Update) {
+        *self.slot.lock() = Some(u);
+        self.ready.notify_one();
+    }
+
+    /// Waits for a view newer than the last one taken.
+    pub async fn next(&self) -> Update {
+        loop {
+            if let Some(u) = self.slot.lock().take() {
+                return u;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// A running discovery.
+#[derive(Debug)]
+pub struct Discovery {
+    /// Complete views of the cluster.
+    pub updates: Arc<Latest>,
+    /// The watches' state, for readiness and `status`.
+    pub shared: Arc<Shared>,
+}
+
+/// Connects to the API server and starts watching; returns at once (the API server may be
+/// away: the watches keep retrying).
+pub async fn start(settings: Settings) -> Result<Discovery, KubeError> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| KubeError::Config(e.to_string()))?
+        }
+        None => kube::Config::incluster().map_err(|e| KubeError::Config(e.to_string()))?,
+    };
+    let client = kube::Client::try_from(config)?;
+    let shared = Arc::new(Shared::default());
+    watch::start(&client, &shared);
+    let updates = Arc::new(Latest::default());
+    tokio::spawn(build_loop(settings, shared.clone(), updates.clone()));
+    Ok(Discovery { updates, shared })
+}
+
+/// How often pods of this node that were not found yet are looked for again.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// Builds a view after each change (debounced), once every kind has been listed.
+async fn build_loop(settings: Settings, shared: Arc<Shared>, out: Arc<Latest>) {
+    let mut found: HashMap<String, Found> = HashMap::new();
+    let mut retry = false;
+    loop {
+        if retry {
+            let _ = tokio::time::timeout(RETRY, shared.changed.notified()).await;
+        } else {
+            shared.changed.notified().await;
+        }
+        tokio::time::sleep(watch::DEBOUNCE).await;
+        if !shared.synced(watch::WATCHES) {
+            continue;
+        }
+        let started = Instant::now();
+        let (update, still_waiting) = {
+            let world = shared.world.lock();
+            let mut waiting = Vec::new();
+            // Find this node's enrolled pods on disk; keep what was found while its sandbox
+            // lives, so a pod keeps one netns path for its life.
+            let mut seen = Vec::new();
+            for p in world.pods.values() {
+                if p.node.as_deref() != Some(settings.node.as_str())
+                    || !world.enrolled(p, &settings.enrollment)
+                {
+                    continue;
+                }
+                let Some(ip) = p.ip else {
+                    waiting.push(format!("{}/{}: no address yet", p.namespace, p.name));
+                    continue;
+                };
+                seen.push(p.uid.clone());
+                if found.get(&p.uid).is_some_and(PodFs::still_valid) {
+                    continue;
+                }
+                match settings.podfs.find(&p.uid, ip) {
+                    Ok(f) => {
+                        if found.insert(p.uid.clone(), f).is_some() {
+                            info!(pod = %format!("{}/{}", p.namespace, p.name), "sandbox recreated; enrolling its new netns");
+                        }
+                    }
+                    Err(e) => {
+                        found.remove(&p.uid);
+                        waiting.push(format!("{}/{}: {e}", p.namespace, p.name));
+                    }
+                }
+            }
+            found.retain(|uid, _| seen.contains(uid));
+            let (file, errors) = world.raw_file(&settings.node, &settings.enrollment, &found);
+            let retry = !waiting.is_empty();
+            (
+                Update {
+                    file,
+                    errors,
+                    waiting,
+                },
+                retry,
+            )
+        };
+        retry = still_waiting;
+        debug!(took = ?started.elapsed(), "built the cluster view");
+        out.put(update);
+    }
+}
