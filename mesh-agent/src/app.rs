@@ -294,14 +294,6 @@ impl Agent {
                 info!(pod = %key, "pod removed from the mesh");
             }
         }
-        // Certificates for exactly the identities of this node's pods.
-        let td = &self.trust_domain;
-        self.inputs.certs.set_wanted(
-            state
-                .pods
-                .values()
-                .map(|p| Identity::new(td, &p.key.namespace, &p.service_account)),
-        );
         let state = Arc::new(state);
         // Unpin every link that no desired pod owns (also cleans up after an earlier agent).
         let desired: Vec<&Pod> = state.pods.values().collect();
@@ -316,6 +308,15 @@ impl Agent {
         let policy_changed =
             view.load().state().authorization_policies != state.authorization_policies;
         view.publish(&state, pods.values().map(|p| p.local.clone()));
+        // Certificates for exactly the identities of this node's pods; after the publish, since
+        // the embedded CA (Kubernetes mode) authorizes from the published state.
+        let td = &self.trust_domain;
+        self.inputs.certs.set_wanted(
+            state
+                .pods
+                .values()
+                .map(|p| Identity::new(td, &p.key.namespace, &p.service_account)),
+        );
         if policy_changed {
             let now = view.load();
             for proxy in pods.values() {

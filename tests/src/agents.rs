@@ -48,7 +48,12 @@ impl Cluster {
     /// embedded CA (`--ca-dir`), the agent uses the harness's CA, which is started (1 h
     /// certificates) if it never was (a test that stopped it keeps it stopped).
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
-        let embedded = extra.contains(&"--ca-dir");
+        // Kubernetes mode: state from the API server, the mesh's one root embedded.
+        let kube = match &self.kube {
+            Some(_) => Some(self.kube_agent_args(i)?),
+            None => None,
+        };
+        let embedded = extra.contains(&"--ca-dir") || kube.is_some();
         if !embedded && !self.ca_dir().join("bundle.pem").exists() {
             self.start_ca("1h")?;
         }
@@ -67,8 +72,13 @@ impl Cluster {
             .arg(format!("--net={}", node.netns.display()))
             .arg(&agent)
             .arg("run")
-            .arg("--node-file")
-            .arg(&node.node_file)
+            .args(match &kube {
+                Some(args) => args.clone(),
+                None => vec![
+                    "--node-file".into(),
+                    node.node_file.clone().into_os_string(),
+                ],
+            })
             .arg("--pin-name")
             .arg(&node.pin_name)
             .arg("--bpf-object")
@@ -77,8 +87,15 @@ impl Cluster {
             .arg("200")
             .arg("--cgroup")
             .arg(&cgroup)
-            .arg("--pod-cgroup-root")
-            .arg(&self.cgroup_dir)
+            .args(if kube.is_some() {
+                // The kubelet root (the default with --kubernetes).
+                vec![]
+            } else {
+                vec![
+                    "--pod-cgroup-root".into(),
+                    self.cgroup_dir.clone().into_os_string(),
+                ]
+            })
             .args(if embedded {
                 vec![]
             } else {

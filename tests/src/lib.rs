@@ -19,6 +19,7 @@ mod agents;
 pub mod apiserver;
 mod ca;
 mod capture;
+pub mod kube;
 mod nodefile;
 mod pods;
 mod prometheus;

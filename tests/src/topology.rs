@@ -102,6 +102,8 @@ pub struct Pod {
     pub enrolled: bool,
     /// Its service account (its identity, with the namespace `default`).
     pub service_account: String,
+    /// Its UID in Kubernetes mode (names its kubelet cgroup).
+    pub uid: String,
 }
 
 /// A created node.
@@ -136,6 +138,16 @@ pub struct Cluster {
     pub(crate) netns_names: Vec<String>,
     pub(crate) fabric: PathBuf,
     pub(crate) ca: Option<Child>,
+    /// Kubernetes mode, once [`Cluster::kubernetes`] switched to it.
+    pub(crate) kube: Option<crate::kube::KubeMode>,
+}
+
+/// A pod UID unique to the cluster and the pod.
+fn pod_uid(prefix: &str, index: usize) -> String {
+    let h = prefix
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    format!("{h:08x}-0000-4000-8000-{index:012x}")
 }
 
 /// Where the harness's CA listens (inside the fabric netns, on its bridge).
@@ -194,6 +206,7 @@ impl Cluster {
             netns_names: Vec::new(),
             fabric: PathBuf::new(),
             ca: None,
+            kube: None,
         };
         // If building fails half-way, `c` is dropped and tears down what exists.
         c.build(&nodes)?;
@@ -315,6 +328,7 @@ impl Cluster {
                     cgroup,
                     enrolled: spec.enrolled,
                     service_account: format!("{}-sa", spec.name),
+                    uid: pod_uid(&self.prefix, self.pods.len()),
                 });
             }
             self.nodes.push(Node {
@@ -356,6 +370,7 @@ impl Cluster {
                 cgroup,
                 enrolled: true,
                 service_account: sa.into(),
+                uid: pod_uid(&self.prefix, self.pods.len()),
             });
             names.push(name);
         }

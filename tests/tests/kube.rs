@@ -223,3 +223,94 @@ fn the_stand_in_api_server_serves_kubectl_watches_and_token_reviews() -> Result<
     assert_eq!(k.get_json(&["ns", "shop"])?["metadata"]["name"], "shop");
     Ok(())
 }
+
+const APP_PORT: u16 = 8080;
+
+/// Pods `default/<name>` node `i`'s agent has enrolled.
+fn enrolled(c: &mesh_tests::Cluster, i: usize) -> Result<Vec<String>> {
+    let s = c.stats(i)?;
+    Ok(s["pods"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default())
+}
+
+fn wait_enrolled(c: &mesh_tests::Cluster, i: usize, want: &[&str]) -> Result<()> {
+    mesh_tests::wait_until(
+        &format!("node {i} to enroll exactly {want:?}"),
+        std::time::Duration::from_secs(10),
+        || {
+            let have = enrolled(c, i)?;
+            Ok(have.len() == want.len()
+                && want
+                    .iter()
+                    .all(|w| have.iter().any(|h| h == &format!("default/{w}"))))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "enrolled now: {:?}; agent log:\n{}",
+            enrolled(c, i),
+            c.agent_log(i)
+        )
+    })
+}
+
+#[test]
+fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them() -> Result<()> {
+    use mesh_tests::{Cluster, PodSpec, ServiceSpec};
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![ServiceSpec::new("web", 80, APP_PORT, &["server"])],
+    )?;
+    c.kubernetes()?;
+    c.serve("server", APP_PORT)?;
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    let server = c.pod("server").ip;
+    let direct = format!("http://{server}:{APP_PORT}/");
+    let vip = format!("http://{}:80/", c.service_ip("web"));
+    // Nothing is enrolled: pods talk plain, and a service address means nothing.
+    assert!(enrolled(&c, 0)?.is_empty() && enrolled(&c, 1)?.is_empty());
+    assert_eq!(c.http_status("client", &direct)?, Some(200));
+
+    let k = c.kubectl()?;
+    k.run(
+        &["label", "namespace", "default", "mesh.dev/enabled=true"],
+        None,
+    )?;
+    wait_enrolled(&c, 0, &["client"])?;
+    wait_enrolled(&c, 1, &["server"])?;
+    let before = c.counter(0, "client", "kernel.captured_v4")?;
+    assert_eq!(
+        c.http_status("client", &vip)?,
+        Some(200),
+        "through the service"
+    );
+    assert_eq!(c.http_status("client", &direct)?, Some(200), "pod to pod");
+    assert_eq!(
+        c.counter(0, "client", "kernel.captured_v4")? - before,
+        2,
+        "both captured"
+    );
+    // Across nodes as mTLS, to the server's identity.
+    let flows = c.agent_cli(0, &["flows", "--once", "-o", "json"])?;
+    assert!(
+        flows.contains("mutual_tls") && flows.contains("sa/server-sa"),
+        "{flows}"
+    );
+
+    // A pod label opts one pod out; its traffic flows plain again.
+    k.run(&["label", "pod", "client", "mesh.dev/enabled=false"], None)?;
+    wait_enrolled(&c, 0, &[])?;
+    assert_eq!(c.http_status("client", &direct)?, Some(200));
+
+    // Removing the namespace label releases the rest.
+    k.run(
+        &["label", "namespace", "default", "mesh.dev/enabled-"],
+        None,
+    )?;
+    wait_enrolled(&c, 1, &[])?;
+    assert_eq!(c.http_status("client", &direct)?, Some(200));
+    Ok(())
+}

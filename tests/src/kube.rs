@@ -1,0 +1,166 @@
+//! Kubernetes mode for the harness: the stand-in API server in the fabric namespace (where every
+//! node reaches it, as a real cluster's API is reachable from every node), each pod's cgroup laid
+//! out as the kubelet and containerd leave it with a sandbox process inside the pod's netns, and
+//! the Pod, Service and EndpointSlice objects that describe the cluster, created with kubectl.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::{
+    apiserver::{ApiServer, Kubectl},
+    *,
+};
+
+/// Where the stand-in API server listens (in the fabric namespace, beside the CA).
+pub const API_ADDR: &str = "198.19.0.254:6443";
+
+/// The Kubernetes side of a cluster.
+#[derive(Debug)]
+pub struct KubeMode {
+    /// The stand-in API server.
+    pub api: ApiServer,
+    /// kubectl against it.
+    pub kubectl: Kubectl,
+    /// The directory that plays the node's cgroup root for the kubelet (`kubepods.slice`
+    /// below it).
+    pub kubelet_root: PathBuf,
+    /// The CA directory every agent embeds (one root for the mesh).
+    pub ca_dir: PathBuf,
+}
+
+/// The kubelet's pod directory for `uid` (systemd driver, BestEffort QoS).
+fn pod_slice(root: &Path, uid: &str) -> PathBuf {
+    root.join("kubepods.slice")
+        .join("kubepods-besteffort.slice")
+        .join(format!(
+            "kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ))
+}
+
+impl Cluster {
+    /// Switches the cluster to Kubernetes mode: starts the API server, moves every pod into
+    /// the kubelet's cgroup layout with a sandbox process (`sleep`) in its netns, and creates
+    /// the nodes, the `default` namespace (not enrolled), pods, services and endpoint slices
+    /// with kubectl. Agents started from now on discover it all from the API.
+    pub fn kubernetes(&mut self) -> Result<()> {
+        let fabric = self.fabric.clone();
+        let api = ApiServer::start(&self.dir.join("apiserver"), move || {
+            in_netns(&fabric, || std::net::TcpListener::bind(API_ADDR))?
+                .with_context(|| format!("bind the API server to {API_ADDR}"))
+        })?;
+        let kubectl = Kubectl::new(&api, Some(self.fabric.clone()));
+        let kubelet_root = self.cgroup_dir.join("kubelet");
+        let ca_dir = self.dir.join("kube-ca");
+        // One root for every agent's embedded CA, made before any agent starts.
+        mesh_agent::identity::ca::Ca::open(
+            &ca_dir,
+            "cluster.local",
+            std::time::Duration::from_secs(3600),
+        )
+        .context("create the mesh's CA root")?;
+        for k in 0..self.pods.len() {
+            let scope = pod_slice(&kubelet_root, &self.pods[k].uid)
+                .join(format!("cri-containerd-sandbox{k}.scope"));
+            std::fs::create_dir_all(&scope)
+                .with_context(|| format!("create {}", scope.display()))?;
+            self.pods[k].cgroup = scope;
+            let name = self.pods[k].name.clone();
+            // The sandbox: a process in the pod's netns and cgroup, as pause is.
+            self.spawn(&name, &["sleep", "infinity"])?;
+        }
+        self.kube = Some(KubeMode {
+            api,
+            kubectl,
+            kubelet_root,
+            ca_dir,
+        });
+        let mut objects =
+            vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})];
+        objects.extend(self.nodes.iter().map(|n| {
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name, "labels": {"kubernetes.io/os": "linux"}}})
+        }));
+        objects.extend(self.pods.iter().map(|p| self.pod_object(p)));
+        for s in &self.services {
+            objects.extend(self.service_objects(s));
+        }
+        self.kubectl()?
+            .create(&json!({"apiVersion": "v1", "kind": "List", "items": objects}).to_string())?;
+        Ok(())
+    }
+
+    /// The Kubernetes side; fails unless [`Cluster::kubernetes`] ran.
+    pub fn kube(&self) -> Result<&KubeMode> {
+        self.kube
+            .as_ref()
+            .context("the cluster is not in Kubernetes mode: call kubernetes() first")
+    }
+
+    /// kubectl against the cluster's API server.
+    pub fn kubectl(&self) -> Result<&Kubectl> {
+        Ok(&self.kube()?.kubectl)
+    }
+
+    /// A pod as the API server holds it once scheduled and running.
+    pub fn pod_object(&self, p: &Pod) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": p.name, "namespace": "default", "uid": p.uid, "labels": {"app": p.name}},
+            "spec": {
+                "nodeName": self.nodes[p.node].name,
+                "serviceAccountName": p.service_account,
+                "containers": [{"name": "app", "image": "mesh-testapp"}],
+            },
+            "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}]},
+        })
+    }
+
+    /// A service and its one EndpointSlice.
+    pub fn service_objects(&self, s: &ServiceSpec) -> [Value; 2] {
+        let mut port = json!({"name": "main", "port": s.port, "targetPort": s.target_port});
+        if let Some(a) = &s.app_protocol {
+            port["appProtocol"] = json!(a);
+        }
+        let endpoints: Vec<Value> = s
+            .endpoints
+            .iter()
+            .map(|e| json!({"addresses": [self.pod(e).ip.to_string()], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": e, "namespace": "default"}}))
+            .collect();
+        [
+            json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": s.name, "namespace": "default"},
+                "spec": {"clusterIP": self.service_ip(&s.name).to_string(), "ports": [port], "selector": {"app": s.name}},
+            }),
+            json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": format!("{}-1", s.name), "namespace": "default", "labels": {"kubernetes.io/service-name": s.name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "main", "port": s.target_port, "protocol": "TCP"}],
+                "endpoints": endpoints,
+            }),
+        ]
+    }
+
+    /// The flags that make node `i`'s agent discover from the API server.
+    pub(crate) fn kube_agent_args(&self, i: usize) -> Result<Vec<std::ffi::OsString>> {
+        let k = self.kube()?;
+        Ok(vec![
+            "--kubernetes".into(),
+            "true".into(),
+            "--node-name".into(),
+            self.nodes[i].name.clone().into(),
+            "--kubeconfig".into(),
+            k.api.kubeconfig().into(),
+            "--kubelet-cgroup-root".into(),
+            k.kubelet_root.clone().into(),
+            "--ca-dir".into(),
+            k.ca_dir.clone().into(),
+        ])
+    }
+}
