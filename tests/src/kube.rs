@@ -98,6 +98,15 @@ impl Cluster {
             .context("the cluster is not in Kubernetes mode: call kubernetes() first")
     }
 
+    /// The API server, to take it away and back, compact it or cut its watches.
+    pub fn api_mut(&mut self) -> Result<&mut ApiServer> {
+        Ok(&mut self
+            .kube
+            .as_mut()
+            .context("the cluster is not in Kubernetes mode: call kubernetes() first")?
+            .api)
+    }
+
     /// kubectl against the cluster's API server.
     pub fn kubectl(&self) -> Result<&Kubectl> {
         Ok(&self.kube()?.kubectl)

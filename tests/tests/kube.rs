@@ -2,7 +2,7 @@
 //! real kube-apiserver can be installed on these machines. Cluster state changes through kubectl
 //! wherever it can.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use mesh_tests::apiserver::{ApiServer, Kubectl, TokenInfo};
@@ -312,5 +312,125 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
     )?;
     wait_enrolled(&c, 1, &[])?;
     assert_eq!(c.http_status("client", &direct)?, Some(200));
+    Ok(())
+}
+
+/// client on node 1, server on node 2, `web` over server; the namespace enrolled before the
+/// agents start, so they adopt running pods.
+fn enrolled_pair() -> Result<mesh_tests::Cluster> {
+    use mesh_tests::{Cluster, PodSpec, ServiceSpec};
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![ServiceSpec::new("web", 80, APP_PORT, &["server"])],
+    )?;
+    c.kubernetes()?;
+    c.kubectl()?.run(
+        &["label", "namespace", "default", "mesh.dev/enabled=true"],
+        None,
+    )?;
+    c.serve("server", APP_PORT)?;
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    wait_enrolled(&c, 0, &["client"])?;
+    wait_enrolled(&c, 1, &["server"])?;
+    Ok(c)
+}
+
+#[test]
+fn with_the_api_server_away_at_start_capture_stays_closed_until_it_returns() -> Result<()> {
+    let mut c = enrolled_pair()?;
+    let vip = format!("http://{}:80/", c.service_ip("web"));
+    let direct = format!("http://{}:{APP_PORT}/", c.pod("server").ip);
+    assert_eq!(c.http_status("client", &vip)?, Some(200));
+    let served = c.app_requests("server", APP_PORT)?;
+
+    // The agent crashes and comes back while the API server is away.
+    c.kill_agent(0);
+    c.api_mut()?.stop();
+    c.start_agent_with(0, &[])?;
+    mesh_tests::wait_until(
+        "the agent to say why it is not ready",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                matches!(c.agent_get(0, "/ready"), Ok((code, body)) if code != 200 && body.contains("Kubernetes API")),
+            )
+        },
+    )?;
+    // Its pod's capture stayed pinned: the client's connections fail instead of leaving plain.
+    assert_eq!(c.http_status("client", &direct)?, None, "must fail closed");
+    assert_eq!(
+        c.app_requests("server", APP_PORT)?,
+        served,
+        "nothing reached the server"
+    );
+    assert!(
+        enrolled(&c, 0)?.is_empty(),
+        "nothing reconciled without the API"
+    );
+
+    c.api_mut()?.restart()?;
+    c.wait_ready(0, Duration::from_secs(20))?;
+    wait_enrolled(&c, 0, &["client"])?;
+    assert_eq!(c.http_status("client", &vip)?, Some(200), "traffic resumes");
+    Ok(())
+}
+
+#[test]
+fn a_cut_watch_and_410_gone_relist_losing_nothing_and_capture_never_drops() -> Result<()> {
+    let mut c = enrolled_pair()?;
+    let vip = format!("http://{}:80/", c.service_ip("web"));
+    assert_eq!(c.http_status("client", &vip)?, Some(200));
+    let captured = c.counter(0, "client", "kernel.captured_v4")?;
+
+    // Every watch is cut mid-stream; a service is added as they reconnect.
+    c.api_mut()?.cut_watches();
+    c.services.push(mesh_tests::ServiceSpec::new(
+        "late",
+        80,
+        APP_PORT,
+        &["server"],
+    ));
+    let objects: Vec<serde_json::Value> = c.service_objects(&c.services[1]).into();
+    c.kubectl()?
+        .create(&json!({"apiVersion": "v1", "kind": "List", "items": objects}).to_string())?;
+    let late = format!("http://{}:80/", c.service_ip("late"));
+    mesh_tests::wait_until(
+        "the new service to be routed",
+        Duration::from_secs(15),
+        || Ok(c.http_status("client", &late)? == Some(200)),
+    )
+    .with_context(|| c.agent_log(0))?;
+
+    // The API server goes away; meanwhile a service is added (directly: kubectl cannot reach
+    // a stopped server) and the history compacted, so the watches' resourceVersion is gone.
+    c.api_mut()?.stop();
+    c.services.push(mesh_tests::ServiceSpec::new(
+        "later",
+        80,
+        APP_PORT,
+        &["server"],
+    ));
+    for o in c.service_objects(&c.services[2]) {
+        c.api_mut()?.create(o)?;
+    }
+    c.api_mut()?.compact();
+    // Capture stays while the API is away.
+    assert_eq!(c.http_status("client", &vip)?, Some(200));
+    c.api_mut()?.restart()?;
+    let later = format!("http://{}:80/", c.service_ip("later"));
+    mesh_tests::wait_until(
+        "a relist to bring the service",
+        Duration::from_secs(20),
+        || Ok(c.http_status("client", &later)? == Some(200)),
+    )
+    .with_context(|| c.agent_log(0))?;
+    assert!(
+        c.agent_log(0).contains("too old resource version"),
+        "the agent saw 410 Gone and relisted"
+    );
+    // The pods were never re-enrolled: their counters carried on.
+    assert!(c.counter(0, "client", "kernel.captured_v4")? > captured);
+    assert_eq!(enrolled(&c, 1)?, ["default/server"]);
     Ok(())
 }
