@@ -638,6 +638,7 @@ fn kube_settings(k: &KubeSettings) -> kube::Settings {
             label: k.enroll_label.clone(),
             istio_ambient: k.istio_ambient_label,
         },
+        root_namespace: k.root_namespace.clone(),
         podfs: kube::podfs::PodFs {
             cgroup_root: k.kubelet_cgroup_root.clone(),
             proc_root: k.proc_root.clone(),

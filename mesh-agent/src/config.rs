@@ -67,6 +67,8 @@ pub const ENV_ENROLL_LABEL: &str = "MESH_ENROLL_LABEL";
 pub const ENV_ISTIO_AMBIENT_LABEL: &str = "MESH_ISTIO_AMBIENT_LABEL";
 /// Env var for `--kubelet-cgroup-root`.
 pub const ENV_KUBELET_CGROUP_ROOT: &str = "MESH_KUBELET_CGROUP_ROOT";
+/// Env var for `--root-namespace`.
+pub const ENV_ROOT_NAMESPACE: &str = "MESH_ROOT_NAMESPACE";
 /// Env var for `--proc-root`.
 pub const ENV_PROC_ROOT: &str = "MESH_PROC_ROOT";
 
@@ -223,6 +225,9 @@ pub struct KubeArgs {
     /// The node's `/proc`: the host's, mounted, if the agent has a PID namespace of its own.
     #[arg(long, env = ENV_PROC_ROOT, default_value = "/proc")]
     pub proc_root: PathBuf,
+    /// Istio's root namespace: PeerAuthentications in it without a selector apply mesh-wide.
+    #[arg(long, env = ENV_ROOT_NAMESPACE, default_value = "istio-system")]
+    pub root_namespace: String,
 }
 
 /// Where the agent learns its node's state.
@@ -249,6 +254,8 @@ pub struct KubeSettings {
     pub kubelet_cgroup_root: PathBuf,
     /// The node's `/proc`.
     pub proc_root: PathBuf,
+    /// Istio's root namespace.
+    pub root_namespace: String,
 }
 
 impl KubeArgs {
@@ -270,6 +277,7 @@ impl KubeArgs {
                 istio_ambient_label: self.istio_ambient_label,
                 kubelet_cgroup_root: self.kubelet_cgroup_root,
                 proc_root: self.proc_root,
+                root_namespace: self.root_namespace,
             })),
         }
     }

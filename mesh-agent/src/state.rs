@@ -85,10 +85,11 @@ pub enum MtlsMode {
 pub struct PeerAuthentication {
     /// namespace/name.
     pub key: ObjectKey,
-    /// Labels a pod must have; empty means the whole namespace.
+    /// Labels a pod must have; empty means the whole namespace (the whole mesh, in the root
+    /// namespace).
     pub selector: Labels,
-    /// The mode.
-    pub mode: MtlsMode,
+    /// The mode; `None` is Istio's UNSET: the next wider policy decides.
+    pub mode: Option<MtlsMode>,
 }
 
 /// ALLOW or DENY.
@@ -505,14 +506,19 @@ pub enum PathNormalization {
     DecodeAndMergeSlashes,
 }
 
+/// Istio's default root namespace.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
 /// Settings that hold for the whole mesh.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct MeshConfig {
     /// Path normalization.
     pub path_normalization: PathNormalization,
     /// DENY rules match paths regardless of letter case (on by default: a backend that folds
     /// case would otherwise serve `/ADMIN` past a DENY on `/admin`).
     pub case_insensitive_deny: bool,
+    /// Istio's root namespace: its PeerAuthentications without selector apply mesh-wide.
+    pub root_namespace: String,
 }
 
 impl Default for MeshConfig {
@@ -520,27 +526,31 @@ impl Default for MeshConfig {
         Self {
             path_normalization: PathNormalization::default(),
             case_insensitive_deny: true,
+            root_namespace: DEFAULT_ROOT_NAMESPACE.to_string(),
         }
     }
 }
 
 impl NodeState {
-    /// The mTLS mode of a local pod: a selector policy beats a namespace-wide one; the default
-    /// is PERMISSIVE.
+    /// The mTLS mode of a local pod, as Istio resolves it: a policy selecting the pod, else its
+    /// namespace's, else the mesh's (a policy without selector in the root namespace), else
+    /// PERMISSIVE. UNSET passes to the next. Among policies of one level the last listed wins.
     pub fn mtls_mode(&self, pod: &Pod) -> MtlsMode {
-        let applicable = self
-            .peer_authentications
-            .iter()
-            .filter(|p| p.key.namespace == pod.key.namespace && selects(&p.selector, &pod.labels));
-        let mut mode = None;
-        for p in applicable {
-            let specific = !p.selector.is_empty();
-            match mode {
-                Some((true, _)) if !specific => {}
-                _ => mode = Some((specific, p.mode)),
-            }
-        }
-        mode.map(|(_, m)| m).unwrap_or_default()
+        let level = |namespace: &str, specific: bool| {
+            self.peer_authentications
+                .iter()
+                .filter(|p| {
+                    p.key.namespace == namespace
+                        && p.selector.is_empty() != specific
+                        && selects(&p.selector, &pod.labels)
+                })
+                .filter_map(|p| p.mode)
+                .next_back()
+        };
+        level(&pod.key.namespace, true)
+            .or_else(|| level(&pod.key.namespace, false))
+            .or_else(|| level(&self.mesh.root_namespace, false))
+            .unwrap_or_default()
     }
 
     /// Whether an authorization policy with HTTP conditions selects `pod`: its inbound traffic
@@ -620,5 +630,73 @@ pub mod testing {
     /// A compiled pattern.
     pub fn pattern(re: &str) -> Pattern {
         Pattern::new(re).expect("test regex")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pa(
+        ns: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        mode: Option<MtlsMode>,
+    ) -> PeerAuthentication {
+        PeerAuthentication {
+            key: ObjectKey {
+                namespace: ns.into(),
+                name: name.into(),
+            },
+            selector: selector
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            mode,
+        }
+    }
+
+    fn pod(ns: &str, app: &str) -> Pod {
+        Pod {
+            key: ObjectKey {
+                namespace: ns.into(),
+                name: app.into(),
+            },
+            service_account: "sa".into(),
+            ip: "10.0.0.1".parse().expect("ip"),
+            netns: "/n".into(),
+            cgroup: "/c".into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn mtls_mode_resolves_workload_then_namespace_then_mesh() {
+        use MtlsMode::{Permissive, Strict};
+        let mut s = NodeState::default();
+        let (web, db, other) = (pod("shop", "web"), pod("shop", "db"), pod("other", "x"));
+        assert_eq!(s.mtls_mode(&web), Permissive, "the default");
+        // Mesh-wide STRICT from the root namespace.
+        s.peer_authentications
+            .push(pa("istio-system", "mesh", &[], Some(Strict)));
+        assert_eq!((s.mtls_mode(&web), s.mtls_mode(&other)), (Strict, Strict));
+        // A selector policy in the root namespace applies only to root-namespace pods.
+        s.peer_authentications.clear();
+        s.peer_authentications
+            .push(pa("istio-system", "sel", &[("app", "web")], Some(Strict)));
+        assert_eq!(s.mtls_mode(&web), Permissive);
+        // Namespace beats mesh; workload beats namespace; UNSET inherits.
+        s.peer_authentications = vec![
+            pa("istio-system", "mesh", &[], Some(Strict)),
+            pa("shop", "ns", &[], Some(Permissive)),
+            pa("shop", "web", &[("app", "web")], Some(Strict)),
+            pa("shop", "db", &[("app", "db")], None),
+        ];
+        assert_eq!(s.mtls_mode(&web), Strict);
+        assert_eq!(s.mtls_mode(&db), Permissive, "UNSET takes the namespace's");
+        assert_eq!(s.mtls_mode(&other), Strict, "the mesh's");
+        // Another root namespace moves the mesh-wide level.
+        s.mesh.root_namespace = "mesh-root".into();
+        assert_eq!(s.mtls_mode(&other), Permissive);
     }
 }

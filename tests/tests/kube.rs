@@ -434,3 +434,208 @@ fn a_cut_watch_and_410_gone_relist_losing_nothing_and_capture_never_drops() -> R
     assert_eq!(enrolled(&c, 1)?, ["default/server"]);
     Ok(())
 }
+
+/// Requests each server has answered.
+fn answered(c: &mesh_tests::Cluster) -> Result<(u64, u64)> {
+    Ok((
+        c.app_requests("server", APP_PORT)?,
+        c.app_requests("server2", APP_PORT)?,
+    ))
+}
+
+#[test]
+fn standard_istio_and_gateway_objects_applied_with_kubectl_take_effect_and_deleting_restores()
+-> Result<()> {
+    use mesh_tests::{Cluster, PodSpec, ServiceSpec};
+    let mut c = Cluster::new(
+        vec![
+            vec![PodSpec::mesh("client"), PodSpec::bare("bare")],
+            vec![PodSpec::mesh("server"), PodSpec::mesh("server2")],
+        ],
+        vec![
+            ServiceSpec::new("web", 80, APP_PORT, &["server"]),
+            ServiceSpec::new("v1", 80, APP_PORT, &["server"]),
+            ServiceSpec::new("v2", 80, APP_PORT, &["server2"]),
+        ],
+    )?;
+    c.kubernetes()?;
+    let k = c.kubectl()?.clone();
+    k.run(
+        &["label", "namespace", "default", "mesh.dev/enabled=true"],
+        None,
+    )?;
+    k.run(&["label", "pod", "bare", "mesh.dev/enabled=false"], None)?;
+    c.serve("server", APP_PORT)?;
+    c.serve("server2", APP_PORT)?;
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    wait_enrolled(&c, 0, &["client"])?;
+    wait_enrolled(&c, 1, &["server", "server2"])?;
+    let web = c.service_ip("web");
+    let load = |n: u32| -> Result<()> {
+        let out = c.testapp(
+            "client",
+            &[
+                "load",
+                "--addr",
+                &format!("{web}:80"),
+                "--rate",
+                "400",
+                "--seconds",
+                &format!("{}", n / 400),
+                "--connections",
+                "4",
+            ],
+        )?;
+        let r: serde_json::Value = serde_json::from_str(out.trim())?;
+        anyhow::ensure!(r["errors"] == 0, "{r}");
+        Ok(())
+    };
+
+    // An EndpointSlice change applies live: web gains server2.
+    let mut slice = k.get_json(&["endpointslice", "web-1"])?;
+    let ep = json!({"addresses": [c.pod("server2").ip.to_string()], "conditions": {"ready": true}});
+    slice["endpoints"]
+        .as_array_mut()
+        .context("endpoints")?
+        .push(ep);
+    k.run(
+        &["replace", "--validate=false", "-f", "-"],
+        Some(&slice.to_string()),
+    )?;
+    mesh_tests::wait_until(
+        "server2 to get web's requests",
+        Duration::from_secs(10),
+        || {
+            let before = answered(&c)?.1;
+            c.http_status("client", &format!("http://{web}/"))?;
+            c.http_status("client", &format!("http://{web}/"))?;
+            Ok(answered(&c)?.1 > before)
+        },
+    )?;
+
+    // A standard DestinationRule: round robin for web (P2C, the default, may favour one).
+    k.create(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+",
+    )?;
+    mesh_tests::wait_until(
+        "the destination rule to be applied",
+        Duration::from_secs(10),
+        || Ok(c.stats(0)?["destination_rules"].to_string().contains("web")),
+    )?;
+
+    // A standard HTTPRoute, as Gateway API users write it: 90/10 across v1 and v2.
+    let route = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web-split
+  namespace: default
+spec:
+  parentRefs:
+    - group: \"\"
+      kind: Service
+      name: web
+      port: 80
+  rules:
+    - backendRefs:
+        - {name: v1, port: 80, weight: 90}
+        - {name: v2, port: 80, weight: 10}
+";
+    k.create(route)?;
+    mesh_tests::wait_until("the route to be applied", Duration::from_secs(10), || {
+        Ok(c.stats(0)?["http_routes"].to_string().contains("web-split"))
+    })?;
+    let before = answered(&c)?;
+    load(800)?;
+    let after = answered(&c)?;
+    let (v1, v2) = (after.0 - before.0, after.1 - before.1);
+    println!("90/10 over 800 requests: v1 {v1}, v2 {v2}");
+    assert_eq!(v1 + v2, 800);
+    assert!((40..=130).contains(&v2), "v2 got {v2} of 800");
+    // Deleting it restores web's own endpoints, in turn.
+    k.run(&["delete", "httproute", "web-split"], None)?;
+    mesh_tests::wait_until("the route to be gone", Duration::from_secs(10), || {
+        Ok(!c.stats(0)?["http_routes"].to_string().contains("web-split"))
+    })?;
+    let before = answered(&c)?;
+    load(800)?;
+    let after = answered(&c)?;
+    let v2 = after.1 - before.1;
+    assert!(
+        (280..=520).contains(&v2),
+        "without the route v2 got {v2} of 800"
+    );
+
+    // A standard AuthorizationPolicy: DENY /echo on server, then deleted.
+    let admin = format!("http://{}:{APP_PORT}/echo", c.pod("server").ip);
+    assert_eq!(c.http_status("client", &admin)?, Some(200));
+    k.create(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+    - to: [{operation: {paths: [/echo]}}]
+",
+    )?;
+    mesh_tests::wait_until("the DENY to apply", Duration::from_secs(10), || {
+        Ok(c.http_status("client", &admin)? == Some(403))
+    })?;
+    k.run(&["delete", "authorizationpolicy", "no-admin"], None)?;
+    mesh_tests::wait_until("the DENY to go", Duration::from_secs(10), || {
+        Ok(c.http_status("client", &admin)? == Some(200))
+    })?;
+
+    // A mesh-wide STRICT PeerAuthentication in the root namespace refuses plaintext.
+    let plain = format!("http://{}:{APP_PORT}/", c.pod("server").ip);
+    assert_eq!(
+        c.http_status("bare", &plain)?,
+        Some(200),
+        "PERMISSIVE by default"
+    );
+    k.create(
+        "apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+",
+    )?;
+    mesh_tests::wait_until("plaintext to be refused", Duration::from_secs(10), || {
+        Ok(c.http_status("bare", &plain)?.is_none())
+    })?;
+    assert_eq!(
+        c.http_status("client", &plain)?,
+        Some(200),
+        "mTLS still passes"
+    );
+    k.run(
+        &[
+            "delete",
+            "peerauthentication",
+            "-n",
+            "istio-system",
+            "default",
+        ],
+        None,
+    )?;
+    mesh_tests::wait_until(
+        "plaintext to be accepted again",
+        Duration::from_secs(10),
+        || Ok(c.http_status("bare", &plain)? == Some(200)),
+    )?;
+    Ok(())
+}

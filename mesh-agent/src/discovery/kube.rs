@@ -52,6 +52,8 @@ pub struct Settings {
     pub kubeconfig: Option<PathBuf>,
     /// Which labels enroll pods.
     pub enrollment: Enrollment,
+    /// Istio's root namespace.
+    pub root_namespace: String,
     /// Where the kubelet's pod cgroups and the node's processes are.
     pub podfs: PodFs,
 }
@@ -172,7 +174,8 @@ async fn build_loop(settings: Settings, shared: Arc<Shared>, out: Arc<Latest>) {
                 }
             }
             found.retain(|uid, _| seen.contains(uid));
-            let (file, errors) = world.raw_file(&settings.node, &settings.enrollment, &found);
+            let (mut file, errors) = world.raw_file(&settings.node, &settings.enrollment, &found);
+            file.mesh_config.root_namespace = Some(settings.root_namespace.clone());
             let retry = !waiting.is_empty();
             (
                 Update {

@@ -325,6 +325,11 @@ fn validate(
                 .map(|p| p.normalization)
                 .unwrap_or_default(),
             case_insensitive_deny: raw.mesh_config.case_insensitive_deny.unwrap_or(true),
+            root_namespace: raw
+                .mesh_config
+                .root_namespace
+                .clone()
+                .unwrap_or_else(|| crate::state::DEFAULT_ROOT_NAMESPACE.to_string()),
         },
         ..NodeState::default()
     };

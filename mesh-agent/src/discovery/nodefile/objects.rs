@@ -348,7 +348,7 @@ spec:
 ";
         let path = std::path::Path::new("n.yaml");
         let l = load_text(path, text, None, None).expect("loads");
-        assert_eq!(l.state.peer_authentications[0].mode, MtlsMode::Strict);
+        assert_eq!(l.state.peer_authentications[0].mode, Some(MtlsMode::Strict));
         // The unreadable DENY denies everything it selects, and says so with its place.
         let p = &l.state.authorization_policies[0];
         assert_eq!(p.rules.len(), 1);

@@ -38,6 +38,8 @@ pub(super) fn validate_peer_authentications(
             (Some(_), None) => &rp.mode,
             (None, Some(m)) => m,
             (None, None) if rp.unreadable.is_some() => &None,
+            // Istio's form: no `mtls` is UNSET.
+            (None, None) if rp.position.is_some() => &Some(String::new()),
             (None, None) => {
                 cx.fail("mtls.mode", "missing (required)");
                 &None
@@ -45,16 +47,20 @@ pub(super) fn validate_peer_authentications(
         };
         // A mode that cannot be read is taken as STRICT: a typo must not open a workload.
         let mode = match written.as_deref() {
-            Some("STRICT") => MtlsMode::Strict,
-            Some("PERMISSIVE") => MtlsMode::Permissive,
+            Some("STRICT") => Some(MtlsMode::Strict),
+            // Plaintext is accepted either way; HBONE always is.
+            Some("PERMISSIVE" | "DISABLE") => Some(MtlsMode::Permissive),
+            Some("UNSET" | "") => None,
             other => {
                 if let Some(m) = other {
                     cx.fail(
                         "mode",
-                        format!("{m:?} is not STRICT or PERMISSIVE; applying STRICT until fixed"),
+                        format!(
+                            "{m:?} is not STRICT, PERMISSIVE, DISABLE or UNSET; applying STRICT until fixed"
+                        ),
                     );
                 }
-                MtlsMode::Strict
+                Some(MtlsMode::Strict)
             }
         };
         if let (Some(name), Some(namespace)) = (name, namespace) {

@@ -54,12 +54,17 @@ pub struct RawMeshConfig {
     pub path_normalization: Option<RawPathNormalization>,
     /// DENY rules match paths regardless of letter case (default true).
     pub case_insensitive_deny: Option<bool>,
+    /// Istio's root namespace (default `istio-system`): its PeerAuthentications without
+    /// selector apply mesh-wide.
+    pub root_namespace: Option<String>,
 }
 
 impl RawMeshConfig {
     /// Nothing set: every default holds.
     pub fn is_empty(&self) -> bool {
-        self.path_normalization.is_none() && self.case_insensitive_deny.is_none()
+        self.path_normalization.is_none()
+            && self.case_insensitive_deny.is_none()
+            && self.root_namespace.is_none()
     }
 }
 
@@ -187,6 +192,7 @@ destinationRules:
 meshConfig:
   pathNormalization: {normalization: MERGE_SLASHES}
   caseInsensitiveDeny: false
+  rootNamespace: mesh-root
 "#;
 
     #[test]
