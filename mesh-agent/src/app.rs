@@ -281,10 +281,15 @@ impl Agent {
         if let Err(e) = dp.set_excluded_ports(&state.excluded_ports) {
             problems.push(e.to_string());
         }
-        // Stop pods that left or changed.
+        // Stop pods that left or moved to another sandbox; a label change keeps the pod.
         let gone: Vec<ObjectKey> = pods
             .iter()
-            .filter(|(k, p)| state.pods.get(*k) != Some(&p.local.pod))
+            .filter(|(k, p)| {
+                state
+                    .pods
+                    .get(*k)
+                    .is_none_or(|new| !new.same_sandbox(&p.local.pod))
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for key in gone {
@@ -305,8 +310,14 @@ impl Agent {
         // Routes before new pods, so their first connections already see the new services; the
         // pods that left are out of the view from here on.
         let view = &self.inputs.view;
-        let policy_changed =
-            view.load().state().authorization_policies != state.authorization_policies;
+        // Labels select policies too: a label change re-decides live connections as a policy
+        // change does.
+        let before = view.load();
+        let policy_changed = before.state().authorization_policies != state.authorization_policies
+            || pods.keys().any(|k| {
+                before.state().pods.get(k).map(|p| &p.labels)
+                    != state.pods.get(k).map(|p| &p.labels)
+            });
         view.publish(&state, pods.values().map(|p| p.local.clone()));
         // Certificates for exactly the identities of this node's pods; after the publish, since
         // the embedded CA (Kubernetes mode) authorizes from the published state.

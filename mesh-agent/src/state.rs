@@ -50,6 +50,19 @@ pub struct Pod {
     pub labels: Labels,
 }
 
+impl Pod {
+    /// Whether `other` is the same pod in the same sandbox: only its labels may differ. Labels
+    /// change which policies select a pod, not its capture, so they apply without re-enrolling
+    /// it (which would close its connections).
+    pub fn same_sandbox(&self, other: &Pod) -> bool {
+        self.key == other.key
+            && self.service_account == other.service_account
+            && self.ip == other.ip
+            && self.netns == other.netns
+            && self.cgroup == other.cgroup
+    }
+}
+
 /// Kubernetes-style labels.
 pub type Labels = BTreeMap<String, String>;
 

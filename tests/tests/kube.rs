@@ -639,3 +639,83 @@ spec:
     )?;
     Ok(())
 }
+
+#[test]
+fn a_pod_label_change_keeps_the_pod_enrolled_and_re_decides_its_connections() -> Result<()> {
+    use mesh_tests::{Cluster, PodSpec, ServiceSpec};
+    use std::io::BufRead;
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![ServiceSpec::new("opaque", 80, APP_PORT, &["server"]).app_protocol("tcp")],
+    )?;
+    c.kubernetes()?;
+    let k = c.kubectl()?.clone();
+    k.run(
+        &["label", "namespace", "default", "mesh.dev/enabled=true"],
+        None,
+    )?;
+    c.serve("server", APP_PORT)?;
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    wait_enrolled(&c, 0, &["client"])?;
+    wait_enrolled(&c, 1, &["server"])?;
+    let opaque = c.service_ip("opaque");
+    let mut hold = c.spawn_testapp(
+        "client",
+        &["hold", "--addr", &format!("{opaque}:80"), "--count", "1"],
+    )?;
+    let mut out = std::io::BufReader::new(hold.stdout.take().context("hold's stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    assert_eq!(line.trim(), "ready 1", "the held connection was not opened");
+
+    // A DENY for pods labelled tier=db: the server has no such label yet, so nothing closes.
+    k.create(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-client-to-db, namespace: default}
+spec:
+  selector: {matchLabels: {tier: db}}
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/client-sa]}}]}]
+",
+    )?;
+    mesh_tests::wait_until("the policy to be applied", Duration::from_secs(10), || {
+        Ok(c.stats(1)?["authorization_policies"]
+            .to_string()
+            .contains("no-client-to-db"))
+    })?;
+    let denials = |c: &mesh_tests::Cluster| -> Result<Vec<serde_json::Value>> {
+        Ok(c.agent_cli(1, &["flows", "--once", "-o", "json"])?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|f| f["verdict"] == "deny")
+            .collect())
+    };
+    assert!(denials(&c)?.is_empty());
+
+    // Labelling the server puts it under the DENY: the open connection closes, and its record
+    // says why. The pod itself stays enrolled all along.
+    k.run(&["label", "pod", "server", "tier=db"], None)?;
+    mesh_tests::wait_until(
+        "the held connection to be closed",
+        Duration::from_secs(10),
+        || {
+            Ok(denials(&c)?.iter().any(|f| {
+                f["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("closed after a policy change"))
+            }))
+        },
+    )?;
+    let log = c.agent_log(1);
+    assert_eq!(
+        log.matches("pod enrolled pod=default/server").count(),
+        1,
+        "re-enrolled:\n{log}"
+    );
+    assert!(!log.contains("pod removed from the mesh"), "{log}");
+    drop(hold.stdin.take());
+    let _ = hold.wait();
+    Ok(())
+}

@@ -64,12 +64,18 @@ pub fn decide(
     port: u16,
     http: Option<&HttpAttributes<'_>>,
 ) -> Decision {
+    // The labels as published now: a label change applies without re-enrolling the pod.
+    let labels = view
+        .state()
+        .pods
+        .get(&dest.pod.key)
+        .map_or(&dest.pod.labels, |p| &p.labels);
     authz::evaluate(
         &view.state().authorization_policies,
         &authz::Request {
             source,
             namespace: &dest.pod.key.namespace,
-            labels: &dest.pod.labels,
+            labels,
             port,
             http,
         },
@@ -107,7 +113,8 @@ pub fn admit(
     from: SocketAddr,
     port: u16,
 ) -> Result<bool, Decision> {
-    if view.state().has_l7_policy(&dest.pod) {
+    let current = view.state().pods.get(&dest.pod.key).unwrap_or(&dest.pod);
+    if view.state().has_l7_policy(current) {
         return Ok(true);
     }
     authorize(view, flows, dest, source, Some(from), port, None).map(|()| false)
