@@ -47,7 +47,11 @@ enum Task {
     /// Check that mesh-agent's modules have no import cycle and import only lower layers.
     Layers,
     /// Start a two-node demo mesh, send traffic, print what was captured, clean up.
-    Demo,
+    Demo {
+        /// Tell the story on Kubernetes (a stand-in API server, kubectl and standard YAML).
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Benchmark direct vs mesh paths and print a table of ratios.
     Bench,
 }
@@ -274,9 +278,13 @@ fn main() -> Result<()> {
         })
         .and_then(|()| layers::check(&root().join("mesh-agent/src"))),
         Task::Layers => layers::check(&root().join("mesh-agent/src")),
-        Task::Demo => {
+        Task::Demo { kubernetes } => {
             let out = build(true)?;
-            status(&mut Command::new(out.join("mesh-demo")))
+            let mut demo = Command::new(out.join("mesh-demo"));
+            if kubernetes {
+                demo.arg("--kubernetes");
+            }
+            status(&mut demo)
         }
         Task::Bench => {
             let out = build(true)?;
