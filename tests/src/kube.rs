@@ -156,6 +156,48 @@ impl Cluster {
         ]
     }
 
+    /// Deletes pod `name` and creates it again under the same name, as a controller or a
+    /// kubelet restart does: a new UID, a new netns (same address), a new cgroup and sandbox,
+    /// and the Pod object deleted and created again with kubectl.
+    pub fn recreate_pod(&mut self, name: &str) -> Result<()> {
+        let k = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .context("no such pod")?;
+        let p = self.pods[k].clone();
+        let veth = p
+            .veth
+            .clone()
+            .context("a loopback-only pod cannot be recreated")?;
+        let node_ns = self.nodes[p.node]
+            .netns
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("node netns name")?
+            .to_string();
+        self.kubectl()?.run(&["delete", "pod", name], None)?;
+        // Deleting the veth takes the old sandbox off the network at once.
+        crate::sys::ip(&["-n", &node_ns, "link", "del", &veth])?;
+        let generation = self.pods.len() + 1000 * (k + 1);
+        let pns = format!("{}-{name}-r{generation}", self.prefix);
+        let netns = self.add_netns(&pns)?;
+        crate::topology::wire_pod(&node_ns, &veth, &pns, p.ip, p.node)?;
+        let uid = format!("{}{:04x}", &p.uid[..p.uid.len() - 4], generation % 0xffff);
+        let root = self.kube()?.kubelet_root.clone();
+        let scope =
+            pod_slice(&root, &uid).join(format!("cri-containerd-sandbox{generation}.scope"));
+        std::fs::create_dir_all(&scope)?;
+        let pod = &mut self.pods[k];
+        pod.netns = netns;
+        pod.uid = uid;
+        pod.cgroup = scope;
+        self.spawn(name, &["sleep", "infinity"])?;
+        let object = self.pod_object(&self.pods[k]);
+        self.kubectl()?.create(&object.to_string())?;
+        Ok(())
+    }
+
     /// The flags that make node `i`'s agent discover from the API server.
     pub(crate) fn kube_agent_args(&self, i: usize) -> Result<Vec<std::ffi::OsString>> {
         let k = self.kube()?;

@@ -104,6 +104,8 @@ pub struct Pod {
     pub service_account: String,
     /// Its UID in Kubernetes mode (names its kubelet cgroup).
     pub uid: String,
+    /// Its veth's name on its node's bridge (none for loopback-only pods).
+    pub veth: Option<String>,
 }
 
 /// A created node.
@@ -140,6 +142,35 @@ pub struct Cluster {
     pub(crate) ca: Option<Child>,
     /// Kubernetes mode, once [`Cluster::kubernetes`] switched to it.
     pub(crate) kube: Option<crate::kube::KubeMode>,
+}
+
+/// Connects pod netns `pns` to node netns `ns` through veth `veth` (its peer is the pod's
+/// `eth0`, at `addr`, routed through node `i`'s bridge).
+pub(crate) fn wire_pod(ns: &str, veth: &str, pns: &str, addr: Ipv4Addr, i: usize) -> Result<()> {
+    ip(&[
+        "-n", ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pns,
+    ])?;
+    ip(&["-n", ns, "link", "set", veth, "master", "br0", "up"])?;
+    ip(&[
+        "-n",
+        pns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", pns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        pns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("198.18.{}.1", i + 1),
+    ])?;
+    Ok(())
 }
 
 /// A pod UID unique to the cluster and the pod.
@@ -294,30 +325,7 @@ impl Cluster {
                 let pnetns = self.add_netns(&pns)?;
                 let addr = Ipv4Addr::new(198, 18, (i + 1) as u8, (j + 10) as u8);
                 let veth = format!("p{j}");
-                ip(&[
-                    "-n", &ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-                    "netns", &pns,
-                ])?;
-                ip(&["-n", &ns, "link", "set", &veth, "master", "br0", "up"])?;
-                ip(&[
-                    "-n",
-                    &pns,
-                    "addr",
-                    "add",
-                    &format!("{addr}/24"),
-                    "dev",
-                    "eth0",
-                ])?;
-                ip(&["-n", &pns, "link", "set", "eth0", "up"])?;
-                ip(&[
-                    "-n",
-                    &pns,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("198.18.{}.1", i + 1),
-                ])?;
+                wire_pod(&ns, &veth, &pns, addr, i)?;
                 let cgroup = self.cgroup_dir.join(&spec.name);
                 std::fs::create_dir_all(&cgroup)?;
                 self.pods.push(Pod {
@@ -329,6 +337,7 @@ impl Cluster {
                     enrolled: spec.enrolled,
                     service_account: format!("{}-sa", spec.name),
                     uid: pod_uid(&self.prefix, self.pods.len()),
+                    veth: Some(veth),
                 });
             }
             self.nodes.push(Node {
@@ -371,6 +380,7 @@ impl Cluster {
                 enrolled: true,
                 service_account: sa.into(),
                 uid: pod_uid(&self.prefix, self.pods.len()),
+                veth: None,
             });
             names.push(name);
         }

@@ -719,3 +719,29 @@ spec:
     let _ = hold.wait();
     Ok(())
 }
+
+#[test]
+fn a_pod_recreated_under_its_name_is_enrolled_again_on_its_new_netns() -> Result<()> {
+    let mut c = enrolled_pair()?;
+    let vip = format!("http://{}:80/", c.service_ip("web"));
+    assert_eq!(c.http_status("client", &vip)?, Some(200));
+    let old_netns = c.pod("client").netns.clone();
+    // Deleted and created again: new UID, new sandbox and netns, same name and address.
+    c.recreate_pod("client")?;
+    assert_ne!(c.pod("client").netns, old_netns);
+    // A service address answers only through capture: the new netns is captured.
+    mesh_tests::wait_until(
+        "the new sandbox to be enrolled",
+        Duration::from_secs(15),
+        || {
+            Ok(c.agent_log(0)
+                .matches("pod enrolled pod=default/client")
+                .count()
+                == 2
+                && c.http_status("client", &vip)? == Some(200))
+        },
+    )
+    .with_context(|| c.agent_log(0))?;
+    assert!(c.counter(0, "client", "kernel.captured_v4")? >= 1);
+    Ok(())
+}
