@@ -170,6 +170,10 @@ pub struct Stats {
     pub problems: Vec<String>,
     /// HBONE connections open in the client pool.
     pub hbone_pool_connections: usize,
+    /// Workloads of the mesh this node knows (its own pods included).
+    pub workloads: usize,
+    /// Services this node routes.
+    pub services: usize,
 }
 
 impl Agent {
@@ -245,6 +249,8 @@ impl Agent {
                 .collect(),
             problems: self.problems.lock().clone(),
             hbone_pool_connections: self.inputs.dialer.hbone.connections(),
+            workloads: state.workloads.len(),
+            services: state.services.len(),
         }
     }
 
