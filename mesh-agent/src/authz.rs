@@ -18,7 +18,8 @@ use std::fmt;
 use crate::{
     identity::Identity,
     state::{
-        Action, AuthorizationPolicy, Condition, Labels, ObjectKey, Operation, Rule, Source, selects,
+        Action, AuthorizationPolicy, Condition, ConditionKey, Labels, ObjectKey, Operation, Rule,
+        Source, selects,
     },
 };
 
@@ -82,6 +83,20 @@ pub struct HttpAttributes<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
+/// The AUDIT policies whose rules match `req`: they change no decision, and are logged.
+pub fn audits<'p>(policies: &'p [AuthorizationPolicy], req: &Request<'_>) -> Vec<&'p ObjectKey> {
+    policies
+        .iter()
+        .filter(|p| {
+            p.action == Action::Audit
+                && p.key.namespace == req.namespace
+                && selects(&p.selector, req.labels)
+                && p.rules.iter().any(|r| rule_matches(r, req, false))
+        })
+        .map(|p| &p.key)
+        .collect()
+}
+
 /// Decides `req` against `policies`.
 pub fn evaluate(policies: &[AuthorizationPolicy], req: &Request<'_>) -> Decision {
     let applies = |p: &&AuthorizationPolicy| {
@@ -124,7 +139,18 @@ fn rule_matches(rule: &Rule, req: &Request<'_>, l7_unknown: bool) -> bool {
         && rule
             .when
             .iter()
-            .all(|c| condition_matches(c, req.http, l7_unknown))
+            .all(|c| condition_matches(c, req, l7_unknown))
+}
+
+/// Whether `value` passes a `values`/`notValues` pair: in `yes` (when given), not in `no`. No
+/// value (plaintext has no principal) is in no list, as in Istio: it fails a `yes` list and
+/// passes a `no` list, so "DENY all but these principals" denies plaintext too.
+fn listed(yes: &[String], no: &[String], value: Option<&str>) -> bool {
+    let any = |list: &[String], v: &str| list.iter().any(|pat| glob(pat, v));
+    match value {
+        Some(v) => (yes.is_empty() || any(yes, v)) && !any(no, v),
+        None => yes.is_empty(),
+    }
 }
 
 fn source_matches(s: &Source, id: Option<&Identity>) -> bool {
@@ -134,18 +160,19 @@ fn source_matches(s: &Source, id: Option<&Identity>) -> bool {
             i.trust_domain, i.namespace, i.service_account
         )
     });
-    let list_matches = |list: &[String], value: Option<&str>| {
-        list.is_empty() || value.is_some_and(|v| list.iter().any(|pat| glob(pat, v)))
-    };
-    list_matches(&s.principals, principal.as_deref())
-        && list_matches(&s.namespaces, id.map(|i| i.namespace.as_str()))
+    listed(&s.principals, &s.not_principals, principal.as_deref())
+        && listed(
+            &s.namespaces,
+            &s.not_namespaces,
+            id.map(|i| i.namespace.as_str()),
+        )
 }
 
 fn operation_matches(o: &Operation, req: &Request<'_>, l7_unknown: bool) -> bool {
-    if !(o.ports.is_empty() || o.ports.contains(&req.port)) {
+    if !(o.ports.is_empty() || o.ports.contains(&req.port)) || o.not_ports.contains(&req.port) {
         return false;
     }
-    if o.methods.is_empty() && o.paths.is_empty() {
+    if !o.is_l7() {
         return true;
     }
     let Some(http) = req.http else {
@@ -161,19 +188,44 @@ fn operation_matches(o: &Operation, req: &Request<'_>, l7_unknown: bool) -> bool
                     glob(p, http.deny_path)
                 })
     };
+    // A not-path matches in its plain form only: the deny form widens what DENY refuses, and
+    // widening an exclusion would narrow it.
     (o.methods.is_empty() || o.methods.iter().any(|m| m == http.method))
+        && !o.not_methods.iter().any(|m| m == http.method)
         && (o.paths.is_empty() || o.paths.iter().any(path_matches))
+        && !o.not_paths.iter().any(|p| glob(p, http.path))
 }
 
-fn condition_matches(c: &Condition, http: Option<&HttpAttributes<'_>>, l7_unknown: bool) -> bool {
-    let Some(http) = http else {
-        return l7_unknown;
-    };
-    http.headers
-        .get_all(c.header.as_str())
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| c.values.iter().any(|pat| glob(pat, v)))
+fn condition_matches(c: &Condition, req: &Request<'_>, l7_unknown: bool) -> bool {
+    match &c.key {
+        ConditionKey::SourcePrincipal => {
+            let principal = req.source.map(|i| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    i.trust_domain, i.namespace, i.service_account
+                )
+            });
+            listed(&c.values, &c.not_values, principal.as_deref())
+        }
+        ConditionKey::SourceNamespace => listed(
+            &c.values,
+            &c.not_values,
+            req.source.map(|i| i.namespace.as_str()),
+        ),
+        ConditionKey::Header(name) => {
+            let Some(http) = req.http else {
+                return l7_unknown;
+            };
+            let values: Vec<&str> = http
+                .headers
+                .get_all(name.as_str())
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let any = |list: &[String]| values.iter().any(|v| list.iter().any(|p| glob(p, v)));
+            (c.values.is_empty() || any(&c.values)) && !any(&c.not_values)
+        }
+    }
 }
 
 /// [`glob`] of `pattern` lowercased against a `value` that already is, without allocating: it
@@ -254,7 +306,7 @@ mod tests {
         Rule {
             from: vec![Source {
                 principals: vec![p.into()],
-                namespaces: vec![],
+                ..Source::default()
             }],
             to: vec![],
             when: vec![],
@@ -325,8 +377,8 @@ mod tests {
             Action::Allow,
             vec![Rule {
                 from: vec![Source {
-                    principals: vec![],
                     namespaces: vec!["oth*".into()],
+                    ..Source::default()
                 }],
                 to: vec![],
                 when: vec![],
@@ -370,8 +422,9 @@ mod tests {
                     ..Operation::default()
                 }],
                 when: vec![Condition {
-                    header: "x-team".into(),
+                    key: ConditionKey::Header("x-team".into()),
                     values: vec!["blue".into()],
+                    not_values: vec![],
                 }],
                 ..Rule::default()
             }],
@@ -467,12 +520,153 @@ mod tests {
         Rule {
             from: vec![],
             to: vec![Operation {
-                ports: vec![],
                 methods: methods.iter().map(ToString::to_string).collect(),
                 paths: paths.iter().map(ToString::to_string).collect(),
+                ..Operation::default()
             }],
             when: vec![],
         }
+    }
+
+    #[test]
+    fn negative_fields_exclude_and_plaintext_is_in_no_list() {
+        let (web, admin) = (
+            Identity::new("cluster.local", "default", "web"),
+            Identity::new("cluster.local", "ops", "admin"),
+        );
+        // DENY everyone but admin: web and plaintext are denied, admin passes.
+        let all_but_admin = policy(
+            "all-but-admin",
+            Action::Deny,
+            vec![Rule {
+                from: vec![Source {
+                    not_principals: vec!["cluster.local/ns/ops/sa/admin".into()],
+                    ..Source::default()
+                }],
+                ..Rule::default()
+            }],
+        );
+        let p = std::slice::from_ref(&all_but_admin);
+        assert!(matches!(decide(p, Some(&web), 80), Decision::Denied(_)));
+        assert!(
+            matches!(decide(p, None, 80), Decision::Denied(_)),
+            "plaintext too"
+        );
+        assert_eq!(decide(p, Some(&admin), 80), Decision::Allow);
+        // ALLOW from any namespace but `default`, on any port but 9090.
+        let allow = policy(
+            "not-default",
+            Action::Allow,
+            vec![Rule {
+                from: vec![Source {
+                    not_namespaces: vec!["default".into()],
+                    ..Source::default()
+                }],
+                to: vec![Operation {
+                    not_ports: vec![9090],
+                    ..Operation::default()
+                }],
+                ..Rule::default()
+            }],
+        );
+        let p = std::slice::from_ref(&allow);
+        assert_eq!(decide(p, Some(&admin), 80), Decision::Allow);
+        assert!(matches!(
+            decide(p, Some(&admin), 9090),
+            Decision::NotAllowed(_)
+        ));
+        assert!(matches!(decide(p, Some(&web), 80), Decision::NotAllowed(_)));
+        // Methods and paths: GET anything but /private.
+        let h = http::HeaderMap::new();
+        let get_public = policy(
+            "get-not-private",
+            Action::Allow,
+            vec![Rule {
+                to: vec![Operation {
+                    methods: vec!["GET".into()],
+                    not_paths: vec!["/private*".into()],
+                    not_methods: vec!["POST".into()],
+                    ..Operation::default()
+                }],
+                ..Rule::default()
+            }],
+        );
+        let p = std::slice::from_ref(&get_public);
+        assert_eq!(
+            decide_http(p, &http_request("GET", "/x", "/x", &h)),
+            Decision::Allow
+        );
+        assert!(matches!(
+            decide_http(p, &http_request("GET", "/private/a", "/private/a", &h)),
+            Decision::NotAllowed(_)
+        ));
+        assert!(matches!(
+            decide_http(p, &http_request("POST", "/x", "/x", &h)),
+            Decision::NotAllowed(_)
+        ));
+    }
+
+    #[test]
+    fn when_conditions_on_the_source_decide_without_http() {
+        let (web, db) = (
+            Identity::new("cluster.local", "default", "web"),
+            Identity::new("cluster.local", "data", "db"),
+        );
+        let cond = |key: ConditionKey, values: &[&str], not: &[&str]| Condition {
+            key,
+            values: values.iter().map(ToString::to_string).collect(),
+            not_values: not.iter().map(ToString::to_string).collect(),
+        };
+        let p = policy(
+            "when-source",
+            Action::Allow,
+            vec![Rule {
+                when: vec![
+                    cond(ConditionKey::SourceNamespace, &["default", "data"], &[]),
+                    cond(
+                        ConditionKey::SourcePrincipal,
+                        &[],
+                        &["cluster.local/ns/data/*"],
+                    ),
+                ],
+                ..Rule::default()
+            }],
+        );
+        assert!(!p.rules[0].is_l7(), "decided per connection");
+        let p = std::slice::from_ref(&p);
+        assert_eq!(decide(p, Some(&web), 80), Decision::Allow);
+        assert!(matches!(decide(p, Some(&db), 80), Decision::NotAllowed(_)));
+        assert!(matches!(decide(p, None, 80), Decision::NotAllowed(_)));
+    }
+
+    #[test]
+    fn audit_policies_decide_nothing_and_are_reported() {
+        let web = Identity::new("cluster.local", "default", "web");
+        let audit = policy(
+            "audit-web",
+            Action::Audit,
+            vec![from_principal("cluster.local/ns/default/sa/web")],
+        );
+        let deny_none = policy(
+            "deny-other",
+            Action::Deny,
+            vec![from_principal("x/ns/y/sa/z")],
+        );
+        let policies = [audit, deny_none];
+        assert_eq!(decide(&policies, Some(&web), 80), Decision::Allow);
+        let labels = Labels::new();
+        let req = Request {
+            source: Some(&web),
+            namespace: "default",
+            labels: &labels,
+            port: 80,
+            http: None,
+        };
+        let audited: Vec<String> = audits(&policies, &req)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(audited, ["default/audit-web"]);
     }
 
     #[test]
@@ -566,8 +760,9 @@ mod tests {
         h.insert("x-team", http::HeaderValue::from_static("blue"));
         let rule = Rule {
             when: vec![Condition {
-                header: "x-team".into(),
+                key: ConditionKey::Header("x-team".into()),
                 values: vec!["blue".into()],
+                not_values: vec![],
             }],
             ..Rule::default()
         };

@@ -112,6 +112,8 @@ pub enum Action {
     Allow,
     /// Matching connections are refused; evaluated first.
     Deny,
+    /// Matching connections are logged; the decision is the other policies'.
+    Audit,
 }
 
 /// An AuthorizationPolicy (Istio's shape, L4 subset).
@@ -142,11 +144,20 @@ pub struct Rule {
 impl Rule {
     /// Whether the rule looks at HTTP attributes, so it cannot be decided per connection.
     pub fn is_l7(&self) -> bool {
-        !self.when.is_empty()
-            || self
-                .to
-                .iter()
-                .any(|o| !o.methods.is_empty() || !o.paths.is_empty())
+        self.when
+            .iter()
+            .any(|c| matches!(c.key, ConditionKey::Header(_)))
+            || self.to.iter().any(Operation::is_l7)
+    }
+}
+
+impl Operation {
+    /// Whether it looks at HTTP attributes.
+    pub fn is_l7(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_methods.is_empty()
+            && self.not_paths.is_empty())
     }
 }
 
@@ -156,8 +167,12 @@ pub struct Source {
     /// `<trust-domain>/ns/<ns>/sa/<sa>` (Istio's form; a `spiffe://` prefix is accepted), with
     /// `*` as a whole value, or as a prefix or suffix.
     pub principals: Vec<String>,
+    /// Principals that must not match.
+    pub not_principals: Vec<String>,
     /// Source namespaces, `*` allowed as above.
     pub namespaces: Vec<String>,
+    /// Namespaces that must not match.
+    pub not_namespaces: Vec<String>,
 }
 
 /// What is connected to. Methods and paths are L7: they match only HTTP requests.
@@ -165,19 +180,38 @@ pub struct Source {
 pub struct Operation {
     /// Destination ports.
     pub ports: Vec<u16>,
+    /// Ports that must not match.
+    pub not_ports: Vec<u16>,
     /// HTTP methods, exact.
     pub methods: Vec<String>,
+    /// Methods that must not match.
+    pub not_methods: Vec<String>,
     /// Normalized request paths (no query), with `*` as a whole value, prefix or suffix.
     pub paths: Vec<String>,
+    /// Paths that must not match.
+    pub not_paths: Vec<String>,
 }
 
-/// A `when` condition on a request header: `request.headers[<name>]` in one of `values`.
+/// A `when` condition: the key's value is in `values` (when given) and not in `not_values`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Condition {
-    /// Lowercase header name.
-    pub header: String,
+    /// What is looked at.
+    pub key: ConditionKey,
     /// Accepted values, `*` globs allowed.
     pub values: Vec<String>,
+    /// Refused values.
+    pub not_values: Vec<String>,
+}
+
+/// The keys a `when` condition may name.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum ConditionKey {
+    /// `request.headers[<name>]` (lowercase name): L7.
+    Header(String),
+    /// `source.principal`: the authenticated source's principal.
+    SourcePrincipal,
+    /// `source.namespace`: the authenticated source's namespace.
+    SourceNamespace,
 }
 
 /// Whether `labels` has every pair of `selector`.

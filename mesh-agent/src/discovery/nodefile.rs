@@ -1016,7 +1016,8 @@ authorizationPolicies:
 authorizationPolicies:
   - {name: bad-allow, namespace: default, rules: [{to: [{operation: {ports: [\"http\"]}}]}]}
   - {name: bad-deny, namespace: default, action: DENY, rules: [{to: [{operation: {ports: [0]}}]}]}
-  - {name: bad-action, namespace: default, action: AUDIT}
+  - {name: bad-action, namespace: default, action: BOGUS}
+  - {name: custom, namespace: default, action: CUSTOM, rules: [{}]}
 "
         );
         let l = run(&text, None).expect("parses");
@@ -1034,7 +1035,14 @@ authorizationPolicies:
             all.contains("default/bad-deny") && all.contains("denies every connection"),
             "{all}"
         );
-        assert!(all.contains("\"AUDIT\" is not ALLOW or DENY"), "{all}");
+        assert!(
+            all.contains("\"BOGUS\" is not ALLOW, DENY or AUDIT"),
+            "{all}"
+        );
+        assert!(
+            all.contains("CUSTOM (an external authorizer) is not supported"),
+            "{all}"
+        );
         let pod = l.state.pods.values().next().unwrap();
         assert_eq!(l.state.mtls_mode(pod), MtlsMode::Strict);
         let by = |n: &str| {
@@ -1054,5 +1062,8 @@ authorizationPolicies:
             "a DENY matching everything"
         );
         assert_eq!(by("bad-action").action, Action::Deny);
+        // CUSTOM fails closed: what it would have asked an external authorizer is denied.
+        assert_eq!(by("custom").action, Action::Deny);
+        assert_eq!(by("custom").rules, vec![Rule::default()]);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     authz::{self, Decision, HttpAttributes},
@@ -31,6 +31,7 @@ pub fn authorize(
     http: Option<&HttpAttributes<'_>>,
 ) -> Result<(), Decision> {
     let decision = decide(view, dest, source, port, http);
+    audit(view, dest, source, port, http, &decision);
     if decision == Decision::Allow {
         return Ok(());
     }
@@ -64,22 +65,62 @@ pub fn decide(
     port: u16,
     http: Option<&HttpAttributes<'_>>,
 ) -> Decision {
+    authz::evaluate(
+        &view.state().authorization_policies,
+        &request(view, dest, source, port, http),
+    )
+}
+
+fn request<'a>(
+    view: &'a Snapshot,
+    dest: &'a LocalPod,
+    source: Option<&'a Identity>,
+    port: u16,
+    http: Option<&'a HttpAttributes<'a>>,
+) -> authz::Request<'a> {
     // The labels as published now: a label change applies without re-enrolling the pod.
     let labels = view
         .state()
         .pods
         .get(&dest.pod.key)
         .map_or(&dest.pod.labels, |p| &p.labels);
-    authz::evaluate(
-        &view.state().authorization_policies,
-        &authz::Request {
-            source,
-            namespace: &dest.pod.key.namespace,
-            labels,
-            port,
-            http,
-        },
-    )
+    authz::Request {
+        source,
+        namespace: &dest.pod.key.namespace,
+        labels,
+        port,
+        http,
+    }
+}
+
+/// Logs each AUDIT policy that matches, with the decision the other policies made.
+fn audit(
+    view: &Snapshot,
+    dest: &LocalPod,
+    source: Option<&Identity>,
+    port: u16,
+    http: Option<&HttpAttributes<'_>>,
+    decision: &Decision,
+) {
+    let policies = &view.state().authorization_policies;
+    if !policies
+        .iter()
+        .any(|p| p.action == crate::state::Action::Audit)
+    {
+        return;
+    }
+    for policy in authz::audits(policies, &request(view, dest, source, port, http)) {
+        let src = source.map_or_else(
+            || "plaintext (no identity)".to_string(),
+            ToString::to_string,
+        );
+        match http {
+            Some(h) => {
+                info!(%policy, %src, dst = %dest.pod.key, port, method = h.method, path = h.path, "AUDIT: request {decision}")
+            }
+            None => info!(%policy, %src, dst = %dest.pod.key, port, "AUDIT: connection {decision}"),
+        }
+    }
 }
 
 /// A flow to `dest` from `source` at `peer`, as this node reports it: mTLS when HBONE proved the

@@ -6,8 +6,8 @@ use super::{
     raw::policy::{RawAuthorizationPolicy, RawPeerAuthentication},
 };
 use crate::state::{
-    Action, AuthorizationPolicy, Condition, MtlsMode, NodeState, ObjectKey, Operation,
-    PeerAuthentication, Rule, Source,
+    Action, AuthorizationPolicy, Condition, ConditionKey, MtlsMode, NodeState, ObjectKey,
+    Operation, PeerAuthentication, Rule, Source,
 };
 
 pub(super) fn validate_peer_authentications(
@@ -97,44 +97,57 @@ pub(super) fn validate_authorization_policies(
         let action = match rp.action.as_deref() {
             None | Some("ALLOW") => Action::Allow,
             Some("DENY") => Action::Deny,
+            Some("AUDIT") => Action::Audit,
+            // An external authorizer the mesh does not call: what it would be asked is denied.
+            Some("CUSTOM") => {
+                cx.fail(
+                    "action",
+                    "CUSTOM (an external authorizer) is not supported; until replaced, the policy denies what its rules match",
+                );
+                Action::Deny
+            }
             Some(other) => {
                 cx.fail(
                     "action",
-                    format!("{other:?} is not ALLOW or DENY; the policy denies everything it selects until fixed"),
+                    format!("{other:?} is not ALLOW, DENY or AUDIT; the policy denies everything it selects until fixed"),
                 );
                 Action::Deny
             }
         };
+        let principal = |p: &String| p.strip_prefix("spiffe://").unwrap_or(p).to_string();
         let mut rules = Vec::new();
         for r in &rp.rules {
             let from = r
                 .from
                 .iter()
                 .map(|f| Source {
-                    principals: f
-                        .source
-                        .principals
-                        .iter()
-                        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p).to_string())
-                        .collect(),
+                    principals: f.source.principals.iter().map(principal).collect(),
+                    not_principals: f.source.not_principals.iter().map(principal).collect(),
                     namespaces: f.source.namespaces.clone(),
+                    not_namespaces: f.source.not_namespaces.clone(),
                 })
                 .collect();
             let mut to = Vec::new();
             for t in &r.to {
-                let mut ports = Vec::new();
-                for v in &t.operation.ports {
-                    let port = match v {
-                        serde_yaml_ng::Value::Number(n) => n.as_u64(),
-                        serde_yaml_ng::Value::String(s) => s.parse().ok(),
-                        _ => None,
-                    };
-                    match port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) {
-                        Some(p) => ports.push(p),
-                        None => cx.fail("rules.to.operation.ports", format!("{v:?} is not a port")),
+                let mut ports = |list: &[serde_yaml_ng::Value]| {
+                    let mut out = Vec::new();
+                    for v in list {
+                        let port = match v {
+                            serde_yaml_ng::Value::Number(n) => n.as_u64(),
+                            serde_yaml_ng::Value::String(s) => s.parse().ok(),
+                            _ => None,
+                        };
+                        match port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) {
+                            Some(p) => out.push(p),
+                            None => {
+                                cx.fail("rules.to.operation.ports", format!("{v:?} is not a port"))
+                            }
+                        }
                     }
-                }
-                for path in &t.operation.paths {
+                    out
+                };
+                let (yes, no) = (ports(&t.operation.ports), ports(&t.operation.not_ports));
+                for path in t.operation.paths.iter().chain(&t.operation.not_paths) {
                     if !(path.starts_with('/') || path.starts_with('*')) {
                         cx.fail(
                             "rules.to.operation.paths",
@@ -143,9 +156,12 @@ pub(super) fn validate_authorization_policies(
                     }
                 }
                 to.push(Operation {
-                    ports,
+                    ports: yes,
+                    not_ports: no,
                     methods: t.operation.methods.clone(),
+                    not_methods: t.operation.not_methods.clone(),
                     paths: t.operation.paths.clone(),
+                    not_paths: t.operation.not_paths.clone(),
                 });
             }
             let mut when = Vec::new();
@@ -155,17 +171,37 @@ pub(super) fn validate_authorization_policies(
                     .strip_prefix("request.headers[")
                     .and_then(|k| k.strip_suffix(']'))
                     .filter(|h| http::HeaderName::try_from(*h).is_ok());
-                match header {
-                    Some(h) if !c.values.is_empty() => when.push(Condition {
-                        header: h.to_ascii_lowercase(),
-                        values: c.values.clone(),
-                    }),
-                    Some(_) => cx.fail("rules.when", format!("{}: needs `values`", c.key)),
-                    None => cx.fail(
+                let key = match (c.key.as_str(), header) {
+                    (_, Some(h)) => ConditionKey::Header(h.to_ascii_lowercase()),
+                    ("source.principal", None) => ConditionKey::SourcePrincipal,
+                    ("source.namespace", None) => ConditionKey::SourceNamespace,
+                    _ => {
+                        cx.fail(
+                            "rules.when",
+                            format!(
+                                "{:?} is not supported: use request.headers[<name>], source.principal or source.namespace",
+                                c.key
+                            ),
+                        );
+                        continue;
+                    }
+                };
+                if c.values.is_empty() && c.not_values.is_empty() {
+                    cx.fail(
                         "rules.when",
-                        format!("{:?} is not supported: use request.headers[<name>]", c.key),
-                    ),
+                        format!("{}: needs `values` or `notValues`", c.key),
+                    );
+                    continue;
                 }
+                let values = |list: &[String]| match key {
+                    ConditionKey::SourcePrincipal => list.iter().map(principal).collect(),
+                    _ => list.to_vec(),
+                };
+                when.push(Condition {
+                    values: values(&c.values),
+                    not_values: values(&c.not_values),
+                    key,
+                });
             }
             rules.push(Rule { from, to, when });
         }
@@ -176,7 +212,7 @@ pub(super) fn validate_authorization_policies(
         if cx.errors.len() != before {
             // Fail closed: a broken ALLOW allows nothing, a broken DENY denies everything.
             rules = match action {
-                Action::Allow => Vec::new(),
+                Action::Allow | Action::Audit => Vec::new(),
                 Action::Deny => vec![Rule::default()],
             };
             cx.fail(
@@ -186,6 +222,7 @@ pub(super) fn validate_authorization_policies(
                     match action {
                         Action::Allow => "allows nothing",
                         Action::Deny => "denies every connection it selects",
+                        Action::Audit => "audits nothing",
                     }
                 ),
             );
