@@ -11,23 +11,29 @@
 //! capture, so an enrolled pod is never captured into nothing by our own doing; connections that
 //! need a certificate wait for it (see `certs.rs`) and never fall back to plaintext.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use parking_lot::Mutex;
 
 use mesh_common::ListenerKind;
-use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{error, info};
+
+mod support;
+
+pub use support::{PodReport, Stats};
+use support::{
+    SharedCollector, kube_settings, return_free_heap, shutdown_signal, start_memory_return,
+};
 
 use crate::{
     admin,
-    capture::bpf::{self, Dataplane, KernelPodStats},
+    capture::bpf::{self, Dataplane},
     capture::netns::Netns,
-    config::{CaSource, Config, DiscoverySource, KubeSettings},
+    config::{CaSource, Config, DiscoverySource},
     discovery::{kube, nodefile},
     identity::Identity,
     identity::ca::{self, CaClient},
-    identity::certs::{CertCollector, CertManager, CertReport},
+    identity::certs::{CertCollector, CertManager},
     proxy::{
         admission,
         inputs::ProxyInputs,
@@ -129,51 +135,6 @@ impl admin::AdminView for Agent {
     fn logging(&self) -> &admin::LogControl {
         &self.logging
     }
-}
-
-/// One pod's line in `/stats`.
-#[derive(Debug, Serialize)]
-pub struct PodReport {
-    /// Pod address.
-    pub ip: IpAddr,
-    /// The pod's SPIFFE identity.
-    pub identity: String,
-    /// PERMISSIVE or STRICT.
-    pub mtls_mode: MtlsMode,
-    /// Counters the kernel keeps.
-    pub kernel: KernelPodStats,
-    /// Counters the proxy keeps (see `proxy::PodCounters`).
-    #[serde(flatten)]
-    pub proxy: serde_json::Value,
-}
-
-/// The body of `/stats`.
-#[derive(Debug, Serialize)]
-pub struct Stats {
-    /// Node name.
-    pub node: String,
-    /// Whether the maps were adopted from an earlier agent.
-    pub adopted_maps: bool,
-    /// Per pod, keyed `namespace/name`.
-    pub pods: BTreeMap<String, PodReport>,
-    /// Per identity: the certificate in use and its renewals.
-    pub certificates: BTreeMap<String, CertReport>,
-    /// Roots in the trust bundle (2 while a root rotation overlaps).
-    pub trust_roots: usize,
-    /// Authorization policies in force, `namespace/name`.
-    pub authorization_policies: Vec<String>,
-    /// HTTP routes in force, `namespace/name`.
-    pub http_routes: Vec<String>,
-    /// Destination rules in force, `namespace/name`.
-    pub destination_rules: Vec<String>,
-    /// Current configuration problems (rejected pods or services).
-    pub problems: Vec<String>,
-    /// HBONE connections open in the client pool.
-    pub hbone_pool_connections: usize,
-    /// Workloads of the mesh this node knows (its own pods included).
-    pub workloads: usize,
-    /// Services this node routes.
-    pub services: usize,
 }
 
 impl Agent {
@@ -605,36 +566,6 @@ fn start_loop_bypass(dp: &mut Dataplane, want: bool) -> Result<bool, AppError> {
     Ok(true)
 }
 
-/// Returns freed heap to the OS: after start-up (loading the programs parses the kernel's BTF,
-/// megabytes) and then periodically; glibc would otherwise keep it as free heap, counted in the
-/// agent's resident memory for good.
-fn return_free_heap() {
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// How often freed heap goes back to the OS.
-const MEMORY_RETURN_EVERY: Duration = Duration::from_secs(10);
-
-/// Returns freed heap to the OS every few seconds, from a thread of its own. glibc keeps what a
-/// burst freed (a client that made the proxy buffer megabytes, then left) as free heap in its
-/// arenas for good; trimming hands it back, so memory falls again after a connection closes.
-fn start_memory_return() {
-    let started = std::thread::Builder::new()
-        .name("memory-return".into())
-        .spawn(|| {
-            loop {
-                std::thread::sleep(MEMORY_RETURN_EVERY);
-                return_free_heap();
-            }
-        });
-    if let Err(e) = started {
-        warn!("cannot start the memory-return thread: {e}; freed heap stays with the agent");
-    }
-}
-
 /// Where the node's state comes from, once started.
 enum Source {
     /// A node file, with the text applied at start and what it held.
@@ -645,22 +576,6 @@ enum Source {
     },
     /// The Kubernetes API.
     Kube(kube::Discovery),
-}
-
-fn kube_settings(k: &KubeSettings) -> kube::Settings {
-    kube::Settings {
-        node: k.node.clone(),
-        kubeconfig: k.kubeconfig.clone(),
-        enrollment: kube::world::Enrollment {
-            label: k.enroll_label.clone(),
-            istio_ambient: k.istio_ambient_label,
-        },
-        root_namespace: k.root_namespace.clone(),
-        podfs: kube::podfs::PodFs {
-            cgroup_root: k.kubelet_cgroup_root.clone(),
-            proc_root: k.proc_root.clone(),
-        },
-    }
 }
 
 /// Reconciles `loaded`; `waiting` lists pods that cannot be enrolled yet, and why.
@@ -750,31 +665,5 @@ async fn watch_node_file(agent: Arc<Agent>, path: PathBuf, every: Duration, appl
         if let Ok(Some(text)) = outcome {
             last = text;
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        warn!("cannot install SIGTERM handler; stop with Ctrl-C");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-/// Registers a collector that the agent also reads directly.
-#[derive(Debug)]
-struct SharedCollector(Arc<bpf::collector::KernelCollector>);
-
-impl prometheus::core::Collector for SharedCollector {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        prometheus::core::Collector::desc(&*self.0)
-    }
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        prometheus::core::Collector::collect(&*self.0)
     }
 }

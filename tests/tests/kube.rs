@@ -315,25 +315,44 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
     Ok(())
 }
 
-/// client on node 1, server on node 2, `web` over server; the namespace enrolled before the
-/// agents start, so they adopt running pods.
-fn enrolled_pair() -> Result<mesh_tests::Cluster> {
-    use mesh_tests::{Cluster, PodSpec, ServiceSpec};
-    let mut c = Cluster::new(
-        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
-        vec![ServiceSpec::new("web", 80, APP_PORT, &["server"])],
-    )?;
+/// A cluster in Kubernetes mode whose `default` namespace is enrolled before the agents start,
+/// so they adopt running pods; `server` serves if there is one.
+fn enrolled_cluster(
+    nodes: Vec<Vec<mesh_tests::PodSpec>>,
+    services: Vec<mesh_tests::ServiceSpec>,
+) -> Result<mesh_tests::Cluster> {
+    let mut c = mesh_tests::Cluster::new(nodes, services)?;
     c.kubernetes()?;
     c.kubectl()?.run(
         &["label", "namespace", "default", "mesh.dev/enabled=true"],
         None,
     )?;
-    c.serve("server", APP_PORT)?;
-    c.start_agent(0)?;
-    c.start_agent(1)?;
-    wait_enrolled(&c, 0, &["client"])?;
-    wait_enrolled(&c, 1, &["server"])?;
+    if c.pods.iter().any(|p| p.name == "server") {
+        c.serve("server", APP_PORT)?;
+    }
+    for i in 0..c.nodes.len() {
+        c.start_agent(i)?;
+    }
+    for i in 0..c.nodes.len() {
+        let mesh: Vec<String> = c
+            .pods
+            .iter()
+            .filter(|p| p.node == i && p.enrolled)
+            .map(|p| p.name.clone())
+            .collect();
+        let mesh: Vec<&str> = mesh.iter().map(String::as_str).collect();
+        wait_enrolled(&c, i, &mesh)?;
+    }
     Ok(c)
+}
+
+/// client on node 1, server on node 2, `web` over server, enrolled.
+fn enrolled_pair() -> Result<mesh_tests::Cluster> {
+    use mesh_tests::{PodSpec, ServiceSpec};
+    enrolled_cluster(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![ServiceSpec::new("web", 80, APP_PORT, &["server"])],
+    )
 }
 
 #[test]
@@ -642,23 +661,13 @@ spec:
 
 #[test]
 fn a_pod_label_change_keeps_the_pod_enrolled_and_re_decides_its_connections() -> Result<()> {
-    use mesh_tests::{Cluster, PodSpec, ServiceSpec};
+    use mesh_tests::{PodSpec, ServiceSpec};
     use std::io::BufRead;
-    let mut c = Cluster::new(
+    let c = enrolled_cluster(
         vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
         vec![ServiceSpec::new("opaque", 80, APP_PORT, &["server"]).app_protocol("tcp")],
     )?;
-    c.kubernetes()?;
     let k = c.kubectl()?.clone();
-    k.run(
-        &["label", "namespace", "default", "mesh.dev/enabled=true"],
-        None,
-    )?;
-    c.serve("server", APP_PORT)?;
-    c.start_agent(0)?;
-    c.start_agent(1)?;
-    wait_enrolled(&c, 0, &["client"])?;
-    wait_enrolled(&c, 1, &["server"])?;
     let opaque = c.service_ip("opaque");
     let mut hold = c.spawn_testapp(
         "client",
