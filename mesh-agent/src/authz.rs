@@ -58,6 +58,8 @@ pub struct Request<'a> {
     pub source: Option<&'a Identity>,
     /// Destination pod's namespace.
     pub namespace: &'a str,
+    /// Istio's root namespace: its policies apply to every namespace.
+    pub root_namespace: &'a str,
     /// Destination pod's labels.
     pub labels: &'a Labels,
     /// Destination port.
@@ -83,14 +85,20 @@ pub struct HttpAttributes<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
+/// Whether `p` applies to the destination of `req`: a policy of its namespace, or of the root
+/// namespace (mesh-wide), whose selector matches.
+fn applies(p: &AuthorizationPolicy, req: &Request<'_>) -> bool {
+    (p.key.namespace == req.namespace || p.key.namespace == req.root_namespace)
+        && selects(&p.selector, req.labels)
+}
+
 /// The AUDIT policies whose rules match `req`: they change no decision, and are logged.
 pub fn audits<'p>(policies: &'p [AuthorizationPolicy], req: &Request<'_>) -> Vec<&'p ObjectKey> {
     policies
         .iter()
         .filter(|p| {
             p.action == Action::Audit
-                && p.key.namespace == req.namespace
-                && selects(&p.selector, req.labels)
+                && applies(p, req)
                 && p.rules.iter().any(|r| rule_matches(r, req, false))
         })
         .map(|p| &p.key)
@@ -99,9 +107,7 @@ pub fn audits<'p>(policies: &'p [AuthorizationPolicy], req: &Request<'_>) -> Vec
 
 /// Decides `req` against `policies`.
 pub fn evaluate(policies: &[AuthorizationPolicy], req: &Request<'_>) -> Decision {
-    let applies = |p: &&AuthorizationPolicy| {
-        p.key.namespace == req.namespace && selects(&p.selector, req.labels)
-    };
+    let applies = |p: &&AuthorizationPolicy| applies(p, req);
     if let Some(p) = policies
         .iter()
         .filter(applies)
@@ -320,6 +326,7 @@ mod tests {
             &Request {
                 source: src,
                 namespace: "default",
+                root_namespace: "istio-system",
                 labels: &labels,
                 port,
                 http: None,
@@ -447,6 +454,7 @@ mod tests {
                     &Request {
                         source: Some(&web),
                         namespace: "default",
+                        root_namespace: "istio-system",
                         labels: &labels,
                         port: 80,
                         http: Some(&attrs),
@@ -509,6 +517,7 @@ mod tests {
             &Request {
                 source: Some(&web),
                 namespace: "default",
+                root_namespace: "istio-system",
                 labels: &labels,
                 port: 80,
                 http: Some(h),
@@ -640,6 +649,24 @@ mod tests {
     }
 
     #[test]
+    fn root_namespace_policies_apply_to_every_namespace() {
+        let web = Identity::new("cluster.local", "default", "web");
+        let mut mesh_deny = policy(
+            "no-web",
+            Action::Deny,
+            vec![from_principal("cluster.local/ns/default/sa/web")],
+        );
+        mesh_deny.key.namespace = "istio-system".into();
+        let p = std::slice::from_ref(&mesh_deny);
+        // `decide` asks for a pod in `default`: the root namespace's policy applies there.
+        assert!(matches!(decide(p, Some(&web), 80), Decision::Denied(_)));
+        // Another namespace's policy does not.
+        let mut other = mesh_deny.clone();
+        other.key.namespace = "other".into();
+        assert_eq!(decide(&[other], Some(&web), 80), Decision::Allow);
+    }
+
+    #[test]
     fn audit_policies_decide_nothing_and_are_reported() {
         let web = Identity::new("cluster.local", "default", "web");
         let audit = policy(
@@ -658,6 +685,7 @@ mod tests {
         let req = Request {
             source: Some(&web),
             namespace: "default",
+            root_namespace: "istio-system",
             labels: &labels,
             port: 80,
             http: None,

@@ -386,6 +386,7 @@ fn endpoint(
                 &authz::Request {
                     source: Some(id),
                     namespace: &w.key.namespace,
+                    root_namespace: &state.mesh.root_namespace,
                     labels: &w.labels,
                     port: addr.port(),
                     http: attrs.as_ref(),

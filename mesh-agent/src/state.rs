@@ -610,7 +610,7 @@ impl NodeState {
     /// with `labels`.
     pub fn has_l7_policy_for(&self, namespace: &str, labels: &Labels) -> bool {
         self.authorization_policies.iter().any(|p| {
-            p.key.namespace == namespace
+            (p.key.namespace == namespace || p.key.namespace == self.mesh.root_namespace)
                 && selects(&p.selector, labels)
                 && p.rules.iter().any(Rule::is_l7)
         })

@@ -87,6 +87,7 @@ fn request<'a>(
     authz::Request {
         source,
         namespace: &dest.pod.key.namespace,
+        root_namespace: &view.state().mesh.root_namespace,
         labels,
         port,
         http,
