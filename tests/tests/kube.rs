@@ -754,3 +754,50 @@ fn a_pod_recreated_under_its_name_is_enrolled_again_on_its_new_netns() -> Result
     assert!(c.counter(0, "client", "kernel.captured_v4")? >= 1);
     Ok(())
 }
+
+#[test]
+fn a_service_with_endpoints_on_both_nodes_is_reached_on_both() -> Result<()> {
+    use mesh_tests::{PodSpec, ServiceSpec};
+    let c = enrolled_cluster(
+        vec![
+            vec![PodSpec::mesh("client"), PodSpec::mesh("local")],
+            vec![PodSpec::mesh("server")],
+        ],
+        vec![ServiceSpec::new("both", 80, APP_PORT, &["local", "server"])],
+    )?;
+    c.serve("local", APP_PORT)?;
+    // Round robin, so both endpoints are sure to be chosen (P2C may prefer the nearer one).
+    c.kubectl()?.create(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: both, namespace: default}
+spec:
+  host: both.default.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+",
+    )?;
+    mesh_tests::wait_until(
+        "the destination rule to apply",
+        Duration::from_secs(10),
+        || {
+            Ok(c.stats(0)?["destination_rules"]
+                .to_string()
+                .contains("both"))
+        },
+    )
+    .with_context(|| format!("{:?}", c.stats(0).map(|s| s["problems"].clone())))?;
+    let url = format!("http://{}/", c.service_ip("both"));
+    for _ in 0..10 {
+        assert_eq!(c.http_status("client", &url)?, Some(200));
+    }
+    let (here, there) = (
+        c.app_requests("local", APP_PORT)?,
+        c.app_requests("server", APP_PORT)?,
+    );
+    assert_eq!(
+        (here, there),
+        (5, 5),
+        "same node {here}, other node {there}"
+    );
+    Ok(())
+}

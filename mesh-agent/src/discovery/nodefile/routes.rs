@@ -23,6 +23,24 @@ use crate::{
     },
 };
 
+/// The service a DestinationRule's `host` names, as Istio reads it: a short name is in the rule's
+/// namespace; `name.namespace`, `name.namespace.svc` and `name.namespace.svc.<cluster domain>`
+/// name their own.
+fn service_host(host: &str, rule_namespace: &str) -> Option<ObjectKey> {
+    let parts: Vec<&str> = host.split('.').collect();
+    let (name, namespace) = match parts.as_slice() {
+        [name] => (*name, rule_namespace),
+        [name, ns] | [name, ns, "svc"] => (*name, *ns),
+        [name, ns, "svc", domain @ ..] if !domain.is_empty() => (*name, *ns),
+        _ => return None,
+    };
+    let ok = |s: &str| super::fields::check_label(s).is_ok();
+    (ok(name) && ok(namespace)).then(|| ObjectKey {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    })
+}
+
 /// Retries may add this share of requests by default (Linkerd's default budget).
 const DEFAULT_RETRY_PERCENT: u32 = 20;
 const DEFAULT_MIN_RETRIES_PER_SECOND: u32 = 10;
@@ -374,18 +392,20 @@ pub(super) fn validate_destination_rules(
         let before = cx.errors.len();
         let name = cx.label("name", &rd.name);
         let namespace = cx.label("namespace", &rd.namespace);
-        let host = cx.label("host", &rd.host);
+        let host = cx.required("host", &rd.host).cloned();
         let (Some(name), Some(namespace), Some(host)) = (name, namespace, host) else {
             continue;
         };
-        let rule = ObjectKey {
-            namespace: namespace.clone(),
-            name,
+        let Some(service) = service_host(&host, &namespace) else {
+            cx.fail(
+                "host",
+                format!(
+                    "{host:?} is not a service: use its name (in the rule's namespace), name.namespace, or name.namespace.svc.<cluster domain>"
+                ),
+            );
+            continue;
         };
-        let service = ObjectKey {
-            namespace,
-            name: host,
-        };
+        let rule = ObjectKey { namespace, name };
         let tp = &rd.traffic_policy;
         let mut policy = TrafficPolicy {
             rule: Some(rule),
@@ -494,6 +514,41 @@ pub(super) fn validate_destination_rules(
                 "trafficPolicy",
                 format!("the rule for {service} is invalid; {outcome}"),
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_rule_hosts_read_as_istio_reads_them() {
+        let key = |ns: &str, name: &str| {
+            Some(ObjectKey {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        };
+        assert_eq!(service_host("web", "shop"), key("shop", "web"));
+        assert_eq!(service_host("web.data", "shop"), key("data", "web"));
+        assert_eq!(service_host("web.data.svc", "shop"), key("data", "web"));
+        assert_eq!(
+            service_host("web.data.svc.cluster.local", "shop"),
+            key("data", "web")
+        );
+        assert_eq!(
+            service_host("web.data.svc.corp.example", "shop"),
+            key("data", "web")
+        );
+        for bad in [
+            "",
+            "Web",
+            "web.data.cluster",
+            "*.data.svc.cluster.local",
+            "a.b.c.d",
+        ] {
+            assert_eq!(service_host(bad, "shop"), None, "{bad:?}");
         }
     }
 }
