@@ -55,6 +55,50 @@ fn duration(cx: &mut Ctx<'_>, field: &'static str, value: &str) -> Option<Durati
     }
 }
 
+/// A Gateway API duration (GEP-2257: one to four `<number><h|m|s|ms>` parts, `1m30s`); zero
+/// turns the timeout off, as Gateway API defines it. `None` for off or unreadable (reported).
+fn gateway_timeout(cx: &mut Ctx<'_>, field: &'static str, value: &str) -> Option<Duration> {
+    match parse_gateway_duration(value) {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+        None => {
+            cx.fail(
+                field,
+                format!("{value:?} is not a Gateway API duration: use parts like 1h, 30m, 10s, 500ms (1m30s; 0s for none)"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_gateway_duration(value: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = value;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 || digits > 5 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else {
+            match rest.as_bytes().first()? {
+                b'h' => (Duration::from_secs(3600), 1),
+                b'm' => (Duration::from_secs(60), 1),
+                b's' => (Duration::from_secs(1), 1),
+                _ => return None,
+            }
+        };
+        rest = &rest[len..];
+        total += unit * u32::try_from(n).ok()?;
+        parts += 1;
+    }
+    (1..=4).contains(&parts).then_some(total)
+}
+
 fn pattern(cx: &mut Ctx<'_>, field: &'static str, value: &str) -> Option<Pattern> {
     match Pattern::new(value) {
         Ok(r) => Some(r),
@@ -234,11 +278,11 @@ fn route_rule(cx: &mut Ctx<'_>, namespace: &str, raw: &RawRouteRule) -> RouteRul
         rule.request_timeout = t
             .request
             .as_deref()
-            .and_then(|v| duration(cx, "rules.timeouts.request", v));
+            .and_then(|v| gateway_timeout(cx, "rules.timeouts.request", v));
         rule.backend_timeout = t
             .backend_request
             .as_deref()
-            .and_then(|v| duration(cx, "rules.timeouts.backendRequest", v));
+            .and_then(|v| gateway_timeout(cx, "rules.timeouts.backendRequest", v));
     }
     if let Some(r) = &raw.retry {
         let mut retry = RetryPolicy {
@@ -521,6 +565,27 @@ pub(super) fn validate_destination_rules(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_durations_read_as_gep_2257_writes_them() {
+        let d = parse_gateway_duration;
+        assert_eq!(d("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(d("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(d("1h2m3s4ms"), Some(Duration::from_millis(3_723_004)));
+        assert_eq!(d("0s"), Some(Duration::ZERO));
+        for bad in [
+            "",
+            "1",
+            "1.5s",
+            "1m 30s",
+            "-1s",
+            "123456s",
+            "1s2s3s4s5s",
+            "1d",
+        ] {
+            assert_eq!(d(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn destination_rule_hosts_read_as_istio_reads_them() {
