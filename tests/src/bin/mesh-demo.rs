@@ -82,12 +82,6 @@ fn main() -> Result<()> {
     )?;
     run("frontend", format!("http://{a}:{PORT}/"))?;
     // curl speaks HTTP, so worker's own node proxy answers the refusal with 403.
-    let status = c.http_status("worker", &format!("http://{a}:{PORT}/"))?;
-    ensure!(
-        status == Some(403),
-        "worker should have been denied, got {status:?}"
-    );
-    println!("  worker     curl http://{a}:{PORT}/ -> 403 (RBAC: access denied)");
     explain_denial(&c, &a.to_string())?;
 
     println!("\ncleaning up (namespaces, cgroups, pinned programs and maps)...");
@@ -165,8 +159,14 @@ fn report(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// Why node-2 denied worker's request to `a`: the log line, `explain`, and the flows.
+/// Worker's request to `a` is denied; then why: node-2's log line, `explain`, and the flows.
 fn explain_denial(c: &Cluster, a: &str) -> Result<()> {
+    let status = c.http_status("worker", &format!("http://{a}:{PORT}/"))?;
+    ensure!(
+        status == Some(403),
+        "worker should have been denied, got {status:?}"
+    );
+    println!("  worker     curl http://{a}:{PORT}/ -> 403 (RBAC: access denied)");
     if let Some(line) = c
         .agent_log(1)
         .lines()
@@ -365,12 +365,6 @@ spec:
     }
     println!("\nbackend-a accepts only frontend's identity:");
     curl(&c, "frontend", &format!("http://{a}:{PORT}/"))?;
-    let status = c.http_status("worker", &format!("http://{a}:{PORT}/"))?;
-    ensure!(
-        status == Some(403),
-        "worker should have been denied, got {status:?}"
-    );
-    println!("  worker     curl http://{a}:{PORT}/ -> 403 (RBAC: access denied)");
     explain_denial(&c, &a.to_string())?;
 
     println!("\nthe mesh-wide STRICT PeerAuthentication refuses plaintext, and mTLS still passes:");

@@ -292,15 +292,21 @@ impl World {
                 });
             }
         }
+        // Each service's slices, found once rather than by a scan per service.
+        let mut by_service: HashMap<(&str, &str), Vec<&SliceInfo>> = HashMap::new();
+        for x in self.slices.values() {
+            by_service
+                .entry((x.namespace.as_str(), x.service.as_str()))
+                .or_default()
+                .push(x);
+        }
         for s in self.services.values() {
             let Some(ip) = s.ip else {
                 continue;
             };
-            let slices: Vec<&SliceInfo> = self
-                .slices
-                .values()
-                .filter(|x| x.namespace == s.namespace && x.service == s.name)
-                .collect();
+            let slices = by_service
+                .get(&(s.namespace.as_str(), s.name.as_str()))
+                .map_or(&[][..], Vec::as_slice);
             let ports = s
                 .ports
                 .iter()

@@ -225,33 +225,39 @@ pub fn read(position: &str, obj: &Value, file: &mut RawFile, errors: &mut Vec<Ob
                 ..p
             });
         }
-        "HTTPRoute" => match parse(&flat) {
+        "HTTPRoute" => match parse::<RawHttpRoute>(&flat) {
             Ok(r) => file.http_routes.push(RawHttpRoute {
                 position: Some(position),
                 ..r
             }),
-            Err(why) => errors.push(error(
-                kind_static,
-                who,
-                &position,
-                "spec",
-                format!("{why}; left out, so its service keeps default routing"),
-            )),
+            Err(why) => errors.push(left_out(kind_static, who, &position, why, "routing")),
         },
-        _ => match parse(&flat) {
+        _ => match parse::<RawDestinationRule>(&flat) {
             Ok(r) => file.destination_rules.push(RawDestinationRule {
                 position: Some(position),
                 ..r
             }),
-            Err(why) => errors.push(error(
-                kind_static,
-                who,
-                &position,
-                "spec",
-                format!("{why}; left out, so its service keeps default settings"),
-            )),
+            Err(why) => errors.push(left_out(kind_static, who, &position, why, "settings")),
         },
     }
+}
+
+/// A route or rule that cannot be read: it carries no security decision, so it is left out and
+/// its service keeps its defaults.
+fn left_out(
+    kind: &'static str,
+    who: String,
+    position: &str,
+    why: String,
+    what: &str,
+) -> ObjectError {
+    error(
+        kind,
+        who,
+        position,
+        "spec",
+        format!("{why}; left out, so its service keeps default {what}"),
+    )
 }
 
 fn parse<T: DeserializeOwned>(flat: &Value) -> Result<T, String> {
