@@ -16,6 +16,19 @@ use crate::{
 /// Where the stand-in API server listens (in the fabric namespace, beside the CA).
 pub const API_ADDR: &str = "198.19.0.254:6443";
 
+/// A mesh-wide STRICT PeerAuthentication as Istio users write it: in the root namespace, with no
+/// selector (and the namespace it needs).
+pub const MESH_WIDE_STRICT: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+";
+
 /// The Kubernetes side of a cluster.
 #[derive(Debug)]
 pub struct KubeMode {

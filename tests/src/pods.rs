@@ -145,6 +145,20 @@ impl Cluster {
         self.spawn_piped(pod, &all)
     }
 
+    /// Opens one connection from pod `pod` to `addr`, uses it once, and holds it open until the
+    /// returned process's stdin is closed. Fails unless the connection was opened.
+    pub fn hold_connection(&self, pod: &str, addr: &str) -> Result<Child> {
+        use std::io::BufRead;
+        let mut hold = self.spawn_testapp(pod, &["hold", "--addr", addr, "--count", "1"])?;
+        let mut out = std::io::BufReader::new(hold.stdout.take().context("hold's stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "ready 1" {
+            bail!("the held connection was not opened: {line:?}");
+        }
+        Ok(hold)
+    }
+
     /// Runs `mesh-testapp <args>` in pod `pod` and returns its stdout; fails if it does.
     pub fn testapp(&self, pod: &str, args: &[&str]) -> Result<String> {
         let app = artifact("mesh-testapp")?;

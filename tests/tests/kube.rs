@@ -621,18 +621,7 @@ spec:
         Some(200),
         "PERMISSIVE by default"
     );
-    k.create(
-        "apiVersion: v1
-kind: Namespace
-metadata: {name: istio-system}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: istio-system}
-spec:
-  mtls: {mode: STRICT}
-",
-    )?;
+    k.create(mesh_tests::kube::MESH_WIDE_STRICT)?;
     mesh_tests::wait_until("plaintext to be refused", Duration::from_secs(10), || {
         Ok(c.http_status("bare", &plain)?.is_none())
     })?;
@@ -662,21 +651,13 @@ spec:
 #[test]
 fn a_pod_label_change_keeps_the_pod_enrolled_and_re_decides_its_connections() -> Result<()> {
     use mesh_tests::{PodSpec, ServiceSpec};
-    use std::io::BufRead;
     let c = enrolled_cluster(
         vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
         vec![ServiceSpec::new("opaque", 80, APP_PORT, &["server"]).app_protocol("tcp")],
     )?;
     let k = c.kubectl()?.clone();
     let opaque = c.service_ip("opaque");
-    let mut hold = c.spawn_testapp(
-        "client",
-        &["hold", "--addr", &format!("{opaque}:80"), "--count", "1"],
-    )?;
-    let mut out = std::io::BufReader::new(hold.stdout.take().context("hold's stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    assert_eq!(line.trim(), "ready 1", "the held connection was not opened");
+    let mut hold = c.hold_connection("client", &format!("{opaque}:80"))?;
 
     // A DENY for pods labelled tier=db: the server has no such label yet, so nothing closes.
     k.create(

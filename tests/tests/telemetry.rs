@@ -366,18 +366,10 @@ fn a_denied_flow_is_logged_listed_and_explained_with_its_policy() -> Result<()> 
 
 #[test]
 fn a_policy_change_closes_open_connections_and_each_records_who_it_was() -> Result<()> {
-    use std::io::BufRead;
     let c = cluster()?;
     let opaque = c.service_ip("opaque");
     // One connection, opened and used while the policy allows it, then held open.
-    let mut hold = c.spawn_testapp(
-        "client",
-        &["hold", "--addr", &format!("{opaque}:80"), "--count", "1"],
-    )?;
-    let mut out = std::io::BufReader::new(hold.stdout.take().context("hold's stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    assert_eq!(line.trim(), "ready 1", "the held connection was not opened");
+    let mut hold = c.hold_connection("client", &format!("{opaque}:80"))?;
     deny_client(&c)?;
     // The server's node closes it and files one record: a denial that names the policy
     // change, the source workload and the addresses (an address-less `unknown` source before).

@@ -313,20 +313,12 @@ spec:
   rules:
     - from: [{source: {principals: [cluster.local/ns/default/sa/frontend-sa]}}]
 ---
-apiVersion: v1
-kind: Namespace
-metadata: {name: istio-system}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: istio-system}
-spec:
-  mtls: {mode: STRICT}
 ";
+    let objects = format!("{objects}{}", mesh_tests::kube::MESH_WIDE_STRICT);
     for line in objects.lines() {
         println!("  | {line}");
     }
-    kubectl(&["create", "--validate=false", "-f", "-"], Some(objects))?;
+    kubectl(&["create", "--validate=false", "-f", "-"], Some(&objects))?;
     mesh_tests::wait_until(
         "the policy to be applied",
         std::time::Duration::from_secs(10),
