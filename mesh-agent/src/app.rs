@@ -403,6 +403,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     let metrics_listener = crate::telemetry::metrics::bind(config.metrics_addr).await?;
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(
         config.metrics_retention,
+        &config.cluster_id,
     )?);
     let kernel = Arc::new(bpf::collector::KernelCollector::open(
         &pin_root.join("maps"),

@@ -309,10 +309,10 @@ pub fn status(c: &Common) -> Result<(), CliError> {
 
 fn flow_row(f: &FlowRecord) -> Vec<String> {
     let side = |s: &crate::telemetry::flows::Side| {
-        if s.workload == crate::telemetry::metrics::UNKNOWN {
+        if s.pod == crate::telemetry::metrics::UNKNOWN || s.pod.is_empty() {
             s.addr.map_or_else(|| "unknown".into(), |a| a.to_string())
         } else {
-            format!("{}/{}", s.namespace, s.workload)
+            format!("{}/{}", s.namespace, s.pod)
         }
     };
     let what = match &f.http {

@@ -21,6 +21,8 @@ pub const ENV_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
 pub const ENV_METRICS_ADDR: &str = "MESH_METRICS_ADDR";
 /// Env var for `--metrics-retention`.
 pub const ENV_METRICS_RETENTION: &str = "MESH_METRICS_RETENTION";
+/// Env var for `--cluster-id`.
+pub const ENV_CLUSTER_ID: &str = "MESH_CLUSTER_ID";
 /// Env var for `--access-log`.
 pub const ENV_ACCESS_LOG: &str = "MESH_ACCESS_LOG";
 /// Env var for `--worker-threads`.
@@ -308,6 +310,10 @@ pub struct RunArgs {
     /// How long the series of a workload that left the mesh stay, e.g. `5m` or `1s`.
     #[arg(long, env = ENV_METRICS_RETENTION, default_value = "5m")]
     pub metrics_retention: String,
+    /// The cluster's name in `source_cluster` and `destination_cluster` (Istio's default,
+    /// `Kubernetes`, unless the mesh spans several clusters).
+    #[arg(long, env = ENV_CLUSTER_ID, default_value = "Kubernetes")]
+    pub cluster_id: String,
     /// Access log on stdout: one line per connection (L4) and per request (L7).
     #[arg(long, env = ENV_ACCESS_LOG, value_enum, default_value = "text")]
     pub access_log: crate::telemetry::flows::AccessLogFormat,
@@ -411,6 +417,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// How long departed workloads' series stay.
     pub metrics_retention: Duration,
+    /// `*_cluster` of mesh workloads.
+    pub cluster_id: String,
     /// The access log's format.
     pub access_log: crate::telemetry::flows::AccessLogFormat,
     /// Proxy worker threads (resolved: never 0).
@@ -467,6 +475,7 @@ impl Config {
         Ok(Self {
             metrics_addr: args.metrics_addr,
             metrics_retention,
+            cluster_id: args.cluster_id.clone(),
             access_log: args.access_log,
             worker_threads: match args.worker_threads {
                 0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),

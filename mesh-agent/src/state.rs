@@ -2,7 +2,7 @@
 //! node file; later Kubernetes) produces a [`NodeState`], and everything downstream (the BPF maps,
 //! the listeners, the proxy's routing) is driven from it, so both modes share one code path.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, sync::Arc};
 
 /// `namespace/name`, the identity of a pod or service inside the state model.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -48,6 +48,9 @@ pub struct Pod {
     pub cgroup: PathBuf,
     /// Labels, which policy selectors match.
     pub labels: Labels,
+    /// The workload it belongs to (its Deployment, StatefulSet...; else its own name), which
+    /// metrics name so that replicas share series.
+    pub workload_name: String,
 }
 
 impl Pod {
@@ -60,6 +63,7 @@ impl Pod {
             && self.ip == other.ip
             && self.netns == other.netns
             && self.cgroup == other.cgroup
+            && self.workload_name == other.workload_name
     }
 }
 
@@ -78,8 +82,11 @@ pub struct Workload {
     pub service_account: String,
     /// The node it runs on.
     pub node: String,
-    /// Its labels (which policies select it).
-    pub labels: Labels,
+    /// Its labels (which policies select it). Replicas share one map: at ten thousand remote
+    /// pods the labels were most of what a workload cost.
+    pub labels: Arc<Labels>,
+    /// The workload it belongs to (see [`Pod::workload_name`]), shared by its replicas.
+    pub workload_name: Arc<str>,
 }
 
 /// Whether a workload accepts plaintext.
@@ -660,7 +667,21 @@ pub mod testing {
             ip: ip(addr),
             service_account: sa.into(),
             node: node.into(),
+            labels: Arc::new(Labels::from([("app".to_string(), name.to_string())])),
+            workload_name: name.into(),
+        }
+    }
+
+    /// Pod `default/name` of this node at `addr`.
+    pub fn pod(name: &str, addr: &str) -> Pod {
+        Pod {
+            key: key("default", name),
+            service_account: name.into(),
+            ip: ip(addr),
+            netns: "/run/netns/test".into(),
+            cgroup: "/sys/fs/cgroup/test".into(),
             labels: Labels::from([("app".to_string(), name.to_string())]),
+            workload_name: name.into(),
         }
     }
 
@@ -714,6 +735,7 @@ mod tests {
             netns: "/n".into(),
             cgroup: "/c".into(),
             labels: [("app".to_string(), app.to_string())].into(),
+            workload_name: app.into(),
         }
     }
 

@@ -60,7 +60,7 @@ impl Snapshot {
             Some(w)
                 if w.key.namespace == id.namespace && w.service_account == id.service_account =>
             {
-                Peer::new(&w.key, id)
+                Peer::of_workload(w, id)
             }
             _ => Peer {
                 principal: id.to_string(),

@@ -74,6 +74,7 @@ impl Cluster {
             netns: Some(pod.netns.clone()),
             cgroup: Some(pod.cgroup.clone()),
             labels: app_label(&pod.name),
+            workload_name: None,
         }
     }
 
@@ -97,6 +98,7 @@ impl Cluster {
                 ip: Some(p.ip.to_string()),
                 node: Some(self.nodes[p.node].name.clone()),
                 labels: app_label(&p.name),
+                workload_name: None,
             })
             .collect();
         let services = self

@@ -8,12 +8,13 @@
 //! nothing.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use crate::state::{NodeState, ObjectKey, Pod, Service, ServicePort, Workload};
+use crate::state::{Labels, NodeState, ObjectKey, Pod, Service, ServicePort, Workload};
 
 mod fields;
 mod fs;
@@ -381,12 +382,13 @@ fn validate(
                 candidates.push((
                     i,
                     Pod {
-                        key,
                         service_account,
                         ip,
                         netns,
                         cgroup,
                         labels: rp.labels.clone(),
+                        workload_name: rp.workload_name.clone().unwrap_or_else(|| key.name.clone()),
+                        key,
                     },
                 ));
             }
@@ -578,6 +580,17 @@ fn validate(
 
 /// Remote pods, plus this node's own pods (so every lookup by address sees one table).
 fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut Vec<ObjectError>) {
+    // Replicas have the same labels and owner: they share one copy of each.
+    let mut labels: HashMap<&Labels, Arc<Labels>> = HashMap::new();
+    let mut names: HashSet<Arc<str>> = HashSet::new();
+    let mut name_of = |n: &str| match names.get(n) {
+        Some(x) => x.clone(),
+        None => {
+            let x: Arc<str> = n.into();
+            names.insert(x.clone());
+            x
+        }
+    };
     for pod in state.pods.values() {
         state.workloads.insert(
             pod.ip,
@@ -586,7 +599,8 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
                 ip: pod.ip,
                 service_account: pod.service_account.clone(),
                 node: state.node.clone(),
-                labels: pod.labels.clone(),
+                labels: Arc::new(pod.labels.clone()),
+                workload_name: name_of(&pod.workload_name),
             },
         );
     }
@@ -614,6 +628,11 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
         if let (true, Some(name), Some(namespace), Some(service_account), Some(ip), Some(node)) =
             (cx.errors.len() == before, name, namespace, sa, ip, node)
         {
+            let shared = labels
+                .entry(&rw.labels)
+                .or_insert_with(|| Arc::new(rw.labels.clone()))
+                .clone();
+            let workload_name = name_of(rw.workload_name.as_deref().unwrap_or(&name));
             state.workloads.insert(
                 ip,
                 Workload {
@@ -621,7 +640,8 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
                     ip,
                     service_account,
                     node,
-                    labels: rw.labels.clone(),
+                    labels: shared,
+                    workload_name,
                 },
             );
         }

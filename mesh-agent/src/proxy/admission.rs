@@ -13,7 +13,7 @@ use crate::{
     pods::LocalPod,
     telemetry::{
         flows::{Draft, FlowLog},
-        metrics::labels::{Flow, Peer, Reporter, Security, UNKNOWN},
+        metrics::labels::{Flow, Peer, Reporter, Security},
     },
     view::Snapshot,
 };
@@ -47,7 +47,7 @@ pub fn authorize(
         None => {
             warn!(%src, dst = %dest.pod.key, port, "connection {decision}");
             let peer = from.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-            let mut draft = Draft::new(inbound_flow(view, dest, source, peer));
+            let mut draft = Draft::new(inbound_flow(view, dest, source, peer, port));
             draft.src_addr = from;
             draft.dst_addr = Some(SocketAddr::new(dest.pod.ip, port));
             draft.denied(&decision);
@@ -131,12 +131,13 @@ pub fn inbound_flow(
     dest: &LocalPod,
     source: Option<&Identity>,
     peer: IpAddr,
+    port: u16,
 ) -> Flow {
     Flow {
         reporter: Reporter::Destination,
         src: view.peer_at(peer, source),
-        dst: Peer::new(&dest.pod.key, dest.identity()),
-        service: UNKNOWN.into(),
+        dst: Peer::of_pod(&dest.pod, dest.identity()),
+        service: view.routes.service_to(dest.pod.ip, port),
         security: if source.is_some() {
             Security::MutualTls
         } else {

@@ -20,11 +20,13 @@ use crate::{
 };
 
 /// Delivers an admitted connection to `dest`'s application. Without `per_request`, `app` is the
-/// connection to it, dialled once L4 policy allowed. With `per_request` nothing is dialled yet:
-/// HTTP is authorized request by request and the application is dialled for the first allowed
-/// request; anything else gets the connection-level decision, in which HTTP-only rules fail
-/// closed, and is dialled only if allowed. So a refused connection never reaches the
-/// application, not even as an empty accept.
+/// connection to it, dialled once L4 policy allowed. With `per_request` and no `app` (an L7
+/// policy selects the pod) nothing is dialled yet: HTTP is authorized request by request and
+/// the application is dialled for the first allowed request; anything else gets the
+/// connection-level decision, in which HTTP-only rules fail closed, and is dialled only if
+/// allowed. So a refused connection never reaches the application, not even as an empty
+/// accept. With `per_request` and an `app` (HTTP that L4 policy allowed, parsed here so this
+/// node reports it) requests go to `app`, and anything else is relayed to it.
 #[expect(
     clippy::too_many_arguments,
     reason = "one hand-over point for both inbound paths"
@@ -43,7 +45,7 @@ pub async fn deliver<S>(
 {
     // The snapshot is read here and not held across the relay: a long connection must not keep
     // old routes, or removed pods, alive.
-    let flow = admission::inbound_flow(&inputs.view.load(), dest, source.as_ref(), peer.ip());
+    let flow = admission::inbound_flow(&inputs.view.load(), dest, source.as_ref(), peer.ip(), port);
     if !per_request {
         if let Some(app) = app {
             relay_recorded(inputs, dest, client, app, flow, source, peer, port).await;
@@ -65,11 +67,13 @@ pub async fn deliver<S>(
             dest.clone(),
             source,
             (from, peer),
-            port,
+            (port, app),
             protocol,
             client,
         )
         .await;
+    } else if let Some(app) = app {
+        relay_recorded(inputs, dest, client, app, flow, source, peer, port).await;
     } else if admission::authorize(
         &inputs.view.load(),
         &inputs.flows,

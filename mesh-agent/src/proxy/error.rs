@@ -76,7 +76,7 @@ mod tests {
             reporter: Reporter::Source,
             src: Peer::unknown(),
             dst: Peer::unknown(),
-            service: "-".into(),
+            service: crate::telemetry::metrics::labels::ServiceLabels::unknown(),
             security: Security::None,
         });
         e.file(&mut d);

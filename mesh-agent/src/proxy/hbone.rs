@@ -17,7 +17,11 @@ use super::{admission, deliver::deliver, error::ProxyError, inputs::ProxyInputs}
 use crate::{
     identity::Identity,
     pods::LocalPod,
-    transport::{dial::dial_app, error::TransportError, hbone},
+    transport::{
+        dial::dial_app,
+        error::TransportError,
+        hbone::{self, PAYLOAD_HEADER, PAYLOAD_HTTP},
+    },
 };
 
 /// The authenticated client of one HBONE connection.
@@ -123,12 +127,12 @@ async fn connect_stream(
         peer,
         target.port(),
     );
-    let Ok(per_request) = admitted else {
+    let Ok(l7_policy) = admitted else {
         return status(StatusCode::FORBIDDEN);
     };
     // A pod decided per request is dialled only once something is allowed; any other is
     // dialled now, so a refusing application is a 503 before any byte flows.
-    let app = if per_request {
+    let app = if l7_policy {
         None
     } else {
         match dial_app(&dest, target.port()).await {
@@ -139,6 +143,13 @@ async fn connect_stream(
             }
         }
     };
+    // HTTP the source routed is parsed here too, so this node reports it (see `PAYLOAD_HEADER`);
+    // L4 policy already allowed it, so its requests go to the connection dialled above.
+    let per_request = l7_policy
+        || req
+            .headers()
+            .get(PAYLOAD_HEADER)
+            .is_some_and(|v| v.as_bytes() == PAYLOAD_HTTP.as_bytes());
     let client = client.id.clone();
     let inputs = inputs.clone();
     tokio::spawn(async move {

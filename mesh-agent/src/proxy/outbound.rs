@@ -18,12 +18,13 @@ use crate::{
     protocol::detect,
     telemetry::{
         flows::Draft,
-        metrics::labels::{Flow, Peer, Reporter, Security, UNKNOWN},
+        metrics::labels::{Flow, Peer, Reporter, Security, ServiceLabels},
         metrics::tcp::TcpConn,
     },
     transport::{
         dial::{Hop, UpstreamIo},
         error::TransportError,
+        hbone::Payload,
         relay,
         splice::{NotSpliced, Splicer},
     },
@@ -59,12 +60,11 @@ pub async fn handle(
     }
     let flow = note.flow.take().unwrap_or_else(|| Flow {
         reporter: Reporter::Source,
-        src: Peer::new(&src.pod.key, src.identity()),
+        src: Peer::of_pod(&src.pod, src.identity()),
         dst: Peer::unknown(),
-        service: note.dst.map_or_else(
-            || UNKNOWN.into(),
-            |d| inputs.view.load().routes.service_name_at(d.ip()),
-        ),
+        service: note.dst.map_or_else(ServiceLabels::unknown, |d| {
+            inputs.view.load().routes.service_name_at(d.ip())
+        }),
         security: Security::None,
     });
     let mut draft = Draft::new(flow);
@@ -138,10 +138,10 @@ async fn relay(
     let hop = Hop::to(&view, target.ip());
     let flow = Flow {
         reporter: Reporter::Source,
-        src: Peer::new(&src.pod.key, src.identity()),
+        src: Peer::of_pod(&src.pod, src.identity()),
         dst: match &hop {
-            Hop::Local(dest) => Peer::new(&dest.pod.key, dest.identity()),
-            Hop::Hbone(w) => Peer::new(&w.key, &view.identity_of(w)),
+            Hop::Local(dest) => Peer::of_pod(&dest.pod, dest.identity()),
+            Hop::Hbone(w) => Peer::of_workload(w, &view.identity_of(w)),
             Hop::Passthrough => Peer::unknown(),
         },
         service: routes.service_name_at(dst.ip()),
@@ -171,7 +171,7 @@ async fn relay(
     drop(view);
     let upstream = inputs
         .dialer
-        .open(src, &hop, target)
+        .open(src, &hop, target, Payload::Opaque)
         .await
         .map_err(|e| fail(e.into()))?;
     let client = Counted::new(client, c, |c| &c.outbound_bytes_sent);

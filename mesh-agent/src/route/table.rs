@@ -15,7 +15,7 @@ use std::{
 use super::{balance::Balancer, limits::Limits};
 use crate::{
     state::{HttpRoute, NodeState, ObjectKey, Service, TrafficPolicy},
-    telemetry::metrics::labels::{UNKNOWN, service_fqdn},
+    telemetry::metrics::labels::ServiceLabels,
 };
 
 /// Why a connection has nowhere to go.
@@ -64,13 +64,23 @@ impl ServiceEntry {
     }
 }
 
+/// A local pod's port, as the services that send to it describe it.
+#[derive(Debug, Default)]
+struct InboundPort {
+    /// Upgrade tokens allowed, from every such service.
+    upgrades: Vec<String>,
+    /// The first such service (by namespace/name), which the destination's metrics name.
+    service: Option<ObjectKey>,
+}
+
 /// The routing table; replaced whole on every change.
 #[derive(Debug, Default)]
 pub struct Routes {
     by_vip: HashMap<IpAddr, Arc<ServiceEntry>>,
     services: HashMap<ObjectKey, Arc<ServiceEntry>>,
-    /// Upgrade tokens allowed to (pod address, target port), from the services that send there.
-    inbound_upgrades: HashMap<(IpAddr, u16), Vec<String>>,
+    /// What the services that send to (local pod address, target port) say about it. Only this
+    /// node's pods are indexed: remote endpoints never receive through this node.
+    inbound: HashMap<(IpAddr, u16), InboundPort>,
     /// The state the table was built from: workloads, modes and policies.
     pub state: Arc<NodeState>,
 }
@@ -124,23 +134,26 @@ impl Routes {
             })
             .collect();
         let by_vip = services.values().map(|e| (e.svc.ip, e.clone())).collect();
-        let mut inbound_upgrades: HashMap<(IpAddr, u16), Vec<String>> = HashMap::new();
+        let local: std::collections::HashSet<IpAddr> = state.pods.values().map(|p| p.ip).collect();
+        let mut inbound: HashMap<(IpAddr, u16), InboundPort> = HashMap::new();
         for s in state.services.values() {
             for (ip, p) in s
                 .endpoints
                 .iter()
+                .filter(|ip| local.contains(ip))
                 .flat_map(|ip| s.ports.iter().map(move |p| (ip, p)))
             {
-                let all = inbound_upgrades.entry((*ip, p.target_port)).or_default();
-                all.extend(s.upgrades.iter().cloned());
-                all.sort();
-                all.dedup();
+                let port = inbound.entry((*ip, p.target_port)).or_default();
+                port.upgrades.extend(s.upgrades.iter().cloned());
+                port.upgrades.sort();
+                port.upgrades.dedup();
+                port.service.get_or_insert_with(|| s.key.clone());
             }
         }
         Self {
             by_vip,
             services,
-            inbound_upgrades,
+            inbound,
             state: state.clone(),
         }
     }
@@ -148,9 +161,20 @@ impl Routes {
     /// The upgrade tokens allowed to `port` of the local pod at `ip`: those of every service
     /// that sends that port to it, or the default when none does.
     pub fn upgrades_to(&self, ip: IpAddr, port: u16) -> &[String] {
-        self.inbound_upgrades
+        self.inbound
             .get(&(ip, port))
-            .map_or(&crate::state::DEFAULT_UPGRADES, |u| u)
+            .map_or(&crate::state::DEFAULT_UPGRADES, |p| &p.upgrades)
+    }
+
+    /// `destination_service` as the destination reports a flow to `port` of its pod at `ip`:
+    /// the destination cannot see which address the client dialled, so it names the service
+    /// that sends that port to the pod (the first by name, when several do).
+    pub fn service_to(&self, ip: IpAddr, port: u16) -> ServiceLabels {
+        ServiceLabels::of_opt(
+            self.inbound
+                .get(&(ip, port))
+                .and_then(|p| p.service.as_ref()),
+        )
     }
 
     /// The service whose address is `ip`.
@@ -165,10 +189,8 @@ impl Routes {
 
     /// `destination_service` for a connection to `ip`: the service's FQDN when `ip` is a
     /// service address.
-    pub fn service_name_at(&self, ip: IpAddr) -> String {
-        self.by_vip
-            .get(&ip)
-            .map_or_else(|| UNKNOWN.to_string(), |e| service_fqdn(&e.svc.key))
+    pub fn service_name_at(&self, ip: IpAddr) -> ServiceLabels {
+        ServiceLabels::of_opt(self.by_vip.get(&ip).map(|e| &e.svc.key))
     }
 
     /// Whether connections to `dst` get protocol detection: mesh destinations (a service
@@ -203,7 +225,7 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::testing::{ip, service, state, workload};
+    use crate::state::testing::{self, ip, service, state, workload};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test address")
@@ -212,6 +234,35 @@ mod tests {
     fn routes(services: Vec<Service>) -> Routes {
         let w = workload("db", "10.0.0.9", "db", "node-2");
         Routes::build(&Arc::new(state(services, vec![w])), &Routes::default())
+    }
+
+    /// `services`, on a node whose one pod is at 10.0.0.1.
+    fn with_local_pod(services: Vec<Service>) -> Routes {
+        let mut s = state(services, vec![]);
+        let p = testing::pod("web-1", "10.0.0.1");
+        s.pods.insert(p.key.clone(), p);
+        Routes::build(&Arc::new(s), &Routes::default())
+    }
+
+    /// The destination names the service that sends a port to its pod: the first by name when
+    /// several do, and none for a port no service sends to or a pod of another node.
+    #[test]
+    fn the_destination_names_the_service_that_sends_to_a_port() {
+        let b = service("b", "10.96.0.2", &[(81, 8080)], &["10.0.0.1", "10.0.0.9"]);
+        let a = service("a", "10.96.0.1", &[(80, 8080), (90, 9090)], &["10.0.0.1"]);
+        let r = with_local_pod(vec![b, a]);
+        let named = r.service_to(ip("10.0.0.1"), 8080);
+        assert_eq!(
+            (named.name.as_str(), named.fqdn.as_str()),
+            ("a", "a.default.svc.cluster.local")
+        );
+        assert_eq!(r.service_to(ip("10.0.0.1"), 9090).name, "a");
+        assert_eq!(r.service_to(ip("10.0.0.1"), 7777), ServiceLabels::unknown());
+        assert_eq!(
+            r.service_to(ip("10.0.0.9"), 8080),
+            ServiceLabels::unknown(),
+            "a remote endpoint is not indexed here"
+        );
     }
 
     #[test]
@@ -317,11 +368,13 @@ mod tests {
             &[(80, 8080)],
             &["10.0.0.1"],
         )]);
+        let named = r.service_name_at(ip("10.96.0.10"));
+        assert_eq!(named.fqdn, "web.default.svc.cluster.local");
         assert_eq!(
-            r.service_name_at(ip("10.96.0.10")),
-            "web.default.svc.cluster.local"
+            (named.name.as_str(), named.namespace.as_str()),
+            ("web", "default")
         );
-        assert_eq!(r.service_name_at(ip("10.0.0.1")), UNKNOWN);
+        assert_eq!(r.service_name_at(ip("10.0.0.1")), ServiceLabels::unknown());
     }
 
     #[test]
@@ -330,7 +383,7 @@ mod tests {
         a.upgrades = vec!["websocket".into()];
         let mut b = service("b", "10.96.0.2", &[(81, 8080)], &["10.0.0.1"]);
         b.upgrades = vec!["mesh-echo".into(), "websocket".into()];
-        let r = routes(vec![a, b]);
+        let r = with_local_pod(vec![a, b]);
         assert_eq!(
             r.upgrades_to(ip("10.0.0.1"), 8080),
             ["mesh-echo", "websocket"]

@@ -58,7 +58,10 @@ pub enum AccessLogFormat {
 /// One side of a flow, as the record names it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Side {
-    /// Workload name (`unknown` outside the mesh).
+    /// The pod's name (`unknown` outside the mesh).
+    #[serde(default)]
+    pub pod: String,
+    /// What owns the pod, as metrics name it (`unknown` outside the mesh).
     pub workload: String,
     /// Its namespace.
     pub namespace: String,
@@ -72,6 +75,7 @@ pub struct Side {
 impl Side {
     fn of(p: Peer, addr: Option<SocketAddr>) -> Self {
         Self {
+            pod: p.pod,
             workload: p.workload,
             namespace: p.namespace,
             principal: p.principal,
@@ -288,7 +292,7 @@ impl FlowLog {
             reporter: f.reporter.as_str().into(),
             src: Side::of(f.src, d.src_addr),
             dst: Side::of(f.dst, d.dst_addr),
-            service: f.service,
+            service: f.service.fqdn,
             security: f.security.as_str().into(),
             verdict: d.verdict,
             policies: d.policies,
@@ -432,16 +436,12 @@ struct SideName<'a>(&'a Side);
 
 impl std::fmt::Display for SideName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Side {
-            namespace,
-            workload,
-            ..
-        } = self.0;
+        let Side { namespace, pod, .. } = self.0;
         // Never empty (it holds the `/`), so only separators call for quotes.
-        if Value::has_separator(namespace) || Value::has_separator(workload) {
-            write!(f, "{:?}", format!("{namespace}/{workload}"))
+        if Value::has_separator(namespace) || Value::has_separator(pod) {
+            write!(f, "{:?}", format!("{namespace}/{pod}"))
         } else {
-            write!(f, "{namespace}/{workload}")
+            write!(f, "{namespace}/{pod}")
         }
     }
 }
@@ -518,12 +518,14 @@ mod tests {
             kind: "http".into(),
             reporter: "destination".into(),
             src: Side {
+                pod: "client".into(),
                 workload: "client".into(),
                 namespace: "default".into(),
                 principal: "spiffe://td/ns/default/sa/c".into(),
                 addr: Some("10.0.0.1:4000".parse().unwrap_or_else(|_| unreachable!())),
             },
             dst: Side {
+                pod: "server".into(),
                 workload: "server".into(),
                 namespace: "default".into(),
                 principal: "spiffe://td/ns/default/sa/s".into(),
@@ -569,7 +571,7 @@ mod tests {
     #[test]
     fn text_line_quotes_a_side_and_an_empty_value() {
         let mut r = sample();
-        r.dst.workload = "my server".into();
+        r.dst.pod = "my server".into();
         r.flags = String::new();
         let line = text_line(&r);
         assert!(line.contains(r#" dst="default/my server" "#), "{line}");

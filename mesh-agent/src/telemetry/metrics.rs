@@ -59,13 +59,24 @@ pub struct Metrics {
 
 impl Metrics {
     /// The registry with every family registered; series of departed workloads are kept for
-    /// `retention`.
-    pub fn new(retention: Duration) -> Result<Self, MetricsError> {
+    /// `retention`; mesh workloads are labelled as in `cluster`.
+    pub fn new(retention: Duration, cluster: &str) -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let tcp = TcpMetrics::new(&registry)?;
-        let http = HttpMetrics::new(&registry)?;
+        let tcp = TcpMetrics::new(&registry, cluster)?;
+        let http = HttpMetrics::new(&registry, cluster)?;
         let capture = CaptureMetrics::new(&registry)?;
         registry.register(Box::new(process::ProcessCollector::new()?))?;
+        let build = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "mesh_build_info",
+                "The agent's build: always 1, with the version in a label",
+            ),
+            &["component", "version"],
+        )?;
+        build
+            .with_label_values(&["mesh-agent", env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(build))?;
         Ok(Self {
             registry,
             tcp,
@@ -97,7 +108,7 @@ impl Metrics {
         let present: std::collections::HashSet<(String, String)> = state
             .workloads
             .values()
-            .map(|w| (w.key.namespace.clone(), w.key.name.clone()))
+            .map(|w| (w.key.namespace.clone(), w.workload_name.to_string()))
             .collect();
         let mut gone = self.gone.lock();
         gone.retain(|k, _| !present.contains(k));

@@ -17,7 +17,7 @@ use tokio::{
 
 use super::{
     error::TransportError,
-    hbone::{self, Tunnel},
+    hbone::{self, Payload, Tunnel},
 };
 use crate::{pods::LocalPod, state::Workload, view::Snapshot};
 
@@ -62,18 +62,19 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    /// Opens a connection from `src` to `target` along `hop`.
+    /// Opens a connection from `src` to `target` along `hop`, to carry `payload`.
     pub async fn open(
         &self,
         src: &LocalPod,
         hop: &Hop,
         target: SocketAddr,
+        payload: Payload,
     ) -> Result<UpstreamIo, TransportError> {
         match hop {
             Hop::Local(dest) => dial_app(dest, target.port()).await.map(UpstreamIo::Tcp),
             Hop::Hbone(w) => self
                 .hbone
-                .connect(src, w, target)
+                .connect(src, w, target, payload)
                 .await
                 .map(UpstreamIo::Tunnel),
             Hop::Passthrough => {

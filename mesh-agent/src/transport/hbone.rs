@@ -23,6 +23,11 @@
 //! requires a client certificate of the trust domain. Each CONNECT is checked, in this order:
 //! method → authority names a local pod with this listener's identity → L4 authorization with
 //! the client certificate's identity → dial the application over the pod's loopback → 200.
+//!
+//! A CONNECT whose stream the source node filled with HTTP requests it routed says so
+//! ([`PAYLOAD_HEADER`]), so the destination node parses them too and reports them as
+//! `reporter="destination"`, as Istio's sidecars do. The hint only asks for parsing: it grants
+//! nothing, and a stream that is not HTTP after all is decided at L4 as any other.
 
 use std::{
     collections::HashMap,
@@ -193,6 +198,20 @@ enum Next {
     Dial(usize, watch::Sender<Option<Result<(), String>>>),
 }
 
+/// What a tunnel carries, as its CONNECT tells the destination node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// Bytes the source relayed at L4.
+    Opaque,
+    /// HTTP requests the source routed at L7: the destination parses and reports them too.
+    Http,
+}
+
+/// The CONNECT header that names the payload.
+pub const PAYLOAD_HEADER: &str = "mesh-payload";
+/// Its value for [`Payload::Http`].
+pub const PAYLOAD_HTTP: &str = "http";
+
 impl Pool {
     /// An empty pool whose connections close after `idle_timeout` without a stream. Must be
     /// made inside the runtime: it starts the task that closes idle connections.
@@ -245,12 +264,13 @@ impl Pool {
         self.conns.lock().values().map(|e| e.conns.len()).sum()
     }
 
-    /// Opens a tunnel from `src` to `target` on workload `dst`.
+    /// Opens a tunnel from `src` to `target` on workload `dst`, to carry `payload`.
     pub async fn connect(
         &self,
         src: &LocalPod,
         dst: &Workload,
         target: SocketAddr,
+        payload: Payload,
     ) -> Result<Tunnel, TransportError> {
         let src_id = src.identity();
         let dst_id = Identity::new(&self.trust_domain, &dst.key.namespace, &dst.service_account);
@@ -348,9 +368,13 @@ impl Pool {
             .ready()
             .await
             .map_err(|e| tunnel(format!("HBONE connection closed: {e}")))?;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::CONNECT)
-            .uri(target.to_string())
+            .uri(target.to_string());
+        if payload == Payload::Http {
+            req = req.header(PAYLOAD_HEADER, PAYLOAD_HTTP);
+        }
+        let req = req
             .body(Empty::<Bytes>::new())
             .map_err(|e| tunnel(e.to_string()))?;
         let resp = sender

@@ -32,6 +32,7 @@ use tracing::debug;
 use super::{
     dial::{Dialer, Hop, UpstreamIo},
     error::TransportError,
+    hbone::Payload,
 };
 use crate::{
     pods::LocalPod,
@@ -52,7 +53,7 @@ async fn open(
     target: SocketAddr,
 ) -> Result<UpstreamIo, UpstreamError> {
     let io = dialer
-        .open(src, hop, target)
+        .open(src, hop, target, Payload::Http)
         .await
         .map_err(UpstreamError::Connect)?;
     match hop {

@@ -64,6 +64,8 @@ pub struct PodInfo {
     pub namespace: String,
     /// Its labels.
     pub labels: Labels,
+    /// The workload it belongs to (see [`workload_name`]).
+    pub workload_name: String,
     /// Its service account (`default` when unset, as Kubernetes defaults it).
     pub service_account: String,
     /// The node it is scheduled on, if any yet.
@@ -81,9 +83,11 @@ impl PodInfo {
     pub fn from_pod(p: &Pod) -> Option<Self> {
         let spec = p.spec.as_ref();
         let status = p.status.as_ref();
+        let name = p.metadata.name.clone()?;
         Some(Self {
             uid: p.metadata.uid.clone()?,
-            name: p.metadata.name.clone()?,
+            workload_name: workload_name(p).unwrap_or_else(|| name.clone()),
+            name,
             namespace: p
                 .metadata
                 .namespace
@@ -104,6 +108,37 @@ impl PodInfo {
                 .is_some_and(|p| p == "Succeeded" || p == "Failed"),
         })
     }
+}
+
+/// The workload a pod belongs to, as Istio's metrics name it: the controller that made it,
+/// with a Deployment's ReplicaSet named as the Deployment (the ReplicaSet's name less the
+/// `pod-template-hash`) and a CronJob's Job as the CronJob (the Job's name less its numeric
+/// schedule suffix). `None` for a pod no controller made: it is its own workload.
+pub fn workload_name(p: &Pod) -> Option<String> {
+    let owner = p
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))?;
+    let name = owner.name.as_str();
+    let named = match owner.kind.as_str() {
+        "ReplicaSet" => p
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("pod-template-hash"))
+            .filter(|h| !h.is_empty())
+            .and_then(|h| name.strip_suffix(h.as_str()))
+            .and_then(|n| n.strip_suffix('-')),
+        "Job" => name.rsplit_once('-').and_then(|(base, stamp)| {
+            let numeric =
+                (8..=10).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit());
+            (numeric && !base.is_empty()).then_some(base)
+        }),
+        _ => None,
+    };
+    Some(named.unwrap_or(name).to_string())
 }
 
 /// A service's address and ports.
@@ -280,6 +315,7 @@ impl World {
                     netns: Some(found.netns.clone()),
                     cgroup: Some(found.cgroup.clone()),
                     labels: p.labels.clone(),
+                    workload_name: Some(p.workload_name.clone()),
                 });
             } else {
                 file.workloads.push(RawWorkload {
@@ -289,6 +325,7 @@ impl World {
                     ip: Some(ip.to_string()),
                     node: Some(pod_node.to_string()),
                     labels: p.labels.clone(),
+                    workload_name: Some(p.workload_name.clone()),
                 });
             }
         }
@@ -359,6 +396,61 @@ mod tests {
 
     fn pod(v: Value) -> PodInfo {
         PodInfo::from_pod(&serde_json::from_value(v).expect("pod")).expect("kept")
+    }
+
+    /// The workload name of pod `name` whose controller is `kind/owner`, with `hash` as its
+    /// `pod-template-hash`.
+    fn owned(name: &str, kind: &str, owner: &str, controller: bool, hash: Option<&str>) -> String {
+        let labels = hash.map_or_else(|| json!({}), |h| json!({"pod-template-hash": h}));
+        pod(json!({
+            "metadata": {"name": name, "uid": "u", "labels": labels, "ownerReferences": [
+                {"apiVersion": "apps/v1", "kind": kind, "name": owner, "uid": "o", "controller": controller}
+            ]},
+        }))
+        .workload_name
+    }
+
+    /// Metrics name what owns a pod, as Istio's heuristics do, so replicas share series.
+    #[test]
+    fn a_pods_workload_is_its_controller_named_as_istio_names_it() {
+        let rs = |name, owner, hash| owned(name, "ReplicaSet", owner, true, hash);
+        assert_eq!(
+            rs("web-7d9f8-abcde", "web-7d9f8", Some("7d9f8")),
+            "web",
+            "a Deployment's ReplicaSet"
+        );
+        assert_eq!(
+            rs("web-x1", "web-7d9f8", None),
+            "web-7d9f8",
+            "a bare ReplicaSet"
+        );
+        assert_eq!(
+            rs("web-x1", "web-7d9f8", Some("zzz")),
+            "web-7d9f8",
+            "a hash the name does not end with"
+        );
+        assert_eq!(owned("db-0", "StatefulSet", "db", true, None), "db");
+        assert_eq!(owned("log-abcde", "DaemonSet", "log", true, None), "log");
+        assert_eq!(
+            owned("backup-28930015-x", "Job", "backup-28930015", true, None),
+            "backup",
+            "a CronJob's Job"
+        );
+        assert_eq!(
+            owned("migrate-x", "Job", "migrate-1", true, None),
+            "migrate-1",
+            "a Job of its own"
+        );
+        assert_eq!(
+            owned("solo", "ReplicaSet", "rs", false, None),
+            "solo",
+            "an owner that is not the controller"
+        );
+        let bare = pod(json!({"metadata": {"name": "solo", "uid": "u"}}));
+        assert_eq!(
+            bare.workload_name, "solo",
+            "no owner: the pod is its own workload"
+        );
     }
 
     fn world() -> World {

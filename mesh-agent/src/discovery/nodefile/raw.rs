@@ -89,6 +89,8 @@ pub struct RawWorkload {
     /// Its labels, so this node can tell which policies select it (for `explain`).
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
+    /// What owns it (its Deployment, StatefulSet...), which metrics name; default its name.
+    pub workload_name: Option<String>,
 }
 
 /// A pod on this node: what capture needs (its netns and cgroup) and its identity.
@@ -104,6 +106,8 @@ pub struct RawPod {
     pub cgroup: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
+    /// What owns it (its Deployment, StatefulSet...), which metrics name; default its name.
+    pub workload_name: Option<String>,
 }
 
 /// A service: its virtual IP, ports and endpoints.

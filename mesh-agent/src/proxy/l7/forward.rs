@@ -413,7 +413,7 @@ mod tests {
         let view = View::new("cluster.local");
         view.publish(&Arc::new(node_state(policy)), []);
         let snap = view.load();
-        let metrics = Metrics::new(Duration::from_secs(60)).expect("metrics");
+        let metrics = Metrics::new(Duration::from_secs(60), "Kubernetes").expect("metrics");
         let flows = FlowLog::new(AccessLogFormat::Off, &metrics).expect("flow log");
         let src = Identity::new("cluster.local", "default", "client");
         let cx = Forward {

@@ -4,7 +4,7 @@
 //! first allowed request (so a refused one never reaches it) and again if the application
 //! closes it.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use parking_lot::Mutex;
 
@@ -29,7 +29,7 @@ use crate::{
         detect::Protocol,
     },
     proxy::{admission::authorize, inputs::ProxyInputs},
-    telemetry::metrics::labels::{Flow, Peer, Reporter, Security, UNKNOWN},
+    telemetry::metrics::labels::{Flow, Peer, Reporter, Security},
     transport::dial::dial_app,
     view::Snapshot,
 };
@@ -50,15 +50,16 @@ struct Inbound {
     h2_app: Mutex<Option<hyper::client::conn::http2::SendRequest<Body>>>,
 }
 
-/// Serves a connection to `dest`'s application at L7: every request is authorized with
-/// `source` and forwarded over one connection to the application, dialled for the first
-/// allowed request (so a refused one never reaches it) and again if the application closes it.
+/// Serves a connection to `port` of `dest`'s application at L7: every request is authorized
+/// with `source` and forwarded over one connection to the application: `app` when the caller
+/// dialled it already, else dialled for the first allowed request (so a refused one never
+/// reaches it), and again if the application closes it.
 pub async fn serve_inbound<S>(
     inputs: Arc<ProxyInputs>,
     dest: Arc<LocalPod>,
     source: Option<Identity>,
     (from, peer): (Peer, SocketAddr),
-    port: u16,
+    (port, app): (u16, Option<tokio::net::TcpStream>),
     protocol: Protocol,
     io: S,
 ) where
@@ -76,10 +77,15 @@ pub async fn serve_inbound<S>(
         h1_app: Mutex::new(None),
         h2_app: Mutex::new(None),
     });
+    if let Some(app) = app
+        && let Err(e) = cx.attach(app).await
+    {
+        tracing::debug!(dst = %cx.dest.pod.key, "the application's connection failed at once: {e}");
+    }
     let timeouts = cx.inputs.http_timeouts;
     let svc = service_fn(move |req| {
         let cx = cx.clone();
-        async move { Ok::<_, Infallible>(inbound_request(&cx, req).await) }
+        async move { inbound_request(&cx, req).await }
     });
     serve(io, protocol, timeouts, svc).await;
 }
@@ -133,7 +139,16 @@ impl Inbound {
     }
 }
 
-async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<Body> {
+/// The application dropped a request unanswered and the client is a peer proxy: the request is
+/// dropped the same way, so the source sees (and may retry) a reset, not this node's 503.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+#[error("the application dropped the request unanswered")]
+pub struct Unanswered;
+
+async fn inbound_request(
+    cx: &Inbound,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Unanswered> {
     cx.dest.counters.http_requests.inc();
     let shape = Shape::of(&mut req);
     let view = cx.inputs.view.load();
@@ -152,8 +167,8 @@ async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<B
     let flow = Flow {
         reporter: Reporter::Destination,
         src: cx.from.clone(),
-        dst: Peer::new(&cx.dest.pod.key, cx.dest.identity()),
-        service: UNKNOWN.into(),
+        dst: Peer::of_pod(&cx.dest.pod, cx.dest.identity()),
+        service: view.routes.service_to(cx.dest.pod.ip, cx.port),
         security: if cx.source.is_some() {
             Security::MutualTls
         } else {
@@ -164,7 +179,14 @@ async fn inbound_request(cx: &Inbound, mut req: Request<Incoming>) -> Response<B
         src: Some(cx.peer),
         dst: Some(SocketAddr::new(cx.dest.pod.ip, cx.port)),
     };
-    recorded(&cx.inputs, flow, false, shape, ends, resp)
+    let unanswered = resp.extensions().get::<Unanswered>().is_some();
+    let resp = recorded(&cx.inputs, flow, false, shape, ends, resp);
+    if unanswered && cx.source.is_some() {
+        // Dropping the response files its record (503, UC) here.
+        drop(resp);
+        return Err(Unanswered);
+    }
+    Ok(resp)
 }
 
 /// Authorizes one prepared request on the inbound side and sends it to the application.
@@ -195,10 +217,14 @@ async fn authorize_and_send(
             strip_response(resp.status(), resp.headers_mut());
             resp.map(incoming)
         }
-        Err(e) => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UC",
-            &format!("application: {e}"),
-        ),
+        Err(e) => {
+            let mut r = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UC",
+                &format!("application: {e}"),
+            );
+            r.extensions_mut().insert(Unanswered);
+            r
+        }
     }
 }

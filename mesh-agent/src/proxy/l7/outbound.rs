@@ -37,7 +37,7 @@ use crate::{
         table::{Routes, ServiceEntry},
     },
     state::RouteRule,
-    telemetry::metrics::labels::{Flow, Peer, Reporter, Security, service_fqdn},
+    telemetry::metrics::labels::{Flow, Peer, Reporter, Security, ServiceLabels},
     view::Snapshot,
 };
 
@@ -88,16 +88,18 @@ async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response
     let served = resp.extensions_mut().remove::<Served>();
     let flow = Flow {
         reporter: Reporter::Source,
-        src: Peer::new(&cx.src.pod.key, cx.src.identity()),
+        src: Peer::of_pod(&cx.src.pod, cx.src.identity()),
         dst: served.as_ref().map_or_else(Peer::unknown, |s| {
             routes
                 .state
                 .workloads
                 .get(&s.addr.ip())
-                .map_or_else(Peer::unknown, |w| Peer::new(&w.key, &view.identity_of(w)))
+                .map_or_else(Peer::unknown, |w| {
+                    Peer::of_workload(w, &view.identity_of(w))
+                })
         }),
         service: match served.as_ref().and_then(|s| s.service.as_ref()) {
-            Some(k) => service_fqdn(k),
+            Some(k) => ServiceLabels::of(k),
             None => routes.service_name_at(cx.dst.ip()),
         },
         security: if served.as_ref().is_some_and(|s| s.hbone) {

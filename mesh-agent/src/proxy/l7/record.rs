@@ -117,6 +117,8 @@ pub(super) fn recorded(
         .to_string();
     let denial = resp.extensions_mut().remove::<Decision>();
     let why = resp.extensions_mut().remove::<Why>();
+    // A trailers-only gRPC answer carries its status in the head.
+    let head_status = grpc_status_of(resp.headers());
     let (metrics, flows) = (inputs.metrics.clone(), inputs.flows.clone());
     let started = shape.started;
     let wall = std::time::SystemTime::now() - started.elapsed();
@@ -124,10 +126,17 @@ pub(super) fn recorded(
         Recorded {
             inner,
             bytes: 0,
-            done: Some(Box::new(move |bytes| {
+            grpc_status: head_status,
+            done: Some(Box::new(move |bytes, trailer_status| {
                 let protocol = if shape.grpc { "grpc" } else { "http" };
+                let grpc_status = if shape.grpc {
+                    trailer_status.unwrap_or_else(|| grpc_status_for_http(code))
+                } else {
+                    String::new()
+                };
                 let outcome = Outcome {
                     protocol,
+                    grpc_status: &grpc_status,
                     code,
                     flags: &flags,
                     duration: started.elapsed(),
@@ -166,17 +175,45 @@ pub(super) fn recorded(
     })
 }
 
+/// The `grpc-status` in `headers` (a head or trailers), if any.
+fn grpc_status_of(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The gRPC status a client library reports for an answer with HTTP status `code` and no
+/// `grpc-status` (gRPC's HTTP-to-gRPC status mapping), so the proxy's own refusals of a gRPC
+/// call count under the status the caller saw. A 200 without one is a broken stream: unknown.
+fn grpc_status_for_http(code: u16) -> String {
+    match code {
+        400 => "13",
+        401 => "16",
+        403 => "7",
+        404 => "12",
+        429 | 502..=504 => "14",
+        _ => "2",
+    }
+    .to_string()
+}
+
+/// What a recorded response's end reports: its body bytes, and the `grpc-status` its trailers
+/// (or head) carried.
+type Done = Box<dyn FnOnce(u64, Option<String>) + Send>;
+
 /// A response body that counts its bytes and reports them once, at its end or drop.
 pub(super) struct Recorded {
     inner: Body,
     bytes: u64,
-    done: Option<Box<dyn FnOnce(u64) + Send>>,
+    grpc_status: Option<String>,
+    done: Option<Done>,
 }
 
 impl Recorded {
     fn finish(&mut self) {
         if let Some(done) = self.done.take() {
-            done(self.bytes);
+            done(self.bytes, self.grpc_status.take());
         }
     }
 }
@@ -199,6 +236,10 @@ impl hyper::body::Body for Recorded {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     self.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref()
+                    && let Some(s) = grpc_status_of(t)
+                {
+                    self.grpc_status = Some(s);
                 }
                 if self.inner.is_end_stream() {
                     self.finish();
@@ -214,5 +255,27 @@ impl hyper::body::Body for Recorded {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A gRPC call refused by the proxy counts under the status its caller's library reports.
+    #[test]
+    fn grpc_status_follows_grpcs_http_mapping() {
+        let got: Vec<String> = [400, 401, 403, 404, 429, 502, 503, 504, 500, 200]
+            .into_iter()
+            .map(grpc_status_for_http)
+            .collect();
+        assert_eq!(
+            got,
+            ["13", "16", "7", "12", "14", "14", "14", "14", "2", "2"]
+        );
+        let mut h = http::HeaderMap::new();
+        assert_eq!(grpc_status_of(&h), None);
+        h.insert("grpc-status", http::HeaderValue::from_static("5"));
+        assert_eq!(grpc_status_of(&h).as_deref(), Some("5"));
     }
 }

@@ -1,8 +1,6 @@
 //! hyper's server for a captured connection, with the hardening settings: HTTP/2 limits and
 //! the frame guard, or the HTTP/1 framing guard with its head and idle timeouts.
 
-use std::convert::Infallible;
-
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,7 +21,8 @@ const MAX_PENDING_RESETS: usize = 20;
 pub async fn serve<S, Svc>(io: S, protocol: Protocol, timeouts: HttpTimeouts, svc: Svc)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Svc: hyper::service::HttpService<Incoming, ResBody = Body, Error = Infallible>,
+    Svc: hyper::service::HttpService<Incoming, ResBody = Body>,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     Svc::Future: Send + 'static,
 {
     let result = if protocol == Protocol::Http2 {

@@ -4,10 +4,12 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
-use crate::telemetry::metrics::labels::{Flow, MetricsError, RemovableFamily, label_names};
+use crate::telemetry::metrics::labels::{
+    FLOW_LABEL_COUNT, Flow, MetricsError, RemovableFamily, label_names,
+};
 
 /// The families' own labels, after the flow's.
-const OWN_LABELS: &[&str] = &["response_code", "response_flags"];
+const OWN_LABELS: &[&str] = &["response_code", "response_flags", "grpc_response_status"];
 
 /// Istio's duration buckets, in milliseconds.
 const DURATION_MS: [f64; 19] = [
@@ -28,6 +30,8 @@ pub struct HttpMetrics {
     duration: HistogramVec,
     request_bytes: HistogramVec,
     response_bytes: HistogramVec,
+    /// `*_cluster` of mesh workloads.
+    cluster: String,
 }
 
 fn histogram(
@@ -59,17 +63,21 @@ pub struct Outcome<'a> {
     pub request_bytes: u64,
     /// Response body bytes.
     pub response_bytes: u64,
+    /// `grpc_response_status`: a gRPC call's status code, empty for plain HTTP.
+    pub grpc_status: &'a str,
 }
 
 impl HttpMetrics {
     /// Makes and registers the families.
-    pub fn new(registry: &Registry) -> Result<Self, MetricsError> {
+    /// Mesh workloads are in `cluster`.
+    pub fn new(registry: &Registry, cluster: &str) -> Result<Self, MetricsError> {
         let requests = IntCounterVec::new(
             Opts::new("istio_requests_total", "HTTP requests handled at L7"),
             &label_names(OWN_LABELS),
         )?;
         registry.register(Box::new(requests.clone()))?;
         Ok(Self {
+            cluster: cluster.to_string(),
             requests,
             duration: histogram(
                 registry,
@@ -95,11 +103,12 @@ impl HttpMetrics {
     /// Records one finished request of `flow`.
     pub fn record(&self, flow: &Flow, o: &Outcome<'_>) {
         let code = o.code.to_string();
-        let base = flow.values(o.protocol);
-        let mut v = [""; 12];
-        v[..10].copy_from_slice(&base);
-        v[10] = &code;
-        v[11] = o.flags;
+        let base = flow.values(o.protocol, &self.cluster);
+        let mut v = [""; FLOW_LABEL_COUNT + 3];
+        v[..FLOW_LABEL_COUNT].copy_from_slice(&base);
+        v[FLOW_LABEL_COUNT] = &code;
+        v[FLOW_LABEL_COUNT + 1] = o.flags;
+        v[FLOW_LABEL_COUNT + 2] = o.grpc_status;
         self.requests.with_label_values(&v).inc();
         self.duration
             .with_label_values(&v)

@@ -6,7 +6,10 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use prometheus::core::Collector;
 
-use crate::{identity::Identity, state::ObjectKey};
+use crate::{
+    identity::Identity,
+    state::{Labels, ObjectKey, Pod, Workload},
+};
 
 /// Errors of the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -35,31 +38,108 @@ pub const UNKNOWN: &str = "unknown";
 /// One side of a flow, as labels name it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Peer {
-    /// `source_workload` / `destination_workload`: the pod's name.
+    /// The pod's name (flow records name it; metrics name the workload, so replicas share series).
+    pub pod: String,
+    /// `*_workload`: what owns the pod (its Deployment, StatefulSet...), as Istio names it.
     pub workload: String,
     /// Its namespace.
     pub namespace: String,
     /// Its SPIFFE ID, when proved.
     pub principal: String,
+    /// `*_app`: the `app` label (falling back to the canonical service).
+    pub app: String,
+    /// `*_version`: the `version` label (falling back to the canonical revision).
+    pub version: String,
+    /// `*_canonical_service`, by Istio's label precedence.
+    pub canonical_service: String,
+    /// `*_canonical_revision`, by Istio's label precedence.
+    pub canonical_revision: String,
+}
+
+/// The first of `keys` set in `labels`.
+fn first<'a>(labels: &'a Labels, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// Istio's canonical service: `service.istio.io/canonical-name`, else `app.kubernetes.io/name`,
+/// else `app`, else the workload's name.
+pub fn canonical_service<'a>(labels: &'a Labels, workload: &'a str) -> &'a str {
+    first(
+        labels,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    )
+    .unwrap_or(workload)
+}
+
+/// Istio's canonical revision: `service.istio.io/canonical-revision`, else
+/// `app.kubernetes.io/version`, else `version`, else `latest`.
+pub fn canonical_revision(labels: &Labels) -> &str {
+    first(
+        labels,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+    .unwrap_or("latest")
 }
 
 impl Peer {
     /// A side that is not (or not provably) a mesh workload.
     pub fn unknown() -> Self {
         Self {
+            pod: UNKNOWN.into(),
             workload: UNKNOWN.into(),
             namespace: UNKNOWN.into(),
             principal: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+            version: UNKNOWN.into(),
+            canonical_service: UNKNOWN.into(),
+            canonical_revision: UNKNOWN.into(),
         }
     }
 
-    /// The workload `key` with identity `id`.
-    pub fn new(key: &ObjectKey, id: &Identity) -> Self {
+    /// A mesh pod with identity `id`: `pod` in the namespace, owned by `workload`, with `labels`.
+    pub fn new(pod: &ObjectKey, workload: &str, labels: &Labels, id: &Identity) -> Self {
+        let service = canonical_service(labels, workload);
+        let revision = canonical_revision(labels);
         Self {
-            workload: key.name.clone(),
-            namespace: key.namespace.clone(),
+            pod: pod.name.clone(),
+            workload: workload.to_string(),
+            namespace: pod.namespace.clone(),
             principal: id.to_string(),
+            app: first(labels, &["app", "app.kubernetes.io/name"])
+                .unwrap_or(service)
+                .to_string(),
+            version: first(labels, &["version", "app.kubernetes.io/version"])
+                .unwrap_or(revision)
+                .to_string(),
+            canonical_service: service.to_string(),
+            canonical_revision: revision.to_string(),
         }
+    }
+
+    /// Local pod `pod` with identity `id`.
+    pub fn of_pod(pod: &Pod, id: &Identity) -> Self {
+        Self::new(&pod.key, &pod.workload_name, &pod.labels, id)
+    }
+
+    /// Mesh workload `w` with identity `id`.
+    pub fn of_workload(w: &Workload, id: &Identity) -> Self {
+        Self::new(&w.key, &w.workload_name, &w.labels, id)
+    }
+
+    /// Whether this side is a mesh workload (metrics then name the cluster).
+    pub fn is_known(&self) -> bool {
+        self.workload != UNKNOWN
     }
 }
 
@@ -102,6 +182,42 @@ impl Security {
     }
 }
 
+/// The service a flow was addressed to, as labels name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceLabels {
+    /// `destination_service`: its FQDN.
+    pub fqdn: String,
+    /// `destination_service_name`.
+    pub name: String,
+    /// `destination_service_namespace`.
+    pub namespace: String,
+}
+
+impl ServiceLabels {
+    /// No service (a pod address, or outside the mesh).
+    pub fn unknown() -> Self {
+        Self {
+            fqdn: UNKNOWN.into(),
+            name: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+        }
+    }
+
+    /// Service `key`.
+    pub fn of(key: &ObjectKey) -> Self {
+        Self {
+            fqdn: service_fqdn(key),
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+        }
+    }
+
+    /// `key`, or unknown.
+    pub fn of_opt(key: Option<&ObjectKey>) -> Self {
+        key.map_or_else(Self::unknown, Self::of)
+    }
+}
+
 /// The labels every TCP and HTTP series of one flow shares.
 #[derive(Clone, Debug)]
 pub struct Flow {
@@ -111,22 +227,39 @@ pub struct Flow {
     pub src: Peer,
     /// The server.
     pub dst: Peer,
-    /// `destination_service`: the service's FQDN when a service address was used.
-    pub service: String,
+    /// The service the client addressed, when a service address was used (or, on the
+    /// destination, the one service that sends that port to the pod).
+    pub service: ServiceLabels,
     /// mTLS or not.
     pub security: Security,
 }
 
-/// The label names shared by every flow family, in the order [`Flow::values`] gives them.
-pub const FLOW_LABELS: [&str; 10] = [
+/// How many labels every flow family shares.
+pub const FLOW_LABEL_COUNT: usize = 22;
+
+/// The label names shared by every flow family, in the order [`Flow::values`] gives them. These
+/// are Istio's standard labels, which Kiali's graph and Istio's dashboards query.
+pub const FLOW_LABELS: [&str; FLOW_LABEL_COUNT] = [
     "reporter",
     "source_workload",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
     "destination_workload",
     "destination_workload_namespace",
     "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
     "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
     "request_protocol",
     "connection_security_policy",
 ];
@@ -137,17 +270,36 @@ pub fn label_names(own: &[&'static str]) -> Vec<&'static str> {
 }
 
 impl Flow {
-    /// The values of [`FLOW_LABELS`] for `protocol` (`tcp`, `http`, `grpc`).
-    pub fn values<'a>(&'a self, protocol: &'a str) -> [&'a str; 10] {
+    /// The values of [`FLOW_LABELS`] for `protocol` (`tcp`, `http`, `grpc`); a mesh side is in
+    /// `cluster`.
+    pub fn values<'a>(
+        &'a self,
+        protocol: &'a str,
+        cluster: &'a str,
+    ) -> [&'a str; FLOW_LABEL_COUNT] {
+        let cluster_of = |p: &Peer| if p.is_known() { cluster } else { UNKNOWN };
+        let (s, d) = (&self.src, &self.dst);
         [
             self.reporter.as_str(),
-            &self.src.workload,
-            &self.src.namespace,
-            &self.src.principal,
-            &self.dst.workload,
-            &self.dst.namespace,
-            &self.dst.principal,
-            &self.service,
+            &s.workload,
+            &s.namespace,
+            &s.principal,
+            &s.app,
+            &s.version,
+            &s.canonical_service,
+            &s.canonical_revision,
+            cluster_of(s),
+            &d.workload,
+            &d.namespace,
+            &d.principal,
+            &d.app,
+            &d.version,
+            &d.canonical_service,
+            &d.canonical_revision,
+            cluster_of(d),
+            &self.service.fqdn,
+            &self.service.name,
+            &self.service.namespace,
             protocol,
             self.security.as_str(),
         ]
@@ -176,5 +328,117 @@ pub trait RemovableFamily: Collector {
 impl<T: prometheus::core::MetricVecBuilder> RemovableFamily for prometheus::core::MetricVec<T> {
     fn remove(&self, labels: &HashMap<&str, &str>) {
         let _ = prometheus::core::MetricVec::remove(self, labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Canonical names follow Istio's label precedence, down to the workload's name and
+    /// `latest`.
+    #[test]
+    fn canonical_names_follow_istios_precedence() {
+        let all = labels(&[
+            ("service.istio.io/canonical-name", "shop"),
+            ("app.kubernetes.io/name", "shop-k8s"),
+            ("app", "shop-app"),
+            ("service.istio.io/canonical-revision", "r7"),
+            ("app.kubernetes.io/version", "2.0"),
+            ("version", "v2"),
+        ]);
+        assert_eq!(canonical_service(&all, "shop-deploy"), "shop");
+        assert_eq!(canonical_revision(&all), "r7");
+        let k8s = labels(&[
+            ("app.kubernetes.io/name", "shop-k8s"),
+            ("app", "shop-app"),
+            ("app.kubernetes.io/version", "2.0"),
+            ("version", "v2"),
+        ]);
+        assert_eq!(canonical_service(&k8s, "shop-deploy"), "shop-k8s");
+        assert_eq!(canonical_revision(&k8s), "2.0");
+        let app = labels(&[("app", "shop-app"), ("version", "v2")]);
+        assert_eq!(canonical_service(&app, "shop-deploy"), "shop-app");
+        assert_eq!(canonical_revision(&app), "v2");
+        let none = labels(&[("app", "")]);
+        assert_eq!(canonical_service(&none, "shop-deploy"), "shop-deploy");
+        assert_eq!(canonical_revision(&none), "latest");
+    }
+
+    /// `app` and `version` are the pod's labels, falling back to the canonical names.
+    #[test]
+    fn app_and_version_fall_back_to_the_canonical_names() {
+        let key = ObjectKey {
+            namespace: "shop".into(),
+            name: "cart-6b7c9-x2x".into(),
+        };
+        let id = Identity::new("td", "shop", "cart");
+        let p = Peer::new(
+            &key,
+            "cart",
+            &labels(&[("app", "cart-app"), ("version", "v3")]),
+            &id,
+        );
+        assert_eq!(
+            (p.pod.as_str(), p.workload.as_str()),
+            ("cart-6b7c9-x2x", "cart")
+        );
+        assert_eq!((p.app.as_str(), p.version.as_str()), ("cart-app", "v3"));
+        assert_eq!(p.canonical_service, "cart-app");
+        assert_eq!(p.principal, "spiffe://td/ns/shop/sa/cart");
+        let p = Peer::new(
+            &key,
+            "cart",
+            &labels(&[("service.istio.io/canonical-name", "basket")]),
+            &id,
+        );
+        assert_eq!((p.app.as_str(), p.version.as_str()), ("basket", "latest"));
+    }
+
+    /// Every label has a value in its place, and only mesh sides are in the cluster.
+    #[test]
+    fn flow_values_line_up_with_the_names() {
+        let key = ObjectKey {
+            namespace: "shop".into(),
+            name: "cart-1".into(),
+        };
+        let flow = Flow {
+            reporter: Reporter::Destination,
+            src: Peer::unknown(),
+            dst: Peer::new(
+                &key,
+                "cart",
+                &labels(&[("app", "cart")]),
+                &Identity::new("td", "shop", "cart"),
+            ),
+            service: ServiceLabels::of(&ObjectKey {
+                namespace: "shop".into(),
+                name: "cart-svc".into(),
+            }),
+            security: Security::MutualTls,
+        };
+        let values = flow.values("http", "east");
+        let by_name: HashMap<&str, &str> = FLOW_LABELS.iter().copied().zip(values).collect();
+        assert_eq!(by_name["reporter"], "destination");
+        assert_eq!(by_name["source_cluster"], UNKNOWN);
+        assert_eq!(by_name["source_app"], UNKNOWN);
+        assert_eq!(by_name["destination_cluster"], "east");
+        assert_eq!(by_name["destination_workload"], "cart");
+        assert_eq!(by_name["destination_canonical_revision"], "latest");
+        assert_eq!(
+            by_name["destination_service"],
+            "cart-svc.shop.svc.cluster.local"
+        );
+        assert_eq!(by_name["destination_service_name"], "cart-svc");
+        assert_eq!(by_name["destination_service_namespace"], "shop");
+        assert_eq!(by_name["request_protocol"], "http");
+        assert_eq!(by_name["connection_security_policy"], "mutual_tls");
     }
 }

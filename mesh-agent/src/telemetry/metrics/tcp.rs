@@ -2,7 +2,9 @@
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
-use crate::telemetry::metrics::labels::{Flow, MetricsError, RemovableFamily, label_names};
+use crate::telemetry::metrics::labels::{
+    FLOW_LABEL_COUNT, Flow, MetricsError, RemovableFamily, label_names,
+};
 
 /// The families' own labels, after the flow's.
 const OWN_LABELS: &[&str] = &["response_flags"];
@@ -14,6 +16,8 @@ pub struct TcpMetrics {
     closed: IntCounterVec,
     sent: IntCounterVec,
     received: IntCounterVec,
+    /// `*_cluster` of mesh workloads.
+    cluster: String,
 }
 
 fn family(registry: &Registry, name: &str, help: &str) -> Result<IntCounterVec, MetricsError> {
@@ -23,9 +27,10 @@ fn family(registry: &Registry, name: &str, help: &str) -> Result<IntCounterVec, 
 }
 
 impl TcpMetrics {
-    /// Makes and registers the families.
-    pub fn new(registry: &Registry) -> Result<Self, MetricsError> {
+    /// Makes and registers the families; mesh workloads are in `cluster`.
+    pub fn new(registry: &Registry, cluster: &str) -> Result<Self, MetricsError> {
         Ok(Self {
+            cluster: cluster.to_string(),
             opened: family(
                 registry,
                 "istio_tcp_connections_opened_total",
@@ -52,10 +57,10 @@ impl TcpMetrics {
     /// Counts a connection of `flow` as opened; the returned handle counts its bytes and, when
     /// dropped, its closing.
     pub fn open(&self, flow: &Flow) -> TcpConn {
-        let base = flow.values("tcp");
-        let mut v = [""; 11];
-        v[..10].copy_from_slice(&base);
-        v[10] = "-";
+        let base = flow.values("tcp", &self.cluster);
+        let mut v = [""; FLOW_LABEL_COUNT + 1];
+        v[..FLOW_LABEL_COUNT].copy_from_slice(&base);
+        v[FLOW_LABEL_COUNT] = "-";
         self.opened.with_label_values(&v).inc();
         TcpConn {
             received: self.received.with_label_values(&v),
