@@ -54,16 +54,15 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// Whether `other` is the same pod in the same sandbox: only its labels may differ. Labels
-    /// change which policies select a pod, not its capture, so they apply without re-enrolling
-    /// it (which would close its connections).
+    /// Whether `other` is the same pod in the same sandbox: only its labels and owner may
+    /// differ. They change which policies select a pod and how metrics name it, not its
+    /// capture, so they apply without re-enrolling it (which would close its connections).
     pub fn same_sandbox(&self, other: &Pod) -> bool {
         self.key == other.key
             && self.service_account == other.service_account
             && self.ip == other.ip
             && self.netns == other.netns
             && self.cgroup == other.cgroup
-            && self.workload_name == other.workload_name
     }
 }
 

@@ -48,6 +48,13 @@ impl Snapshot {
         Identity::new(&self.trust_domain, &w.key.namespace, &w.service_account)
     }
 
+    /// Local pod `p` as metric labels name it, with its labels and owner as this snapshot has
+    /// them (a label change keeps the pod enrolled, so `p` may hold older ones).
+    pub fn local_peer(&self, p: &LocalPod) -> Peer {
+        let pod = self.state().pods.get(&p.pod.key).unwrap_or(&p.pod);
+        Peer::of_pod(pod, p.identity())
+    }
+
     /// The workload at `ip` as metric labels name it, when `proven` (the identity a handshake
     /// proved, or the kernel's word for a local pod) is its identity; a proven identity at an
     /// unknown address keeps its principal. An address alone proves nothing: without an

@@ -782,3 +782,126 @@ spec:
     );
     Ok(())
 }
+
+/// The labels every HTTP series of the `frontend` → `catalog` request carries, whichever node
+/// reports it: names from the pods' labels and owners, not from the pods' own names.
+fn kiali_labels(service_account: &str) -> Vec<(&'static str, String)> {
+    [
+        ("source_workload", "frontend"),
+        ("source_workload_namespace", "default"),
+        ("source_app", "frontend"),
+        ("source_version", "v1"),
+        ("source_canonical_service", "frontend"),
+        ("source_canonical_revision", "v1"),
+        ("source_cluster", "Kubernetes"),
+        ("destination_workload", "catalog-db"),
+        ("destination_workload_namespace", "default"),
+        ("destination_app", "catalog"),
+        ("destination_version", "2.1"),
+        ("destination_canonical_service", "catalog"),
+        ("destination_canonical_revision", "2.1"),
+        ("destination_cluster", "Kubernetes"),
+        ("destination_service", "web.default.svc.cluster.local"),
+        ("destination_service_name", "web"),
+        ("destination_service_namespace", "default"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+        ("grpc_response_status", ""),
+        ("connection_security_policy", "mutual_tls"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.to_string()))
+    .chain([(
+        "source_principal",
+        format!("spiffe://cluster.local/ns/default/sa/{service_account}"),
+    )])
+    .collect()
+}
+
+#[test]
+fn metrics_carry_kialis_labels_from_pod_labels_and_owners_on_both_reporters() -> Result<()> {
+    let c = enrolled_pair()?;
+    let k = c.kubectl()?;
+    // A Deployment's pod (its ReplicaSet carries the template hash) with `app` and `version`,
+    // and a StatefulSet's pod named only by Istio's canonical labels.
+    k.run(
+        &[
+            "patch", "pod", "client", "--type", "merge", "-p",
+            r#"{"metadata": {"labels": {"app": "frontend", "version": "v1", "pod-template-hash": "5d8f7"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "frontend-5d8f7", "uid": "rs-1", "controller": true}]}}"#,
+        ],
+        None,
+    )?;
+    k.run(
+        &[
+            "patch", "pod", "server", "--type", "merge", "-p",
+            r#"{"metadata": {"labels": {"app": null, "service.istio.io/canonical-name": "catalog", "app.kubernetes.io/version": "2.1"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "catalog-db", "uid": "sts-1", "controller": true}]}}"#,
+        ],
+        None,
+    )?;
+    let url = format!("http://{}/", c.service_ip("web"));
+    let requests = |i: usize, reporter: &str| -> Result<Vec<mesh_tests::Sample>> {
+        Ok(c.scrape(i)?
+            .into_iter()
+            .filter(|s| {
+                s.name == "istio_requests_total"
+                    && s.labels.get("reporter").map(String::as_str) == Some(reporter)
+                    && s.labels.get("source_workload").map(String::as_str) == Some("frontend")
+            })
+            .collect())
+    };
+    // The agents see the new labels within a watch event; until then a request is named by
+    // the old ones.
+    mesh_tests::wait_until(
+        "a request named by the new labels on the destination",
+        Duration::from_secs(10),
+        || {
+            assert_eq!(c.http_status("client", &url)?, Some(200));
+            Ok(requests(1, "destination")?
+                .iter()
+                .any(|s| s.labels["destination_workload"] == "catalog-db"))
+        },
+    )?;
+    let before = |i, r| -> Result<f64> {
+        Ok(requests(i, r)?
+            .iter()
+            .filter(|s| s.labels["destination_workload"] == "catalog-db")
+            .map(|s| s.value)
+            .sum())
+    };
+    let (src0, dst0) = (before(0, "source")?, before(1, "destination")?);
+    for _ in 0..3 {
+        assert_eq!(c.http_status("client", &url)?, Some(200));
+    }
+    let sa = &c.pod("client").service_account;
+    for (node, reporter, start) in [(0, "source", src0), (1, "destination", dst0)] {
+        let series = requests(node, reporter)?;
+        let s = series
+            .iter()
+            .find(|s| s.labels["destination_workload"] == "catalog-db")
+            .with_context(|| format!("no {reporter} series on node {node}: {series:?}"))?;
+        for (name, want) in kiali_labels(sa) {
+            let got = s.labels.get(name).map_or("<absent>", String::as_str);
+            // An empty label value and an absent label are one thing to Prometheus.
+            let got = if got == "<absent>" && want.is_empty() {
+                ""
+            } else {
+                got
+            };
+            assert_eq!(got, want, "{name} as {reporter} on node {node}: {s:?}");
+        }
+        assert_eq!(s.value - start, 3.0, "three requests as {reporter}");
+    }
+    let build: Vec<_> = c
+        .scrape(1)?
+        .into_iter()
+        .filter(|s| s.name == "mesh_build_info")
+        .collect();
+    assert!(
+        matches!(build.as_slice(), [b] if b.value == 1.0 && !b.labels["version"].is_empty()),
+        "{build:?}"
+    );
+    Ok(())
+}

@@ -13,7 +13,7 @@ use crate::{
     pods::LocalPod,
     telemetry::{
         flows::{Draft, FlowLog},
-        metrics::labels::{Flow, Peer, Reporter, Security},
+        metrics::labels::{Flow, Reporter, Security},
     },
     view::Snapshot,
 };
@@ -136,7 +136,7 @@ pub fn inbound_flow(
     Flow {
         reporter: Reporter::Destination,
         src: view.peer_at(peer, source),
-        dst: Peer::of_pod(&dest.pod, dest.identity()),
+        dst: view.local_peer(dest),
         service: view.routes.service_to(dest.pod.ip, port),
         security: if source.is_some() {
             Security::MutualTls

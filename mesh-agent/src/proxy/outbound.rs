@@ -60,7 +60,7 @@ pub async fn handle(
     }
     let flow = note.flow.take().unwrap_or_else(|| Flow {
         reporter: Reporter::Source,
-        src: Peer::of_pod(&src.pod, src.identity()),
+        src: inputs.view.load().local_peer(src),
         dst: Peer::unknown(),
         service: note.dst.map_or_else(ServiceLabels::unknown, |d| {
             inputs.view.load().routes.service_name_at(d.ip())
@@ -138,9 +138,9 @@ async fn relay(
     let hop = Hop::to(&view, target.ip());
     let flow = Flow {
         reporter: Reporter::Source,
-        src: Peer::of_pod(&src.pod, src.identity()),
+        src: view.local_peer(src),
         dst: match &hop {
-            Hop::Local(dest) => Peer::of_pod(&dest.pod, dest.identity()),
+            Hop::Local(dest) => view.local_peer(dest),
             Hop::Hbone(w) => Peer::of_workload(w, &view.identity_of(w)),
             Hop::Passthrough => Peer::unknown(),
         },

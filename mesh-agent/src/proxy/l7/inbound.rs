@@ -167,7 +167,7 @@ async fn inbound_request(
     let flow = Flow {
         reporter: Reporter::Destination,
         src: cx.from.clone(),
-        dst: Peer::of_pod(&cx.dest.pod, cx.dest.identity()),
+        dst: view.local_peer(&cx.dest),
         service: view.routes.service_to(cx.dest.pod.ip, cx.port),
         security: if cx.source.is_some() {
             Security::MutualTls

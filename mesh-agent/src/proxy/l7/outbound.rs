@@ -88,7 +88,7 @@ async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response
     let served = resp.extensions_mut().remove::<Served>();
     let flow = Flow {
         reporter: Reporter::Source,
-        src: Peer::of_pod(&cx.src.pod, cx.src.identity()),
+        src: view.local_peer(&cx.src),
         dst: served.as_ref().map_or_else(Peer::unknown, |s| {
             routes
                 .state
