@@ -97,7 +97,7 @@ impl Cluster {
                 service_account: Some(p.service_account.clone()),
                 ip: Some(p.ip.to_string()),
                 node: Some(self.nodes[p.node].name.clone()),
-                labels: app_label(&p.name),
+                labels: app_label(&p.name).into(),
                 workload_name: None,
             })
             .collect();

@@ -580,7 +580,8 @@ fn validate(
 
 /// Remote pods, plus this node's own pods (so every lookup by address sees one table).
 fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut Vec<ObjectError>) {
-    // Replicas have the same labels and owner: they share one copy of each.
+    // Replicas have the same labels and owner: they share one copy of each (the discovery's
+    // own, when it shares them already).
     let mut labels: HashMap<&Labels, Arc<Labels>> = HashMap::new();
     let mut names: HashSet<Arc<str>> = HashSet::new();
     let mut name_of = |n: &str| match names.get(n) {
@@ -629,8 +630,8 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
             (cx.errors.len() == before, name, namespace, sa, ip, node)
         {
             let shared = labels
-                .entry(&rw.labels)
-                .or_insert_with(|| Arc::new(rw.labels.clone()))
+                .entry(&*rw.labels)
+                .or_insert_with(|| rw.labels.clone())
                 .clone();
             let workload_name = name_of(rw.workload_name.as_deref().unwrap_or(&name));
             state.workloads.insert(

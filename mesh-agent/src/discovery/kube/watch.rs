@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::world::{PodInfo, ServiceInfo, SliceInfo, World, namespace_labels};
+use super::world::{Interner, PodInfo, ServiceInfo, SliceInfo, World, namespace_labels};
 
 /// The Istio and Gateway API kinds watched, as (group, version, kind, plural).
 pub const OBJECT_KINDS: [(&str, &str, &str, &str); 4] = [
@@ -93,11 +93,16 @@ pub fn start(client: &Client, shared: &Arc<Shared>) {
         namespace_labels,
         |w| &mut w.namespaces,
     );
+    let labels = parking_lot::Mutex::new(Interner::default());
     spawn(
         Api::<Pod>::all(client.clone()),
         "pods",
         shared,
-        |p| PodInfo::from_pod(p).map(|i| (i.uid.clone(), i)),
+        move |p| {
+            let mut i = PodInfo::from_pod(p)?;
+            i.labels = labels.lock().get(i.labels);
+            Some((i.uid.clone(), i))
+        },
         |w| &mut w.pods,
     );
     spawn(
@@ -134,7 +139,7 @@ fn spawn<K, V>(
     api: Api<K>,
     name: &'static str,
     shared: &Arc<Shared>,
-    keep: fn(&K) -> Option<(String, V)>,
+    keep: impl Fn(&K) -> Option<(String, V)> + Send + 'static,
     slot: fn(&mut World) -> &mut BTreeMap<String, V>,
 ) where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,

@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -62,8 +63,8 @@ pub struct PodInfo {
     pub name: String,
     /// Its namespace.
     pub namespace: String,
-    /// Its labels.
-    pub labels: Labels,
+    /// Its labels, shared with every pod that has the same (see [`Interner`]).
+    pub labels: Arc<Labels>,
     /// The workload it belongs to (see [`workload_name`]).
     pub workload_name: String,
     /// Its service account (`default` when unset, as Kubernetes defaults it).
@@ -93,7 +94,7 @@ impl PodInfo {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into()),
-            labels: p.metadata.labels.clone().unwrap_or_default(),
+            labels: Arc::new(p.metadata.labels.clone().unwrap_or_default()),
             service_account: spec
                 .and_then(|s| s.service_account_name.clone())
                 .filter(|s| !s.is_empty())
@@ -139,6 +140,31 @@ pub fn workload_name(p: &Pod) -> Option<String> {
         _ => None,
     };
     Some(named.unwrap_or(name).to_string())
+}
+
+/// Keeps one copy of equal values: the replicas of a workload have the same labels, and ten
+/// thousand copies of a label map were the largest part of what remote pods cost. Values no
+/// one else holds any more are dropped as the set grows.
+#[derive(Debug, Default)]
+pub struct Interner<T: Eq + std::hash::Hash> {
+    set: std::collections::HashSet<Arc<T>>,
+    /// The set's size after the last sweep.
+    swept_at: usize,
+}
+
+impl<T: Eq + std::hash::Hash> Interner<T> {
+    /// The shared copy of `v`.
+    pub fn get(&mut self, v: Arc<T>) -> Arc<T> {
+        if let Some(x) = self.set.get(&v) {
+            return x.clone();
+        }
+        if self.set.len() >= 2 * self.swept_at.max(64) {
+            self.set.retain(|x| Arc::strong_count(x) > 1);
+            self.swept_at = self.set.len();
+        }
+        self.set.insert(v.clone());
+        v
+    }
 }
 
 /// A service's address and ports.
@@ -314,7 +340,7 @@ impl World {
                     ip: Some(ip.to_string()),
                     netns: Some(found.netns.clone()),
                     cgroup: Some(found.cgroup.clone()),
-                    labels: p.labels.clone(),
+                    labels: (*p.labels).clone(),
                     workload_name: Some(p.workload_name.clone()),
                 });
             } else {
@@ -396,6 +422,24 @@ mod tests {
 
     fn pod(v: Value) -> PodInfo {
         PodInfo::from_pod(&serde_json::from_value(v).expect("pod")).expect("kept")
+    }
+
+    #[test]
+    fn interner_shares_equal_values_and_drops_unheld_ones() {
+        let mut i = Interner::default();
+        let a = i.get(Arc::new("a".to_string()));
+        let a2 = i.get(Arc::new("a".to_string()));
+        assert!(Arc::ptr_eq(&a, &a2), "equal values share one copy");
+        // Values no one holds are swept once the set doubles; held ones survive.
+        for n in 0..200 {
+            drop(i.get(Arc::new(n.to_string())));
+        }
+        assert!(
+            i.set.len() < 150,
+            "unheld values were swept: {}",
+            i.set.len()
+        );
+        assert!(Arc::ptr_eq(&a, &i.get(Arc::new("a".to_string()))));
     }
 
     /// The workload name of pod `name` whose controller is `kind/owner`, with `hash` as its

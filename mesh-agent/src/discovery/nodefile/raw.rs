@@ -3,7 +3,7 @@
 //! and serializes back to the YAML it was read from, so a harness, a bench or a tool builds node
 //! files from this model rather than from text.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,11 @@ pub mod route;
 use crate::state::Labels;
 pub use policy::{RawAuthorizationPolicy, RawPeerAuthentication};
 pub use route::{RawDestinationRule, RawHttpRoute};
+
+/// Whether a shared label map is empty (for `skip_serializing_if`).
+fn no_labels(l: &Arc<Labels>) -> bool {
+    l.is_empty()
+}
 
 /// A whole node file.
 #[serde_with::skip_serializing_none]
@@ -86,9 +91,10 @@ pub struct RawWorkload {
     pub service_account: Option<String>,
     pub ip: Option<String>,
     pub node: Option<String>,
-    /// Its labels, so this node can tell which policies select it (for `explain`).
-    #[serde(default, skip_serializing_if = "Labels::is_empty")]
-    pub labels: Labels,
+    /// Its labels, so this node can tell which policies select it (for `explain`) and metrics
+    /// can name it. Shared: at scale, replicas' labels are one map.
+    #[serde(default, skip_serializing_if = "no_labels")]
+    pub labels: Arc<Labels>,
     /// What owns it (its Deployment, StatefulSet...), which metrics name; default its name.
     pub workload_name: Option<String>,
 }
