@@ -108,7 +108,8 @@ pub struct Explanation {
     pub backends: Vec<(String, u32)>,
     /// Candidate endpoints with their decisions.
     pub endpoints: Vec<EndpointAnswer>,
-    /// `allow`, `deny`, `partial` (depends on the endpoint) or `error` (no endpoint or route).
+    /// `allow`, `deny`, `partial` (depends on the endpoint), `redirect` (the proxy answers) or
+    /// `error` (no endpoint or route).
     pub verdict: String,
     /// The steps, in order, in words.
     pub steps: Vec<String>,
@@ -246,9 +247,35 @@ pub fn explain(view: &Snapshot, q: &Question) -> Result<Explanation, ExplainErro
                             "route: {}",
                             at.map_or_else(
                                 || "no HTTPRoute is attached: the service itself".to_string(),
-                                |(r, i)| format!("HTTPRoute {} rule {i}", r.key)
+                                |(r, i)| match &rule.name {
+                                    Some(n) => format!("HTTPRoute {} rule {i} ({n})", r.key),
+                                    None => format!("HTTPRoute {} rule {i}", r.key),
+                                }
                             )
                         ));
+                        if let Some(r) = &rule.redirect {
+                            out.steps.push(format!(
+                                "redirect: the proxy answers {} itself; nothing is forwarded",
+                                r.status
+                            ));
+                            out.verdict = "redirect".into();
+                            return Ok(out);
+                        }
+                        if let Some(rw) = &rule.rewrite {
+                            out.steps.push(format!(
+                                "rewrite: host {}, path {}",
+                                rw.hostname.as_deref().unwrap_or("kept"),
+                                rw.path
+                                    .as_ref()
+                                    .map_or_else(|| "kept".to_string(), |p| format!("{p:?}"))
+                            ));
+                        }
+                        for m in &rule.mirrors {
+                            out.steps.push(format!(
+                                "mirror: {}% of requests copied to {} port {} (answers dropped)",
+                                m.percent, m.backend.service, m.backend.port
+                            ));
+                        }
                         if !rule.backends.is_empty() {
                             backends.clear();
                             for b in &rule.backends {

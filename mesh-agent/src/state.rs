@@ -429,9 +429,61 @@ pub struct Fault {
 }
 impl Eq for Fault {}
 
+/// How a rewrite or redirect changes the path (Gateway API `HTTPPathModifier`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum PathModifier {
+    /// The whole path becomes this.
+    Full(String),
+    /// The prefix the rule matched becomes this.
+    Prefix(String),
+}
+
+/// Gateway API's `URLRewrite` filter: what the backend receives instead.
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
+pub struct UrlRewrite {
+    /// The Host (or `:authority`) sent on.
+    pub hostname: Option<String>,
+    /// The path sent on.
+    pub path: Option<PathModifier>,
+}
+
+/// Gateway API's `RequestRedirect` filter: the proxy answers with a redirect itself.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Redirect {
+    /// `http` or `https`; the request's own when unset.
+    pub scheme: Option<String>,
+    /// The request's Host when unset.
+    pub hostname: Option<String>,
+    /// The request's path when unset.
+    pub path: Option<PathModifier>,
+    /// Derived from the scheme, or the request's port, when unset.
+    pub port: Option<u16>,
+    /// 301 or 302.
+    pub status: u16,
+}
+
+/// Gateway API's `RequestMirror` filter: a copy of the request goes to another service too, and
+/// its answer is dropped.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Mirror {
+    /// The service and port copies go to (weight unused).
+    pub backend: BackendRef,
+    /// The share of requests (0–100) copied.
+    pub percent: f64,
+}
+impl Eq for Mirror {}
+
 /// One rule of an HTTPRoute.
 #[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub struct RouteRule {
+    /// Its `name` (Gateway API's rule names), for `explain` and the access log.
+    pub name: Option<String>,
+    /// Where and how requests are changed on the way.
+    pub rewrite: Option<UrlRewrite>,
+    /// Answered by the proxy with a redirect, not forwarded.
+    pub redirect: Option<Redirect>,
+    /// Copies sent elsewhere too.
+    pub mirrors: Vec<Mirror>,
     /// Any match selects the rule; none matches every request.
     pub matches: Vec<RouteMatch>,
     /// Request header edits.
@@ -459,6 +511,9 @@ pub struct HttpRoute {
     pub service: ObjectKey,
     /// The service port it is bound to; `None` binds every port.
     pub port: Option<u16>,
+    /// Hosts the route applies to (the request's Host, port ignored; `*.` matches one or more
+    /// labels); empty applies to every host.
+    pub hostnames: Vec<String>,
     /// Rules, in order.
     pub rules: Vec<RouteRule>,
 }

@@ -482,6 +482,90 @@ fn routes_match_edit_headers_and_send_the_normalized_path() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn rewrites_redirects_mirrors_and_hostnames_apply_as_gateway_api_says() -> Result<()> {
+    let c = cluster()?;
+    let web = c.service_ip("web");
+    c.apply(
+        0,
+        |f| {
+            let mut r = route(
+                "filters",
+                "web",
+                rules(
+                    "- name: moved
+  matches: [{path: {type: PathPrefix, value: /old}}]
+  filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: new.shop.test, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]
+- name: api
+  matches: [{path: {type: PathPrefix, value: /api}}]
+  filters:
+    - {type: URLRewrite, urlRewrite: {hostname: backend.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /svc}}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v2, port: 80}}}
+  backendRefs: [{name: v1, port: 80}]",
+                ),
+            );
+            r.hostnames = vec!["web.shop.test".into(), "*.shop.example".into()];
+            f.http_routes = vec![r];
+        },
+        "http_routes",
+        &["default/filters"],
+    )?;
+    let get = |host: &str, path: &str| -> Result<String> {
+        let url = format!("http://{web}{path}");
+        let (code, out) = c.curl("client", &["-si", "-H", &format!("Host: {host}"), &url])?;
+        anyhow::ensure!(code == 0, "curl failed: {out}");
+        Ok(out.replace('\r', ""))
+    };
+    // A redirect is answered by the proxy: the matched prefix replaced, the query kept, and
+    // https's own port left out.
+    let moved = get("web.shop.test:80", "/old/page?q=1")?;
+    assert!(moved.starts_with("HTTP/1.1 301"), "{moved}");
+    assert!(
+        moved.contains("\nlocation: https://new.shop.test/new/page?q=1\n"),
+        "{moved}"
+    );
+    assert!(
+        !moved.contains("x-served-by"),
+        "a redirect reached a backend: {moved}"
+    );
+    // A rewrite: the backend gets the new host and path; the mirror gets a copy.
+    let before = c.app_requests("server2", APP_PORT)?;
+    let api = get("a.shop.example", "/api/echo?z=1")?;
+    assert!(api.contains("x-served-by: server\n"), "{api}");
+    assert!(api.contains("\nGET /svc/echo?z=1\n"), "{api}");
+    assert!(api.contains("\nhost: backend.internal\n"), "{api}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.app_requests("server2", APP_PORT)? < before + 1 {
+        anyhow::ensure!(Instant::now() < deadline, "the mirror never got its copy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // explain names the rule and what it does.
+    let explain = |path: &str| -> Result<serde_json::Value> {
+        let dst = format!("{web}:80");
+        let args = ["explain", "client", &dst, "--method", "GET", "--path", path];
+        let out = c.agent_cli(
+            0,
+            &[&args[..], &["-H", "host: web.shop.test", "-o", "json"]].concat(),
+        )?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    let e = explain("/old/x")?;
+    assert_eq!(e["verdict"], "redirect", "{e}");
+    assert!(e["steps"].to_string().contains("rule 0 (moved)"), "{e}");
+    let e = explain("/api/echo")?;
+    assert!(e["steps"].to_string().contains("rule 1 (api)"), "{e}");
+    assert!(
+        e["steps"].to_string().contains("copied to default/v2"),
+        "{e}"
+    );
+    // Hosts the route does not name (the wildcard needs a label of its own): no route.
+    for host in ["shop.example", "other.test", &web.to_string()] {
+        let out = get(host, "/api/echo")?;
+        assert!(out.starts_with("HTTP/1.1 404"), "{host}: {out}");
+    }
+    Ok(())
+}
+
 /// The smuggling and path corpus. Sent raw, from a pod outside the mesh (the server's node
 /// parses it, because an L7 policy selects the server) and from a mesh pod (its own node parses
 /// it first). Nothing may reach the server.

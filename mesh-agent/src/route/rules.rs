@@ -4,7 +4,9 @@
 use std::borrow::Cow;
 
 use super::table::ServiceEntry;
-use crate::state::{BackendRef, HttpRoute, PathMatch, RouteMatch, RouteRule};
+use crate::state::{
+    BackendRef, HttpRoute, PathMatch, PathModifier, Redirect, RouteMatch, RouteRule,
+};
 
 /// A rule and where it is written: the route and the rule's index (`None`: the default rule).
 pub type RuleAt<'a> = (Option<(&'a HttpRoute, usize)>, Cow<'a, RouteRule>);
@@ -26,7 +28,9 @@ pub fn find_rule<'a>(
     if attached.peek().is_none() {
         return Some((None, Cow::Owned(RouteRule::default())));
     }
+    let host = request_host(parts);
     attached
+        .filter(|r| host_matches(&r.hostnames, host.as_deref()))
         .flat_map(|r| {
             r.rules
                 .iter()
@@ -37,6 +41,100 @@ pub fn find_rule<'a>(
             rule.matches.is_empty() || rule.matches.iter().any(|m| matches(m, parts, path))
         })
         .map(|(r, i, rule)| (Some((r, i)), Cow::Borrowed(rule)))
+}
+
+/// The host a request names (HTTP/2's `:authority`, else `Host`), lowercased, without its port.
+pub fn request_host(parts: &http::request::Parts) -> Option<String> {
+    let raw = match parts.uri.authority() {
+        Some(a) => a.host(),
+        None => parts.headers.get(http::header::HOST)?.to_str().ok()?,
+    };
+    let host = match raw.rsplit_once(':') {
+        // A bracketed IPv6 literal keeps its colons.
+        Some((h, port)) if !raw.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+/// Whether a route's `hostnames` take a request for `host`: an empty list takes every request;
+/// `*.example.com` takes hosts with one or more labels before `example.com`, not `example.com`.
+pub fn host_matches(hostnames: &[String], host: Option<&str>) -> bool {
+    if hostnames.is_empty() {
+        return true;
+    }
+    let Some(host) = host else { return false };
+    hostnames.iter().any(|h| match h.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => h == host,
+    })
+}
+
+/// The prefix of the rule's first match that takes the request, for `ReplacePrefixMatch`.
+pub fn matched_prefix<'a>(
+    rule: &'a RouteRule,
+    parts: &http::request::Parts,
+    path: &str,
+) -> Option<&'a str> {
+    rule.matches
+        .iter()
+        .find(|m| matches(m, parts, path))
+        .and_then(|m| match &m.path {
+            Some(PathMatch::Prefix(p)) => Some(p.as_str()),
+            _ => None,
+        })
+}
+
+/// The path a modifier makes of `path` (normalized, without query), given the prefix the rule
+/// matched (stored without a trailing slash): `/foo` replaced by `/xyz` makes `/foo/bar` into
+/// `/xyz/bar` and `/foo` into `/xyz`; replaced by `/`, `/foo/bar` becomes `/bar`.
+pub fn modified_path(m: &PathModifier, matched: Option<&str>, path: &str) -> String {
+    match m {
+        PathModifier::Full(p) => p.clone(),
+        PathModifier::Prefix(with) => {
+            let rest = matched.and_then(|p| path.strip_prefix(p)).unwrap_or(path);
+            let joined = format!("{}{rest}", with.trim_end_matches('/'));
+            if joined.is_empty() {
+                "/".to_string()
+            } else {
+                joined
+            }
+        }
+    }
+}
+
+/// The `Location` of a redirect, from the request's scheme, host, port, path and query. As
+/// Gateway API says: with a new scheme and no port, the scheme's own port; the port is left out
+/// when it is the scheme's default.
+pub fn redirect_location(
+    r: &Redirect,
+    request: (&str, &str, u16),
+    path: &str,
+    query: Option<&str>,
+) -> String {
+    let (scheme_in, host_in, port_in) = request;
+    let scheme = r.scheme.as_deref().unwrap_or(scheme_in);
+    let well_known = |s: &str| if s == "https" { 443 } else { 80 };
+    let port = r.port.unwrap_or_else(|| {
+        if r.scheme.is_some() {
+            well_known(scheme)
+        } else {
+            port_in
+        }
+    });
+    let host = r.hostname.as_deref().unwrap_or(host_in);
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let port = if port == well_known(scheme) {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+    format!("{scheme}://{host}{port}{path}{query}")
 }
 
 /// Whether a request (its head, and its normalized path without query) meets every condition
@@ -140,8 +238,104 @@ mod tests {
             key: key("default", name),
             service: key("default", "web"),
             port,
+            hostnames: Vec::new(),
             rules,
         }
+    }
+
+    #[test]
+    fn hostnames_take_the_requests_host_without_its_port_and_wildcards_need_a_label() {
+        let host = |uri: &str, h: Option<&str>| {
+            let headers: Vec<(&str, &str)> = h.map(|h| ("host", h)).into_iter().collect();
+            request_host(&parts("GET", uri, &headers))
+        };
+        assert_eq!(
+            host("/", Some("Web.Example.com:8080")).as_deref(),
+            Some("web.example.com")
+        );
+        assert_eq!(host("http://a.b:80/x", None).as_deref(), Some("a.b"));
+        assert_eq!(host("/", Some("[fd00::1]")).as_deref(), Some("[fd00::1]"));
+        assert_eq!(host("/", None), None);
+        let names = ["web.example.com".to_string(), "*.shop.io".to_string()];
+        assert!(host_matches(&[], None));
+        assert!(host_matches(&names, Some("web.example.com")));
+        assert!(host_matches(&names, Some("a.shop.io")));
+        assert!(host_matches(&names, Some("a.b.shop.io")));
+        assert!(!host_matches(&names, Some("shop.io")));
+        assert!(!host_matches(&names, Some("xshop.io")));
+        assert!(!host_matches(&names, Some("other.example.com")));
+        assert!(!host_matches(&names, None));
+        // A route whose hostnames do not take the request is passed over; none left is 404.
+        let mut r = route("r", None, vec![rule(vec![], "v1")]);
+        r.hostnames = vec!["web.example.com".into()];
+        let e = entry(vec![r]);
+        let p = parts("GET", "/", &[("host", "web.example.com:80")]);
+        assert!(find_rule(&e, 80, &p, "/").is_some());
+        let p = parts("GET", "/", &[("host", "web")]);
+        assert!(find_rule(&e, 80, &p, "/").is_none());
+    }
+
+    #[test]
+    fn path_modifiers_replace_the_whole_path_or_the_matched_prefix() {
+        let full = PathModifier::Full("/new".into());
+        assert_eq!(modified_path(&full, Some("/foo"), "/foo/bar"), "/new");
+        let to = |w: &str| PathModifier::Prefix(w.into());
+        assert_eq!(
+            modified_path(&to("/xyz"), Some("/foo"), "/foo/bar"),
+            "/xyz/bar"
+        );
+        assert_eq!(modified_path(&to("/xyz"), Some("/foo"), "/foo"), "/xyz");
+        assert_eq!(modified_path(&to("/xyz"), Some("/foo"), "/foo/"), "/xyz/");
+        assert_eq!(
+            modified_path(&to("/xyz/"), Some("/foo"), "/foo/bar"),
+            "/xyz/bar"
+        );
+        assert_eq!(modified_path(&to("/"), Some("/foo"), "/foo/bar"), "/bar");
+        assert_eq!(modified_path(&to("/"), Some("/foo"), "/foo"), "/");
+        // A `/` match is stored as the empty prefix.
+        assert_eq!(modified_path(&to("/xyz"), Some(""), "/foo"), "/xyz/foo");
+        let r = rule(
+            vec![
+                path_match(PathMatch::Exact("/x".into())),
+                path_match(PathMatch::Prefix("/api".into())),
+            ],
+            "v1",
+        );
+        let p = parts("GET", "/api/v1", &[]);
+        assert_eq!(matched_prefix(&r, &p, "/api/v1"), Some("/api"));
+        assert_eq!(matched_prefix(&r, &p, "/x"), None);
+    }
+
+    #[test]
+    fn redirects_keep_what_they_do_not_change_and_drop_default_ports() {
+        let r = |scheme: Option<&str>, host: Option<&str>, port: Option<u16>| Redirect {
+            scheme: scheme.map(String::from),
+            hostname: host.map(String::from),
+            path: None,
+            port,
+            status: 302,
+        };
+        let req = ("http", "web.shop", 8080);
+        assert_eq!(
+            redirect_location(&r(None, None, None), req, "/a", Some("q=1")),
+            "http://web.shop:8080/a?q=1"
+        );
+        assert_eq!(
+            redirect_location(&r(Some("https"), None, None), req, "/a", None),
+            "https://web.shop/a"
+        );
+        assert_eq!(
+            redirect_location(&r(Some("https"), Some("x.io"), Some(8443)), req, "/", None),
+            "https://x.io:8443/"
+        );
+        assert_eq!(
+            redirect_location(&r(None, None, Some(80)), req, "/", None),
+            "http://web.shop/"
+        );
+        assert_eq!(
+            redirect_location(&r(None, None, None), ("http", "fd00::1", 80), "/", None),
+            "http://[fd00::1]/"
+        );
     }
 
     fn rule(matches: Vec<RouteMatch>, backend: &str) -> RouteRule {

@@ -321,10 +321,10 @@ mod tests {
         assert_eq!(p.action.as_deref(), Some("DENY"));
         assert_eq!(p.selector.match_labels["app"], "web");
         let (f, e) = read_yaml(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [], hostnames: [web]}\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRefs: [], sessionPersistence: {}}\n",
         );
         assert!(f.http_routes.is_empty());
-        assert!(e[0].problem.contains("hostnames"), "{e:?}");
+        assert!(e[0].problem.contains("sessionPersistence"), "{e:?}");
         let (_, e) = read_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n");
         assert!(e[0].problem.contains("not a kind the mesh reads"), "{e:?}");
         let (_, e) = read_yaml(

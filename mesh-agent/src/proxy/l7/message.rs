@@ -115,6 +115,38 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
+    /// Sends the request on with `path` (normalized) in place of its own, query kept; what
+    /// authorization sees changes with it, since that is what the backend receives.
+    pub(super) fn set_path(&mut self, path: String) -> Result<(), String> {
+        let path_and_query = match self.parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        let mut uri = http::uri::Builder::new().path_and_query(path_and_query);
+        if let (Some(s), Some(a)) = (self.parts.uri.scheme(), self.parts.uri.authority()) {
+            uri = uri.scheme(s.clone()).authority(a.clone());
+        }
+        self.parts.uri = uri.build().map_err(|e| format!("rewritten path: {e}"))?;
+        self.deny_path = path::deny_form(&path, self.fold_case);
+        self.path = path;
+        Ok(())
+    }
+
+    /// Sends the request on for `host`: its `Host` header, and HTTP/2's `:authority`.
+    pub(super) fn set_host(&mut self, host: &str) -> Result<(), String> {
+        let bad = |e: &dyn std::fmt::Display| format!("rewritten host: {e}");
+        if self.parts.uri.authority().is_some() {
+            let mut p = self.parts.uri.clone().into_parts();
+            p.authority = Some(host.parse().map_err(|e| bad(&e))?);
+            self.parts.uri = http::Uri::from_parts(p).map_err(|e| bad(&e))?;
+        }
+        if self.parts.version != Version::HTTP_2 || self.parts.headers.contains_key(header::HOST) {
+            let v = HeaderValue::from_str(host).map_err(|e| bad(&e))?;
+            self.parts.headers.insert(header::HOST, v);
+        }
+        Ok(())
+    }
+
     /// What authorization looks at.
     pub(super) fn attributes(&self) -> HttpAttributes<'_> {
         HttpAttributes {

@@ -16,27 +16,32 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http::StatusCode;
+use http_body_util::BodyExt;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
 
 use super::{
     forward::{Forward, Pools, forward},
-    message::{Prepared, modify, prepare, reply, switch_protocols},
+    message::{Prepared, modify, prepare, rebuild, reply, switch_protocols},
     record::{Ends, Served, Shape, recorded},
     server::serve,
 };
 use crate::{
     pods::LocalPod,
     protocol::{
-        body::{Body, incoming},
+        body::{Body, full, incoming},
         detect::Protocol,
     },
     proxy::inputs::ProxyInputs,
     route::{
-        rules::{applies, find_rule, weighted},
+        rules::{
+            applies, find_rule, matched_prefix, modified_path, redirect_location, request_host,
+            weighted,
+        },
         table::{Routes, ServiceEntry},
     },
-    state::RouteRule,
+    state::{Redirect, RouteRule},
     telemetry::metrics::labels::{Flow, Peer, Reporter, Security, ServiceLabels},
     view::Snapshot,
 };
@@ -68,7 +73,7 @@ where
     serve(io, protocol, timeouts, svc).await;
 }
 
-async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
+async fn outbound_request(cx: &Arc<Outbound>, mut req: Request<Incoming>) -> Response<Body> {
     cx.src.counters.http_requests.inc();
     let shape = Shape::of(&mut req);
     let view = cx.inputs.view.load();
@@ -119,7 +124,7 @@ async fn outbound_request(cx: &Outbound, mut req: Request<Incoming>) -> Response
 
 /// Routes and forwards one prepared request from the outbound side.
 async fn route_request(
-    cx: &Outbound,
+    cx: &Arc<Outbound>,
     view: &Snapshot,
     prepared: Prepared,
     body: Incoming,
@@ -154,6 +159,7 @@ async fn route_request(
     let Some((_, rule)) = find_rule(&entry, cx.dst.port(), &prepared.parts, &prepared.path) else {
         return reply(StatusCode::NOT_FOUND, "NR", "no route matched");
     };
+    let prefix = matched_prefix(&rule, &prepared.parts, &prepared.path).map(str::to_owned);
     if let Some(rate) = &entry.limits.rate
         && !rate.admit(&cx.src.identity().to_string())
     {
@@ -173,7 +179,31 @@ async fn route_request(
             tokio::time::sleep(delay).await;
         }
     }
+    if let Some(r) = &rule.redirect {
+        return redirect(r, &prepared, prefix.as_deref(), cx.dst);
+    }
     modify(&mut prepared.parts.headers, &rule.request_headers);
+    if let Some(rw) = &rule.rewrite {
+        if let Some(m) = &rw.path {
+            let path = modified_path(m, prefix.as_deref(), &prepared.path);
+            if let Err(e) = prepared.set_path(path) {
+                return reply(StatusCode::INTERNAL_SERVER_ERROR, "NR", &e);
+            }
+        }
+        if let Some(h) = &rw.hostname
+            && let Err(e) = prepared.set_host(h)
+        {
+            return reply(StatusCode::INTERNAL_SERVER_ERROR, "NR", &e);
+        }
+    }
+    let body = if rule.mirrors.is_empty() {
+        body
+    } else {
+        match mirror(cx, &rule, &prepared, body).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        }
+    };
     // Weighted backend choice.
     let (backend, port) = match pick_backend(&rule, &entry, &view.routes, cx.dst.port()) {
         Ok(b) => b,
@@ -192,6 +222,122 @@ async fn route_request(
     };
     modify(resp.headers_mut(), &rule.response_headers);
     resp
+}
+
+/// The proxy's own answer for a `RequestRedirect` rule.
+fn redirect(
+    r: &Redirect,
+    prepared: &Prepared,
+    prefix: Option<&str>,
+    dst: SocketAddr,
+) -> Response<Body> {
+    let path = r.path.as_ref().map_or_else(
+        || prepared.path.clone(),
+        |m| modified_path(m, prefix, &prepared.path),
+    );
+    let host = request_host(&prepared.parts).unwrap_or_else(|| dst.ip().to_string());
+    let location = redirect_location(
+        r,
+        (
+            "http",
+            host.trim_start_matches('[').trim_end_matches(']'),
+            dst.port(),
+        ),
+        &path,
+        prepared.parts.uri.query(),
+    );
+    let mut resp = Response::new(crate::protocol::body::full(bytes::Bytes::new()));
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+    match http::HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+            resp
+        }
+        Err(_) => reply(
+            StatusCode::BAD_REQUEST,
+            "DPE",
+            "the redirect's location is not a valid header",
+        ),
+    }
+}
+
+/// Largest request body copied to mirrors: a copy needs the whole body in hand, and a larger
+/// or streaming one goes to the backend alone.
+const MIRROR_BODY_LIMIT: u64 = 64 * 1024;
+
+/// Sends a copy of the request to each of the rule's mirrors that its share picks, in the
+/// background; their answers are dropped. Returns the body for the request itself (or, when
+/// it cannot be read, the answer to the client).
+async fn mirror(
+    cx: &Arc<Outbound>,
+    rule: &RouteRule,
+    prepared: &Prepared,
+    body: Body,
+) -> Result<Body, Response<Body>> {
+    let picked: Vec<_> = rule
+        .mirrors
+        .iter()
+        .filter(|m| applies(m.percent, fastrand::u64(..)))
+        .cloned()
+        .collect();
+    if picked.is_empty() {
+        return Ok(body);
+    }
+    let hint = hyper::body::Body::size_hint(&body);
+    if hint.upper().is_none_or(|n| n > MIRROR_BODY_LIMIT) {
+        debug!("request body too large or streaming to mirror: sent to the backend only");
+        return Ok(body);
+    }
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            return Err(reply(
+                StatusCode::BAD_REQUEST,
+                "DPE",
+                &format!("request body: {e}"),
+            ));
+        }
+    };
+    for m in picked {
+        let req = rebuild(&prepared.parts, full(bytes.clone()));
+        let (parts, body) = req.into_parts();
+        let copy = Prepared {
+            parts,
+            path: prepared.path.clone(),
+            deny_path: prepared.deny_path.clone(),
+            fold_case: prepared.fold_case,
+            upgrade: None,
+        };
+        let cx = cx.clone();
+        tokio::spawn(async move {
+            let view = cx.inputs.view.load();
+            let Some(entry) = view.routes.service(&m.backend.service).cloned() else {
+                debug!(service = %m.backend.service, "mirror service does not exist: copy dropped");
+                return;
+            };
+            let Some(port) = entry.svc.target_port(m.backend.port) else {
+                debug!(service = %m.backend.service, port = m.backend.port, "mirror service has no such port: copy dropped");
+                return;
+            };
+            let pools = Pools {
+                pool: &cx.inputs.http_pool,
+                dialer: &cx.inputs.dialer,
+                src: &cx.src,
+            };
+            let fwd = Forward {
+                view: &view,
+                flows: &cx.inputs.flows,
+                src_id: cx.src.identity(),
+                dst: cx.dst,
+                h2: cx.h2,
+                upstream: &pools,
+            };
+            let resp = forward(&fwd, copy, body, Some(entry), port, &RouteRule::default()).await;
+            // Read to the end, so the upstream connection goes back to the pool.
+            drop(resp.into_body().collect().await);
+        });
+    }
+    Ok(full(bytes))
 }
 
 /// The backend service and its target port for this request.

@@ -15,6 +15,8 @@ pub struct RawHttpRoute {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parent_refs: Vec<RawParentRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RawRouteRule>,
     /// Where the object came from when not the node file's own list (a YAML document, an API
     /// object), for messages.
@@ -38,6 +40,7 @@ pub struct RawParentRef {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawRouteRule {
+    pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<RawMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -92,6 +95,60 @@ pub struct RawFilter {
     pub kind: Option<String>,
     pub request_header_modifier: Option<RawHeaderModifier>,
     pub response_header_modifier: Option<RawHeaderModifier>,
+    pub url_rewrite: Option<RawUrlRewrite>,
+    pub request_redirect: Option<RawRedirect>,
+    pub request_mirror: Option<RawMirror>,
+}
+
+/// `URLRewrite`: the host and path the backend receives.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUrlRewrite {
+    pub hostname: Option<String>,
+    pub path: Option<RawPathModifier>,
+}
+
+/// `ReplaceFullPath` or `ReplacePrefixMatch`, with its value.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPathModifier {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub replace_full_path: Option<String>,
+    pub replace_prefix_match: Option<String>,
+}
+
+/// `RequestRedirect`: the proxy answers with a redirect.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawRedirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<RawPathModifier>,
+    pub port: Option<u16>,
+    pub status_code: Option<u16>,
+}
+
+/// `RequestMirror`: a copy of requests to another service.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawMirror {
+    pub backend_ref: Option<RawBackendRef>,
+    pub percent: Option<u32>,
+    pub fraction: Option<RawFraction>,
+}
+
+/// A share as `numerator / denominator` (denominator 100 when unset).
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFraction {
+    pub numerator: Option<u32>,
+    pub denominator: Option<u32>,
 }
 
 /// Headers to set, add and remove.
