@@ -486,9 +486,18 @@ fn routes_match_edit_headers_and_send_the_normalized_path() -> Result<()> {
 fn rewrites_redirects_mirrors_and_hostnames_apply_as_gateway_api_says() -> Result<()> {
     let c = cluster()?;
     let web = c.service_ip("web");
+    let v1 = c.service_ip("v1");
     c.apply(
         0,
         |f| {
+            // A parentRef without a port binds every port; a rule without backends sends to
+            // the parent Service itself.
+            let mut own = route(
+                "own",
+                "v1",
+                rules("- matches: [{path: {type: Exact, value: /echo}}]\n  filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-mesh-route, value: own}]}}]"),
+            );
+            own.parent_refs[0].port = None;
             let mut r = route(
                 "filters",
                 "web",
@@ -505,11 +514,22 @@ fn rewrites_redirects_mirrors_and_hostnames_apply_as_gateway_api_says() -> Resul
                 ),
             );
             r.hostnames = vec!["web.shop.test".into(), "*.shop.example".into()];
-            f.http_routes = vec![r];
+            f.http_routes = vec![own, r];
         },
         "http_routes",
-        &["default/filters"],
+        &["default/own", "default/filters"],
     )?;
+    let (_, own) = c.curl("client", &["-si", &format!("http://{v1}/echo")])?;
+    assert!(
+        own.contains("x-mesh-route: own") && own.contains("x-served-by: server"),
+        "{own}"
+    );
+    let nr = hits(&c, "client", &format!("http://{v1}/other"), 1, false)?;
+    assert_eq!(
+        nr,
+        vec![(404, "NR".to_string())],
+        "the portless route is bound to port 80"
+    );
     let get = |host: &str, path: &str| -> Result<String> {
         let url = format!("http://{web}{path}");
         let (code, out) = c.curl("client", &["-si", "-H", &format!("Host: {host}"), &url])?;
