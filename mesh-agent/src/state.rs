@@ -537,6 +537,9 @@ pub struct OutlierDetection {
     pub base_ejection_time: std::time::Duration,
     /// At most this share (0–100) of a service's endpoints are ejected at once (at least one).
     pub max_ejection_percent: u32,
+    /// How often ejections are swept (Envoy's and Istio's `interval`): an ejected endpoint
+    /// returns at the first sweep after its ejection time, so the time out is rounded up to it.
+    pub interval: std::time::Duration,
 }
 
 /// A token bucket.
@@ -565,6 +568,9 @@ pub struct TrafficPolicy {
     pub max_requests: Option<u32>,
     /// Ejection of failing endpoints.
     pub outlier: Option<OutlierDetection>,
+    /// How long making an upstream connection may take (`connectionPool.tcp.connectTimeout`;
+    /// `None`: the transport's default).
+    pub connect_timeout: Option<std::time::Duration>,
     /// Local rate limit.
     pub rate_limit: Option<RateLimit>,
     /// Retries may add at most this share (percent) of requests, plus `min_retries_per_second`.

@@ -264,14 +264,14 @@ fn request_timeout_fires_and_faults_delay_and_abort() -> Result<()> {
 }
 
 #[test]
-fn failing_endpoint_is_ejected_and_returns_after_the_backoff() -> Result<()> {
+fn failing_endpoint_is_ejected_and_returns_at_the_sweep_after_the_backoff() -> Result<()> {
     let c = cluster()?;
     let web = c.service_ip("web");
     c.apply(
         0,
         |f| {
             f.destination_rules = vec![
-                destination_rule("web", "web", traffic_policy("{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 3s, maxEjectionPercent: 50}}")),
+                destination_rule("web", "web", traffic_policy("{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 1s, interval: 3s, maxEjectionPercent: 50}}")),
             ]
         },
         "destination_rules",
@@ -304,7 +304,15 @@ fn failing_endpoint_is_ejected_and_returns_after_the_backoff() -> Result<()> {
         "after the ejection every request goes to the healthy endpoint: {answers:?}"
     );
     fail(false)?;
-    std::thread::sleep(Duration::from_millis(3500));
+    // The ejection time (1 s) is up, but the endpoint returns at the first sweep (3 s).
+    std::thread::sleep(Duration::from_millis(1500));
+    hits(&c, "client", &format!("http://{web}/"), 6, false)?;
+    assert_eq!(
+        c.app_requests("server2", APP_PORT)?,
+        to_failing,
+        "returned before the sweep interval"
+    );
+    std::thread::sleep(Duration::from_millis(2000));
     let answers = hits(&c, "client", &format!("http://{web}/"), 10, false)?;
     assert_eq!(count(&answers, 200), 10);
     let back = c.app_requests("server2", APP_PORT)? - to_failing;
@@ -312,6 +320,47 @@ fn failing_endpoint_is_ejected_and_returns_after_the_backoff() -> Result<()> {
         back >= 4,
         "the endpoint must get traffic again after the backoff, got {back}"
     );
+    Ok(())
+}
+
+#[test]
+fn connect_timeout_turns_a_silent_endpoint_into_a_connect_failure() -> Result<()> {
+    let c = cluster()?;
+    let v1 = c.service_ip("v1");
+    // client2's application listens and never accepts; with its one-place queue held full,
+    // the kernel drops further SYNs, so a connect hangs rather than being refused.
+    let script = format!(
+        "import socket, time\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', {APP_PORT})); s.listen(0)\nheld = socket.create_connection(('127.0.0.1', {APP_PORT}), timeout=2)\nprint('ready', flush=True)\ntime.sleep(120)\n"
+    );
+    let mut silent = c.spawn_piped("client2", &["/usr/bin/python3", "-c", &script])?;
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(silent.stdout.as_mut().context("stdout")?),
+        &mut ready,
+    )?;
+    anyhow::ensure!(ready.trim() == "ready", "the silent listener did not start");
+    let client2 = c.pod("client2").ip.to_string();
+    c.apply(
+        0,
+        |f| {
+            for s in &mut f.services {
+                if s.name.as_deref() == Some("v1") {
+                    s.endpoints = vec![client2.clone()];
+                }
+            }
+            f.destination_rules = vec![destination_rule(
+                "v1",
+                "v1",
+                traffic_policy("connectionPool: {tcp: {connectTimeout: 300ms}}"),
+            )];
+        },
+        "destination_rules",
+        &["default/v1"],
+    )?;
+    // The client waits up to 10 s; the proxy gives up after 300 ms and says why.
+    let answers = hits(&c, "client", &format!("http://{v1}/"), 1, false)?;
+    assert_eq!(answers, vec![(503, "UF".to_string())]);
+    let _ = silent.kill();
     Ok(())
 }
 

@@ -27,6 +27,7 @@ use crate::{
         hbone::Payload,
         relay,
         splice::{NotSpliced, Splicer},
+        upstream::CONNECT_TIMEOUT,
     },
 };
 
@@ -168,12 +169,26 @@ async fn relay(
         )
         .map_err(|d| fail(ProxyError::Denied(d)))?;
     }
+    let within = routes
+        .service_at(dst.ip())
+        .and_then(|e| e.limits.policy.connect_timeout)
+        .unwrap_or(CONNECT_TIMEOUT);
     drop(view);
-    let upstream = inputs
-        .dialer
-        .open(src, &hop, target, Payload::Opaque)
-        .await
-        .map_err(|e| fail(e.into()))?;
+    let open = inputs.dialer.open(src, &hop, target, Payload::Opaque);
+    let upstream = match tokio::time::timeout(within, open).await {
+        Ok(r) => r.map_err(|e| fail(e.into()))?,
+        Err(_) => {
+            let source = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {within:?} (the service's connectTimeout)"),
+            );
+            let e = TransportError::Connect {
+                addr: target,
+                source,
+            };
+            return Err(fail(e.into()));
+        }
+    };
     let client = Counted::new(client, c, |c| &c.outbound_bytes_sent);
     let mut upstream = Counted::new(upstream, c, |c| &c.outbound_bytes_received);
     let conn = inputs.metrics.tcp.open(&flow);

@@ -219,7 +219,10 @@ impl Balancer {
             return false;
         }
         let times = endpoint.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let duration = o.base_ejection_time.saturating_mul(times).min(MAX_EJECTION);
+        let duration = sweep_aligned(
+            o.base_ejection_time.saturating_mul(times).min(MAX_EJECTION),
+            o.interval,
+        );
         let until = now.duration_since(endpoint.epoch) + duration;
         endpoint
             .ejected_until_ms
@@ -227,6 +230,16 @@ impl Balancer {
         endpoint.consecutive_failures.store(0, Ordering::Relaxed);
         true
     }
+}
+
+/// An ejection time rounded up to whole sweep intervals: the endpoint returns at the first sweep
+/// after its time is up.
+fn sweep_aligned(d: Duration, interval: Duration) -> Duration {
+    if interval.is_zero() {
+        return d;
+    }
+    let sweeps = d.as_nanos().div_ceil(interval.as_nanos()).max(1);
+    interval.saturating_mul(u32::try_from(sweeps).unwrap_or(u32::MAX))
 }
 
 #[cfg(test)]
@@ -256,6 +269,30 @@ mod tests {
     }
 
     #[test]
+    fn ejections_end_at_the_first_sweep_after_their_time() {
+        let ms = Duration::from_millis;
+        assert_eq!(sweep_aligned(ms(30_000), ms(10_000)), ms(30_000));
+        assert_eq!(sweep_aligned(ms(50), ms(10_000)), ms(10_000));
+        assert_eq!(sweep_aligned(ms(25), ms(10)), ms(30));
+        assert_eq!(sweep_aligned(ms(25), Duration::ZERO), ms(25));
+        let o = OutlierDetection {
+            consecutive_errors: 1,
+            base_ejection_time: ms(20),
+            max_ejection_percent: 100,
+            interval: ms(200),
+        };
+        let b = Balancer::new(&ips(2), LbPolicy::RoundRobin, Some(o), None);
+        assert!(b.record(&b.endpoints[0], true));
+        std::thread::sleep(ms(60));
+        assert!(
+            b.endpoints[0].is_ejected(Instant::now()),
+            "out until the sweep"
+        );
+        std::thread::sleep(ms(200));
+        assert!(!b.endpoints[0].is_ejected(Instant::now()));
+    }
+
+    #[test]
     fn in_flight_requests_raise_the_cost() {
         let b = Balancer::new(&ips(2), LbPolicy::P2cPeakEwma, None, None);
         let busy: Vec<InFlight> = (0..5).map(|_| b.endpoints[0].start()).collect();
@@ -269,6 +306,7 @@ mod tests {
             consecutive_errors: 3,
             base_ejection_time: Duration::from_millis(50),
             max_ejection_percent: 50,
+            interval: Duration::from_millis(10),
         };
         let b = Balancer::new(&ips(3), LbPolicy::RoundRobin, Some(o), None);
         let (e0, e1) = (&b.endpoints[0], &b.endpoints[1]);

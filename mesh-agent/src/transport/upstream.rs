@@ -42,6 +42,11 @@ use crate::{
 
 /// How long a request waits for a connection when the service is at `maxConnections`.
 pub const PENDING_WAIT: Duration = Duration::from_secs(1);
+
+/// How long making an upstream connection may take when the service sets no
+/// `connectTimeout` (Istio's default): a silent address fails as a connect failure, which
+/// retries and outlier detection see, instead of waiting out the kernel's SYN retries.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle HTTP/1 connections kept per key.
 const MAX_IDLE: usize = 64;
 
@@ -403,8 +408,19 @@ impl Pool {
         let Some(slot) = self.connection_slot(limits).await? else {
             return Ok(None);
         };
-        let io = open(dialer, src, hop, key.target).await?;
-        Ok(Some((TokioIo::new(io), slot)))
+        let within = limits
+            .and_then(|l| l.policy.connect_timeout)
+            .unwrap_or(CONNECT_TIMEOUT);
+        let Ok(io) = tokio::time::timeout(within, open(dialer, src, hop, key.target)).await else {
+            return Err(UpstreamError::Connect(TransportError::Connect {
+                addr: key.target,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {within:?} (the service's connectTimeout)"),
+                ),
+            }));
+        };
+        Ok(Some((TokioIo::new(io?), slot)))
     }
 
     /// A slot under the service's connection limit: `Ok(None)` means a connection was freed

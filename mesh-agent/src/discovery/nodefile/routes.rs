@@ -722,6 +722,16 @@ pub(super) fn validate_destination_rules(
             );
             policy.max_pending_requests =
                 cp.http.as_ref().and_then(|h| h.http1_max_pending_requests);
+            if let Some(t) = cp.tcp.as_ref().and_then(|t| t.connect_timeout.as_deref()) {
+                const FIELD: &str = "trafficPolicy.connectionPool.tcp.connectTimeout";
+                policy.connect_timeout = duration(&mut cx, FIELD, t);
+                if policy
+                    .connect_timeout
+                    .is_some_and(|d| d < Duration::from_millis(1))
+                {
+                    cx.fail(FIELD, "must be at least 1ms");
+                }
+            }
             policy.max_requests = positive(
                 &mut cx,
                 "trafficPolicy.connectionPool.http.http2MaxRequests",
@@ -744,10 +754,19 @@ pub(super) fn validate_destination_rules(
                     "must be at most 100",
                 );
             }
+            const INTERVAL: &str = "trafficPolicy.outlierDetection.interval";
+            let interval = match o.interval.as_deref() {
+                Some(v) => duration(&mut cx, INTERVAL, v).unwrap_or_default(),
+                None => Duration::from_secs(10),
+            };
+            if o.interval.is_some() && interval < Duration::from_millis(1) {
+                cx.fail(INTERVAL, "must be at least 1ms");
+            }
             policy.outlier = base.map(|base_ejection_time| OutlierDetection {
                 consecutive_errors: o.consecutive_5xx_errors.unwrap_or(5).max(1),
                 base_ejection_time,
                 max_ejection_percent: pct,
+                interval,
             });
         }
         if let Some(r) = &tp.local_rate_limit {
@@ -901,6 +920,40 @@ mod filter_tests {
         let red = r.rules[1].redirect.as_ref().expect("redirect");
         assert_eq!((red.scheme.as_deref(), red.status), (Some("https"), 301));
         assert_eq!(red.path, Some(PathModifier::Full("/new".into())));
+    }
+
+    #[test]
+    fn destination_rules_read_the_sweep_interval_and_the_connect_timeout() {
+        let load = |policy: &str| {
+            let text = format!(
+                "node: n1\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\nspec:\n  host: web.shop.svc.cluster.local\n  trafficPolicy: {policy}\n"
+            );
+            let l = load_text(std::path::Path::new("n.yaml"), &text, None, None).expect("loads");
+            let e: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+            (l.state.traffic_policies, e)
+        };
+        let (p, e) = load(
+            "{connectionPool: {tcp: {connectTimeout: 250ms}}, outlierDetection: {interval: 2s}}",
+        );
+        assert!(e.is_empty(), "{e:?}");
+        let p = p.values().next().expect("applied");
+        assert_eq!(
+            p.connect_timeout,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            p.outlier.as_ref().map(|o| o.interval),
+            Some(std::time::Duration::from_secs(2))
+        );
+        let (_, e) = load("{outlierDetection: {}}");
+        assert!(e.is_empty(), "{e:?}");
+        for bad in [
+            "{connectionPool: {tcp: {connectTimeout: 0s}}}",
+            "{outlierDetection: {interval: soon}}",
+        ] {
+            let (p, e) = load(bad);
+            assert!(p.is_empty() && !e.is_empty(), "{bad}: {e:?}");
+        }
     }
 
     #[test]

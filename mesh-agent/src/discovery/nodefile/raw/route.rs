@@ -280,12 +280,13 @@ pub struct RawConnectionPool {
     pub http: Option<RawHttpPool>,
 }
 
-/// The most connections open to the service.
+/// The most connections open to the service, and how long making one may take.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawTcpPool {
     pub max_connections: Option<u32>,
+    pub connect_timeout: Option<String>,
 }
 
 /// The most requests waiting for, or in flight to, the service.
@@ -297,7 +298,7 @@ pub struct RawHttpPool {
     pub http2_max_requests: Option<u32>,
 }
 
-/// When an endpoint is ejected and for how long.
+/// When an endpoint is ejected, for how long, and how often ejections are swept.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -306,6 +307,7 @@ pub struct RawOutlier {
     pub consecutive_5xx_errors: Option<u32>,
     pub base_ejection_time: Option<String>,
     pub max_ejection_percent: Option<u32>,
+    pub interval: Option<String>,
 }
 
 /// A token bucket for the service, per source pod if asked.
