@@ -13,7 +13,7 @@
 //! (HBONE) or the kernel-attributed source pod (same node). Plaintext has no identity, so rules
 //! that name principals or namespaces never match it.
 
-use std::fmt;
+use std::{fmt, net::IpAddr};
 
 use crate::{
     identity::Identity,
@@ -64,6 +64,11 @@ pub struct Request<'a> {
     pub labels: &'a Labels,
     /// Destination port.
     pub port: u16,
+    /// The connection's source address, when known: the source pod's own, since the proxy
+    /// dials from inside it (`ipBlocks`).
+    pub source_ip: Option<IpAddr>,
+    /// The services that send this port to the destination pod (`targetRefs`).
+    pub services: &'a [ObjectKey],
     /// The HTTP request, when the traffic is HTTP and is decided per request.
     pub http: Option<&'a HttpAttributes<'a>>,
 }
@@ -81,15 +86,35 @@ pub struct HttpAttributes<'a> {
     pub deny_path: &'a str,
     /// Whether `deny_path` was case-folded, so DENY patterns are folded too.
     pub fold_case: bool,
+    /// The host the request names (`:authority` or Host), as sent.
+    pub host: Option<&'a str>,
     /// Request headers.
     pub headers: &'a http::HeaderMap,
+}
+
+/// The host a request names, as sent: HTTP/2's `:authority`, else its Host header.
+pub fn request_host(parts: &http::request::Parts) -> Option<&str> {
+    parts
+        .uri
+        .authority()
+        .map(http::uri::Authority::as_str)
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+        })
 }
 
 /// Whether `p` applies to the destination of `req`: a policy of its namespace, or of the root
 /// namespace (mesh-wide), whose selector matches.
 fn applies(p: &AuthorizationPolicy, req: &Request<'_>) -> bool {
     (p.key.namespace == req.namespace || p.key.namespace == req.root_namespace)
-        && selects(&p.selector, req.labels)
+        && if p.target_services.is_empty() {
+            selects(&p.selector, req.labels)
+        } else {
+            p.target_services.iter().any(|k| req.services.contains(k))
+        }
 }
 
 /// The AUDIT policies whose rules match `req`: they change no decision, and are logged.
@@ -136,7 +161,7 @@ pub fn evaluate(policies: &[AuthorizationPolicy], req: &Request<'_>) -> Decision
 /// true for DENY, false for ALLOW). It also says which action is decided: DENY paths match the
 /// request's deny form too.
 fn rule_matches(rule: &Rule, req: &Request<'_>, l7_unknown: bool) -> bool {
-    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req.source)))
+    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req)))
         && (rule.to.is_empty()
             || rule
                 .to
@@ -159,7 +184,16 @@ fn listed(yes: &[String], no: &[String], value: Option<&str>) -> bool {
     }
 }
 
-fn source_matches(s: &Source, id: Option<&Identity>) -> bool {
+fn source_matches(s: &Source, req: &Request<'_>) -> bool {
+    let id = req.source;
+    let in_blocks = |blocks: &[ipnet::IpNet]| {
+        req.source_ip
+            .is_some_and(|ip| blocks.iter().any(|b| b.contains(&ip)))
+    };
+    // No known address is in no block, as no principal is in no list (see `listed`).
+    if (!s.ip_blocks.is_empty() && !in_blocks(&s.ip_blocks)) || in_blocks(&s.not_ip_blocks) {
+        return false;
+    }
     let principal = id.map(|i| {
         format!(
             "{}/ns/{}/sa/{}",
@@ -200,6 +234,29 @@ fn operation_matches(o: &Operation, req: &Request<'_>, l7_unknown: bool) -> bool
         && !o.not_methods.iter().any(|m| m == http.method)
         && (o.paths.is_empty() || o.paths.iter().any(path_matches))
         && !o.not_paths.iter().any(|p| glob(p, http.path))
+        && host_listed(&o.hosts, &o.not_hosts, http.host)
+}
+
+/// Istio's `hosts`/`notHosts`: case-insensitive, and an entry without a port matches the host
+/// with any port. A request without a host is in no list.
+fn host_listed(yes: &[String], no: &[String], host: Option<&str>) -> bool {
+    if yes.is_empty() && no.is_empty() {
+        return true;
+    }
+    let Some(host) = host.map(str::to_ascii_lowercase) else {
+        return yes.is_empty();
+    };
+    let bare = match host.rsplit_once(':') {
+        Some((h, port)) if !host.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host.as_str(),
+    };
+    let any = |list: &[String]| {
+        list.iter().any(|p| {
+            let p = p.to_ascii_lowercase();
+            glob(&p, &host) || glob(&p, bare)
+        })
+    };
+    (yes.is_empty() || any(yes)) && !any(no)
 }
 
 fn condition_matches(c: &Condition, req: &Request<'_>, l7_unknown: bool) -> bool {
@@ -303,6 +360,7 @@ mod tests {
                 name: name.into(),
             },
             selector: Labels::new(),
+            target_services: Vec::new(),
             action,
             rules,
         }
@@ -329,6 +387,8 @@ mod tests {
                 root_namespace: "istio-system",
                 labels: &labels,
                 port,
+                source_ip: None,
+                services: &[],
                 http: None,
             },
         )
@@ -447,6 +507,7 @@ mod tests {
                     path,
                     deny_path: &deny_path,
                     fold_case: true,
+                    host: None,
                     headers: h,
                 };
                 evaluate(
@@ -457,6 +518,8 @@ mod tests {
                         root_namespace: "istio-system",
                         labels: &labels,
                         port: 80,
+                        source_ip: None,
+                        services: &[],
                         http: Some(&attrs),
                     },
                 )
@@ -505,6 +568,7 @@ mod tests {
             path,
             deny_path,
             fold_case: true,
+            host: None,
             headers,
         }
     }
@@ -520,6 +584,8 @@ mod tests {
                 root_namespace: "istio-system",
                 labels: &labels,
                 port: 80,
+                source_ip: None,
+                services: &[],
                 http: Some(h),
             },
         )
@@ -688,6 +754,8 @@ mod tests {
             root_namespace: "istio-system",
             labels: &labels,
             port: 80,
+            source_ip: None,
+            services: &[],
             http: None,
         };
         let audited: Vec<String> = audits(&policies, &req)
@@ -695,6 +763,153 @@ mod tests {
             .map(ToString::to_string)
             .collect();
         assert_eq!(audited, ["default/audit-web"]);
+    }
+
+    #[test]
+    fn ip_blocks_match_the_source_address_and_no_address_is_in_no_block() {
+        let web = Identity::new("cluster.local", "default", "web");
+        let block = |s: &str| s.parse::<ipnet::IpNet>().expect("block");
+        let rule = |yes: &[&str], no: &[&str]| Rule {
+            from: vec![Source {
+                ip_blocks: yes.iter().map(|b| block(b)).collect(),
+                not_ip_blocks: no.iter().map(|b| block(b)).collect(),
+                ..Source::default()
+            }],
+            ..Rule::default()
+        };
+        let labels = Labels::new();
+        let ask = |p: &AuthorizationPolicy, ip: Option<&str>| {
+            evaluate(
+                std::slice::from_ref(p),
+                &Request {
+                    source: Some(&web),
+                    namespace: "default",
+                    root_namespace: "istio-system",
+                    labels: &labels,
+                    port: 80,
+                    source_ip: ip.map(|i| i.parse().expect("ip")),
+                    services: &[],
+                    http: None,
+                },
+            )
+        };
+        let allow = policy(
+            "a",
+            Action::Allow,
+            vec![rule(&["10.1.0.0/16"], &["10.1.9.0/24"])],
+        );
+        assert_eq!(ask(&allow, Some("10.1.2.3")), Decision::Allow);
+        assert!(matches!(
+            ask(&allow, Some("10.1.9.3")),
+            Decision::NotAllowed(_)
+        ));
+        assert!(matches!(
+            ask(&allow, Some("10.2.0.1")),
+            Decision::NotAllowed(_)
+        ));
+        assert!(matches!(ask(&allow, None), Decision::NotAllowed(_)));
+        let v6 = policy("a", Action::Allow, vec![rule(&["fd00::/8"], &[])]);
+        assert_eq!(ask(&v6, Some("fd00::5")), Decision::Allow);
+        assert!(matches!(
+            ask(&v6, Some("10.1.2.3")),
+            Decision::NotAllowed(_)
+        ));
+        // DENY all but a block: an unknown address is denied too.
+        let deny = policy("d", Action::Deny, vec![rule(&[], &["10.1.0.0/16"])]);
+        assert!(matches!(ask(&deny, Some("10.2.0.1")), Decision::Denied(_)));
+        assert_eq!(ask(&deny, Some("10.1.0.1")), Decision::Allow);
+        assert!(matches!(ask(&deny, None), Decision::Denied(_)));
+    }
+
+    #[test]
+    fn hosts_match_case_insensitively_with_or_without_the_port() {
+        let hosts = |yes: &[&str], no: &[&str]| -> Vec<AuthorizationPolicy> {
+            vec![policy(
+                "h",
+                Action::Allow,
+                vec![Rule {
+                    to: vec![Operation {
+                        hosts: yes.iter().map(|h| (*h).to_string()).collect(),
+                        not_hosts: no.iter().map(|h| (*h).to_string()).collect(),
+                        ..Operation::default()
+                    }],
+                    ..Rule::default()
+                }],
+            )]
+        };
+        let h = http::HeaderMap::new();
+        let ask = |p: &[AuthorizationPolicy], host: Option<&str>| {
+            let mut a = http_request("GET", "/", "/", &h);
+            a.host = host;
+            decide_http(p, &a)
+        };
+        let p = hosts(
+            &["web.shop.svc.cluster.local", "*.example.com"],
+            &["admin.example.com"],
+        );
+        for ok in [
+            "web.shop.svc.cluster.local",
+            "WEB.shop.svc.cluster.local:8080",
+            "a.example.com",
+        ] {
+            assert_eq!(ask(&p, Some(ok)), Decision::Allow, "{ok}");
+        }
+        for no in [
+            "admin.example.com",
+            "admin.example.com:80",
+            "other",
+            "10.0.0.1",
+        ] {
+            assert!(matches!(ask(&p, Some(no)), Decision::NotAllowed(_)), "{no}");
+        }
+        assert!(matches!(ask(&p, None), Decision::NotAllowed(_)));
+        let port = hosts(&["web:8080"], &[]);
+        assert_eq!(ask(&port, Some("web:8080")), Decision::Allow);
+        assert!(matches!(
+            ask(&port, Some("web:9090")),
+            Decision::NotAllowed(_)
+        ));
+        // Hosts are L7: without HTTP, an ALLOW on them allows nothing and a DENY denies.
+        assert!(p[0].rules[0].is_l7());
+    }
+
+    #[test]
+    fn target_refs_apply_a_policy_to_the_ports_its_services_send_to() {
+        let web = Identity::new("cluster.local", "default", "web");
+        let mut p = policy("t", Action::Allow, vec![from_principal("x/ns/y/sa/z")]);
+        p.target_services = vec![ObjectKey {
+            namespace: "default".into(),
+            name: "db".into(),
+        }];
+        let labels = Labels::new();
+        let ask = |services: &[ObjectKey]| {
+            evaluate(
+                std::slice::from_ref(&p),
+                &Request {
+                    source: Some(&web),
+                    namespace: "default",
+                    root_namespace: "istio-system",
+                    labels: &labels,
+                    port: 80,
+                    source_ip: None,
+                    services,
+                    http: None,
+                },
+            )
+        };
+        let db = [ObjectKey {
+            namespace: "default".into(),
+            name: "db".into(),
+        }];
+        assert!(
+            matches!(ask(&db), Decision::NotAllowed(_)),
+            "the policy applies"
+        );
+        assert_eq!(
+            ask(&[]),
+            Decision::Allow,
+            "a port no target sends to: not applied"
+        );
     }
 
     #[test]

@@ -319,7 +319,7 @@ pub fn explain(view: &Snapshot, q: &Question) -> Result<Explanation, ExplainErro
     for (t, ejected) in targets {
         out.endpoints.push(endpoint(
             routes,
-            &src.node,
+            src,
             &id,
             t,
             http.as_ref(),
@@ -383,7 +383,7 @@ fn request_parts(
 
 fn endpoint(
     routes: &Routes,
-    src_node: &str,
+    src: &crate::state::Workload,
     id: &crate::identity::Identity,
     addr: SocketAddr,
     http: Option<&ExplainRequest>,
@@ -394,7 +394,7 @@ fn endpoint(
     let w = state.workloads.get(&addr.ip());
     // The hop is the source node's choice: same node as the source, or HBONE to another.
     let hop = match w {
-        Some(w) if w.node == src_node => "local",
+        Some(w) if w.node == src.node => "local",
         Some(_) => "hbone",
         None => "passthrough",
     };
@@ -406,8 +406,10 @@ fn endpoint(
                 path,
                 deny_path,
                 fold_case: state.mesh.case_insensitive_deny,
+                host: authz::request_host(parts),
                 headers: &parts.headers,
             });
+            let services = state.services_sending(w.ip, addr.port());
             authz::evaluate(
                 &state.authorization_policies,
                 &authz::Request {
@@ -416,6 +418,8 @@ fn endpoint(
                     root_namespace: &state.mesh.root_namespace,
                     labels: &w.labels,
                     port: addr.port(),
+                    source_ip: Some(src.ip),
+                    services: &services,
                     http: attrs.as_ref(),
                 },
             )
@@ -424,7 +428,7 @@ fn endpoint(
     let reason = match (w, &decision) {
         (None, _) => "outside the mesh: no policy applies".to_string(),
         (Some(w), Decision::Allow)
-            if http.is_none() && state.has_l7_policy_for(&w.key.namespace, &w.labels) =>
+            if http.is_none() && state.has_l7_policy_for(&w.key.namespace, &w.labels, w.ip) =>
         {
             "allowed at L4; an L7 policy selects it, so HTTP requests are decided one by one".into()
         }

@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     io,
+    net::IpAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -109,6 +110,8 @@ pub struct LocalPod {
 #[derive(Debug)]
 struct LiveConn {
     source: Option<Identity>,
+    /// The source's address, for policies on it.
+    from: Option<IpAddr>,
     port: u16,
     revoke: Arc<Revocation>,
 }
@@ -168,13 +171,14 @@ impl LocalPod {
     }
 
     /// Registers a connection from `source` to `port` that was authorized at L4.
-    pub fn track(&self, source: Option<Identity>, port: u16) -> Tracked<'_> {
+    pub fn track(&self, source: Option<Identity>, from: Option<IpAddr>, port: u16) -> Tracked<'_> {
         let id = self.next_live.fetch_add(1, Ordering::Relaxed);
         let revoke = Arc::new(Revocation::default());
         self.live.lock().insert(
             id,
             LiveConn {
                 source,
+                from,
                 port,
                 revoke: revoke.clone(),
             },
@@ -189,10 +193,13 @@ impl LocalPod {
     /// Closes every live L4 connection that `decide` (given its source and port) now refuses:
     /// a pooled connection must not keep carrying what policy has since refused. Each closed
     /// connection files its own record, with the decision.
-    pub fn revoke_where(&self, decide: impl Fn(Option<&Identity>, u16) -> Decision) {
+    pub fn revoke_where(
+        &self,
+        decide: impl Fn(Option<&Identity>, Option<IpAddr>, u16) -> Decision,
+    ) {
         let live = self.live.lock();
         for conn in live.values() {
-            let decision = decide(conn.source.as_ref(), conn.port);
+            let decision = decide(conn.source.as_ref(), conn.from, conn.port);
             if decision != Decision::Allow {
                 let _ = conn.revoke.why.set(decision);
                 conn.revoke.notify.notify_one();

@@ -129,6 +129,9 @@ pub struct AuthorizationPolicy {
     pub key: ObjectKey,
     /// Labels a pod must have; empty means every pod of the namespace.
     pub selector: Labels,
+    /// `targetRefs` Services, in place of the selector: the policy applies to the ports of the
+    /// local pods those services send traffic to.
+    pub target_services: Vec<ObjectKey>,
     /// ALLOW or DENY.
     pub action: Action,
     /// A connection matches the policy if it matches any rule. No rules: ALLOW matches nothing,
@@ -163,7 +166,9 @@ impl Operation {
         !(self.methods.is_empty()
             && self.paths.is_empty()
             && self.not_methods.is_empty()
-            && self.not_paths.is_empty())
+            && self.not_paths.is_empty()
+            && self.hosts.is_empty()
+            && self.not_hosts.is_empty())
     }
 }
 
@@ -179,6 +184,11 @@ pub struct Source {
     pub namespaces: Vec<String>,
     /// Namespaces that must not match.
     pub not_namespaces: Vec<String>,
+    /// The connection's source address is in one of these (a source pod's own address: the
+    /// proxy dials from inside the pod).
+    pub ip_blocks: Vec<ipnet::IpNet>,
+    /// Source addresses that must not match.
+    pub not_ip_blocks: Vec<ipnet::IpNet>,
 }
 
 /// What is connected to. Methods and paths are L7: they match only HTTP requests.
@@ -196,6 +206,11 @@ pub struct Operation {
     pub paths: Vec<String>,
     /// Paths that must not match.
     pub not_paths: Vec<String>,
+    /// The request's host (Host or `:authority`, with or without its port), case-insensitive,
+    /// `*` globs allowed.
+    pub hosts: Vec<String>,
+    /// Hosts that must not match.
+    pub not_hosts: Vec<String>,
 }
 
 /// A `when` condition: the key's value is in `values` (when given) and not in `not_values`.
@@ -667,18 +682,36 @@ impl NodeState {
             .unwrap_or_default()
     }
 
+    /// The services that send `port` of the workload at `ip` traffic (for `explain`; the proxy
+    /// reads the same from its routing table's index).
+    pub fn services_sending(&self, ip: IpAddr, port: u16) -> Vec<ObjectKey> {
+        self.services
+            .values()
+            .filter(|s| s.endpoints.contains(&ip) && s.ports.iter().any(|p| p.target_port == port))
+            .map(|s| s.key.clone())
+            .collect()
+    }
+
     /// Whether an authorization policy with HTTP conditions selects `pod`: its inbound traffic
     /// must then be parsed and decided per request.
     pub fn has_l7_policy(&self, pod: &Pod) -> bool {
-        self.has_l7_policy_for(&pod.key.namespace, &pod.labels)
+        self.has_l7_policy_for(&pod.key.namespace, &pod.labels, pod.ip)
     }
 
     /// Whether an authorization policy with HTTP conditions selects a workload of `namespace`
-    /// with `labels`.
-    pub fn has_l7_policy_for(&self, namespace: &str, labels: &Labels) -> bool {
+    /// with `labels` at `ip` (by its labels, or as an endpoint of a service it targets).
+    pub fn has_l7_policy_for(&self, namespace: &str, labels: &Labels, ip: IpAddr) -> bool {
         self.authorization_policies.iter().any(|p| {
             (p.key.namespace == namespace || p.key.namespace == self.mesh.root_namespace)
-                && selects(&p.selector, labels)
+                && if p.target_services.is_empty() {
+                    selects(&p.selector, labels)
+                } else {
+                    p.target_services.iter().any(|k| {
+                        self.services
+                            .get(k)
+                            .is_some_and(|s| s.endpoints.contains(&ip))
+                    })
+                }
                 && p.rules.iter().any(Rule::is_l7)
         })
     }

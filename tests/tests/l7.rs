@@ -635,6 +635,59 @@ fn rewrites_redirects_mirrors_and_hostnames_apply_as_gateway_api_says() -> Resul
     Ok(())
 }
 
+#[test]
+fn target_refs_ip_blocks_and_hosts_decide_at_the_destination() -> Result<()> {
+    let c = cluster()?;
+    let (v1, v2) = (c.service_ip("v1"), c.service_ip("v2"));
+    let client = c.pod("client").ip;
+    // Attached to Service v1 (server's port 8080): only client's address, only for one host.
+    c.apply_yaml(
+        1,
+        &format!(
+            "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: v1-callers, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, group: \"\", name: v1}}]
+  action: ALLOW
+  rules:
+  - from: [{{source: {{ipBlocks: [{client}/32]}}}}]
+    to: [{{operation: {{hosts: [v1.default.svc.cluster.local]}}}}]
+"
+        ),
+        "authorization_policies",
+        &["default/v1-callers"],
+    )?;
+    let status = |pod: &str, ip: std::net::Ipv4Addr, host: &str| -> Result<String> {
+        let (_, out) = c.curl(
+            pod,
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                &format!("Host: {host}"),
+                &format!("http://{ip}/echo"),
+            ],
+        )?;
+        Ok(out)
+    };
+    let host = "v1.default.svc.cluster.local";
+    assert_eq!(status("client", v1, &format!("{host}:80"))?, "200");
+    assert_eq!(status("client2", v1, host)?, "403", "another pod's address");
+    assert_eq!(
+        status("client", v1, "other.example")?,
+        "403",
+        "another host"
+    );
+    // The policy targets v1 only: server2 behind v2 is not restricted.
+    assert_eq!(status("client2", v2, "anything")?, "200");
+    Ok(())
+}
+
 /// The smuggling and path corpus. Sent raw, from a pod outside the mesh (the server's node
 /// parses it, because an L7 policy selects the server) and from a mesh pod (its own node parses
 /// it first). Nothing may reach the server.

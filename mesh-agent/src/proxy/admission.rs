@@ -30,8 +30,9 @@ pub fn authorize(
     port: u16,
     http: Option<&HttpAttributes<'_>>,
 ) -> Result<(), Decision> {
-    let decision = decide(view, dest, source, port, http);
-    audit(view, dest, source, port, http, &decision);
+    let ip = from.map(|a| a.ip());
+    let decision = decide(view, dest, source, ip, port, http);
+    audit(view, dest, (source, ip), port, http, &decision);
     if decision == Decision::Allow {
         return Ok(());
     }
@@ -57,24 +58,26 @@ pub fn authorize(
     Err(decision)
 }
 
-/// The decision alone: what the policies of `view` say of `source` reaching `dest` on `port`.
+/// The decision alone: what the policies of `view` say of `source` (at `from`, when known)
+/// reaching `dest` on `port`.
 pub fn decide(
     view: &Snapshot,
     dest: &LocalPod,
     source: Option<&Identity>,
+    from: Option<IpAddr>,
     port: u16,
     http: Option<&HttpAttributes<'_>>,
 ) -> Decision {
     authz::evaluate(
         &view.state().authorization_policies,
-        &request(view, dest, source, port, http),
+        &request(view, dest, (source, from), port, http),
     )
 }
 
 fn request<'a>(
     view: &'a Snapshot,
     dest: &'a LocalPod,
-    source: Option<&'a Identity>,
+    (source, from): (Option<&'a Identity>, Option<IpAddr>),
     port: u16,
     http: Option<&'a HttpAttributes<'a>>,
 ) -> authz::Request<'a> {
@@ -90,6 +93,8 @@ fn request<'a>(
         root_namespace: &view.state().mesh.root_namespace,
         labels,
         port,
+        source_ip: from,
+        services: view.routes.services_to(dest.pod.ip, port),
         http,
     }
 }
@@ -98,7 +103,7 @@ fn request<'a>(
 fn audit(
     view: &Snapshot,
     dest: &LocalPod,
-    source: Option<&Identity>,
+    (source, from): (Option<&Identity>, Option<IpAddr>),
     port: u16,
     http: Option<&HttpAttributes<'_>>,
     decision: &Decision,
@@ -110,7 +115,7 @@ fn audit(
     {
         return;
     }
-    for policy in authz::audits(policies, &request(view, dest, source, port, http)) {
+    for policy in authz::audits(policies, &request(view, dest, (source, from), port, http)) {
         let src = source.map_or_else(
             || "plaintext (no identity)".to_string(),
             ToString::to_string,
@@ -167,8 +172,8 @@ pub fn admit(
 /// those now denied; each is counted here and files its own record (with its addresses) as it
 /// closes.
 pub fn recheck(view: &Snapshot, pod: &LocalPod) {
-    pod.revoke_where(|source, port| {
-        let decision = decide(view, pod, source, port, None);
+    pod.revoke_where(|source, from, port| {
+        let decision = decide(view, pod, source, from, port, None);
         if decision != Decision::Allow {
             pod.counters.denied.inc();
         }

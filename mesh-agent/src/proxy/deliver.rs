@@ -114,7 +114,7 @@ async fn relay_recorded<C: AsyncRead + AsyncWrite + Unpin>(
     let mut draft = Draft::new(flow);
     draft.src_addr = Some(peer);
     draft.dst_addr = Some(SocketAddr::new(dest.pod.ip, port));
-    let tracked = dest.track(source, port);
+    let tracked = dest.track(source, Some(peer.ip()), port);
     match tracked.run(relay_to_app(dest, client, app, conn)).await {
         Ok(bytes) => (draft.bytes_received, draft.bytes_sent) = bytes,
         Err(why) => ProxyError::Revoked(why).file(&mut draft),

@@ -205,7 +205,11 @@ async fn relay(
             let mut delivered =
                 Counted::new(&mut client, &dest.counters, |c| &c.inbound_bytes_delivered)
                     .metered(&dest_conn);
-            let tracked = dest.track(Some(src.identity().clone()), target.port());
+            let tracked = dest.track(
+                Some(src.identity().clone()),
+                Some(src.pod.ip),
+                target.port(),
+            );
             let splicer = inputs.splice.as_ref();
             let finished = tracked
                 .run(relay::copy_both_until(

@@ -71,6 +71,8 @@ struct InboundPort {
     upgrades: Vec<String>,
     /// The first such service (by namespace/name), which the destination's metrics name.
     service: Option<ObjectKey>,
+    /// Every such service, by namespace/name (policies' `targetRefs`).
+    services: Vec<ObjectKey>,
 }
 
 /// The routing table; replaced whole on every change.
@@ -148,6 +150,7 @@ impl Routes {
                 port.upgrades.sort();
                 port.upgrades.dedup();
                 port.service.get_or_insert_with(|| s.key.clone());
+                port.services.push(s.key.clone());
             }
         }
         Self {
@@ -175,6 +178,11 @@ impl Routes {
                 .get(&(ip, port))
                 .and_then(|p| p.service.as_ref()),
         )
+    }
+
+    /// The services that send `port` of the local pod at `ip` traffic, by namespace/name.
+    pub fn services_to(&self, ip: IpAddr, port: u16) -> &[ObjectKey] {
+        self.inbound.get(&(ip, port)).map_or(&[], |p| &p.services)
     }
 
     /// The service whose address is `ip`.

@@ -334,6 +334,51 @@ mod tests {
     }
 
     #[test]
+    fn target_refs_ip_blocks_and_hosts_are_read_and_other_targets_fail_closed() {
+        use crate::{discovery::nodefile::load_text, state::Action};
+        let load = |spec: &str| {
+            let text = format!(
+                "node: n1\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n{spec}"
+            );
+            let l = load_text(std::path::Path::new("n.yaml"), &text, None, None).expect("loads");
+            let e: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+            (l.state.authorization_policies, e)
+        };
+        let (p, e) = load(
+            "  targetRefs: [{kind: Service, group: \"\", name: db}]
+  rules:
+  - from: [{source: {ipBlocks: [10.1.0.0/16, 10.9.9.9], notIpBlocks: ['fd00::/8']}}]
+    to: [{operation: {hosts: [db.shop.svc.cluster.local], notHosts: ['*.evil']}}]
+",
+        );
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(p[0].target_services[0].to_string(), "shop/db");
+        let src = &p[0].rules[0].from[0];
+        assert_eq!(src.ip_blocks.len(), 2);
+        assert_eq!(src.ip_blocks[1].to_string(), "10.9.9.9/32");
+        assert_eq!(p[0].rules[0].to[0].hosts, ["db.shop.svc.cluster.local"]);
+        for (spec, says) in [
+            (
+                "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: g}]\n  action: ALLOW\n  rules: [{}]\n",
+                "Gateway/g is not supported",
+            ),
+            (
+                "  selector: {matchLabels: {app: db}}\n  targetRef: {kind: Service, name: db}\n  rules: [{}]\n",
+                "not both",
+            ),
+            (
+                "  rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]\n",
+                "not an address or CIDR",
+            ),
+        ] {
+            let (p, e) = load(spec);
+            assert!(e.iter().any(|m| m.contains(says)), "{spec}: {e:?}");
+            assert_eq!(p[0].action, Action::Allow);
+            assert!(p[0].rules.is_empty(), "fails closed: allows nothing");
+        }
+    }
+
+    #[test]
     fn a_node_file_takes_kubernetes_objects_as_further_documents() {
         use crate::{discovery::nodefile::load_text, state::MtlsMode};
         let text = "node: n1

@@ -114,19 +114,37 @@ pub(super) fn validate_authorization_policies(
                 Action::Deny
             }
         };
+        let target_services = target_services(&mut cx, rp);
         let principal = |p: &String| p.strip_prefix("spiffe://").unwrap_or(p).to_string();
         let mut rules = Vec::new();
         for r in &rp.rules {
-            let from = r
-                .from
-                .iter()
-                .map(|f| Source {
+            let mut from = Vec::new();
+            for f in &r.from {
+                let mut blocks = |list: &[String]| -> Vec<ipnet::IpNet> {
+                    list.iter()
+                        .filter_map(|b| match ip_block(b) {
+                            Some(n) => Some(n),
+                            None => {
+                                cx.fail(
+                                    "rules.from.source.ipBlocks",
+                                    format!("{b:?} is not an address or CIDR block (10.0.0.0/16, fd00::/8, 10.1.2.3)"),
+                                );
+                                None
+                            }
+                        })
+                        .collect()
+                };
+                let (ip_blocks, not_ip_blocks) =
+                    (blocks(&f.source.ip_blocks), blocks(&f.source.not_ip_blocks));
+                from.push(Source {
                     principals: f.source.principals.iter().map(principal).collect(),
                     not_principals: f.source.not_principals.iter().map(principal).collect(),
                     namespaces: f.source.namespaces.clone(),
                     not_namespaces: f.source.not_namespaces.clone(),
-                })
-                .collect();
+                    ip_blocks,
+                    not_ip_blocks,
+                });
+            }
             let mut to = Vec::new();
             for t in &r.to {
                 let mut ports = |list: &[serde_yaml_ng::Value]| {
@@ -162,6 +180,8 @@ pub(super) fn validate_authorization_policies(
                     not_methods: t.operation.not_methods.clone(),
                     paths: t.operation.paths.clone(),
                     not_paths: t.operation.not_paths.clone(),
+                    hosts: t.operation.hosts.clone(),
+                    not_hosts: t.operation.not_hosts.clone(),
                 });
             }
             let mut when = Vec::new();
@@ -230,8 +250,53 @@ pub(super) fn validate_authorization_policies(
         state.authorization_policies.push(AuthorizationPolicy {
             key,
             selector: rp.selector.match_labels.clone(),
+            target_services,
             action,
             rules,
         });
     }
+}
+
+/// An `ipBlocks` entry: a CIDR block, or one address (a block of one).
+fn ip_block(b: &str) -> Option<ipnet::IpNet> {
+    b.parse::<ipnet::IpNet>()
+        .ok()
+        .map(|n| n.trunc())
+        .or_else(|| b.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+/// The Services a policy's `targetRefs` name (in its own namespace). Istio allows no selector
+/// beside them, and this mesh attaches policies to nothing else: anything else fails the policy,
+/// closed.
+fn target_services(cx: &mut Ctx<'_>, rp: &RawAuthorizationPolicy) -> Vec<ObjectKey> {
+    let refs: Vec<_> = rp.target_refs.iter().chain(&rp.target_ref).collect();
+    if refs.is_empty() {
+        return Vec::new();
+    }
+    if !rp.selector.is_empty() {
+        cx.fail(
+            "targetRefs",
+            "a policy has a selector or targetRefs, not both",
+        );
+    }
+    let mut out = Vec::new();
+    for r in refs {
+        let core = matches!(r.group.as_deref(), None | Some("" | "core"));
+        let own = r.namespace.is_none() || r.namespace == rp.namespace;
+        match (&r.name, core && r.kind.as_deref() == Some("Service") && own) {
+            (Some(name), true) => out.push(ObjectKey {
+                namespace: rp.namespace.clone().unwrap_or_default(),
+                name: name.clone(),
+            }),
+            _ => cx.fail(
+                "targetRefs",
+                format!(
+                    "{}/{} is not supported: target a Service (group \"\", kind Service) by name, in the policy's namespace",
+                    r.kind.as_deref().unwrap_or("?"),
+                    r.name.as_deref().unwrap_or("?")
+                ),
+            ),
+        }
+    }
+    out
 }

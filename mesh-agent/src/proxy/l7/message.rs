@@ -154,6 +154,7 @@ impl Prepared {
             path: &self.path,
             deny_path: &self.deny_path,
             fold_case: self.fold_case,
+            host: crate::authz::request_host(&self.parts),
             headers: &self.parts.headers,
         }
     }

@@ -62,6 +62,10 @@ pub struct RawAuthorizationPolicy {
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "RawSelector::is_empty")]
     pub selector: RawSelector,
+    /// Istio's `targetRefs` (and the older single `targetRef`), in place of the selector.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<RawTargetRef>,
+    pub target_ref: Option<RawTargetRef>,
     pub action: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RawRule>,
@@ -72,6 +76,17 @@ pub struct RawAuthorizationPolicy {
     /// Why the object as written could not be read: it then fails closed.
     #[serde(skip)]
     pub unreadable: Option<String>,
+}
+
+/// What a policy attaches to: a Service (group `""`) in the policy's namespace.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTargetRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
 }
 
 /// One rule: it matches when one `from`, one `to` and every `when` match.
@@ -107,7 +122,7 @@ pub struct RawFrom {
     pub source: RawSource,
 }
 
-/// Callers by SPIFFE principal or namespace.
+/// Callers by SPIFFE principal, namespace or source address.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -120,6 +135,10 @@ pub struct RawSource {
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
 }
 
 /// What a rule matches.
@@ -130,7 +149,7 @@ pub struct RawTo {
     pub operation: RawOperation,
 }
 
-/// Ports, methods and paths.
+/// Ports, methods, paths and hosts.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -148,4 +167,8 @@ pub struct RawOperation {
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
 }
