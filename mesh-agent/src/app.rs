@@ -304,7 +304,15 @@ impl Agent {
         for pod in state.pods.values() {
             // Every pass, so a PeerAuthentication change applies to running pods too.
             let strict = state.mtls_mode(pod) == MtlsMode::Strict;
-            if let Err(e) = dp.set_strict(pod.ip, strict) {
+            let ports: Vec<(u16, bool)> = state
+                .mtls_port_overrides(pod)
+                .into_iter()
+                .map(|(port, mode)| (port, mode == MtlsMode::Strict))
+                .collect();
+            if let Err(e) = dp
+                .set_strict(pod.ip, strict)
+                .and_then(|()| dp.set_port_modes(pod.ip, &ports))
+            {
                 problems.push(format!("pod {}: {e}", pod.key));
             }
             if pods.contains_key(&pod.key) {

@@ -109,6 +109,9 @@ pub struct PeerAuthentication {
     pub selector: Labels,
     /// The mode; `None` is Istio's UNSET: the next wider policy decides.
     pub mode: Option<MtlsMode>,
+    /// `portLevelMtls`: modes of single ports (the pods' own ports), over the policy's mode.
+    /// UNSET entries are left out.
+    pub ports: BTreeMap<u16, MtlsMode>,
 }
 
 /// ALLOW or DENY.
@@ -661,9 +664,49 @@ impl Default for MeshConfig {
 }
 
 impl NodeState {
-    /// The mTLS mode of a local pod, as Istio resolves it: a policy selecting the pod, else its
-    /// namespace's, else the mesh's (a policy without selector in the root namespace), else
-    /// PERMISSIVE. UNSET passes to the next. Among policies of one level the last listed wins.
+    /// The mTLS mode of `port` of a local pod, as Istio resolves it: the port's own mode in a
+    /// policy selecting the pod, else the pod's (see [`NodeState::mtls_mode`]).
+    pub fn mtls_mode_at(&self, pod: &Pod, port: u16) -> MtlsMode {
+        self.port_mode(pod, port)
+            .unwrap_or_else(|| self.mtls_mode(pod))
+    }
+
+    /// The mode of `port` of `pod` when the most specific policy that selects it by labels
+    /// sets one for the port (Istio reads `portLevelMtls` only with a selector).
+    fn port_mode(&self, pod: &Pod, port: u16) -> Option<MtlsMode> {
+        self.peer_authentications
+            .iter()
+            .filter(|p| {
+                p.key.namespace == pod.key.namespace
+                    && !p.selector.is_empty()
+                    && selects(&p.selector, &pod.labels)
+            })
+            .filter_map(|p| p.ports.get(&port).copied())
+            .next_back()
+    }
+
+    /// The ports of `pod` whose mode differs from the pod's, with theirs: what the kernel
+    /// looks up before the pod's own mode.
+    pub fn mtls_port_overrides(&self, pod: &Pod) -> Vec<(u16, MtlsMode)> {
+        let own = self.mtls_mode(pod);
+        let mut ports: Vec<u16> = self
+            .peer_authentications
+            .iter()
+            .flat_map(|p| p.ports.keys().copied())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+            .into_iter()
+            .filter_map(|port| self.port_mode(pod, port).map(|m| (port, m)))
+            .filter(|(_, m)| *m != own)
+            .collect()
+    }
+
+    /// The mTLS mode of a local pod (ports without one of their own), as Istio resolves it: a
+    /// policy selecting the pod, else its namespace's, else the mesh's (a policy without
+    /// selector in the root namespace), else PERMISSIVE. UNSET passes to the next. Among
+    /// policies of one level the last listed wins.
     pub fn mtls_mode(&self, pod: &Pod) -> MtlsMode {
         let level = |namespace: &str, specific: bool| {
             self.peer_authentications
@@ -814,6 +857,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             mode,
+            ports: BTreeMap::new(),
         }
     }
 
@@ -860,5 +904,46 @@ mod tests {
         // Another root namespace moves the mesh-wide level.
         s.mesh.root_namespace = "mesh-root".into();
         assert_eq!(s.mtls_mode(&other), Permissive);
+    }
+
+    #[test]
+    fn port_level_mtls_overrides_the_pods_mode_for_its_port_only() {
+        use MtlsMode::{Permissive, Strict};
+        let (web, db) = (pod("shop", "web"), pod("shop", "db"));
+        let mut open = pa("shop", "web", &[("app", "web")], None);
+        open.ports = [(9090, Permissive), (8080, Strict)].into();
+        let mut s = NodeState {
+            peer_authentications: vec![pa("shop", "ns", &[], Some(Strict)), open],
+            ..NodeState::default()
+        };
+        // The pod's own mode (UNSET here) still comes from the namespace.
+        assert_eq!(s.mtls_mode(&web), Strict);
+        assert_eq!(s.mtls_mode_at(&web, 9090), Permissive);
+        assert_eq!(s.mtls_mode_at(&web, 8080), Strict);
+        assert_eq!(
+            s.mtls_mode_at(&web, 7070),
+            Strict,
+            "unlisted ports keep the pod's"
+        );
+        assert_eq!(
+            s.mtls_mode_at(&db, 9090),
+            Strict,
+            "another pod is not selected"
+        );
+        // Only ports that differ from the pod's mode reach the kernel.
+        assert_eq!(s.mtls_port_overrides(&web), vec![(9090, Permissive)]);
+        assert!(s.mtls_port_overrides(&db).is_empty());
+        // A namespace-wide policy's ports are not read (Istio needs a selector).
+        let mut wide = pa("shop", "ns", &[], Some(Permissive));
+        wide.ports = [(9090, Strict)].into();
+        s.peer_authentications = vec![wide];
+        assert_eq!(s.mtls_mode_at(&db, 9090), Permissive);
+        // The more specific of two selecting policies is the last listed.
+        let mut a = pa("shop", "a", &[("app", "web")], Some(Strict));
+        a.ports = [(9090, Permissive)].into();
+        let mut b = pa("shop", "b", &[("app", "web")], None);
+        b.ports = [(9090, Strict)].into();
+        s.peer_authentications = vec![a, b];
+        assert_eq!(s.mtls_mode_at(&web, 9090), Strict);
     }
 }

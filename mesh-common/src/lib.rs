@@ -68,6 +68,10 @@ pub mod maps {
     /// Hash: pod address ([`IpKey`](crate::IpKey)) → `u8`; present = the pod is STRICT mTLS, so
     /// `sk_lookup` refuses plaintext to it in the kernel, before any byte is accepted.
     pub const STRICT_ADDRS: &str = "STRICT_ADDRS";
+    /// Hash: [`PortKey`](crate::PortKey) → `u8`, a port's own mode where it differs from its
+    /// pod's (PeerAuthentication `portLevelMtls`): 1 refuses plaintext to that port, 0 passes
+    /// it. Looked up before [`STRICT_ADDRS`].
+    pub const MTLS_PORTS: &str = "MTLS_PORTS";
     /// Per-CPU array: [`events`](crate::events) index → `u64` count, node-wide.
     pub const EVENTS: &str = "EVENTS";
     /// Sock hash: socket cookie → a proxy socket being spliced; the redirect targets. No program
@@ -90,7 +94,7 @@ pub mod maps {
     /// [`LOOP_SOCKS`] only then, so with the bypass off they never leave plain TCP.
     pub const LOOP_ENABLED: &str = "LOOP_ENABLED";
     /// Every map in the object, for tests and for pinning.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST,
         POD_STATS,
@@ -98,6 +102,7 @@ pub mod maps {
         INBOUND_STATS,
         EXCLUDED_PORTS,
         STRICT_ADDRS,
+        MTLS_PORTS,
         EVENTS,
         SPLICE_TARGETS,
         SPLICE_SOURCES,
@@ -396,6 +401,30 @@ impl InboundKey {
     }
 }
 
+/// A pod's address and one of its ports (host order, as `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// The pod's address.
+    pub ip: IpKey,
+    /// The port.
+    pub port: u32,
+    /// Explicit padding, zeroed.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortKey>() == 24);
+
+impl PortKey {
+    /// A key with zeroed padding.
+    pub const fn new(ip: IpKey, port: u16) -> Self {
+        Self {
+            ip,
+            port: port as u32,
+            _pad: 0,
+        }
+    }
+}
+
 /// Per-pod counters kept by `sk_lookup`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -416,7 +445,8 @@ const _: () = assert!(core::mem::size_of::<InboundStats>() == 32);
 #[cfg(feature = "user")]
 mod user {
     use crate::{
-        InboundKey, InboundStats, IpKey, LoopKey, OrigDst, OrigDstKey, PodStats, SplicePeer,
+        InboundKey, InboundStats, IpKey, LoopKey, OrigDst, OrigDstKey, PodStats, PortKey,
+        SplicePeer,
     };
 
     // SAFETY: see the module doc.
@@ -434,6 +464,8 @@ mod user {
     unsafe impl aya::Pod for IpKey {}
     // SAFETY: see the module doc.
     unsafe impl aya::Pod for InboundKey {}
+    // SAFETY: see the module doc.
+    unsafe impl aya::Pod for PortKey {}
     // SAFETY: see the module doc.
     unsafe impl aya::Pod for InboundStats {}
 }

@@ -1,7 +1,7 @@
 //! `sk_lookup`: steer connections arriving at an enrolled pod to the proxy's listeners.
 //!
 //! Stages: skip what the proxy itself delivers (arrives on loopback) and non-TCP → pick the
-//! listener by destination port → refuse plaintext to a STRICT pod → assign the socket, or refuse
+//! listener by destination port → refuse plaintext to a STRICT pod or port → assign the socket, or refuse
 //! if the proxy has none (agent down: fail closed rather than let the application see
 //! unauthenticated traffic).
 
@@ -9,14 +9,25 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     programs::SkLookupContext,
 };
-use mesh_common::{InboundKey, IpKey, ListenerKind, events, ports};
+use mesh_common::{InboundKey, IpKey, ListenerKind, PortKey, events, ports};
 
-use crate::maps::{INBOUND_SOCKS, INBOUND_STATS, STRICT_ADDRS, bump, event};
+use crate::maps::{INBOUND_SOCKS, INBOUND_STATS, MTLS_PORTS, STRICT_ADDRS, bump, event};
 
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Whether plaintext to `port` of the pod at `ip` is refused: the port's own mode when
+/// PeerAuthentication gives it one, else the pod's.
+fn strict(ip: IpKey, port: u32) -> bool {
+    let key = PortKey::new(ip, port as u16);
+    // SAFETY: plain lookups of `u8` values, copied out at once.
+    match unsafe { MTLS_PORTS.get(&key) } {
+        Some(mode) => *mode != 0,
+        None => unsafe { STRICT_ADDRS.get(&ip) }.is_some(),
+    }
+}
 
 pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the kernel passes a valid `bpf_sk_lookup` for the duration of the program.
@@ -56,8 +67,7 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
         event(events::LOOKUP_PASS_NOT_ENROLLED);
         return SK_PASS;
     };
-    // SAFETY: a plain lookup; the value is not read.
-    if kind == ListenerKind::Inbound && unsafe { STRICT_ADDRS.get(&ip) }.is_some() {
+    if kind == ListenerKind::Inbound && strict(ip, lk.local_port) {
         // STRICT: plaintext is refused here, so the proxy never even accepts it.
         // SAFETY: `stats` is a live map value.
         bump(unsafe { &raw mut (*stats).refused_strict });

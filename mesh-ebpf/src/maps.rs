@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    InboundKey, InboundStats, IpKey, LOOP_CAPACITY, LoopKey, LoopState, MAX_PODS,
+    InboundKey, InboundStats, IpKey, LOOP_CAPACITY, LoopKey, LoopState, MAX_PODS, PortKey,
     ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats, SPLICE_CAPACITY, SplicePeer, events,
 };
 
@@ -28,6 +28,9 @@ pub static INBOUND_STATS: PerCpuHashMap<IpKey, InboundStats> = PerCpuHashMap::pi
 
 #[map]
 pub static STRICT_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_PODS, 0);
+
+#[map]
+pub static MTLS_PORTS: HashMap<PortKey, u8> = HashMap::pinned(MAX_PODS * 4, 0);
 
 #[map]
 pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);

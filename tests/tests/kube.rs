@@ -630,6 +630,52 @@ spec:
         Some(200),
         "mTLS still passes"
     );
+    // portLevelMtls opens one port of server (only that one) under the mesh-wide STRICT.
+    const OTHER_PORT: u16 = 9091;
+    c.serve("server", OTHER_PORT)?;
+    let other = format!("http://{}:{OTHER_PORT}/", c.pod("server").ip);
+    assert_eq!(c.http_status("bare", &other)?, None, "STRICT mesh-wide");
+    let ports = |pod_mode: &str, port_mode: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: server-ports, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  mtls: {{mode: {pod_mode}}}
+  portLevelMtls:
+    {OTHER_PORT}: {{mode: {port_mode}}}
+"
+        )
+    };
+    k.create(&ports("UNSET", "DISABLE"))?;
+    mesh_tests::wait_until(
+        "the port to take plaintext",
+        Duration::from_secs(10),
+        || Ok(c.http_status("bare", &other)? == Some(200)),
+    )?;
+    assert_eq!(
+        c.http_status("bare", &plain)?,
+        None,
+        "the pod's other port stays STRICT"
+    );
+    // The reverse: a PERMISSIVE pod with one STRICT port.
+    k.run(&["delete", "peerauthentication", "server-ports"], None)?;
+    k.create(&ports("PERMISSIVE", "STRICT"))?;
+    mesh_tests::wait_until("the pod to take plaintext", Duration::from_secs(10), || {
+        Ok(c.http_status("bare", &plain)? == Some(200))
+    })?;
+    assert_eq!(
+        c.http_status("bare", &other)?,
+        None,
+        "the STRICT port refuses plaintext"
+    );
+    assert_eq!(
+        c.http_status("client", &other)?,
+        Some(200),
+        "mTLS to the STRICT port passes"
+    );
+    k.run(&["delete", "peerauthentication", "server-ports"], None)?;
     k.run(
         &[
             "delete",

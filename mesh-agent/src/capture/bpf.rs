@@ -33,8 +33,8 @@ use aya::{
     util::nr_cpus,
 };
 use mesh_common::{
-    InboundKey, InboundStats, IpKey, ListenerKind, LoopKey, OrigDst, OrigDstKey, PodStats, maps,
-    programs,
+    InboundKey, InboundStats, IpKey, ListenerKind, LoopKey, OrigDst, OrigDstKey, PodStats, PortKey,
+    maps, programs,
 };
 
 use crate::state::Pod;
@@ -166,6 +166,7 @@ pub struct Dataplane {
     inbound_stats: PerCpuHashMap<MapData, IpKey, InboundStats>,
     excluded: BpfHashMap<MapData, u16, u8>,
     strict: BpfHashMap<MapData, IpKey, u8>,
+    mtls_ports: BpfHashMap<MapData, PortKey, u8>,
     loop_enabled: Array<MapData, u32>,
     /// Pin name of the link of `mesh_proxy_sock_ops` to the agent's cgroup, once attached.
     proxy_link: Option<String>,
@@ -262,6 +263,8 @@ impl Dataplane {
             .map_err(map_err(maps::EXCLUDED_PORTS, "open"))?;
         let strict = BpfHashMap::try_from(take_map(&mut ebpf, maps::STRICT_ADDRS)?)
             .map_err(map_err(maps::STRICT_ADDRS, "open"))?;
+        let mtls_ports = BpfHashMap::try_from(take_map(&mut ebpf, maps::MTLS_PORTS)?)
+            .map_err(map_err(maps::MTLS_PORTS, "open"))?;
         let splice = SpliceTable::attach(&mut ebpf)?;
         let loop_socks: SockHash<MapData, LoopKey> =
             SockHash::try_from(take_map(&mut ebpf, maps::LOOP_SOCKS)?)
@@ -283,6 +286,7 @@ impl Dataplane {
                 inbound_stats,
                 excluded,
                 strict,
+                mtls_ports,
                 loop_enabled,
                 proxy_link: None,
                 adopted_maps,
@@ -361,6 +365,33 @@ impl Dataplane {
         }
     }
 
+    /// Gives ports of a pod their own mode where it differs from the pod's (PeerAuthentication
+    /// `portLevelMtls`): `true` refuses plaintext to the port, `false` passes it. Ports of the
+    /// pod not listed lose any earlier mode of their own.
+    pub fn set_port_modes(&mut self, ip: IpAddr, ports: &[(u16, bool)]) -> Result<(), BpfError> {
+        let ip_k = ip_key(ip);
+        let stale: Vec<PortKey> = self
+            .mtls_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ip == ip_k && !ports.iter().any(|(p, _)| u32::from(*p) == k.port))
+            .collect();
+        for k in stale {
+            self.mtls_ports
+                .remove(&k)
+                .map_err(map_err(maps::MTLS_PORTS, format!("remove {ip}:{}", k.port)))?;
+        }
+        for (port, strict) in ports {
+            let key = PortKey::new(ip_k, *port);
+            if self.mtls_ports.get(&key, 0).ok() != Some(u8::from(*strict)) {
+                self.mtls_ports
+                    .insert(key, u8::from(*strict), 0)
+                    .map_err(map_err(maps::MTLS_PORTS, format!("insert {ip}:{port}")))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Registers a pod's counters (keeping existing ones, so counts survive a restart) and its
     /// address, which tells `sk_lookup` the address is ours to steer.
     pub fn register_pod(&mut self, pod: &Pod, netns_cookie: u64) -> Result<(), BpfError> {
@@ -386,6 +417,7 @@ impl Dataplane {
         let _ = self.pod_stats.remove(&netns_cookie);
         let _ = self.inbound_stats.remove(&ip_key(ip));
         let _ = self.strict.remove(&ip_key(ip));
+        let _ = self.set_port_modes(ip, &[]);
         for kind in [ListenerKind::Inbound, ListenerKind::Hbone] {
             let _ = self
                 .inbound_socks

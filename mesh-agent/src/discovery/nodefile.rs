@@ -1029,6 +1029,61 @@ authorizationPolicies:
     }
 
     #[test]
+    fn port_level_mtls_reads_number_and_string_ports_and_fails_closed_on_errors() {
+        let text = GOOD.replace("cgroup: /cg/a}", "cgroup: /cg/a, labels: {app: a}}")
+            + "peerAuthentications:
+  - name: a
+    namespace: default
+    selector: {matchLabels: {app: a}}
+    mtls: {mode: STRICT}
+    portLevelMtls: {9090: {mode: DISABLE}, \"8080\": {mode: PERMISSIVE}, 7070: {mode: UNSET}}
+  - name: wide
+    namespace: other
+    mtls: {mode: PERMISSIVE}
+    portLevelMtls: {9090: {mode: PERMISSIVE}}
+  - name: bad-port
+    namespace: other
+    selector: {matchLabels: {app: x}}
+    mtls: {mode: PERMISSIVE}
+    portLevelMtls: {http: {mode: PERMISSIVE}, 9090: {mode: DISABLE}}
+  - name: bad-mode
+    namespace: other
+    selector: {matchLabels: {app: y}}
+    portLevelMtls: {9090: {mode: OFF}}
+";
+        let l = run(&text, None).expect("parses");
+        let by = |n: &str| {
+            l.state
+                .peer_authentications
+                .iter()
+                .find(|p| p.key.name == n)
+                .unwrap()
+        };
+        assert_eq!(
+            by("a").ports,
+            [(8080, MtlsMode::Permissive), (9090, MtlsMode::Permissive)].into()
+        );
+        let pod = l.state.pods.values().find(|p| p.key.name == "a").unwrap();
+        assert_eq!(l.state.mtls_mode_at(pod, 9090), MtlsMode::Permissive);
+        assert_eq!(l.state.mtls_mode_at(pod, 7070), MtlsMode::Strict);
+        let all: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        let all = all.join("\n");
+        for (name, why) in [
+            ("wide", "needs a selector"),
+            ("bad-port", "\"http\" is not a port"),
+            ("bad-mode", "\"OFF\" is not STRICT"),
+        ] {
+            assert!(
+                all.contains(&format!("peerAuthentication other/{name}")) && all.contains(why),
+                "{name}: {all}"
+            );
+            // Whatever was written, nothing opens: the whole policy is STRICT.
+            assert_eq!(by(name).mode, Some(MtlsMode::Strict), "{name}");
+            assert!(by(name).ports.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
     fn broken_policies_fail_closed_and_say_so() {
         let text = format!(
             "{GOOD}{}",

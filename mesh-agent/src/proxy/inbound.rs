@@ -34,8 +34,9 @@ pub async fn handle(
         return Err(fail(ProxyError::DirectToProxyPort(local.port())));
     }
     let view = inputs.view.load();
-    // The kernel refuses plaintext to STRICT pods; this catches a mode change in flight.
-    if view.state().mtls_mode(&pod.pod) == MtlsMode::Strict {
+    // The kernel refuses plaintext to STRICT pods and ports; this catches a mode change in
+    // flight.
+    if view.state().mtls_mode_at(&pod.pod, local.port()) == MtlsMode::Strict {
         return Err(fail(ProxyError::StrictPlaintext(pod.pod.key.clone())));
     }
     let peer = client.peer_addr().unwrap_or(local);

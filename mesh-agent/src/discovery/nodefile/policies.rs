@@ -1,9 +1,11 @@
 //! The security parts of the node file: `peerAuthentications` (mTLS mode per selector) and
 //! `authorizationPolicies` (Istio's shape).
 
+use std::collections::BTreeMap;
+
 use super::{
     fields::{Ctx, ObjectError, who},
-    raw::policy::{RawAuthorizationPolicy, RawPeerAuthentication},
+    raw::policy::{RawAuthorizationPolicy, RawMtls, RawPeerAuthentication},
 };
 use crate::state::{
     Action, AuthorizationPolicy, Condition, ConditionKey, MtlsMode, NodeState, ObjectKey,
@@ -38,39 +40,101 @@ pub(super) fn validate_peer_authentications(
             (Some(_), None) => &rp.mode,
             (None, Some(m)) => m,
             (None, None) if rp.unreadable.is_some() => &None,
-            // Istio's form: no `mtls` is UNSET.
-            (None, None) if rp.position.is_some() => &Some(String::new()),
+            // Istio's form, or port modes only: no `mtls` is UNSET.
+            (None, None) if rp.position.is_some() || rp.port_level_mtls.is_some() => {
+                &Some(String::new())
+            }
             (None, None) => {
                 cx.fail("mtls.mode", "missing (required)");
                 &None
             }
         };
-        // A mode that cannot be read is taken as STRICT: a typo must not open a workload.
-        let mode = match written.as_deref() {
-            Some("STRICT") => Some(MtlsMode::Strict),
-            // Plaintext is accepted either way; HBONE always is.
-            Some("PERMISSIVE" | "DISABLE") => Some(MtlsMode::Permissive),
-            Some("UNSET" | "") => None,
-            other => {
-                if let Some(m) = other {
-                    cx.fail(
-                        "mode",
-                        format!(
-                            "{m:?} is not STRICT, PERMISSIVE, DISABLE or UNSET; applying STRICT until fixed"
-                        ),
-                    );
-                }
-                Some(MtlsMode::Strict)
-            }
-        };
+        let mut mode = mtls_mode(&mut cx, "mode", written.as_deref());
+        let before = cx.errors.len();
+        let mut ports = port_modes(&mut cx, rp);
+        if cx.errors.len() != before {
+            // Whatever was meant for a port is unknown: every port is STRICT until fixed.
+            mode = Some(MtlsMode::Strict);
+            ports.clear();
+        }
         if let (Some(name), Some(namespace)) = (name, namespace) {
             state.peer_authentications.push(PeerAuthentication {
                 key: ObjectKey { namespace, name },
                 selector: rp.selector.match_labels.clone(),
                 mode,
+                ports,
             });
         }
     }
+}
+
+/// A written mode. One that cannot be read is taken as STRICT: a typo must not open a workload.
+fn mtls_mode(cx: &mut Ctx<'_>, field: &'static str, written: Option<&str>) -> Option<MtlsMode> {
+    match written {
+        Some("STRICT") => Some(MtlsMode::Strict),
+        // Plaintext is accepted either way; HBONE always is.
+        Some("PERMISSIVE" | "DISABLE") => Some(MtlsMode::Permissive),
+        Some("UNSET" | "") => None,
+        other => {
+            if let Some(m) = other {
+                cx.fail(
+                    field,
+                    format!(
+                        "{m:?} is not STRICT, PERMISSIVE, DISABLE or UNSET; applying STRICT until fixed"
+                    ),
+                );
+            }
+            Some(MtlsMode::Strict)
+        }
+    }
+}
+
+/// `portLevelMtls`, UNSET entries left out. Any entry that cannot be read, or the field on a
+/// policy without a selector (Istio refuses that), is reported, and the caller then makes the
+/// whole policy STRICT: nothing written to open a port may open more.
+fn port_modes(cx: &mut Ctx<'_>, rp: &RawPeerAuthentication) -> BTreeMap<u16, MtlsMode> {
+    const FIELD: &str = "portLevelMtls";
+    let mut out = BTreeMap::new();
+    let Some(map) = &rp.port_level_mtls else {
+        return out;
+    };
+    if rp.selector.is_empty() {
+        cx.fail(FIELD, "needs a selector (Istio reads port modes only for the pods a policy selects); applying STRICT until fixed");
+        return out;
+    }
+    for (k, v) in map {
+        let port = match k {
+            serde_yaml_ng::Value::Number(n) => n.as_u64(),
+            serde_yaml_ng::Value::String(s) => s.parse().ok(),
+            _ => None,
+        };
+        let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+            cx.fail(
+                FIELD,
+                format!(
+                    "{} is not a port; applying STRICT until fixed",
+                    serde_json::to_string(k).unwrap_or_else(|_| format!("{k:?}"))
+                ),
+            );
+            continue;
+        };
+        let written =
+            serde_yaml_ng::from_value::<RawMtls>(v.clone()).map(|m| m.mode.unwrap_or_default());
+        let mode = match written {
+            Ok(w) => mtls_mode(cx, FIELD, Some(&w)),
+            Err(e) => {
+                cx.fail(
+                    FIELD,
+                    format!("port {port}: {e}; applying STRICT until fixed"),
+                );
+                None
+            }
+        };
+        if let Some(m) = mode {
+            out.insert(port, m);
+        }
+    }
+    out
 }
 
 pub(super) fn validate_authorization_policies(

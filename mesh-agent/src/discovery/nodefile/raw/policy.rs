@@ -35,6 +35,8 @@ pub struct RawPeerAuthentication {
     pub mode: Option<String>,
     /// Istio's form.
     pub mtls: Option<RawMtls>,
+    /// Istio's `portLevelMtls`: port (a number, or its string from the API server) → `mtls`.
+    pub port_level_mtls: Option<serde_yaml_ng::Mapping>,
     /// Where the object came from when not the node file's own list (a YAML document, an API
     /// object), for messages.
     #[serde(skip)]
