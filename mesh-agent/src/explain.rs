@@ -154,7 +154,7 @@ pub fn explain(view: &Snapshot, q: &Question) -> Result<Explanation, ExplainErro
             false,
             format!("port {} is excluded from capture", dst.port()),
         )
-    } else if src.node == state.node {
+    } else if *src.node == *state.node {
         (
             true,
             "connect4/connect6 redirect it to the proxy on the pod's loopback".into(),
@@ -172,7 +172,7 @@ pub fn explain(view: &Snapshot, q: &Question) -> Result<Explanation, ExplainErro
     let mut out = Explanation {
         src: src.key.to_string(),
         src_identity: id.to_string(),
-        src_node: src.node.clone(),
+        src_node: src.node.to_string(),
         dst,
         captured,
         capture_reason,

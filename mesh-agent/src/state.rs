@@ -77,10 +77,10 @@ pub struct Workload {
     pub key: ObjectKey,
     /// Its address.
     pub ip: IpAddr,
-    /// Service account (with the namespace, its identity).
-    pub service_account: String,
-    /// The node it runs on.
-    pub node: String,
+    /// Service account (with the namespace, its identity), shared by its replicas.
+    pub service_account: Arc<str>,
+    /// The node it runs on, shared by the node's workloads.
+    pub node: Arc<str>,
     /// Its labels (which policies select it). Replicas share one map: at ten thousand remote
     /// pods the labels were most of what a workload cost.
     pub labels: Arc<Labels>,
@@ -609,7 +609,7 @@ pub struct NodeState {
     /// Destination ports never captured (e.g. a pod's own DNS or a health port outside the mesh).
     pub excluded_ports: Vec<u16>,
     /// Every workload of the mesh by address, this node's pods included.
-    pub workloads: BTreeMap<IpAddr, Workload>,
+    pub workloads: BTreeMap<IpAddr, Arc<Workload>>,
     /// mTLS modes.
     pub peer_authentications: Vec<PeerAuthentication>,
     /// Authorization policies.
@@ -826,7 +826,7 @@ pub mod testing {
         NodeState {
             node: "node-1".into(),
             services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
-            workloads: workloads.into_iter().map(|w| (w.ip, w)).collect(),
+            workloads: workloads.into_iter().map(|w| (w.ip, Arc::new(w))).collect(),
             ..NodeState::default()
         }
     }

@@ -65,7 +65,7 @@ impl Snapshot {
         };
         match self.state().workloads.get(&ip) {
             Some(w)
-                if w.key.namespace == id.namespace && w.service_account == id.service_account =>
+                if w.key.namespace == id.namespace && *w.service_account == *id.service_account =>
             {
                 Peer::of_workload(w, id)
             }

@@ -570,7 +570,7 @@ fn validate(
             state.services.insert(old.key.clone(), old.clone());
         }
     }
-    validate_workloads(&raw.workloads, &mut state, &mut errors);
+    validate_workloads(&raw.workloads, &mut state, previous, &mut errors);
     validate_peer_authentications(&raw.peer_authentications, &mut state, &mut errors);
     validate_authorization_policies(&raw.authorization_policies, &mut state, &mut errors);
     routes::validate_http_routes(&raw.http_routes, &mut state, previous, &mut errors);
@@ -579,9 +579,16 @@ fn validate(
 }
 
 /// Remote pods, plus this node's own pods (so every lookup by address sees one table).
-fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut Vec<ObjectError>) {
-    // Replicas have the same labels and owner: they share one copy of each (the discovery's
-    // own, when it shares them already).
+fn validate_workloads(
+    raw: &[RawWorkload],
+    state: &mut NodeState,
+    previous: Option<&NodeState>,
+    errors: &mut Vec<ObjectError>,
+) {
+    // Replicas have the same labels, owner, service account and node: they share one copy of
+    // each (the discovery's own labels, when it shares them already). A workload that has not
+    // changed keeps the previous state's copy, so at ten thousand workloads a change to one
+    // allocates for one.
     let mut labels: HashMap<&Labels, Arc<Labels>> = HashMap::new();
     let mut names: HashSet<Arc<str>> = HashSet::new();
     let mut name_of = |n: &str| match names.get(n) {
@@ -592,18 +599,22 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
             x
         }
     };
+    let keep = |w: Workload| -> Arc<Workload> {
+        match previous.and_then(|p| p.workloads.get(&w.ip)) {
+            Some(old) if **old == w => old.clone(),
+            _ => Arc::new(w),
+        }
+    };
     for pod in state.pods.values() {
-        state.workloads.insert(
-            pod.ip,
-            Workload {
-                key: pod.key.clone(),
-                ip: pod.ip,
-                service_account: pod.service_account.clone(),
-                node: state.node.clone(),
-                labels: Arc::new(pod.labels.clone()),
-                workload_name: name_of(&pod.workload_name),
-            },
-        );
+        let w = keep(Workload {
+            key: pod.key.clone(),
+            ip: pod.ip,
+            service_account: name_of(&pod.service_account),
+            node: name_of(&state.node),
+            labels: Arc::new(pod.labels.clone()),
+            workload_name: name_of(&pod.workload_name),
+        });
+        state.workloads.insert(pod.ip, w);
     }
     for (i, rw) in raw.iter().enumerate() {
         let mut cx = Ctx {
@@ -634,17 +645,15 @@ fn validate_workloads(raw: &[RawWorkload], state: &mut NodeState, errors: &mut V
                 .or_insert_with(|| rw.labels.clone())
                 .clone();
             let workload_name = name_of(rw.workload_name.as_deref().unwrap_or(&name));
-            state.workloads.insert(
+            let w = keep(Workload {
+                key: ObjectKey { namespace, name },
                 ip,
-                Workload {
-                    key: ObjectKey { namespace, name },
-                    ip,
-                    service_account,
-                    node,
-                    labels: shared,
-                    workload_name,
-                },
-            );
+                service_account: name_of(&service_account),
+                node: name_of(&node),
+                labels: shared,
+                workload_name,
+            });
+            state.workloads.insert(ip, w);
         }
     }
 }
@@ -987,6 +996,35 @@ services:
         );
     }
 
+    #[test]
+    fn unchanged_workloads_keep_the_previous_states_copy() {
+        let text = |sa: &str| {
+            format!(
+                "{GOOD}workloads:
+  - {{name: r, namespace: default, serviceAccount: {sa}, ip: 10.0.1.1, node: n2}}
+  - {{name: s, namespace: default, serviceAccount: rsa, ip: 10.0.1.2, node: n2}}
+"
+            )
+        };
+        let first = run(&text("rsa"), None).expect("parses").state;
+        let second = run(&text("other"), Some(&first)).expect("parses").state;
+        let at = |s: &NodeState, a: &str| s.workloads[&a.parse::<IpAddr>().unwrap()].clone();
+        assert!(Arc::ptr_eq(
+            &at(&first, "10.0.1.2"),
+            &at(&second, "10.0.1.2")
+        ));
+        assert!(!Arc::ptr_eq(
+            &at(&first, "10.0.1.1"),
+            &at(&second, "10.0.1.1")
+        ));
+        assert_eq!(&*at(&second, "10.0.1.1").service_account, "other");
+        // Replicas share their node's and service account's names.
+        assert!(Arc::ptr_eq(
+            &at(&first, "10.0.1.1").node,
+            &at(&first, "10.0.1.2").node
+        ));
+    }
+
     const POLICIES: &str = "
 workloads:
   - {name: r, namespace: default, serviceAccount: rsa, ip: 10.0.1.1, node: ip-10-0-1-1.ec2.internal}
@@ -1010,10 +1048,10 @@ authorizationPolicies:
         // Local pods are workloads of this node; remote ones name theirs.
         assert_eq!(l.state.workloads.len(), 3);
         assert_eq!(
-            l.state.workloads[&"10.0.1.1".parse().unwrap()].node,
+            &*l.state.workloads[&"10.0.1.1".parse().unwrap()].node,
             "ip-10-0-1-1.ec2.internal"
         );
-        assert_eq!(l.state.workloads[&"10.0.0.1".parse().unwrap()].node, "n1");
+        assert_eq!(&*l.state.workloads[&"10.0.0.1".parse().unwrap()].node, "n1");
         let pod = |n: &str| l.state.pods.values().find(|p| p.key.name == n).unwrap();
         // The selector beats the namespace-wide setting.
         assert_eq!(l.state.mtls_mode(pod("a")), MtlsMode::Strict);

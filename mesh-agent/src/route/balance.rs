@@ -14,7 +14,7 @@
 use std::{
     net::IpAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -124,11 +124,15 @@ impl Drop for InFlight {
     }
 }
 
-/// The endpoints of one service as the balancer sees them.
+/// The endpoints of one service as the balancer sees them. Their state is made on the first
+/// request to the service: a node knows every service of the cluster, and its pods talk to a
+/// few.
 #[derive(Debug)]
 pub struct Balancer {
-    /// Endpoints, in the service's order.
-    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Endpoint addresses, in the service's order.
+    ips: Box<[IpAddr]>,
+    /// Their state, once a request needed it.
+    endpoints: OnceLock<Vec<Arc<Endpoint>>>,
     policy: LbPolicy,
     outlier: Option<OutlierDetection>,
     next: AtomicUsize,
@@ -142,14 +146,21 @@ impl Balancer {
         outlier: Option<OutlierDetection>,
         old: Option<&Balancer>,
     ) -> Self {
-        let endpoints = ips
-            .iter()
-            .map(|ip| {
-                old.and_then(|o| o.endpoints.iter().find(|e| e.ip == *ip).cloned())
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(*ip)))
-            })
-            .collect();
+        let endpoints = OnceLock::new();
+        if let Some(had) = old.and_then(|o| o.endpoints.get()) {
+            let _ = endpoints.set(
+                ips.iter()
+                    .map(|ip| {
+                        had.iter()
+                            .find(|e| e.ip == *ip)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(Endpoint::new(*ip)))
+                    })
+                    .collect(),
+            );
+        }
         Self {
+            ips: ips.into(),
             endpoints,
             policy,
             outlier,
@@ -159,20 +170,29 @@ impl Balancer {
 
     /// Every endpoint, ejected or not.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
+        self.endpoints.get_or_init(|| {
+            self.ips
+                .iter()
+                .map(|ip| Arc::new(Endpoint::new(*ip)))
+                .collect()
+        })
+    }
+
+    /// Whether any request has needed the endpoints' state yet (so far, a service no one
+    /// called costs only its addresses).
+    pub fn in_use(&self) -> bool {
+        self.endpoints.get().is_some()
     }
 
     /// Picks an endpoint, avoiding `avoid` (the endpoint a retry is moving away from) when there
     /// is another choice.
     pub fn pick(&self, avoid: Option<IpAddr>) -> Option<&Arc<Endpoint>> {
         let now = Instant::now();
-        let healthy: Vec<&Arc<Endpoint>> = self
-            .endpoints
-            .iter()
-            .filter(|e| !e.is_ejected(now))
-            .collect();
+        let endpoints = self.endpoints();
+        let healthy: Vec<&Arc<Endpoint>> =
+            endpoints.iter().filter(|e| !e.is_ejected(now)).collect();
         let mut candidates = if healthy.is_empty() {
-            self.endpoints.iter().collect()
+            endpoints.iter().collect()
         } else {
             healthy
         };
@@ -213,8 +233,9 @@ impl Balancer {
             return false;
         }
         let now = Instant::now();
-        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
-        let allowed = (self.endpoints.len() * o.max_ejection_percent as usize / 100).max(1);
+        let endpoints = self.endpoints();
+        let ejected = endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        let allowed = (endpoints.len() * o.max_ejection_percent as usize / 100).max(1);
         if endpoint.is_ejected(now) || ejected >= allowed {
             return false;
         }
@@ -255,13 +276,13 @@ mod tests {
         let p2c = Balancer::new(&ips(3), LbPolicy::P2cPeakEwma, None, None);
         let rr = Balancer::new(&ips(3), LbPolicy::RoundRobin, None, None);
         for b in [&p2c, &rr] {
-            b.endpoints[0].observe(Duration::from_millis(50));
-            b.endpoints[1].observe(Duration::from_millis(1));
-            b.endpoints[2].observe(Duration::from_millis(1));
+            b.endpoints()[0].observe(Duration::from_millis(50));
+            b.endpoints()[1].observe(Duration::from_millis(1));
+            b.endpoints()[2].observe(Duration::from_millis(1));
         }
         let slow_share = |b: &Balancer| {
             (0..3000)
-                .filter(|_| b.pick(None).is_some_and(|e| e.ip == b.endpoints[0].ip))
+                .filter(|_| b.pick(None).is_some_and(|e| e.ip == b.endpoints()[0].ip))
                 .count()
         };
         assert_eq!(slow_share(&p2c), 0, "the slow endpoint never wins a pair");
@@ -282,21 +303,21 @@ mod tests {
             interval: ms(200),
         };
         let b = Balancer::new(&ips(2), LbPolicy::RoundRobin, Some(o), None);
-        assert!(b.record(&b.endpoints[0], true));
+        assert!(b.record(&b.endpoints()[0], true));
         std::thread::sleep(ms(60));
         assert!(
-            b.endpoints[0].is_ejected(Instant::now()),
+            b.endpoints()[0].is_ejected(Instant::now()),
             "out until the sweep"
         );
         std::thread::sleep(ms(200));
-        assert!(!b.endpoints[0].is_ejected(Instant::now()));
+        assert!(!b.endpoints()[0].is_ejected(Instant::now()));
     }
 
     #[test]
     fn in_flight_requests_raise_the_cost() {
         let b = Balancer::new(&ips(2), LbPolicy::P2cPeakEwma, None, None);
-        let busy: Vec<InFlight> = (0..5).map(|_| b.endpoints[0].start()).collect();
-        assert!((0..100).all(|_| b.pick(None).is_some_and(|e| e.ip == b.endpoints[1].ip)));
+        let busy: Vec<InFlight> = (0..5).map(|_| b.endpoints()[0].start()).collect();
+        assert!((0..100).all(|_| b.pick(None).is_some_and(|e| e.ip == b.endpoints()[1].ip)));
         drop(busy);
     }
 
@@ -309,7 +330,7 @@ mod tests {
             interval: Duration::from_millis(10),
         };
         let b = Balancer::new(&ips(3), LbPolicy::RoundRobin, Some(o), None);
-        let (e0, e1) = (&b.endpoints[0], &b.endpoints[1]);
+        let (e0, e1) = (&b.endpoints()[0], &b.endpoints()[1]);
         assert!(!b.record(e0, true) && !b.record(e0, true));
         assert!(!b.record(e0, false), "a success resets the count");
         assert!(!b.record(e0, true) && !b.record(e0, true));

@@ -110,6 +110,21 @@ impl Routes {
                     .cloned()
                     .unwrap_or_else(default_policy);
                 let prev = old.services.get(&svc.key);
+                let routes: Vec<HttpRoute> = state
+                    .http_routes
+                    .iter()
+                    .filter(|r| r.service == svc.key)
+                    .cloned()
+                    .collect();
+                // Unchanged, it stays as it is: at thousands of services a change to one
+                // rebuilds one.
+                if let Some(p) = prev
+                    && p.svc == *svc
+                    && p.limits.policy == policy
+                    && p.routes == routes
+                {
+                    return (svc.key.clone(), p.clone());
+                }
                 let limits = match prev {
                     Some(p) if p.limits.policy == policy => p.limits.clone(),
                     _ => Arc::new(Limits::new(&policy)),
@@ -120,12 +135,6 @@ impl Routes {
                     policy.outlier.clone(),
                     prev.map(|p| &p.balancer),
                 );
-                let routes = state
-                    .http_routes
-                    .iter()
-                    .filter(|r| r.service == svc.key)
-                    .cloned()
-                    .collect();
                 let entry = ServiceEntry::new(svc.clone(), routes, balancer, limits);
                 if let Some(p) = prev {
                     entry
@@ -418,5 +427,55 @@ mod tests {
             "one entry, so one balancer and one set of limits"
         );
         assert!(r.service_at(ip("10.0.0.1")).is_none());
+    }
+
+    #[test]
+    fn a_rebuild_keeps_unchanged_entries_and_endpoint_state() {
+        let web = |eps: &[&str]| service("web", "10.96.0.10", &[(80, 8080)], eps);
+        let db = service("db", "10.96.0.11", &[(5432, 5432)], &["10.0.0.9"]);
+        let first = Routes::build(
+            &Arc::new(state(
+                vec![web(&["10.0.0.1", "10.0.0.2"]), db.clone()],
+                vec![],
+            )),
+            &Routes::default(),
+        );
+        let entry = |r: &Routes, n: &str| {
+            r.service(&testing::key("default", n))
+                .cloned()
+                .expect("entry")
+        };
+        // A request to web makes its endpoints' state; db has none until one reaches it.
+        let used = entry(&first, "web")
+            .balancer
+            .pick(None)
+            .expect("an endpoint")
+            .clone();
+        assert!(!entry(&first, "db").balancer.in_use());
+        let second = Routes::build(
+            &Arc::new(state(
+                vec![web(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), db.clone()],
+                vec![],
+            )),
+            &first,
+        );
+        assert!(
+            Arc::ptr_eq(&entry(&first, "db"), &entry(&second, "db")),
+            "db did not change"
+        );
+        assert!(!Arc::ptr_eq(&entry(&first, "web"), &entry(&second, "web")));
+        let kept = entry(&second, "web");
+        let kept = kept
+            .balancer
+            .endpoints()
+            .iter()
+            .find(|e| e.ip == used.ip)
+            .expect("still there");
+        assert!(
+            Arc::ptr_eq(kept, &used),
+            "the endpoint keeps its statistics"
+        );
+        assert_eq!(entry(&second, "web").balancer.endpoints().len(), 3);
+        assert!(!entry(&second, "db").balancer.in_use());
     }
 }

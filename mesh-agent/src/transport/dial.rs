@@ -27,7 +27,7 @@ pub enum Hop {
     /// A pod on this node: straight to its application (no TLS: the bytes stay in the kernel).
     Local(Arc<LocalPod>),
     /// A mesh workload on another node: HBONE.
-    Hbone(Workload),
+    Hbone(Arc<Workload>),
     /// Outside the mesh: plain TCP from the source pod's netns.
     Passthrough,
 }

@@ -72,7 +72,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
     src: Identity,
-    node: String,
+    node: Arc<str>,
     dst: Identity,
     src_serial: String,
 }
