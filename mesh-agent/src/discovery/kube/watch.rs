@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::world::{Interner, PodInfo, ServiceInfo, SliceInfo, World, namespace_labels};
+use super::world::{PodInfo, PodInterner, ServiceInfo, SliceInfo, World, namespace_labels};
 
 /// The Istio and Gateway API kinds watched, as (group, version, kind, plural).
 pub const OBJECT_KINDS: [(&str, &str, &str, &str); 4] = [
@@ -93,14 +93,13 @@ pub fn start(client: &Client, shared: &Arc<Shared>) {
         namespace_labels,
         |w| &mut w.namespaces,
     );
-    let labels = parking_lot::Mutex::new(Interner::default());
+    let interner = parking_lot::Mutex::new(PodInterner::default());
     spawn(
         Api::<Pod>::all(client.clone()),
         "pods",
         shared,
         move |p| {
-            let mut i = PodInfo::from_pod(p)?;
-            i.labels = labels.lock().get(i.labels);
+            let i = interner.lock().intern(PodInfo::from_pod(p)?);
             Some((i.uid.clone(), i))
         },
         |w| &mut w.pods,

@@ -61,16 +61,17 @@ pub struct PodInfo {
     pub uid: String,
     /// Its name.
     pub name: String,
-    /// Its namespace.
-    pub namespace: String,
-    /// Its labels, shared with every pod that has the same (see [`Interner`]).
+    /// Its namespace. This and the other names replicas have in common are shared (see
+    /// [`PodInterner`]).
+    pub namespace: Arc<str>,
+    /// Its labels, shared with every pod that has the same.
     pub labels: Arc<Labels>,
     /// The workload it belongs to (see [`workload_name`]).
-    pub workload_name: String,
+    pub workload_name: Arc<str>,
     /// Its service account (`default` when unset, as Kubernetes defaults it).
-    pub service_account: String,
+    pub service_account: Arc<str>,
     /// The node it is scheduled on, if any yet.
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     /// Its address, once it has one.
     pub ip: Option<IpAddr>,
     /// Host-network pods are never enrolled: their netns is the node's.
@@ -87,19 +88,16 @@ impl PodInfo {
         let name = p.metadata.name.clone()?;
         Some(Self {
             uid: p.metadata.uid.clone()?,
-            workload_name: workload_name(p).unwrap_or_else(|| name.clone()),
+            workload_name: workload_name(p).unwrap_or_else(|| name.clone()).into(),
             name,
-            namespace: p
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
+            namespace: p.metadata.namespace.as_deref().unwrap_or("default").into(),
             labels: Arc::new(p.metadata.labels.clone().unwrap_or_default()),
             service_account: spec
-                .and_then(|s| s.service_account_name.clone())
+                .and_then(|s| s.service_account_name.as_deref())
                 .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".into()),
-            node: spec.and_then(|s| s.node_name.clone()),
+                .unwrap_or("default")
+                .into(),
+            node: spec.and_then(|s| s.node_name.as_deref()).map(Into::into),
             ip: status
                 .and_then(|s| s.pod_ip.as_deref())
                 .and_then(|ip| ip.parse().ok()),
@@ -145,14 +143,23 @@ pub fn workload_name(p: &Pod) -> Option<String> {
 /// Keeps one copy of equal values: the replicas of a workload have the same labels, and ten
 /// thousand copies of a label map were the largest part of what remote pods cost. Values no
 /// one else holds any more are dropped as the set grows.
-#[derive(Debug, Default)]
-pub struct Interner<T: Eq + std::hash::Hash> {
+#[derive(Debug)]
+pub struct Interner<T: ?Sized + Eq + std::hash::Hash> {
     set: std::collections::HashSet<Arc<T>>,
     /// The set's size after the last sweep.
     swept_at: usize,
 }
 
-impl<T: Eq + std::hash::Hash> Interner<T> {
+impl<T: ?Sized + Eq + std::hash::Hash> Default for Interner<T> {
+    fn default() -> Self {
+        Self {
+            set: std::collections::HashSet::new(),
+            swept_at: 0,
+        }
+    }
+}
+
+impl<T: ?Sized + Eq + std::hash::Hash> Interner<T> {
     /// The shared copy of `v`.
     pub fn get(&mut self, v: Arc<T>) -> Arc<T> {
         if let Some(x) = self.set.get(&v) {
@@ -164,6 +171,26 @@ impl<T: Eq + std::hash::Hash> Interner<T> {
         }
         self.set.insert(v.clone());
         v
+    }
+}
+
+/// One copy of what replicas have in common: labels, namespace, owner, service account and
+/// node. At ten thousand remote pods these copies were most of what a pod cost.
+#[derive(Debug, Default)]
+pub struct PodInterner {
+    labels: Interner<Labels>,
+    names: Interner<str>,
+}
+
+impl PodInterner {
+    /// `p`, sharing what an earlier pod has too.
+    pub fn intern(&mut self, mut p: PodInfo) -> PodInfo {
+        p.labels = self.labels.get(p.labels);
+        p.namespace = self.names.get(p.namespace);
+        p.workload_name = self.names.get(p.workload_name);
+        p.service_account = self.names.get(p.service_account);
+        p.node = p.node.map(|n| self.names.get(n));
+        p
     }
 }
 
@@ -298,7 +325,7 @@ impl World {
         if pod.host_network || pod.finished {
             return false;
         }
-        let ns = self.namespaces.get(&pod.namespace);
+        let ns = self.namespaces.get(&*pod.namespace);
         let ns_label = |k: &str| ns.and_then(|l| l.get(k)).map(String::as_str);
         let pod_label = |k: &str| pod.labels.get(k).map(String::as_str);
         let ours = ns_label(&e.label) == Some("true") && pod_label(&e.label) != Some("false");
@@ -335,23 +362,23 @@ impl World {
                 };
                 file.pods.push(RawPod {
                     name: Some(p.name.clone()),
-                    namespace: Some(p.namespace.clone()),
-                    service_account: Some(p.service_account.clone()),
+                    namespace: Some(p.namespace.to_string()),
+                    service_account: Some(p.service_account.to_string()),
                     ip: Some(ip.to_string()),
                     netns: Some(found.netns.clone()),
                     cgroup: Some(found.cgroup.clone()),
                     labels: (*p.labels).clone(),
-                    workload_name: Some(p.workload_name.clone()),
+                    workload_name: Some(p.workload_name.to_string()),
                 });
             } else {
                 file.workloads.push(RawWorkload {
                     name: Some(p.name.clone()),
-                    namespace: Some(p.namespace.clone()),
-                    service_account: Some(p.service_account.clone()),
+                    namespace: Some(p.namespace.to_string()),
+                    service_account: Some(p.service_account.to_string()),
                     ip: Some(ip.to_string()),
                     node: Some(pod_node.to_string()),
                     labels: p.labels.clone(),
-                    workload_name: Some(p.workload_name.clone()),
+                    workload_name: Some(p.workload_name.to_string()),
                 });
             }
         }
@@ -442,6 +469,26 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &i.get(Arc::new("a".to_string()))));
     }
 
+    #[test]
+    fn replicas_share_their_names_and_labels() {
+        let replica = |n: &str| {
+            pod(
+                json!({"metadata": {"name": n, "namespace": "shop", "uid": n, "labels": {"app": "web"}},
+                       "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": []}}),
+            )
+        };
+        let mut i = PodInterner::default();
+        let (a, b) = (i.intern(replica("a")), i.intern(replica("b")));
+        assert!(Arc::ptr_eq(&a.labels, &b.labels));
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
+        assert!(Arc::ptr_eq(&a.service_account, &b.service_account));
+        assert!(Arc::ptr_eq(
+            a.node.as_ref().expect("a node"),
+            b.node.as_ref().expect("a node")
+        ));
+        assert_eq!((&*a.name, &*b.name), ("a", "b"));
+    }
+
     /// The workload name of pod `name` whose controller is `kind/owner`, with `hash` as its
     /// `pod-template-hash`.
     fn owned(name: &str, kind: &str, owner: &str, controller: bool, hash: Option<&str>) -> String {
@@ -452,6 +499,7 @@ mod tests {
             ]},
         }))
         .workload_name
+        .to_string()
     }
 
     /// Metrics name what owns a pod, as Istio's heuristics do, so replicas share series.
@@ -492,7 +540,7 @@ mod tests {
         );
         let bare = pod(json!({"metadata": {"name": "solo", "uid": "u"}}));
         assert_eq!(
-            bare.workload_name, "solo",
+            &*bare.workload_name, "solo",
             "no owner: the pod is its own workload"
         );
     }
