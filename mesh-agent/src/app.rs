@@ -22,7 +22,8 @@ mod support;
 
 pub use support::{PodReport, Stats};
 use support::{
-    SharedCollector, kube_settings, return_free_heap, shutdown_signal, start_memory_return,
+    SharedCollector, fix_mmap_threshold, kube_settings, return_free_heap, shutdown_signal,
+    start_memory_return,
 };
 
 use crate::{
@@ -372,6 +373,7 @@ impl Agent {
 /// Runs the agent until SIGINT or SIGTERM. Capture stays in place on exit (fail closed);
 /// `mesh-agent uninstall` removes it.
 pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppError> {
+    fix_mmap_threshold();
     bpf::preflight(&config.bpffs)?;
     if let Some(dir) = &config.cgroup {
         crate::capture::cgroup::join(dir)?;

@@ -72,6 +72,19 @@ pub(super) fn return_free_heap() {
 /// How often freed heap goes back to the OS.
 const MEMORY_RETURN_EVERY: Duration = Duration::from_secs(10);
 
+/// Allocations from 128 KiB up get pages of their own, returned as soon as they are freed.
+/// glibc would otherwise raise that bound after each large free (up to 32 MiB), and put the
+/// next large buffer (a page of a Kubernetes list, the model of ten thousand workloads) in the
+/// heap among long-lived objects, where its pages stay resident: with 10,000 remote pods that
+/// kept 4 MB more.
+pub(super) fn fix_mmap_threshold() {
+    const THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt only sets a parameter of the allocator.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) } != 1 {
+        warn!("cannot fix the allocator's mmap threshold; large buffers may stay resident");
+    }
+}
+
 /// Returns freed heap to the OS every few seconds, from a thread of its own. glibc keeps what a
 /// burst freed (a client that made the proxy buffer megabytes, then left) as free heap in its
 /// arenas for good; trimming hands it back, so memory falls again after a connection closes.
