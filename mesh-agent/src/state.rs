@@ -604,8 +604,9 @@ pub struct NodeState {
     pub node: String,
     /// Enrolled pods, by key.
     pub pods: BTreeMap<ObjectKey, Pod>,
-    /// Services, by key.
-    pub services: BTreeMap<ObjectKey, Service>,
+    /// Services, by key; shared with the routes built from them, and with the next state
+    /// where unchanged.
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
     /// Destination ports never captured (e.g. a pod's own DNS or a health port outside the mesh).
     pub excluded_ports: Vec<u16>,
     /// Every workload of the mesh by address, this node's pods included.
@@ -825,7 +826,10 @@ pub mod testing {
     pub fn state(services: Vec<Service>, workloads: Vec<Workload>) -> NodeState {
         NodeState {
             node: "node-1".into(),
-            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            services: services
+                .into_iter()
+                .map(|s| (s.key.clone(), Arc::new(s)))
+                .collect(),
             workloads: workloads.into_iter().map(|w| (w.ip, Arc::new(w))).collect(),
             ..NodeState::default()
         }

@@ -147,7 +147,7 @@ async fn build_loop(settings: Settings, shared: Arc<Shared>, out: Arc<Latest>) {
             // Find this node's enrolled pods on disk; keep what was found while its sandbox
             // lives, so a pod keeps one netns path for its life.
             let mut seen = Vec::new();
-            for p in world.pods.values() {
+            for (uid, p) in &world.pods {
                 if p.node.as_deref() != Some(settings.node.as_str())
                     || !world.enrolled(p, &settings.enrollment)
                 {
@@ -157,18 +157,18 @@ async fn build_loop(settings: Settings, shared: Arc<Shared>, out: Arc<Latest>) {
                     waiting.push(format!("{}/{}: no address yet", p.namespace, p.name));
                     continue;
                 };
-                seen.push(p.uid.clone());
-                if found.get(&p.uid).is_some_and(PodFs::still_valid) {
+                seen.push(uid.clone());
+                if found.get(uid).is_some_and(PodFs::still_valid) {
                     continue;
                 }
-                match settings.podfs.find(&p.uid, ip) {
+                match settings.podfs.find(uid, ip) {
                     Ok(f) => {
-                        if found.insert(p.uid.clone(), f).is_some() {
+                        if found.insert(uid.clone(), f).is_some() {
                             info!(pod = %format!("{}/{}", p.namespace, p.name), "sandbox recreated; enrolling its new netns");
                         }
                     }
                     Err(e) => {
-                        found.remove(&p.uid);
+                        found.remove(uid);
                         waiting.push(format!("{}/{}: {e}", p.namespace, p.name));
                     }
                 }

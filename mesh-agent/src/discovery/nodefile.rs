@@ -537,16 +537,19 @@ fn validate(
         match (valid, key, ip) {
             (true, Some(key), Some(ip)) => {
                 owners.insert(ip, format!("service {key}"));
-                state.services.insert(
-                    key.clone(),
-                    Service {
-                        key,
-                        ip,
-                        ports: sports,
-                        endpoints,
-                        upgrades,
-                    },
-                );
+                let svc = Service {
+                    key: key.clone(),
+                    ip,
+                    ports: sports,
+                    endpoints,
+                    upgrades,
+                };
+                // Unchanged, the previous state's copy (which the routes share) stays.
+                let svc = match previous.and_then(|p| p.services.get(&key)) {
+                    Some(old) if **old == svc => old.clone(),
+                    _ => Arc::new(svc),
+                };
+                state.services.insert(key, svc);
             }
             (false, Some(key), _) => {
                 if let Some(old) = previous.and_then(|p| p.services.get(&key))
@@ -997,7 +1000,7 @@ services:
     }
 
     #[test]
-    fn unchanged_workloads_keep_the_previous_states_copy() {
+    fn unchanged_workloads_and_services_keep_the_previous_states_copy() {
         let text = |sa: &str| {
             format!(
                 "{GOOD}workloads:
@@ -1023,6 +1026,20 @@ services:
             &at(&first, "10.0.1.1").node,
             &at(&first, "10.0.1.2").node
         ));
+        // So with services: web did not change, so it is the same copy.
+        let web = |s: &NodeState| s.services.values().next().expect("web").clone();
+        assert!(Arc::ptr_eq(&web(&first), &web(&second)));
+        let moved = run(
+            &text("rsa").replace("endpoints: [10.0.0.1]", "endpoints: [10.0.0.2]"),
+            Some(&second),
+        )
+        .expect("parses")
+        .state;
+        assert!(!Arc::ptr_eq(&web(&second), &web(&moved)));
+        assert_eq!(
+            web(&moved).endpoints,
+            ["10.0.0.2".parse::<IpAddr>().unwrap()]
+        );
     }
 
     const POLICIES: &str = "

@@ -226,7 +226,7 @@ mod tests {
     fn entry(routes: Vec<HttpRoute>) -> ServiceEntry {
         let svc = service("web", "10.96.0.10", &[(80, 8080)], &["10.0.0.1"]);
         ServiceEntry::new(
-            svc,
+            Arc::new(svc),
             routes,
             Balancer::new(&[], LbPolicy::RoundRobin, None, None),
             Arc::new(Limits::new(&TrafficPolicy::default())),

@@ -34,8 +34,8 @@ pub enum RouteError {
 /// One service as routing sees it: its HTTP routes, balancer and limits.
 #[derive(Debug)]
 pub struct ServiceEntry {
-    /// The service.
-    pub svc: Service,
+    /// The service, shared with the state.
+    pub svc: Arc<Service>,
     /// The HTTP routes attached to it, in the state's order.
     pub routes: Vec<HttpRoute>,
     /// Endpoint choice per request.
@@ -49,7 +49,7 @@ pub struct ServiceEntry {
 impl ServiceEntry {
     /// An entry for `svc` with its attached `routes`.
     pub fn new(
-        svc: Service,
+        svc: Arc<Service>,
         routes: Vec<HttpRoute>,
         balancer: Balancer,
         limits: Arc<Limits>,

@@ -57,8 +57,6 @@ impl Default for Enrollment {
 /// A pod, as the proxy needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodInfo {
-    /// Its UID, which names its cgroup on its node.
-    pub uid: String,
     /// Its name.
     pub name: String,
     /// Its namespace. This and the other names replicas have in common are shared (see
@@ -86,8 +84,8 @@ impl PodInfo {
         let spec = p.spec.as_ref();
         let status = p.status.as_ref();
         let name = p.metadata.name.clone()?;
+        p.metadata.uid.as_ref()?;
         Some(Self {
-            uid: p.metadata.uid.clone()?,
             workload_name: workload_name(p).unwrap_or_else(|| name.clone()).into(),
             name,
             namespace: p.metadata.namespace.as_deref().unwrap_or("default").into(),
@@ -301,7 +299,7 @@ pub struct World {
     /// Namespace labels, by name.
     pub namespaces: BTreeMap<String, Labels>,
     /// Pods cluster-wide, by UID.
-    pub pods: BTreeMap<String, PodInfo>,
+    pub pods: BTreeMap<String, Box<PodInfo>>,
     /// Services, by namespace/name.
     pub services: BTreeMap<String, ServiceInfo>,
     /// EndpointSlices, by namespace/name.
@@ -349,7 +347,7 @@ impl World {
             node: Some(node.into()),
             ..RawFile::default()
         };
-        for p in self.pods.values() {
+        for (uid, p) in &self.pods {
             let (Some(ip), Some(pod_node)) = (p.ip, p.node.as_deref()) else {
                 continue;
             };
@@ -357,7 +355,7 @@ impl World {
                 continue;
             }
             if pod_node == node {
-                let Some(found) = local.get(&p.uid) else {
+                let Some(found) = local.get(uid) else {
                     continue;
                 };
                 file.pods.push(RawPod {
@@ -577,11 +575,11 @@ mod tests {
             let p = pod(
                 json!({"metadata": meta, "spec": {"nodeName": node, "serviceAccountName": "sa", "containers": []}, "status": {"podIP": ip, "phase": "Running"}}),
             );
-            w.pods.insert(uid.into(), p);
+            w.pods.insert(uid.into(), Box::new(p));
         }
         w.pods.insert(
             "u6".into(),
-            pod(json!({"metadata": {"uid": "u6", "name": "host", "namespace": "shop"}, "spec": {"nodeName": "n1.example", "hostNetwork": true, "containers": []}, "status": {"podIP": "198.51.100.1"}})),
+            Box::new(pod(json!({"metadata": {"uid": "u6", "name": "host", "namespace": "shop"}, "spec": {"nodeName": "n1.example", "hostNetwork": true, "containers": []}, "status": {"podIP": "198.51.100.1"}}))),
         );
         w
     }
