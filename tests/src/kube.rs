@@ -211,6 +211,56 @@ impl Cluster {
         Ok(())
     }
 
+    /// Recreates pod `name`'s sandbox and nothing else, as the kubelet does after the sandbox
+    /// died: the old sandbox's processes are killed (its netns goes with them) and its cgroup
+    /// removed, and a new sandbox starts in a new netns under the same pod cgroup, with the
+    /// same UID and address. The Pod object is not touched.
+    pub fn recreate_sandbox(&mut self, name: &str) -> Result<()> {
+        let k = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .context("no such pod")?;
+        let p = self.pods[k].clone();
+        let veth = p
+            .veth
+            .clone()
+            .context("a loopback-only pod cannot have its sandbox recreated")?;
+        let node_ns = self.nodes[p.node]
+            .netns
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("node netns name")?
+            .to_string();
+        let procs = std::fs::read_to_string(p.cgroup.join("cgroup.procs"))?;
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill only sends a signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::remove_dir(&p.cgroup).is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the old sandbox of {name} would not go"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        crate::sys::ip(&["-n", &node_ns, "link", "del", &veth])?;
+        let generation = self.pods.len() + 1000 * (k + 1) + 500;
+        let pns = format!("{}-{name}-s{generation}", self.prefix);
+        let netns = self.add_netns(&pns)?;
+        crate::topology::wire_pod(&node_ns, &veth, &pns, p.ip, p.node)?;
+        let root = self.kube()?.kubelet_root.clone();
+        let scope =
+            pod_slice(&root, &p.uid).join(format!("cri-containerd-sandbox{generation}.scope"));
+        std::fs::create_dir_all(&scope)?;
+        let pod = &mut self.pods[k];
+        pod.netns = netns;
+        pod.cgroup = scope;
+        self.spawn(name, &["sleep", "infinity"])?;
+        Ok(())
+    }
+
     /// The flags that make node `i`'s agent discover from the API server.
     pub(crate) fn kube_agent_args(&self, i: usize) -> Result<Vec<std::ffi::OsString>> {
         let k = self.kube()?;

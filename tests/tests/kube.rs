@@ -783,6 +783,34 @@ fn a_pod_recreated_under_its_name_is_enrolled_again_on_its_new_netns() -> Result
 }
 
 #[test]
+fn a_sandbox_recreated_under_the_same_pod_is_enrolled_on_its_new_netns() -> Result<()> {
+    let mut c = enrolled_pair()?;
+    let vip = format!("http://{}:80/", c.service_ip("web"));
+    assert_eq!(c.http_status("client", &vip)?, Some(200));
+    let (old_netns, uid) = (c.pod("client").netns.clone(), c.pod("client").uid.clone());
+    // Same pod, same UID, no change through the API: only the sandbox is new.
+    c.recreate_sandbox("client")?;
+    assert_ne!(c.pod("client").netns, old_netns);
+    assert_eq!(c.pod("client").uid, uid);
+    mesh_tests::wait_until(
+        "the new sandbox to be enrolled",
+        Duration::from_secs(15),
+        || {
+            Ok(c.agent_log(0).contains("sandbox recreated")
+                && c.agent_log(0)
+                    .matches("pod enrolled pod=default/client")
+                    .count()
+                    == 2
+                && c.http_status("client", &vip)? == Some(200))
+        },
+    )
+    .with_context(|| c.agent_log(0))?;
+    // A service address answers only through capture: the new netns is captured.
+    assert!(c.counter(0, "client", "kernel.captured_v4")? >= 1);
+    Ok(())
+}
+
+#[test]
 fn a_service_with_endpoints_on_both_nodes_is_reached_on_both() -> Result<()> {
     use mesh_tests::{PodSpec, ServiceSpec};
     let c = enrolled_cluster(

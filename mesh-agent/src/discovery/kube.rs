@@ -125,16 +125,22 @@ pub async fn start(settings: Settings) -> Result<Discovery, KubeError> {
 
 /// How often pods of this node that were not found yet are looked for again.
 const RETRY: Duration = Duration::from_millis(500);
+/// How often the sandboxes of this node's enrolled pods are checked, with no change from the
+/// API: a sandbox recreated under the same pod (new netns, same UID) shows up here first.
+const RECHECK: Duration = Duration::from_secs(2);
 
 /// Builds a view after each change (debounced), once every kind has been listed.
 async fn build_loop(settings: Settings, shared: Arc<Shared>, out: Arc<Latest>) {
     let mut found: HashMap<String, Found> = HashMap::new();
     let mut retry = false;
     loop {
-        if retry {
-            let _ = tokio::time::timeout(RETRY, shared.changed.notified()).await;
-        } else {
-            shared.changed.notified().await;
+        let wait = if retry { RETRY } else { RECHECK };
+        let changed = tokio::time::timeout(wait, shared.changed.notified())
+            .await
+            .is_ok();
+        // Nothing new from the API and every sandbox found is still there: nothing to build.
+        if !changed && !retry && found.values().all(PodFs::still_valid) {
+            continue;
         }
         tokio::time::sleep(watch::DEBOUNCE).await;
         if !shared.synced(watch::WATCHES) {

@@ -69,9 +69,13 @@ const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 64 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a pooled connection may be shared by. The source netns is part of it: connections
+/// are made from the source pod's netns, and a pod whose sandbox was recreated (same identity,
+/// new netns) must not be handed the old netns's connections, which lead nowhere.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
     src: Identity,
+    src_netns: u64,
     node: Arc<str>,
     dst: Identity,
     src_serial: String,
@@ -277,6 +281,7 @@ impl Pool {
         let cert = self.certs.wait(src_id, CERT_WAIT).await?;
         let key = PoolKey {
             src: src_id.clone(),
+            src_netns: src.netns.cookie(),
             node: dst.node.clone(),
             dst: dst_id.clone(),
             src_serial: cert.serial.clone(),
