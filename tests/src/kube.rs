@@ -36,21 +36,34 @@ pub struct KubeMode {
     pub api: ApiServer,
     /// kubectl against it.
     pub kubectl: Kubectl,
-    /// The directory that plays the node's cgroup root for the kubelet (`kubepods.slice`
-    /// below it).
+    /// Holds each node's cgroup root for the kubelet, in a directory named after the node.
     pub kubelet_root: PathBuf,
     /// The CA directory every agent embeds (one root for the mesh).
     pub ca_dir: PathBuf,
 }
 
-/// The kubelet's pod directory for `uid` (systemd driver, BestEffort QoS).
-fn pod_slice(root: &Path, uid: &str) -> PathBuf {
-    root.join("kubepods.slice")
-        .join("kubepods-besteffort.slice")
-        .join(format!(
-            "kubepods-besteffort-pod{}.slice",
-            uid.replace('-', "_")
-        ))
+/// The cgroup of pod `k`'s sandbox (container `sandbox`) under node `node`'s kubelet root, as
+/// the kubelet and containerd make it. Nodes alternate the kubelet's cgroup drivers (systemd on
+/// even nodes, cgroupfs on odd ones) and pods the three QoS classes, so the tests cover every
+/// layout the agent looks in.
+fn sandbox_cgroup(root: &Path, node: usize, k: usize, uid: &str, sandbox: &str) -> PathBuf {
+    let qos = ["besteffort", "burstable", "guaranteed"][k % 3];
+    if node.is_multiple_of(2) {
+        let mut p = root.join("kubepods.slice");
+        let pod = if qos == "guaranteed" {
+            format!("kubepods-pod{}.slice", uid.replace('-', "_"))
+        } else {
+            p = p.join(format!("kubepods-{qos}.slice"));
+            format!("kubepods-{qos}-pod{}.slice", uid.replace('-', "_"))
+        };
+        p.join(pod).join(format!("cri-containerd-{sandbox}.scope"))
+    } else {
+        let mut p = root.join("kubepods");
+        if qos != "guaranteed" {
+            p = p.join(qos);
+        }
+        p.join(format!("pod{uid}")).join(sandbox)
+    }
 }
 
 impl Cluster {
@@ -75,8 +88,14 @@ impl Cluster {
         )
         .context("create the mesh's CA root")?;
         for k in 0..self.pods.len() {
-            let scope = pod_slice(&kubelet_root, &self.pods[k].uid)
-                .join(format!("cri-containerd-sandbox{k}.scope"));
+            let node = self.pods[k].node;
+            let scope = sandbox_cgroup(
+                &kubelet_root.join(&self.nodes[node].name),
+                node,
+                k,
+                &self.pods[k].uid,
+                &format!("sandbox{k}"),
+            );
             std::fs::create_dir_all(&scope)
                 .with_context(|| format!("create {}", scope.display()))?;
             self.pods[k].cgroup = scope;
@@ -197,9 +216,8 @@ impl Cluster {
         let netns = self.add_netns(&pns)?;
         crate::topology::wire_pod(&node_ns, &veth, &pns, p.ip, p.node)?;
         let uid = format!("{}{:04x}", &p.uid[..p.uid.len() - 4], generation % 0xffff);
-        let root = self.kube()?.kubelet_root.clone();
-        let scope =
-            pod_slice(&root, &uid).join(format!("cri-containerd-sandbox{generation}.scope"));
+        let root = self.kube()?.kubelet_root.join(&self.nodes[p.node].name);
+        let scope = sandbox_cgroup(&root, p.node, k, &uid, &format!("sandbox{generation}"));
         std::fs::create_dir_all(&scope)?;
         let pod = &mut self.pods[k];
         pod.netns = netns;
@@ -250,9 +268,8 @@ impl Cluster {
         let pns = format!("{}-{name}-s{generation}", self.prefix);
         let netns = self.add_netns(&pns)?;
         crate::topology::wire_pod(&node_ns, &veth, &pns, p.ip, p.node)?;
-        let root = self.kube()?.kubelet_root.clone();
-        let scope =
-            pod_slice(&root, &p.uid).join(format!("cri-containerd-sandbox{generation}.scope"));
+        let root = self.kube()?.kubelet_root.join(&self.nodes[p.node].name);
+        let scope = sandbox_cgroup(&root, p.node, k, &p.uid, &format!("sandbox{generation}"));
         std::fs::create_dir_all(&scope)?;
         let pod = &mut self.pods[k];
         pod.netns = netns;
@@ -272,7 +289,7 @@ impl Cluster {
             "--kubeconfig".into(),
             k.api.kubeconfig().into(),
             "--kubelet-cgroup-root".into(),
-            k.kubelet_root.clone().into(),
+            k.kubelet_root.join(&self.nodes[i].name).into(),
             "--ca-dir".into(),
             k.ca_dir.clone().into(),
         ])
