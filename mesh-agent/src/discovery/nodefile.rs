@@ -17,6 +17,7 @@ use std::{
 use crate::state::{Labels, NodeState, ObjectKey, Pod, Service, ServicePort, Workload};
 
 mod fields;
+mod filters;
 mod fs;
 pub mod objects;
 mod policies;
