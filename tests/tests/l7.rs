@@ -443,6 +443,19 @@ fn grpc_unary_and_streaming_cross_both_nodes() -> Result<()> {
         c.counter(1, "server2", "hbone_streams")? >= 1,
         "crossed over HBONE"
     );
+    // Both reporters give the calls' gRPC status (OK is 0), as Istio's dashboards read it.
+    for (node, reporter) in [(0, "source"), (1, "destination")] {
+        let ok = mesh_tests::metric_sum(
+            &c.scrape(node)?,
+            "istio_requests_total",
+            &[
+                ("reporter", reporter),
+                ("request_protocol", "grpc"),
+                ("grpc_response_status", "0"),
+            ],
+        );
+        assert!(ok >= 2.0, "{reporter}: {ok} gRPC calls with status 0");
+    }
     Ok(())
 }
 
