@@ -192,38 +192,12 @@ impl Cluster {
     /// kubelet restart does: a new UID, a new netns (same address), a new cgroup and sandbox,
     /// and the Pod object deleted and created again with kubectl.
     pub fn recreate_pod(&mut self, name: &str) -> Result<()> {
-        let k = self
-            .pods
-            .iter()
-            .position(|p| p.name == name)
-            .context("no such pod")?;
-        let p = self.pods[k].clone();
-        let veth = p
-            .veth
-            .clone()
-            .context("a loopback-only pod cannot be recreated")?;
-        let node_ns = self.nodes[p.node]
-            .netns
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("node netns name")?
-            .to_string();
+        let k = self.pod_index(name)?;
         self.kubectl()?.run(&["delete", "pod", name], None)?;
-        // Deleting the veth takes the old sandbox off the network at once.
-        crate::sys::ip(&["-n", &node_ns, "link", "del", &veth])?;
         let generation = self.pods.len() + 1000 * (k + 1);
-        let pns = format!("{}-{name}-r{generation}", self.prefix);
-        let netns = self.add_netns(&pns)?;
-        crate::topology::wire_pod(&node_ns, &veth, &pns, p.ip, p.node)?;
-        let uid = format!("{}{:04x}", &p.uid[..p.uid.len() - 4], generation % 0xffff);
-        let root = self.kube()?.kubelet_root.join(&self.nodes[p.node].name);
-        let scope = sandbox_cgroup(&root, p.node, k, &uid, &format!("sandbox{generation}"));
-        std::fs::create_dir_all(&scope)?;
-        let pod = &mut self.pods[k];
-        pod.netns = netns;
-        pod.uid = uid;
-        pod.cgroup = scope;
-        self.spawn(name, &["sleep", "infinity"])?;
+        let old = &self.pods[k].uid;
+        let uid = format!("{}{:04x}", &old[..old.len() - 4], generation % 0xffff);
+        self.new_sandbox(k, uid, &format!("r{generation}"))?;
         let object = self.pod_object(&self.pods[k]);
         self.kubectl()?.create(&object.to_string())?;
         Ok(())
@@ -234,47 +208,60 @@ impl Cluster {
     /// removed, and a new sandbox starts in a new netns under the same pod cgroup, with the
     /// same UID and address. The Pod object is not touched.
     pub fn recreate_sandbox(&mut self, name: &str) -> Result<()> {
-        let k = self
-            .pods
-            .iter()
-            .position(|p| p.name == name)
-            .context("no such pod")?;
-        let p = self.pods[k].clone();
-        let veth = p
-            .veth
-            .clone()
-            .context("a loopback-only pod cannot have its sandbox recreated")?;
-        let node_ns = self.nodes[p.node]
-            .netns
-            .file_name()
-            .and_then(|n| n.to_str())
-            .context("node netns name")?
-            .to_string();
-        let procs = std::fs::read_to_string(p.cgroup.join("cgroup.procs"))?;
+        let k = self.pod_index(name)?;
+        let cgroup = self.pods[k].cgroup.clone();
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
         for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
             // SAFETY: kill only sends a signal.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::fs::remove_dir(&p.cgroup).is_err() {
+        while std::fs::remove_dir(&cgroup).is_err() {
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
                 "the old sandbox of {name} would not go"
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        crate::sys::ip(&["-n", &node_ns, "link", "del", &veth])?;
         let generation = self.pods.len() + 1000 * (k + 1) + 500;
-        let pns = format!("{}-{name}-s{generation}", self.prefix);
+        let uid = self.pods[k].uid.clone();
+        self.new_sandbox(k, uid, &format!("s{generation}"))
+    }
+
+    fn pod_index(&self, name: &str) -> Result<usize> {
+        self.pods
+            .iter()
+            .position(|p| p.name == name)
+            .context("no such pod")
+    }
+
+    /// Takes pod `k`'s old sandbox off the network (deleting its veth does it at once) and
+    /// starts a new one for `uid`: a new netns named with `tag`, wired to the same address,
+    /// and a sandbox process in a new container cgroup.
+    fn new_sandbox(&mut self, k: usize, uid: String, tag: &str) -> Result<()> {
+        let p = self.pods[k].clone();
+        let veth = p
+            .veth
+            .clone()
+            .context("a loopback-only pod has no sandbox of its own")?;
+        let node_ns = self.nodes[p.node]
+            .netns
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("node netns name")?
+            .to_string();
+        crate::sys::ip(&["-n", &node_ns, "link", "del", &veth])?;
+        let pns = format!("{}-{}-{tag}", self.prefix, p.name);
         let netns = self.add_netns(&pns)?;
         crate::topology::wire_pod(&node_ns, &veth, &pns, p.ip, p.node)?;
         let root = self.kube()?.kubelet_root.join(&self.nodes[p.node].name);
-        let scope = sandbox_cgroup(&root, p.node, k, &p.uid, &format!("sandbox{generation}"));
+        let scope = sandbox_cgroup(&root, p.node, k, &uid, &format!("sandbox-{tag}"));
         std::fs::create_dir_all(&scope)?;
         let pod = &mut self.pods[k];
         pod.netns = netns;
+        pod.uid = uid;
         pod.cgroup = scope;
-        self.spawn(name, &["sleep", "infinity"])?;
+        self.spawn(&p.name, &["sleep", "infinity"])?;
         Ok(())
     }
 

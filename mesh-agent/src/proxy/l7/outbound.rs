@@ -59,6 +59,34 @@ pub struct Outbound {
     pub h2: bool,
 }
 
+impl Outbound {
+    /// The pools this pod's requests go through.
+    fn pools(&self) -> Pools<'_> {
+        Pools {
+            pool: &self.inputs.http_pool,
+            dialer: &self.inputs.dialer,
+            src: &self.src,
+        }
+    }
+
+    /// What forwarding one of this pod's requests, routed in `view`, reads.
+    fn forwarding<'a>(
+        &'a self,
+        view: &'a Snapshot,
+        pools: &'a Pools<'a>,
+    ) -> Forward<'a, Pools<'a>> {
+        Forward {
+            view,
+            flows: &self.inputs.flows,
+            src_id: self.src.identity(),
+            src_ip: self.src.pod.ip,
+            dst: self.dst,
+            h2: self.h2,
+            upstream: pools,
+        }
+    }
+}
+
 /// Serves a captured client connection at L7 until it closes.
 pub async fn serve_outbound<S>(cx: Arc<Outbound>, io: S, protocol: Protocol)
 where
@@ -130,20 +158,8 @@ async fn route_request(
     body: Incoming,
 ) -> Response<Body> {
     let body = incoming(body);
-    let pools = Pools {
-        pool: &cx.inputs.http_pool,
-        dialer: &cx.inputs.dialer,
-        src: &cx.src,
-    };
-    let fwd = Forward {
-        view,
-        flows: &cx.inputs.flows,
-        src_id: cx.src.identity(),
-        src_ip: cx.src.pod.ip,
-        dst: cx.dst,
-        h2: cx.h2,
-        upstream: &pools,
-    };
+    let pools = cx.pools();
+    let fwd = cx.forwarding(view, &pools);
     let entry = view.routes.service_at(cx.dst.ip()).cloned();
     let Some(entry) = entry else {
         // A workload addressed directly: one endpoint, no routes.
@@ -320,20 +336,8 @@ async fn mirror(
                 debug!(service = %m.backend.service, port = m.backend.port, "mirror service has no such port: copy dropped");
                 return;
             };
-            let pools = Pools {
-                pool: &cx.inputs.http_pool,
-                dialer: &cx.inputs.dialer,
-                src: &cx.src,
-            };
-            let fwd = Forward {
-                view: &view,
-                flows: &cx.inputs.flows,
-                src_id: cx.src.identity(),
-                src_ip: cx.src.pod.ip,
-                dst: cx.dst,
-                h2: cx.h2,
-                upstream: &pools,
-            };
+            let pools = cx.pools();
+            let fwd = cx.forwarding(&view, &pools);
             let resp = forward(&fwd, copy, body, Some(entry), port, &RouteRule::default()).await;
             // Read to the end, so the upstream connection goes back to the pool.
             drop(resp.into_body().collect().await);
