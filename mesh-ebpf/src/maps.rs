@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    InboundKey, InboundStats, IpKey, LOOP_CAPACITY, LoopKey, LoopState, MAX_PODS, PortKey,
-    ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats, SPLICE_CAPACITY, SplicePeer, events,
+    InboundKey, InboundStats, IpKey, LOOP_CAPACITY, LoopKey, LoopState, MAX_PODS,
+    ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats, PortKey, SPLICE_CAPACITY, SplicePeer, events,
 };
 
 #[map]
