@@ -3,7 +3,7 @@
 //! - `setup` installs every prerequisite a fresh machine lacks, idempotently;
 //! - `build` builds the eBPF object (nightly, build-std, bpf-linker) and then the host binaries;
 //! - `test` runs every test, the kernel tests included (needs root; never skips them);
-//! - `lint` runs rustfmt, clippy and the layering check;
+//! - `lint` runs rustfmt (the eBPF crate's too), clippy and the layering check;
 //! - `layers` checks that mesh-agent's modules import each other without cycles, downwards only;
 //! - `demo` runs a two-node mesh with traffic and prints what was captured;
 //! - `bench` measures direct vs mesh paths side by side.
@@ -42,7 +42,7 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// rustfmt --check, clippy -D warnings, and the layering check.
+    /// rustfmt --check (both workspaces), clippy -D warnings, and the layering check.
     Lint,
     /// Check that mesh-agent's modules have no import cycle and import only lower layers.
     Layers,
@@ -276,7 +276,18 @@ fn main() -> Result<()> {
                 "warnings",
             ]))
         })
-        .and_then(|()| layers::check(&root().join("mesh-agent/src"))),
+        .and_then(|()| layers::check(&root().join("mesh-agent/src")))
+        .and_then(|()| {
+            // The eBPF crate is its own workspace, on nightly: `fmt --all` above skips it.
+            status(
+                Command::new("cargo")
+                    .current_dir(root().join("mesh-ebpf"))
+                    .args(["+nightly", "fmt", "--check"])
+                    .env_remove("RUSTUP_TOOLCHAIN")
+                    .env_remove("RUSTC")
+                    .env_remove("CARGO"),
+            )
+        }),
         Task::Layers => layers::check(&root().join("mesh-agent/src")),
         Task::Demo { kubernetes } => {
             let out = build(true)?;
