@@ -10,7 +10,13 @@
 //! - `/logging`: the log filter; `POST /logging?level=debug` (or any `RUST_LOG`-style filter)
 //!   changes it at run time.
 //!
-//! The `mesh-agent status|flows|explain|config-dump` commands are clients of these.
+//! - `/version`: the agent's version, for `mesh-agent version`.
+//!
+//! The `mesh-agent status|flows|explain|config-dump|version` commands are clients of these.
+//!
+//! The probe listener (`--probe-addr`, default `0.0.0.0:15021`) is the one the kubelet reaches
+//! from outside the pod: it answers `/healthz`, `/ready` and `/version` exactly as the admin
+//! listener does, and nothing else, so no internals leave localhost.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -123,8 +129,24 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
         .map_err(|source| AdminError::Bind { addr, source })
 }
 
+/// Binds the probe listener, on any address.
+pub async fn bind_probes(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })
+}
+
+/// Which requests a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every endpoint (the loopback admin listener).
+    All,
+    /// `/healthz`, `/ready` and `/version` only (the probe listener).
+    Probes,
+}
+
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: Arc<dyn AdminView>) {
+pub async fn serve(listener: TcpListener, agent: Arc<dyn AdminView>, scope: Scope) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -133,7 +155,17 @@ pub async fn serve(listener: TcpListener, agent: Arc<dyn AdminView>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let agent = agent.clone();
-                async move { Ok::<_, Infallible>(handle(&*agent, &req)) }
+                async move {
+                    let probe = matches!(req.uri().path(), "/healthz" | "/ready" | "/version");
+                    Ok::<_, Infallible>(if scope == Scope::All || probe {
+                        handle(&*agent, &req)
+                    } else {
+                        text(
+                            StatusCode::NOT_FOUND,
+                            "only /healthz, /ready and /version here\n",
+                        )
+                    })
+                }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -172,6 +204,7 @@ fn handle(agent: &dyn AdminView, req: &Request<Incoming>) -> Response<Full<Bytes
     let param = |name: &str| q.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/version" => json(&serde_json::json!({"version": crate::telemetry::metrics::VERSION})),
         "/ready" => match agent.not_ready_reason() {
             None => text(StatusCode::OK, "ready\n"),
             Some(why) => text(

@@ -410,6 +410,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     );
     let bypass = start_loop_bypass(&mut dataplane, config.loop_bypass)?;
     let admin_listener = admin::bind(config.admin_addr).await?;
+    let probe_listener = admin::bind_probes(config.probe_addr).await?;
     let metrics_listener = crate::telemetry::metrics::bind(config.metrics_addr).await?;
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(
         config.metrics_retention,
@@ -449,7 +450,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             token_file,
             bundle,
         } => CaClient::Remote {
-            addr: *addr,
+            addr: addr.clone(),
             token_file: token_file.clone(),
             bundle_file: bundle.clone(),
             trust_domain: config.trust_domain.clone(),
@@ -535,9 +536,18 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     };
     return_free_heap();
     start_memory_return();
-    tokio::spawn(admin::serve(admin_listener, agent.clone()));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        agent.clone(),
+        admin::Scope::All,
+    ));
+    tokio::spawn(admin::serve(
+        probe_listener,
+        agent.clone(),
+        admin::Scope::Probes,
+    ));
     crate::telemetry::metrics::start(metrics_listener, metrics)?;
-    info!(admin = %config.admin_addr, metrics = %config.metrics_addr, "agent running");
+    info!(admin = %config.admin_addr, probes = %config.probe_addr, metrics = %config.metrics_addr, "agent running");
 
     shutdown_signal().await;
     follow.abort();

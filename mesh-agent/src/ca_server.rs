@@ -1,6 +1,10 @@
-//! `mesh-agent ca`: the CA as a TLS server. Nodes authenticate with a bearer token (the local
-//! stand-in for Kubernetes' TokenReview); a node gets only the identities of the pods its node
-//! file lists. The signing itself, and every invariant of it, is [`crate::identity::ca::Ca`]'s.
+//! `mesh-agent ca`: the CA as a TLS server. Nodes authenticate with a bearer token: outside
+//! Kubernetes one configured token per node, and a node gets only the identities of the pods its
+//! node file lists; in Kubernetes ([`kube`]) a projected service-account token checked with
+//! TokenReview, and the identities of the pods the API schedules on the token's node. The
+//! signing itself, and every invariant of it, is [`crate::identity::ca::Ca`]'s.
+
+pub mod kube;
 
 use std::{
     convert::Infallible,
@@ -117,6 +121,23 @@ pub fn authorize_in(state: &NodeState, id: &Identity) -> Result<(), CaError> {
     }
 }
 
+/// How the CA knows who asks, and what they may have.
+pub enum Nodes {
+    /// A token and a node file per node (`--config`).
+    Files(Vec<CaNode>),
+    /// TokenReview and pods from the Kubernetes API: the client, and whom the CA serves.
+    Kubernetes(Box<(::kube::Client, kube::KubeCa)>),
+}
+
+impl std::fmt::Debug for Nodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Files(n) => f.debug_tuple("Files").field(n).finish(),
+            Self::Kubernetes(k) => f.debug_tuple("Kubernetes").field(&k.1).finish(),
+        }
+    }
+}
+
 /// Constant-time lookup of the node owning `token`.
 fn node_for_token<'a>(nodes: &'a [CaNode], token: &str) -> Option<&'a CaNode> {
     let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
@@ -145,11 +166,7 @@ fn server_tls(ca: &Ca) -> Result<Arc<rustls::ServerConfig>, CaError> {
 
 /// `mesh-agent ca`: serves CSRs until the process stops. The serving certificate is re-made
 /// whenever the root changes.
-pub async fn serve(
-    ca: Arc<Ca>,
-    listener: TcpListener,
-    nodes: Arc<Vec<CaNode>>,
-) -> Result<(), CaError> {
+pub async fn serve(ca: Arc<Ca>, listener: TcpListener, nodes: Arc<Nodes>) -> Result<(), CaError> {
     let tls = Arc::new(Mutex::new(server_tls(&ca)?));
     {
         let (ca, tls) = (ca.clone(), tls.clone());
@@ -220,7 +237,7 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
 
 async fn handle(
     ca: Arc<Ca>,
-    nodes: &[CaNode],
+    nodes: &Nodes,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -248,8 +265,15 @@ async fn handle(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("")
         .to_string();
-    let Some(node) = node_for_token(nodes, &token) else {
-        return refuse(StatusCode::UNAUTHORIZED, &CaError::Unauthenticated);
+    let node = match nodes {
+        Nodes::Files(list) => match node_for_token(list, &token) {
+            Some(n) => n.name.clone(),
+            None => return refuse(StatusCode::UNAUTHORIZED, &CaError::Unauthenticated),
+        },
+        Nodes::Kubernetes(k) => match kube::authenticate(&k.0, &k.1, &token).await {
+            Ok(n) => n,
+            Err(e) => return refuse(status_of(&e), &e),
+        },
     };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -269,21 +293,49 @@ async fn handle(
             );
         }
     };
-    // Reading the node file is parsing input: it runs on the blocking pool, never on a worker
-    // that serves other requests.
-    let (name, node_file) = (node.name.clone(), node.node_file.clone());
-    let signed = tokio::task::spawn_blocking(move || {
-        ca.sign(&sign_req.csr, |id| authorize_node(&name, &node_file, id))
-    })
-    .await
+    let signed = match nodes {
+        // Reading the node file is parsing input: it runs on the blocking pool, never on a
+        // worker that serves other requests.
+        Nodes::Files(list) => {
+            let node_file = list
+                .iter()
+                .find(|n| n.name == node)
+                .map(|n| n.node_file.clone())
+                .unwrap_or_default();
+            let name = node.clone();
+            tokio::task::spawn_blocking(move || {
+                ca.sign(&sign_req.csr, |id| authorize_node(&name, &node_file, id))
+            })
+            .await
+        }
+        Nodes::Kubernetes(k) => {
+            let id = match ca.requested(&sign_req.csr) {
+                Ok(id) => id,
+                Err(e) => return refuse(status_of(&e), &e),
+            };
+            if let Err(e) = kube::authorize(&k.0, &node, &id).await {
+                return refuse(status_of(&e), &e);
+            }
+            tokio::task::spawn_blocking(move || ca.sign(&sign_req.csr, |_| Ok(()))).await
+        }
+    }
     .unwrap_or_else(|e| Err(CaError::BadCsr(format!("signing task failed: {e}"))));
     match signed {
         Ok(issued) => {
-            info!(node = %node.name, "CA signed a workload certificate");
+            info!(%node, "CA signed a workload certificate");
             json(StatusCode::OK, &issued)
         }
-        Err(e @ CaError::Forbidden { .. }) => refuse(StatusCode::FORBIDDEN, &e),
-        Err(e @ (CaError::BadCsr(_) | CaError::Identity(_))) => refuse(StatusCode::BAD_REQUEST, &e),
-        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        Err(e) => refuse(status_of(&e), &e),
+    }
+}
+
+/// The HTTP status a refusal is answered with.
+fn status_of(e: &CaError) -> StatusCode {
+    match e {
+        CaError::Unauthenticated | CaError::TokenRejected(_) => StatusCode::UNAUTHORIZED,
+        CaError::Forbidden { .. } => StatusCode::FORBIDDEN,
+        CaError::BadCsr(_) | CaError::Identity(_) => StatusCode::BAD_REQUEST,
+        CaError::Kubernetes(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -233,6 +233,33 @@ fn human_secs(s: i64) -> String {
     if s < 0 { format!("expired {d} ago") } else { d }
 }
 
+/// `mesh-agent version`: this CLI's version and, when an agent answers, the agent's; versions
+/// that differ are said plainly, since a CLI reads the agent's endpoints as its own version
+/// knows them. No agent is not an error: the CLI's version is still the answer.
+pub fn version(c: &Common) -> Result<(), CliError> {
+    let cli = crate::telemetry::metrics::VERSION;
+    let agent =
+        get_json::<Value>(c.admin_addr, "/version").map(|v| str_at(&v, &["version"]).to_string());
+    match c.output {
+        Output::Json => {
+            let agent = agent.as_ref().ok();
+            println!("{}", serde_json::json!({"cli": cli, "agent": agent}));
+        }
+        Output::Table => {
+            println!("mesh-agent CLI: {cli}");
+            match &agent {
+                Ok(v) if v == cli => println!("agent at {}: {v}", c.admin_addr),
+                Ok(v) => println!(
+                    "agent at {}: {v} (differs from the CLI's {cli}: use the CLI of the agent's version)",
+                    c.admin_addr
+                ),
+                Err(e) => println!("agent: not reachable ({e})"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `mesh-agent status`: the node's enrolled pods with their certificates.
 pub fn status(c: &Common) -> Result<(), CliError> {
     let stats: Value = get_json(c.admin_addr, "/stats")?;

@@ -45,9 +45,14 @@ enum Command {
     /// traffic then flows directly, without the mesh.
     Uninstall(config::PinArgs),
     /// Run the mesh CA server, or manage its root (see the subcommands).
-    Ca(CaCommand),
+    Ca(Box<CaCommand>),
     /// Show this node's enrolled pods, their identities and certificate expiry.
     Status(cli::Common),
+    /// Print this CLI's version and, if it answers, the local agent's.
+    Version(cli::Common),
+    /// Print the Kubernetes install (Namespace, RBAC, the agent DaemonSet, the CA Deployment)
+    /// as YAML for `kubectl apply -f -`.
+    Manifests(Box<crate::install::ManifestArgs>),
     /// Show recent flows (connections and requests) with their decisions, then follow new ones.
     Flows(cli::FlowsArgs),
     /// Explain which route, policy and endpoint would apply to a connection or request, and why.
@@ -83,6 +88,75 @@ struct CaServeArgs {
     /// Lifetime of the certificates it signs (renewed by agents at half-life).
     #[arg(long, default_value = "24h")]
     cert_ttl: String,
+    #[command(flatten)]
+    kube: KubeCaArgs,
+}
+
+/// Where the CA keeps its root in Kubernetes, and whom it serves there.
+#[derive(Debug, Clone, clap::Args)]
+struct KubeCaArgs {
+    /// Run in Kubernetes: the root in a Secret, the bundle in a ConfigMap, agents checked with
+    /// TokenReview and pods from the API (instead of --dir and --config).
+    #[arg(long)]
+    kubernetes: bool,
+    /// kubeconfig to reach the API server; without it, the pod's service account.
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The CA's namespace, where its Secret and the bundle ConfigMap live.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+    namespace: String,
+    /// The Secret holding the root (created on first start).
+    #[arg(long, default_value = "mesh-ca-root")]
+    root_secret: String,
+    /// The ConfigMap the trust bundle is published in, as `bundle.pem`.
+    #[arg(long, default_value = "mesh-trust-bundle")]
+    bundle_configmap: String,
+    /// The agents' service account, `namespace/name`: the only one whose tokens are accepted.
+    #[arg(long, default_value = "mesh-system/mesh-agent")]
+    agent_service_account: String,
+    /// The audience agents' tokens must carry.
+    #[arg(long, default_value = "mesh-ca")]
+    audience: String,
+}
+
+impl KubeCaArgs {
+    async fn connect(&self) -> Result<(::kube::Client, ca_server::kube::KubeCa), ca::CaError> {
+        let (agent_namespace, agent_service_account) = self
+            .agent_service_account
+            .split_once('/')
+            .filter(|(n, s)| !n.is_empty() && !s.is_empty() && !s.contains('/'))
+            .ok_or_else(|| {
+                ca::CaError::Kubernetes(format!(
+                    "--agent-service-account {:?} is not namespace/name",
+                    self.agent_service_account
+                ))
+            })?;
+        let client = crate::discovery::kube::client(self.kubeconfig.as_deref())
+            .await
+            .map_err(|e| ca::CaError::Kubernetes(e.to_string()))?;
+        let cfg = ca_server::kube::KubeCa {
+            namespace: self.namespace.clone(),
+            root_secret: self.root_secret.clone(),
+            bundle_configmap: self.bundle_configmap.clone(),
+            agent_namespace: agent_namespace.to_string(),
+            agent_service_account: agent_service_account.to_string(),
+            audience: self.audience.clone(),
+        };
+        Ok((client, cfg))
+    }
+
+    /// Runs one rotation step on the root Secret.
+    fn step(
+        &self,
+        step: impl FnOnce(&ca::RootSet, &dyn ca::RootSource) -> Result<ca::RootSet, ca::CaError>,
+    ) -> Result<(), ca::CaError> {
+        let rt =
+            runtime(Some(1)).ok_or_else(|| ca::CaError::Kubernetes("no async runtime".into()))?;
+        rt.block_on(async {
+            let (client, cfg) = self.connect().await?;
+            ca_server::kube::step(&client, &cfg, step).await
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +169,8 @@ enum CaAction {
         /// The mesh's SPIFFE trust domain.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        #[command(flatten)]
+        kube: KubeCaArgs,
     },
     /// Make the prepared root the signing root (after every agent renewed once since
     /// `rotate-root`: half a certificate lifetime).
@@ -102,19 +178,23 @@ enum CaAction {
         /// The CA's root directory.
         #[arg(long, default_value = "/var/lib/mesh-ca")]
         dir: std::path::PathBuf,
+        #[command(flatten)]
+        kube: KubeCaArgs,
     },
     /// Trust only the current root (after every certificate of the old one has expired).
     RetireRoots {
         /// The CA's root directory.
         #[arg(long, default_value = "/var/lib/mesh-ca")]
         dir: std::path::PathBuf,
+        #[command(flatten)]
+        kube: KubeCaArgs,
     },
     /// Ask a CA for a certificate as a node would, and print what it answers (for debugging
     /// node authorization). The key is thrown away.
     Request {
         /// The CA's address.
         #[arg(long)]
-        ca_addr: std::net::SocketAddr,
+        ca_addr: ca::CaAddr,
         /// The node's token file.
         #[arg(long)]
         ca_token_file: std::path::PathBuf,
@@ -171,17 +251,38 @@ fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
 
 fn ca_main(cmd: CaCommand) -> ExitCode {
     let result = match cmd.action {
-        Some(CaAction::RotateRoot { dir, trust_domain }) => {
-            ca::rotate_root(&dir, &trust_domain).map(|()| {
-                info!(dir = %dir.display(), "new root prepared and trusted; run `mesh-agent ca activate-root` after half a certificate lifetime");
+        Some(CaAction::RotateRoot {
+            dir,
+            trust_domain,
+            kube,
+        }) => {
+            let done = if kube.kubernetes {
+                kube.step(|set, src| ca::rotated(set, &trust_domain, src))
+            } else {
+                ca::rotate_root(&dir, &trust_domain)
+            };
+            done.map(|()| {
+                info!("new root prepared and trusted; run `mesh-agent ca activate-root` after half a certificate lifetime");
             })
         }
-        Some(CaAction::ActivateRoot { dir }) => ca::activate_root(&dir).map(|()| {
-            info!(dir = %dir.display(), "the new root signs now; old roots stay trusted until `mesh-agent ca retire-roots`");
-        }),
-        Some(CaAction::RetireRoots { dir }) => ca::retire_roots(&dir).map(|()| {
-            info!(dir = %dir.display(), "only the current root is trusted now");
-        }),
+        Some(CaAction::ActivateRoot { dir, kube }) => {
+            let done = if kube.kubernetes {
+                kube.step(ca::activated)
+            } else {
+                ca::activate_root(&dir)
+            };
+            done.map(|()| {
+                info!("the new root signs now; old roots stay trusted until `mesh-agent ca retire-roots`");
+            })
+        }
+        Some(CaAction::RetireRoots { dir, kube }) => {
+            let done = if kube.kubernetes {
+                kube.step(ca::retired)
+            } else {
+                ca::retire_roots(&dir)
+            };
+            done.map(|()| info!("only the current root is trusted now"))
+        }
         Some(CaAction::Request {
             ca_addr,
             ca_token_file,
@@ -224,17 +325,33 @@ async fn serve_ca(a: CaServeArgs) -> Result<(), ca::CaError> {
         problem,
     };
     let ttl = config::parse_duration("--cert-ttl", &a.cert_ttl).map_err(|e| bad(e.to_string()))?;
+    let listen = a.listen;
+    let bind = || async move {
+        tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| bad(format!("cannot listen on {listen}: {e}")))
+    };
+    if a.kube.kubernetes {
+        let (client, cfg) = a.kube.connect().await?;
+        let root = ca_server::kube::root(&client, &cfg, &a.trust_domain).await?;
+        let authority =
+            std::sync::Arc::new(ca::Ca::with_source(root.clone(), &a.trust_domain, ttl)?);
+        ca_server::kube::keep_current(client.clone(), cfg.clone(), root, authority.clone());
+        let listener = bind().await?;
+        info!(%listen, namespace = %cfg.namespace, secret = %cfg.root_secret, ttl = ?ttl, "CA serving in Kubernetes");
+        let nodes = ca_server::Nodes::Kubernetes(Box::new((client, cfg)));
+        return ca_server::serve(authority, listener, std::sync::Arc::new(nodes)).await;
+    }
     let Some(config_path) = &a.config else {
         return Err(bad(
-            "--config is required: the CA must know each node's token and node file".into(),
+            "--config is required outside Kubernetes: the CA must know each node's token and node file (or pass --kubernetes)".into(),
         ));
     };
     let nodes = ca_server::load_config(config_path)?;
     let authority = std::sync::Arc::new(ca::Ca::open(&a.dir, &a.trust_domain, ttl)?);
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .map_err(|e| bad(format!("cannot listen on {}: {e}", a.listen)))?;
-    info!(listen = %a.listen, dir = %a.dir.display(), nodes = nodes.len(), ttl = ?ttl, "CA serving");
+    let listener = bind().await?;
+    info!(%listen, dir = %a.dir.display(), nodes = nodes.len(), ttl = ?ttl, "CA serving");
+    let nodes = ca_server::Nodes::Files(nodes);
     ca_server::serve(authority, listener, std::sync::Arc::new(nodes)).await
 }
 
@@ -332,8 +449,19 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Ca(cmd) => ca_main(cmd),
+        Command::Ca(cmd) => ca_main(*cmd),
         Command::Status(c) => client_result(cli::status(&c)),
+        Command::Version(c) => client_result(cli::version(&c)),
+        Command::Manifests(a) => match crate::install::render(&a) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                error!("rendering the manifests: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Flows(a) => client_result(cli::flows(&a)),
         Command::Explain(a) => client_result(cli::explain(&a)),
         Command::ConfigDump(c) => client_result(cli::config_dump(&c)),

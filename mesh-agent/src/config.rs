@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::identity::ca::CaAddr;
 use clap::Args;
 
 pub use crate::protocol::guard::HttpTimeouts;
@@ -137,9 +138,10 @@ pub struct CaArgs {
     /// The mesh's SPIFFE trust domain.
     #[arg(long, env = ENV_TRUST_DOMAIN, default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Address of a `mesh-agent ca` server. Without it, the agent embeds the CA (local mode).
+    /// Address of a `mesh-agent ca` server, `host:port` (in Kubernetes its Service's name).
+    /// Without it, the agent embeds the CA (local mode).
     #[arg(long, env = ENV_CA_ADDR)]
-    pub ca_addr: Option<SocketAddr>,
+    pub ca_addr: Option<CaAddr>,
     /// File with this node's bearer token for the CA (remote CA only).
     #[arg(long, env = ENV_CA_TOKEN_FILE)]
     pub ca_token_file: Option<PathBuf>,
@@ -168,7 +170,7 @@ pub enum CaSource {
     /// A `mesh-agent ca` server.
     Remote {
         /// Address.
-        addr: SocketAddr,
+        addr: CaAddr,
         /// Token file.
         token_file: PathBuf,
         /// Roots for the CA connection.
@@ -301,6 +303,9 @@ pub struct RunArgs {
     /// Loopback address of the admin endpoints (/healthz, /ready, /stats).
     #[arg(long, env = ENV_ADMIN_ADDR, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
+    /// Address of the probe endpoint the kubelet reaches (/healthz, /ready, /version only).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub probe_addr: SocketAddr,
     /// How often to check the node file for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub poll_interval_ms: u64,
@@ -411,6 +416,8 @@ pub struct Config {
     pub bpf_object: PathBuf,
     /// The admin address.
     pub admin_addr: SocketAddr,
+    /// The probe address.
+    pub probe_addr: SocketAddr,
     /// Node-file poll interval.
     pub poll_interval: Duration,
     /// The metrics endpoint.
@@ -494,6 +501,7 @@ impl Config {
             pin_root,
             bpf_object,
             admin_addr: args.admin_addr,
+            probe_addr: args.probe_addr,
             poll_interval: Duration::from_millis(args.poll_interval_ms),
             trust_domain,
             ca,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod discovery;
 pub mod explain;
 pub mod identity;
+pub mod install;
 pub mod pods;
 pub mod protocol;
 pub mod proxy;

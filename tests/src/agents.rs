@@ -48,9 +48,14 @@ impl Cluster {
     /// embedded CA (`--ca-dir`), the agent uses the harness's CA, which is started (1 h
     /// certificates) if it never was (a test that stopped it keeps it stopped).
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
-        // Kubernetes mode: state from the API server, the mesh's one root embedded.
+        // Kubernetes mode: state from the API server, certificates from the CA Deployment.
         let kube = match &self.kube {
-            Some(_) => Some(self.kube_agent_args(i)?),
+            Some(_) => {
+                if !self.kube_bundle_file().exists() {
+                    self.start_kube_ca("1h")?;
+                }
+                Some(self.kube_agent_args(i)?)
+            }
             None => None,
         };
         let embedded = extra.contains(&"--ca-dir") || kube.is_some();

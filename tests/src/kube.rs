@@ -3,13 +3,17 @@
 //! out as the kubelet and containerd leave it with a sandbox process inside the pod's netns, and
 //! the Pod, Service and EndpointSlice objects that describe the cluster, created with kubectl.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::{
-    apiserver::{ApiServer, Kubectl},
+    apiserver::{ApiServer, Kubectl, TokenInfo},
     *,
 };
 
@@ -38,9 +42,14 @@ pub struct KubeMode {
     pub kubectl: Kubectl,
     /// Holds each node's cgroup root for the kubelet, in a directory named after the node.
     pub kubelet_root: PathBuf,
-    /// The CA directory every agent embeds (one root for the mesh).
-    pub ca_dir: PathBuf,
 }
+
+/// The namespace the mesh is installed in.
+pub const MESH_NAMESPACE: &str = "mesh-system";
+/// The agents' service account.
+pub const AGENT_SERVICE_ACCOUNT: &str = "mesh-agent";
+/// The audience of the agents' projected tokens.
+pub const CA_AUDIENCE: &str = "mesh-ca";
 
 /// The cgroup of pod `k`'s sandbox (container `sandbox`) under node `node`'s kubelet root, as
 /// the kubelet and containerd make it. Nodes alternate the kubelet's cgroup drivers (systemd on
@@ -79,14 +88,6 @@ impl Cluster {
         })?;
         let kubectl = Kubectl::new(&api, Some(self.fabric.clone()));
         let kubelet_root = self.cgroup_dir.join("kubelet");
-        let ca_dir = self.dir.join("kube-ca");
-        // One root for every agent's embedded CA, made before any agent starts.
-        mesh_agent::identity::ca::Ca::open(
-            &ca_dir,
-            "cluster.local",
-            std::time::Duration::from_secs(3600),
-        )
-        .context("create the mesh's CA root")?;
         for k in 0..self.pods.len() {
             let node = self.pods[k].node;
             let scope = sandbox_cgroup(
@@ -107,7 +108,6 @@ impl Cluster {
             api,
             kubectl,
             kubelet_root,
-            ca_dir,
         });
         let mut objects =
             vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})];
@@ -277,8 +277,192 @@ impl Cluster {
             k.api.kubeconfig().into(),
             "--kubelet-cgroup-root".into(),
             k.kubelet_root.join(&self.nodes[i].name).into(),
-            "--ca-dir".into(),
-            k.ca_dir.clone().into(),
+            "--ca-addr".into(),
+            CA_ADDR.into(),
+            "--ca-token-file".into(),
+            self.agent_token_file(i).into(),
+            "--ca-bundle".into(),
+            self.kube_bundle_file().into(),
         ])
     }
+
+    /// Node `i`'s agent's projected service-account token, as the kubelet mounts it.
+    pub fn agent_token_file(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("{}.kube-token", self.nodes[i].name))
+    }
+
+    /// The CA's bundle ConfigMap as the kubelet mounts it into the agents.
+    pub fn kube_bundle_file(&self) -> PathBuf {
+        self.dir.join("kube-bundle.pem")
+    }
+
+    /// Starts the CA as its Deployment runs it (`mesh-agent ca --kubernetes`: root in a Secret,
+    /// bundle in a ConfigMap, agents checked with TokenReview) and gives each node's agent a pod
+    /// in the mesh namespace and a projected token bound to it. Node 0's token carries the
+    /// node-name extra (API servers from 1.32 add it); the others are bound to their pod only,
+    /// so the CA looks the node up through the pod. Waits for the bundle ConfigMap and mounts
+    /// it. Restarting keeps the root (it lives in the Secret).
+    pub fn start_kube_ca(&mut self, ttl: &str) -> Result<()> {
+        self.stop_ca();
+        let objects: Vec<Value> = std::iter::once(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": MESH_NAMESPACE}}))
+            .chain(self.nodes.iter().map(|n| json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("mesh-agent-{}", n.name), "namespace": MESH_NAMESPACE, "labels": {"app": "mesh-agent"}},
+                "spec": {"nodeName": n.name, "serviceAccountName": AGENT_SERVICE_ACCOUNT, "containers": [{"name": "agent", "image": "mesh-agent"}]},
+                "status": {"phase": "Running"},
+            })))
+            .collect();
+        for o in objects {
+            match self.kube()?.api.create(o) {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("AlreadyExists") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for i in 0..self.nodes.len() {
+            let name = self.nodes[i].name.clone();
+            let pod = format!("mesh-agent-{name}");
+            let uid = self.kube()?.api.get("v1", "Pod", MESH_NAMESPACE, &pod)?["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let mut extra = json!({
+                "authentication.kubernetes.io/pod-name": [pod],
+                "authentication.kubernetes.io/pod-uid": [uid],
+            });
+            if i == 0 {
+                extra["authentication.kubernetes.io/node-name"] = json!([name]);
+            }
+            let token = format!("projected-{}-{name}", self.prefix);
+            self.kube()?.api.add_token(
+                &token,
+                TokenInfo {
+                    user: json!({"username": format!("system:serviceaccount:{MESH_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}"), "extra": extra}),
+                    audiences: vec![CA_AUDIENCE.into()],
+                    expires: None,
+                },
+            );
+            std::fs::write(self.agent_token_file(i), &token)?;
+        }
+        let child = spawn_logged(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.fabric.display()))
+                .arg(artifact("mesh-agent")?)
+                .args(["ca", "--kubernetes", "--listen", CA_ADDR, "--cert-ttl", ttl])
+                .arg("--kubeconfig")
+                .arg(self.kube()?.api.kubeconfig()),
+            &self.dir.join("ca.log"),
+            "CA",
+        )?;
+        self.ca = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.sync_kube_bundle().is_ok() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(st))) = self.ca.as_mut().map(std::process::Child::try_wait) {
+                bail!("CA exited ({st}):\n{}", self.ca_log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no bundle ConfigMap from the CA after 10 s:\n{}",
+                    self.ca_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Copies the bundle ConfigMap into the agents' mounted file, as the kubelet does for a
+    /// ConfigMap volume; returns the bundle.
+    pub fn sync_kube_bundle(&self) -> Result<String> {
+        let map = self
+            .kube()?
+            .api
+            .get("v1", "ConfigMap", MESH_NAMESPACE, "mesh-trust-bundle")?;
+        let pem = map["data"]["bundle.pem"]
+            .as_str()
+            .context("the bundle ConfigMap has no bundle.pem")?
+            .to_string();
+        let file = self.kube_bundle_file();
+        if std::fs::read_to_string(&file).ok().as_deref() != Some(pem.as_str()) {
+            let tmp = file.with_extension("tmp");
+            std::fs::write(&tmp, &pem)?;
+            std::fs::rename(&tmp, &file)?;
+        }
+        Ok(pem)
+    }
+}
+
+/// Pods `default/<name>` node `i`'s agent has enrolled.
+pub fn enrolled(c: &Cluster, i: usize) -> Result<Vec<String>> {
+    let s = c.stats(i)?;
+    Ok(s["pods"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default())
+}
+
+/// Waits until node `i`'s agent has enrolled exactly `want` (names in `default`).
+pub fn wait_enrolled(c: &Cluster, i: usize, want: &[&str]) -> Result<()> {
+    crate::wait_until(
+        &format!("node {i} to enroll exactly {want:?}"),
+        Duration::from_secs(10),
+        || {
+            let have = enrolled(c, i)?;
+            Ok(have.len() == want.len()
+                && want
+                    .iter()
+                    .all(|w| have.iter().any(|h| h == &format!("default/{w}"))))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "enrolled now: {:?}; agent log:\n{}",
+            enrolled(c, i),
+            c.agent_log(i)
+        )
+    })
+}
+
+/// A cluster in Kubernetes mode with `default` enrolled, `server` serving on 8080 if there is
+/// one, the CA Deployment signing certificates of lifetime `ca_ttl`, and every agent running
+/// with its pods enrolled.
+pub fn enrolled_cluster_with(
+    nodes: Vec<Vec<crate::PodSpec>>,
+    services: Vec<crate::ServiceSpec>,
+    ca_ttl: &str,
+) -> Result<Cluster> {
+    let mut c = Cluster::new(nodes, services)?;
+    c.kubernetes()?;
+    c.kubectl()?.run(
+        &["label", "namespace", "default", "mesh.dev/enabled=true"],
+        None,
+    )?;
+    if c.pods.iter().any(|p| p.name == "server") {
+        c.serve("server", 8080)?;
+    }
+    c.start_kube_ca(ca_ttl)?;
+    for i in 0..c.nodes.len() {
+        c.start_agent(i)?;
+    }
+    for i in 0..c.nodes.len() {
+        let mesh: Vec<String> = c
+            .pods
+            .iter()
+            .filter(|p| p.node == i && p.enrolled)
+            .map(|p| p.name.clone())
+            .collect();
+        let mesh: Vec<&str> = mesh.iter().map(String::as_str).collect();
+        wait_enrolled(&c, i, &mesh)?;
+    }
+    Ok(c)
+}
+
+/// [`enrolled_cluster_with`] and 1 h certificates.
+pub fn enrolled_cluster(
+    nodes: Vec<Vec<crate::PodSpec>>,
+    services: Vec<crate::ServiceSpec>,
+) -> Result<Cluster> {
+    enrolled_cluster_with(nodes, services, "1h")
 }

@@ -28,6 +28,7 @@ mod topology;
 
 pub use capture::*;
 pub use nodefile::{backend, destination_rule, route, rules, traffic_policy};
+pub use pods::load_result;
 pub use prometheus::*;
 pub use sys::*;
 pub use topology::*;

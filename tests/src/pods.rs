@@ -13,6 +13,37 @@ use anyhow::{Context, Result, bail};
 use crate::*;
 
 impl Cluster {
+    /// How many certificates node `i`'s agent has been issued for `sa` in `default`.
+    pub fn issued(&self, i: usize, sa: &str) -> Result<u64> {
+        let s = self.stats(i)?;
+        s["certificates"][format!("spiffe://cluster.local/ns/default/sa/{sa}")]["issued"]
+            .as_u64()
+            .with_context(|| format!("no certificate report for {sa}: {s}"))
+    }
+
+    /// Starts the rate-limited load generator in `pod` against `target`; returns its output
+    /// file, read with [`load_result`]. `reconnect`: a new connection per request; otherwise
+    /// two connections held for the whole run (a broken connection then fails the run).
+    pub fn load(
+        &self,
+        pod: &str,
+        target: std::net::SocketAddr,
+        rate: u64,
+        seconds: u64,
+        reconnect: bool,
+    ) -> Result<std::path::PathBuf> {
+        let app = artifact("mesh-testapp")?;
+        let out = self.dir().join(format!("load-{pod}-{seconds}.json"));
+        let cmd = format!(
+            "{} load --addr {target} --rate {rate} --seconds {seconds} --connections 2 {} > {}",
+            app.display(),
+            if reconnect { "--reconnect" } else { "" },
+            out.display()
+        );
+        self.spawn(pod, &["sh", "-c", &cmd])?;
+        Ok(out)
+    }
+
     pub(crate) fn pod_command(&self, pod: &str, args: &[&str]) -> Result<(Command, File, File)> {
         let p = self.pod(pod);
         let ns = File::open(&p.netns)?;
@@ -203,5 +234,24 @@ impl Cluster {
             ],
         )?;
         Ok((code == 0).then(|| out.trim().parse().unwrap_or(0)))
+    }
+}
+
+/// The result of a [`Cluster::load`] run, once it has written it.
+pub fn load_result(
+    path: &std::path::Path,
+    timeout: std::time::Duration,
+) -> Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            return Ok(v);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("load generator produced no result in {}", path.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

@@ -432,6 +432,11 @@ impl Cluster {
         &self.dir
     }
 
+    /// The network namespace joining the nodes, where the CA and the API server listen.
+    pub fn fabric(&self) -> &Path {
+        &self.fabric
+    }
+
     pub(crate) fn teardown(&mut self) {
         for c in self
             .procs

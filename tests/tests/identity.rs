@@ -242,51 +242,6 @@ fn ca_signs_only_identities_of_pods_on_the_asking_node() -> Result<()> {
     Ok(())
 }
 
-fn issued(c: &Cluster, node: usize, sa: &str) -> Result<u64> {
-    let s = c.stats(node)?;
-    s["certificates"][format!("spiffe://cluster.local/ns/default/sa/{sa}")]["issued"]
-        .as_u64()
-        .with_context(|| format!("no certificate report for {sa}: {s}"))
-}
-
-/// Starts the rate-limited load generator in `pod` against `url`; returns its output file.
-/// `reconnect`: a new connection per request; otherwise two connections held for the whole run
-/// (a broken connection then fails the run).
-fn load(
-    c: &Cluster,
-    pod: &str,
-    target: SocketAddr,
-    rate: u64,
-    seconds: u64,
-    reconnect: bool,
-) -> Result<std::path::PathBuf> {
-    let app = artifact("mesh-testapp")?;
-    let out = c.dir().join(format!("load-{pod}-{seconds}.json"));
-    let cmd = format!(
-        "{} load --addr {target} --rate {rate} --seconds {seconds} --connections 2 {} > {}",
-        app.display(),
-        if reconnect { "--reconnect" } else { "" },
-        out.display()
-    );
-    c.spawn(pod, &["sh", "-c", &cmd])?;
-    Ok(out)
-}
-
-fn load_result(path: &std::path::Path, timeout: Duration) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-        {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("load generator produced no result in {}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry() -> Result<()> {
     let mut c = cluster()?;
@@ -299,7 +254,7 @@ fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry(
     // 14 s at 50 requests/s, a new connection each: 4 s certificates renew every ~2 s. Beside
     // it, two long-lived connections from client2 carry 50 requests/s through every rotation.
     // Mid-run, the root rotates: prepared (trusted everywhere), then activated (signing).
-    let (c0, s0) = (issued(&c, 0, "client-sa")?, issued(&c, 1, "server-sa")?);
+    let (c0, s0) = (c.issued(0, "client-sa")?, c.issued(1, "server-sa")?);
     let issuer = |node: usize, sa: &str| -> Result<String> {
         Ok(
             c.stats(node)?["certificates"][format!("spiffe://cluster.local/ns/default/sa/{sa}")]
@@ -310,8 +265,8 @@ fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry(
         )
     };
     let old_issuer = issuer(0, "client-sa")?;
-    let out = load(&c, "client", target, 50, 14, true)?;
-    let held = load(&c, "client2", target, 50, 14, false)?;
+    let out = c.load("client", target, 50, 14, true)?;
+    let held = c.load("client2", target, 50, 14, false)?;
     std::thread::sleep(Duration::from_secs(3));
     let ca_cmd = |action: &str| -> Result<()> {
         let out = Command::new(artifact("mesh-agent")?)
@@ -335,9 +290,9 @@ fn rotation_under_steady_traffic_loses_nothing_and_ca_outage_lasts_until_expiry(
         Duration::from_secs(6),
         || Ok(issuer(0, "client-sa")? != old_issuer && issuer(1, "server-sa")? != old_issuer),
     )?;
-    let result = load_result(&out, Duration::from_secs(30))?;
-    let held = load_result(&held, Duration::from_secs(30))?;
-    let (c1, s1) = (issued(&c, 0, "client-sa")?, issued(&c, 1, "server-sa")?);
+    let result = mesh_tests::load_result(&out, Duration::from_secs(30))?;
+    let held = mesh_tests::load_result(&held, Duration::from_secs(30))?;
+    let (c1, s1) = (c.issued(0, "client-sa")?, c.issued(1, "server-sa")?);
     assert_eq!(
         (held["errors"].as_u64(), held["requests"].as_u64()),
         (Some(0), Some(700)),
@@ -741,8 +696,8 @@ fn embedded_ca_creates_its_root_once_and_serves_a_lone_node() -> Result<()> {
     let root = std::fs::read(dir.join("root-cert.pem"))?;
     let url = format!("http://{}:{APP_PORT}/", c.pod("server").ip);
     assert_eq!(c.http_status("client", &url)?, Some(200));
-    assert_eq!(issued(&c, 0, "client-sa")?, 1);
-    assert_eq!(issued(&c, 0, "server-sa")?, 1);
+    assert_eq!(c.issued(0, "client-sa")?, 1);
+    assert_eq!(c.issued(0, "server-sa")?, 1);
     // A restart keeps the root.
     c.kill_agent(0);
     c.start_agent_with(0, &["--ca-dir", &dir_s])?;

@@ -6,6 +6,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use mesh_tests::apiserver::{ApiServer, Kubectl, TokenInfo};
+use mesh_tests::kube::{enrolled, enrolled_cluster, wait_enrolled};
 use serde_json::json;
 
 /// A scratch directory for one test, removed on drop.
@@ -192,6 +193,7 @@ fn the_stand_in_api_server_serves_kubectl_watches_and_token_reviews() -> Result<
         TokenInfo {
             user: json!({"username": "system:serviceaccount:mesh-system:mesh-agent", "extra": {"authentication.kubernetes.io/node-name": ["n1"]}}),
             audiences: vec!["mesh-ca".into()],
+            expires: None,
         },
     );
     let review = |token: &str, aud: &str| -> Result<serde_json::Value> {
@@ -225,36 +227,6 @@ fn the_stand_in_api_server_serves_kubectl_watches_and_token_reviews() -> Result<
 }
 
 const APP_PORT: u16 = 8080;
-
-/// Pods `default/<name>` node `i`'s agent has enrolled.
-fn enrolled(c: &mesh_tests::Cluster, i: usize) -> Result<Vec<String>> {
-    let s = c.stats(i)?;
-    Ok(s["pods"]
-        .as_object()
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default())
-}
-
-fn wait_enrolled(c: &mesh_tests::Cluster, i: usize, want: &[&str]) -> Result<()> {
-    mesh_tests::wait_until(
-        &format!("node {i} to enroll exactly {want:?}"),
-        std::time::Duration::from_secs(10),
-        || {
-            let have = enrolled(c, i)?;
-            Ok(have.len() == want.len()
-                && want
-                    .iter()
-                    .all(|w| have.iter().any(|h| h == &format!("default/{w}"))))
-        },
-    )
-    .with_context(|| {
-        format!(
-            "enrolled now: {:?}; agent log:\n{}",
-            enrolled(c, i),
-            c.agent_log(i)
-        )
-    })
-}
 
 #[test]
 fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them() -> Result<()> {
@@ -317,35 +289,6 @@ fn labelling_a_namespace_enrolls_its_pods_and_removing_the_label_releases_them()
 
 /// A cluster in Kubernetes mode whose `default` namespace is enrolled before the agents start,
 /// so they adopt running pods; `server` serves if there is one.
-fn enrolled_cluster(
-    nodes: Vec<Vec<mesh_tests::PodSpec>>,
-    services: Vec<mesh_tests::ServiceSpec>,
-) -> Result<mesh_tests::Cluster> {
-    let mut c = mesh_tests::Cluster::new(nodes, services)?;
-    c.kubernetes()?;
-    c.kubectl()?.run(
-        &["label", "namespace", "default", "mesh.dev/enabled=true"],
-        None,
-    )?;
-    if c.pods.iter().any(|p| p.name == "server") {
-        c.serve("server", APP_PORT)?;
-    }
-    for i in 0..c.nodes.len() {
-        c.start_agent(i)?;
-    }
-    for i in 0..c.nodes.len() {
-        let mesh: Vec<String> = c
-            .pods
-            .iter()
-            .filter(|p| p.node == i && p.enrolled)
-            .map(|p| p.name.clone())
-            .collect();
-        let mesh: Vec<&str> = mesh.iter().map(String::as_str).collect();
-        wait_enrolled(&c, i, &mesh)?;
-    }
-    Ok(c)
-}
-
 /// client on node 1, server on node 2, `web` over server, enrolled.
 fn enrolled_pair() -> Result<mesh_tests::Cluster> {
     use mesh_tests::{PodSpec, ServiceSpec};

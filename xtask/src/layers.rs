@@ -37,6 +37,7 @@ pub const LAYERS: &[&str] = &[
     "admin",     // the admin endpoints
     "app",       // wires every subsystem
     "cli",       // operator commands against the admin endpoint
+    "install",   // the Kubernetes install, printed as YAML
     "command",   // the binary's entry point
 ];
 

@@ -105,7 +105,17 @@ pub struct Discovery {
 /// Connects to the API server and starts watching; returns at once (the API server may be
 /// away: the watches keep retrying).
 pub async fn start(settings: Settings) -> Result<Discovery, KubeError> {
-    let config = match &settings.kubeconfig {
+    let client = client(settings.kubeconfig.as_deref()).await?;
+    let shared = Arc::new(Shared::default());
+    watch::start(&client, &shared);
+    let updates = Arc::new(Latest::default());
+    tokio::spawn(build_loop(settings, shared.clone(), updates.clone()));
+    Ok(Discovery { updates, shared })
+}
+
+/// A client of the API server: from `kubeconfig`, or in a pod from its service account.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, KubeError> {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?;
@@ -115,12 +125,7 @@ pub async fn start(settings: Settings) -> Result<Discovery, KubeError> {
         }
         None => kube::Config::incluster().map_err(|e| KubeError::Config(e.to_string()))?,
     };
-    let client = kube::Client::try_from(config)?;
-    let shared = Arc::new(Shared::default());
-    watch::start(&client, &shared);
-    let updates = Arc::new(Latest::default());
-    tokio::spawn(build_loop(settings, shared.clone(), updates.clone()));
-    Ok(Discovery { updates, shared })
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// How often pods of this node that were not found yet are looked for again.

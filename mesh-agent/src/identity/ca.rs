@@ -7,9 +7,10 @@
 //!   mesh's.
 //! - What a certificate says comes from the CA, never the CSR: only the CSR's public key and its
 //!   one URI SAN are read; lifetime, usages and serial are the CA's.
-//! - The root directory holds `root-key.pem` (0600), `root-cert.pem` and `bundle.pem`. The bundle
-//!   lists every trusted root. Every signing response carries it, which is how agents learn of
-//!   it.
+//! - The root is a [`RootSet`]: `root-key.pem`, `root-cert.pem` and `bundle.pem` (and, during a
+//!   rotation, `next-root-key.pem` and `next-root-cert.pem`), kept in a directory (mode 0600 for
+//!   keys) or, in Kubernetes, in a Secret with those keys. The bundle lists every trusted root.
+//!   Every signing response carries it, which is how agents learn of it.
 //! - Root rotation has two steps, so that no certificate is ever signed by a root some agent does
 //!   not trust yet: `rotate-root` prepares a new root (`next-root-*.pem`) and adds it to the
 //!   bundle, while signing goes on with the old one; once every agent has renewed (half a
@@ -22,6 +23,7 @@
 //! that authenticates nodes by bearer token (the local stand-in for Kubernetes' TokenReview).
 
 use std::{
+    collections::BTreeMap,
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -67,12 +69,10 @@ pub enum CaError {
         source: io::Error,
     },
     /// The files on disk are not a usable root.
-    #[error(
-        "CA directory {path}: {problem} (restore the files, or move the directory away to create a new root)"
-    )]
+    #[error("CA root {place}: {problem} (restore it; only removing it makes a new root)")]
     BadRoot {
-        /// The file.
-        path: PathBuf,
+        /// Where: a file, or a Secret and key.
+        place: String,
         /// What is wrong.
         problem: String,
     },
@@ -92,6 +92,12 @@ pub enum CaError {
         /// Why not.
         why: String,
     },
+    /// TokenReview did not accept the bearer token as an agent's (Kubernetes mode).
+    #[error("token refused: {0}")]
+    TokenRejected(String),
+    /// The Kubernetes API could not be asked; the request can be retried.
+    #[error("Kubernetes API: {0}")]
+    Kubernetes(String),
     /// The bearer token matched no node.
     #[error("unknown node token: the CA has no node with this token (check --ca-token-file)")]
     Unauthenticated,
@@ -107,7 +113,7 @@ pub enum CaError {
     #[error("CA {addr}: {problem}")]
     Remote {
         /// The CA's address.
-        addr: SocketAddr,
+        addr: CaAddr,
         /// What went wrong.
         problem: String,
     },
@@ -124,6 +130,65 @@ pub fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CaError + '_ {
     move |source| CaError::Io {
         path: path.to_owned(),
         source,
+    }
+}
+
+/// Where a remote CA listens: `host:port`, the host a name (the CA's Kubernetes Service) or an
+/// IP address (`[v6]:port` for IPv6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaAddr(String);
+
+impl std::str::FromStr for CaAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("{s:?} is not host:port ({why})");
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        port.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("the port is not 1-65535"))?;
+        let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        let valid = match bracketed {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => {
+                !host.is_empty()
+                    && !host.contains(':')
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            }
+        };
+        if !valid {
+            return Err(bad("the host is not a DNS name, an IPv4 address or [IPv6]"));
+        }
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for CaAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<SocketAddr> for CaAddr {
+    fn from(a: SocketAddr) -> Self {
+        Self(a.to_string())
+    }
+}
+
+impl CaAddr {
+    fn server_name(&self) -> Result<rustls::pki_types::ServerName<'static>, String> {
+        let host = self.0.rsplit_once(':').map_or("", |(h, _)| h);
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(rustls::pki_types::ServerName::IpAddress(ip.into())),
+            Err(_) => rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| format!("{host:?} as a TLS server name: {e}")),
+        }
     }
 }
 
@@ -144,9 +209,75 @@ struct Signer {
     fingerprint: Vec<u8>,
 }
 
-/// A certificate authority over one root directory.
+/// The root material by file name: the same names in a directory and in a Secret's data.
+pub type RootSet = BTreeMap<String, Vec<u8>>;
+
+/// The signing root's private key.
+pub const ROOT_KEY: &str = "root-key.pem";
+/// The signing root's certificate.
+pub const ROOT_CERT: &str = "root-cert.pem";
+/// Every trusted root.
+pub const BUNDLE: &str = "bundle.pem";
+const NEXT_KEY: &str = "next-root-key.pem";
+const NEXT_CERT: &str = "next-root-cert.pem";
+
+/// Where a CA's root lives: read whole on every [`Ca::reload`].
+pub trait RootSource: Send + Sync + std::fmt::Debug {
+    /// The current root material.
+    fn read(&self) -> Result<RootSet, CaError>;
+    /// How an operator finds `key` of it (a path, or a Secret and key).
+    fn place(&self, key: &str) -> String;
+}
+
+/// A root directory (local mode, or a CA outside Kubernetes).
+#[derive(Debug, Clone)]
+pub struct RootDir(pub PathBuf);
+
+impl RootSource for RootDir {
+    fn read(&self) -> Result<RootSet, CaError> {
+        let mut set = RootSet::new();
+        for f in [ROOT_KEY, ROOT_CERT, BUNDLE, NEXT_KEY, NEXT_CERT] {
+            let p = self.0.join(f);
+            match std::fs::read(&p) {
+                Ok(b) => {
+                    set.insert(f.to_string(), b);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&p)(e)),
+            }
+        }
+        Ok(set)
+    }
+    fn place(&self, key: &str) -> String {
+        self.0.join(key).display().to_string()
+    }
+}
+
+impl RootDir {
+    /// Writes the files that differ between `old` and `new` and removes those `new` lacks. Keys
+    /// go first, then certificates, then the bundle: between two writes the pair does not
+    /// match, and a running CA refuses to load it and keeps signing with the previous root.
+    pub fn write(&self, old: &RootSet, new: &RootSet) -> Result<(), CaError> {
+        std::fs::create_dir_all(&self.0).map_err(io_err(&self.0))?;
+        for f in [ROOT_KEY, NEXT_KEY, ROOT_CERT, NEXT_CERT, BUNDLE] {
+            let p = self.0.join(f);
+            match new.get(f) {
+                Some(b) if old.get(f) != Some(b) => {
+                    let mode = if f.ends_with("key.pem") { 0o600 } else { 0o644 };
+                    write_atomic(&p, b, mode)?;
+                }
+                Some(_) => {}
+                None if old.contains_key(f) => std::fs::remove_file(&p).map_err(io_err(&p))?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A certificate authority over one root.
 pub struct Ca {
-    dir: PathBuf,
+    source: Arc<dyn RootSource>,
     trust_domain: String,
     ttl: Duration,
     signer: Mutex<Arc<Signer>>,
@@ -155,7 +286,7 @@ pub struct Ca {
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca")
-            .field("dir", &self.dir)
+            .field("source", &self.source)
             .field("trust_domain", &self.trust_domain)
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
@@ -222,21 +353,24 @@ fn random_serial() -> SerialNumber {
 impl Ca {
     /// Opens the root in `dir`, creating a new one (and the directory) on first start.
     pub fn open(dir: &Path, trust_domain: &str, ttl: Duration) -> Result<Self, CaError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        if !dir.join("root-key.pem").exists() {
-            let (key, cert) = new_root(trust_domain)?;
-            write_atomic(&dir.join("bundle.pem"), cert.pem().as_bytes(), 0o644)?;
-            write_atomic(&dir.join("root-cert.pem"), cert.pem().as_bytes(), 0o644)?;
-            write_atomic(
-                &dir.join("root-key.pem"),
-                key.serialize_pem().as_bytes(),
-                0o600,
-            )?;
+        let store = RootDir(dir.to_owned());
+        let set = store.read()?;
+        if !set.contains_key(ROOT_KEY) {
+            store.write(&set, &new_root_set(trust_domain)?)?;
             info!(dir = %dir.display(), "created a new CA root");
         }
-        let signer = load_signer(dir)?;
+        Self::with_source(Arc::new(store), trust_domain, ttl)
+    }
+
+    /// A CA signing with the root `source` holds now.
+    pub fn with_source(
+        source: Arc<dyn RootSource>,
+        trust_domain: &str,
+        ttl: Duration,
+    ) -> Result<Self, CaError> {
+        let signer = load_signer(&source.read()?, source.as_ref())?;
         Ok(Self {
-            dir: dir.to_owned(),
+            source,
             trust_domain: trust_domain.to_string(),
             ttl,
             signer: Mutex::new(Arc::new(signer)),
@@ -262,24 +396,28 @@ impl Ca {
         self.signer().bundle.clone()
     }
 
-    /// Re-reads the root directory if it changed (a rotation); returns whether it did.
+    /// Re-reads the root if it changed (a rotation); returns whether it did.
     pub fn reload(&self) -> Result<bool, CaError> {
-        let fp = fingerprint(&self.dir)?;
-        if fp == self.signer().fingerprint {
+        let set = self.source.read()?;
+        if fingerprint(&set) == self.signer().fingerprint {
             return Ok(false);
         }
-        let signer = load_signer(&self.dir)?;
+        let signer = load_signer(&set, self.source.as_ref())?;
         *self.signer.lock() = Arc::new(signer);
-        info!(dir = %self.dir.display(), "CA root directory changed; now signing with the current root");
+        info!(root = %self.source.place(ROOT_CERT), "the CA root changed; now signing with the current root");
         Ok(true)
     }
 
-    /// Signs `csr_pem` if `authorize` accepts the identity it asks for.
-    pub fn sign(
+    /// The identity `csr_pem` asks for, if this CA could sign it at all: one SPIFFE URI SAN in
+    /// this trust domain.
+    pub fn requested(&self, csr_pem: &str) -> Result<Identity, CaError> {
+        Ok(self.parse_csr(csr_pem)?.0)
+    }
+
+    fn parse_csr(
         &self,
         csr_pem: &str,
-        authorize: impl FnOnce(&Identity) -> Result<(), CaError>,
-    ) -> Result<Issued, CaError> {
+    ) -> Result<(Identity, CertificateSigningRequestParams), CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let uris: Vec<&str> = csr
@@ -304,6 +442,16 @@ impl Ca {
                 id.trust_domain, self.trust_domain
             )));
         }
+        Ok((id, csr))
+    }
+
+    /// Signs `csr_pem` if `authorize` accepts the identity it asks for.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        authorize: impl FnOnce(&Identity) -> Result<(), CaError>,
+    ) -> Result<Issued, CaError> {
+        let (id, csr) = self.parse_csr(csr_pem)?;
         authorize(&id)?;
         let cert = self.issue(&id, &csr.public_key)?;
         Ok(Issued {
@@ -348,35 +496,35 @@ impl Ca {
         let key = KeyPair::generate()?;
         let cert = self.issue(id, &key)?;
         let der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| CaError::BadRoot {
-            path: self.dir.clone(),
+            place: "a key made for the CA's own identity".into(),
             problem: e.to_string(),
         })?;
         Ok((vec![cert.der().clone()], der))
     }
 }
 
-fn fingerprint(dir: &Path) -> Result<Vec<u8>, CaError> {
+fn fingerprint(set: &RootSet) -> Vec<u8> {
     let mut h = Sha256::new();
-    for f in ["root-cert.pem", "bundle.pem", "root-key.pem"] {
-        let p = dir.join(f);
-        h.update(std::fs::read(&p).map_err(io_err(&p))?);
+    for f in [ROOT_CERT, BUNDLE, ROOT_KEY] {
+        let b = set.get(f).map_or(&[][..], Vec::as_slice);
+        h.update((b.len() as u64).to_be_bytes());
+        h.update(b);
     }
-    Ok(h.finalize().to_vec())
+    h.finalize().to_vec()
 }
 
-fn load_signer(dir: &Path) -> Result<Signer, CaError> {
-    let read = |f: &str| {
-        let p = dir.join(f);
-        std::fs::read_to_string(&p).map_err(io_err(&p))
-    };
+fn load_signer(set: &RootSet, source: &dyn RootSource) -> Result<Signer, CaError> {
     let bad = |f: &str, problem: String| CaError::BadRoot {
-        path: dir.join(f),
+        place: source.place(f),
         problem,
     };
-    let fingerprint = fingerprint(dir)?;
-    let key = KeyPair::from_pem(&read("root-key.pem")?)
-        .map_err(|e| bad("root-key.pem", format!("not a private key: {e}")))?;
-    let cert_pem = read("root-cert.pem")?;
+    let read = |f: &str| {
+        let b = set.get(f).ok_or_else(|| bad(f, "missing".into()))?;
+        String::from_utf8(b.clone()).map_err(|_| bad(f, "not PEM text".into()))
+    };
+    let key = KeyPair::from_pem(&read(ROOT_KEY)?)
+        .map_err(|e| bad(ROOT_KEY, format!("not a private key: {e}")))?;
+    let cert_pem = read(ROOT_CERT)?;
     let root = identity::parse_pem_certs(&cert_pem)?;
     let spki_matches = root.first().is_some_and(|der| {
         use x509_parser::prelude::FromDer;
@@ -386,77 +534,128 @@ fn load_signer(dir: &Path) -> Result<Signer, CaError> {
     });
     if !spki_matches {
         return Err(bad(
-            "root-key.pem",
-            "does not belong to root-cert.pem (a rotation half-written?)".into(),
+            ROOT_KEY,
+            format!("does not belong to {ROOT_CERT} (a rotation half-written?)"),
         ));
     }
     let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-        .map_err(|e| bad("root-cert.pem", format!("not a CA certificate: {e}")))?;
-    let bundle = TrustBundle::from_pem(&read("bundle.pem")?)
-        .map_err(|e| bad("bundle.pem", e.to_string()))?;
+        .map_err(|e| bad(ROOT_CERT, format!("not a CA certificate: {e}")))?;
+    let bundle = TrustBundle::from_pem(&read(BUNDLE)?).map_err(|e| bad(BUNDLE, e.to_string()))?;
     if !root
         .first()
         .is_some_and(|r| bundle.roots().iter().any(|b| b == r))
     {
         return Err(bad(
-            "bundle.pem",
-            "does not contain root-cert.pem; certificates it signs would not verify".into(),
+            BUNDLE,
+            format!("does not contain {ROOT_CERT}; certificates it signs would not verify"),
         ));
     }
     Ok(Signer {
         issuer,
         bundle: Arc::new(bundle),
-        fingerprint,
+        fingerprint: fingerprint(set),
     })
 }
 
-const NEXT_KEY: &str = "next-root-key.pem";
-const NEXT_CERT: &str = "next-root-cert.pem";
+/// A new root, trusted alone.
+pub fn new_root_set(trust_domain: &str) -> Result<RootSet, CaError> {
+    let (key, cert) = new_root(trust_domain)?;
+    Ok(RootSet::from([
+        (BUNDLE.to_string(), cert.pem().into_bytes()),
+        (ROOT_CERT.to_string(), cert.pem().into_bytes()),
+        (ROOT_KEY.to_string(), key.serialize_pem().into_bytes()),
+    ]))
+}
+
+/// The first step of a rotation: a new root, trusted beside the current one, not signing yet.
+pub fn rotated(
+    set: &RootSet,
+    trust_domain: &str,
+    source: &dyn RootSource,
+) -> Result<RootSet, CaError> {
+    if set.contains_key(NEXT_CERT) {
+        return Err(CaError::BadRoot {
+            place: source.place(NEXT_CERT),
+            problem: "a rotation is already prepared; run `mesh-agent ca activate-root` first"
+                .into(),
+        });
+    }
+    let old = set.get(BUNDLE).ok_or_else(|| CaError::BadRoot {
+        place: source.place(BUNDLE),
+        problem: "missing".into(),
+    })?;
+    let (key, cert) = new_root(trust_domain)?;
+    let mut new = set.clone();
+    let mut bundle = old.clone();
+    if !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(cert.pem().as_bytes());
+    new.insert(NEXT_KEY.to_string(), key.serialize_pem().into_bytes());
+    new.insert(NEXT_CERT.to_string(), cert.pem().into_bytes());
+    new.insert(BUNDLE.to_string(), bundle);
+    Ok(new)
+}
+
+/// The second step: the prepared root signs from now on.
+pub fn activated(set: &RootSet, source: &dyn RootSource) -> Result<RootSet, CaError> {
+    let mut new = set.clone();
+    let (Some(key), Some(cert)) = (new.remove(NEXT_KEY), new.remove(NEXT_CERT)) else {
+        return Err(CaError::BadRoot {
+            place: source.place(NEXT_CERT),
+            problem: "no prepared root: run `mesh-agent ca rotate-root` first".into(),
+        });
+    };
+    new.insert(ROOT_KEY.to_string(), key);
+    new.insert(ROOT_CERT.to_string(), cert);
+    Ok(new)
+}
+
+/// The last step: only the current root is trusted.
+pub fn retired(set: &RootSet, source: &dyn RootSource) -> Result<RootSet, CaError> {
+    let current = set.get(ROOT_CERT).ok_or_else(|| CaError::BadRoot {
+        place: source.place(ROOT_CERT),
+        problem: "missing".into(),
+    })?;
+    let mut new = set.clone();
+    new.insert(BUNDLE.to_string(), current.clone());
+    Ok(new)
+}
+
+/// Applies one rotation step to the root directory `dir`.
+fn step_dir(
+    dir: &Path,
+    step: impl FnOnce(&RootSet, &dyn RootSource) -> Result<RootSet, CaError>,
+) -> Result<(), CaError> {
+    let store = RootDir(dir.to_owned());
+    let old = store.read()?;
+    if !old.contains_key(ROOT_CERT) {
+        return Err(CaError::BadRoot {
+            place: store.place(ROOT_CERT),
+            problem: "no root here (is --dir the CA's directory?)".into(),
+        });
+    }
+    let new = step(&old, &store)?;
+    store.write(&old, &new)
+}
 
 /// `mesh-agent ca rotate-root`: prepares a new root and trusts it beside the current one. Signing
 /// goes on with the current root until [`activate_root`]; agents learn the new bundle at their
 /// next renewal.
 pub fn rotate_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
-    if dir.join(NEXT_CERT).exists() {
-        return Err(CaError::BadRoot {
-            path: dir.join(NEXT_CERT),
-            problem: "a rotation is already prepared; run `mesh-agent ca activate-root` first"
-                .into(),
-        });
-    }
-    let old = std::fs::read_to_string(dir.join("bundle.pem")).map_err(io_err(dir))?;
-    let (key, cert) = new_root(trust_domain)?;
-    write_atomic(&dir.join(NEXT_KEY), key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomic(&dir.join(NEXT_CERT), cert.pem().as_bytes(), 0o644)?;
-    write_atomic(
-        &dir.join("bundle.pem"),
-        format!("{old}{}", cert.pem()).as_bytes(),
-        0o644,
-    )
+    step_dir(dir, |set, src| rotated(set, trust_domain, src))
 }
 
 /// `mesh-agent ca activate-root`: the prepared root signs from now on. Run it once every agent
 /// has renewed since `rotate-root` (half a certificate lifetime), so every verifier trusts it.
 pub fn activate_root(dir: &Path) -> Result<(), CaError> {
-    let (next_key, next_cert) = (dir.join(NEXT_KEY), dir.join(NEXT_CERT));
-    if !next_cert.exists() || !next_key.exists() {
-        return Err(CaError::BadRoot {
-            path: next_cert,
-            problem: "no prepared root: run `mesh-agent ca rotate-root` first".into(),
-        });
-    }
-    // Key, then certificate: between the two renames the pair does not match, and a running CA
-    // refuses to load it and keeps the previous root.
-    std::fs::rename(&next_key, dir.join("root-key.pem")).map_err(io_err(&next_key))?;
-    std::fs::rename(&next_cert, dir.join("root-cert.pem")).map_err(io_err(&next_cert))
+    step_dir(dir, activated)
 }
 
 /// `mesh-agent ca retire-roots`: trusts only the current root. Run it once every workload
 /// certificate from the old root has expired (one certificate lifetime after the rotation).
 pub fn retire_roots(dir: &Path) -> Result<(), CaError> {
-    let p = dir.join("root-cert.pem");
-    let current = std::fs::read(&p).map_err(io_err(&p))?;
-    write_atomic(&dir.join("bundle.pem"), &current, 0o644)
+    step_dir(dir, retired)
 }
 
 /// The CA's own identity, which agents check when they connect.
@@ -505,7 +704,7 @@ pub enum CaClient {
     /// `mesh-agent ca` over TLS.
     Remote {
         /// Its address.
-        addr: SocketAddr,
+        addr: CaAddr,
         /// File holding this node's bearer token (re-read on every request, so it can rotate).
         token_file: PathBuf,
         /// The roots to trust when connecting to the CA (re-read on every request).
@@ -533,19 +732,22 @@ impl CaClient {
                 token_file,
                 bundle_file,
                 trust_domain,
-            } => remote_sign(*addr, token_file, bundle_file, trust_domain, csr_pem).await,
+            } => remote_sign(addr, token_file, bundle_file, trust_domain, csr_pem).await,
         }
     }
 }
 
 async fn remote_sign(
-    addr: SocketAddr,
+    addr: &CaAddr,
     token_file: &Path,
     bundle_file: &Path,
     trust_domain: &str,
     csr_pem: String,
 ) -> Result<Issued, CaError> {
-    let remote = |problem: String| CaError::Remote { addr, problem };
+    let remote = |problem: String| CaError::Remote {
+        addr: addr.clone(),
+        problem,
+    };
     let token = std::fs::read_to_string(token_file).map_err(io_err(token_file))?;
     let bundle_pem = std::fs::read_to_string(bundle_file).map_err(io_err(bundle_file))?;
     let bundle = Arc::new(TrustBundle::from_pem(&bundle_pem)?);
@@ -555,11 +757,23 @@ async fn remote_sign(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
-    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+    // A name (the CA's Service) is resolved on every request: the Service may move.
+    let connect = async {
+        let mut last = None;
+        for a in tokio::net::lookup_host(addr.0.as_str()).await? {
+            match tokio::net::TcpStream::connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("the name resolved to no address")))
+    };
+    let tcp = tokio::time::timeout(Duration::from_secs(5), connect)
         .await
         .map_err(|_| remote("connect timed out after 5 s".into()))?
         .map_err(|e| remote(format!("connect: {e}")))?;
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    // The CA is verified by its SPIFFE identity, not by this name.
+    let name = addr.server_name().map_err(remote)?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
@@ -570,7 +784,7 @@ async fn remote_sign(
     tokio::spawn(conn);
     let body = serde_json::to_vec(&SignRequest { csr: csr_pem }).unwrap_or_default();
     let req = Request::post(SIGN_PATH)
-        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::HOST, addr.0.as_str())
         .header(
             hyper::header::AUTHORIZATION,
             format!("Bearer {}", token.trim()),

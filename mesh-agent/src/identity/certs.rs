@@ -572,7 +572,7 @@ impl prometheus::core::Collector for CertCollector {
 
 /// One request as a node would make it, for `mesh-agent ca request`.
 pub async fn request_once(
-    addr: std::net::SocketAddr,
+    addr: crate::identity::ca::CaAddr,
     token_file: std::path::PathBuf,
     bundle_file: std::path::PathBuf,
     identity: &str,

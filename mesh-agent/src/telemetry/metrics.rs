@@ -41,6 +41,9 @@ use crate::{
     telemetry::metrics::tcp::{CaptureMetrics, TcpMetrics},
 };
 
+/// This build's version: in `mesh_build_info`, on `/version`, and printed by `mesh-agent version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// The node's registry and families.
 #[derive(Debug)]
 pub struct Metrics {
@@ -73,9 +76,7 @@ impl Metrics {
             ),
             &["component", "version"],
         )?;
-        build
-            .with_label_values(&["mesh-agent", env!("CARGO_PKG_VERSION")])
-            .set(1);
+        build.with_label_values(&["mesh-agent", VERSION]).set(1);
         registry.register(Box::new(build))?;
         Ok(Self {
             registry,

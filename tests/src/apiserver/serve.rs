@@ -29,6 +29,15 @@ pub struct TokenInfo {
     pub user: Value,
     /// Audiences the token is good for; empty means the API server's own.
     pub audiences: Vec<String>,
+    /// When it stops being accepted (a projected token's `exp`); `None`: never.
+    pub expires: Option<std::time::SystemTime>,
+}
+
+impl TokenInfo {
+    fn expired(&self) -> bool {
+        self.expires
+            .is_some_and(|t| std::time::SystemTime::now() >= t)
+    }
 }
 
 /// What every request reads.
@@ -120,7 +129,12 @@ fn authorized(shared: &Shared, req: &Request<Incoming>) -> bool {
     else {
         return false;
     };
-    token == shared.admin_token || shared.tokens.lock().contains_key(token)
+    token == shared.admin_token
+        || shared
+            .tokens
+            .lock()
+            .get(token)
+            .is_some_and(|t| !t.expired())
 }
 
 /// Serves one request.
@@ -284,6 +298,9 @@ fn token_review(shared: &Shared, body: Value) -> Value {
         })
         .unwrap_or_default();
     let status = match shared.tokens.lock().get(token) {
+        Some(info) if info.expired() => {
+            json!({"authenticated": false, "error": "token has expired"})
+        }
         Some(info) => {
             let audiences: Vec<&String> = if asked.is_empty() {
                 info.audiences.iter().collect()
