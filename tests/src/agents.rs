@@ -73,8 +73,15 @@ impl Cluster {
         std::fs::create_dir_all(&cgroup).with_context(|| format!("create {}", cgroup.display()))?;
         let node = &mut self.nodes[i];
         let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", node.netns.display()));
+        if kube.is_some() {
+            // As the DaemonSet runs it: no capability beyond the install's list.
+            cmd.arg("setpriv")
+                .arg("--inh-caps=-all")
+                .arg(format!("--bounding-set=-all,{}", agent_capabilities()))
+                .arg("--");
+        }
         let cmd = cmd
-            .arg(format!("--net={}", node.netns.display()))
             .arg(&agent)
             .arg("run")
             .args(match &kube {
@@ -223,4 +230,13 @@ impl Cluster {
         .with_context(|| format!("node {} log:\n{}", i + 1, self.agent_log(i)))?;
         found.context("found above")
     }
+}
+
+/// The install's capability list as setpriv spells it (`+bpf,+net_admin,…`).
+fn agent_capabilities() -> String {
+    mesh_agent::install::AGENT_CAPABILITIES
+        .iter()
+        .map(|(c, _)| format!("+{}", c.to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -54,6 +54,62 @@ enum Task {
     },
     /// Benchmark direct vs mesh paths and print a table of ratios.
     Bench,
+    /// Render the Kubernetes install (`mesh-agent manifests`, with and without the CRDs) and
+    /// validate it offline against the real schemas of two Kubernetes versions.
+    ValidateInstall,
+}
+
+/// kubernetes-validate (PyPI) release: it carries the schemas of every version below.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// The oldest and newest Kubernetes versions the install supports (README), validated strictly.
+const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.35.0"];
+
+/// Installs kubernetes-validate in a venv under target/ (once), renders the install and
+/// validates it with `--strict` (unknown fields are errors) for each supported version.
+fn validate_install() -> Result<()> {
+    let venv = root().join("target/kubernetes-validate");
+    let tool = venv.join("bin/kubernetes-validate");
+    if !tool.exists() {
+        if status(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
+            // Debian's python3 keeps venv in its own package.
+            status(
+                Command::new("apt-get")
+                    .args([
+                        "install",
+                        "-y",
+                        "-qq",
+                        "--no-install-recommends",
+                        "python3-venv",
+                    ])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+            status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        }
+        status(Command::new(venv.join("bin/pip")).args(["install", "-q", KUBERNETES_VALIDATE]))?;
+    }
+    for extra in [&[][..], &["--istio-crds"][..]] {
+        let yaml = output(
+            cargo()
+                .current_dir(root())
+                .args(["run", "-q", "-p", "mesh-agent", "--", "manifests"])
+                .args(extra),
+        )
+        .context("render the install with `mesh-agent manifests`")?;
+        let file = root().join(format!("target/install{}.yaml", extra.join("")));
+        std::fs::write(&file, yaml)?;
+        for v in KUBERNETES_VERSIONS {
+            println!(
+                "validating {} against Kubernetes {v} (strict)",
+                file.display()
+            );
+            status(
+                Command::new(&tool)
+                    .args(["--strict", "--quiet", "-k", v])
+                    .arg(&file),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// bpf-linker release known to build against LLVM 22 here.
@@ -289,6 +345,7 @@ fn main() -> Result<()> {
             )
         }),
         Task::Layers => layers::check(&root().join("mesh-agent/src")),
+        Task::ValidateInstall => validate_install(),
         Task::Demo { kubernetes } => {
             let out = build(true)?;
             let mut demo = Command::new(out.join("mesh-demo"));
