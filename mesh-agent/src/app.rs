@@ -518,6 +518,13 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         kernel,
         logging,
     });
+    // Who to ask, at SIGTERM, whether this is an uninstall.
+    let own_pod = match (&source, &config.discovery) {
+        (Source::Kube(d), DiscoverySource::Kubernetes(k)) => {
+            k.own_pod.clone().map(|p| (d.client.clone(), p))
+        }
+        _ => None,
+    };
     let follow = match source {
         Source::File {
             path,
@@ -552,7 +559,29 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     shutdown_signal().await;
     follow.abort();
     agent.inputs().flows.close();
-    info!("shutting down; capture stays in place until `mesh-agent uninstall`");
+    let stop = match own_pod {
+        Some((client, (ns, name))) => {
+            let asked = kube::stop_kind(&client, &ns, &name);
+            tokio::time::timeout(Duration::from_secs(5), asked)
+                .await
+                .unwrap_or_else(|_| kube::Stop::Restart("the API did not answer within 5 s".into()))
+        }
+        None => kube::Stop::Restart("not in Kubernetes, or no --pod-name".into()),
+    };
+    match stop {
+        kube::Stop::Uninstall(why) => {
+            tracing::warn!(
+                "{why}: the mesh is being uninstalled; removing capture, pods fall back to plain networking"
+            );
+            Dataplane::uninstall(&pin_root)?;
+            info!(pin_root = %pin_root.display(), "capture removed");
+        }
+        kube::Stop::Restart(why) => {
+            info!(
+                "shutting down ({why}); capture stays in place until an agent is back or `mesh-agent uninstall`"
+            );
+        }
+    }
     Ok(())
 }
 

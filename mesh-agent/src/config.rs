@@ -226,6 +226,14 @@ pub struct KubeArgs {
     /// `kubepods` (cgroupfs driver).
     #[arg(long, env = ENV_KUBELET_CGROUP_ROOT, default_value = "/sys/fs/cgroup")]
     pub kubelet_cgroup_root: PathBuf,
+    /// The agent's own pod (the DaemonSet passes `metadata.name`): at SIGTERM its DaemonSet is
+    /// looked up, and if that is gone the mesh is being uninstalled and capture is removed.
+    /// Without it, capture always stays (fail closed).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The agent's namespace (the DaemonSet passes `metadata.namespace`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+    pub pod_namespace: String,
     /// The node's `/proc`: the host's, mounted, if the agent has a PID namespace of its own.
     #[arg(long, env = ENV_PROC_ROOT, default_value = "/proc")]
     pub proc_root: PathBuf,
@@ -260,6 +268,8 @@ pub struct KubeSettings {
     pub proc_root: PathBuf,
     /// Istio's root namespace.
     pub root_namespace: String,
+    /// The agent's own pod, `(namespace, name)`, when known.
+    pub own_pod: Option<(String, String)>,
 }
 
 impl KubeArgs {
@@ -282,6 +292,10 @@ impl KubeArgs {
                 kubelet_cgroup_root: self.kubelet_cgroup_root,
                 proc_root: self.proc_root,
                 root_namespace: self.root_namespace,
+                own_pod: self
+                    .pod_name
+                    .filter(|n| !n.is_empty())
+                    .map(|n| (self.pod_namespace, n)),
             })),
         }
     }

@@ -135,6 +135,16 @@ fn rbac(ns: &str) -> Vec<Value> {
             ],
         }),
         binding("ClusterRole", "mesh-agent", false),
+        // Its own pod and DaemonSet, to tell an uninstall from a restart.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": meta("mesh-agent", ns, "mesh-agent"),
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+                {"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["mesh-agent"], "verbs": ["get"]},
+            ],
+        }),
+        binding("Role", "mesh-agent", true),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": "mesh-ca", "labels": labels("mesh-ca")},
@@ -213,6 +223,10 @@ fn daemonset(a: &ManifestArgs) -> Value {
                         ],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            // At SIGTERM the agent looks up its DaemonSet through its pod: only
+                            // a DaemonSet gone or being deleted removes capture (an uninstall).
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                             {"name": "MESH_LOG_FORMAT", "value": "json"},
                             {"name": "MESH_ACCESS_LOG", "value": "json"},
                         ],

@@ -153,6 +153,28 @@ impl Cluster {
         }
     }
 
+    /// Stops node `i`'s agent as the kubelet does (SIGTERM) and waits for it to exit.
+    pub fn stop_agent(&mut self, i: usize) -> Result<std::process::ExitStatus> {
+        let mut c = self.nodes[i]
+            .agent
+            .take()
+            .context("the agent is not running")?;
+        let pid = i32::try_from(c.id())?;
+        // SAFETY: a signal to a child this harness started and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = c.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                bail!("the agent on node {i} ignored SIGTERM for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILLs node `i`'s agent (a crash: no cleanup runs).
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].agent.take() {

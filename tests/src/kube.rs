@@ -283,6 +283,10 @@ impl Cluster {
             self.agent_token_file(i).into(),
             "--ca-bundle".into(),
             self.kube_bundle_file().into(),
+            "--pod-name".into(),
+            format!("mesh-agent-{}", self.nodes[i].name).into(),
+            "--pod-namespace".into(),
+            MESH_NAMESPACE.into(),
         ])
     }
 
@@ -304,18 +308,34 @@ impl Cluster {
     /// it. Restarting keeps the root (it lives in the Secret).
     pub fn start_kube_ca(&mut self, ttl: &str) -> Result<()> {
         self.stop_ca();
-        let objects: Vec<Value> = std::iter::once(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": MESH_NAMESPACE}}))
-            .chain(self.nodes.iter().map(|n| json!({
+        for o in [
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": MESH_NAMESPACE}}),
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "mesh-agent", "namespace": MESH_NAMESPACE},
+                "spec": {"selector": {"matchLabels": {"app": "mesh-agent"}}, "template": {"metadata": {"labels": {"app": "mesh-agent"}}, "spec": {"containers": [{"name": "agent", "image": "mesh-agent"}]}}}}),
+        ] {
+            match self.kube()?.api.create(o) {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("already exists") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let ds_uid = self
+            .kube()?
+            .api
+            .get("apps/v1", "DaemonSet", MESH_NAMESPACE, "mesh-agent")?["metadata"]["uid"]
+            .clone();
+        let owner = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "mesh-agent", "uid": ds_uid, "controller": true}]);
+        let objects: Vec<Value> = self.nodes.iter().map(|n| json!({
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": format!("mesh-agent-{}", n.name), "namespace": MESH_NAMESPACE, "labels": {"app": "mesh-agent"}},
+                "metadata": {"name": format!("mesh-agent-{}", n.name), "namespace": MESH_NAMESPACE, "labels": {"app": "mesh-agent"}, "ownerReferences": owner},
                 "spec": {"nodeName": n.name, "serviceAccountName": AGENT_SERVICE_ACCOUNT, "containers": [{"name": "agent", "image": "mesh-agent"}]},
                 "status": {"phase": "Running"},
-            })))
+            }))
             .collect();
         for o in objects {
             match self.kube()?.api.create(o) {
                 Ok(_) => {}
-                Err(e) if e.to_string().contains("AlreadyExists") => {}
+                Err(e) if e.to_string().contains("already exists") => {}
                 Err(e) => return Err(e),
             }
         }

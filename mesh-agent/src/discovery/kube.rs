@@ -94,10 +94,11 @@ impl Latest {
 }
 
 /// A running discovery.
-#[derive(Debug)]
 pub struct Discovery {
     /// Complete views of the cluster.
     pub updates: Arc<Latest>,
+    /// The API client, for questions beside the watches (is the mesh being uninstalled?).
+    pub client: kube::Client,
     /// The watches' state, for readiness and `status`.
     pub shared: Arc<Shared>,
 }
@@ -110,7 +111,68 @@ pub async fn start(settings: Settings) -> Result<Discovery, KubeError> {
     watch::start(&client, &shared);
     let updates = Arc::new(Latest::default());
     tokio::spawn(build_loop(settings, shared.clone(), updates.clone()));
-    Ok(Discovery { updates, shared })
+    Ok(Discovery {
+        updates,
+        shared,
+        client,
+    })
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What stopping the agent means, by the agent's own DaemonSet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The DaemonSet is gone or being deleted: the mesh is being uninstalled.
+    Uninstall(String),
+    /// Anything else (a rolling update, a node drain, a deleted pod, an unanswered question):
+    /// capture stays and enrolled traffic fails closed until an agent is back.
+    Restart(String),
+}
+
+/// Tells an uninstall from a restart: the pod `ns/name`'s controlling DaemonSet is looked up;
+/// only its absence, or its deletion in progress, is an uninstall. An API that does not answer
+/// is a restart: removing capture on a guess would open the bypass this mesh must not have.
+pub async fn stop_kind(client: &kube::Client, ns: &str, name: &str) -> Stop {
+    use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Pod};
+    let pod = match kube::Api::<Pod>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+    {
+        Ok(Some(p)) => p,
+        Ok(None) => return Stop::Restart(format!("own pod {ns}/{name} not found")),
+        Err(e) => return Stop::Restart(format!("reading own pod {ns}/{name}: {e}")),
+    };
+    let owner = pod
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .into_iter()
+        .find(|o| o.kind == "DaemonSet" && o.controller == Some(true));
+    let Some(owner) = owner else {
+        return Stop::Restart(format!("pod {ns}/{name} has no controlling DaemonSet"));
+    };
+    match kube::Api::<DaemonSet>::namespaced(client.clone(), ns)
+        .get_opt(&owner.name)
+        .await
+    {
+        Ok(None) => Stop::Uninstall(format!("DaemonSet {ns}/{} is gone", owner.name)),
+        // Deleted and applied again: the new DaemonSet's agent takes the node over.
+        Ok(Some(ds)) if ds.metadata.uid.as_deref() != Some(owner.uid.as_str()) => Stop::Restart(
+            format!("DaemonSet {ns}/{} was replaced by a new one", owner.name),
+        ),
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => {
+            Stop::Uninstall(format!("DaemonSet {ns}/{} is being deleted", owner.name))
+        }
+        Ok(Some(_)) => Stop::Restart(format!("DaemonSet {ns}/{} is in place", owner.name)),
+        Err(e) => Stop::Restart(format!("reading DaemonSet {ns}/{}: {e}", owner.name)),
+    }
 }
 
 /// A client of the API server: from `kubeconfig`, or in a pod from its service account.

@@ -1,7 +1,11 @@
-//! The CA as its Kubernetes Deployment runs it (`mesh-agent ca --kubernetes`) against the
-//! stand-in API server: the root in a Secret, the bundle in a ConfigMap, agents authenticated by
-//! TokenReview of their projected tokens and authorized by the pods the API schedules on their
-//! node. Real agents in Kubernetes mode on both nodes, real certificates, real bytes.
+//! The Kubernetes install, run as its objects run it, against the stand-in API server, with
+//! real agents in Kubernetes mode on both nodes (each with only the install's capabilities),
+//! real certificates and real bytes:
+//! - the CA as its Deployment runs it (`mesh-agent ca --kubernetes`): the root in a Secret, the
+//!   bundle in a ConfigMap, agents authenticated by TokenReview of their projected tokens and
+//!   authorized by the pods the API schedules on their node;
+//! - uninstall against restart: SIGTERM removes capture only when the DaemonSet is gone;
+//! - the kubelet's probes, from outside the agent's loopback; versions.
 
 use std::{
     net::SocketAddr,
@@ -296,4 +300,135 @@ fn scopeguard(child: Child) -> impl Drop {
         }
     }
     Kill(child)
+}
+
+/// Objects pinned under node `i`'s pin directory (links, programs, maps).
+fn pinned(c: &Cluster, i: usize) -> usize {
+    let root = Path::new("/sys/fs/bpf").join(&c.nodes[i].pin_name);
+    ["links", "progs", "maps"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(root.join(d)).ok())
+        .map(|r| r.count())
+        .sum()
+}
+
+#[test]
+fn a_restart_keeps_capture_and_deleting_the_daemonset_then_stopping_removes_it() -> Result<()> {
+    let mut c = pair("1h")?;
+    let url = format!("http://{}:{APP_PORT}/", c.pod("server").ip);
+    assert_eq!(c.http_status("client", &url)?, Some(200));
+    let served = |c: &Cluster| c.app_requests("server", APP_PORT);
+    let before = pinned(&c, 0);
+    assert!(before > 0, "capture is pinned");
+
+    // A restart (the DaemonSet is in place): SIGTERM keeps every pin, and the client's traffic
+    // fails closed until the agent is back, never leaving in plain text.
+    let st = c.stop_agent(0)?;
+    assert!(st.success(), "{st}");
+    assert!(
+        c.agent_log(0).contains("capture stays in place"),
+        "{}",
+        c.agent_log(0)
+    );
+    assert_eq!(pinned(&c, 0), before, "a restart keeps capture");
+    let served_before = served(&c)?;
+    let (code, out) = c.curl("client", &["-o", "/dev/null", "--max-time", "3", &url])?;
+    assert_ne!(code, 0, "no agent, no connection: {out}");
+    assert_eq!(served(&c)?, served_before, "nothing reached the server");
+    c.start_agent(0)?;
+    assert_eq!(c.http_status("client", &url)?, Some(200));
+
+    // Uninstall: the DaemonSet is deleted, then its agents get SIGTERM. Every pin goes, and the
+    // formerly enrolled client reaches the server in plain TCP with no agent anywhere.
+    c.kubectl()?.run(
+        &["delete", "daemonset", "-n", MESH_NAMESPACE, "mesh-agent"],
+        None,
+    )?;
+    for i in 0..2 {
+        let st = c.stop_agent(i)?;
+        assert!(st.success(), "{st}");
+        assert!(
+            c.agent_log(i).contains("the mesh is being uninstalled"),
+            "{}",
+            c.agent_log(i)
+        );
+        assert_eq!(pinned(&c, i), 0, "node {i} keeps no pinned object");
+        assert!(
+            !Path::new("/sys/fs/bpf").join(&c.nodes[i].pin_name).exists(),
+            "node {i}'s pin directory is gone"
+        );
+    }
+    let served_before = served(&c)?;
+    assert_eq!(c.http_status("client", &url)?, Some(200));
+    assert_eq!(
+        served(&c)?,
+        served_before + 1,
+        "the request reached the server directly"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_kubelets_probe_from_outside_answers_as_ready_does_and_versions_are_visible() -> Result<()> {
+    let mut c = pair("1h")?;
+    // The kubelet's request: GET on the node's address, from outside the agent's loopback.
+    let node: SocketAddr = "198.19.0.1:15021".parse()?;
+    let probe = |c: &Cluster, path: &str| -> Result<(u16, String)> {
+        mesh_tests::in_netns(c.fabric(), || mesh_tests::http_get(node, path))?
+    };
+    assert_eq!(probe(&c, "/ready")?.0, 200);
+    assert_eq!(probe(&c, "/healthz")?.0, 200);
+    // Nothing but the probes leaves localhost.
+    for internal in ["/stats", "/config_dump", "/debug/flows", "/logging"] {
+        assert_eq!(probe(&c, internal)?.0, 404, "{internal}");
+    }
+
+    // Not ready: the agent restarts while the CA is away, so its pods have no certificates.
+    // The probe says what /ready says, reason and all.
+    c.stop_ca();
+    c.kill_agent(0);
+    c.start_agent_with(0, &[])?;
+    wait_until(
+        "node 1 to miss its certificates",
+        Duration::from_secs(10),
+        || Ok(c.agent_get(0, "/ready").map(|r| r.0).unwrap_or(0) == 503),
+    )?;
+    let (admin, outside) = (c.agent_get(0, "/ready")?, probe(&c, "/ready")?);
+    assert_eq!(outside, admin);
+    assert!(outside.1.contains("certificates missing"), "{}", outside.1);
+    assert_eq!(probe(&c, "/healthz")?.0, 200, "alive while not ready");
+    c.start_kube_ca("1h")?;
+    c.wait_ready(0, Duration::from_secs(15))?;
+    assert_eq!(probe(&c, "/ready")?.0, 200);
+
+    // Versions: the agent's on /version and in mesh_build_info; the CLI prints both.
+    let version = env!("CARGO_PKG_VERSION");
+    let v: serde_json::Value = serde_json::from_str(&probe(&c, "/version")?.1)?;
+    assert_eq!(v["version"], version);
+    let build = c
+        .scrape(0)?
+        .into_iter()
+        .find(|s| s.name == "mesh_build_info")
+        .context("mesh_build_info")?;
+    assert_eq!(
+        build.labels.get("version").map(String::as_str),
+        Some(version)
+    );
+    let cli = |netns: &Path| -> Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .arg(artifact("mesh-agent")?)
+            .arg("version")
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let here = cli(&c.nodes[0].netns)?;
+    assert!(
+        here.contains(&format!("mesh-agent CLI: {version}"))
+            && here.contains(&format!("agent at 127.0.0.1:15000: {version}")),
+        "{here}"
+    );
+    let nowhere = cli(c.fabric())?;
+    assert!(nowhere.contains("agent: not reachable"), "{nowhere}");
+    Ok(())
 }
