@@ -182,3 +182,48 @@ fn pinned_maps_are_reused_by_a_second_load() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_pinned_map_of_another_layout_is_refused_not_adopted() -> Result<()> {
+    let scratch = Scratch::new("c")?;
+    let maps_dir = scratch.pins.join("maps");
+    std::fs::create_dir_all(&maps_dir)?;
+    // What an agent of another version might have left: the name is ours, the value is not.
+    let pin = maps_dir.join(maps::ORIG_DST);
+    let st = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "8",
+            "value",
+            "4",
+            "entries",
+            "64",
+            "name",
+            "old_orig_dst",
+        ])
+        .status()?;
+    if !st.success() {
+        bail!("bpftool map create failed");
+    }
+    let err = mesh_agent::capture::bpf::Dataplane::load(&artifact("mesh-ebpf.o")?, &scratch.pins)
+        .err()
+        .context("a map of another layout must not be adopted")?;
+    let text = err.to_string();
+    assert!(
+        text.contains("another version")
+            && text.contains("value 4 B")
+            && text.contains("uninstall"),
+        "{text}"
+    );
+    assert!(pin.exists(), "the old map is left as it was");
+    // The same load with the old map gone creates and pins ours.
+    std::fs::remove_file(&pin)?;
+    mesh_agent::capture::bpf::Dataplane::load(&artifact("mesh-ebpf.o")?, &scratch.pins)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(pin.exists());
+    Ok(())
+}

@@ -182,6 +182,55 @@ impl std::fmt::Debug for Dataplane {
     }
 }
 
+/// A map's layout as the kernel keeps it: what adopting a pinned map must agree on.
+fn layout(map_type: u32, key: u32, value: u32, entries: u32) -> String {
+    format!("type {map_type}, key {key} B, value {value} B, {entries} entries")
+}
+
+/// Compares every map the object pins by name with the map already pinned there, if any. aya
+/// adopts a pinned map by name alone; one from another version (a field added to a value, say)
+/// would be read with the wrong layout, so a difference stops the load instead.
+fn check_pinned_layout(object: &Path, data: &[u8], maps_dir: &Path) -> Result<(), BpfError> {
+    let parsed = aya_obj::Object::parse(data).map_err(|e| BpfError::Load {
+        path: object.to_owned(),
+        source: Box::new(aya::EbpfError::ParseError(e)),
+    })?;
+    for (name, map) in &parsed.maps {
+        if !matches!(map.pinning(), aya_obj::maps::PinningType::ByName) {
+            continue;
+        }
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| BpfError::Pin {
+            path: path.clone(),
+            what: "read the pinned map's layout",
+            source: io::Error::other(e.to_string()),
+        })?;
+        let pinned_type = info.map_type().map_or(u32::MAX, |t| t as u32);
+        let pinned = layout(
+            pinned_type,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let wanted = layout(
+            map.map_type(),
+            map.key_size(),
+            map.value_size(),
+            map.max_entries(),
+        );
+        if pinned != wanted {
+            return Err(BpfError::PinnedLayout {
+                path,
+                layouts: format!("is {pinned}, but this agent's programs need {wanted}").into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Dataplane {
     /// Loads `object`, reusing maps pinned under `root/maps` by an earlier agent.
     pub fn load(object: &Path, root: &Path) -> Result<(Self, OrigDstTable, SpliceTable), BpfError> {
@@ -194,6 +243,7 @@ impl Dataplane {
             std::fs::create_dir_all(&dir).map_err(pin_err(&dir, "create directory"))?;
         }
         let maps_dir = root.join("maps");
+        check_pinned_layout(object, &data, &maps_dir)?;
         let adopted_maps = maps_dir.join(maps::ORIG_DST).exists();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)

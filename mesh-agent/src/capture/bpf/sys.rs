@@ -41,6 +41,17 @@ pub enum BpfError {
         /// aya's error.
         source: Box<aya::EbpfError>,
     },
+    /// A map pinned by an earlier agent has a layout this agent's programs do not use: adopting
+    /// it would make them misread it.
+    #[error(
+        "pinned map {path} {layouts}: it was pinned by an agent of another version. Refusing to adopt it rather than misread it: run the agent version that pinned it, or run `mesh-agent uninstall` on this node first (enrolled pods fail closed until the agent is back)"
+    )]
+    PinnedLayout {
+        /// The pin.
+        path: PathBuf,
+        /// Its layout and the one the object defines, in words.
+        layouts: Box<str>,
+    },
     /// A program or map the agent needs is not in the object (agent and object out of step).
     #[error(
         "the eBPF object has no {kind} named {name}: rebuild it with `cargo xtask build` so it matches this agent"
