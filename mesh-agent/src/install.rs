@@ -462,6 +462,13 @@ mod tests {
     }
 
     #[test]
+    fn deploy_install_yaml_is_the_default_render() {
+        // `cargo run -p mesh-agent -- manifests > deploy/install.yaml` after a change here.
+        let shipped = include_str!("../../deploy/install.yaml");
+        assert_eq!(shipped, render(&defaults()).expect("renders"));
+    }
+
+    #[test]
     fn crds_only_when_asked() {
         let mut a = defaults();
         assert!(
