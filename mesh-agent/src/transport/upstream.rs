@@ -117,6 +117,15 @@ pub struct Dest<'a> {
     pub limits: Option<&'a Arc<Limits>>,
 }
 
+/// One checkout's way to its endpoint: who dials, from which pod, to where, pooled under which
+/// key.
+struct Via<'a> {
+    dialer: &'a Dialer,
+    src: &'a LocalPod,
+    dest: &'a Dest<'a>,
+    key: &'a Key,
+}
+
 #[derive(Debug)]
 enum Sender {
     H1(http1::SendRequest<Body>),
@@ -299,16 +308,16 @@ impl Pool {
         dest: Dest<'_>,
     ) -> Result<Conn, UpstreamError> {
         let key = Key::new(dialer, src, &dest);
+        let via = Via {
+            dialer,
+            src,
+            dest: &dest,
+            key: &key,
+        };
         let sender = if dest.h2 {
-            Sender::H2(
-                self.h2_sender(dialer, src, dest.hop, &key, dest.limits)
-                    .await?,
-            )
+            Sender::H2(self.h2_sender(&via).await?)
         } else {
-            Sender::H1(
-                self.h1_sender(dialer, src, dest.hop, &key, dest.limits)
-                    .await?,
-            )
+            Sender::H1(self.h1_sender(&via).await?)
         };
         Ok(Conn {
             pool: self.clone(),
@@ -318,14 +327,8 @@ impl Pool {
         })
     }
 
-    async fn h1_sender(
-        &self,
-        dialer: &Dialer,
-        src: &LocalPod,
-        hop: &Hop,
-        key: &Key,
-        limits: Option<&Arc<Limits>>,
-    ) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    async fn h1_sender(&self, via: &Via<'_>) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let (key, limits) = (via.key, via.dest.limits);
         loop {
             {
                 let mut idle = self.h1.lock();
@@ -337,7 +340,7 @@ impl Pool {
                     }
                 }
             }
-            let Some((io, slot)) = self.connect(dialer, src, hop, key, limits).await? else {
+            let Some((io, slot)) = self.connect(via).await? else {
                 continue;
             };
             let (sender, conn) = http1::Builder::new()
@@ -350,14 +353,8 @@ impl Pool {
         }
     }
 
-    async fn h2_sender(
-        &self,
-        dialer: &Dialer,
-        src: &LocalPod,
-        hop: &Hop,
-        key: &Key,
-        limits: Option<&Arc<Limits>>,
-    ) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    async fn h2_sender(&self, via: &Via<'_>) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let (key, limits) = (via.key, via.dest.limits);
         loop {
             let existing = self.h2.lock().get(key).filter(|s| !s.is_closed()).cloned();
             if let Some(mut s) = existing {
@@ -372,7 +369,7 @@ impl Pool {
             if self.h2.lock().get(key).is_some_and(|s| !s.is_closed()) {
                 continue;
             }
-            let Some((io, slot)) = self.connect(dialer, src, hop, key, limits).await? else {
+            let Some((io, slot)) = self.connect(via).await? else {
                 continue;
             };
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -399,19 +396,18 @@ impl Pool {
     /// connection was freed while waiting for a slot, so look for an idle one again.
     async fn connect(
         &self,
-        dialer: &Dialer,
-        src: &LocalPod,
-        hop: &Hop,
-        key: &Key,
-        limits: Option<&Arc<Limits>>,
+        via: &Via<'_>,
     ) -> Result<Option<(TokioIo<UpstreamIo>, Option<Slot>)>, UpstreamError> {
+        let (key, limits) = (via.key, via.dest.limits);
         let Some(slot) = self.connection_slot(limits).await? else {
             return Ok(None);
         };
         let within = limits
             .and_then(|l| l.policy.connect_timeout)
             .unwrap_or(CONNECT_TIMEOUT);
-        let Ok(io) = tokio::time::timeout(within, open(dialer, src, hop, key.target)).await else {
+        let Ok(io) =
+            tokio::time::timeout(within, open(via.dialer, via.src, via.dest.hop, key.target)).await
+        else {
             return Err(UpstreamError::Connect(TransportError::Connect {
                 addr: key.target,
                 source: std::io::Error::new(
