@@ -249,7 +249,11 @@ fn kubernetes() -> Result<()> {
         None,
     )?;
     println!(
-        "\nstarting one mesh-agent per node (mesh-agent run --kubernetes --node-name <node>)..."
+        "\nstarting the CA as its Deployment runs it (mesh-agent ca --kubernetes: its root in the Secret mesh-system/mesh-ca-root, the bundle in the ConfigMap mesh-trust-bundle, agents checked with TokenReview)..."
+    );
+    c.start_kube_ca("1h")?;
+    println!(
+        "starting one mesh-agent per node (mesh-agent run --kubernetes --node-name <node>), with only SYS_ADMIN and SYS_PTRACE as the DaemonSet gives it..."
     );
     c.start_agent(0)?;
     c.start_agent(1)?;
