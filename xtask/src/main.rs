@@ -54,9 +54,87 @@ enum Task {
     },
     /// Benchmark direct vs mesh paths and print a table of ratios.
     Bench,
+    /// Run the fuzz targets of mesh-agent/fuzz (cargo-fuzz on nightly, installed if missing):
+    /// each for `--seconds`, or briefly with `--smoke` (CI). New inputs go to target/fuzz-corpus;
+    /// the committed seeds are read, never written.
+    Fuzz {
+        /// A few seconds each: what CI runs.
+        #[arg(long)]
+        smoke: bool,
+        /// Seconds per target (overrides --smoke).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Only these targets (default: every one).
+        targets: Vec<String>,
+    },
     /// Render the Kubernetes install (`mesh-agent manifests`, with and without the CRDs) and
     /// validate it offline against the real schemas of two Kubernetes versions.
     ValidateInstall,
+}
+
+/// cargo-fuzz release known to work with the nightly here.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Seconds per target in `fuzz --smoke`.
+const FUZZ_SMOKE_SECONDS: u64 = 15;
+
+/// Builds the fuzz targets once and runs each for `seconds`; a crash fails the run, with
+/// libFuzzer's reproducer left in mesh-agent/fuzz/artifacts/.
+fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+    let have = output(Command::new("cargo").args(["fuzz", "--version"]))
+        .is_some_and(|v| v.contains(CARGO_FUZZ_VERSION));
+    if !have {
+        status(Command::new("cargo").args([
+            "install",
+            "--locked",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
+    }
+    let dir = root().join("mesh-agent");
+    let listed = output(
+        Command::new("cargo")
+            .current_dir(&dir)
+            .args(["+nightly", "fuzz", "list"]),
+    )
+    .context("cargo fuzz list")?;
+    let targets: Vec<&str> = listed
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && (only.is_empty() || only.iter().any(|o| o == t)))
+        .collect();
+    if targets.is_empty() {
+        bail!(
+            "no fuzz target matches {only:?}; `cargo +nightly fuzz list` in mesh-agent lists them"
+        );
+    }
+    status(
+        Command::new("cargo")
+            .current_dir(&dir)
+            .args(["+nightly", "fuzz", "build", "-O"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )?;
+    for t in &targets {
+        let corpus = root().join("target/fuzz-corpus").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = dir.join("fuzz/seeds").join(t);
+        println!("fuzzing {t} for {seconds} s");
+        status(
+            Command::new("cargo")
+                .current_dir(&dir)
+                .args(["+nightly", "fuzz", "run", "-O", t])
+                .arg(&corpus)
+                .arg(&seeds)
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .arg("-print_final_stats=1")
+                .env_remove("RUSTUP_TOOLCHAIN"),
+        )
+        .with_context(|| {
+            format!("fuzz target {t} failed: its reproducer is in mesh-agent/fuzz/artifacts/{t}/")
+        })?;
+    }
+    Ok(())
 }
 
 /// kubernetes-validate (PyPI) release: it carries the schemas of every version below.
@@ -346,6 +424,14 @@ fn main() -> Result<()> {
         }),
         Task::Layers => layers::check(&root().join("mesh-agent/src")),
         Task::ValidateInstall => validate_install(),
+        Task::Fuzz {
+            smoke,
+            seconds,
+            targets,
+        } => fuzz(
+            seconds.unwrap_or(if smoke { FUZZ_SMOKE_SECONDS } else { 60 }),
+            &targets,
+        ),
         Task::Demo { kubernetes } => {
             let out = build(true)?;
             let mut demo = Command::new(out.join("mesh-demo"));

@@ -124,6 +124,12 @@ pub fn load_remote(path: &Path) -> Result<Loaded, NodeFileError> {
     parse(path, &read(path)?, None, &NoFsChecks)
 }
 
+/// A node file's text validated as the CA reads it (no filesystem checks): what the fuzz target
+/// of the node-file and policy parsers calls.
+pub fn parse_remote_text(text: &str) -> Result<Loaded, NodeFileError> {
+    parse(Path::new("<input>"), text, None, &NoFsChecks)
+}
+
 /// [`load`] on text already read: the agent keeps the text it applied, so its watcher compares
 /// the file with what is served, not with a later reading.
 pub fn load_text(

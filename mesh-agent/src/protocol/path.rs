@@ -5,7 +5,8 @@
 //! Every mode first refuses what is not a valid encoding, and never rewrites it: a malformed
 //! escape, an escaped control character, raw bytes outside printable ASCII, escapes that decode to
 //! invalid UTF-8 (overlong forms such as `%C0%AF` for `/` included), and double encoding (`%25`
-//! followed by two hex digits, which a second decoder would turn into another character).
+//! followed by two hex digits, raw or themselves escaped, which a second decoder would turn into
+//! another character).
 //!
 //! Then, by the mesh-wide mode (Istio's `meshConfig.pathNormalization`):
 //! - `NONE`: nothing more;
@@ -76,6 +77,32 @@ fn escape_at(bytes: &[u8], i: usize) -> Result<u8, PathError> {
     }
 }
 
+/// Whether the two characters at `j`, each as one decoder reads it (a byte, or an escape),
+/// are hex digits: after `%25` they make an escape for the next decoder. `%25%34%31` is as
+/// double encoded as `%2541`; checking raw bytes alone missed it (found by fuzzing).
+fn escapes_hex_pair(bytes: &[u8], mut j: usize) -> bool {
+    for _ in 0..2 {
+        let c = match bytes.get(j) {
+            Some(b'%') => match escape_at(bytes, j) {
+                Ok(c) => {
+                    j += 3;
+                    c
+                }
+                Err(_) => return false,
+            },
+            Some(b) => {
+                j += 1;
+                *b
+            }
+            None => return false,
+        };
+        if hex(c).is_none() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Refuses every invalid encoding (see the module docs) without changing anything.
 pub fn validate(path: &str) -> Result<(), PathError> {
     if !path.starts_with('/') {
@@ -91,10 +118,7 @@ pub fn validate(path: &str) -> Result<(), PathError> {
             if c < 0x20 || c == 0x7f {
                 return Err(PathError::Control);
             }
-            if c == b'%'
-                && bytes.get(i + 3).copied().and_then(hex).is_some()
-                && bytes.get(i + 4).copied().and_then(hex).is_some()
-            {
+            if c == b'%' && escapes_hex_pair(bytes, i + 3) {
                 return Err(PathError::DoubleEncoding);
             }
             decoded.push(c);
@@ -322,6 +346,11 @@ mod tests {
             // Double encoding of 'a' and of '/'.
             ("/%2561dmin", PathError::DoubleEncoding),
             ("/%252Fadmin", PathError::DoubleEncoding),
+            // The same with the hex digits escaped themselves (fuzzing found these: unreserved
+            // decoding turned them into `%25` and two hex digits, which normalized again failed).
+            ("/%25%65CXaCXa%3dn", PathError::DoubleEncoding),
+            ("/%25%34%31dmin", PathError::DoubleEncoding),
+            ("/%25%32F", PathError::DoubleEncoding),
             ("/a b", PathError::RawByte),
             ("/caf\u{e9}", PathError::RawByte),
             ("admin", PathError::NotAbsolute),

@@ -98,11 +98,7 @@ async fn connect_stream(
         c.hbone_refused.inc();
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
+    let Some(target) = hbone::connect_target(req.uri()) else {
         c.hbone_refused.inc();
         warn!(%peer, uri = %req.uri(), "HBONE CONNECT without an <ip>:<port> authority");
         return status(StatusCode::BAD_REQUEST);

@@ -211,6 +211,16 @@ pub enum Payload {
     Http,
 }
 
+/// The target a CONNECT names: its authority must be exactly `<ip>:<port>` (a pod's address; no
+/// name, no userinfo, no path). Anything else is refused by the caller.
+pub fn connect_target(uri: &hyper::Uri) -> Option<SocketAddr> {
+    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty()) {
+        return None;
+    }
+    let target: SocketAddr = uri.authority()?.as_str().parse().ok()?;
+    (target.port() != 0).then_some(target)
+}
+
 /// The CONNECT header that names the payload.
 pub const PAYLOAD_HEADER: &str = "mesh-payload";
 /// Its value for [`Payload::Http`].
@@ -506,4 +516,39 @@ pub fn server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(SERVER_MAX_STREAMS);
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_target_is_an_ip_and_port_and_nothing_else() {
+        // A string that is no URI never reaches the server as one.
+        let t = |s: &str| {
+            s.parse::<hyper::Uri>()
+                .ok()
+                .and_then(|u| connect_target(&u))
+        };
+        assert_eq!(
+            t("10.0.0.1:8080"),
+            Some("10.0.0.1:8080".parse().expect("addr"))
+        );
+        assert_eq!(
+            t("[fd00::1]:443"),
+            Some("[fd00::1]:443".parse().expect("addr"))
+        );
+        for bad in [
+            "example.com:80",
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "10.0.0.1:99999",
+            "http://10.0.0.1:80/",
+            "10.0.0.1:80/x",
+            "user@10.0.0.1:80",
+            "/path",
+        ] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+    }
 }
