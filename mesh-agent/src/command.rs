@@ -249,40 +249,34 @@ fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
     }
 }
 
+/// Applies one rotation step where the root lives: the Secret with `--kubernetes`, else the
+/// directory.
+fn root_step(
+    dir: &std::path::Path,
+    kube: &KubeCaArgs,
+    step: impl FnOnce(&ca::RootSet, &dyn ca::RootSource) -> Result<ca::RootSet, ca::CaError>,
+) -> Result<(), ca::CaError> {
+    if kube.kubernetes {
+        kube.step(step)
+    } else {
+        ca::step_dir(dir, step)
+    }
+}
+
 fn ca_main(cmd: CaCommand) -> ExitCode {
     let result = match cmd.action {
         Some(CaAction::RotateRoot {
             dir,
             trust_domain,
             kube,
-        }) => {
-            let done = if kube.kubernetes {
-                kube.step(|set, src| ca::rotated(set, &trust_domain, src))
-            } else {
-                ca::rotate_root(&dir, &trust_domain)
-            };
-            done.map(|()| {
-                info!("new root prepared and trusted; run `mesh-agent ca activate-root` after half a certificate lifetime");
-            })
-        }
-        Some(CaAction::ActivateRoot { dir, kube }) => {
-            let done = if kube.kubernetes {
-                kube.step(ca::activated)
-            } else {
-                ca::activate_root(&dir)
-            };
-            done.map(|()| {
-                info!("the new root signs now; old roots stay trusted until `mesh-agent ca retire-roots`");
-            })
-        }
-        Some(CaAction::RetireRoots { dir, kube }) => {
-            let done = if kube.kubernetes {
-                kube.step(ca::retired)
-            } else {
-                ca::retire_roots(&dir)
-            };
-            done.map(|()| info!("only the current root is trusted now"))
-        }
+        }) => root_step(&dir, &kube, |set, src| ca::rotated(set, &trust_domain, src)).map(|()| {
+            info!("new root prepared and trusted; run `mesh-agent ca activate-root` after half a certificate lifetime");
+        }),
+        Some(CaAction::ActivateRoot { dir, kube }) => root_step(&dir, &kube, ca::activated).map(|()| {
+            info!("the new root signs now; old roots stay trusted until `mesh-agent ca retire-roots`");
+        }),
+        Some(CaAction::RetireRoots { dir, kube }) => root_step(&dir, &kube, ca::retired)
+            .map(|()| info!("only the current root is trusted now")),
         Some(CaAction::Request {
             ca_addr,
             ca_token_file,

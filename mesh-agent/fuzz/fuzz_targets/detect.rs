@@ -6,11 +6,7 @@ use mesh_agent::protocol::detect;
 use tokio::io::AsyncReadExt;
 
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    mesh_agent_fuzz::block_on(async {
         if let Ok((_protocol, mut stream)) = detect::detect(data).await {
             let mut out = Vec::new();
             stream

@@ -6,11 +6,7 @@ use mesh_agent::protocol::guard::H1Guard;
 use tokio::io::AsyncReadExt;
 
 fuzz_target!(|data: &[u8]| {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    mesh_agent_fuzz::block_on(async {
         let io = tokio::io::join(data, tokio::io::sink());
         let mut guard = H1Guard::new(io, std::time::Duration::from_secs(5));
         let mut out = Vec::new();

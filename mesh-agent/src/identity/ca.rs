@@ -623,7 +623,7 @@ pub fn retired(set: &RootSet, source: &dyn RootSource) -> Result<RootSet, CaErro
 }
 
 /// Applies one rotation step to the root directory `dir`.
-fn step_dir(
+pub fn step_dir(
     dir: &Path,
     step: impl FnOnce(&RootSet, &dyn RootSource) -> Result<RootSet, CaError>,
 ) -> Result<(), CaError> {
