@@ -148,8 +148,9 @@ pub async fn root(
     )))
 }
 
-/// Keeps `root` current from the API and the bundle ConfigMap equal to the CA's bundle, until
-/// the process ends. A failed read keeps the last root: the CA goes on signing with it.
+/// Keeps `root` current from the API, and the bundle ConfigMap equal to the bundle `ca` signs
+/// with, until the process ends. A failed read keeps the last root: the CA goes on signing with
+/// it.
 pub fn keep_current(client: kube::Client, cfg: KubeCa, root: Arc<SecretRoot>, ca: Arc<Ca>) {
     tokio::spawn(async move {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &cfg.namespace);
@@ -166,9 +167,9 @@ pub fn keep_current(client: kube::Client, cfg: KubeCa, root: Arc<SecretRoot>, ca
                     cfg.namespace, cfg.root_secret
                 ),
             }
-            if let Err(e) = ca.reload() {
-                warn!("{e}; still signing with the previous root");
-            }
+            // The server's own loop reloads the CA from this copy within a second, and re-makes
+            // its serving certificate when the root changed; reloading here too would take that
+            // change from it.
             if let Err(e) = publish_bundle(&maps, &cfg, &ca.bundle().to_pem()).await {
                 warn!("{e}");
             }
