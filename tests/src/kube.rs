@@ -313,11 +313,7 @@ impl Cluster {
             json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "mesh-agent", "namespace": MESH_NAMESPACE},
                 "spec": {"selector": {"matchLabels": {"app": "mesh-agent"}}, "template": {"metadata": {"labels": {"app": "mesh-agent"}}, "spec": {"containers": [{"name": "agent", "image": "mesh-agent"}]}}}}),
         ] {
-            match self.kube()?.api.create(o) {
-                Ok(_) => {}
-                Err(e) if e.to_string().contains("already exists") => {}
-                Err(e) => return Err(e),
-            }
+            self.create_once(o)?;
         }
         let ds_uid = self
             .kube()?
@@ -333,11 +329,7 @@ impl Cluster {
             }))
             .collect();
         for o in objects {
-            match self.kube()?.api.create(o) {
-                Ok(_) => {}
-                Err(e) if e.to_string().contains("already exists") => {}
-                Err(e) => return Err(e),
-            }
+            self.create_once(o)?;
         }
         for i in 0..self.nodes.len() {
             let name = self.nodes[i].name.clone();
@@ -390,6 +382,14 @@ impl Cluster {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Creates `obj` unless it exists already (the CA is started again with the same objects).
+    fn create_once(&self, obj: Value) -> Result<()> {
+        match self.kube()?.api.create(obj) {
+            Err(e) if !e.to_string().contains("already exists") => Err(e),
+            _ => Ok(()),
         }
     }
 

@@ -70,6 +70,17 @@ pub struct SecretRoot {
     latest: Mutex<RootSet>,
 }
 
+impl SecretRoot {
+    /// `cfg`'s root Secret as read in `secret`.
+    fn of(cfg: &KubeCa, secret: &Secret) -> Self {
+        Self {
+            namespace: cfg.namespace.clone(),
+            name: cfg.root_secret.clone(),
+            latest: Mutex::new(set_of(secret)),
+        }
+    }
+}
+
 impl RootSource for SecretRoot {
     fn read(&self) -> Result<RootSet, CaError> {
         Ok(self.latest.lock().clone())
@@ -125,11 +136,7 @@ pub async fn root(
             .await
             .map_err(api_err(&what))?
         {
-            return Ok(Arc::new(SecretRoot {
-                namespace: cfg.namespace.clone(),
-                name: cfg.root_secret.clone(),
-                latest: Mutex::new(set_of(&s)),
-            }));
+            return Ok(Arc::new(SecretRoot::of(cfg, &s)));
         }
         let set = new_root_set(trust_domain)?;
         match api
@@ -236,11 +243,7 @@ pub async fn step(
                 "{what} does not exist: start the CA once to create the root"
             ))
         })?;
-    let source = SecretRoot {
-        namespace: cfg.namespace.clone(),
-        name: cfg.root_secret.clone(),
-        latest: Mutex::new(set_of(&current)),
-    };
+    let source = SecretRoot::of(cfg, &current);
     let new = step(&set_of(&current), &source)?;
     let secret = secret_of(cfg, &new, current.metadata.resource_version);
     match api
