@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use mesh_common::ListenerKind;
 use tracing::{error, info};
 
+mod handover;
 mod support;
 
 pub use support::{PodReport, Stats};
@@ -37,6 +38,7 @@ use crate::{
     identity::certs::{CertCollector, CertManager},
     proxy::{
         admission,
+        drain::Drain,
         inputs::ProxyInputs,
         listen::{self, PodProxy},
     },
@@ -75,6 +77,16 @@ pub enum AppError {
     /// See [`cgroup::CgroupError`].
     #[error(transparent)]
     Cgroup(#[from] crate::capture::cgroup::CgroupError),
+    /// A listening socket taken over from the running agent could not be used.
+    #[error(
+        "cannot serve on the {name} socket taken from the running agent: {source} (stop that agent, or move its handover socket away, and start again)"
+    )]
+    Adopt {
+        /// The socket's name.
+        name: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Why one pod could not be enrolled; the others are unaffected.
@@ -115,6 +127,12 @@ pub struct Agent {
     kernel: Arc<bpf::collector::KernelCollector>,
     /// Run-time log level.
     pub logging: admin::LogControl,
+    /// Sockets taken from the agent this one succeeds, until it serves.
+    handed: Mutex<Option<handover::Taken>>,
+    /// Copies of the admin, probe and metrics listeners, for a successor.
+    own_sockets: Vec<(&'static str, std::net::TcpListener)>,
+    /// Ends the admin, probe and metrics accept loops once a successor serves.
+    accepting: tokio_util::sync::CancellationToken,
 }
 
 impl admin::AdminView for Agent {
@@ -190,7 +208,10 @@ impl Agent {
             .collect();
         Stats {
             node: state.node.clone(),
+            pid: std::process::id(),
             adopted_maps: dp.adopted_maps(),
+            link_updates: dp.link_updates(),
+            connections: self.inputs.drain.report(),
             pods: reports,
             certificates: self.inputs.certs.report(),
             trust_roots: self.inputs.certs.trust_roots(),
@@ -336,6 +357,41 @@ impl Agent {
         *self.problems.lock() = problems;
     }
 
+    /// Copies of every listening socket, by name, for a successor agent.
+    fn handover_offer(&self) -> Vec<(String, std::os::fd::OwnedFd)> {
+        let mut out: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
+        for (name, l) in &self.own_sockets {
+            match l.try_clone() {
+                Ok(c) => out.push(((*name).to_string(), c.into())),
+                Err(e) => error!("handover: cannot copy the {name} listener: {e}"),
+            }
+        }
+        for p in self.pods.lock().values() {
+            let pod = &p.local.pod;
+            match p.sockets() {
+                Ok(sockets) => out.extend(sockets.into_iter().map(|(role, fd)| {
+                    (
+                        handover::pod_socket(&pod.key.to_string(), netns_inode(pod), role),
+                        fd,
+                    )
+                })),
+                Err(e) => {
+                    error!(pod = %pod.key, "handover: cannot copy the pod's listeners: {e}; the successor opens its own")
+                }
+            }
+        }
+        out
+    }
+
+    /// Stops accepting anywhere: a successor serves on the same sockets. Reconciling stopped
+    /// before (the successor owns the kernel side now).
+    fn stop_accepting(&self) {
+        self.accepting.cancel();
+        for p in self.pods.lock().values_mut() {
+            p.stop();
+        }
+    }
+
     fn enroll(
         &self,
         dp: &mut Dataplane,
@@ -350,8 +406,15 @@ impl Agent {
         dp.register_pod(pod, netns.cookie())
             .and_then(|()| dp.set_strict(pod.ip, strict))
             .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
-        let listeners = listen::open_listeners(&netns, pod)
-            .map_err(|source| EnrollError::Netns { pod: key(), source })?;
+        let listeners = {
+            let mut handed = self.handed.lock();
+            let name =
+                |role: &str| handover::pod_socket(&pod.key.to_string(), netns_inode(pod), role);
+            listen::open_listeners(&netns, pod, &mut |role| {
+                handed.as_mut().and_then(|h| h.take(&name(role)))
+            })
+            .map_err(|source| EnrollError::Netns { pod: key(), source })?
+        };
         dp.set_listener(pod.ip, ListenerKind::Inbound, &listeners.inbound)
             .and_then(|()| dp.set_listener(pod.ip, ListenerKind::Hbone, &listeners.hbone))
             .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
@@ -409,9 +472,53 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         "eBPF programs loaded"
     );
     let bypass = start_loop_bypass(&mut dataplane, config.loop_bypass)?;
-    let admin_listener = admin::bind(config.admin_addr).await?;
-    let probe_listener = admin::bind_probes(config.probe_addr).await?;
-    let metrics_listener = crate::telemetry::metrics::bind(config.metrics_addr).await?;
+    // An agent already running here (an upgrade): take its listening sockets, so no connect
+    // is refused between the two.
+    let mut handed = match handover::take(&config.handover_socket) {
+        Ok(Some(t)) => {
+            info!(
+                sockets = t.left(),
+                "handover: took the running agent's listening sockets; it keeps serving until this agent is ready"
+            );
+            Some(t)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("{e}");
+            None
+        }
+    };
+    let mut own = |name: &'static str| {
+        handed
+            .as_mut()
+            .and_then(|h| h.take(name))
+            .map(|fd| (name, fd))
+    };
+    let admin_listener = match own(ADMIN) {
+        Some(fd) => adopt(fd)?,
+        None => admin::bind(config.admin_addr).await?,
+    };
+    let probe_listener = match own(PROBES) {
+        Some(fd) => adopt(fd)?,
+        None => admin::bind_probes(config.probe_addr).await?,
+    };
+    let metrics_listener = match own(METRICS) {
+        Some(fd) => adopt(fd)?,
+        None => crate::telemetry::metrics::bind(config.metrics_addr).await?,
+    };
+    let own_sockets = [
+        (ADMIN, &admin_listener),
+        (PROBES, &probe_listener),
+        (METRICS, &metrics_listener),
+    ]
+    .into_iter()
+    .map(|(name, l)| {
+        use std::os::fd::AsFd;
+        let copy = l.as_fd().try_clone_to_owned();
+        copy.map(|fd| (name, std::net::TcpListener::from(fd)))
+            .map_err(|source| AppError::Adopt { name, source })
+    })
+    .collect::<Result<Vec<_>, _>>()?;
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::new(
         config.metrics_retention,
         &config.cluster_id,
@@ -506,6 +613,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             flows: crate::telemetry::flows::FlowLog::new(config.access_log, &metrics)?,
             metrics: metrics.clone(),
             http_timeouts: config.http,
+            drain: Drain::default(),
         }),
         trust_domain: config.trust_domain.clone(),
         pods: Mutex::new(BTreeMap::new()),
@@ -517,6 +625,9 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         pod_cgroup_root,
         kernel,
         logging,
+        handed: Mutex::new(handed),
+        own_sockets,
+        accepting: tokio_util::sync::CancellationToken::new(),
     });
     // Who to ask, at SIGTERM, whether this is an uninstall.
     let own_pod = match (&source, &config.discovery) {
@@ -543,22 +654,58 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     };
     return_free_heap();
     start_memory_return();
-    tokio::spawn(admin::serve(
-        admin_listener,
-        agent.clone(),
-        admin::Scope::All,
-    ));
-    tokio::spawn(admin::serve(
-        probe_listener,
-        agent.clone(),
-        admin::Scope::Probes,
-    ));
-    crate::telemetry::metrics::start(metrics_listener, metrics)?;
+    for (listener, scope) in [
+        (admin_listener, admin::Scope::All),
+        (probe_listener, admin::Scope::Probes),
+    ] {
+        let (agent, stop) = (agent.clone(), agent.accepting.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = admin::serve(listener, agent, scope) => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+    crate::telemetry::metrics::start(metrics_listener, metrics, agent.accepting.clone())?;
     info!(admin = %config.admin_addr, probes = %config.probe_addr, metrics = %config.metrics_addr, "agent running");
+    let (handed_tx, handed_rx) = tokio::sync::oneshot::channel();
+    // Fires when a successor serves; never, if this agent could not offer its sockets.
+    let mut handed_over = std::pin::pin!(async move {
+        if handed_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    });
+    tokio::spawn(serve_then_offer(
+        agent.clone(),
+        config.handover_socket.clone(),
+        config.drain_timeout,
+        handed_tx,
+    ));
 
-    shutdown_signal().await;
+    let mut term = std::pin::pin!(shutdown_signal());
+    let mut termed = false;
+    let successor = tokio::select! {
+        () = term.as_mut() => { termed = true; false }
+        () = handed_over.as_mut() => true,
+    };
+    let drain = agent.inputs().drain.clone();
+    if successor {
+        // The successor accepts on our sockets and owns the kernel side: stop both here, and
+        // let what we accepted finish.
+        follow.abort();
+        agent.stop_accepting();
+        drain.start();
+        let left = drain.until_idle(config.drain_timeout).await;
+        info!(left, "handover: drained");
+        if own_pod.is_some() && !termed {
+            // Exiting on our own would have the kubelet restart this container, which would
+            // then take the sockets back: wait for the rollout to delete this pod.
+            term.as_mut().await;
+        }
+        agent.inputs().flows.close();
+        return Ok(());
+    }
     follow.abort();
-    agent.inputs().flows.close();
     let stop = match own_pod {
         Some((client, (ns, name))) => {
             let asked = kube::stop_kind(&client, &ns, &name);
@@ -568,7 +715,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         }
         None => kube::Stop::Restart("not in Kubernetes, or no --pod-name".into()),
     };
-    match stop {
+    match &stop {
         kube::Stop::Uninstall(why) => {
             tracing::warn!(
                 "{why}: the mesh is being uninstalled; removing capture, pods fall back to plain networking"
@@ -582,7 +729,88 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             );
         }
     }
+    // Still accepting (a refused connect is all the alternative), and a successor can still
+    // take over; open connections get until the drain deadline.
+    drain.start();
+    let left = tokio::select! {
+        left = drain.until_idle(config.drain_timeout) => left,
+        () = handed_over.as_mut() => {
+            agent.stop_accepting();
+            drain.until_idle(config.drain_timeout).await
+        }
+    };
+    if left > 0 {
+        info!(left, deadline = ?config.drain_timeout, "drain deadline passed; closing the connections left");
+    }
+    agent.inputs().flows.close();
     Ok(())
+}
+
+/// Names of the agent's own listeners in a handover.
+const ADMIN: &str = "admin";
+const PROBES: &str = "probes";
+const METRICS: &str = "metrics";
+
+/// A listening socket taken from the running agent, ready for tokio.
+fn adopt(
+    (name, fd): (&'static str, std::os::fd::OwnedFd),
+) -> Result<tokio::net::TcpListener, AppError> {
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(l))
+        .map_err(|source| AppError::Adopt { name, source })
+}
+
+/// The inode of a pod's network namespace: part of its sockets' names in a handover, so a
+/// recreated pod never gets its predecessor's.
+fn netns_inode(pod: &Pod) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(&pod.netns).map_or(0, |m| m.ino())
+}
+
+/// Once this agent is ready: tells the agent it took sockets from (if any) that it serves,
+/// then offers its own sockets to the next one. `handed_over` fires when a successor serves.
+async fn serve_then_offer(
+    agent: Arc<Agent>,
+    path: PathBuf,
+    patience: Duration,
+    handed_over: tokio::sync::oneshot::Sender<()>,
+) {
+    let since = std::time::Instant::now();
+    while let Some(why) = agent.not_ready_reason() {
+        if since.elapsed() > patience.max(Duration::from_secs(60)) {
+            tracing::warn!(
+                "handover: not ready after {:?} ({why}); serving anyway",
+                since.elapsed()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let taken = agent.handed.lock().take();
+    if let Some(taken) = taken {
+        let unused = taken.left();
+        match taken.serving() {
+            Ok(()) => info!(
+                unused,
+                "handover: serving; the previous agent stops accepting and drains"
+            ),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    let offerer = match handover::Offerer::bind(&path) {
+        Ok(o) => o,
+        Err(e) => {
+            error!("{e}; an upgrade of this agent will refuse connects while it restarts");
+            return;
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name("handover".into())
+        .spawn(move || {
+            offerer.hand_over(|| agent.handover_offer());
+            let _ = handed_over.send(());
+        });
 }
 
 /// Starts the loopback bypass if it is wanted and the agent has a cgroup of its own to watch;

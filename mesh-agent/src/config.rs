@@ -46,6 +46,10 @@ pub const ENV_HBONE_IDLE_TIMEOUT: &str = "MESH_HBONE_IDLE_TIMEOUT";
 pub const ENV_HTTP_HEAD_TIMEOUT: &str = "MESH_HTTP_HEAD_TIMEOUT";
 /// Env name of `--http-idle-timeout`.
 pub const ENV_HTTP_IDLE_TIMEOUT: &str = "MESH_HTTP_IDLE_TIMEOUT";
+/// `--handover-socket`.
+pub const ENV_HANDOVER_SOCKET: &str = "MESH_HANDOVER_SOCKET";
+/// `--drain-timeout`.
+pub const ENV_DRAIN_TIMEOUT: &str = "MESH_DRAIN_TIMEOUT";
 /// Environment variable for `--trust-domain`.
 pub const ENV_TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 /// Environment variable for `--ca-addr`.
@@ -383,6 +387,15 @@ pub struct RunArgs {
     /// Time an HTTP/1 connection may wait for its next request (including its first).
     #[arg(long, env = ENV_HTTP_IDLE_TIMEOUT, default_value = "30s")]
     pub http_idle_timeout: String,
+    /// Unix socket where a successor agent (an upgrade) takes this agent's listening sockets.
+    /// Default: `/run/mesh-agent/<pin-name>.sock`.
+    #[arg(long, env = ENV_HANDOVER_SOCKET)]
+    pub handover_socket: Option<PathBuf>,
+    /// After handing over, or at SIGTERM, how long connections already open may take to finish
+    /// before the agent exits and ends them. Keep it below the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = ENV_DRAIN_TIMEOUT, default_value = "30s")]
+    pub drain_timeout: String,
     #[command(flatten)]
     pub ca: CaArgs,
 }
@@ -464,6 +477,10 @@ pub struct Config {
     pub trust_domain: String,
     /// Where certificates come from.
     pub ca: CaSource,
+    /// The handover socket.
+    pub handover_socket: PathBuf,
+    /// How long open connections may take to finish at a handover or stop.
+    pub drain_timeout: Duration,
 }
 
 impl Config {
@@ -519,6 +536,10 @@ impl Config {
             poll_interval: Duration::from_millis(args.poll_interval_ms),
             trust_domain,
             ca,
+            handover_socket: args.handover_socket.unwrap_or_else(|| {
+                PathBuf::from("/run/mesh-agent").join(format!("{}.sock", args.pins.pin_name))
+            }),
+            drain_timeout: parse_duration("--drain-timeout", &args.drain_timeout)?,
         })
     }
 

@@ -5,13 +5,15 @@
 //! - `inbound`: plaintext to a PERMISSIVE pod; `hbone`: the HBONE server;
 //! - `admission`: authorization at a destination pod; `deliver`: the hand-over to its
 //!   application, at L4 or request by request (`l7::inbound`);
-//! - `l7`: L7 in the node proxy, both directions.
+//! - `l7`: L7 in the node proxy, both directions;
+//! - `drain`: counting connections, and letting them finish when the agent hands over or stops.
 //!
 //! Handlers read what they need from [`inputs::ProxyInputs`]; routing, policy and transport
 //! below them decide and connect, and never call back up.
 
 pub mod admission;
 pub mod deliver;
+pub mod drain;
 pub mod error;
 pub mod hbone;
 pub mod inbound;

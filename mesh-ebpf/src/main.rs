@@ -34,6 +34,12 @@ const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    #[cfg(feature = "upgrade-variant")]
+    {
+        let mut mark = 0u64;
+        // SAFETY: a write to a local; volatile so the compiler keeps it.
+        unsafe { core::ptr::write_volatile(&raw mut mark, 1) };
+    }
     connect::on_connect4(&ctx);
     ALLOW
 }

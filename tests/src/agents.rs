@@ -2,6 +2,7 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -48,6 +49,57 @@ impl Cluster {
     /// embedded CA (`--ca-dir`), the agent uses the harness's CA, which is started (1 h
     /// certificates) if it never was (a test that stopped it keeps it stopped).
     pub fn start_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        self.spawn_agent(i, &artifact("mesh-ebpf.o")?, extra)
+    }
+
+    /// Upgrades node `i`'s agent as the DaemonSet's rollout does: a new agent with `object`
+    /// starts beside the running one and takes over its sockets; the old one drains (see
+    /// [`Cluster::wait_retired`]). Waits until the new one is ready.
+    pub fn upgrade_agent(&mut self, i: usize, object: &Path, extra: &[&str]) -> Result<()> {
+        let old = self.nodes[i].agent.take().context("no agent to upgrade")?;
+        self.nodes[i].retiring.push(old);
+        self.spawn_agent(i, object, extra)?;
+        let pid = self.agent_pid(i).context("the new agent's pid")?;
+        // Both answer on the shared admin socket until the new one serves; then only it does.
+        wait_until("the new agent to serve", Duration::from_secs(30), || {
+            Ok(self.stats(i).ok().and_then(|s| s["pid"].as_u64()) == Some(u64::from(pid)))
+        })
+        .with_context(|| self.agent_log(i))?;
+        self.wait_ready(i, Duration::from_secs(30))
+    }
+
+    /// Waits for the oldest retiring agent of node `i` to exit; returns its status and how long
+    /// the wait took.
+    pub fn wait_retired(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Result<(std::process::ExitStatus, Duration)> {
+        let start = Instant::now();
+        anyhow::ensure!(!self.nodes[i].retiring.is_empty(), "no retiring agent");
+        loop {
+            if let Some(st) = self.nodes[i].retiring[0].try_wait()? {
+                // Exited (try_wait reaped it); the handle is done with.
+                let _ = self.nodes[i].retiring.remove(0).wait();
+                return Ok((st, start.elapsed()));
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "the retired agent of node {i} still runs after {timeout:?}:\n{}",
+                    self.agent_log(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The handover socket of node `i`'s agents.
+    pub fn handover_socket(&self, i: usize) -> std::path::PathBuf {
+        self.dir()
+            .join(format!("{}-handover.sock", self.nodes[i].name))
+    }
+
+    fn spawn_agent(&mut self, i: usize, object: &Path, extra: &[&str]) -> Result<()> {
         // Kubernetes mode: state from the API server, certificates from the CA Deployment.
         let kube = match &self.kube {
             Some(_) => {
@@ -63,7 +115,7 @@ impl Cluster {
             self.start_ca("1h")?;
         }
         let agent = artifact("mesh-agent")?;
-        let object = artifact("mesh-ebpf.o")?;
+        let handover = self.handover_socket(i);
         let token = self.token_file(i);
         let bundle = self.ca_dir().join("bundle.pem");
         // Its own cgroup, as a DaemonSet pod has: the loopback bypass watches the agent's cgroup.
@@ -94,7 +146,9 @@ impl Cluster {
             .arg("--pin-name")
             .arg(&node.pin_name)
             .arg("--bpf-object")
-            .arg(&object)
+            .arg(object)
+            .arg("--handover-socket")
+            .arg(&handover)
             .arg("--poll-interval-ms")
             .arg("200")
             .arg("--cgroup")
@@ -175,9 +229,11 @@ impl Cluster {
         }
     }
 
-    /// SIGKILLs node `i`'s agent (a crash: no cleanup runs).
+    /// SIGKILLs node `i`'s agent, and any it replaced that still drain (a crash: no cleanup
+    /// runs).
     pub fn kill_agent(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].agent.take() {
+        let node = &mut self.nodes[i];
+        for mut c in node.agent.take().into_iter().chain(node.retiring.drain(..)) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -32,12 +32,47 @@ impl Cluster {
         seconds: u64,
         reconnect: bool,
     ) -> Result<std::path::PathBuf> {
+        self.load_on(pod, target, (rate, seconds), reconnect, 2)
+    }
+
+    /// [`Cluster::load`] with `connections` workers (each a connection, or a series of them
+    /// with `reconnect`).
+    pub fn load_on(
+        &self,
+        pod: &str,
+        target: std::net::SocketAddr,
+        (rate, seconds): (u64, u64),
+        reconnect: bool,
+        connections: u64,
+    ) -> Result<std::path::PathBuf> {
         let app = artifact("mesh-testapp")?;
         let out = self.dir().join(format!("load-{pod}-{seconds}.json"));
         let cmd = format!(
-            "{} load --addr {target} --rate {rate} --seconds {seconds} --connections 2 {} > {}",
+            "{} load --addr {target} --rate {rate} --seconds {seconds} --connections {connections} {} > {}",
             app.display(),
             if reconnect { "--reconnect" } else { "" },
+            out.display()
+        );
+        self.spawn(pod, &["sh", "-c", &cmd])?;
+        Ok(out)
+    }
+
+    /// Starts `count` long-lived checked streams from `pod` to a `stream-serve`r at `target`,
+    /// each sending `send` bytes over `seconds`; returns the output file, read with
+    /// [`load_result`].
+    pub fn streams(
+        &self,
+        pod: &str,
+        target: std::net::SocketAddr,
+        count: usize,
+        send: u64,
+        seconds: u64,
+    ) -> Result<std::path::PathBuf> {
+        let app = artifact("mesh-testapp")?;
+        let out = self.dir().join(format!("streams-{pod}-{count}.json"));
+        let cmd = format!(
+            "{} streams --addr {target} --count {count} --send {send} --reply 65536 --seconds {seconds} > {}",
+            app.display(),
             out.display()
         );
         self.spawn(pod, &["sh", "-c", &cmd])?;

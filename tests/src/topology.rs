@@ -122,6 +122,8 @@ pub struct Node {
     /// Agent log file.
     pub log: PathBuf,
     pub(crate) agent: Option<Child>,
+    /// Agents replaced by a successor (an upgrade), draining, oldest first.
+    pub(crate) retiring: Vec<Child>,
 }
 
 /// A simulated cluster; torn down on drop.
@@ -347,6 +349,7 @@ impl Cluster {
                 name,
                 netns,
                 agent: None,
+                retiring: Vec::new(),
             });
         }
         Ok(())

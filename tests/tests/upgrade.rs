@@ -3,6 +3,7 @@
 //! captured to prove nothing left the node in plain text meanwhile.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -96,5 +97,133 @@ fn kill_9_under_load_fails_closed_and_a_restarted_agent_serves_within_2_s() -> R
         result["errors"].as_u64().unwrap_or(0),
     );
     assert!(ok > errors, "{result}");
+    Ok(())
+}
+
+/// The ids of every map and link pinned under `/sys/fs/bpf/<pin>`, with each link's program.
+type PinnedIds = (BTreeMap<String, u32>, BTreeMap<String, (u32, u32)>);
+
+fn pinned_ids(pin: &str) -> Result<PinnedIds> {
+    let root = std::path::Path::new("/sys/fs/bpf").join(pin);
+    let mut maps = BTreeMap::new();
+    for e in std::fs::read_dir(root.join("maps"))? {
+        let e = e?;
+        let info = aya::maps::MapInfo::from_pin(e.path())?;
+        maps.insert(e.file_name().to_string_lossy().into_owned(), info.id());
+    }
+    let mut links = BTreeMap::new();
+    for e in std::fs::read_dir(root.join("links"))? {
+        let e = e?;
+        let link = aya::programs::links::FdLink::from(aya::programs::links::PinnedLink::from_pin(
+            e.path(),
+        )?);
+        let info = link.info()?;
+        links.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            (info.id(), info.program_id()),
+        );
+    }
+    Ok((maps, links))
+}
+
+/// An upgrade to another build and a downgrade back, on both nodes, under 1000 requests/s (a
+/// new connection each) and 100 long-lived streams with per-stream checksums: no request
+/// fails, no stream is cut or corrupted, and the kernel side stays the same objects (map and
+/// link ids) while the links move onto the other build's programs and back.
+#[test]
+fn upgrade_and_downgrade_under_load_drop_nothing() -> Result<()> {
+    const STREAM_PORT: u16 = 9000;
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![],
+    )?;
+    c.serve("server", APP_PORT)?;
+    let app = mesh_tests::artifact("mesh-testapp")?
+        .to_string_lossy()
+        .into_owned();
+    c.spawn(
+        "server",
+        &[&app, "stream-serve", "--port", &STREAM_PORT.to_string()],
+    )?;
+    c.wait_listening("server", STREAM_PORT)?;
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    let server = c.pod("server").ip;
+    assert_eq!(
+        c.http_status("client", &format!("http://{server}:{APP_PORT}/"))?,
+        Some(200)
+    );
+    let before: Vec<PinnedIds> = (0..2)
+        .map(|i| pinned_ids(&c.nodes[i].pin_name))
+        .collect::<Result<_>>()?;
+    let default = mesh_tests::artifact("mesh-ebpf.o")?;
+    let variant = mesh_tests::artifact("mesh-ebpf-variant.o")?;
+
+    let load = c.load_on("client", (server, APP_PORT).into(), (1000, 24), true, 8)?;
+    let streams = c.streams("client", (server, STREAM_PORT).into(), 100, 1 << 20, 16)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut steps = Vec::new();
+    for (object, what) in [(&variant, "upgrade"), (&default, "downgrade")] {
+        for node in [0, 1] {
+            let start = Instant::now();
+            c.upgrade_agent(node, object, &[])?;
+            let ready = start.elapsed();
+            let updates = c.stats(node)?["link_updates"].clone();
+            let links = before[node].1.len() as u64;
+            assert_eq!(
+                updates["updated"].as_u64(),
+                Some(links),
+                "{what} of node {node}: every adopted link moves onto the new agent's programs: {updates}"
+            );
+            // The builds differ in connect4 only: one link per pod.
+            assert_eq!(
+                updates["changed"].as_u64(),
+                Some(1),
+                "{what} of node {node}: {updates}"
+            );
+            let after = pinned_ids(&c.nodes[node].pin_name)?;
+            assert_eq!(
+                after.0, before[node].0,
+                "{what} of node {node}: map ids changed"
+            );
+            let link_ids = |ids: &PinnedIds| -> BTreeMap<String, u32> {
+                ids.1.iter().map(|(k, v)| (k.clone(), v.0)).collect()
+            };
+            assert_eq!(
+                link_ids(&after),
+                link_ids(&before[node]),
+                "{what} of node {node}: link ids changed"
+            );
+            steps.push(format!(
+                "{what} node {node}: ready in {} ms",
+                ready.as_millis()
+            ));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let streamed = mesh_tests::load_result(&streams, Duration::from_secs(60))?;
+    let result = mesh_tests::load_result(&load, Duration::from_secs(60))?;
+    // Each replaced agent exits once what it accepted has finished (the streams, here).
+    let mut exits = Vec::new();
+    for node in [0, 1] {
+        for _ in 0..2 {
+            let (status, waited) = c.wait_retired(node, Duration::from_secs(40))?;
+            assert!(
+                status.success(),
+                "a replaced agent of node {node} exited with {status}"
+            );
+            exits.push(waited.as_millis());
+        }
+    }
+    println!(
+        "upgrade + downgrade of both nodes under 1000 req/s and 100 streams: {steps:?}; load {result}; streams {streamed}; replaced agents exited {exits:?} ms after the streams ended"
+    );
+    assert_eq!(
+        result["errors"].as_u64(),
+        Some(0),
+        "failed requests: {result}"
+    );
+    assert_eq!(result["requests"].as_u64(), Some(24_000), "{result}");
+    assert_eq!(streamed["ok"].as_u64(), Some(100), "streams: {streamed}");
     Ok(())
 }

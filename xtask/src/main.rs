@@ -361,12 +361,40 @@ fn build(release: bool) -> Result<PathBuf> {
         .env_remove("RUSTC")
         .env_remove("CARGO");
     status(&mut ebpf)?;
-    let object = root.join("mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf");
+    // The upgrade test's second build: other instructions, the same maps.
+    let mut variant = Command::new("cargo");
+    variant
+        .current_dir(root.join("mesh-ebpf"))
+        .args([
+            "+nightly",
+            "build",
+            "--profile",
+            "variant",
+            "--features",
+            "upgrade-variant",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("CARGO");
+    status(&mut variant)?;
     let profile = if release { "release" } else { "debug" };
     let out = root.join("target").join(profile);
     std::fs::create_dir_all(&out)?;
-    std::fs::copy(&object, out.join("mesh-ebpf.o"))
-        .with_context(|| format!("copy {} into {}", object.display(), out.display()))?;
+    for (built, name) in [
+        ("release", "mesh-ebpf.o"),
+        ("variant", "mesh-ebpf-variant.o"),
+    ] {
+        let object = root
+            .join("mesh-ebpf/target/bpfel-unknown-none")
+            .join(built)
+            .join("mesh-ebpf");
+        std::fs::copy(&object, out.join(name))
+            .with_context(|| format!("copy {} into {}", object.display(), out.display()))?;
+    }
     let mut host = cargo();
     host.current_dir(&root)
         .args(["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]);

@@ -35,8 +35,14 @@ pub struct PodReport {
 pub struct Stats {
     /// Node name.
     pub node: String,
+    /// The agent's process id: during an upgrade, which of two agents answered.
+    pub pid: u32,
     /// Whether the maps were adopted from an earlier agent.
     pub adopted_maps: bool,
+    /// Adopted links moved onto this agent's programs (an upgrade or downgrade).
+    pub link_updates: crate::capture::bpf::LinkUpdates,
+    /// Connections open now, and whether the agent is draining (handed over, or stopping).
+    pub connections: crate::proxy::drain::DrainReport,
     /// Per pod, keyed `namespace/name`.
     pub pods: BTreeMap<String, PodReport>,
     /// Per identity: the certificate in use and its renewals.

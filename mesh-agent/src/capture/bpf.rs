@@ -171,6 +171,16 @@ pub struct Dataplane {
     /// Pin name of the link of `mesh_proxy_sock_ops` to the agent's cgroup, once attached.
     proxy_link: Option<String>,
     adopted_maps: bool,
+    link_updates: LinkUpdates,
+}
+
+/// Adopted links this agent moved onto its own programs.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct LinkUpdates {
+    /// Links updated (each adopted link runs an earlier agent's program until updated).
+    pub updated: usize,
+    /// Of those, the ones whose program's instructions differ (another build).
+    pub changed: usize,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -340,6 +350,7 @@ impl Dataplane {
                 loop_enabled,
                 proxy_link: None,
                 adopted_maps,
+                link_updates: LinkUpdates::default(),
             },
             OrigDstTable { fd },
             splice,
@@ -375,6 +386,7 @@ impl Dataplane {
         let pin = self.root.join("links").join(&name);
         self.proxy_link = Some(name);
         if pin.exists() {
+            self.adopt_link(program, &pin)?;
             return Ok(true);
         }
         let cgroup = File::open(dir).map_err(target)?;
@@ -556,6 +568,7 @@ impl Dataplane {
         for (program, pin_name) in names {
             let pin = self.root.join("links").join(&pin_name);
             if pin.exists() {
+                self.adopt_link(program, &pin)?;
                 adopted += 1;
                 continue;
             }
@@ -573,6 +586,51 @@ impl Dataplane {
             self.attach_link(program, &target, &pin)?;
         }
         Ok(adopted)
+    }
+
+    /// Takes over a link an earlier agent pinned: when it runs another program than this agent
+    /// loaded, points it at ours with one `BPF_LINK_UPDATE`. The link (and so the capture)
+    /// stays in place throughout; only the instructions change. Counted in [`LinkUpdates`].
+    fn adopt_link(&mut self, program: &'static str, pin: &Path) -> Result<(), BpfError> {
+        let prog = self.ebpf.program(program).ok_or(BpfError::Missing {
+            kind: "program",
+            name: program,
+        })?;
+        let ours = prog.info().map_err(prog_err("read info of", program))?;
+        let link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| BpfError::Pin {
+            path: pin.to_owned(),
+            what: "open pinned link",
+            source: io::Error::other(chain(&e)),
+        })?);
+        let running = link.info().map_err(|e| BpfError::Pin {
+            path: pin.to_owned(),
+            what: "read link info",
+            source: io::Error::other(chain(&e)),
+        })?;
+        if running.program_id() == ours.id() {
+            return Ok(());
+        }
+        let same = aya::programs::loaded_programs()
+            .flatten()
+            .find(|p| p.id() == running.program_id())
+            .is_some_and(|p| p.tag() == ours.tag());
+        let fd = prog.fd().map_err(prog_err("open", program))?;
+        let link_fd = sys::obj_get(pin).map_err(pin_err(pin, "open pinned link"))?;
+        sys::link_update(link_fd.as_fd(), fd.as_fd()).map_err(|source| BpfError::Pin {
+            path: pin.to_owned(),
+            what: "update link to this agent's program (BPF_LINK_UPDATE)",
+            source,
+        })?;
+        self.link_updates.updated += 1;
+        if !same {
+            self.link_updates.changed += 1;
+        }
+        Ok(())
+    }
+
+    /// How many adopted links were moved onto this agent's programs.
+    pub fn link_updates(&self) -> LinkUpdates {
+        self.link_updates
     }
 
     /// Attaches `program` to `target` (a cgroup, or a netns for `sk_lookup`) and pins the link

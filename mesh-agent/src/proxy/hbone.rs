@@ -40,6 +40,7 @@ pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
+    let drain = inputs.drain.clone();
     let accepted = hbone::accept(&inputs.certs, pod.identity(), stream, peer, inputs.ktls).await?;
     pod.counters.hbone_connections.inc();
     let client = Arc::new(Client {
@@ -55,6 +56,8 @@ pub async fn serve(
         }
     });
     let conn = hbone::server().serve_connection(accepted.io, svc);
+    // Draining: GOAWAY, so the client opens new streams elsewhere while these finish.
+    let conn = async move { super::drain::graceful!(conn, drain) };
     // The client's identity holds only while its certificate does: at expiry the connection
     // and every stream on it end, so pooled streams cannot outlive the proof.
     let left = accepted

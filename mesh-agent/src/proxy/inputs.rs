@@ -36,4 +36,6 @@ pub struct ProxyInputs {
     pub flows: Arc<FlowLog>,
     /// HTTP/1 head and idle timeouts.
     pub http_timeouts: HttpTimeouts,
+    /// Open connections, and the signal to finish them.
+    pub drain: super::drain::Drain,
 }

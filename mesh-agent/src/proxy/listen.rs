@@ -24,6 +24,8 @@ pub struct PodProxy {
     /// The pod, with its namespace and counters.
     pub local: Arc<LocalPod>,
     tasks: JoinSet<()>,
+    /// A copy of each listener by role, for a successor agent to take over.
+    sockets: Vec<(&'static str, std::net::TcpListener)>,
 }
 /// The three listeners, opened inside the pod's netns before capture is enabled.
 #[derive(Debug)]
@@ -36,12 +38,32 @@ pub struct PodListeners {
     pub hbone: std::net::TcpListener,
 }
 
-/// Opens a pod's listeners in its namespace.
-pub fn open_listeners(netns: &Netns, pod: &Pod) -> Result<PodListeners, NetnsError> {
+/// Role names of a pod's listeners, as a successor agent asks for them.
+const OUTBOUND_V4: &str = "outbound-v4";
+const OUTBOUND_V6: &str = "outbound-v6";
+const INBOUND: &str = "inbound";
+const HBONE: &str = "hbone";
+
+/// Opens a pod's listeners in its namespace, or takes the ones `handed` has under their role
+/// names (a predecessor agent's, during an upgrade: the same sockets, so no connect is refused).
+pub fn open_listeners(
+    netns: &Netns,
+    pod: &Pod,
+    handed: &mut dyn FnMut(&str) -> Option<std::os::fd::OwnedFd>,
+) -> Result<PodListeners, NetnsError> {
     use mesh_common::ports;
-    let mut outbound =
-        vec![netns.listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports::OUTBOUND))?];
-    match netns.listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), ports::OUTBOUND)) {
+    let mut open = |role: &str, addr: SocketAddr| match handed(role) {
+        Some(fd) => Ok(std::net::TcpListener::from(fd)),
+        None => netns.listen(addr),
+    };
+    let mut outbound = vec![open(
+        OUTBOUND_V4,
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports::OUTBOUND),
+    )?];
+    match open(
+        OUTBOUND_V6,
+        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), ports::OUTBOUND),
+    ) {
         Ok(l) => outbound.push(l),
         Err(e) => debug!(pod = %pod.key, "no IPv6 outbound listener: {e}"),
     }
@@ -50,8 +72,8 @@ pub fn open_listeners(netns: &Netns, pod: &Pod) -> Result<PodListeners, NetnsErr
     } else {
         Ipv4Addr::UNSPECIFIED.into()
     };
-    let inbound = netns.listen(SocketAddr::new(any, ports::INBOUND))?;
-    let hbone = netns.listen(SocketAddr::new(any, ports::HBONE))?;
+    let inbound = open(INBOUND, SocketAddr::new(any, ports::INBOUND))?;
+    let hbone = open(HBONE, SocketAddr::new(any, ports::HBONE))?;
     Ok(PodListeners {
         outbound,
         inbound,
@@ -69,6 +91,16 @@ impl PodProxy {
         inputs: Arc<ProxyInputs>,
     ) -> io::Result<Self> {
         let local = Arc::new(LocalPod::new(pod, netns, trust_domain));
+        let mut sockets = Vec::new();
+        for (role, l) in listeners
+            .outbound
+            .iter()
+            .zip([OUTBOUND_V4, OUTBOUND_V6])
+            .map(|(l, r)| (r, l))
+            .chain([(INBOUND, &listeners.inbound), (HBONE, &listeners.hbone)])
+        {
+            sockets.push((role, l.try_clone()?));
+        }
         let mut tasks = JoinSet::new();
         let cx = Arc::new(PodCx {
             local: local.clone(),
@@ -82,12 +114,24 @@ impl PodProxy {
         tasks.spawn(accept_loop(l, cx.clone(), Kind::Inbound));
         let l = TcpListener::from_std(listeners.hbone)?;
         tasks.spawn(accept_loop(l, cx, Kind::Hbone));
-        Ok(Self { local, tasks })
+        Ok(Self {
+            local,
+            tasks,
+            sockets,
+        })
     }
 
     /// Stops accepting.
     pub fn stop(&mut self) {
         self.tasks.abort_all();
+    }
+
+    /// Copies of the listeners by role, for a successor agent.
+    pub fn sockets(&self) -> io::Result<Vec<(&'static str, std::os::fd::OwnedFd)>> {
+        self.sockets
+            .iter()
+            .map(|(role, l)| Ok((*role, l.try_clone()?.into())))
+            .collect()
     }
 }
 
@@ -122,7 +166,9 @@ async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
             }
         };
         let cx = cx.clone();
+        let live = cx.inputs.drain.track();
         tokio::spawn(async move {
+            let _live = live;
             let _ = stream.set_nodelay(true);
             let result = match kind {
                 Kind::Outbound => outbound::handle(&cx.inputs, &cx.local, stream, peer).await,

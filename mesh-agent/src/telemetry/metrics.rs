@@ -217,7 +217,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
 /// scheduling class: a scrape (accepting, rendering every series, reading the kernel's maps,
 /// writing the text) never takes a proxy worker, and on a busy node a scrape waits for the
 /// proxy rather than the proxy for the scrape.
-pub fn start(listener: TcpListener, metrics: Arc<Metrics>) -> Result<(), MetricsError> {
+/// `stop` ends the accepting (a successor agent took the listener over).
+pub fn start(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), MetricsError> {
     let listener = listener.into_std().map_err(MetricsError::Thread)?;
     std::thread::Builder::new()
         .name("metrics".into())
@@ -235,7 +240,12 @@ pub fn start(listener: TcpListener, metrics: Arc<Metrics>) -> Result<(), Metrics
             };
             rt.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(l) => serve(l, metrics).await,
+                    Ok(l) => {
+                        tokio::select! {
+                            () = serve(l, metrics) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    }
                     Err(e) => tracing::error!("metrics listener: {e}; /metrics is off"),
                 }
             });

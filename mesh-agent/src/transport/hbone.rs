@@ -99,6 +99,8 @@ struct Pooled {
 struct Streams {
     open: AtomicUsize,
     idle_since: Mutex<Instant>,
+    /// The server stopped taking streams on it (GOAWAY: it drains): claim no more.
+    going_away: std::sync::atomic::AtomicBool,
 }
 
 impl Streams {
@@ -106,6 +108,7 @@ impl Streams {
         Arc::new(Self {
             open: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
+            going_away: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -118,7 +121,7 @@ impl Streams {
 impl Pooled {
     /// Takes a stream slot if the connection is open and has one free.
     fn claim(&self) -> Option<StreamSlot> {
-        if self.sender.is_closed() {
+        if self.sender.is_closed() || self.streams.going_away.load(Ordering::Acquire) {
             return None;
         }
         self.streams
@@ -286,6 +289,26 @@ impl Pool {
         target: SocketAddr,
         payload: Payload,
     ) -> Result<Tunnel, TransportError> {
+        match self.connect_attempt(src, dst, target, payload).await {
+            // The stream was never opened: the connection's server is draining (an agent
+            // upgrade on that node). Once more, on another connection.
+            Err(Attempt::Unopened(e)) => {
+                debug!(%target, "{e}; opening the stream on a new connection");
+                self.connect_attempt(src, dst, target, payload)
+                    .await
+                    .map_err(Attempt::into_error)
+            }
+            other => other.map_err(Attempt::into_error),
+        }
+    }
+
+    async fn connect_attempt(
+        &self,
+        src: &LocalPod,
+        dst: &Workload,
+        target: SocketAddr,
+        payload: Payload,
+    ) -> Result<Tunnel, Attempt> {
         let src_id = src.identity();
         let dst_id = Identity::new(&self.trust_domain, &dst.key.namespace, &dst.service_account);
         let cert = self.certs.wait(src_id, CERT_WAIT).await?;
@@ -336,7 +359,7 @@ impl Pool {
                     // `Err`: the dialling caller went away; go round and dial or join anew.
                     let outcome = done.wait_for(Option::is_some).await.map(|v| v.clone());
                     if let Ok(Some(Err(e))) = outcome {
-                        return Err(tunnel(e));
+                        return Err(tunnel(e).into());
                     }
                 }
                 Next::Dial(id, tx) => {
@@ -376,13 +399,15 @@ impl Pool {
             if rounds > 8 {
                 return Err(tunnel(
                     "no HBONE stream became free after several new connections".into(),
-                ));
+                )
+                .into());
             }
         };
-        sender
-            .ready()
-            .await
-            .map_err(|e| tunnel(format!("HBONE connection closed: {e}")))?;
+        let unopened = |e: hyper::Error| {
+            slot.0.going_away.store(true, Ordering::Release);
+            Attempt::Unopened(tunnel(format!("HBONE connection closed: {e}")))
+        };
+        sender.ready().await.map_err(unopened)?;
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string());
@@ -392,15 +417,18 @@ impl Pool {
         let req = req
             .body(Empty::<Bytes>::new())
             .map_err(|e| tunnel(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| tunnel(format!("CONNECT: {e}")))?;
+        let resp = sender.send_request(req).await.map_err(|e| {
+            if e.is_canceled() {
+                unopened(e)
+            } else {
+                Attempt::Failed(tunnel(format!("CONNECT: {e}")))
+            }
+        })?;
         if resp.status() != StatusCode::OK {
-            return Err(TransportError::TunnelRefused {
+            return Err(Attempt::Failed(TransportError::TunnelRefused {
                 target,
                 status: resp.status(),
-            });
+            }));
         }
         let upgraded = hyper::upgrade::on(resp)
             .await
@@ -462,6 +490,29 @@ impl Pool {
         });
         debug!(src = %src.pod.key, dst = %dst_id, %addr, "new HBONE connection");
         Ok(sender)
+    }
+}
+
+/// How one attempt to open a stream failed.
+#[derive(Debug)]
+enum Attempt {
+    /// For good.
+    Failed(TransportError),
+    /// Before the server took the stream: another connection may.
+    Unopened(TransportError),
+}
+
+impl Attempt {
+    fn into_error(self) -> TransportError {
+        match self {
+            Self::Failed(e) | Self::Unopened(e) => e,
+        }
+    }
+}
+
+impl<E: Into<TransportError>> From<E> for Attempt {
+    fn from(e: E) -> Self {
+        Self::Failed(e.into())
     }
 }
 

@@ -165,6 +165,21 @@ enum Cmd {
         #[arg(long)]
         reply: u64,
     },
+    /// COUNT `stream`s at once, each sending SEND bytes paced over SECONDS (long-lived
+    /// connections), each checked as `stream` checks one; prints JSON with how many passed and
+    /// why the others failed.
+    Streams {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        send: u64,
+        #[arg(long)]
+        reply: u64,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// HTTP/2 with an initial stream window of 0 that never grows: asks for REQUESTS responses
     /// of SIZE bytes and reads none of their data, holds the connection HOLD_MS, then closes;
     /// prints JSON with the streams opened and those the server refused.
@@ -777,7 +792,69 @@ fn write_pattern(w: &mut impl std::io::Write, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-fn stream(addr: SocketAddr, send: u64, reply: u64) -> anyhow::Result<()> {
+/// Many long-lived `stream`s at once.
+fn streams(
+    addr: SocketAddr,
+    count: usize,
+    send: u64,
+    reply: u64,
+    over: Duration,
+) -> anyhow::Result<()> {
+    let results: Vec<anyhow::Result<serde_json::Value>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..count)
+            .map(|_| s.spawn(move || stream(addr, send, reply, Some(over))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("stream thread panicked")))
+            })
+            .collect()
+    });
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"ok": count - errors.len(), "failed": errors.len(), "errors": errors})
+    );
+    Ok(())
+}
+
+/// Writes at most `chunk` bytes per `every`: spreads a stream over time.
+struct Paced<W> {
+    w: W,
+    chunk: usize,
+    every: Duration,
+    since: usize,
+}
+
+impl<W: std::io::Write> std::io::Write for Paced<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.since >= self.chunk {
+            std::thread::sleep(self.every);
+            self.since = 0;
+        }
+        let n = self
+            .w
+            .write(&buf[..buf.len().min(self.chunk - self.since)])?;
+        self.since += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// One checked stream; with `pace`, its sending is spread over that long (in 20 steps a second).
+fn stream(
+    addr: SocketAddr,
+    send: u64,
+    reply: u64,
+    pace: Option<Duration>,
+) -> anyhow::Result<serde_json::Value> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -813,7 +890,21 @@ fn stream(addr: SocketAddr, send: u64, reply: u64) -> anyhow::Result<()> {
         }
     });
     conn.write_all(header.as_bytes())?;
-    write_pattern(&mut conn, send)?;
+    match pace {
+        Some(over) => {
+            let steps = (over.as_millis() as u64 / 50).max(1);
+            let mut paced = Paced {
+                w: &mut conn,
+                chunk: usize::try_from(send.div_ceil(steps))
+                    .unwrap_or(usize::MAX)
+                    .max(1),
+                every: Duration::from_millis(50),
+                since: 0,
+            };
+            write_pattern(&mut paced, send)?;
+        }
+        None => write_pattern(&mut conn, send)?,
+    }
     conn.shutdown(std::net::Shutdown::Write)?;
     let got = reader
         .join()
@@ -841,11 +932,9 @@ fn stream(addr: SocketAddr, send: u64, reply: u64) -> anyhow::Result<()> {
     if let Some(i) = (0..reply).find(|&i| body[i as usize] != mesh_tests::pattern_byte(i)) {
         anyhow::bail!("reply byte {i} differs from the pattern");
     }
-    println!(
-        "{}",
-        serde_json::json!({"sent": header.len() as u64 + send, "received": banner.len() + got.len()})
-    );
-    Ok(())
+    Ok(
+        serde_json::json!({"sent": header.len() as u64 + send, "received": banner.len() + got.len()}),
+    )
 }
 
 /// Feeds writes into a hash.
@@ -1431,7 +1520,16 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Raw { addr, input } => raw(addr, &input),
         Cmd::StreamServe { port } => stream_serve(port),
-        Cmd::Stream { addr, send, reply } => stream(addr, send, reply),
+        Cmd::Stream { addr, send, reply } => {
+            stream(addr, send, reply, None).map(|out| println!("{out}"))
+        }
+        Cmd::Streams {
+            addr,
+            count,
+            send,
+            reply,
+            seconds,
+        } => streams(addr, count, send, reply, Duration::from_secs(seconds)),
         Cmd::Hold {
             addr,
             count,

@@ -235,3 +235,78 @@ pub fn pin_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> Bpf
     let path = path.to_owned();
     move |source| BpfError::Pin { path, what, source }
 }
+
+/// `bpf_attr` for `BPF_LINK_UPDATE` (since Linux 5.7 for cgroup links, 5.8 for netns links).
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// `BPF_LINK_UPDATE`: the kernel swaps the program behind the link in one step, so the hook is
+/// never empty and never runs two programs (a detach and re-attach would leave a gap in which
+/// connects go uncaptured).
+pub fn link_update(
+    link: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<()> {
+    use aya_obj::generated::bpf_cmd;
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is the kernel's link_update layout and lives across the call; the fds are
+    // borrowed, so open for its duration.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_LINK_UPDATE as libc::c_long,
+            &raw const attr,
+            std::mem::size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `bpf_attr` for `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Opens the object pinned at `pin` (`BPF_OBJ_GET`); aya's link types keep their fd to
+/// themselves, and a link update needs it.
+pub fn obj_get(pin: &Path) -> io::Result<OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `attr` points at a NUL-terminated path that outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET as libc::c_long,
+            &raw const attr,
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+}

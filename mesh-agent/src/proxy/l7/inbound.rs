@@ -82,12 +82,12 @@ pub async fn serve_inbound<S>(
     {
         tracing::debug!(dst = %cx.dest.pod.key, "the application's connection failed at once: {e}");
     }
-    let timeouts = cx.inputs.http_timeouts;
+    let (timeouts, drain) = (cx.inputs.http_timeouts, cx.inputs.drain.clone());
     let svc = service_fn(move |req| {
         let cx = cx.clone();
         async move { inbound_request(&cx, req).await }
     });
-    serve(io, protocol, timeouts, svc).await;
+    serve(io, protocol, (timeouts, &drain), svc).await;
 }
 
 impl Inbound {

@@ -93,12 +93,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     cx.src.counters.outbound_http.inc();
-    let timeouts = cx.inputs.http_timeouts;
+    let (timeouts, drain) = (cx.inputs.http_timeouts, cx.inputs.drain.clone());
     let svc = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(outbound_request(&cx, req).await) }
     });
-    serve(io, protocol, timeouts, svc).await;
+    serve(io, protocol, (timeouts, &drain), svc).await;
 }
 
 async fn outbound_request(cx: &Arc<Outbound>, mut req: Request<Incoming>) -> Response<Body> {

@@ -12,21 +12,27 @@ use crate::protocol::{
     guard::{self, HttpTimeouts},
     h2guard,
 };
+use crate::proxy::drain::{Drain, graceful};
 
 /// HTTP/2 streams per client connection.
 const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Streams a client may reset before the server accepted them (rapid reset) before GOAWAY.
 const MAX_PENDING_RESETS: usize = 20;
 /// Runs hyper's server for `protocol` with the hardening settings on `io`.
-pub async fn serve<S, Svc>(io: S, protocol: Protocol, timeouts: HttpTimeouts, svc: Svc)
-where
+/// Draining closes the connection after the request in flight (GOAWAY on HTTP/2).
+pub async fn serve<S, Svc>(
+    io: S,
+    protocol: Protocol,
+    (timeouts, drain): (HttpTimeouts, &Drain),
+    svc: Svc,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: hyper::service::HttpService<Incoming, ResBody = Body>,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     Svc::Future: Send + 'static,
 {
     let result = if protocol == Protocol::Http2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_header_list_size(H2_DECODE_LIMIT)
@@ -34,8 +40,8 @@ where
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
             .max_send_buf_size(H2_SEND_BUF)
-            .serve_connection(TokioIo::new(h2guard::H2Guard::new(io)), svc)
-            .await
+            .serve_connection(TokioIo::new(h2guard::H2Guard::new(io)), svc);
+        graceful!(conn, drain)
     } else {
         let mut guarded = guard::H1Guard::new(io, timeouts.head);
         // hyper starts once the first head is whole (or refused): a connection that stalls in
@@ -51,14 +57,14 @@ where
                 return;
             }
         }
-        hyper::server::conn::http1::Builder::new()
+        let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .half_close(true)
             .header_read_timeout(timeouts.idle)
             .max_buf_size(guard::MAX_HEAD + 16 * 1024)
             .serve_connection(TokioIo::new(guarded), svc)
-            .with_upgrades()
-            .await
+            .with_upgrades();
+        graceful!(conn, drain)
     };
     if let Err(e) = result {
         debug!("HTTP connection ended: {e}");
