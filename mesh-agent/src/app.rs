@@ -360,9 +360,10 @@ impl Agent {
     /// Copies of every listening socket, by name, for a successor agent.
     fn handover_offer(&self) -> Vec<(String, std::os::fd::OwnedFd)> {
         let mut out: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
+        let here = own_netns_inode();
         for (name, l) in &self.own_sockets {
             match l.try_clone() {
-                Ok(c) => out.push(((*name).to_string(), c.into())),
+                Ok(c) => out.push((format!("{name}/{here}"), c.into())),
                 Err(e) => error!("handover: cannot copy the {name} listener: {e}"),
             }
         }
@@ -759,6 +760,12 @@ fn adopt(
     l.set_nonblocking(true)
         .and_then(|()| tokio::net::TcpListener::from_std(l))
         .map_err(|source| AppError::Adopt { name, source })
+}
+
+/// The inode of this process's network namespace.
+fn own_netns_inode() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino())
 }
 
 /// The inode of a pod's network namespace: part of its sockets' names in a handover, so a

@@ -187,9 +187,11 @@ fn daemonset(a: &ManifestArgs) -> Value {
         "metadata": meta("mesh-agent", ns, "mesh-agent"),
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/name": "mesh-agent"}},
-            // One node at a time: a node's pods keep their capture through the restart (the
-            // pinned maps), and a bad version stops at the first node.
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            // One node at a time, the new agent beside the old: it takes the old one's listening
+            // sockets through the handover socket, so no connect is refused, and only once it
+            // is ready is the old pod deleted (it drains, up to --drain-timeout). A bad version
+            // stops at the first node, whose old agent keeps serving.
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
                 "metadata": {
                     "labels": labels("mesh-agent"),
@@ -207,7 +209,8 @@ fn daemonset(a: &ManifestArgs) -> Value {
                     "nodeSelector": {"kubernetes.io/os": "linux"},
                     // Every node's pods are captured, whatever its taints.
                     "tolerations": [{"operator": "Exists"}],
-                    "terminationGracePeriodSeconds": 30,
+                    // Above --drain-timeout (30 s), so the kubelet never kills a draining agent.
+                    "terminationGracePeriodSeconds": 45,
                     "containers": [{
                         "name": "agent",
                         "image": a.image,
@@ -257,11 +260,14 @@ fn daemonset(a: &ManifestArgs) -> Value {
                             {"name": "cgroup", "mountPath": "/sys/fs/cgroup", "readOnly": true},
                             {"name": "ca-token", "mountPath": TOKEN_DIR, "readOnly": true},
                             {"name": "ca-bundle", "mountPath": BUNDLE_DIR, "readOnly": true},
+                            {"name": "handover", "mountPath": "/run/mesh-agent"},
                         ],
                     }],
                     "volumes": [
                         host("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
                         host("cgroup", "/sys/fs/cgroup", "Directory"),
+                        // Where the running agent offers its sockets to its successor.
+                        host("handover", "/run/mesh-agent", "DirectoryOrCreate"),
                         {"name": "ca-token", "projected": {"sources": [{"serviceAccountToken": {
                             "audience": CA_AUDIENCE, "expirationSeconds": 3600, "path": "token",
                         }}]}},
@@ -430,8 +436,12 @@ mod tests {
             .map(|m| m["mountPath"].as_str().expect("a mount path"))
             .collect();
         assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/sys/fs/cgroup"));
-        let ds = &kind(&objs, "DaemonSet", "mesh-agent")["spec"]["updateStrategy"];
-        assert_eq!(ds["rollingUpdate"]["maxUnavailable"], 1);
+        assert!(mounts.contains(&"/run/mesh-agent"), "the handover socket's directory");
+        // The successor starts beside the running agent (the hitless upgrade), never after it.
+        let ds = &kind(&objs, "DaemonSet", "mesh-agent")["spec"];
+        assert_eq!(ds["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
+        assert_eq!(ds["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 0);
+        assert!(ds["template"]["spec"]["terminationGracePeriodSeconds"].as_u64() > Some(30));
     }
 
     #[test]
