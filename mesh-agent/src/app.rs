@@ -38,7 +38,7 @@ use crate::{
     identity::certs::{CertCollector, CertManager},
     proxy::{
         admission,
-        drain::Drain,
+        drain::{ConnLimits, Drain},
         inputs::ProxyInputs,
         listen::{self, PodProxy},
     },
@@ -131,6 +131,8 @@ pub struct Agent {
     handed: Mutex<Option<handover::Taken>>,
     /// Copies of the admin, probe and metrics listeners, for a successor.
     own_sockets: Vec<(&'static str, std::net::TcpListener)>,
+    /// The inode of the agent's own network namespace, where those listen.
+    netns_inode: u64,
     /// Ends the admin, probe and metrics accept loops once a successor serves.
     accepting: tokio_util::sync::CancellationToken,
 }
@@ -360,10 +362,9 @@ impl Agent {
     /// Copies of every listening socket, by name, for a successor agent.
     fn handover_offer(&self) -> Vec<(String, std::os::fd::OwnedFd)> {
         let mut out: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
-        let here = own_netns_inode();
         for (name, l) in &self.own_sockets {
             match l.try_clone() {
-                Ok(c) => out.push((format!("{name}/{here}"), c.into())),
+                Ok(c) => out.push((format!("{name}/{}", self.netns_inode), c.into())),
                 Err(e) => error!("handover: cannot copy the {name} listener: {e}"),
             }
         }
@@ -489,10 +490,15 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             None
         }
     };
+    // Only from an agent in this network namespace: a DaemonSet pod without hostNetwork has
+    // its own, where the predecessor's admin, probe and metrics sockets would be unreachable.
+    // Read here, on the main thread before any pod is entered (a thread that entered a pod's
+    // namespace, or one it spawned, would read another).
+    let here = own_netns_inode();
     let mut own = |name: &'static str| {
         handed
             .as_mut()
-            .and_then(|h| h.take(name))
+            .and_then(|h| h.take(&format!("{name}/{here}")))
             .map(|fd| (name, fd))
     };
     let admin_listener = match own(ADMIN) {
@@ -615,6 +621,10 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
             metrics: metrics.clone(),
             http_timeouts: config.http,
             drain: Drain::default(),
+            limits: ConnLimits {
+                node: config.connection_limits.0,
+                pod: config.connection_limits.1,
+            },
         }),
         trust_domain: config.trust_domain.clone(),
         pods: Mutex::new(BTreeMap::new()),
@@ -628,6 +638,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         logging,
         handed: Mutex::new(handed),
         own_sockets,
+        netns_inode: here,
         accepting: tokio_util::sync::CancellationToken::new(),
     });
     // Who to ask, at SIGTERM, whether this is an uninstall.

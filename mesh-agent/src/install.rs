@@ -436,7 +436,10 @@ mod tests {
             .map(|m| m["mountPath"].as_str().expect("a mount path"))
             .collect();
         assert!(mounts.contains(&"/sys/fs/bpf") && mounts.contains(&"/sys/fs/cgroup"));
-        assert!(mounts.contains(&"/run/mesh-agent"), "the handover socket's directory");
+        assert!(
+            mounts.contains(&"/run/mesh-agent"),
+            "the handover socket's directory"
+        );
         // The successor starts beside the running agent (the hitless upgrade), never after it.
         let ds = &kind(&objs, "DaemonSet", "mesh-agent")["spec"];
         assert_eq!(ds["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);

@@ -88,6 +88,9 @@ pub struct PodCounters {
     /// HTTP requests handled at L7: this pod's outbound ones, and inbound ones parsed for L7
     /// policy.
     pub http_requests: Counter,
+    /// Connections refused at once because a connection cap was reached (the node's, or this
+    /// pod's in that direction).
+    pub overload_refused: Counter,
 }
 
 /// One enrolled pod as connection tasks see it.

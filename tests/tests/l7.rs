@@ -1618,3 +1618,99 @@ fn stalled_heads_cost_little_and_get_408() -> Result<()> {
     assert!(per_conn < 8.0, "{per_conn:.1} kB per stalled head");
     Ok(())
 }
+
+/// Overload from one pod: it holds 2,000 half request heads (slowloris) against a cap of 1,500
+/// per pod, then floods new connections. What is past the cap is refused at once and counted;
+/// another pod on the same node keeps every request answered; the agent stays under 64 MiB (the
+/// DaemonSet's memory request).
+#[test]
+fn slowloris_and_a_flood_meet_the_pods_cap_while_another_pod_is_served() -> Result<()> {
+    const HELD: usize = 2000;
+    const POD_CAP: usize = 1500;
+    const RSS_CAP_KB: u64 = 64 * 1024;
+    let mut c = Cluster::new(
+        vec![
+            vec![PodSpec::mesh("attacker"), PodSpec::mesh("client")],
+            vec![PodSpec::mesh("server")],
+        ],
+        vec![ServiceSpec::new("web", 80, APP_PORT, &["server"])],
+    )?;
+    c.serve("server", APP_PORT)?;
+    let cap = POD_CAP.to_string();
+    c.start_agent_with(
+        0,
+        &["--http-head-timeout", "30s", "--max-pod-connections", &cap],
+    )?;
+    c.wait_ready(0, Duration::from_secs(15))?;
+    c.start_agent(1)?;
+    let vip = c.service_ip("web");
+    let target: std::net::SocketAddr = (vip, 80).into();
+    let before = agent_rss_kb(&c, 0)?;
+    let mut hold = c.spawn_testapp(
+        "attacker",
+        &[
+            "hold",
+            "--addr",
+            &target.to_string(),
+            "--count",
+            &HELD.to_string(),
+            "--parallel",
+            "16",
+            "--half-head",
+        ],
+    )?;
+    let mut out = std::io::BufReader::new(hold.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    // Some writes meet the reset of a refused connection, some land before it: the agent's
+    // counter below is the truth.
+    assert!(line.starts_with("ready "), "{line}");
+    std::thread::sleep(Duration::from_millis(500));
+    let refused_held = c.counter(0, "attacker", "overload_refused")?;
+    // The flood, and the other pod's requests meanwhile.
+    let flood = c.load_on("attacker", target, (500, 4), true, 4)?;
+    let served = c.load_on("client", target, (50, 6), true, 2)?;
+    let mut peak = 0;
+    for _ in 0..20 {
+        peak = peak.max(agent_rss_kb(&c, 0)?);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let flood = mesh_tests::load_result(&flood, Duration::from_secs(30))?;
+    let served = mesh_tests::load_result(&served, Duration::from_secs(30))?;
+    let refused = c.counter(0, "attacker", "overload_refused")?;
+    drop(hold.stdin.take());
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut out, &mut answer)?;
+    let _ = hold.wait();
+    println!(
+        "{HELD} half heads against a pod cap of {POD_CAP}: {refused_held} refused; flood {flood}; \
+         other pod {served}; {refused} refused in all; agent RSS {before} → peak {peak} kB (cap {RSS_CAP_KB})"
+    );
+    assert_eq!(
+        refused_held,
+        (HELD - POD_CAP) as u64,
+        "the half heads past the cap are refused"
+    );
+    assert!(
+        refused > refused_held,
+        "the flood's connections are refused too"
+    );
+    assert_eq!(
+        flood["requests"].as_u64(),
+        Some(0),
+        "no flood request served: {flood}"
+    );
+    assert_eq!(
+        served["errors"].as_u64(),
+        Some(0),
+        "the other pod: {served}"
+    );
+    assert_eq!(
+        served["requests"].as_u64(),
+        Some(300),
+        "the other pod: {served}"
+    );
+    assert!(peak < RSS_CAP_KB, "agent RSS peaked at {peak} kB");
+    assert_eq!(c.counter(0, "client", "overload_refused")?, 0);
+    Ok(())
+}

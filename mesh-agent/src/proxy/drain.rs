@@ -1,12 +1,14 @@
-//! Draining: how an agent that handed its listeners to a successor, or is stopping, lets the
-//! connections it accepted finish.
+//! Accepted connections: counting them, refusing those past the caps, and draining them when
+//! the agent hands its listeners to a successor or stops.
 //!
 //! Invariants:
 //! - Every accepted connection holds a [`Live`] for as long as its task runs, so the count is
 //!   exact and the agent can wait for it to reach zero.
-//! - Draining never cuts a connection: HTTP servers answer the request in flight and then close
-//!   (`Connection: close` on HTTP/1, GOAWAY on HTTP/2, HBONE included), and L4 relays run to
-//!   their end. Only the deadline, owned by the caller, ends what is left.
+//! - Draining never cuts a connection: HTTP/2 servers (HBONE included) send GOAWAY and finish
+//!   their streams; HTTP/1 answers carry `Connection: close`, so the client closes once it has
+//!   its answer (closing an idle keep-alive connection from this side would race a request the
+//!   client is writing on it); L4 relays run to their end. Only the deadline, owned by the
+//!   caller, ends what is left.
 
 use std::{
     sync::{
@@ -38,6 +40,49 @@ pub struct DrainReport {
 #[derive(Debug)]
 pub struct Live(Arc<AtomicUsize>);
 
+impl Live {
+    /// Counts one more in `count` until dropped.
+    pub fn count(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+/// The caps on open connections: past them a new connection is refused at once (a reset), so
+/// an overload costs the agent nothing but the accept.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// On the whole node.
+    pub node: usize,
+    /// Per pod and direction (what it opens; what is opened to it): one pod's flood or
+    /// slowloris meets its own cap, and the node's other pods keep being served.
+    pub pod: usize,
+}
+
+/// Which cap a connection met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Shed {
+    /// The node's.
+    #[error("the node's {0} open connections are at --max-connections")]
+    Node(usize),
+    /// The pod's, in this direction.
+    #[error("the pod's {0} open connections this way are at --max-pod-connections")]
+    Pod(usize),
+}
+
+impl ConnLimits {
+    /// Whether a connection arriving now must be refused, with `node` and `pod` open.
+    pub fn check(&self, node: usize, pod: usize) -> Result<(), Shed> {
+        if node >= self.node {
+            return Err(Shed::Node(node));
+        }
+        if pod >= self.pod {
+            return Err(Shed::Pod(pod));
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Live {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -56,8 +101,7 @@ impl Default for Drain {
 impl Drain {
     /// Counts a connection until the returned guard is dropped.
     pub fn track(&self) -> Live {
-        self.live.fetch_add(1, Ordering::Relaxed);
-        Live(self.live.clone())
+        Live::count(&self.live)
     }
 
     /// Connections open now.
@@ -101,6 +145,16 @@ impl Drain {
         }
     }
 
+    /// While draining, tells an HTTP/1 client to close after this answer.
+    pub fn close_after<B>(&self, h2: bool, resp: &mut hyper::Response<B>) {
+        if !h2 && self.is_draining() {
+            resp.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
+    }
+
     /// The count and state, for `/stats`.
     pub fn report(&self) -> DrainReport {
         DrainReport {
@@ -110,8 +164,8 @@ impl Drain {
     }
 }
 
-/// Runs a hyper server connection; once draining starts, calls its `graceful_shutdown` (GOAWAY
-/// on HTTP/2, close after the response in flight on HTTP/1) and lets it finish. A macro, not a
+/// Runs a hyper HTTP/2 server connection; once draining starts, calls its `graceful_shutdown`
+/// (GOAWAY: the client opens new streams elsewhere) and lets its streams finish. A macro, not a
 /// function: a closure over the connection type makes the handlers' futures lose `Send`.
 macro_rules! graceful {
     ($conn:expr, $drain:expr) => {{
@@ -130,6 +184,16 @@ pub(crate) use graceful;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_cap_then_the_pods_decides() {
+        let l = ConnLimits { node: 10, pod: 4 };
+        assert_eq!(l.check(0, 0), Ok(()));
+        assert_eq!(l.check(9, 3), Ok(()));
+        assert_eq!(l.check(9, 4), Err(Shed::Pod(4)));
+        assert_eq!(l.check(10, 0), Err(Shed::Node(10)));
+        assert!(Shed::Pod(4).to_string().contains("--max-pod-connections"));
+    }
 
     #[tokio::test]
     async fn counts_connections_and_waits_for_the_last() {

@@ -38,4 +38,6 @@ pub struct ProxyInputs {
     pub http_timeouts: HttpTimeouts,
     /// Open connections, and the signal to finish them.
     pub drain: super::drain::Drain,
+    /// The caps on open connections.
+    pub limits: super::drain::ConnLimits,
 }

@@ -10,7 +10,7 @@ use std::{
 use tokio::{net::TcpListener, task::JoinSet};
 use tracing::{debug, warn};
 
-use super::{error::ProxyError, hbone, inbound, inputs::ProxyInputs, outbound};
+use super::{drain::Live, error::ProxyError, hbone, inbound, inputs::ProxyInputs, outbound};
 use crate::{
     capture::netns::{Netns, NetnsError},
     pods::LocalPod,
@@ -105,6 +105,9 @@ impl PodProxy {
         let cx = Arc::new(PodCx {
             local: local.clone(),
             inputs,
+            outbound_live: Arc::default(),
+            inbound_live: Arc::default(),
+            last_shed_log: parking_lot::Mutex::new(None),
         });
         for l in listeners.outbound {
             let l = TcpListener::from_std(l)?;
@@ -152,6 +155,34 @@ enum Kind {
 struct PodCx {
     local: Arc<LocalPod>,
     inputs: Arc<ProxyInputs>,
+    /// Connections this pod opened (15001), and ones opened to it (15006, 15008), for the
+    /// per-pod cap.
+    outbound_live: Arc<std::sync::atomic::AtomicUsize>,
+    inbound_live: Arc<std::sync::atomic::AtomicUsize>,
+    /// When a refusal was last logged: at most one line a second per pod under a flood.
+    last_shed_log: parking_lot::Mutex<Option<std::time::Instant>>,
+}
+
+impl PodCx {
+    /// Counts a new connection of `kind`, or refuses it past a cap (counted, and logged at
+    /// most once a second).
+    fn admit(&self, kind: Kind) -> Option<(Live, Live)> {
+        let pod = match kind {
+            Kind::Outbound => &self.outbound_live,
+            Kind::Inbound | Kind::Hbone => &self.inbound_live,
+        };
+        let open = pod.load(std::sync::atomic::Ordering::Relaxed);
+        if let Err(shed) = self.inputs.limits.check(self.inputs.drain.live(), open) {
+            self.local.counters.overload_refused.inc();
+            let mut last = self.last_shed_log.lock();
+            if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+                *last = Some(std::time::Instant::now());
+                warn!(pod = %self.local.pod.key, ?kind, refused = self.local.counters.overload_refused.get(), "refusing new connections: {shed}");
+            }
+            return None;
+        }
+        Some((self.inputs.drain.track(), Live::count(pod)))
+    }
 }
 
 async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
@@ -165,8 +196,13 @@ async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
                 continue;
             }
         };
+        let Some(live) = cx.admit(kind) else {
+            // A reset: the client sees a refusal at once, and nothing waits in our buffers.
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            drop(stream);
+            continue;
+        };
         let cx = cx.clone();
-        let live = cx.inputs.drain.track();
         tokio::spawn(async move {
             let _live = live;
             let _ = stream.set_nodelay(true);

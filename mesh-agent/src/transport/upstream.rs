@@ -139,39 +139,6 @@ pub struct Conn {
     key: Key,
     sender: Sender,
     limits: Option<Arc<Limits>>,
-    /// Taken from the idle list rather than just made: its server may close it at any moment
-    /// (an idle timeout, or a draining proxy), racing the request.
-    reused: bool,
-}
-
-/// A copy of `req` to send again if a reused keep-alive connection closes under it before any
-/// response: only for idempotent methods with no body (RFC 9110 §9.2.2), since the server may
-/// or may not have read it. This is the race every HTTP/1 client meets when a server closes an
-/// idle connection, as a draining agent does.
-fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
-    use http_body_util::BodyExt;
-    let idempotent = matches!(
-        *req.method(),
-        hyper::Method::GET
-            | hyper::Method::HEAD
-            | hyper::Method::OPTIONS
-            | hyper::Method::TRACE
-            | hyper::Method::PUT
-            | hyper::Method::DELETE
-    );
-    if !idempotent || !hyper::body::Body::is_end_stream(req.body()) {
-        return None;
-    }
-    let mut copy = Request::new(
-        http_body_util::Empty::new()
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
 }
 
 impl Conn {
@@ -183,7 +150,6 @@ impl Conn {
             key,
             sender,
             limits,
-            reused,
         } = self;
         let mut sender = match sender {
             Sender::H2(mut s) => {
@@ -195,19 +161,11 @@ impl Conn {
             }
             Sender::H1(s) => s,
         };
-        let replay = if reused { replayable(&req) } else { None };
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => {
                 let Some(req) = e.take_message() else {
-                    let e = e.into_error();
-                    return match replay {
-                        Some(copy) if e.is_incomplete_message() => {
-                            debug!(target = %key.target, "a reused connection closed before answering; resending the idempotent request on a new one");
-                            Err(UpstreamError::Unsent(copy))
-                        }
-                        _ => Err(UpstreamError::Reset(e)),
-                    };
+                    return Err(UpstreamError::Reset(e.into_error()));
                 };
                 // An idle connection closed before the request was written (the peer timed it
                 // out, or policy revoked it): nothing was sent, so a fresh connection may take
@@ -356,26 +314,20 @@ impl Pool {
             dest: &dest,
             key: &key,
         };
-        let (sender, reused) = if dest.h2 {
-            (Sender::H2(self.h2_sender(&via).await?), false)
+        let sender = if dest.h2 {
+            Sender::H2(self.h2_sender(&via).await?)
         } else {
-            let (s, reused) = self.h1_sender(&via).await?;
-            (Sender::H1(s), reused)
+            Sender::H1(self.h1_sender(&via).await?)
         };
         Ok(Conn {
             pool: self.clone(),
             key,
             sender,
             limits: dest.limits.cloned(),
-            reused,
         })
     }
 
-    /// An idle connection (`true`) or a new one.
-    async fn h1_sender(
-        &self,
-        via: &Via<'_>,
-    ) -> Result<(http1::SendRequest<Body>, bool), UpstreamError> {
+    async fn h1_sender(&self, via: &Via<'_>) -> Result<http1::SendRequest<Body>, UpstreamError> {
         let (key, limits) = (via.key, via.dest.limits);
         loop {
             {
@@ -383,7 +335,7 @@ impl Pool {
                 if let Some(list) = idle.get_mut(key) {
                     while let Some(s) = list.pop() {
                         if s.is_ready() {
-                            return Ok((s, true));
+                            return Ok(s);
                         }
                     }
                 }
@@ -397,7 +349,7 @@ impl Pool {
                 .map_err(UpstreamError::Reset)?;
             // Upgrades (e.g. WebSocket) hand the connection over rather than end it.
             drive(conn.with_upgrades(), key.target, slot, limits.cloned());
-            return Ok((sender, false));
+            return Ok(sender);
         }
     }
 

@@ -85,7 +85,11 @@ pub async fn serve_inbound<S>(
     let (timeouts, drain) = (cx.inputs.http_timeouts, cx.inputs.drain.clone());
     let svc = service_fn(move |req| {
         let cx = cx.clone();
-        async move { inbound_request(&cx, req).await }
+        async move {
+            let mut resp = inbound_request(&cx, req).await?;
+            cx.inputs.drain.close_after(cx.h2, &mut resp);
+            Ok::<_, Unanswered>(resp)
+        }
     });
     serve(io, protocol, (timeouts, &drain), svc).await;
 }

@@ -96,7 +96,11 @@ where
     let (timeouts, drain) = (cx.inputs.http_timeouts, cx.inputs.drain.clone());
     let svc = service_fn(move |req| {
         let cx = cx.clone();
-        async move { Ok::<_, Infallible>(outbound_request(&cx, req).await) }
+        async move {
+            let mut resp = outbound_request(&cx, req).await;
+            cx.inputs.drain.close_after(cx.h2, &mut resp);
+            Ok::<_, Infallible>(resp)
+        }
     });
     serve(io, protocol, (timeouts, &drain), svc).await;
 }

@@ -19,7 +19,7 @@ const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Streams a client may reset before the server accepted them (rapid reset) before GOAWAY.
 const MAX_PENDING_RESETS: usize = 20;
 /// Runs hyper's server for `protocol` with the hardening settings on `io`.
-/// Draining closes the connection after the request in flight (GOAWAY on HTTP/2).
+/// Draining sends GOAWAY on HTTP/2.
 pub async fn serve<S, Svc>(
     io: S,
     protocol: Protocol,
@@ -57,14 +57,16 @@ pub async fn serve<S, Svc>(
                 return;
             }
         }
-        let conn = hyper::server::conn::http1::Builder::new()
+        // Draining closes HTTP/1 by `Connection: close` on the next answer (the handlers add
+        // it), not from here: see `drain.rs`.
+        hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .half_close(true)
             .header_read_timeout(timeouts.idle)
             .max_buf_size(guard::MAX_HEAD + 16 * 1024)
             .serve_connection(TokioIo::new(guarded), svc)
-            .with_upgrades();
-        graceful!(conn, drain)
+            .with_upgrades()
+            .await
     };
     if let Err(e) = result {
         debug!("HTTP connection ended: {e}");
