@@ -19,6 +19,7 @@ mod agents;
 pub mod apiserver;
 mod ca;
 mod capture;
+mod hbone;
 pub mod kube;
 mod nodefile;
 mod pods;
@@ -27,6 +28,7 @@ mod sys;
 mod topology;
 
 pub use capture::*;
+pub use hbone::{AnyServer, WorkloadCert};
 pub use nodefile::{backend, destination_rule, route, rules, traffic_policy};
 pub use pods::load_result;
 pub use prometheus::*;

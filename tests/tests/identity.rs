@@ -531,120 +531,15 @@ fn status_local(c: &Cluster, url: &str) -> Result<Option<u16>> {
     c.http_status("neighbor", url)
 }
 
-/// Accepts any server certificate: this client exists to probe the *server's* checks, and
-/// reads the server's identity itself.
-#[derive(Debug)]
-struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Sends raw CONNECTs to `server`'s HBONE port with a real client certificate; returns the
-/// status of each request (method, authority), or the error.
-async fn hbone_probe(
-    server: std::net::IpAddr,
-    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-    requests: &[(&str, &str)],
-) -> Result<(Vec<u16>, Vec<u8>)> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)))
-        .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect((server, 15008)).await?;
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(rustls::pki_types::ServerName::IpAddress(server.into()), tcp)
-        .await?;
-    let server_cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.to_vec())
-        .unwrap_or_default();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await?;
-    tokio::spawn(conn);
-    let mut out = Vec::new();
-    for (method, authority) in requests {
-        let req = hyper::Request::builder()
-            .method(*method)
-            .uri(if *method == "CONNECT" {
-                authority.to_string()
-            } else {
-                format!("https://{authority}/")
-            })
-            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-        send.ready().await?;
-        out.push(send.send_request(req).await?.status().as_u16());
-    }
-    Ok((out, server_cert))
-}
-
 #[test]
 fn hbone_connect_is_refused_unless_it_names_a_pod_behind_the_listener() -> Result<()> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let mut c = cluster()?;
     c.serve("server", APP_PORT)?;
     c.serve("neighbor", APP_PORT)?;
     c.start_agent(0)?;
     c.start_agent(1)?;
     // A real certificate for client-sa, obtained as node-1 would.
-    let key_file = c.dir().join("probe.key");
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", c.nodes[0].netns.display()))
-        .arg(artifact("mesh-agent")?)
-        .args(["ca", "request", "--ca-addr", CA_ADDR, "--ca-token-file"])
-        .arg(c.token_file(0))
-        .arg("--ca-bundle")
-        .arg(c.ca_dir().join("bundle.pem"))
-        .arg("--key-out")
-        .arg(&key_file)
-        .arg("spiffe://cluster.local/ns/default/sa/client-sa")
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&out.stdout).collect::<Result<_, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(&key_file)?;
+    let (chain, key) = c.workload_cert(0, "client-sa")?;
 
     let server = c.pod("server").ip;
     let neighbor = c.pod("neighbor").ip;
@@ -659,13 +554,8 @@ fn hbone_connect_is_refused_unless_it_names_a_pod_behind_the_listener() -> Resul
         ("CONNECT", "server.default:8080"),    // not an IP
         ("GET", ok.as_str()),                  // not CONNECT
     ];
-    let (statuses, server_cert) = in_netns(&c.pods[0].netns, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(hbone_probe(server.into(), chain, key, &requests)))
-    })??;
+    let (statuses, server_cert) =
+        c.hbone_probe("client", server.into(), (chain, key), &requests)?;
     assert!(
         server_cert
             .windows(b"sa/server-sa".len())

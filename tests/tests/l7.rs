@@ -701,11 +701,12 @@ spec:
     Ok(())
 }
 
-/// The smuggling and path corpus. Sent raw, from a pod outside the mesh (the server's node
-/// parses it, because an L7 policy selects the server) and from a mesh pod (its own node parses
-/// it first). Nothing may reach the server.
+/// What does reach the server, and how: raw requests from a pod outside the mesh (the server's
+/// node parses them, because an L7 policy selects the server) and from a mesh pod (its own node
+/// parses them first), under the mesh-wide normalization options. What must never reach it is
+/// the bad-input corpus (`tests/corpus/bad-input.yaml`, run by `tests/corpus.rs`).
 #[test]
-fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
+fn allowed_paths_reach_the_server_as_decided_under_each_normalization_mode() -> Result<()> {
     let c = cluster()?;
     let server = c.pod("server").ip;
     c.apply_yaml(
@@ -714,49 +715,7 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
         "authorization_policies",
         &["default/no-admin"],
     )?;
-    let many: String = (0..10_000).map(|i| format!("x{i}: y\r\n")).collect();
-    let big = "a".repeat(70 * 1024);
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: s\r\n\r\n");
-    let corpus: Vec<(&str, String, u16)> = vec![
-        ("CL + TE", "POST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG".into(), 400),
-        ("TE + CL", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\nG".into(), 400),
-        ("two Content-Length", "POST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc".into(), 400),
-        ("TE with space before colon", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n".into(), 400),
-        ("chunk-size overflow", "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff1\r\nabc\r\n0\r\n\r\n".into(), 400),
-        ("an upgrade with a body", "POST /x HTTP/1.1\r\nHost: s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 5\r\n\r\nhello".into(), 400),
-        ("/admin", get("/admin"), 403),
-        ("//admin", get("//admin"), 403),
-        ("%2e%2e/admin", get("/public/%2e%2e/admin"), 403),
-        ("%2F", get("/%2Fadmin"), 403),
-        ("%2F..%2F", get("/public%2F..%2Fadmin"), 403),
-        ("%5C", get("/%5Cadmin"), 403),
-        ("10k tiny headers", format!("GET /x HTTP/1.1\r\nHost: s\r\n{many}\r\n"), 431),
-        ("header block over the limit", format!("GET /x HTTP/1.1\r\nHost: s\r\nX-Big: {big}\r\n\r\n"), 431),
-        // Path forms that backends take for /admin: denied.
-        ("upper case", get("/ADMIN"), 403),
-        ("mixed case", get("/Admin/x"), 403),
-        ("escaped capital", get("/%41dmin"), 403),
-        ("path parameter", get("/admin;jsessionid=0123"), 403),
-        ("parameter on a dot segment", get("/public/..;/admin"), 403),
-        ("trailing encoded space", get("/admin%20"), 403),
-        ("trailing dot", get("/admin."), 403),
-        ("trailing dots", get("/admin../x"), 403),
-        ("fullwidth solidus", get("/%EF%BC%8Fadmin"), 403),
-        // Invalid encodings: refused, never normalized.
-        ("double encoding", get("/%2561dmin"), 400),
-        ("overlong /", get("/%C0%AFadmin"), 400),
-        ("overlong .", get("/x/%C0%AE%C0%AE/admin"), 400),
-        ("invalid UTF-8", get("/%FF"), 400),
-        ("encoded CR", get("/a%0d%0aX-Injected:%201"), 400),
-        // Heads that must get an answer: 400.
-        ("1.1 without Host", "GET /x HTTP/1.1\r\n\r\n".into(), 400),
-        ("invalid Host", "GET /x HTTP/1.1\r\nHost: a b\r\n\r\n".into(), 400),
-        ("raw non-ASCII target", "GET /caf\u{e9} HTTP/1.1\r\nHost: s\r\n\r\n".into(), 400),
-        ("invalid method token", "G(T /x HTTP/1.1\r\nHost: s\r\n\r\n".into(), 400),
-        ("NUL in the method", "G\0T /x HTTP/1.1\r\nHost: s\r\n\r\n".into(), 400),
-        ("bare LF", "GET /x HTTP/1.1\nHost: s\n\n".into(), 400),
-        ("HTTP/0.9", "GET /x\r\n".into(), 400),
-    ];
     // Sends `bytes` raw from `from` to the server; returns the answer.
     let send = |from: &str, bytes: &str| -> Result<String> {
         let file = c.dir().join(format!("corpus-{from}.bin"));
@@ -773,26 +732,6 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
         )
     };
     for from in ["bare", "client"] {
-        for (name, bytes, want) in &corpus {
-            let before = c.app_requests("server", APP_PORT)?;
-            let out = send(from, bytes)?;
-            let status: u16 = out
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            assert_eq!(
-                status,
-                *want,
-                "{name} from {from}: {}",
-                out.lines().next().unwrap_or("")
-            );
-            assert_eq!(
-                c.app_requests("server", APP_PORT)?,
-                before,
-                "{name} from {from} reached the server"
-            );
-        }
         // Control: an allowed path does reach it, so the counts above could have moved.
         let before = c.app_requests("server", APP_PORT)?;
         let out = send(from, &get("/public"))?;
@@ -850,15 +789,6 @@ fn smuggling_and_path_corpus_never_reaches_the_upstream() -> Result<()> {
     assert!(send("bare", &get("/x/../admin"))?.starts_with("HTTP/1.1 403"));
     let log = c.agent_log(1);
     assert!(log.contains("denied by DENY policy default/no-admin"));
-    for refusal in [
-        "bare LF line ending",
-        "HTTP/0.9",
-        "invalid method token",
-        "HTTP/1.1 request without Host",
-        "double percent-encoding",
-    ] {
-        assert!(log.contains(refusal), "no log line for {refusal}");
-    }
     Ok(())
 }
 
@@ -1452,9 +1382,9 @@ fn agent_rss_kb(c: &Cluster, i: usize) -> Result<u64> {
 }
 
 /// HTTP/2 abuse at the client's node: a client that never opens its window asks for 1,000
-/// responses of 1 MiB; SETTINGS and PING floods; stream errors beside a healthy stream.
+/// responses of 1 MiB, and what it costs while it holds and after it leaves.
 #[test]
-fn http2_abuse_is_bounded_answered_and_kept_to_its_stream() -> Result<()> {
+fn http2_slow_reader_is_bounded_while_it_holds_and_after() -> Result<()> {
     let c = cluster()?;
     let addr = format!("{}:{APP_PORT}", c.pod("server").ip);
     // A slow reader: what it costs while it holds, and after it leaves.
@@ -1500,35 +1430,7 @@ fn http2_abuse_is_bounded_answered_and_kept_to_its_stream() -> Result<()> {
         after < before + 3 * 1024,
         "{before} → {after} kB after it left"
     );
-    // Floods end the connection with GOAWAY ENHANCE_YOUR_CALM (0xb).
-    for kind in ["settings", "ping"] {
-        let out = c.testapp("client", &["h2-flood", "--addr", &addr, "--kind", kind])?;
-        let v: serde_json::Value = serde_json::from_str(out.trim())?;
-        println!("{kind} flood: {v}");
-        assert_eq!(v["error_code"].as_u64(), Some(0xb), "{kind}: {v}");
-    }
-    // Stream errors stay on their stream: RST_STREAM with the RFC's code, stream 3 answered,
-    // no GOAWAY.
-    for (kind, code) in [("window-update-zero", 0x1), ("data-after-end", 0x5)] {
-        let out = c.testapp(
-            "client",
-            &["h2-stream-error", "--addr", &addr, "--kind", kind],
-        )?;
-        let v: serde_json::Value = serde_json::from_str(out.trim())?;
-        println!("{kind}: {v}");
-        assert_eq!(
-            v["rst_stream"],
-            serde_json::json!([[1, code]]),
-            "{kind}: {v}"
-        );
-        assert!(
-            v["answered"]
-                .as_array()
-                .is_some_and(|a| a.contains(&3.into())),
-            "{kind}: {v}"
-        );
-        assert!(v["goaway"].is_null(), "{kind}: {v}");
-    }
+    // Floods and stream errors: the bad-input corpus (`tests/corpus/bad-input.yaml`).
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! The workload the harness runs inside pods: an HTTP/1.1 and HTTP/2 (prior knowledge) server
 //! whose answers let a test prove what arrived, a fixed-rate load generator for the bench, and
-//! the clients the L7 tests need (gRPC, raw bytes, an HTTP/2 rapid-reset attacker).
+//! the clients the L7 tests need (gRPC, raw bytes, HTTP/2 frame scripts and attackers, TLS probes).
 //!
 //! Server endpoints:
 //! - `GET /` — 1024 bytes (the bench's 1 KB body);
@@ -165,6 +165,24 @@ enum Cmd {
         #[arg(long)]
         reply: u64,
     },
+    /// Sends the HTTP/2 frames of a JSON script (after the preface and an empty SETTINGS), then
+    /// reads for `quiet_ms` of silence; prints JSON with the GOAWAY code, the RST_STREAMs
+    /// (stream, code), the streams answered with HEADERS and whether the server closed.
+    H2Script {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        script: std::path::PathBuf,
+    },
+    /// A TLS handshake with 15008's listener, as a client that is not a workload: `1.2` offers
+    /// only TLS 1.2, `1.3` offers TLS 1.3 with no client certificate. Prints JSON with how the
+    /// handshake ended and any bytes the server sent after it.
+    TlsProbe {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        version: String,
+    },
     /// COUNT `stream`s at once, each sending SEND bytes paced over SECONDS (long-lived
     /// connections), each checked as `stream` checks one; prints JSON with how many passed and
     /// why the others failed.
@@ -192,27 +210,6 @@ enum Cmd {
         size: u64,
         #[arg(long, default_value_t = 3000)]
         hold_ms: u64,
-    },
-    /// HTTP/2 control-frame flood: FRAMES SETTINGS or PING frames (KIND `settings` or `ping`)
-    /// on one connection, reading every answer; prints JSON with the frames sent and the
-    /// server's GOAWAY code, if any.
-    H2Flood {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long)]
-        kind: String,
-        #[arg(long, default_value_t = 100_000)]
-        frames: u32,
-    },
-    /// An HTTP/2 stream error beside a healthy stream: stream 1 asks for `/delay/300`, then gets
-    /// a bad frame (KIND `window-update-zero`: WINDOW_UPDATE of 0; `data-after-end`: DATA after
-    /// its END_STREAM), and stream 3 asks for `/`. Prints JSON with the RST_STREAMs, the streams
-    /// answered and any GOAWAY.
-    H2StreamError {
-        #[arg(long)]
-        addr: SocketAddr,
-        #[arg(long)]
-        kind: String,
     },
     /// HTTP/2 rapid reset: opens STREAMS streams, cancelling each at once; prints JSON with the
     /// GOAWAY the server sent, if any.
@@ -1387,61 +1384,88 @@ fn zero_window(addr: SocketAddr, requests: u32, size: u64, hold_ms: u64) -> anyh
     Ok(())
 }
 
-fn h2_flood(addr: SocketAddr, kind: &str, frames: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    let frame = match kind {
-        "settings" => h2_frame(0x4, 0, 0, &[]),
-        "ping" => h2_frame(0x6, 0, 0, &[7; 8]),
-        other => anyhow::bail!("unknown flood kind {other:?}: settings or ping"),
-    };
-    let p = H2Probe::open(addr, &[])?;
-    let batch: Vec<u8> = frame.repeat(1000);
-    let mut sent = 0;
-    // A writer thread, so the reader below keeps taking the answers.
-    let mut w = p.s.try_clone()?;
-    let writer = std::thread::spawn(move || {
-        while sent < frames {
-            if w.write_all(&batch).is_err() {
-                break;
-            }
-            sent += 1000;
-        }
-        sent
-    });
-    let mut seen = Vec::new();
-    let mut goaway = None;
-    while let Ok(f) = p.frames.recv_timeout(Duration::from_secs(5)) {
-        seen.push((f.0, f.1));
-        if f.0 == 0x7 {
-            goaway = goaway_code(std::slice::from_ref(&f));
-            break;
-        }
-    }
-    let _ = p.s.shutdown(std::net::Shutdown::Both);
-    let sent = writer.join().unwrap_or(0);
-    let answers = seen.iter().filter(|f| f.1 & 0x1 == 0x1).count();
-    println!(
-        "{}",
-        serde_json::json!({"sent": sent, "answers": answers, "goaway": goaway.is_some(), "error_code": goaway})
-    );
-    Ok(())
+/// One frame of an `h2-script`: `payload` is a list of parts, each `{"hex": ..}`, `{"text": ..}`
+/// (either with `"times"`) or `{"get": "/path"}` (HPACK for a GET of that path).
+#[derive(serde::Deserialize)]
+struct ScriptFrame {
+    #[serde(rename = "type")]
+    kind: u8,
+    #[serde(default)]
+    flags: u8,
+    #[serde(default)]
+    stream: u32,
+    #[serde(default)]
+    payload: Vec<serde_json::Value>,
+    #[serde(default)]
+    times: Option<usize>,
+    /// Added to the stream id on each repetition.
+    #[serde(default)]
+    stream_step: u32,
+    /// A RST_STREAM with this code after each repetition, on its stream.
+    #[serde(default)]
+    reset_each: Option<u32>,
 }
 
-fn h2_stream_error(addr: SocketAddr, kind: &str) -> anyhow::Result<()> {
+#[derive(serde::Deserialize)]
+struct Script {
+    frames: Vec<ScriptFrame>,
+    #[serde(default)]
+    quiet_ms: Option<u64>,
+}
+
+/// The bytes of a list of payload parts (see [`ScriptFrame`]).
+fn parts(addr: SocketAddr, parts: &[serde_json::Value]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for p in parts {
+        let times = p["times"].as_u64().unwrap_or(1) as usize;
+        let one = if let Some(h) = p["hex"].as_str() {
+            hex::decode(h.replace(' ', ""))?
+        } else if let Some(t) = p["text"].as_str() {
+            t.as_bytes().to_vec()
+        } else if let Some(path) = p["get"].as_str() {
+            H2Probe::get(addr, path)
+        } else {
+            anyhow::bail!("a payload part is hex, text or get: {p}");
+        };
+        out.extend(one.repeat(times));
+    }
+    Ok(out)
+}
+
+fn h2_script(addr: SocketAddr, script: &std::path::Path) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut p = H2Probe::open(addr, &[])?;
-    let mut out = h2_frame(0x1, 0x5, 1, &H2Probe::get(addr, "/delay/300"));
-    out.extend(match kind {
-        "window-update-zero" => h2_frame(0x8, 0, 1, &0u32.to_be_bytes()),
-        "data-after-end" => h2_frame(0x0, 0, 1, b"late"),
-        other => {
-            anyhow::bail!("unknown stream error {other:?}: window-update-zero or data-after-end")
+    let script: Script = serde_json::from_slice(&std::fs::read(script)?)?;
+    let mut bytes = Vec::new();
+    for f in &script.frames {
+        let payload = parts(addr, &f.payload)?;
+        if f.stream_step == 0 && f.reset_each.is_none() {
+            bytes
+                .extend(h2_frame(f.kind, f.flags, f.stream, &payload).repeat(f.times.unwrap_or(1)));
+            continue;
         }
-    });
-    out.extend(h2_frame(0x1, 0x5, 3, &H2Probe::get(addr, "/")));
-    p.s.write_all(&out)?;
-    // Stream 3's 1024 bytes fit the default window; stream 1 answers after 300 ms.
-    let frames = p.drain(Duration::from_millis(1500));
+        for i in 0..f.times.unwrap_or(1) {
+            let stream = f.stream + f.stream_step * u32::try_from(i)?;
+            bytes.extend(h2_frame(f.kind, f.flags, stream, &payload));
+            if let Some(code) = f.reset_each {
+                bytes.extend(h2_frame(0x3, 0, stream, &code.to_be_bytes()));
+            }
+        }
+    }
+    let p = H2Probe::open(addr, &[])?;
+    // A writer thread, so the answers keep being read while a flood is written.
+    let mut w = p.s.try_clone()?;
+    let writer = std::thread::spawn(move || w.write_all(&bytes).is_ok());
+    let quiet = Duration::from_millis(script.quiet_ms.unwrap_or(1500));
+    let mut frames = Vec::new();
+    let closed = loop {
+        match p.frames.recv_timeout(quiet) {
+            Ok(f) => frames.push(f),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break false,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break true,
+        }
+    };
+    let _ = p.s.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
     let rst: Vec<(u32, u32)> = frames
         .iter()
         .filter(|f| f.0 == 0x3 && f.3.len() >= 4)
@@ -1449,10 +1473,70 @@ fn h2_stream_error(addr: SocketAddr, kind: &str) -> anyhow::Result<()> {
         .collect();
     let mut answered: Vec<u32> = frames.iter().filter(|f| f.0 == 0x1).map(|f| f.2).collect();
     answered.dedup();
+    // The :status of each answer (HPACK static-table indexes 8-14, or a literal).
+    let statuses: Vec<String> = frames
+        .iter()
+        .filter(|f| f.0 == 0x1)
+        .map(|f| match f.3.first() {
+            Some(0x88) => "200".into(),
+            Some(0x89) => "204".into(),
+            Some(0x8a) => "206".into(),
+            Some(0x8b) => "304".into(),
+            Some(0x8c) => "400".into(),
+            Some(0x8d) => "404".into(),
+            Some(0x8e) => "500".into(),
+            _ => {
+                f.3.get(2..5)
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default()
+            }
+        })
+        .collect();
     println!(
         "{}",
-        serde_json::json!({"rst_stream": rst, "answered": answered, "goaway": goaway_code(&frames)})
+        serde_json::json!({"goaway": goaway_code(&frames), "rst_stream": rst, "answered": answered, "statuses": statuses, "closed": closed})
     );
+    Ok(())
+}
+
+async fn tls_probe(addr: SocketAddr, version: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match version {
+        "1.2" => &[&rustls::version::TLS12],
+        "1.3" => &[&rustls::version::TLS13],
+        other => anyhow::bail!("unknown TLS version {other:?}: 1.2 or 1.3"),
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(mesh_tests::AnyServer(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let outcome = match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    {
+        Err(_) => serde_json::json!({"handshake": "timed out"}),
+        Ok(Err(e)) => serde_json::json!({"handshake": "refused", "error": e.to_string()}),
+        Ok(Ok(mut tls)) => {
+            // TLS 1.3 finishes the client side before the server checks the (missing) client
+            // certificate: the refusal comes as the first read.
+            let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+            let mut buf = vec![0u8; 4096];
+            match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+                Ok(Ok(0)) => serde_json::json!({"handshake": "closed"}),
+                Ok(Ok(n)) => serde_json::json!({"handshake": "served", "bytes": n}),
+                Ok(Err(e)) => serde_json::json!({"handshake": "refused", "error": e.to_string()}),
+                Err(_) => serde_json::json!({"handshake": "no answer"}),
+            }
+        }
+    };
+    println!("{outcome}");
     Ok(())
 }
 
@@ -1557,7 +1641,10 @@ fn main() -> anyhow::Result<()> {
             size,
             hold_ms,
         } => zero_window(addr, requests, size, hold_ms),
-        Cmd::H2Flood { addr, kind, frames } => h2_flood(addr, &kind, frames),
-        Cmd::H2StreamError { addr, kind } => h2_stream_error(addr, &kind),
+        Cmd::H2Script { addr, script } => h2_script(addr, &script),
+        Cmd::TlsProbe { addr, version } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(tls_probe(addr, &version)),
     }
 }
