@@ -23,9 +23,14 @@
 //! scraping `/metrics` every 100 ms costs the L7 path's p99, beside control runs that fetch
 //! nothing (`MESH_BENCH_SCRAPE_RUNS` of each, 3 by default).
 //!
+//! The soak (`MESH_BENCH_ONLY=soak`, never part of the default run: it takes
+//! `MESH_SOAK_SECONDS`, 600 by default): 10,000 idle keep-alive connections held through the mesh
+//! while 50 checked streams trickle bytes both ways and 100 requests/s run, for the whole time;
+//! then the agents' memory per idle connection, and after everything closed.
+//!
 //! Output: tables on stdout, `bench.json` and `bench.svg` in `MESH_BENCH_OUT` (default
 //! `target/bench`). `MESH_BENCH_ONLY=word,…` runs only the paths whose key contains a word, and
-//! the sections named `memory`, `balance` or `scrape`. `MESH_BENCH_ROUNDS` (3) and
+//! the sections named `memory`, `balance`, `scrape` or `soak`. `MESH_BENCH_ROUNDS` (3) and
 //! `MESH_BENCH_SECONDS` (3) set the rounds and each measurement's length.
 
 use std::{
@@ -648,6 +653,121 @@ fn rss_with(b: &Bench, client: &str, target: Target, n: usize, pids: &[u32]) -> 
     Ok(rss)
 }
 
+/// Port of the soak's `stream-serve` on the server pod.
+const SOAK_STREAMS: u16 = 9000;
+
+/// The soak: 10,000 idle connections held through the mesh for `secs`, while checked streams
+/// and a steady request rate run beside them. Reports the agents' memory before, with the
+/// connections, at its highest and after they closed, and fails on any lost byte or request.
+fn soak(b: &Bench, secs: u64) -> Result<Value> {
+    const IDLE: usize = 10_000;
+    const STREAMS: usize = 50;
+    let c = &b.c;
+    let agents: Vec<u32> = (0..2).filter_map(|i| c.agent_pid(i)).collect();
+    let rss = || -> Vec<u64> { agents.iter().map(|&p| proc_rss(p).unwrap_or(0)).collect() };
+    let app = artifact("mesh-testapp")?.to_string_lossy().into_owned();
+    c.spawn(
+        "server",
+        &[&app, "stream-serve", "--port", &SOAK_STREAMS.to_string()],
+    )?;
+    c.wait_listening("server", SOAK_STREAMS)?;
+    let baseline = rss();
+    eprintln!("soak: holding {IDLE} idle connections for {secs} s");
+    let mut hold = c.spawn_piped(
+        "client",
+        &[
+            &app,
+            "hold",
+            "--addr",
+            &b.addr(Target::Service("l7", HTTP)).to_string(),
+            "--count",
+            &IDLE.to_string(),
+            "--parallel",
+            "16",
+        ],
+    )?;
+    let mut line = String::new();
+    BufReader::new(hold.stdout.take().context("hold's stdout")?).read_line(&mut line)?;
+    anyhow::ensure!(
+        line.trim() == format!("ready {IDLE}"),
+        "holding {IDLE} connections: {line:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let held = rss();
+    // Each stream sends 4 MiB over the whole soak and gets 64 KiB back, both checked.
+    let streams = c.streams(
+        "client",
+        b.addr(Target::Pod("server", SOAK_STREAMS)),
+        STREAMS,
+        4 << 20,
+        secs,
+    )?;
+    let load = c.load_on(
+        "client",
+        b.addr(Target::Service("l7", HTTP)),
+        (100, secs),
+        true,
+        2,
+    )?;
+    let start = Instant::now();
+    let mut peak = held.clone();
+    let mut samples = Vec::new();
+    while start.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(10));
+        let now = rss();
+        for (p, n) in peak.iter_mut().zip(&now) {
+            *p = (*p).max(*n);
+        }
+        samples.push(json!({"t": start.elapsed().as_secs(), "rss": now}));
+    }
+    let streamed = mesh_tests::load_result(&streams, Duration::from_secs(120))?;
+    let requests = mesh_tests::load_result(&load, Duration::from_secs(120))?;
+    drop(hold.stdin.take());
+    let _ = hold.wait();
+    // The closes propagate, idle pool entries expire and the agent returns freed heap.
+    std::thread::sleep(Duration::from_secs(35));
+    let after = rss();
+    let per_idle_kb: Vec<f64> = held
+        .iter()
+        .zip(&baseline)
+        .map(|(h, b)| (*h as f64 - *b as f64) / IDLE as f64 / 1024.0)
+        .collect();
+    let mb = |v: &[u64]| {
+        v.iter()
+            .map(|b| format!("{:.1}", *b as f64 / 1048576.0))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "\nsoak: {IDLE} idle connections + {STREAMS} checked streams + 100 requests/s for {secs} s (agents: client side / server side)"
+    );
+    println!("| | RSS MB |\n|---|---:|");
+    println!(
+        "| before | {} |\n| with {IDLE} idle | {} |\n| peak | {} |\n| {} s after closing | {} |",
+        mb(&baseline),
+        mb(&held),
+        mb(&peak),
+        35,
+        mb(&after)
+    );
+    println!("KB per idle connection: {per_idle_kb:.1?}; streams {streamed}; requests {requests}");
+    let report = json!({
+        "seconds": secs, "idle_connections": IDLE, "streams": STREAMS,
+        "rss_before": baseline, "rss_held": held, "rss_peak": peak, "rss_after": after,
+        "kb_per_idle_connection": per_idle_kb, "streams_result": streamed, "requests": requests,
+        "samples": samples,
+    });
+    anyhow::ensure!(
+        streamed["ok"].as_u64() == Some(STREAMS as u64),
+        "soak streams: {streamed}"
+    );
+    anyhow::ensure!(
+        requests["errors"].as_u64() == Some(0),
+        "soak requests: {requests}"
+    );
+    Ok(report)
+}
+
 /// Memory rows: (label, [process RSS in bytes] for idle, 1k and 10k connections).
 fn memory(b: &Bench) -> Result<Vec<(String, [f64; 3])>> {
     let agents: Vec<u32> = (0..2).filter_map(|i| b.c.agent_pid(i)).collect();
@@ -990,6 +1110,9 @@ fn main() -> Result<()> {
         chart(&medians, &out_dir.join("bench.svg"))?;
     }
 
+    if words.contains(&"soak") {
+        report["soak"] = soak(&b, env_u64("MESH_SOAK_SECONDS", 600))?;
+    }
     if words.is_empty() || wanted("balance") {
         report["balancing"] = balancing(&b, rounds, &apply_lb)?;
     }

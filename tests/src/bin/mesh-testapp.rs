@@ -854,7 +854,9 @@ fn stream(
 ) -> anyhow::Result<serde_json::Value> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // The reply comes after the last byte sent: a paced stream waits that much longer.
+    let patience = Duration::from_secs(30) + pace.unwrap_or_default();
+    conn.set_read_timeout(Some(patience))?;
     let header = format!("{reply}\n");
     // The server speaks first, and we wait for it: a proxy that held the greeting back would
     // stall us here.
@@ -881,7 +883,7 @@ fn stream(
                 // until the read timeout has really passed.
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
-                        && progress.elapsed() < Duration::from_secs(30) => {}
+                        && progress.elapsed() < patience => {}
                 Err(e) => return Err(e),
             }
         }
