@@ -266,6 +266,46 @@ impl Cluster {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Node `i`'s agent's resident memory in kB, from /proc/<pid>/status.
+    pub fn agent_rss_kb(&self, i: usize) -> Result<u64> {
+        let pid = self.agent_pid(i).context("the agent is not running")?;
+        proc_rss(pid)
+            .map(|bytes| bytes / 1024)
+            .with_context(|| format!("VmRSS of pid {pid}"))
+    }
+
+    /// Starts `mesh-testapp hold --half-head` in `pod`: `count` connections to `target`, each
+    /// holding half a request head. Returns the process (close its stdin to release them) and its
+    /// output, past the `ready N` line, which is returned too.
+    pub fn hold_half_heads(
+        &self,
+        pod: &str,
+        target: &str,
+        count: usize,
+    ) -> Result<(
+        std::process::Child,
+        std::io::BufReader<std::process::ChildStdout>,
+        String,
+    )> {
+        let mut hold = self.spawn_testapp(
+            pod,
+            &[
+                "hold",
+                "--addr",
+                target,
+                "--count",
+                &count.to_string(),
+                "--parallel",
+                "16",
+                "--half-head",
+            ],
+        )?;
+        let mut out = std::io::BufReader::new(hold.stdout.take().context("hold's stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        Ok((hold, out, line))
+    }
+
     /// CPU time (user + system, all threads) node `i`'s agent has used so far, from
     /// /proc/<pid>/stat; `None` when it is not running.
     pub fn agent_cpu(&self, i: usize) -> Option<Duration> {

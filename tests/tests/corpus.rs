@@ -58,17 +58,6 @@ fn bytes(parts: &[Value]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn agent_rss_kb(c: &Cluster, i: usize) -> Result<u64> {
-    let pid = c.agent_pid(i).context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")
-}
-
 /// Sends `raw` from `from` to `addr` with `mesh-testapp raw`; returns what came back.
 fn send_raw(c: &Cluster, from: &str, addr: &str, raw: &[u8], tag: &str) -> Result<String> {
     let file = c.dir().join(format!("corpus-{tag}.bin"));
@@ -228,7 +217,7 @@ fn bad_input_corpus() -> Result<()> {
         "authorization_policies",
         &["default/no-admin"],
     )?;
-    let rss = |c: &Cluster| -> Result<u64> { Ok(agent_rss_kb(c, 0)? + agent_rss_kb(c, 1)?) };
+    let rss = |c: &Cluster| -> Result<u64> { Ok(c.agent_rss_kb(0)? + c.agent_rss_kb(1)?) };
     let before = rss(&c)?;
     let mut failures = Vec::new();
     for (i, e) in corpus.iter().enumerate() {

@@ -1370,17 +1370,6 @@ fn a_refused_connection_never_reaches_the_application() -> Result<()> {
 }
 
 /// The agent's resident memory, from /proc.
-fn agent_rss_kb(c: &Cluster, i: usize) -> Result<u64> {
-    let pid = c.agent_pid(i).context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")
-}
-
 /// HTTP/2 abuse at the client's node: a client that never opens its window asks for 1,000
 /// responses of 1 MiB, and what it costs while it holds and after it leaves.
 #[test]
@@ -1388,7 +1377,7 @@ fn http2_slow_reader_is_bounded_while_it_holds_and_after() -> Result<()> {
     let c = cluster()?;
     let addr = format!("{}:{APP_PORT}", c.pod("server").ip);
     // A slow reader: what it costs while it holds, and after it leaves.
-    let before = agent_rss_kb(&c, 0)?;
+    let before = c.agent_rss_kb(0)?;
     let during = std::thread::scope(|s| -> Result<(serde_json::Value, u64)> {
         let attack = s.spawn(|| {
             c.testapp(
@@ -1405,7 +1394,7 @@ fn http2_slow_reader_is_bounded_while_it_holds_and_after() -> Result<()> {
             )
         });
         std::thread::sleep(Duration::from_millis(3000));
-        let during = agent_rss_kb(&c, 0)?;
+        let during = c.agent_rss_kb(0)?;
         let out = attack
             .join()
             .map_err(|_| anyhow::anyhow!("attack thread"))??;
@@ -1413,7 +1402,7 @@ fn http2_slow_reader_is_bounded_while_it_holds_and_after() -> Result<()> {
     })?;
     let (zero, during) = during;
     std::thread::sleep(Duration::from_secs(12));
-    let after = agent_rss_kb(&c, 0)?;
+    let after = c.agent_rss_kb(0)?;
     println!(
         "zero window: {zero}; agent RSS {before} kB before, {during} kB during, {after} kB after"
     );
@@ -1481,27 +1470,12 @@ fn stalled_heads_cost_little_and_get_408() -> Result<()> {
         &["--http-head-timeout", "3s"],
     )?;
     let vip = c.service_ip("web");
-    let before = agent_rss_kb(&c, 0)?;
-    let mut hold = c.spawn_testapp(
-        "client",
-        &[
-            "hold",
-            "--addr",
-            &format!("{vip}:80"),
-            "--count",
-            &HELD.to_string(),
-            "--parallel",
-            "16",
-            "--half-head",
-        ],
-    )?;
-    let mut out = std::io::BufReader::new(hold.stdout.take().context("stdout")?);
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line)?;
+    let before = c.agent_rss_kb(0)?;
+    let (mut hold, mut out, line) = c.hold_half_heads("client", &format!("{vip}:80"), HELD)?;
     assert_eq!(line.trim(), format!("ready {HELD}"));
     // Detection and the guard have the half heads now.
     std::thread::sleep(Duration::from_millis(500));
-    let during = agent_rss_kb(&c, 0)?;
+    let during = c.agent_rss_kb(0)?;
     std::thread::sleep(Duration::from_secs(4));
     drop(hold.stdin.take());
     let mut answer = String::new();
@@ -1547,23 +1521,8 @@ fn slowloris_and_a_flood_meet_the_pods_cap_while_another_pod_is_served() -> Resu
     c.start_agent(1)?;
     let vip = c.service_ip("web");
     let target: std::net::SocketAddr = (vip, 80).into();
-    let before = agent_rss_kb(&c, 0)?;
-    let mut hold = c.spawn_testapp(
-        "attacker",
-        &[
-            "hold",
-            "--addr",
-            &target.to_string(),
-            "--count",
-            &HELD.to_string(),
-            "--parallel",
-            "16",
-            "--half-head",
-        ],
-    )?;
-    let mut out = std::io::BufReader::new(hold.stdout.take().context("stdout")?);
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line)?;
+    let before = c.agent_rss_kb(0)?;
+    let (mut hold, mut out, line) = c.hold_half_heads("attacker", &target.to_string(), HELD)?;
     // Some writes meet the reset of a refused connection, some land before it: the agent's
     // counter below is the truth.
     assert!(line.starts_with("ready "), "{line}");
@@ -1574,7 +1533,7 @@ fn slowloris_and_a_flood_meet_the_pods_cap_while_another_pod_is_served() -> Resu
     let served = c.load_on("client", target, (50, 6), true, 2)?;
     let mut peak = 0;
     for _ in 0..20 {
-        peak = peak.max(agent_rss_kb(&c, 0)?);
+        peak = peak.max(c.agent_rss_kb(0)?);
         std::thread::sleep(Duration::from_millis(250));
     }
     let flood = mesh_tests::load_result(&flood, Duration::from_secs(30))?;

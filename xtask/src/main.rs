@@ -345,42 +345,22 @@ fn cargo() -> Command {
 fn build(release: bool) -> Result<PathBuf> {
     setup()?;
     let root = root();
-    // The eBPF crate has its own workspace and rust-toolchain.toml (nightly).
-    let mut ebpf = Command::new("cargo");
-    ebpf.current_dir(root.join("mesh-ebpf"))
-        .args([
-            "+nightly",
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("RUSTC")
-        .env_remove("CARGO");
-    status(&mut ebpf)?;
-    // The upgrade test's second build: other instructions, the same maps.
-    let mut variant = Command::new("cargo");
-    variant
-        .current_dir(root.join("mesh-ebpf"))
-        .args([
-            "+nightly",
-            "build",
-            "--profile",
-            "variant",
-            "--features",
-            "upgrade-variant",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("RUSTC")
-        .env_remove("CARGO");
-    status(&mut variant)?;
+    // The eBPF crate has its own workspace and rust-toolchain.toml (nightly). Then the upgrade
+    // test's second build: other instructions, the same maps.
+    for extra in [
+        &["--release"][..],
+        &["--profile", "variant", "--features", "upgrade-variant"],
+    ] {
+        let mut ebpf = Command::new("cargo");
+        ebpf.current_dir(root.join("mesh-ebpf"))
+            .args(["+nightly", "build"])
+            .args(extra)
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("CARGO");
+        status(&mut ebpf)?;
+    }
     let profile = if release { "release" } else { "debug" };
     let out = root.join("target").join(profile);
     std::fs::create_dir_all(&out)?;

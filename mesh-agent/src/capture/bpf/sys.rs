@@ -165,22 +165,32 @@ pub unsafe fn map_elem(
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for element commands; the caller vouches for the
     // buffers it points at.
+    match unsafe { sys_bpf(cmd as libc::c_long, &attr) } {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `bpf(cmd, attr)`: the raw syscall, for the commands aya keeps to itself.
+///
+/// # Safety
+/// `attr` must be the kernel's attribute layout for `cmd`, and every pointer in it must be
+/// valid for the call.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &A) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for `attr`; the kernel reads at most its size.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            cmd as libc::c_long,
-            &raw const attr,
-            std::mem::size_of::<MapElemAttr>(),
+            cmd,
+            std::ptr::from_ref(attr),
+            std::mem::size_of::<A>(),
         )
     };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        Ok(false)
+    if rc < 0 {
+        Err(io::Error::last_os_error())
     } else {
-        Err(e)
+        Ok(rc)
     }
 }
 
@@ -252,28 +262,21 @@ pub fn link_update(
     link: std::os::fd::BorrowedFd<'_>,
     prog: std::os::fd::BorrowedFd<'_>,
 ) -> io::Result<()> {
-    use aya_obj::generated::bpf_cmd;
     let attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog.as_raw_fd() as u32,
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: `attr` is the kernel's link_update layout and lives across the call; the fds are
-    // borrowed, so open for its duration.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_LINK_UPDATE as libc::c_long,
-            &raw const attr,
-            std::mem::size_of::<LinkUpdateAttr>(),
+    // SAFETY: `attr` is the kernel's link_update layout; the fds are borrowed, so open for the
+    // call.
+    unsafe {
+        sys_bpf(
+            aya_obj::generated::bpf_cmd::BPF_LINK_UPDATE as libc::c_long,
+            &attr,
         )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
+    .map(drop)
 }
 
 /// `bpf_attr` for `BPF_OBJ_GET`.
@@ -295,18 +298,14 @@ pub fn obj_get(pin: &Path) -> io::Result<OwnedFd> {
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: `attr` points at a NUL-terminated path that outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
+    // SAFETY: `attr` is the obj_get layout, pointing at a NUL-terminated path that outlives the
+    // call.
+    let fd = unsafe {
+        sys_bpf(
             aya_obj::generated::bpf_cmd::BPF_OBJ_GET as libc::c_long,
-            &raw const attr,
-            std::mem::size_of::<ObjGetAttr>(),
+            &attr,
         )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    }?;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
