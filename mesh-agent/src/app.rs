@@ -587,6 +587,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         }
     };
     let certs = CertManager::new(ca, ktls);
+    let drain = Drain::default();
     metrics.register(Box::new(
         CertCollector::new(certs.clone()).map_err(crate::telemetry::metrics::MetricsError::from)?,
     ))?;
@@ -613,14 +614,14 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
                     config.hbone_idle_timeout,
                     certs.clone(),
                     &config.trust_domain,
-                    ktls,
+                    (ktls, drain.closing().clone()),
                 ),
             },
             http_pool: Arc::default(),
             flows: crate::telemetry::flows::FlowLog::new(config.access_log, &metrics)?,
             metrics: metrics.clone(),
             http_timeouts: config.http,
-            drain: Drain::default(),
+            drain,
             limits: ConnLimits {
                 node: config.connection_limits.0,
                 pod: config.connection_limits.1,
@@ -707,7 +708,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         follow.abort();
         agent.stop_accepting();
         drain.start();
-        let left = drain.until_idle(config.drain_timeout).await;
+        let left = finish(&drain, config.drain_timeout).await;
         info!(left, "handover: drained");
         if own_pod.is_some() && !termed {
             // Exiting on our own would have the kubelet restart this container, which would
@@ -745,17 +746,29 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     // take over; open connections get until the drain deadline.
     drain.start();
     let left = tokio::select! {
-        left = drain.until_idle(config.drain_timeout) => left,
+        left = finish(&drain, config.drain_timeout) => left,
         () = handed_over.as_mut() => {
             agent.stop_accepting();
-            drain.until_idle(config.drain_timeout).await
+            finish(&drain, config.drain_timeout).await
         }
     };
     if left > 0 {
-        info!(left, deadline = ?config.drain_timeout, "drain deadline passed; closing the connections left");
+        info!(left, "exiting with connections open");
     }
     agent.inputs().flows.close();
     Ok(())
+}
+
+/// Waits up to `timeout` for the open connections to end; past it, closes the TLS ones with
+/// close_notify and gives them a moment to go. Returns how many are left.
+async fn finish(drain: &Drain, timeout: Duration) -> usize {
+    let left = drain.until_idle(timeout).await;
+    if left == 0 {
+        return 0;
+    }
+    info!(left, deadline = ?timeout, "drain deadline passed; closing the connections left (TLS with close_notify)");
+    drain.close_all();
+    drain.until_idle(Duration::from_secs(1)).await
 }
 
 /// Names of the agent's own listeners in a handover.

@@ -4,6 +4,7 @@
 //! byte relay and the kernel splice for bulk same-node connections; and the upstream HTTP
 //! connection pools. It decides nothing: callers bring the hop and have authorized it.
 
+pub mod closing;
 pub mod dial;
 pub mod error;
 pub mod hbone;

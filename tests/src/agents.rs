@@ -93,6 +93,28 @@ impl Cluster {
         }
     }
 
+    /// Whether node `i`'s oldest retiring agent still runs.
+    pub fn retired_running(&mut self, i: usize) -> Result<bool> {
+        let c = self.nodes[i]
+            .retiring
+            .first_mut()
+            .context("no retiring agent")?;
+        Ok(c.try_wait()?.is_none())
+    }
+
+    /// Stops node `i`'s oldest retiring agent as the kubelet does (SIGTERM) and waits up to 10 s
+    /// for it.
+    pub fn stop_retired(&mut self, i: usize) -> Result<std::process::ExitStatus> {
+        let c = self.nodes[i]
+            .retiring
+            .first()
+            .context("no retiring agent")?;
+        let pid = i32::try_from(c.id())?;
+        // SAFETY: a signal to a child this harness started and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        Ok(self.wait_retired(i, Duration::from_secs(10))?.0)
+    }
+
     /// The handover socket of node `i`'s agents.
     pub fn handover_socket(&self, i: usize) -> std::path::PathBuf {
         self.dir()

@@ -368,6 +368,39 @@ fn a_restart_keeps_capture_and_deleting_the_daemonset_then_stopping_removes_it()
     Ok(())
 }
 
+/// A rollout as the DaemonSet does it (`maxSurge: 1`): the new agent starts beside the old one
+/// and takes over; the old one drains and then waits for the kubelet's SIGTERM instead of
+/// exiting (the kubelet would restart it, and it would take the sockets back), and at SIGTERM
+/// it leaves capture to its successor.
+#[test]
+fn a_rollout_hands_over_and_the_old_agent_waits_for_its_sigterm() -> Result<()> {
+    let mut c = pair("1h")?;
+    let url = format!("http://{}:{APP_PORT}/", c.pod("server").ip);
+    assert_eq!(c.http_status("client", &url)?, Some(200));
+    let before = pinned(&c, 0);
+    c.upgrade_agent(0, &artifact("mesh-ebpf-variant.o")?, &[])?;
+    assert_eq!(c.http_status("client", &url)?, Some(200));
+    wait_until("the old agent to drain", Duration::from_secs(10), || {
+        Ok(c.agent_log(0).contains("handover: drained"))
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        c.retired_running(0)?,
+        "a drained agent in Kubernetes waits for its SIGTERM:\n{}",
+        c.agent_log(0)
+    );
+    let st = c.stop_retired(0)?;
+    assert!(st.success(), "{st}");
+    assert!(
+        !c.agent_log(0).contains("being uninstalled"),
+        "{}",
+        c.agent_log(0)
+    );
+    assert_eq!(pinned(&c, 0), before, "the successor keeps capture");
+    assert_eq!(c.http_status("client", &url)?, Some(200));
+    Ok(())
+}
+
 #[test]
 fn the_kubelets_probe_from_outside_answers_as_ready_does_and_versions_are_visible() -> Result<()> {
     let mut c = pair("1h")?;

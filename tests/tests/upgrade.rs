@@ -227,3 +227,63 @@ fn upgrade_and_downgrade_under_load_drop_nothing() -> Result<()> {
     assert_eq!(streamed["ok"].as_u64(), Some(100), "streams: {streamed}");
     Ok(())
 }
+
+/// Past the drain deadline a replaced agent ends what is left the way TLS means: close_notify,
+/// then FIN, seen on the node's link (without it, the process exit would end the connections
+/// with a bare FIN, which the peer's TLS reports as a truncation).
+#[test]
+fn connections_past_the_drain_deadline_end_with_close_notify() -> Result<()> {
+    const STREAM_PORT: u16 = 9000;
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![],
+    )?;
+    let app = mesh_tests::artifact("mesh-testapp")?
+        .to_string_lossy()
+        .into_owned();
+    c.spawn(
+        "server",
+        &[&app, "stream-serve", "--port", &STREAM_PORT.to_string()],
+    )?;
+    c.wait_listening("server", STREAM_PORT)?;
+    c.start_agent_with(0, &["--drain-timeout", "2s"])?;
+    c.wait_ready(0, Duration::from_secs(15))?;
+    c.start_agent(1)?;
+    let server = c.pod("server").ip;
+    let streams = c.streams("client", (server, STREAM_PORT).into(), 5, 1 << 20, 12)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let node1 = c.nodes[0].netns.clone();
+    let cap = Capture::start(&node1, "uplink")?;
+    c.upgrade_agent(0, &mesh_tests::artifact("mesh-ebpf.o")?, &[])?;
+    let (status, waited) = c.wait_retired(0, Duration::from_secs(15))?;
+    std::thread::sleep(Duration::from_millis(300));
+    // A TLS 1.3 close_notify on the wire: an encrypted record of 19 bytes (a 2-byte alert, its
+    // content type and the 16-byte AEAD tag), which no HTTP/2 frame makes (9 bytes of frame
+    // header at least, so 26).
+    let close_notify = [0x17, 0x03, 0x03, 0x00, 0x13];
+    let notifies = tcp_segments(&cap.stop())
+        .iter()
+        .filter(|s| s.dst_port == 15008 && s.payload.windows(5).any(|w| w == close_notify))
+        .count();
+    let streamed = mesh_tests::load_result(&streams, Duration::from_secs(30))?;
+    println!(
+        "replaced agent exited {status} after {waited:?}; {notifies} close_notify records to 15008; streams {streamed}"
+    );
+    assert!(
+        notifies > 0,
+        "the HBONE connection ended without close_notify"
+    );
+    assert!(status.success(), "{status}");
+    assert!(
+        waited < Duration::from_secs(6),
+        "it exits at the deadline, not with its streams"
+    );
+    assert!(
+        c.agent_log(0).contains("drain deadline passed"),
+        "{}",
+        c.agent_log(0)
+    );
+    // The streams outlived the deadline: cut, by the deadline.
+    assert_eq!(streamed["ok"].as_u64(), Some(0), "{streamed}");
+    Ok(())
+}

@@ -8,7 +8,8 @@
 //!   their streams; HTTP/1 answers carry `Connection: close`, so the client closes once it has
 //!   its answer (closing an idle keep-alive connection from this side would race a request the
 //!   client is writing on it); L4 relays run to their end. Only the deadline, owned by the
-//!   caller, ends what is left.
+//!   caller, ends what is left: HBONE connections with TLS close_notify ([`Drain::close_all`]),
+//!   the rest as the process exits.
 
 use std::{
     sync::{
@@ -25,6 +26,9 @@ use tokio::sync::watch;
 pub struct Drain {
     live: Arc<AtomicUsize>,
     signal: Arc<watch::Sender<bool>>,
+    /// Cancelled at the deadline: TLS connections close with close_notify (see
+    /// `transport::closing`).
+    deadline: tokio_util::sync::CancellationToken,
 }
 
 /// What `/stats` shows of the drain.
@@ -94,6 +98,7 @@ impl Default for Drain {
         Self {
             live: Arc::default(),
             signal: Arc::new(watch::channel(false).0),
+            deadline: tokio_util::sync::CancellationToken::new(),
         }
     }
 }
@@ -131,6 +136,16 @@ impl Drain {
                 return;
             }
         }
+    }
+
+    /// What TLS connections watch for the deadline.
+    pub fn closing(&self) -> &tokio_util::sync::CancellationToken {
+        &self.deadline
+    }
+
+    /// The deadline passed: every TLS connection writes close_notify and closes.
+    pub fn close_all(&self) {
+        self.deadline.cancel();
     }
 
     /// Waits until no connection is open or `deadline` passes; returns how many are left.

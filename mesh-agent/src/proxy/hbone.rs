@@ -41,7 +41,14 @@ pub async fn serve(
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
     let drain = inputs.drain.clone();
-    let accepted = hbone::accept(&inputs.certs, pod.identity(), stream, peer, inputs.ktls).await?;
+    let accepted = hbone::accept(
+        &inputs.certs,
+        pod.identity(),
+        stream,
+        peer,
+        (inputs.ktls, inputs.drain.closing()),
+    )
+    .await?;
     pod.counters.hbone_connections.inc();
     let client = Arc::new(Client {
         id: accepted.client,

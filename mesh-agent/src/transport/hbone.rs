@@ -46,9 +46,10 @@ use http_body_util::Empty;
 use hyper::{Method, Request, StatusCode, client::conn::http2::SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, sync::watch};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{error::TransportError, ktls};
+use super::{closing::Closing, error::TransportError, ktls};
 use crate::{
     identity::{
         self, Identity,
@@ -165,6 +166,8 @@ pub struct Pool {
     trust_domain: String,
     /// Whether connections go to kernel TLS after the handshake.
     ktls: bool,
+    /// Cancelled at the drain deadline: every connection then closes with close_notify.
+    closing: CancellationToken,
 }
 
 /// One key's connections, and the dials under way for it.
@@ -236,7 +239,7 @@ impl Pool {
         idle_timeout: Duration,
         certs: Arc<CertManager>,
         trust_domain: &str,
-        ktls: bool,
+        (ktls, closing): (bool, CancellationToken),
     ) -> Self {
         let conns: Arc<Mutex<HashMap<PoolKey, Entry>>> = Arc::default();
         let weak = Arc::downgrade(&conns);
@@ -267,6 +270,7 @@ impl Pool {
             certs,
             trust_domain: trust_domain.to_string(),
             ktls,
+            closing,
         }
     }
 
@@ -477,8 +481,9 @@ impl Pool {
             .initial_connection_window_size(CONN_WINDOW)
             .max_frame_size(MAX_FRAME)
             .keep_alive_interval(Duration::from_secs(30))
-            .handshake(TokioIo::new(
-                ktls::hand_over(tls.into()).map_err(|e| tunnel(e.to_string()))?,
+            .handshake(Closing::new(
+                TokioIo::new(ktls::hand_over(tls.into()).map_err(|e| tunnel(e.to_string()))?),
+                &self.closing,
             ))
             .await
             .map_err(|e| tunnel(format!("HTTP/2 handshake: {e}")))?;
@@ -519,8 +524,9 @@ impl<E: Into<TransportError>> From<E> for Attempt {
 /// An accepted HBONE connection whose client proved a workload identity of the trust domain.
 #[derive(Debug)]
 pub struct Accepted {
-    /// The connection's plaintext stream (in the kernel's TLS once kTLS took it over).
-    pub io: TokioIo<ktls::Transport>,
+    /// The connection's plaintext stream (in the kernel's TLS once kTLS took it over), closed
+    /// cleanly at the drain deadline.
+    pub io: Closing<TokioIo<ktls::Transport>>,
     /// The identity the client certificate proved.
     pub client: Identity,
     /// That certificate's expiry: TLS checked it once, at the handshake.
@@ -534,7 +540,7 @@ pub async fn accept(
     my_id: &Identity,
     stream: TcpStream,
     peer: SocketAddr,
-    ktls: bool,
+    (ktls, closing): (bool, &CancellationToken),
 ) -> Result<Accepted, TransportError> {
     let cert = certs.wait(my_id, CERT_WAIT).await?;
     let handshake_err = |problem: String| TransportError::Handshake { peer, problem };
@@ -555,7 +561,11 @@ pub async fn accept(
     let client = identity::svid_identity(leaf).map_err(|e| handshake_err(e.to_string()))?;
     let (expiry, ..) = identity::certs::validity(leaf).map_err(|e| handshake_err(e.to_string()))?;
     let io = TokioIo::new(ktls::hand_over(tls.into()).map_err(|e| handshake_err(e.to_string()))?);
-    Ok(Accepted { io, client, expiry })
+    Ok(Accepted {
+        io: Closing::new(io, closing),
+        client,
+        expiry,
+    })
 }
 
 /// The HTTP/2 server settings of a 15008 listener.

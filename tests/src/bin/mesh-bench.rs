@@ -24,9 +24,10 @@
 //! nothing (`MESH_BENCH_SCRAPE_RUNS` of each, 3 by default).
 //!
 //! The soak (`MESH_BENCH_ONLY=soak`, never part of the default run: it takes
-//! `MESH_SOAK_SECONDS`, 600 by default): 10,000 idle keep-alive connections held through the mesh
-//! while 50 checked streams trickle bytes both ways and 100 requests/s run, for the whole time;
-//! then the agents' memory per idle connection, and after everything closed.
+//! `MESH_SOAK_SECONDS`, 600 by default): 10,000 idle connections held through the mesh at L4
+//! (from two pods, each under the per-pod cap) while 50 checked streams trickle bytes both ways
+//! and 100 L7 requests/s run, for the whole time; then the agents' memory per idle connection,
+//! and after everything closed.
 //!
 //! Output: tables on stdout, `bench.json` and `bench.svg` in `MESH_BENCH_OUT` (default
 //! `target/bench`). `MESH_BENCH_ONLY=word,…` runs only the paths whose key contains a word, and
@@ -671,27 +672,34 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
         &[&app, "stream-serve", "--port", &SOAK_STREAMS.to_string()],
     )?;
     c.wait_listening("server", SOAK_STREAMS)?;
+    // Through the L4 service, from two pods of node 1 (each under the agent's per-pod cap):
+    // idle keep-alive connections, one request each. (The memory section measures L7 beside.)
+    let idle_to = b.addr(Target::Service("l4", HTTP)).to_string();
     let baseline = rss();
     eprintln!("soak: holding {IDLE} idle connections for {secs} s");
-    let mut hold = c.spawn_piped(
-        "client",
-        &[
-            &app,
-            "hold",
-            "--addr",
-            &b.addr(Target::Service("l7", HTTP)).to_string(),
-            "--count",
-            &IDLE.to_string(),
-            "--parallel",
-            "16",
-        ],
-    )?;
-    let mut line = String::new();
-    BufReader::new(hold.stdout.take().context("hold's stdout")?).read_line(&mut line)?;
-    anyhow::ensure!(
-        line.trim() == format!("ready {IDLE}"),
-        "holding {IDLE} connections: {line:?}"
-    );
+    let mut holds = Vec::new();
+    for pod in ["client", "local"] {
+        let mut hold = c.spawn_piped(
+            pod,
+            &[
+                &app,
+                "hold",
+                "--addr",
+                &idle_to,
+                "--count",
+                &(IDLE / 2).to_string(),
+                "--parallel",
+                "16",
+            ],
+        )?;
+        let mut line = String::new();
+        BufReader::new(hold.stdout.take().context("hold's stdout")?).read_line(&mut line)?;
+        anyhow::ensure!(
+            line.trim() == format!("ready {}", IDLE / 2),
+            "holding connections from {pod}: {line:?}"
+        );
+        holds.push(hold);
+    }
     std::thread::sleep(Duration::from_secs(2));
     let held = rss();
     // Each stream sends 4 MiB over the whole soak and gets 64 KiB back, both checked.
@@ -722,8 +730,10 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
     }
     let streamed = mesh_tests::load_result(&streams, Duration::from_secs(120))?;
     let requests = mesh_tests::load_result(&load, Duration::from_secs(120))?;
-    drop(hold.stdin.take());
-    let _ = hold.wait();
+    for mut hold in holds {
+        drop(hold.stdin.take());
+        let _ = hold.wait();
+    }
     // The closes propagate, idle pool entries expire and the agent returns freed heap.
     std::thread::sleep(Duration::from_secs(35));
     let after = rss();
