@@ -734,9 +734,15 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
         drop(hold.stdin.take());
         let _ = hold.wait();
     }
-    // The closes propagate, idle pool entries expire and the agent returns freed heap.
-    std::thread::sleep(Duration::from_secs(35));
-    let after = rss();
+    // The closes propagate, idle HBONE connections expire (--hbone-idle-timeout, 30 s) and the
+    // agent returns freed heap (every 10 s): sampled for 90 s.
+    let mut after = rss();
+    let mut after_samples = Vec::new();
+    for t in (10..=90).step_by(10) {
+        std::thread::sleep(Duration::from_secs(10));
+        after = rss();
+        after_samples.push(json!({"t": t, "rss": after}));
+    }
     let per_idle_kb: Vec<f64> = held
         .iter()
         .zip(&baseline)
@@ -757,15 +763,26 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
         mb(&baseline),
         mb(&held),
         mb(&peak),
-        35,
+        90,
         mb(&after)
     );
+    let series: Vec<String> = after_samples
+        .iter()
+        .map(|s| {
+            format!(
+                "{} s: {:.1} MB",
+                s["t"],
+                s["rss"][0].as_f64().unwrap_or(0.0) / 1048576.0
+            )
+        })
+        .collect();
+    println!("client side after closing: {}", series.join(", "));
     println!("KB per idle connection: {per_idle_kb:.1?}; streams {streamed}; requests {requests}");
     let report = json!({
         "seconds": secs, "idle_connections": IDLE, "streams": STREAMS,
         "rss_before": baseline, "rss_held": held, "rss_peak": peak, "rss_after": after,
         "kb_per_idle_connection": per_idle_kb, "streams_result": streamed, "requests": requests,
-        "samples": samples,
+        "samples": samples, "after_closing": after_samples,
     });
     anyhow::ensure!(
         streamed["ok"].as_u64() == Some(STREAMS as u64),

@@ -961,8 +961,16 @@ fn hold(addr: SocketAddr, count: usize, parallel: usize, half_head: bool) -> any
     // A connection the proxy refused (a reset: it is at a connection cap) is counted, not fatal,
     // when holding half heads: refusing some is what an overload test expects.
     let open = |i: usize| -> anyhow::Result<Option<std::io::BufReader<std::net::TcpStream>>> {
-        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .with_context(|| format!("connection {i} of {count} to {addr}"))?;
+        let stream = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => s,
+            // The reset can beat the connect's own completion.
+            Err(e) if half_head && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("connection {i} of {count} to {addr}"));
+            }
+        };
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut reader = std::io::BufReader::new(stream);
         if half_head {
