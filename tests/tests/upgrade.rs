@@ -100,6 +100,28 @@ fn kill_9_under_load_fails_closed_and_a_restarted_agent_serves_within_2_s() -> R
     Ok(())
 }
 
+/// Port of the server pod's `stream-serve`.
+const STREAM_PORT: u16 = 9000;
+
+/// client on node 1, server on node 2 serving HTTP on `APP_PORT` and checked streams on
+/// `STREAM_PORT`; no agent started yet.
+fn streams_pair() -> Result<Cluster> {
+    let c = Cluster::new(
+        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
+        vec![],
+    )?;
+    c.serve("server", APP_PORT)?;
+    let app = mesh_tests::artifact("mesh-testapp")?
+        .to_string_lossy()
+        .into_owned();
+    c.spawn(
+        "server",
+        &[&app, "stream-serve", "--port", &STREAM_PORT.to_string()],
+    )?;
+    c.wait_listening("server", STREAM_PORT)?;
+    Ok(c)
+}
+
 /// The ids of every map and link pinned under `/sys/fs/bpf/<pin>`, with each link's program.
 type PinnedIds = (BTreeMap<String, u32>, BTreeMap<String, (u32, u32)>);
 
@@ -132,20 +154,7 @@ fn pinned_ids(pin: &str) -> Result<PinnedIds> {
 /// link ids) while the links move onto the other build's programs and back.
 #[test]
 fn upgrade_and_downgrade_under_load_drop_nothing() -> Result<()> {
-    const STREAM_PORT: u16 = 9000;
-    let mut c = Cluster::new(
-        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
-        vec![],
-    )?;
-    c.serve("server", APP_PORT)?;
-    let app = mesh_tests::artifact("mesh-testapp")?
-        .to_string_lossy()
-        .into_owned();
-    c.spawn(
-        "server",
-        &[&app, "stream-serve", "--port", &STREAM_PORT.to_string()],
-    )?;
-    c.wait_listening("server", STREAM_PORT)?;
+    let mut c = streams_pair()?;
     c.start_agent(0)?;
     c.start_agent(1)?;
     let server = c.pod("server").ip;
@@ -233,19 +242,7 @@ fn upgrade_and_downgrade_under_load_drop_nothing() -> Result<()> {
 /// with a bare FIN, which the peer's TLS reports as a truncation).
 #[test]
 fn connections_past_the_drain_deadline_end_with_close_notify() -> Result<()> {
-    const STREAM_PORT: u16 = 9000;
-    let mut c = Cluster::new(
-        vec![vec![PodSpec::mesh("client")], vec![PodSpec::mesh("server")]],
-        vec![],
-    )?;
-    let app = mesh_tests::artifact("mesh-testapp")?
-        .to_string_lossy()
-        .into_owned();
-    c.spawn(
-        "server",
-        &[&app, "stream-serve", "--port", &STREAM_PORT.to_string()],
-    )?;
-    c.wait_listening("server", STREAM_PORT)?;
+    let mut c = streams_pair()?;
     c.start_agent_with(0, &["--drain-timeout", "2s"])?;
     c.wait_ready(0, Duration::from_secs(15))?;
     c.start_agent(1)?;
