@@ -22,10 +22,7 @@ mod handover;
 mod support;
 
 pub use support::{PodReport, Stats};
-use support::{
-    SharedCollector, fix_mmap_threshold, kube_settings, return_free_heap, shutdown_signal,
-    start_memory_return,
-};
+use support::{SharedCollector, kube_settings, shutdown_signal};
 
 use crate::{
     admin,
@@ -217,6 +214,7 @@ impl Agent {
             pods: reports,
             certificates: self.inputs.certs.report(),
             trust_roots: self.inputs.certs.trust_roots(),
+            heap: support::HeapReport::now(),
             authorization_policies: state
                 .authorization_policies
                 .iter()
@@ -438,7 +436,6 @@ impl Agent {
 /// Runs the agent until SIGINT or SIGTERM. Capture stays in place on exit (fail closed);
 /// `mesh-agent uninstall` removes it.
 pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppError> {
-    fix_mmap_threshold();
     bpf::preflight(&config.bpffs)?;
     if let Some(dir) = &config.cgroup {
         crate::capture::cgroup::join(dir)?;
@@ -665,8 +662,6 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         }
         Source::Kube(d) => tokio::spawn(follow_kubernetes(agent.clone(), d.updates)),
     };
-    return_free_heap();
-    start_memory_return();
     for (listener, scope) in [
         (admin_listener, admin::Scope::All),
         (probe_listener, admin::Scope::Probes),

@@ -1,7 +1,7 @@
-//! The parts of the agent's wiring that need no agent: the `/stats` body, returning freed heap,
+//! The parts of the agent's wiring that need no agent: the `/stats` body, the heap's counters,
 //! the Kubernetes settings, the shutdown signal and the kernel collector's registration.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 use tracing::warn;
@@ -57,6 +57,8 @@ pub struct Stats {
     pub destination_rules: Vec<String>,
     /// Current configuration problems (rejected pods or services).
     pub problems: Vec<String>,
+    /// The allocator's view of the heap: what is in use against what it holds.
+    pub heap: HeapReport,
     /// HBONE connections open in the client pool.
     pub hbone_pool_connections: usize,
     /// Workloads of the mesh this node knows (its own pods included).
@@ -65,46 +67,35 @@ pub struct Stats {
     pub services: usize,
 }
 
-/// Returns freed heap to the OS: after start-up (loading the programs parses the kernel's BTF,
-/// megabytes) and then periodically; glibc would otherwise keep it as free heap, counted in the
-/// agent's resident memory for good.
-pub(super) fn return_free_heap() {
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+/// Heap in use against heap held, from the allocator (jemalloc, see `main.rs`): when the agent's
+/// resident memory stays high after a load, this tells live data (`in_use`) from pages the
+/// allocator still holds (`resident` above it) and from what it has not yet purged.
+#[derive(Debug, Default, Serialize)]
+pub struct HeapReport {
+    /// Bytes of live allocations.
+    pub in_use: usize,
+    /// Bytes in the allocator's active pages (live allocations and their slabs' free slots).
+    pub active: usize,
+    /// Bytes of the allocator's pages that are resident (its metadata and unpurged pages too).
+    pub resident: usize,
 }
 
-/// How often freed heap goes back to the OS.
-const MEMORY_RETURN_EVERY: Duration = Duration::from_secs(10);
-
-/// Allocations from 128 KiB up get pages of their own, returned as soon as they are freed.
-/// glibc would otherwise raise that bound after each large free (up to 32 MiB), and put the
-/// next large buffer (a page of a Kubernetes list, the model of ten thousand workloads) in the
-/// heap among long-lived objects, where its pages stay resident: with 10,000 remote pods that
-/// kept 4 MB more.
-pub(super) fn fix_mmap_threshold() {
-    const THRESHOLD: libc::c_int = 128 * 1024;
-    // SAFETY: mallopt only sets a parameter of the allocator.
-    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) } != 1 {
-        warn!("cannot fix the allocator's mmap threshold; large buffers may stay resident");
-    }
-}
-
-/// Returns freed heap to the OS every few seconds, from a thread of its own. glibc keeps what a
-/// burst freed (a client that made the proxy buffer megabytes, then left) as free heap in its
-/// arenas for good; trimming hands it back, so memory falls again after a connection closes.
-pub(super) fn start_memory_return() {
-    let started = std::thread::Builder::new()
-        .name("memory-return".into())
-        .spawn(|| {
-            loop {
-                std::thread::sleep(MEMORY_RETURN_EVERY);
-                return_free_heap();
-            }
-        });
-    if let Err(e) = started {
-        warn!("cannot start the memory-return thread: {e}; freed heap stays with the agent");
+impl HeapReport {
+    /// Reads the allocator's counters now (they are refreshed on demand, by advancing its epoch).
+    pub fn now() -> Self {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        let read = || -> Result<Self, tikv_jemalloc_ctl::Error> {
+            epoch::advance()?;
+            Ok(Self {
+                in_use: stats::allocated::read()?,
+                active: stats::active::read()?,
+                resident: stats::resident::read()?,
+            })
+        };
+        read().unwrap_or_else(|e| {
+            warn!("cannot read the allocator's counters: {e}");
+            Self::default()
+        })
     }
 }
 

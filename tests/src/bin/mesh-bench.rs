@@ -676,6 +676,12 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
     // idle keep-alive connections, one request each. (The memory section measures L7 beside.)
     let idle_to = b.addr(Target::Service("l4", HTTP)).to_string();
     let baseline = rss();
+    let heap_of = || -> Vec<Value> {
+        (0..2)
+            .map(|i| c.stats(i).map(|s| s["heap"].clone()).unwrap_or_default())
+            .collect()
+    };
+    let heap_before = heap_of();
     eprintln!("soak: holding {IDLE} idle connections for {secs} s");
     let mut holds = Vec::new();
     for pod in ["client", "local"] {
@@ -743,6 +749,9 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
         after = rss();
         after_samples.push(json!({"t": t, "rss": after}));
     }
+    // What the allocator says is live against what it holds: resident memory above the sum is
+    // pages it cannot hand back (fragmentation), the live part is data the agent still keeps.
+    let heap = heap_of();
     let per_idle_kb: Vec<f64> = held
         .iter()
         .zip(&baseline)
@@ -778,9 +787,12 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
         .collect();
     println!("client side after closing: {}", series.join(", "));
     println!("KB per idle connection: {per_idle_kb:.1?}; streams {streamed}; requests {requests}");
+    println!("heap (the allocator's bytes in use, active, resident) before: {heap_before:?}");
+    println!("heap after closing: {heap:?}");
     let report = json!({
         "seconds": secs, "idle_connections": IDLE, "streams": STREAMS,
         "rss_before": baseline, "rss_held": held, "rss_peak": peak, "rss_after": after,
+        "heap_before": heap_before, "heap_after": heap,
         "kb_per_idle_connection": per_idle_kb, "streams_result": streamed, "requests": requests,
         "samples": samples, "after_closing": after_samples,
     });
