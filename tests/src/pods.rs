@@ -244,7 +244,10 @@ impl Cluster {
 
     /// `curl` from pod `pod`; returns (exit code, stdout).
     pub fn curl(&self, pod: &str, args: &[&str]) -> Result<(i32, String)> {
-        let mut all = vec!["curl", "-sS", "--max-time", "10"];
+        let max_time = crate::sys::scaled(Duration::from_secs(10))
+            .as_secs()
+            .to_string();
+        let mut all = vec!["curl", "-sS", "--max-time", &max_time];
         all.extend_from_slice(args);
         let out = self.exec(pod, &all)?;
         Ok((
@@ -277,7 +280,7 @@ pub fn load_result(
     path: &std::path::Path,
     timeout: std::time::Duration,
 ) -> Result<serde_json::Value> {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = std::time::Instant::now() + crate::sys::scaled(timeout);
     loop {
         if let Ok(text) = std::fs::read_to_string(path)
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)

@@ -200,13 +200,30 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// Polls `f` every 50 ms until it returns true; fails after `timeout` naming `what`.
+/// How much longer the harness waits than on a real host: `MESH_TEST_TIME_SCALE` (default 1).
+/// The qemu guest of `cargo xtask test --kernel` sets it, since emulation (TCG) runs code several
+/// times slower. It stretches timeouts only; no test asserts a duration with it.
+pub fn time_scale() -> u32 {
+    std::env::var("MESH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// A timeout stretched by [`time_scale`].
+pub fn scaled(timeout: Duration) -> Duration {
+    timeout * time_scale()
+}
+
+/// Polls `f` every 50 ms until it returns true; fails after `timeout` (stretched by
+/// [`time_scale`]) naming `what`.
 pub fn wait_until(
     what: &str,
     timeout: Duration,
     mut f: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + scaled(timeout);
     loop {
         if f()? {
             return Ok(());

@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod layers;
+mod vm;
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -36,8 +37,17 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test (unit, kernel and end-to-end). Must run as root.
+    /// Run every test (unit, kernel and end-to-end). Must run as root. With `--kernel`, run the
+    /// kernel and end-to-end suites inside a qemu guest booted from that kernel instead.
     Test {
+        /// A kernel to boot in qemu: a version (`6.1`: Debian's newest 6.1 cloud kernel), a
+        /// `.deb`, or an extracted kernel package.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// With `--kernel`: the suites (tests/tests/<suite>.rs) to run in the guest, repeatable
+        /// (default: kernel, datapath, identity, l7).
+        #[arg(long = "suite")]
+        suites: Vec<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -250,6 +260,7 @@ fn setup() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
+        .chain(vm::APT_PACKAGES.iter().copied())
         .chain((!kubectl).then_some("kubernetes-client"))
         .filter(|p| {
             output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
@@ -328,6 +339,10 @@ fn setup() -> Result<()> {
                 .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")),
         )?;
     }
+    // The kernel the CI's guest step boots (`test --kernel`), fetched once.
+    if is_root() {
+        vm::kernel(vm::CI_KERNEL)?;
+    }
     // bpffs, which the agent pins into.
     if is_root() {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -389,7 +404,22 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
         Task::Build { release } => build(release).map(|_| ()),
-        Task::Test { args } => {
+        Task::Test {
+            kernel: Some(kernel),
+            suites,
+            args,
+        } => {
+            build(false)?;
+            let suites = if suites.is_empty() {
+                vm::DEFAULT_SUITES.iter().map(|s| s.to_string()).collect()
+            } else {
+                suites
+            };
+            vm::test(&kernel, &suites, &args)
+        }
+        Task::Test {
+            kernel: None, args, ..
+        } => {
             if !is_root() {
                 bail!(
                     "the kernel and end-to-end tests need root (eBPF, netns, cgroups) and are never skipped: run `sudo cargo xtask test`"
