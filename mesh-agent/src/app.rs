@@ -214,6 +214,10 @@ impl Agent {
             pods: reports,
             certificates: self.inputs.certs.report(),
             trust_roots: self.inputs.certs.trust_roots(),
+            ktls: support::KtlsReport {
+                enabled: self.inputs.ktls,
+                connections: crate::transport::ktls::counts(),
+            },
             heap: support::HeapReport::now(),
             authorization_policies: state
                 .authorization_policies

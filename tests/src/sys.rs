@@ -200,6 +200,35 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+/// Whether this kernel takes the `tls` upper-layer protocol on a TCP socket (CONFIG_TLS, the
+/// module loaded on demand): asked of the kernel directly, so the tests do not take the agent's
+/// word for what the agent decided. `MESH_TEST_EXPECT_KTLS=1` (the qemu guest sets it, its
+/// kernel has TLS) turns a "no" into a failure, so a guest without TLS cannot pass by testing
+/// the other path.
+pub fn kernel_has_tls() -> Result<bool> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let _server = listener.accept()?;
+    // SAFETY: setsockopt reads `tls`'s 3 bytes; the fd is the live socket above.
+    let rc = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            b"tls".as_ptr().cast(),
+            3,
+        )
+    };
+    let has = rc == 0;
+    if !has && std::env::var("MESH_TEST_EXPECT_KTLS").as_deref() == Ok("1") {
+        bail!(
+            "MESH_TEST_EXPECT_KTLS=1 but the kernel refused the tls ULP: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(has)
+}
+
 /// How much longer the harness waits than on a real host: `MESH_TEST_TIME_SCALE` (default 1).
 /// The qemu guest of `cargo xtask test --kernel` sets it, since emulation (TCG) runs code several
 /// times slower. It stretches timeouts only; no test asserts a duration with it.

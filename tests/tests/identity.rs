@@ -93,9 +93,10 @@ fn cross_node_traffic_is_mtls_on_the_wire() -> Result<()> {
         hbone_bytes >= body.len(),
         "the upload crossed as HBONE: {hbone_bytes} bytes on 15008"
     );
-    // Both agents decided on kTLS at start, as the kernel allows: here (no CONFIG_TLS) the
-    // upload above went through rustls, the kTLS path skipped with the reason logged.
-    let has_tls = std::path::Path::new("/sys/module/tls").exists();
+    // Both agents decided on kTLS at start, as the kernel allows, and the upload's HBONE
+    // connection took that path at both ends: the kernel's TLS where it has it (the 6.1 guest
+    // of `cargo xtask test --kernel`), rustls where it has not (6.18 without CONFIG_TLS).
+    let has_tls = mesh_tests::kernel_has_tls()?;
     for i in 0..2 {
         let log = c.agent_log(i);
         let said = if has_tls {
@@ -104,6 +105,18 @@ fn cross_node_traffic_is_mtls_on_the_wire() -> Result<()> {
             "kTLS: off: the kernel has no TLS support"
         };
         assert!(log.contains(said), "agent {i} did not log {said:?}:\n{log}");
+        let ktls = &c.stats(i)?["ktls"];
+        println!("agent {i}: kTLS {ktls}");
+        assert_eq!(ktls["enabled"], has_tls, "agent {i}: {ktls}");
+        let (used, unused) = if has_tls {
+            ("kernel", "rustls")
+        } else {
+            ("rustls", "kernel")
+        };
+        assert!(
+            ktls[used].as_u64() > Some(0) && ktls[unused] == 0,
+            "agent {i}: HBONE must have gone through {used} only: {ktls}"
+        );
     }
 
     // Control: the same upload from the pod outside the mesh is plaintext, and the capture sees

@@ -57,6 +57,9 @@ pub struct Stats {
     pub destination_rules: Vec<String>,
     /// Current configuration problems (rejected pods or services).
     pub problems: Vec<String>,
+    /// Whether HBONE goes to the kernel's TLS (`--ktls` and a kernel with it), and how many
+    /// connections took each path.
+    pub ktls: KtlsReport,
     /// The allocator's view of the heap: what is in use against what it holds.
     pub heap: HeapReport,
     /// HBONE connections open in the client pool.
@@ -65,6 +68,16 @@ pub struct Stats {
     pub workloads: usize,
     /// Services this node routes.
     pub services: usize,
+}
+
+/// kTLS in `/stats`: the decision made at start and the connections of each path since.
+#[derive(Debug, Serialize)]
+pub struct KtlsReport {
+    /// kTLS is in use for new HBONE connections.
+    pub enabled: bool,
+    /// Connections per path.
+    #[serde(flatten)]
+    pub connections: crate::transport::ktls::KtlsCounts,
 }
 
 /// Heap in use against heap held, from the allocator (jemalloc, see `main.rs`): when the agent's

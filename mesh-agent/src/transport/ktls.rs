@@ -24,6 +24,7 @@ use std::{
     io,
     os::fd::AsFd,
     pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll, ready},
 };
 
@@ -226,6 +227,29 @@ pub type HboneTls = tokio_rustls::TlsStream<Corked<TcpStream>>;
 /// An HBONE connection's byte stream: rustls in userspace (left), or the kernel's TLS (right).
 pub type Transport = tokio_util::either::Either<Box<HboneTls>, KernelStream>;
 
+/// HBONE connections (either end) whose records the kernel took, and those that stayed on
+/// rustls: the evidence, in `/stats`, of which path carried them. Process-wide, like the
+/// kernel's own TLS counters.
+static ON_KERNEL: AtomicU64 = AtomicU64::new(0);
+static ON_RUSTLS: AtomicU64 = AtomicU64::new(0);
+
+/// How many HBONE connections went to the kernel's TLS and how many stayed on rustls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KtlsCounts {
+    /// Handed over to the kernel (`TLS_TX` and `TLS_RX` installed).
+    pub kernel: u64,
+    /// Kept on rustls (kTLS off, a cipher the kernel lacks, or the ULP refused).
+    pub rustls: u64,
+}
+
+/// The counts so far.
+pub fn counts() -> KtlsCounts {
+    KtlsCounts {
+        kernel: ON_KERNEL.load(Ordering::Relaxed),
+        rustls: ON_RUSTLS.load(Ordering::Relaxed),
+    }
+}
+
 /// Moves a finished handshake into the kernel when it was corked (kTLS in use), the cipher
 /// has a kernel counterpart and the kernel takes the `tls` ULP; otherwise it stays on rustls,
 /// the cork released. An error means the secrets had left rustls and the connection is lost.
@@ -243,6 +267,7 @@ pub fn hand_over(mut tls: HboneTls) -> Result<Transport, KtlsError> {
     }
     let over = take_over(tls)?;
     keys::enable(over.tcp.as_fd(), &over.secrets)?;
+    ON_KERNEL.fetch_add(1, Ordering::Relaxed);
     Ok(Transport::Right(KernelStream {
         io: over.tcp,
         pending: Held::new(over.pending),
@@ -259,6 +284,7 @@ const TLS_BUFFER: usize = 256 * 1024;
 
 /// A connection that stays on rustls.
 fn on_rustls(mut tls: HboneTls) -> Transport {
+    ON_RUSTLS.fetch_add(1, Ordering::Relaxed);
     match &mut tls {
         tokio_rustls::TlsStream::Client(c) => c.get_mut().1.set_buffer_limit(Some(TLS_BUFFER)),
         tokio_rustls::TlsStream::Server(s) => s.get_mut().1.set_buffer_limit(Some(TLS_BUFFER)),
