@@ -45,7 +45,7 @@ enum Task {
         #[arg(long)]
         kernel: Option<String>,
         /// With `--kernel`: the suites (tests/tests/<suite>.rs) to run in the guest, repeatable
-        /// (default: kernel, datapath, identity, l7).
+        /// (default: unit, kernel, datapath, identity, l7; `unit` is mesh-agent's unit tests).
         #[arg(long = "suite")]
         suites: Vec<String>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
