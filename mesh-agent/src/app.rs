@@ -24,6 +24,7 @@ mod support;
 pub use support::{PodReport, Stats};
 use support::{SharedCollector, kube_settings, shutdown_signal};
 
+use crate::capture::features::{KernelFeatures, Need, TLS_ULP};
 use crate::{
     admin,
     capture::bpf::{self, Dataplane},
@@ -44,6 +45,27 @@ use crate::{
     transport::hbone,
     view::{Snapshot, View},
 };
+
+/// `mesh_kernel_feature{feature, need}`: 1 where the kernel has it, 0 where its path is off.
+fn kernel_features_gauge(f: &KernelFeatures) -> Result<prometheus::IntGaugeVec, prometheus::Error> {
+    let gauge = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "mesh_kernel_feature",
+            "Kernel features probed at start: 1 present, 0 missing (its path is off)",
+        ),
+        &["feature", "need"],
+    )?;
+    for p in &f.features {
+        let need = match p.need {
+            Need::Required => "required",
+            Need::Optional => "optional",
+        };
+        gauge
+            .with_label_values(&[p.name, need])
+            .set(i64::from(p.available));
+    }
+    Ok(gauge)
+}
 
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +96,9 @@ pub enum AppError {
     /// See [`cgroup::CgroupError`].
     #[error(transparent)]
     Cgroup(#[from] crate::capture::cgroup::CgroupError),
+    /// See [`features::FeatureError`].
+    #[error(transparent)]
+    Kernel(#[from] crate::capture::features::FeatureError),
     /// A listening socket taken over from the running agent could not be used.
     #[error(
         "cannot serve on the {name} socket taken from the running agent: {source} (stop that agent, or move its handover socket away, and start again)"
@@ -122,6 +147,8 @@ pub struct Agent {
     pod_cgroup_root: Option<PathBuf>,
     /// The kernel's counters and map fill levels (also on `/metrics`).
     kernel: Arc<bpf::collector::KernelCollector>,
+    /// What the kernel offered at start.
+    kernel_features: KernelFeatures,
     /// Run-time log level.
     pub logging: admin::LogControl,
     /// Sockets taken from the agent this one succeeds, until it serves.
@@ -260,6 +287,7 @@ impl Agent {
             "certificates": self.inputs.certs.report(),
             "trust_roots": self.inputs.certs.trust_roots(),
             "bpf": { "maps": maps, "events": events },
+            "kernel_features": self.kernel_features.features,
             "problems": self.problems.lock().clone(),
         })
     }
@@ -441,6 +469,15 @@ impl Agent {
 /// `mesh-agent uninstall` removes it.
 pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppError> {
     bpf::preflight(&config.bpffs)?;
+    // Before anything is loaded or pinned: a kernel without a must-have is refused by name.
+    let mut kernel_features = KernelFeatures::probe(&config.pretend_missing);
+    kernel_features.record(
+        TLS_ULP,
+        crate::transport::ktls::available().map_err(ToString::to_string),
+        &config.pretend_missing,
+    );
+    kernel_features.log();
+    kernel_features.require()?;
     if let Some(dir) = &config.cgroup {
         crate::capture::cgroup::join(dir)?;
     }
@@ -535,6 +572,10 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         &pin_root.join("maps"),
     )?);
     metrics.register(Box::new(SharedCollector(kernel.clone())))?;
+    metrics.register(Box::new(
+        kernel_features_gauge(&kernel_features)
+            .map_err(crate::telemetry::metrics::MetricsError::from)?,
+    ))?;
     let view = Arc::new(View::new(&config.trust_domain));
     let ca = match &config.ca {
         CaSource::Embedded { dir, ttl } => {
@@ -573,13 +614,18 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
     };
 
     // Before any TLS config is built: they differ when connections go to the kernel.
-    let ktls = match crate::transport::ktls::configure(config.ktls) {
+    let (wanted, why_off) = crate::transport::ktls::configure(config.ktls);
+    let ktls = match (wanted && kernel_features.has(TLS_ULP), why_off) {
         (true, _) => {
             info!("kTLS: on; HBONE connections move to the kernel after the handshake");
             true
         }
         (false, Some(e)) => {
             info!("kTLS: off: {e}");
+            false
+        }
+        (false, None) if config.ktls => {
+            info!("kTLS: off: kernel feature {TLS_ULP} reported missing");
             false
         }
         (false, None) => {
@@ -637,6 +683,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         },
         pod_cgroup_root,
         kernel,
+        kernel_features: kernel_features.clone(),
         logging,
         handed: Mutex::new(handed),
         own_sockets,

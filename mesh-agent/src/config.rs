@@ -367,6 +367,15 @@ pub struct RunArgs {
     /// (CONFIG_TLS; detected at start, and without it everything stays on rustls).
     #[arg(long, env = ENV_KTLS, default_value_t = true, action = clap::ArgAction::Set)]
     pub ktls: bool,
+    /// Report a kernel feature missing without probing it (repeatable; the names are in
+    /// `/config_dump`'s `kernel_features`): for testing the refusal of a must-have and the
+    /// fallback of a nice-to-have on a kernel that has them.
+    #[arg(
+        long = "pretend-missing-kernel-feature",
+        value_name = "NAME",
+        hide = true
+    )]
+    pub pretend_missing: Vec<String>,
     /// Take TCP out of the hops between pods and the proxy over each pod's loopback: sockmap
     /// `sk_msg` moves each message into the receiving socket (the first 4 MiB each socket
     /// sends; then TCP). Off by default: on Linux 6.18 a socket in a sockmap can fail a
@@ -479,6 +488,8 @@ pub struct Config {
     pub same_node_splice_after_bytes: u64,
     /// Whether HBONE may use the kernel's TLS.
     pub ktls: bool,
+    /// Kernel features to report missing without probing (tests).
+    pub pretend_missing: Vec<String>,
     /// Whether pod↔proxy loopback hops may bypass TCP.
     pub loop_bypass: bool,
     /// The cgroup to join at start.
@@ -540,6 +551,7 @@ impl Config {
             same_node_splice: args.same_node_splice,
             same_node_splice_after_bytes: args.same_node_splice_after_bytes,
             ktls: args.ktls,
+            pretend_missing: args.pretend_missing,
             loop_bypass: args.loop_bypass,
             cgroup: args.cgroup,
             http,

@@ -482,6 +482,76 @@ fn start_without_root_or_bpffs_says_what_to_do() -> Result<()> {
     Ok(())
 }
 
+/// Every kernel feature the agent uses is probed once at start and reported in `/config_dump`
+/// and `mesh_kernel_feature`; on the kernel running this suite (the host, or the qemu guest of
+/// `cargo xtask test --kernel`) each must-have is present. Pretending one missing refuses the
+/// start, before anything is pinned, with the feature's name, the release that brought it and
+/// the minimum kernel; pretending the optional kTLS ULP missing starts the agent with kTLS off.
+#[test]
+fn kernel_features_are_probed_and_a_missing_must_have_refuses_the_start_by_name() -> Result<()> {
+    let mut c = Cluster::new(vec![vec![PodSpec::mesh("client")]], vec![])?;
+    c.start_agent_with(0, &["--pretend-missing-kernel-feature", "tls_ulp"])?;
+    c.wait_ready(0, Duration::from_secs(15))?;
+    let (code, body) = c.agent_get(0, "/config_dump")?;
+    assert_eq!(code, 200, "{body}");
+    let dump: serde_json::Value = serde_json::from_str(&body)?;
+    let features = dump["kernel_features"]
+        .as_array()
+        .context("kernel_features in /config_dump")?
+        .clone();
+    let samples = c.scrape(0)?;
+    let mut required = Vec::new();
+    for f in &features {
+        let name = f["name"].as_str().context("a feature's name")?;
+        println!(
+            "{name}: {} ({}, since {})",
+            f["available"], f["need"], f["since"]
+        );
+        let sample = samples
+            .iter()
+            .find(|s| s.name == "mesh_kernel_feature" && s.labels["feature"] == name)
+            .with_context(|| format!("mesh_kernel_feature{{feature={name:?}}}"))?;
+        assert_eq!(sample.value == 1.0, f["available"] == true, "{name}");
+        if f["need"] == "required" {
+            assert_eq!(f["available"], true, "must-have {name} missing: {f}");
+            required.push((
+                name.to_string(),
+                f["since"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+        if name == "tls_ulp" {
+            assert_eq!(f["available"], false, "pretended missing: {f}");
+        }
+    }
+    assert!(required.len() >= 10, "the must-haves: {required:?}");
+    assert!(c.agent_log(0).contains("kTLS: off"), "{}", c.agent_log(0));
+    assert_eq!(c.stats(0)?["ktls"]["enabled"], false);
+
+    // Each must-have, pretended missing: refused at once, by name, with nothing pinned.
+    let agent = artifact("mesh-agent")?;
+    for (name, since) in &required {
+        let pin_name = format!("mesh-features-{}", std::process::id());
+        let out = std::process::Command::new(&agent)
+            .args(["run", "--node-file", "/nonexistent/node.yaml", "--pin-name"])
+            .arg(&pin_name)
+            .args(["--pretend-missing-kernel-feature", name])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: the agent started: {err}");
+        assert!(
+            err.contains(&format!("lacks {name}"))
+                && err.contains(&format!("Linux {since}"))
+                && err.contains("the agent needs Linux 5.15 or newer"),
+            "{name}: {err}"
+        );
+        assert!(
+            !std::path::Path::new("/sys/fs/bpf").join(&pin_name).exists(),
+            "{name}: something was pinned before the refusal"
+        );
+    }
+    Ok(())
+}
+
 /// 2,000 tunnels opened at once from one pod to one remote pod: concurrent callers share the
 /// dials in progress, so the pool opens about 2000 / 100 HBONE connections (the server allows
 /// 1024 streams each, the pool puts at most 100 on one), not one per caller; once the tunnels

@@ -121,8 +121,14 @@ fn secret_key(c: &Cluster, key: &str) -> Result<String> {
 fn one_ca_deployment_signs_for_both_nodes_and_refuses_other_nodes_audiences_accounts_and_expired_tokens()
 -> Result<()> {
     let mut c = pair("1h")?;
-    // Both agents got their pods' certificates from the one CA process: cross-node mTLS works.
-    assert!(c.issued(0, "client-sa")? >= 1 && c.issued(1, "server-sa")? >= 1);
+    // Both agents got their pods' certificates from the one CA process (asked for once the pods
+    // are enrolled, so waited for): cross-node mTLS works.
+    wait_until("both pods' certificates", Duration::from_secs(10), || {
+        Ok(
+            c.issued(0, "client-sa").unwrap_or(0) >= 1
+                && c.issued(1, "server-sa").unwrap_or(0) >= 1,
+        )
+    })?;
     let vip = format!("http://{}:80/", c.service_ip("web"));
     assert_eq!(c.http_status("client", &vip)?, Some(200));
     let log = c.ca_log();
