@@ -796,6 +796,79 @@ mod tests {
         let _ = std::fs::remove_dir_all(&f.dir);
     }
 
+    /// What ARCHITECTURE.md promises of the kernel path, on a kernel with TLS (the qemu guest;
+    /// on a kernel without it the client stays on rustls, which follows the key update, and the
+    /// test checks that instead): a peer's KeyUpdate ends the connection with an error that says
+    /// so, never with bytes decrypted under a stale key; and once a key has sealed as many
+    /// records as its cipher allows, writes are refused rather than sealed past the limit.
+    #[tokio::test]
+    async fn a_key_update_ends_a_kernel_connection_and_the_record_limit_refuses_writes() {
+        let f = fixture("ktls-keyupdate");
+        let (server_cfg, client_cfg) = ktls_configs(&f);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The peer stays on rustls, which can send a KeyUpdate.
+            let mut tls = tokio_rustls::TlsAcceptor::from(server_cfg)
+                .accept(Corked::new(tcp, false))
+                .await
+                .unwrap();
+            let mut first = [0u8; 5];
+            tls.read_exact(&mut first).await.unwrap();
+            assert_eq!(&first, b"hello");
+            tls.get_mut().1.refresh_traffic_keys().unwrap();
+            tls.write_all(b"after").await.unwrap();
+            tls.flush().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(client_cfg)
+            .connect(name, Corked::new(tcp, true))
+            .await
+            .unwrap();
+        let mut io = hand_over(tls.into()).unwrap();
+        assert_eq!(matches!(io, Transport::Right(_)), available().is_ok());
+        // The qemu guest's kernel has TLS: there the kernel path must be what was tested.
+        if std::env::var("MESH_TEST_EXPECT_KTLS").as_deref() == Ok("1") {
+            assert!(
+                matches!(io, Transport::Right(_)),
+                "the kernel's TLS was expected"
+            );
+        }
+        io.write_all(b"hello").await.unwrap();
+        io.flush().await.unwrap();
+        let mut after = [0u8; 5];
+        let read = io.read_exact(&mut after).await;
+        match &mut io {
+            Transport::Right(kernel) => {
+                let e = read.expect_err("a key update must end the kernel path");
+                assert!(e.to_string().contains("updated its keys"), "{e}");
+                // The record limit, brought near: one more record, then refusal.
+                kernel.limit = kernel.sent_records + 1;
+                let mut k = std::pin::Pin::new(kernel);
+                k.write_all(b"x").await.unwrap();
+                let e = k.write_all(b"y").await.expect_err("past the record limit");
+                assert!(
+                    e.to_string()
+                        .contains("as many records as its cipher allows"),
+                    "{e}"
+                );
+            }
+            Transport::Left(_) => {
+                read.unwrap();
+                assert_eq!(&after, b"after", "rustls follows the key update");
+            }
+        }
+        drop(io);
+        server.await.unwrap();
+        let _ = std::fs::remove_dir_all(&f.dir);
+    }
+
     /// The records match linux/tls.h byte for byte: header, then for AES-GCM the IV's last 8
     /// bytes, the key, the IV's first 4 (the salt) and the big-endian sequence number; for
     /// ChaCha20 the whole IV first.
