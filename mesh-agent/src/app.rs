@@ -506,6 +506,9 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         }
     };
     let (mut dataplane, orig_dst, splice) = Dataplane::load(&config.bpf_object, &pin_root)?;
+    if let Some(ring) = dataplane.take_kernel_log() {
+        tokio::spawn(bpf::log::forward(ring));
+    }
     info!(
         pin_root = %pin_root.display(),
         adopted_maps = dataplane.adopted_maps(),

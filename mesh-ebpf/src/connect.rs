@@ -80,6 +80,10 @@ fn handle(
             // rewriting would bypass the mesh, so rewrite regardless.
             if !record(ctx, dst) {
                 event(events::CONNECT_RECORD_FAILED);
+                aya_log_ebpf::warn!(
+                    ctx,
+                    "connect: a captured connect's original destination could not be recorded (map full?): the proxy will refuse it"
+                );
             }
             rewrite();
             event(redirected);

@@ -89,10 +89,17 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
             }
             SK_PASS
         }
-        Err(_) => {
+        Err(e) => {
             // SAFETY: `stats` is a live map value.
             bump(unsafe { &raw mut (*stats).refused_no_listener });
             event(events::LOOKUP_DROP_NO_LISTENER);
+            // Rare (the agent is down or the pod's listener is gone): said, not only counted.
+            aya_log_ebpf::warn!(
+                ctx,
+                "sk_lookup: an enrolled pod has no proxy listener for port {}: connection refused (error {})",
+                lk.local_port,
+                e
+            );
             SK_DROP
         }
     }

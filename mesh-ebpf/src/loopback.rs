@@ -93,6 +93,10 @@ fn enter(ctx: &SockOpsContext, mut key: LoopKey, mode: u32) {
             .is_err()
     {
         event(events::LOOP_ENTER_FAILED);
+        aya_log_ebpf::warn!(
+            ctx,
+            "loopback bypass: the socket map is full; this connection stays on TCP"
+        );
         return;
     }
     event(events::LOOP_ENTERED);

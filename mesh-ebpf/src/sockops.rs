@@ -64,6 +64,10 @@ fn rekey(ctx: &SockOpsContext) -> bool {
         event(events::SOCKOPS_REKEYED);
     } else {
         event(events::SOCKOPS_REKEY_FAILED);
+        aya_log_ebpf::warn!(
+            ctx,
+            "sock_ops: a captured connection's original destination could not be re-keyed (map full?): the proxy will refuse it"
+        );
     }
     let _ = ORIG_DST_COOKIE.remove(&cookie);
     true

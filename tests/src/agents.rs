@@ -204,7 +204,7 @@ impl Cluster {
 
     /// Polls node `i`'s `/ready` until 200, or fails with the agent's log.
     pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::sys::scaled(timeout);
         loop {
             if let Ok((200, _)) = self.agent_get(i, "/ready") {
                 return Ok(());

@@ -475,6 +475,9 @@ pub fn enrolled_cluster_with(
             .collect();
         let mesh: Vec<&str> = mesh.iter().map(String::as_str).collect();
         wait_enrolled(&c, i, &mesh)?;
+        // Ready again once the enrolled pods' certificates are in, so a test's first request
+        // does not race the CA (on a loaded machine it did).
+        c.wait_ready(i, Duration::from_secs(30))?;
     }
     Ok(c)
 }

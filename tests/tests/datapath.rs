@@ -552,6 +552,83 @@ fn kernel_features_are_probed_and_a_missing_must_have_refuses_the_start_by_name(
     Ok(())
 }
 
+/// The kernel programs report rare events through aya-log, and the agent forwards them at debug
+/// level: with the pod's listeners taken out of `INBOUND_SOCKS` behind the agent's back,
+/// `sk_lookup` refuses a plaintext connection from outside the mesh to the enrolled server; at the default level nothing is said,
+/// and after `/logging` turns on `mesh_agent::capture=debug` each refusal is in the agent's log.
+#[test]
+fn kernel_rare_events_reach_the_agent_log_when_logging_turns_them_on() -> Result<()> {
+    let mut c = Cluster::new(
+        vec![vec![PodSpec::bare("bare"), PodSpec::mesh("server")]],
+        vec![],
+    )?;
+    c.serve("server", APP_PORT)?;
+    c.start_agent(0)?;
+    let url = format!("http://{}:{APP_PORT}/", c.pod("server").ip);
+    assert_eq!(c.http_status("bare", &url)?, Some(200));
+    // Take every listener out of the map, as if the agent had lost them.
+    let map = std::path::Path::new("/sys/fs/bpf")
+        .join(&c.nodes[0].pin_name)
+        .join("maps/INBOUND_SOCKS");
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&map)
+        .output()?;
+    let entries: serde_json::Value = serde_json::from_slice(&dump.stdout)
+        .with_context(|| String::from_utf8_lossy(&dump.stderr).into_owned())?;
+    let entries = entries.as_array().context("bpftool's dump")?;
+    assert!(!entries.is_empty(), "no listener in {}", map.display());
+    for e in entries {
+        let key: Vec<String> = e["key"]
+            .as_array()
+            .context("an entry's key")?
+            .iter()
+            .map(|b| {
+                b.as_str()
+                    .unwrap_or("")
+                    .trim_start_matches("0x")
+                    .to_string()
+            })
+            .collect();
+        let st = std::process::Command::new("bpftool")
+            .args(["map", "delete", "pinned"])
+            .arg(&map)
+            .arg("key")
+            .arg("hex")
+            .args(&key)
+            .status()?;
+        assert!(st.success(), "bpftool map delete {key:?}");
+    }
+    let said = "kernel: sk_lookup: an enrolled pod has no proxy listener for port 8080";
+    assert_ne!(c.http_status("bare", &url)?, Some(200));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !c.agent_log(0).contains(said),
+        "logged at the default level"
+    );
+    let set = c.node_exec(
+        0,
+        &[
+            "curl",
+            "-s",
+            "-X",
+            "POST",
+            "-w",
+            " %{http_code}",
+            "http://127.0.0.1:15000/logging?level=info,mesh_agent::capture=debug",
+        ],
+    )?;
+    assert!(set.ends_with(" 200"), "{set}");
+    assert_ne!(c.http_status("bare", &url)?, Some(200));
+    wait_until(
+        "the kernel's event in the agent's log",
+        Duration::from_secs(5),
+        || Ok(c.agent_log(0).contains(said)),
+    )
+    .with_context(|| c.agent_log(0))?;
+    Ok(())
+}
+
 /// 2,000 tunnels opened at once from one pod to one remote pod: concurrent callers share the
 /// dials in progress, so the pool opens about 2000 / 100 HBONE connections (the server allows
 /// 1024 streams each, the pool puts at most 100 on one), not one per caller; once the tunnels

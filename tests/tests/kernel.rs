@@ -67,9 +67,15 @@ fn every_name_exists_and_every_program_loads_and_attaches() -> Result<()> {
         // Pinned by name, so a restarted agent adopts it.
         assert!(scratch.pins.join(m).exists(), "map {m} not pinned");
     }
+    // aya-log's ring of rare events and the constants its format strings live in (`.rodata`):
+    // deliberately not pinned, each agent has its own.
+    for own in ["AYA_LOGS", ".rodata"] {
+        assert!(names.iter().any(|n| n == own), "{own} missing: {names:?}");
+        assert!(!scratch.pins.join(own).exists(), "{own} is pinned");
+    }
     assert_eq!(
         names.len(),
-        maps::ALL.len(),
+        maps::ALL.len() + 2,
         "object has maps mesh-common does not name: {names:?}"
     );
     let progs: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();

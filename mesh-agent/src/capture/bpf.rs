@@ -40,6 +40,7 @@ use mesh_common::{
 use crate::state::Pod;
 
 pub mod collector;
+pub mod log;
 mod splice;
 pub mod sys;
 
@@ -160,6 +161,8 @@ fn unpin_link(path: &Path) -> Result<(), BpfError> {
 /// The loaded programs and the maps the control plane writes.
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// The programs' log ring, until the agent takes it to forward ([`Dataplane::take_kernel_log`]).
+    kernel_log: Option<log::KernelLogger>,
     root: PathBuf,
     inbound_socks: SockHash<MapData, InboundKey>,
     pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
@@ -299,6 +302,12 @@ impl Dataplane {
                 source: io::Error::other(chain(&e)),
             })?;
         }
+        // After every program is loaded: they hold the ring too.
+        let kernel_log = aya_log::EbpfLogger::init_with_logger(&mut ebpf, log::KernelLog)
+            .inspect_err(|e| {
+                tracing::warn!("cannot read the kernel programs' log ring: {e}; their rare events are only counted");
+            })
+            .ok();
         let orig = match take_map(&mut ebpf, maps::ORIG_DST)? {
             Map::LruHashMap(m) => m,
             _ => {
@@ -340,6 +349,7 @@ impl Dataplane {
         Ok((
             Self {
                 ebpf,
+                kernel_log,
                 root: root.to_owned(),
                 inbound_socks,
                 pod_stats,
@@ -355,6 +365,12 @@ impl Dataplane {
             OrigDstTable { fd },
             splice,
         ))
+    }
+
+    /// The programs' log ring, once: whoever takes it forwards it ([`log::forward`]) for as
+    /// long as the programs run.
+    pub fn take_kernel_log(&mut self) -> Option<log::KernelLogger> {
+        self.kernel_log.take()
     }
 
     /// Whether the maps were adopted from an earlier agent rather than created.
