@@ -279,6 +279,23 @@ impl Cluster {
         parse_metrics(&text)
     }
 
+    /// Sets node `i`'s log filter with `POST /logging?level=<filter>` (curl in the node's
+    /// network, as an operator would); returns what it printed, ending in the HTTP status.
+    pub fn set_log_filter(&self, i: usize, filter: &str) -> Result<String> {
+        self.node_exec(
+            i,
+            &[
+                "curl",
+                "-s",
+                "-X",
+                "POST",
+                "-w",
+                " %{http_code}",
+                &format!("http://127.0.0.1:15000/logging?level={filter}"),
+            ],
+        )
+    }
+
     /// Node `i`'s `/stats`, parsed.
     pub fn stats(&self, i: usize) -> Result<serde_json::Value> {
         let (code, body) = self.agent_get(i, "/stats")?;

@@ -606,18 +606,7 @@ fn kernel_rare_events_reach_the_agent_log_when_logging_turns_them_on() -> Result
         !c.agent_log(0).contains(said),
         "logged at the default level"
     );
-    let set = c.node_exec(
-        0,
-        &[
-            "curl",
-            "-s",
-            "-X",
-            "POST",
-            "-w",
-            " %{http_code}",
-            "http://127.0.0.1:15000/logging?level=info,mesh_agent::capture=debug",
-        ],
-    )?;
+    let set = c.set_log_filter(0, "info,mesh_agent::capture=debug")?;
     assert!(set.ends_with(" 200"), "{set}");
     assert_ne!(c.http_status("bare", &url)?, Some(200));
     wait_until(

@@ -574,20 +574,7 @@ fn admin_commands_show_status_config_and_change_the_log_level() -> Result<()> {
     // The log level changes at run time, and a bad filter is refused with the old one kept.
     let level = |c: &Cluster| c.agent_get(0, "/logging").map(|(_, b)| b);
     assert_eq!(level(&c)?.trim(), "log filter: info");
-    let post = |filter: &str| {
-        c.node_exec(
-            0,
-            &[
-                "curl",
-                "-s",
-                "-X",
-                "POST",
-                "-w",
-                " %{http_code}",
-                &format!("http://127.0.0.1:15000/logging?level={filter}"),
-            ],
-        )
-    };
+    let post = |filter: &str| c.set_log_filter(0, filter);
     let ok = post("debug")?;
     assert!(ok.ends_with(" 200"), "{ok}");
     assert_eq!(level(&c)?.trim(), "log filter: debug");

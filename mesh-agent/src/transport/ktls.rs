@@ -744,6 +744,20 @@ mod tests {
         let _ = std::fs::remove_dir_all(&f.dir);
     }
 
+    /// A client that handshakes through the cork and hands over, as the HBONE pool does.
+    async fn corked_client(
+        addr: std::net::SocketAddr,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> Transport {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, Corked::new(tcp, true))
+            .await
+            .unwrap();
+        hand_over(tls.into()).unwrap()
+    }
+
     /// Both ends hand over after a corked handshake. Without kernel TLS (this machine) both
     /// stay on rustls, the cork released, and no byte is lost or repeated: the client's first
     /// data, sent with its Finished, arrives once. Where the kernel has TLS, both move to it
@@ -757,13 +771,7 @@ mod tests {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let client = tokio::spawn(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-            let tls = tokio_rustls::TlsConnector::from(client_cfg)
-                .connect(name, Corked::new(tcp, true))
-                .await
-                .unwrap();
-            let mut io = hand_over(tls.into()).unwrap();
+            let mut io = corked_client(addr, client_cfg).await;
             io.write_all(b"ping").await.unwrap();
             io.flush().await.unwrap();
             let mut pong = [0u8; 4];
@@ -825,13 +833,7 @@ mod tests {
             let mut rest = Vec::new();
             let _ = tls.read_to_end(&mut rest).await;
         });
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let tls = tokio_rustls::TlsConnector::from(client_cfg)
-            .connect(name, Corked::new(tcp, true))
-            .await
-            .unwrap();
-        let mut io = hand_over(tls.into()).unwrap();
+        let mut io = corked_client(addr, client_cfg).await;
         assert_eq!(matches!(io, Transport::Right(_)), available().is_ok());
         // The qemu guest's kernel has TLS: there the kernel path must be what was tested.
         if std::env::var("MESH_TEST_EXPECT_KTLS").as_deref() == Ok("1") {
