@@ -305,6 +305,14 @@ impl Cluster {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Node `i`'s agent's anonymous resident memory in kB ([`crate::proc_rss_anon`]).
+    pub fn agent_anon_kb(&self, i: usize) -> Result<u64> {
+        let pid = self.agent_pid(i).context("the agent is not running")?;
+        crate::sys::proc_rss_anon(pid)
+            .map(|bytes| bytes / 1024)
+            .with_context(|| format!("RssAnon of pid {pid}"))
+    }
+
     /// Node `i`'s agent's resident memory in kB, from /proc/<pid>/status.
     pub fn agent_rss_kb(&self, i: usize) -> Result<u64> {
         let pid = self.agent_pid(i).context("the agent is not running")?;

@@ -146,10 +146,21 @@ pub fn proc_cpu(pid: u32) -> Option<Duration> {
 
 /// Resident memory of process `pid` in bytes (`VmRSS`); `None` once it is gone.
 pub fn proc_rss(pid: u32) -> Option<u64> {
+    proc_status_bytes(pid, "VmRSS:")
+}
+
+/// Anonymous resident memory (heap, stacks) of `pid` in bytes: `RssAnon` from /proc. What a
+/// load can grow; `VmRSS` also counts the binary's own pages, which a debug build has tens of
+/// megabytes of.
+pub fn proc_rss_anon(pid: u32) -> Option<u64> {
+    proc_status_bytes(pid, "RssAnon:")
+}
+
+fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()
