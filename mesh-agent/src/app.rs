@@ -159,6 +159,11 @@ pub struct Agent {
     netns_inode: u64,
     /// Ends the admin, probe and metrics accept loops once a successor serves.
     accepting: tokio_util::sync::CancellationToken,
+    /// Whether a discovered state has been reconciled yet. Until then the published state is
+    /// the empty one, with no pod missing from it: without this, an agent whose Kubernetes
+    /// watches had synced but whose first state was still being applied looked ready, and a
+    /// successor told its predecessor it served before it had its pods' listeners.
+    applied: std::sync::atomic::AtomicBool,
 }
 
 impl admin::AdminView for Agent {
@@ -188,6 +193,9 @@ impl Agent {
     pub fn not_ready_reason(&self) -> Option<String> {
         if let Some(why) = self.kube.as_ref().and_then(|k| k.not_ready_reason()) {
             return Some(why);
+        }
+        if !self.applied.load(std::sync::atomic::Ordering::Acquire) {
+            return Some("the discovered state is not applied yet".into());
         }
         let state = self.current_state();
         let pods = self.pods.lock();
@@ -692,6 +700,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         own_sockets,
         netns_inode: here,
         accepting: tokio_util::sync::CancellationToken::new(),
+        applied: std::sync::atomic::AtomicBool::new(false),
     });
     // Who to ask, at SIGTERM, whether this is an uninstall.
     let own_pod = match (&source, &config.discovery) {
@@ -949,6 +958,9 @@ fn apply(agent: &Agent, loaded: nodefile::Loaded, waiting: Vec<String>) {
             .map(|w| format!("not enrolled yet: {w}")),
     );
     agent.reconcile(loaded.state, problems);
+    agent
+        .applied
+        .store(true, std::sync::atomic::Ordering::Release);
 }
 
 /// Applies each complete view Kubernetes discovery builds, validated as a node file is.

@@ -382,10 +382,20 @@ fn a_restart_keeps_capture_and_deleting_the_daemonset_then_stopping_removes_it()
 fn a_rollout_hands_over_and_the_old_agent_waits_for_its_sigterm() -> Result<()> {
     let mut c = pair("1h")?;
     let url = format!("http://{}:{APP_PORT}/", c.pod("server").ip);
-    assert_eq!(c.http_status("client", &url)?, Some(200));
+    let get = |c: &Cluster| -> Result<()> {
+        let (code, out) = c.curl("client", &["-o", "/dev/null", "-w", "%{http_code}", &url])?;
+        anyhow::ensure!(
+            out.trim() == "200",
+            "curl exit {code}: {out}\nnode 0:\n{}\nnode 1:\n{}",
+            c.agent_log(0),
+            c.agent_log(1)
+        );
+        Ok(())
+    };
+    get(&c)?;
     let before = pinned(&c, 0);
     c.upgrade_agent(0, &artifact("mesh-ebpf-variant.o")?, &[])?;
-    assert_eq!(c.http_status("client", &url)?, Some(200));
+    get(&c)?;
     wait_until("the old agent to drain", Duration::from_secs(10), || {
         Ok(c.agent_log(0).contains("handover: drained"))
     })?;
