@@ -384,8 +384,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs shm /dev/shm
-mount -t tmpfs tmp /tmp
-mount -t tmpfs run /run
+# No tmpfs over /tmp or /run: the initramfs is in memory and writable already, and a checkout
+# under /tmp (as CI's may be) would be hidden by one.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
