@@ -221,6 +221,8 @@ impl Agent {
 
     /// A snapshot of every counter.
     pub fn stats(&self) -> Stats {
+        // Before the locks below: it takes the pods' lock itself.
+        let not_ready = self.not_ready_reason();
         let dp = self.dataplane.lock();
         let pods = self.pods.lock();
         let state = self.current_state();
@@ -243,6 +245,7 @@ impl Agent {
         Stats {
             node: state.node.clone(),
             pid: std::process::id(),
+            not_ready,
             adopted_maps: dp.adopted_maps(),
             link_updates: dp.link_updates(),
             connections: self.inputs.drain.report(),

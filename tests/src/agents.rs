@@ -61,11 +61,14 @@ impl Cluster {
         self.spawn_agent(i, object, extra)?;
         let pid = self.agent_pid(i).context("the new agent's pid")?;
         // Both answer on the shared admin socket until the new one serves; then only it does.
+        // So `/ready` alone may be the old agent's answer: wait for the new one to say it is
+        // ready itself.
         wait_until("the new agent to serve", Duration::from_secs(30), || {
-            Ok(self.stats(i).ok().and_then(|s| s["pid"].as_u64()) == Some(u64::from(pid)))
+            Ok(self.any_stats(i).ok().is_some_and(|s| {
+                s["pid"].as_u64() == Some(u64::from(pid)) && s["not_ready"].is_null()
+            }))
         })
-        .with_context(|| self.agent_log(i))?;
-        self.wait_ready(i, Duration::from_secs(30))
+        .with_context(|| self.agent_log(i))
     }
 
     /// Waits for the oldest retiring agent of node `i` to exit; returns its status and how long
@@ -297,7 +300,31 @@ impl Cluster {
     }
 
     /// Node `i`'s `/stats`, parsed.
+    /// Node `i`'s current agent's `/stats`. Right after an upgrade the replaced agent may
+    /// still answer on the shared admin socket for a moment, until it has stopped accepting:
+    /// such answers are skipped.
     pub fn stats(&self, i: usize) -> Result<serde_json::Value> {
+        let Some(pid) = self.agent_pid(i) else {
+            return self.any_stats(i);
+        };
+        let deadline = Instant::now() + crate::sys::scaled(Duration::from_secs(10));
+        loop {
+            let stats = self.any_stats(i)?;
+            if stats["pid"].as_u64() == Some(u64::from(pid)) {
+                return Ok(stats);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "/stats of node {i} still answered by pid {} (a replaced agent), not {pid}",
+                    stats["pid"]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `/stats` from whichever agent of node `i` answers.
+    pub fn any_stats(&self, i: usize) -> Result<serde_json::Value> {
         let (code, body) = self.agent_get(i, "/stats")?;
         if code != 200 {
             bail!("/stats answered {code}: {body}");

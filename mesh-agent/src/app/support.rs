@@ -37,6 +37,11 @@ pub struct Stats {
     pub node: String,
     /// The agent's process id: during an upgrade, which of two agents answered.
     pub pid: u32,
+    /// Why this agent is not ready (as `/ready` says); absent when it is. During an upgrade
+    /// both agents answer on the shared admin socket, so with `pid` this tells which one
+    /// answered and whether it serves yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
     /// Whether the maps were adopted from an earlier agent.
     pub adopted_maps: bool,
     /// Adopted links moved onto this agent's programs (an upgrade or downgrade).
