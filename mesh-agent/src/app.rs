@@ -236,7 +236,7 @@ impl Agent {
                         ip: l.pod.ip,
                         identity: l.identity().to_string(),
                         mtls_mode: state.mtls_mode(&l.pod),
-                        kernel: dp.pod_stats(l.pod.ip, l.netns.cookie()),
+                        kernel: dp.pod_stats(&l.pod, l.netns.cookie()),
                         proxy: serde_json::to_value(&*l.counters).unwrap_or_default(),
                     },
                 )
@@ -327,7 +327,7 @@ impl Agent {
         for key in gone {
             if let Some(mut p) = pods.remove(&key) {
                 p.stop();
-                dp.unregister_pod(p.local.pod.ip, p.local.netns.cookie());
+                dp.unregister_pod(&p.local.pod, p.local.netns.cookie());
                 info!(pod = %key, "pod removed from the mesh");
             }
         }
@@ -374,11 +374,13 @@ impl Agent {
                 .into_iter()
                 .map(|(port, mode)| (port, mode == MtlsMode::Strict))
                 .collect();
-            if let Err(e) = dp
-                .set_strict(pod.ip, strict)
-                .and_then(|()| dp.set_port_modes(pod.ip, &ports))
-            {
-                problems.push(format!("pod {}: {e}", pod.key));
+            for ip in pod.ips() {
+                if let Err(e) = dp
+                    .set_strict(ip, strict)
+                    .and_then(|()| dp.set_port_modes(ip, &ports))
+                {
+                    problems.push(format!("pod {}: {e}", pod.key));
+                }
             }
             if pods.contains_key(&pod.key) {
                 continue;
@@ -447,7 +449,7 @@ impl Agent {
                 .map_err(|source| EnrollError::Netns { pod: key(), source })?,
         );
         dp.register_pod(pod, netns.cookie())
-            .and_then(|()| dp.set_strict(pod.ip, strict))
+            .and_then(|()| pod.ips().try_for_each(|ip| dp.set_strict(ip, strict)))
             .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
         let listeners = {
             let mut handed = self.handed.lock();
@@ -458,8 +460,11 @@ impl Agent {
             })
             .map_err(|source| EnrollError::Netns { pod: key(), source })?
         };
-        dp.set_listener(pod.ip, ListenerKind::Inbound, &listeners.inbound)
-            .and_then(|()| dp.set_listener(pod.ip, ListenerKind::Hbone, &listeners.hbone))
+        pod.ips()
+            .try_for_each(|ip| {
+                dp.set_listener(ip, ListenerKind::Inbound, &listeners.inbound)?;
+                dp.set_listener(ip, ListenerKind::Hbone, &listeners.hbone)
+            })
             .map_err(|source| EnrollError::Bpf { pod: key(), source })?;
         let adopted = dp
             .attach_pod(pod)

@@ -18,6 +18,8 @@ pub struct Pod {
     pub service_account: String,
     /// The pod's address, unique across the mesh.
     pub ip: IpAddr,
+    /// Its address in the other family, on a dual-stack pod (Kubernetes' second `podIPs`).
+    pub secondary_ip: Option<IpAddr>,
     /// Path of the pod's network namespace (e.g. `/var/run/netns/<name>`).
     pub netns: PathBuf,
     /// The pod's cgroup v2 directory; the connect hooks attach here.
@@ -37,8 +39,14 @@ impl Pod {
         self.key == other.key
             && self.service_account == other.service_account
             && self.ip == other.ip
+            && self.secondary_ip == other.secondary_ip
             && self.netns == other.netns
             && self.cgroup == other.cgroup
+    }
+
+    /// Its addresses: the primary, then the other family's on a dual-stack pod.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        std::iter::once(self.ip).chain(self.secondary_ip)
     }
 }
 
@@ -53,6 +61,8 @@ pub struct Workload {
     pub key: ObjectKey,
     /// Its address.
     pub ip: IpAddr,
+    /// Its address in the other family, when it is dual-stack.
+    pub secondary_ip: Option<IpAddr>,
     /// Service account (with the namespace, its identity), shared by its replicas.
     pub service_account: Arc<str>,
     /// The node it runs on, shared by the node's workloads.
@@ -62,6 +72,19 @@ pub struct Workload {
     pub labels: Arc<Labels>,
     /// The workload it belongs to (see [`Pod::workload_name`]), shared by its replicas.
     pub workload_name: Arc<str>,
+}
+
+impl Workload {
+    /// Its addresses: the primary, then the other family's.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        std::iter::once(self.ip).chain(self.secondary_ip)
+    }
+
+    /// Its address in the family of `like`, if it has one: a connection to a service's IPv6
+    /// address goes to its endpoints' IPv6 addresses, as Kubernetes' per-family endpoints do.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips().find(|a| a.is_ipv6() == like.is_ipv6())
+    }
 }
 
 /// Whether a workload accepts plaintext.
@@ -238,6 +261,9 @@ pub struct Service {
     pub key: ObjectKey,
     /// The virtual address.
     pub ip: IpAddr,
+    /// Its virtual address in the other family, when it is dual-stack (Kubernetes' second
+    /// `clusterIPs`).
+    pub secondary_ip: Option<IpAddr>,
     /// Ports it serves.
     pub ports: Vec<ServicePort>,
     /// Endpoint pod addresses.
@@ -258,6 +284,11 @@ pub static DEFAULT_UPGRADES: std::sync::LazyLock<Vec<String>> =
     std::sync::LazyLock::new(default_upgrades);
 
 impl Service {
+    /// Its virtual addresses: the primary, then the other family's.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        std::iter::once(self.ip).chain(self.secondary_ip)
+    }
+
     /// Whether `port` is declared opaque TCP.
     pub fn is_opaque(&self, port: u16) -> bool {
         self.ports.iter().any(|p| p.port == port && p.opaque)
@@ -515,11 +546,20 @@ pub mod testing {
         s.parse().expect("test address")
     }
 
+    /// `"a"` or, dual-stack, `"a,b"`: the primary and the secondary address.
+    pub fn ips(s: &str) -> (IpAddr, Option<IpAddr>) {
+        let mut parts = s.split(',');
+        let first = ip(parts.next().unwrap_or_default());
+        (first, parts.next().map(ip))
+    }
+
     /// Service `default/name` at `vip`, serving `(port, target port)` pairs on `endpoints`.
     pub fn service(name: &str, vip: &str, ports: &[(u16, u16)], endpoints: &[&str]) -> Service {
+        let (ip, secondary_ip) = ips(vip);
         Service {
             key: key("default", name),
-            ip: ip(vip),
+            ip,
+            secondary_ip,
             ports: ports
                 .iter()
                 .map(|&(port, target_port)| ServicePort {
@@ -528,16 +568,18 @@ pub mod testing {
                     opaque: false,
                 })
                 .collect(),
-            endpoints: endpoints.iter().map(|e| ip(e)).collect(),
+            endpoints: endpoints.iter().map(|e| self::ip(e)).collect(),
             upgrades: default_upgrades(),
         }
     }
 
     /// Workload `default/name` at `addr` on `node`, running as service account `sa`.
     pub fn workload(name: &str, addr: &str, sa: &str, node: &str) -> Workload {
+        let (ip, secondary_ip) = ips(addr);
         Workload {
             key: key("default", name),
-            ip: ip(addr),
+            ip,
+            secondary_ip,
             service_account: sa.into(),
             node: node.into(),
             labels: Arc::new(Labels::from([("app".to_string(), name.to_string())])),
@@ -547,10 +589,12 @@ pub mod testing {
 
     /// Pod `default/name` of this node at `addr`.
     pub fn pod(name: &str, addr: &str) -> Pod {
+        let (ip, secondary_ip) = ips(addr);
         Pod {
             key: key("default", name),
             service_account: name.into(),
-            ip: ip(addr),
+            ip,
+            secondary_ip,
             netns: "/run/netns/test".into(),
             cgroup: "/sys/fs/cgroup/test".into(),
             labels: Labels::from([("app".to_string(), name.to_string())]),
@@ -566,7 +610,11 @@ pub mod testing {
                 .into_iter()
                 .map(|s| (s.key.clone(), Arc::new(s)))
                 .collect(),
-            workloads: workloads.into_iter().map(|w| (w.ip, Arc::new(w))).collect(),
+            workloads: workloads
+                .into_iter()
+                .map(Arc::new)
+                .flat_map(|w| w.ips().map(move |a| (a, w.clone())))
+                .collect(),
             ..NodeState::default()
         }
     }
@@ -609,6 +657,7 @@ mod tests {
             },
             service_account: "sa".into(),
             ip: "10.0.0.1".parse().expect("ip"),
+            secondary_ip: None,
             netns: "/n".into(),
             cgroup: "/c".into(),
             labels: [("app".to_string(), app.to_string())].into(),

@@ -35,7 +35,7 @@ impl Snapshot {
 
     /// The enrolled pod of this node with address `ip`.
     pub fn local_pod(&self, ip: IpAddr) -> Option<&Arc<LocalPod>> {
-        self.local.get(&ip)
+        self.local.get(&ip.to_canonical())
     }
 
     /// The enrolled pods of this node.
@@ -114,7 +114,10 @@ impl View {
     }
 
     fn store(&self, routes: Arc<Routes>, local: impl IntoIterator<Item = Arc<LocalPod>>) {
-        let local = local.into_iter().map(|p| (p.pod.ip, p)).collect();
+        let local = local
+            .into_iter()
+            .flat_map(|p| p.pod.ips().map(move |ip| (ip, p.clone())))
+            .collect();
         self.current.store(Arc::new(Snapshot {
             routes,
             local,

@@ -110,7 +110,8 @@ impl OrigDstTable {
 
 fn orig_to_addr(v: &OrigDst) -> SocketAddr {
     let ip = if v.family == mesh_common::AF_INET6 {
-        IpAddr::from(v.addr)
+        // An IPv6 socket's connect to ::ffff:a.b.c.d goes out as IPv4: route it as that.
+        IpAddr::from(v.addr).to_canonical()
     } else {
         IpAddr::from([v.addr[0], v.addr[1], v.addr[2], v.addr[3]])
     };
@@ -480,26 +481,30 @@ impl Dataplane {
         })?;
         let who = pod.key.to_string();
         zero_if_absent(&mut self.pod_stats, netns_cookie, n, maps::POD_STATS, &who)?;
-        zero_if_absent(
-            &mut self.inbound_stats,
-            ip_key(pod.ip),
-            n,
-            maps::INBOUND_STATS,
-            &who,
-        )?;
+        for ip in pod.ips() {
+            zero_if_absent(
+                &mut self.inbound_stats,
+                ip_key(ip),
+                n,
+                maps::INBOUND_STATS,
+                &who,
+            )?;
+        }
         Ok(())
     }
 
-    /// Forgets a pod's counters and address (after its links are gone).
-    pub fn unregister_pod(&mut self, ip: IpAddr, netns_cookie: u64) {
+    /// Forgets a pod's counters and addresses (after its links are gone).
+    pub fn unregister_pod(&mut self, pod: &Pod, netns_cookie: u64) {
         let _ = self.pod_stats.remove(&netns_cookie);
-        let _ = self.inbound_stats.remove(&ip_key(ip));
-        let _ = self.strict.remove(&ip_key(ip));
-        let _ = self.set_port_modes(ip, &[]);
-        for kind in [ListenerKind::Inbound, ListenerKind::Hbone] {
-            let _ = self
-                .inbound_socks
-                .remove(&InboundKey::new(ip_key(ip), kind));
+        for ip in pod.ips() {
+            let _ = self.inbound_stats.remove(&ip_key(ip));
+            let _ = self.strict.remove(&ip_key(ip));
+            let _ = self.set_port_modes(ip, &[]);
+            for kind in [ListenerKind::Inbound, ListenerKind::Hbone] {
+                let _ = self
+                    .inbound_socks
+                    .remove(&InboundKey::new(ip_key(ip), kind));
+            }
         }
     }
 
@@ -518,8 +523,8 @@ impl Dataplane {
             ))
     }
 
-    /// Summed kernel counters for a pod.
-    pub fn pod_stats(&self, ip: IpAddr, netns_cookie: u64) -> KernelPodStats {
+    /// Summed kernel counters for a pod (over its addresses, when it is dual-stack).
+    pub fn pod_stats(&self, pod: &Pod, netns_cookie: u64) -> KernelPodStats {
         let mut out = KernelPodStats::default();
         if let Ok(v) = self.pod_stats.get(&netns_cookie, 0) {
             for s in v.iter() {
@@ -528,7 +533,10 @@ impl Dataplane {
                 out.bypassed += s.bypassed;
             }
         }
-        if let Ok(v) = self.inbound_stats.get(&ip_key(ip), 0) {
+        for v in pod
+            .ips()
+            .filter_map(|ip| self.inbound_stats.get(&ip_key(ip), 0).ok())
+        {
             for s in v.iter() {
                 out.steered_inbound += s.steered_inbound;
                 out.steered_hbone += s.steered_hbone;

@@ -194,8 +194,10 @@ impl Netns {
             // Lets a new agent bind beside an old one during an upgrade.
             s.set_reuse_port(true)
                 .map_err(|e| sock_err(path, &ctx("SO_REUSEPORT"), e))?;
+            // `[::]` takes both families (a dual-stack pod's inbound listeners); any other
+            // IPv6 address only its own.
             if addr.is_ipv6() {
-                s.set_only_v6(true)
+                s.set_only_v6(!addr.ip().is_unspecified())
                     .map_err(|e| sock_err(path, &ctx("IPV6_V6ONLY"), e))?;
             }
             s.bind(&addr.into())

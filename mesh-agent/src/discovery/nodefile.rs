@@ -360,6 +360,7 @@ fn validate(
         let namespace = cx.label("namespace", &rp.namespace);
         let sa = cx.label("serviceAccount", &rp.service_account);
         let ip = cx.ip("ip", &rp.ip);
+        let secondary_ip = cx.secondary_ip("secondaryIp", &rp.secondary_ip, ip);
         let netns = cx.required("netns", &rp.netns).cloned();
         let cgroup = cx.required("cgroup", &rp.cgroup).cloned();
         if let Some(p) = &netns
@@ -391,6 +392,7 @@ fn validate(
                     Pod {
                         service_account,
                         ip,
+                        secondary_ip,
                         netns,
                         cgroup,
                         labels: rp.labels.clone(),
@@ -415,8 +417,28 @@ fn validate(
             .find(|(_, p)| Some(&p.key) == previous_owner(pod.ip).as_ref())
             .or_else(|| candidates.iter().find(|(_, p)| p.ip == pod.ip))
             .map(|(_, p)| p.key.clone());
-        if winner.as_ref() == Some(&pod.key) {
-            owners.insert(pod.ip, format!("pod {}", pod.key));
+        // Beyond the primaries compared above, an address a pod accepted earlier holds (as its
+        // secondary) is taken.
+        let taken = pod
+            .ips()
+            .find_map(|a| owners.get(&a).map(|o| (a, o.clone())));
+        if let Some((a, owner)) = &taken
+            && winner.as_ref() == Some(&pod.key)
+        {
+            errors.push(ObjectError {
+                kind: "pod",
+                who: pod.key.to_string(),
+                position: format!("pods[{i}]"),
+                field: if *a == pod.ip { "ip" } else { "secondaryIp" },
+                problem: format!(
+                    "address {a} is already used by {owner}; pod addresses must be unique"
+                ),
+            });
+            rejected.push(pod.key.clone());
+        } else if winner.as_ref() == Some(&pod.key) {
+            for a in pod.ips() {
+                owners.insert(a, format!("pod {}", pod.key));
+            }
             state.pods.insert(pod.key.clone(), pod.clone());
         } else {
             let owner = winner.map(|k| format!("pod {k}")).unwrap_or_default();
@@ -450,10 +472,12 @@ fn validate(
     let shielded: Vec<ObjectKey> = shielded.map(|p| p.key.clone()).collect();
     for key in rejected.into_iter().chain(shielded) {
         if let Some(old) = previous.and_then(|p| p.pods.get(&key))
-            && !owners.contains_key(&old.ip)
+            && !old.ips().any(|a| owners.contains_key(&a))
             && !state.pods.contains_key(&key)
         {
-            owners.insert(old.ip, format!("pod {key}"));
+            for a in old.ips() {
+                owners.insert(a, format!("pod {key}"));
+            }
             state.pods.insert(key, old.clone());
         }
     }
@@ -471,11 +495,14 @@ fn validate(
         let name = cx.label("name", &rs.name);
         let namespace = cx.label("namespace", &rs.namespace);
         let ip = cx.ip("ip", &rs.ip);
+        let secondary_ip = cx.secondary_ip("secondaryIp", &rs.secondary_ip, ip);
         let ports = cx.required("ports", &rs.ports);
-        if let Some(a) = ip
-            && let Some(owner) = owners.get(&a)
-        {
-            cx.fail("ip", format!("address {a} is already used by {owner}"));
+        for (field, a) in [("ip", ip), ("secondaryIp", secondary_ip)] {
+            if let Some(a) = a
+                && let Some(owner) = owners.get(&a)
+            {
+                cx.fail(field, format!("address {a} is already used by {owner}"));
+            }
         }
         let mut sports = Vec::new();
         for p in ports.into_iter().flatten() {
@@ -543,10 +570,13 @@ fn validate(
         services_listed.extend(key.clone());
         match (valid, key, ip) {
             (true, Some(key), Some(ip)) => {
-                owners.insert(ip, format!("service {key}"));
+                for a in std::iter::once(ip).chain(secondary_ip) {
+                    owners.insert(a, format!("service {key}"));
+                }
                 let svc = Service {
                     key: key.clone(),
                     ip,
+                    secondary_ip,
                     ports: sports,
                     endpoints,
                     upgrades,
@@ -560,10 +590,12 @@ fn validate(
             }
             (false, Some(key), _) => {
                 if let Some(old) = previous.and_then(|p| p.services.get(&key))
-                    && !owners.contains_key(&old.ip)
+                    && !old.ips().any(|a| owners.contains_key(&a))
                     && !state.services.contains_key(&key)
                 {
-                    owners.insert(old.ip, format!("service {key}"));
+                    for a in old.ips() {
+                        owners.insert(a, format!("service {key}"));
+                    }
                     state.services.insert(key, old.clone());
                 }
             }
@@ -574,9 +606,11 @@ fn validate(
     for old in previous.into_iter().flat_map(|p| p.services.values()) {
         if !services_listed.contains(&old.key)
             && service_clues.iter().any(|c| c.may_be(&old.key, old.ip))
-            && !owners.contains_key(&old.ip)
+            && !old.ips().any(|a| owners.contains_key(&a))
         {
-            owners.insert(old.ip, format!("service {}", old.key));
+            for a in old.ips() {
+                owners.insert(a, format!("service {}", old.key));
+            }
             state.services.insert(old.key.clone(), old.clone());
         }
     }
@@ -619,12 +653,15 @@ fn validate_workloads(
         let w = keep(Workload {
             key: pod.key.clone(),
             ip: pod.ip,
+            secondary_ip: pod.secondary_ip,
             service_account: name_of(&pod.service_account),
             node: name_of(&state.node),
             labels: Arc::new(pod.labels.clone()),
             workload_name: name_of(&pod.workload_name),
         });
-        state.workloads.insert(pod.ip, w);
+        for a in pod.ips() {
+            state.workloads.insert(a, w.clone());
+        }
     }
     for (i, rw) in raw.iter().enumerate() {
         let mut cx = Ctx {
@@ -638,14 +675,17 @@ fn validate_workloads(
         let namespace = cx.label("namespace", &rw.namespace);
         let sa = cx.label("serviceAccount", &rw.service_account);
         let ip = cx.ip("ip", &rw.ip);
+        let secondary_ip = cx.secondary_ip("secondaryIp", &rw.secondary_ip, ip);
         let node = cx.node("node", &rw.node);
-        if let Some(a) = ip
-            && let Some(w) = state.workloads.get(&a)
-        {
-            cx.fail(
-                "ip",
-                format!("address {a} is already used by workload {}", w.key),
-            );
+        for (field, a) in [("ip", ip), ("secondaryIp", secondary_ip)] {
+            if let Some(a) = a
+                && let Some(w) = state.workloads.get(&a)
+            {
+                cx.fail(
+                    field,
+                    format!("address {a} is already used by workload {}", w.key),
+                );
+            }
         }
         if let (true, Some(name), Some(namespace), Some(service_account), Some(ip), Some(node)) =
             (cx.errors.len() == before, name, namespace, sa, ip, node)
@@ -658,12 +698,15 @@ fn validate_workloads(
             let w = keep(Workload {
                 key: ObjectKey { namespace, name },
                 ip,
+                secondary_ip,
                 service_account: name_of(&service_account),
                 node: name_of(&node),
                 labels: shared,
                 workload_name,
             });
-            state.workloads.insert(ip, w);
+            for a in w.ips() {
+                state.workloads.insert(a, w.clone());
+            }
         }
     }
 }
@@ -738,6 +781,83 @@ services:
         let svc = l.state.services.values().next().expect("service");
         assert_eq!(svc.target_port(80), Some(8080));
         assert_eq!(svc.target_port(81), None);
+    }
+
+    const DUAL: &str = "
+node: n1
+pods:
+  - {name: a, namespace: default, serviceAccount: sa, ip: 10.0.0.1, secondaryIp: \"fd00::1\", netns: /ns/a, cgroup: /cg/a}
+  - {name: b, namespace: default, serviceAccount: sa, ip: 10.0.0.2, netns: /ns/b, cgroup: /cg/b}
+services:
+  - {name: web, namespace: default, ip: 10.96.0.1, secondaryIp: \"fd96::1\", ports: [{port: 80}], endpoints: [10.0.0.1, \"fd00::1\"]}
+workloads:
+  - {name: r, namespace: default, serviceAccount: sa, ip: \"fd00::9\", secondaryIp: 10.0.1.9, node: n2}
+";
+
+    #[test]
+    fn dual_stack_pods_services_and_workloads_are_known_by_both_addresses() {
+        let l = run(DUAL, None).expect("parses");
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        let a = &l.state.pods[&ObjectKey {
+            namespace: "default".into(),
+            name: "a".into(),
+        }];
+        assert_eq!(
+            a.ips().map(|i| i.to_string()).collect::<Vec<_>>(),
+            ["10.0.0.1", "fd00::1"]
+        );
+        let svc = l.state.services.values().next().expect("service");
+        assert_eq!(svc.secondary_ip, Some("fd96::1".parse().expect("ip")));
+        for addr in ["10.0.0.1", "fd00::1"] {
+            let w = &l.state.workloads[&addr.parse::<IpAddr>().expect("ip")];
+            assert_eq!(w.key.name, "a", "{addr}");
+        }
+        for addr in ["fd00::9", "10.0.1.9"] {
+            let w = &l.state.workloads[&addr.parse::<IpAddr>().expect("ip")];
+            assert_eq!(w.key.name, "r", "{addr}");
+        }
+    }
+
+    #[test]
+    fn a_secondary_address_of_the_same_family_or_already_taken_is_refused() {
+        for (bad, field, problem) in [
+            (
+                DUAL.replace("secondaryIp: \"fd00::1\"", "secondaryIp: 10.0.0.7"),
+                "secondaryIp",
+                "same family as the primary address 10.0.0.1",
+            ),
+            (
+                DUAL.replace("ip: 10.0.0.2,", "ip: 10.0.0.2, secondaryIp: \"fd00::1\","),
+                "secondaryIp",
+                "address fd00::1 is already used by pod default/a",
+            ),
+            (
+                DUAL.replace("ip: 10.0.0.2,", "ip: \"fd00::1\","),
+                "ip",
+                "address fd00::1 is already used by pod default/a",
+            ),
+            (
+                DUAL.replace("secondaryIp: \"fd96::1\"", "secondaryIp: \"fd00::1\""),
+                "secondaryIp",
+                "address fd00::1 is already used by pod default/a",
+            ),
+            (
+                DUAL.replace("secondaryIp: 10.0.1.9", "secondaryIp: 10.0.0.1"),
+                "secondaryIp",
+                "already used by workload default/a",
+            ),
+        ] {
+            let l = run(&bad, None).expect("parses");
+            let msg = l
+                .errors
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                msg.contains(&format!("field `{field}`")) && msg.contains(problem),
+                "{bad}: {msg}"
+            );
+        }
     }
 
     #[test]

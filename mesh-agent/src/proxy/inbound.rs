@@ -22,14 +22,17 @@ pub async fn handle(
     };
     // sk_lookup hands us the connection untouched, so its local address is where the client
     // was going.
-    let local = client.local_addr().map_err(|source| {
-        fail(ProxyError::Transport(
-            crate::transport::error::TransportError::Connect {
-                addr: SocketAddr::new(pod.pod.ip, 0),
-                source,
-            },
-        ))
-    })?;
+    let local = client
+        .local_addr()
+        .map(super::listen::canonical)
+        .map_err(|source| {
+            fail(ProxyError::Transport(
+                crate::transport::error::TransportError::Connect {
+                    addr: SocketAddr::new(pod.pod.ip, 0),
+                    source,
+                },
+            ))
+        })?;
     if local.port() == mesh_common::ports::INBOUND {
         return Err(fail(ProxyError::DirectToProxyPort(local.port())));
     }
@@ -39,7 +42,10 @@ pub async fn handle(
     if view.state().mtls_mode_at(&pod.pod, local.port()) == MtlsMode::Strict {
         return Err(fail(ProxyError::StrictPlaintext(pod.pod.key.clone())));
     }
-    let peer = client.peer_addr().unwrap_or(local);
+    let peer = client
+        .peer_addr()
+        .map(super::listen::canonical)
+        .unwrap_or(local);
     let per_request = admission::admit(&view, &inputs.flows, pod, None, peer, local.port())
         .map_err(|d| fail(ProxyError::Denied(d)))?;
     // Not held across the connection: it must not keep old routes, or removed pods, alive.

@@ -67,7 +67,9 @@ pub fn open_listeners(
         Ok(l) => outbound.push(l),
         Err(e) => debug!(pod = %pod.key, "no IPv6 outbound listener: {e}"),
     }
-    let any: IpAddr = if pod.ip.is_ipv6() {
+    // A pod with an IPv6 address gets one dual-stack socket per port ([::], not IPV6_V6ONLY),
+    // which `sk_lookup` may assign connections of either family to.
+    let any: IpAddr = if pod.ips().any(|a| a.is_ipv6()) {
         Ipv6Addr::UNSPECIFIED.into()
     } else {
         Ipv4Addr::UNSPECIFIED.into()
@@ -185,10 +187,17 @@ impl PodCx {
     }
 }
 
+/// `a` with an IPv4-mapped IPv6 address (what a dual-stack socket reports for IPv4) as IPv4.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
+            // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; the rest of the proxy
+            // (workloads, policies' ipBlocks, metrics) knows them as IPv4.
+            Ok((s, peer)) => (s, canonical(peer)),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(pod = %cx.local.pod.key, ?kind, "accept failed: {e}");

@@ -168,6 +168,11 @@ impl Balancer {
         }
     }
 
+    /// The endpoint addresses, in the service's order.
+    pub fn ips(&self) -> &[IpAddr] {
+        &self.ips
+    }
+
     /// Every endpoint, ejected or not.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         self.endpoints.get_or_init(|| {

@@ -130,7 +130,7 @@ impl Routes {
                     _ => Arc::new(Limits::new(&policy)),
                 };
                 let balancer = Balancer::new(
-                    &svc.endpoints,
+                    &one_per_pod(&svc.endpoints, state),
                     policy.lb,
                     policy.outlier.clone(),
                     prev.map(|p| &p.balancer),
@@ -144,17 +144,29 @@ impl Routes {
                 (svc.key.clone(), Arc::new(entry))
             })
             .collect();
-        let by_vip = services.values().map(|e| (e.svc.ip, e.clone())).collect();
-        let local: std::collections::HashSet<IpAddr> = state.pods.values().map(|p| p.ip).collect();
+        let by_vip = services
+            .values()
+            .flat_map(|e| e.svc.ips().map(move |ip| (ip, e.clone())))
+            .collect();
+        // Each address of a local pod → its primary address, which the inbound index is keyed
+        // by: a dual-stack service lists the pod under both.
+        let local: HashMap<IpAddr, IpAddr> = state
+            .pods
+            .values()
+            .flat_map(|p| p.ips().map(move |a| (a, p.ip)))
+            .collect();
         let mut inbound: HashMap<(IpAddr, u16), InboundPort> = HashMap::new();
         for s in state.services.values() {
             for (ip, p) in s
                 .endpoints
                 .iter()
-                .filter(|ip| local.contains(ip))
+                .filter_map(|ip| local.get(ip))
                 .flat_map(|ip| s.ports.iter().map(move |p| (ip, p)))
             {
                 let port = inbound.entry((*ip, p.target_port)).or_default();
+                if port.services.contains(&s.key) {
+                    continue;
+                }
                 port.upgrades.extend(s.upgrades.iter().cloned());
                 port.upgrades.sort();
                 port.upgrades.dedup();
@@ -231,12 +243,43 @@ impl Routes {
             port: dst.port(),
         };
         let target_port = svc.target_port(dst.port()).ok_or_else(no_endpoints)?;
-        if svc.endpoints.is_empty() {
+        let endpoints = entry.balancer.ips();
+        if endpoints.is_empty() {
             return Err(no_endpoints());
         }
-        let i = entry.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
-        Ok(SocketAddr::new(svc.endpoints[i], target_port))
+        let i = entry.next.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        Ok(SocketAddr::new(
+            self.dial_ip(endpoints[i], dst.ip()),
+            target_port,
+        ))
     }
+
+    /// The address to dial for `endpoint` of a service reached at `dst`: the endpoint pod's
+    /// address in `dst`'s family when it has one (a client of a service's IPv6 address reaches
+    /// its pods over IPv6, as Kubernetes' per-family endpoints do), else `endpoint` itself.
+    pub fn dial_ip(&self, endpoint: IpAddr, dst: IpAddr) -> IpAddr {
+        let dst = dst.to_canonical();
+        self.state
+            .workloads
+            .get(&endpoint)
+            .and_then(|w| w.ip_like(dst))
+            .unwrap_or(endpoint)
+    }
+}
+
+/// A service's endpoints with one address per pod: a dual-stack pod is listed under both its
+/// addresses (Kubernetes has an EndpointSlice per family), but it is one endpoint to balance,
+/// eject and count; [`Routes::dial_ip`] picks the family per connection.
+fn one_per_pod(endpoints: &[IpAddr], state: &NodeState) -> Vec<IpAddr> {
+    let mut seen = std::collections::HashSet::new();
+    endpoints
+        .iter()
+        .copied()
+        .filter(|ip| match state.workloads.get(ip) {
+            Some(w) => seen.insert(w.ip),
+            None => seen.insert(*ip),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -427,6 +470,38 @@ mod tests {
             "one entry, so one balancer and one set of limits"
         );
         assert!(r.service_at(ip("10.0.0.1")).is_none());
+    }
+
+    #[test]
+    fn a_dual_stack_service_is_one_endpoint_per_pod_dialled_in_the_clients_family() {
+        let svc = service(
+            "web",
+            "10.96.0.10,fd96::10",
+            &[(80, 8080)],
+            // As Kubernetes lists it: one EndpointSlice per family.
+            &["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"],
+        );
+        let ws = vec![
+            workload("web-1", "10.0.0.1,fd00::1", "web", "node-2"),
+            workload("web-2", "10.0.0.2,fd00::2", "web", "node-2"),
+        ];
+        let r = Routes::build(&Arc::new(state(vec![svc], ws)), &Routes::default());
+        let entry = r.service_at(ip("fd96::10")).expect("the IPv6 address");
+        assert!(Arc::ptr_eq(
+            entry,
+            r.service_at(ip("10.96.0.10")).expect("the IPv4 address")
+        ));
+        assert_eq!(entry.balancer.ips(), [ip("10.0.0.1"), ip("10.0.0.2")]);
+        let mut v6: Vec<SocketAddr> = (0..4)
+            .map(|_| r.resolve(addr("[fd96::10]:80")).expect("endpoints"))
+            .collect();
+        v6.sort();
+        v6.dedup();
+        assert_eq!(v6, [addr("[fd00::1]:8080"), addr("[fd00::2]:8080")]);
+        let v4 = r.resolve(addr("10.96.0.10:80")).expect("endpoints");
+        assert!(v4.is_ipv4(), "{v4}");
+        // An endpoint that is no known workload is dialled as listed.
+        assert_eq!(r.dial_ip(ip("10.9.9.9"), ip("fd96::10")), ip("10.9.9.9"));
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct PodInfo {
     pub node: Option<Arc<str>>,
     /// Its address, once it has one.
     pub ip: Option<IpAddr>,
+    /// Its address in the other family (`podIPs`), when it is dual-stack.
+    pub secondary_ip: Option<IpAddr>,
     /// Host-network pods are never enrolled: their netns is the node's.
     pub host_network: bool,
     /// Finished pods (Succeeded, Failed) hold no connections.
@@ -85,6 +87,9 @@ impl PodInfo {
         let status = p.status.as_ref();
         let name = p.metadata.name.clone()?;
         p.metadata.uid.as_ref()?;
+        let ip = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
         Some(Self {
             workload_name: workload_name(p).unwrap_or_else(|| name.clone()).into(),
             name,
@@ -96,15 +101,33 @@ impl PodInfo {
                 .unwrap_or("default")
                 .into(),
             node: spec.and_then(|s| s.node_name.as_deref()).map(Into::into),
-            ip: status
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse().ok()),
+            ip,
+            secondary_ip: other_family(
+                ip,
+                status
+                    .and_then(|s| s.pod_ips.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|a| a.ip.as_str()),
+            ),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             finished: status
                 .and_then(|s| s.phase.as_deref())
                 .is_some_and(|p| p == "Succeeded" || p == "Failed"),
         })
     }
+}
+
+/// The first of `all` (Kubernetes' `podIPs` or `clusterIPs`) in the other family than
+/// `primary`: a dual-stack object's second address.
+fn other_family<'a>(
+    primary: Option<IpAddr>,
+    all: impl IntoIterator<Item = &'a str>,
+) -> Option<IpAddr> {
+    let primary = primary?;
+    all.into_iter()
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .find(|a| a.is_ipv6() != primary.is_ipv6())
 }
 
 /// The workload a pod belongs to, as Istio's metrics name it: the controller that made it,
@@ -201,6 +224,8 @@ pub struct ServiceInfo {
     pub namespace: String,
     /// Its cluster IP; headless services have none and are not proxied.
     pub ip: Option<IpAddr>,
+    /// Its cluster IP in the other family (`clusterIPs`), when it is dual-stack.
+    pub secondary_ip: Option<IpAddr>,
     /// (name, port, target port, appProtocol).
     pub ports: Vec<(String, u16, IntOrString, Option<String>)>,
 }
@@ -209,6 +234,9 @@ impl ServiceInfo {
     /// The fields kept of a Service object.
     pub fn from_service(s: &Service) -> Option<Self> {
         let spec = s.spec.as_ref();
+        let ip = spec
+            .and_then(|s| s.cluster_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
         Some(Self {
             name: s.metadata.name.clone()?,
             namespace: s
@@ -216,9 +244,14 @@ impl ServiceInfo {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into()),
-            ip: spec
-                .and_then(|s| s.cluster_ip.as_deref())
-                .and_then(|ip| ip.parse().ok()),
+            ip,
+            secondary_ip: other_family(
+                ip,
+                spec.and_then(|s| s.cluster_ips.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str),
+            ),
             ports: spec
                 .and_then(|s| s.ports.as_ref())
                 .map(|ports| {
@@ -363,6 +396,7 @@ impl World {
                     namespace: Some(p.namespace.to_string()),
                     service_account: Some(p.service_account.to_string()),
                     ip: Some(ip.to_string()),
+                    secondary_ip: p.secondary_ip.map(|a| a.to_string()),
                     netns: Some(found.netns.clone()),
                     cgroup: Some(found.cgroup.clone()),
                     labels: (*p.labels).clone(),
@@ -374,6 +408,7 @@ impl World {
                     namespace: Some(p.namespace.to_string()),
                     service_account: Some(p.service_account.to_string()),
                     ip: Some(ip.to_string()),
+                    secondary_ip: p.secondary_ip.map(|a| a.to_string()),
                     node: Some(pod_node.to_string()),
                     labels: p.labels.clone(),
                     workload_name: Some(p.workload_name.to_string()),
@@ -426,6 +461,7 @@ impl World {
                 name: Some(s.name.clone()),
                 namespace: Some(s.namespace.clone()),
                 ip: Some(ip.to_string()),
+                secondary_ip: s.secondary_ip.map(|a| a.to_string()),
                 ports: Some(ports),
                 endpoints,
                 allowed_upgrades: None,
@@ -648,5 +684,21 @@ mod tests {
             (1, 80, Some(8080))
         );
         assert_eq!(s.endpoints, ["10.0.1.5", "10.0.2.5"]);
+    }
+
+    #[test]
+    fn dual_stack_pods_and_services_keep_their_second_family() {
+        let p = pod(
+            json!({"metadata": {"name": "a", "uid": "u1"}, "status": {"podIP": "10.0.1.5", "podIPs": [{"ip": "10.0.1.5"}, {"ip": "fd00:1::5"}]}}),
+        );
+        assert_eq!(p.secondary_ip, Some("fd00:1::5".parse().expect("ip")));
+        let single = pod(
+            json!({"metadata": {"name": "b", "uid": "u2"}, "status": {"podIP": "fd00:1::6", "podIPs": [{"ip": "fd00:1::6"}]}}),
+        );
+        assert_eq!(single.secondary_ip, None);
+        let svc: Service = serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"clusterIP": "fd96::10", "clusterIPs": ["fd96::10", "10.96.0.10"], "ports": [{"port": 80}]}})).expect("svc");
+        let s = ServiceInfo::from_service(&svc).expect("kept");
+        assert_eq!(s.ip, Some("fd96::10".parse().expect("ip")));
+        assert_eq!(s.secondary_ip, Some("10.96.0.10".parse().expect("ip")));
     }
 }

@@ -108,7 +108,34 @@ impl Ctx<'_> {
 
     /// A required IP-address field.
     pub(super) fn ip(&mut self, field: &'static str, value: &Option<String>) -> Option<IpAddr> {
-        let v = self.required(field, value)?;
+        let v = self.required(field, value)?.clone();
+        self.parse_ip(field, &v)
+    }
+
+    /// An optional second address (dual-stack), which must be of the other family than
+    /// `primary`: Kubernetes gives a pod or service at most one address per family.
+    pub(super) fn secondary_ip(
+        &mut self,
+        field: &'static str,
+        value: &Option<String>,
+        primary: Option<IpAddr>,
+    ) -> Option<IpAddr> {
+        let a = self.parse_ip(field, value.as_ref()?)?;
+        if let Some(p) = primary
+            && p.is_ipv6() == a.is_ipv6()
+        {
+            self.fail(
+                field,
+                format!(
+                    "{a} is of the same family as the primary address {p}; a dual-stack address must be the other family's"
+                ),
+            );
+            return None;
+        }
+        Some(a)
+    }
+
+    fn parse_ip(&mut self, field: &'static str, v: &str) -> Option<IpAddr> {
         match v.parse() {
             Ok(a) => match unroutable(a) {
                 None => Some(a),

@@ -90,6 +90,8 @@ pub struct RawWorkload {
     pub namespace: Option<String>,
     pub service_account: Option<String>,
     pub ip: Option<String>,
+    /// The address of the other family, when it is dual-stack.
+    pub secondary_ip: Option<String>,
     pub node: Option<String>,
     /// Its labels, so this node can tell which policies select it (for `explain`) and metrics
     /// can name it. Shared: at scale, replicas' labels are one map.
@@ -108,6 +110,8 @@ pub struct RawPod {
     pub namespace: Option<String>,
     pub service_account: Option<String>,
     pub ip: Option<String>,
+    /// The address of the other family, when it is dual-stack.
+    pub secondary_ip: Option<String>,
     pub netns: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
@@ -124,6 +128,8 @@ pub struct RawService {
     pub name: Option<String>,
     pub namespace: Option<String>,
     pub ip: Option<String>,
+    /// The address of the other family, when it is dual-stack.
+    pub secondary_ip: Option<String>,
     pub ports: Option<Vec<RawServicePort>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,

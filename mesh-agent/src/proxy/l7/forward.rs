@@ -167,7 +167,10 @@ pub(super) async fn forward<U: Upstream>(
         }
         let (endpoint, target) = match &backend {
             Some(b) => match b.balancer.pick(avoid) {
-                Some(e) => (Some(e.clone()), SocketAddr::new(e.ip, port)),
+                Some(e) => (
+                    Some(e.clone()),
+                    SocketAddr::new(view.routes.dial_ip(e.ip, cx.dst.ip()), port),
+                ),
                 None => {
                     return reply(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -178,7 +181,8 @@ pub(super) async fn forward<U: Upstream>(
             },
             None => (None, cx.dst),
         };
-        avoid = Some(target.ip());
+        // The endpoint as the balancer knows it (its primary address), not the family dialled.
+        avoid = Some(endpoint.as_ref().map_or(target.ip(), |e| e.ip));
         let hop = Hop::to(view, target.ip());
         if let Hop::Local(dest) = &hop {
             let attrs = prepared.attributes();
