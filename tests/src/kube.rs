@@ -146,6 +146,10 @@ impl Cluster {
 
     /// A pod as the API server holds it once scheduled and running.
     pub fn pod_object(&self, p: &Pod) -> Value {
+        let pod_ips: Vec<Value> = std::iter::once(p.ip.to_string())
+            .chain(p.ip6.map(|a| a.to_string()))
+            .map(|a| json!({"ip": a}))
+            .collect();
         json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -155,27 +159,37 @@ impl Cluster {
                 "serviceAccountName": p.service_account,
                 "containers": [{"name": "app", "image": "mesh-testapp"}],
             },
-            "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}]},
+            "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": pod_ips},
         })
     }
 
-    /// A service and its one EndpointSlice.
-    pub fn service_objects(&self, s: &ServiceSpec) -> [Value; 2] {
+    /// A dual-stack service (IPv4 first) and its EndpointSlice of each family.
+    pub fn service_objects(&self, s: &ServiceSpec) -> [Value; 3] {
         let mut port = json!({"name": "main", "port": s.port, "targetPort": s.target_port});
         if let Some(a) = &s.app_protocol {
             port["appProtocol"] = json!(a);
         }
+        let endpoint = |e: &String, a: String| json!({"addresses": [a], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": e, "namespace": "default"}});
         let endpoints: Vec<Value> = s
             .endpoints
             .iter()
-            .map(|e| json!({"addresses": [self.pod(e).ip.to_string()], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": e, "namespace": "default"}}))
+            .map(|e| endpoint(e, self.pod(e).ip.to_string()))
             .collect();
+        let endpoints6: Vec<Value> = s
+            .endpoints
+            .iter()
+            .filter_map(|e| Some(endpoint(e, self.pod(e).ip6?.to_string())))
+            .collect();
+        let (v4, v6) = (
+            self.service_ip(&s.name).to_string(),
+            self.service_ip6(&s.name).to_string(),
+        );
         [
             json!({
                 "apiVersion": "v1",
                 "kind": "Service",
                 "metadata": {"name": s.name, "namespace": "default"},
-                "spec": {"clusterIP": self.service_ip(&s.name).to_string(), "ports": [port], "selector": {"app": s.name}},
+                "spec": {"clusterIP": v4, "clusterIPs": [v4, v6], "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack", "ports": [port], "selector": {"app": s.name}},
             }),
             json!({
                 "apiVersion": "discovery.k8s.io/v1",
@@ -184,6 +198,14 @@ impl Cluster {
                 "addressType": "IPv4",
                 "ports": [{"name": "main", "port": s.target_port, "protocol": "TCP"}],
                 "endpoints": endpoints,
+            }),
+            json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": format!("{}-2", s.name), "namespace": "default", "labels": {"kubernetes.io/service-name": s.name}},
+                "addressType": "IPv6",
+                "ports": [{"name": "main", "port": s.target_port, "protocol": "TCP"}],
+                "endpoints": endpoints6,
             }),
         ]
     }
@@ -253,7 +275,8 @@ impl Cluster {
         crate::sys::ip(&["-n", &node_ns, "link", "del", &veth])?;
         let pns = format!("{}-{}-{tag}", self.prefix, p.name);
         let netns = self.add_netns(&pns)?;
-        crate::topology::wire_pod(&node_ns, &veth, &pns, p.ip, p.node)?;
+        let ip6 = p.ip6.context("a wired pod has an IPv6 address")?;
+        crate::topology::wire_pod(&node_ns, &veth, &pns, (p.ip, ip6), p.node)?;
         let root = self.kube()?.kubelet_root.join(&self.nodes[p.node].name);
         let scope = sandbox_cgroup(&root, p.node, k, &uid, &format!("sandbox-{tag}"));
         std::fs::create_dir_all(&scope)?;

@@ -71,6 +71,7 @@ impl Cluster {
             namespace: Some("default".into()),
             service_account: Some(pod.service_account.clone()),
             ip: Some(pod.ip.to_string()),
+            secondary_ip: pod.ip6.map(|a| a.to_string()),
             netns: Some(pod.netns.clone()),
             cgroup: Some(pod.cgroup.clone()),
             labels: app_label(&pod.name),
@@ -96,6 +97,7 @@ impl Cluster {
                 namespace: Some("default".into()),
                 service_account: Some(p.service_account.clone()),
                 ip: Some(p.ip.to_string()),
+                secondary_ip: p.ip6.map(|a| a.to_string()),
                 node: Some(self.nodes[p.node].name.clone()),
                 labels: app_label(&p.name).into(),
                 workload_name: None,
@@ -108,15 +110,23 @@ impl Cluster {
                 name: Some(svc.name.clone()),
                 namespace: Some("default".into()),
                 ip: Some(self.service_ip(&svc.name).to_string()),
+                secondary_ip: Some(self.service_ip6(&svc.name).to_string()),
                 ports: Some(vec![RawServicePort {
                     port: svc.port,
                     target_port: Some(svc.target_port),
                     app_protocol: svc.app_protocol.clone(),
                 }]),
+                // As Kubernetes lists a dual-stack service's endpoints: each family's
+                // addresses (an EndpointSlice per family).
                 endpoints: svc
                     .endpoints
                     .iter()
                     .map(|e| self.pod(e).ip.to_string())
+                    .chain(
+                        svc.endpoints
+                            .iter()
+                            .filter_map(|e| self.pod(e).ip6.map(|a| a.to_string())),
+                    )
                     .collect(),
                 allowed_upgrades: svc.allowed_upgrades.clone(),
             })

@@ -2,7 +2,7 @@
 //! built and torn down.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -94,6 +94,10 @@ pub struct Pod {
     pub node: usize,
     /// Address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address: every pod with an interface is dual-stack, IPv4 first, as in a
+    /// dual-stack Kubernetes cluster. `fd18:<node>::<n>`, where the IPv4 one is
+    /// `198.18.<node>.<n>`.
+    pub ip6: Option<Ipv6Addr>,
     /// Netns file.
     pub netns: PathBuf,
     /// cgroup v2 directory.
@@ -148,7 +152,13 @@ pub struct Cluster {
 
 /// Connects pod netns `pns` to node netns `ns` through veth `veth` (its peer is the pod's
 /// `eth0`, at `addr`, routed through node `i`'s bridge).
-pub(crate) fn wire_pod(ns: &str, veth: &str, pns: &str, addr: Ipv4Addr, i: usize) -> Result<()> {
+pub(crate) fn wire_pod(
+    ns: &str,
+    veth: &str,
+    pns: &str,
+    (addr, addr6): (Ipv4Addr, Ipv6Addr),
+    i: usize,
+) -> Result<()> {
     ip(&[
         "-n", ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pns,
     ])?;
@@ -162,6 +172,17 @@ pub(crate) fn wire_pod(ns: &str, veth: &str, pns: &str, addr: Ipv4Addr, i: usize
         "dev",
         "eth0",
     ])?;
+    // No duplicate address detection: the address is usable at once.
+    ip(&[
+        "-n",
+        pns,
+        "addr",
+        "add",
+        &format!("{addr6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
     ip(&["-n", pns, "link", "set", "eth0", "up"])?;
     ip(&[
         "-n",
@@ -172,7 +193,24 @@ pub(crate) fn wire_pod(ns: &str, veth: &str, pns: &str, addr: Ipv4Addr, i: usize
         "via",
         &format!("198.18.{}.1", i + 1),
     ])?;
+    ip(&[
+        "-n",
+        pns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("fd18:{}::1", i + 1),
+    ])?;
     Ok(())
+}
+
+/// The IPv6 address of the pod whose IPv4 address is `v4` (`198.18.<node>.<n>` →
+/// `fd18:<node>::<n>`).
+pub fn pod_ip6(v4: Ipv4Addr) -> Ipv6Addr {
+    let [_, _, node, n] = v4.octets();
+    Ipv6Addr::new(0xfd18, u16::from(node), 0, 0, 0, 0, 0, u16::from(n))
 }
 
 /// A pod UID unique to the cluster and the pod.
@@ -270,6 +308,16 @@ impl Cluster {
             "br0",
         ])?;
         ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+        ip(&[
+            "-n",
+            &fabric,
+            "addr",
+            "add",
+            "fd19::fe/64",
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         for (i, pods) in nodes.iter().enumerate() {
             let name = format!("node-{}", i + 1);
             let ns = format!("{}-n{}", self.prefix, i + 1);
@@ -289,6 +337,16 @@ impl Cluster {
                 "dev",
                 "uplink",
             ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("fd19::{}/64", i + 1),
+                "dev",
+                "uplink",
+                "nodad",
+            ])?;
             ip(&["-n", &ns, "link", "set", "uplink", "up"])?;
             ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
             ip(&[
@@ -300,6 +358,16 @@ impl Cluster {
                 "dev",
                 "br0",
             ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("fd18:{}::1/64", i + 1),
+                "dev",
+                "br0",
+                "nodad",
+            ])?;
             ip(&["-n", &ns, "link", "set", "br0", "up"])?;
             run(Command::new("ip").args([
                 "netns",
@@ -308,6 +376,7 @@ impl Cluster {
                 "sysctl",
                 "-qw",
                 "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
             ]))?;
             for k in 0..nodes.len() {
                 if k != i {
@@ -320,6 +389,16 @@ impl Cluster {
                         "via",
                         &format!("198.19.0.{}", k + 1),
                     ])?;
+                    ip(&[
+                        "-n",
+                        &ns,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd18:{}::/64", k + 1),
+                        "via",
+                        &format!("fd19::{}", k + 1),
+                    ])?;
                 }
             }
             for (j, spec) in pods.iter().enumerate() {
@@ -327,13 +406,14 @@ impl Cluster {
                 let pnetns = self.add_netns(&pns)?;
                 let addr = Ipv4Addr::new(198, 18, (i + 1) as u8, (j + 10) as u8);
                 let veth = format!("p{j}");
-                wire_pod(&ns, &veth, &pns, addr, i)?;
+                wire_pod(&ns, &veth, &pns, (addr, pod_ip6(addr)), i)?;
                 let cgroup = self.cgroup_dir.join(&spec.name);
                 std::fs::create_dir_all(&cgroup)?;
                 self.pods.push(Pod {
                     name: spec.name.clone(),
                     node: i,
                     ip: addr,
+                    ip6: Some(pod_ip6(addr)),
                     netns: pnetns,
                     cgroup,
                     enrolled: spec.enrolled,
@@ -378,6 +458,7 @@ impl Cluster {
                 name: name.clone(),
                 node: i,
                 ip,
+                ip6: None,
                 netns: pnetns,
                 cgroup,
                 enrolled: true,
@@ -415,6 +496,12 @@ impl Cluster {
             .position(|s| s.name == name)
             .unwrap_or_else(|| panic!("no service {name}"));
         Ipv4Addr::new(198, 19, 1, (i + 10) as u8)
+    }
+
+    /// The IPv6 address of service `name`: `fd96::<n>`, where the IPv4 one is `198.19.1.<n>`.
+    pub fn service_ip6(&self, name: &str) -> Ipv6Addr {
+        let [.., n] = self.service_ip(name).octets();
+        Ipv6Addr::new(0xfd96, 0, 0, 0, 0, 0, 0, u16::from(n))
     }
 
     /// Requests the application in `pod` has answered so far (its own counter, read over the

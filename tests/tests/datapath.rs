@@ -159,6 +159,94 @@ fn service_balances_over_endpoints() -> Result<()> {
     Ok(())
 }
 
+/// IPv6 end to end on dual-stack pods: `connect6` captures a pod's IPv6 connects (to a pod and
+/// to a service's IPv6 address), `sk_lookup` steers them into the peer's proxy over HBONE,
+/// the service balances over its endpoints' IPv6 addresses, bytes arrive unchanged, and a pod
+/// outside the mesh still reaches the server directly over IPv6.
+#[test]
+fn ipv6_pod_and_service_traffic_is_captured_steered_and_balanced() -> Result<()> {
+    let c = two_nodes()?;
+    let server = c.pod("server").ip6.context("dual-stack pod")?;
+    let vip = c.service_ip6("web");
+    let (v4, v6) = (
+        c.counter(0, "client", "kernel.captured_v4")?,
+        c.counter(0, "client", "kernel.captured_v6")?,
+    );
+    let steered = c.counter(1, "server", "kernel.steered_hbone")?;
+    assert_eq!(
+        c.http_status("client", &format!("http://[{server}]:{APP_PORT}/"))?,
+        Some(200),
+        "pod→pod over IPv6"
+    );
+    assert_eq!(
+        c.http_status("client", &format!("http://[{vip}]:80/"))?,
+        Some(200),
+        "pod→service over IPv6"
+    );
+    assert_eq!(c.counter(0, "client", "kernel.captured_v6")? - v6, 2);
+    assert_eq!(c.counter(0, "client", "kernel.captured_v4")? - v4, 0);
+    assert_eq!(c.counter(0, "client", "outbound_failed")?, 0);
+    // The pod→pod request went to the server's IPv6 address over HBONE, steered there by
+    // sk_lookup into the server's dual-stack HBONE listener.
+    assert!(c.counter(1, "server", "kernel.steered_hbone")? > steered);
+
+    // 4 MiB up through the service's IPv6 address: the server hashes what it received.
+    let size: u64 = 4 << 20;
+    let body: Vec<u8> = (0..size).map(|i| pattern_byte(i ^ 0x6666)).collect();
+    let file = c.dir().join("upload6.bin");
+    std::fs::write(&file, &body)?;
+    let (code, out) = c.curl(
+        "client",
+        &[
+            "--data-binary",
+            &format!("@{}", file.display()),
+            "-H",
+            "Content-Type: application/octet-stream",
+            &format!("http://[{vip}]:80/sha256"),
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        format!("{} {size}", hex::encode(Sha256::digest(&body)))
+    );
+
+    // Balanced over both endpoints (each once, not once per address family).
+    c.apply(
+        0,
+        |f| {
+            f.destination_rules = vec![destination_rule(
+                "web",
+                "web",
+                traffic_policy("{loadBalancer: {simple: ROUND_ROBIN}}"),
+            )]
+        },
+        "destination_rules",
+        &["default/web"],
+    )?;
+    let (a0, b0) = (
+        c.app_requests("server", APP_PORT)?,
+        c.app_requests("server2", APP_PORT)?,
+    );
+    for _ in 0..10 {
+        let (code, _) = c.curl(
+            "client",
+            &["-o", "/dev/null", &format!("http://[{vip}]:80/")],
+        )?;
+        assert_eq!(code, 0);
+    }
+    let a = c.app_requests("server", APP_PORT)? - a0;
+    let b = c.app_requests("server2", APP_PORT)? - b0;
+    assert_eq!((a, b), (5, 5), "round robin over both endpoints");
+
+    // Outside the mesh: not captured, and the enrolled server still answers it over IPv6.
+    assert_eq!(
+        c.http_status("bare", &format!("http://[{server}]:{APP_PORT}/"))?,
+        Some(200)
+    );
+    Ok(())
+}
+
 #[test]
 fn unenrolled_pod_and_agent_traffic_are_not_captured() -> Result<()> {
     let c = two_nodes()?;
