@@ -104,9 +104,11 @@ impl Capture {
     }
 }
 
-/// One TCP segment of a captured IPv4 frame.
+/// One TCP segment of a captured frame.
 #[derive(Debug, Clone)]
 pub struct Segment {
+    /// Whether it was IPv6.
+    pub ipv6: bool,
     /// Source port.
     pub src_port: u16,
     /// Destination port.
@@ -115,24 +117,34 @@ pub struct Segment {
     pub payload: Vec<u8>,
 }
 
-/// The TCP segments among Ethernet frames (IPv4 only; everything else is skipped).
+/// The TCP segments among Ethernet frames, IPv4 and IPv6 (without extension headers, which
+/// nothing here sends); everything else is skipped.
 pub fn tcp_segments(frames: &[Vec<u8>]) -> Vec<Segment> {
     frames
         .iter()
         .filter_map(|f| {
-            if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[23] != 6 {
-                return None;
-            }
-            let ihl = usize::from(f[14] & 0x0f) * 4;
-            let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
-            let tcp = 14 + ihl;
+            // (IP header length, end of the IP packet) by EtherType.
+            let (ipv6, ip_len, end) = match f.get(12..14)? {
+                [0x08, 0x00] if f.get(23) == Some(&6) => {
+                    let ihl = usize::from(f.get(14)? & 0x0f) * 4;
+                    let total = usize::from(u16::from_be_bytes([*f.get(16)?, *f.get(17)?]));
+                    (false, ihl, 14 + total)
+                }
+                [0x86, 0xdd] if f.get(20) == Some(&6) => {
+                    let payload = usize::from(u16::from_be_bytes([*f.get(18)?, *f.get(19)?]));
+                    (true, 40, 14 + 40 + payload)
+                }
+                _ => return None,
+            };
+            let tcp = 14 + ip_len;
             if f.len() < tcp + 20 {
                 return None;
             }
             let doff = usize::from(f[tcp + 12] >> 4) * 4;
-            let end = (14 + total).min(f.len());
+            let end = end.min(f.len());
             let start = (tcp + doff).min(end);
             Some(Segment {
+                ipv6,
                 src_port: u16::from_be_bytes([f[tcp], f[tcp + 1]]),
                 dst_port: u16::from_be_bytes([f[tcp + 2], f[tcp + 3]]),
                 payload: f[start..end].to_vec(),

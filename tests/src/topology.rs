@@ -369,15 +369,9 @@ impl Cluster {
                 "nodad",
             ])?;
             ip(&["-n", &ns, "link", "set", "br0", "up"])?;
-            run(Command::new("ip").args([
-                "netns",
-                "exec",
-                &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-            ]))?;
+            for forward in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+                run(Command::new("ip").args(["netns", "exec", &ns, "sysctl", "-qw", forward]))?;
+            }
             for k in 0..nodes.len() {
                 if k != i {
                     ip(&[

@@ -202,6 +202,103 @@ fn strict_refuses_1000_plaintext_attempts_with_zero_bytes_at_the_app() -> Result
     Ok(())
 }
 
+/// IPv6 on dual-stack pods: a mesh pod's upload to the server's IPv6 address crosses the node
+/// link only as HBONE over IPv6 (no marker in clear, nothing on the app port), while the same
+/// upload from outside the mesh is seen in clear; once the server is STRICT, plaintext to its
+/// IPv6 address is refused in the kernel and mTLS from the mesh still gets through.
+#[test]
+fn ipv6_is_mtls_on_the_wire_and_strict_refuses_its_plaintext() -> Result<()> {
+    let mut c = cluster()?;
+    c.serve("server", APP_PORT)?;
+    c.start_agent(0)?;
+    c.start_agent(1)?;
+    let server6 = c.pod("server").ip6.context("dual-stack pod")?;
+    let marker = b"PLAINTEXT-CANARY-v6-91c2";
+    let body: Vec<u8> = marker.iter().copied().cycle().take(1 << 20).collect();
+    let file = c.dir().join("canary6.bin");
+    std::fs::write(&file, &body)?;
+    let upload = format!("@{}", file.display());
+    let url = format!("http://[{server6}]:{APP_PORT}/sha256");
+    let node1 = c.nodes[0].netns.clone();
+    let count = |frames: &[Vec<u8>]| {
+        let segs = mesh_tests::tcp_segments(frames);
+        let clear = segs
+            .iter()
+            .filter(|s| s.payload.windows(marker.len()).any(|w| w == marker))
+            .count();
+        let hbone_v6: usize = segs
+            .iter()
+            .filter(|s| s.ipv6 && (s.dst_port == 15008 || s.src_port == 15008))
+            .map(|s| s.payload.len())
+            .sum();
+        let app = segs
+            .iter()
+            .filter(|s| s.dst_port == APP_PORT || s.src_port == APP_PORT)
+            .count();
+        (clear, hbone_v6, app)
+    };
+    let cap = Capture::start(&node1, "uplink")?;
+    let (code, out) = c.curl("client", &["--data-binary", &upload, &url])?;
+    let frames = cap.stop();
+    assert_eq!(code, 0, "{out}");
+    let (clear, hbone_v6, app) = count(&frames);
+    println!(
+        "IPv6 wire: {hbone_v6} payload bytes on 15008 over IPv6, {clear} in clear, {app} on the app port"
+    );
+    assert_eq!((clear, app), (0, 0), "plaintext crossed the node link");
+    assert!(
+        hbone_v6 >= body.len(),
+        "the upload crossed as HBONE over IPv6: {hbone_v6} bytes"
+    );
+    // Control: outside the mesh the same upload is plaintext IPv6 on the wire.
+    let cap = Capture::start(&node1, "uplink")?;
+    let (code, out) = c.curl("bare", &["--data-binary", &upload, &url])?;
+    let frames = cap.stop();
+    assert_eq!(code, 0, "{out}");
+    let (clear, _, app) = count(&frames);
+    assert!(
+        clear > 0 && app > 0,
+        "the control upload was not seen in clear"
+    );
+
+    apply(
+        &c,
+        1,
+        "peerAuthentications:\n  - {name: strict-server, namespace: default, selector: {matchLabels: {app: server}}, mode: STRICT}\n",
+        &[],
+    )?;
+    wait_until("STRICT in the stats", Duration::from_secs(5), || {
+        Ok(c.stats(1)?["pods"]["default/server"]["mtls_mode"] == "STRICT")
+    })?;
+    let before = c.app_requests("server", APP_PORT)?;
+    let refused_before = c.counter(1, "server", "kernel.refused_strict")?;
+    let target: SocketAddr = (server6, APP_PORT).into();
+    let bare = c.pod("bare").netns.clone();
+    let refused = in_netns(&bare, || {
+        (0..200)
+            .filter(|_| {
+                matches!(
+                    TcpStream::connect_timeout(&target, Duration::from_secs(2)),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+                )
+            })
+            .count()
+    })?;
+    assert_eq!(refused, 200, "plaintext over IPv6 to a STRICT pod");
+    assert_eq!(c.app_requests("server", APP_PORT)?, before);
+    assert_eq!(
+        c.counter(1, "server", "kernel.refused_strict")? - refused_before,
+        200,
+        "refused in the kernel"
+    );
+    assert_eq!(
+        c.http_status("client", &format!("http://[{server6}]:{APP_PORT}/"))?,
+        Some(200),
+        "mTLS over IPv6 to a STRICT pod"
+    );
+    Ok(())
+}
+
 #[test]
 fn ca_signs_only_identities_of_pods_on_the_asking_node() -> Result<()> {
     let mut c = cluster()?;

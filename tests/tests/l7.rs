@@ -824,6 +824,84 @@ fn l7_allow_policy_on_method_and_header() -> Result<()> {
     Ok(())
 }
 
+/// L7 over IPv6 on dual-stack pods, decided as over IPv4: an ALLOW policy on method, header and
+/// principal for requests to the server's IPv6 address; `ipBlocks` that match a client's
+/// IPv6 source, and its IPv4 source although the server's listener is dual-stack (which sees
+/// IPv4 peers as ::ffff:a.b.c.d); and an HTTPRoute that sends a path on the service's IPv6
+/// address to one backend.
+#[test]
+fn ipv6_requests_get_the_same_policy_and_routes() -> Result<()> {
+    let c = cluster()?;
+    let server6 = c.pod("server").ip6.context("dual-stack pod")?;
+    let bare6 = c.pod("bare").ip6.context("dual-stack pod")?;
+    let bare4 = c.pod("bare").ip;
+    c.apply_yaml(
+        1,
+        &format!(
+            "authorizationPolicies:\n  - name: blue-gets\n    namespace: default\n    selector: {{matchLabels: {{app: server}}}}\n    rules:\n      - from: [{{source: {{principals: [cluster.local/ns/default/sa/client-sa]}}}}]\n        to: [{{operation: {{methods: [GET]}}}}]\n        when: [{{key: \"request.headers[x-team]\", values: [blue]}}]\n      - from: [{{source: {{ipBlocks: [\"{bare6}/128\", \"{bare4}/32\"]}}}}]\n        to: [{{operation: {{paths: [/status/200]}}}}]\n"
+        ),
+        "authorization_policies",
+        &["default/blue-gets"],
+    )?;
+    let status = |pod: &str, url: &str, args: &[&str]| -> Result<String> {
+        let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        all.extend_from_slice(args);
+        all.push(url);
+        Ok(c.curl(pod, &all)?.1)
+    };
+    let url = format!("http://[{server6}]:{APP_PORT}/status/201");
+    assert_eq!(status("client", &url, &["-H", "x-team: blue"])?, "201");
+    assert_eq!(status("client", &url, &["-H", "x-team: red"])?, "403");
+    assert_eq!(status("client2", &url, &["-H", "x-team: blue"])?, "403");
+    // The pod outside the mesh is allowed by its addresses, and only on the path they allow.
+    for server in [server6.to_string(), format!("{}", c.pod("server").ip)] {
+        let host = if server.contains(':') {
+            format!("[{server}]")
+        } else {
+            server
+        };
+        let ok = format!("http://{host}:{APP_PORT}/status/200");
+        let other = format!("http://{host}:{APP_PORT}/status/202");
+        assert_eq!(status("bare", &ok, &[])?, "200", "{ok}");
+        assert_eq!(status("bare", &other, &[])?, "403", "{other}");
+    }
+
+    c.apply(
+        0,
+        |f| {
+            f.http_routes = vec![route(
+                "only-v1",
+                "web",
+                rules("- matches: [{path: {type: Exact, value: /status/204}}]\n  backendRefs: [{name: v1, port: 80}]"),
+            )]
+        },
+        "http_routes",
+        &["default/only-v1"],
+    )?;
+    let before = (
+        c.app_requests("server", APP_PORT)?,
+        c.app_requests("server2", APP_PORT)?,
+    );
+    let vip6 = c.service_ip6("web");
+    for _ in 0..6 {
+        let url = format!("http://[{vip6}]:80/status/204");
+        assert_eq!(
+            status("client", &url, &["-H", "x-team: blue"])?,
+            "204",
+            "{url}"
+        );
+    }
+    assert_eq!(
+        (
+            c.app_requests("server", APP_PORT)? - before.0,
+            c.app_requests("server2", APP_PORT)? - before.1
+        ),
+        (6, 0),
+        "the route sent every request to v1 (server)"
+    );
+    Ok(())
+}
+
 /// Runs the attacker client `attack` from `client` against `v2` while `client2` sends 600
 /// requests at 200/s; returns the attacker's report after checking that the load saw no error.
 fn attack_under_load(c: &Cluster, attack: &[&str]) -> Result<serde_json::Value> {
