@@ -40,6 +40,26 @@ fn apply(c: &Cluster, i: usize, extra: &str, expect: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// What crossed a link: segments carrying `marker` in clear, payload bytes on the HBONE port
+/// (over IPv6 only, with `ipv6`), and segments to or from the app port.
+fn wire(frames: &[Vec<u8>], marker: &[u8], ipv6: bool) -> (usize, usize, usize) {
+    let segs = tcp_segments(frames);
+    let clear = segs
+        .iter()
+        .filter(|s| s.payload.windows(marker.len()).any(|w| w == marker))
+        .count();
+    let hbone_bytes = segs
+        .iter()
+        .filter(|s| (s.ipv6 || !ipv6) && (s.dst_port == 15008 || s.src_port == 15008))
+        .map(|s| s.payload.len())
+        .sum();
+    let app_port_segments = segs
+        .iter()
+        .filter(|s| s.dst_port == APP_PORT || s.src_port == APP_PORT)
+        .count();
+    (clear, hbone_bytes, app_port_segments)
+}
+
 #[test]
 fn cross_node_traffic_is_mtls_on_the_wire() -> Result<()> {
     let mut c = cluster()?;
@@ -56,23 +76,7 @@ fn cross_node_traffic_is_mtls_on_the_wire() -> Result<()> {
     let url = format!("http://{server}:{APP_PORT}/sha256");
     let node1 = c.nodes[0].netns.clone();
 
-    let count = |frames: &[Vec<u8>]| {
-        let segs = tcp_segments(frames);
-        let clear = segs
-            .iter()
-            .filter(|s| s.payload.windows(marker.len()).any(|w| w == marker))
-            .count();
-        let hbone_bytes: usize = segs
-            .iter()
-            .filter(|s| s.dst_port == 15008 || s.src_port == 15008)
-            .map(|s| s.payload.len())
-            .sum();
-        let app_port_segments = segs
-            .iter()
-            .filter(|s| s.dst_port == APP_PORT || s.src_port == APP_PORT)
-            .count();
-        (clear, hbone_bytes, app_port_segments)
-    };
+    let count = |frames: &[Vec<u8>]| wire(frames, marker, false);
 
     // Through the mesh: only TLS on 15008 crosses the link.
     let cap = Capture::start(&node1, "uplink")?;
@@ -220,23 +224,7 @@ fn ipv6_is_mtls_on_the_wire_and_strict_refuses_its_plaintext() -> Result<()> {
     let upload = format!("@{}", file.display());
     let url = format!("http://[{server6}]:{APP_PORT}/sha256");
     let node1 = c.nodes[0].netns.clone();
-    let count = |frames: &[Vec<u8>]| {
-        let segs = mesh_tests::tcp_segments(frames);
-        let clear = segs
-            .iter()
-            .filter(|s| s.payload.windows(marker.len()).any(|w| w == marker))
-            .count();
-        let hbone_v6: usize = segs
-            .iter()
-            .filter(|s| s.ipv6 && (s.dst_port == 15008 || s.src_port == 15008))
-            .map(|s| s.payload.len())
-            .sum();
-        let app = segs
-            .iter()
-            .filter(|s| s.dst_port == APP_PORT || s.src_port == APP_PORT)
-            .count();
-        (clear, hbone_v6, app)
-    };
+    let count = |frames: &[Vec<u8>]| wire(frames, marker, true);
     let cap = Capture::start(&node1, "uplink")?;
     let (code, out) = c.curl("client", &["--data-binary", &upload, &url])?;
     let frames = cap.stop();

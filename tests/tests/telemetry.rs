@@ -215,11 +215,12 @@ fn kernel_and_agent_health_families_count_what_happened() -> Result<()> {
     assert!(hbone >= 1.0, "{hbone}");
     assert_eq!(dropped, 0.0);
     for (i, samples) in [(0, &after1), (1, &after2)] {
-        // One pod per node: its two listeners in the sock hash, its address in the stats map.
+        // One dual-stack pod per node: its two listeners in the sock hash under each of its
+        // two addresses, both addresses in the stats map.
         let entries = |map: &str| metric_sum(samples, "mesh_bpf_map_entries", &[("map", map)]);
         assert_eq!(
             (entries("INBOUND_SOCKS"), entries("INBOUND_STATS")),
-            (2.0, 1.0),
+            (4.0, 2.0),
             "node {i}"
         );
         assert_eq!(
@@ -562,7 +563,8 @@ fn admin_commands_show_status_config_and_change_the_log_level() -> Result<()> {
     let maps = d["bpf"]["maps"].as_array().cloned().unwrap_or_default();
     assert!(
         maps.iter()
-            .any(|m| m["name"] == "INBOUND_SOCKS" && m["entries"] == 2),
+            // Two listeners under each address of the dual-stack pod.
+            .any(|m| m["name"] == "INBOUND_SOCKS" && m["entries"] == 4),
         "{maps:?}"
     );
     let table = c.agent_cli(0, &["config-dump"])?;

@@ -250,3 +250,9 @@ pub fn socket_u64(fd: &impl AsRawFd, name: libc::c_int) -> io::Result<u64> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// `a` with an IPv4-mapped IPv6 address (what a dual-stack socket from [`Netns::listen`]
+/// reports for IPv4) as IPv4.
+pub fn canonical(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(a.ip().to_canonical(), a.port())
+}

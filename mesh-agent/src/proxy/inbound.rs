@@ -24,7 +24,7 @@ pub async fn handle(
     // was going.
     let local = client
         .local_addr()
-        .map(super::listen::canonical)
+        .map(crate::capture::netns::canonical)
         .map_err(|source| {
             fail(ProxyError::Transport(
                 crate::transport::error::TransportError::Connect {
@@ -44,7 +44,7 @@ pub async fn handle(
     }
     let peer = client
         .peer_addr()
-        .map(super::listen::canonical)
+        .map(crate::capture::netns::canonical)
         .unwrap_or(local);
     let per_request = admission::admit(&view, &inputs.flows, pod, None, peer, local.port())
         .map_err(|d| fail(ProxyError::Denied(d)))?;

@@ -187,17 +187,12 @@ impl PodCx {
     }
 }
 
-/// `a` with an IPv4-mapped IPv6 address (what a dual-stack socket reports for IPv4) as IPv4.
-pub fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
-}
-
 async fn accept_loop(listener: TcpListener, cx: Arc<PodCx>, kind: Kind) {
     loop {
         let (stream, peer) = match listener.accept().await {
             // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; the rest of the proxy
             // (workloads, policies' ipBlocks, metrics) knows them as IPv4.
-            Ok((s, peer)) => (s, canonical(peer)),
+            Ok((s, peer)) => (s, crate::capture::netns::canonical(peer)),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(pod = %cx.local.pod.key, ?kind, "accept failed: {e}");
