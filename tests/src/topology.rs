@@ -535,6 +535,7 @@ impl Cluster {
             self.kill_agent(i);
         }
         self.stop_ca();
+        self.print_log_tails();
         if let Ok(agent) = artifact("mesh-agent") {
             for n in &self.nodes {
                 let _ = Command::new(&agent)
@@ -550,6 +551,30 @@ impl Cluster {
         remove_cgroup_tree(&self.cgroup_dir);
         if std::env::var_os("MESH_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Cluster {
+    /// Prints the end of every agent's log into the test's captured output, which libtest
+    /// shows only when the test fails. In the guest the logs die with the VM, so this is the
+    /// only record of what the agents saw. `MESH_TEST_LOG_TAIL` sets the line count (0: none).
+    fn print_log_tails(&self) {
+        let lines = std::env::var("MESH_TEST_LOG_TAIL")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(60);
+        if lines == 0 {
+            return;
+        }
+        for n in &self.nodes {
+            let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let all: Vec<&str> = log.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            println!("--- {} agent log, last {} lines ---", n.name, tail.len());
+            for l in tail {
+                println!("{l}");
+            }
         }
     }
 }

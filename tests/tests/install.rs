@@ -437,10 +437,15 @@ fn the_kubelets_probe_from_outside_answers_as_ready_does_and_versions_are_visibl
     c.stop_ca();
     c.kill_agent(0);
     c.start_agent_with(0, &[])?;
+    // Right after the start the reason is first "not applied yet"; wait for the one this
+    // case is about, which lasts while the CA is away.
     wait_until(
         "node 1 to miss its certificates",
         Duration::from_secs(10),
-        || Ok(c.agent_get(0, "/ready").map(|r| r.0).unwrap_or(0) == 503),
+        || {
+            Ok(c.agent_get(0, "/ready")
+                .is_ok_and(|r| r.0 == 503 && r.1.contains("certificates missing")))
+        },
     )?;
     let (admin, outside) = (c.agent_get(0, "/ready")?, probe(&c, "/ready")?);
     assert_eq!(outside, admin);
