@@ -15,8 +15,8 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use parking_lot::Mutex;
 
-use mesh_common::ListenerKind;
-use tracing::{error, info};
+use mesh_common::{ListenerKind, loop_enabled};
+use tracing::{error, info, warn};
 
 mod handover;
 mod support;
@@ -24,7 +24,7 @@ mod support;
 pub use support::{PodReport, Stats};
 use support::{SharedCollector, kube_settings, shutdown_signal};
 
-use crate::capture::features::{KernelFeatures, Need, TLS_ULP};
+use crate::capture::features::{KernelFeatures, Need, PROG_TRACING, TLS_ULP};
 use crate::{
     admin,
     capture::bpf::{self, Dataplane},
@@ -149,6 +149,8 @@ pub struct Agent {
     kernel: Arc<bpf::collector::KernelCollector>,
     /// What the kernel offered at start.
     kernel_features: KernelFeatures,
+    /// How pod-proxy hops bypass TCP: "off", "budget" or "paced" (see `start_loop_bypass`).
+    loop_bypass: &'static str,
     /// Run-time log level.
     pub logging: admin::LogControl,
     /// Sockets taken from the agent this one succeeds, until it serves.
@@ -299,6 +301,7 @@ impl Agent {
             "trust_roots": self.inputs.certs.trust_roots(),
             "bpf": { "maps": maps, "events": events },
             "kernel_features": self.kernel_features.features,
+            "loop_bypass": self.loop_bypass,
             "problems": self.problems.lock().clone(),
         })
     }
@@ -530,7 +533,11 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         adopted_maps = dataplane.adopted_maps(),
         "eBPF programs loaded"
     );
-    let bypass = start_loop_bypass(&mut dataplane, config.loop_bypass)?;
+    let bypass = start_loop_bypass(
+        &mut dataplane,
+        config.loop_bypass,
+        kernel_features.has(PROG_TRACING),
+    )?;
     // An agent already running here (an upgrade): take its listening sockets, so no connect
     // is refused between the two.
     let mut handed = match handover::take(&config.handover_socket) {
@@ -662,7 +669,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         inputs: Arc::new(ProxyInputs {
             view,
             orig_dst,
-            splice: if config.same_node_splice && !bypass {
+            splice: if config.same_node_splice && bypass == loop_enabled::OFF {
                 Some(
                     crate::transport::splice::Splicer::start(
                         splice,
@@ -703,6 +710,11 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         pod_cgroup_root,
         kernel,
         kernel_features: kernel_features.clone(),
+        loop_bypass: match bypass {
+            loop_enabled::PACED => "paced",
+            loop_enabled::BUDGET => "budget",
+            _ => "off",
+        },
         logging,
         handed: Mutex::new(handed),
         own_sockets,
@@ -911,11 +923,13 @@ async fn serve_then_offer(
 }
 
 /// Starts the loopback bypass if it is wanted and the agent has a cgroup of its own to watch;
-/// returns whether it runs. Without it every hop stays on TCP, which is correct, only slower.
-fn start_loop_bypass(dp: &mut Dataplane, want: bool) -> Result<bool, AppError> {
+/// returns how it runs (a `loop_enabled` value). Without it every hop stays on TCP, which is
+/// correct, only slower. `tracing`: whether the kernel allows the reader counter that paces it.
+fn start_loop_bypass(dp: &mut Dataplane, want: bool, tracing: bool) -> Result<u32, AppError> {
     let off = |dp: &mut Dataplane, why: &str| {
         info!("loopback bypass: off: {why}");
-        dp.set_loop_bypass(false).map(|()| false)
+        dp.set_loop_bypass(loop_enabled::OFF)
+            .map(|()| loop_enabled::OFF)
     };
     if !want {
         return Ok(off(dp, "--loop-bypass=false")?);
@@ -932,13 +946,34 @@ fn start_loop_bypass(dp: &mut Dataplane, want: bool) -> Result<bool, AppError> {
         return Ok(off(dp, &why)?);
     }
     let adopted = dp.attach_proxy(&dir)?;
-    dp.set_loop_bypass(true)?;
+    // Paced where the kernel lets the reader's counter attach; a lifetime budget where not.
+    let how = if !tracing {
+        info!(
+            "loopback bypass: paced by a lifetime budget: this kernel refuses tracing programs (prog_tracing)"
+        );
+        loop_enabled::BUDGET
+    } else {
+        match dp.attach_loop_pacing() {
+            Ok(adopted) => {
+                info!(adopted, "loopback bypass: paced by its readers");
+                loop_enabled::PACED
+            }
+            Err(e) => {
+                warn!(
+                    "loopback bypass: paced by a lifetime budget: the reader counter did not attach: {e}"
+                );
+                loop_enabled::BUDGET
+            }
+        }
+    };
+    dp.set_loop_bypass(how)?;
     info!(
         cgroup = %dir.display(),
         adopted,
+        paced = how == loop_enabled::PACED,
         "loopback bypass: on; pod-proxy hops skip TCP, same-node connections are relayed"
     );
-    Ok(true)
+    Ok(how)
 }
 
 /// Where the node's state comes from, once started.

@@ -37,6 +37,18 @@ pub mod programs {
     /// `sk_msg`, attached to [`LOOP_SOCKS`](crate::maps::LOOP_SOCKS): moves each message sent
     /// between a pod and the proxy over the pod's loopback straight into the receiver's queue.
     pub const LOOP_MSG: &str = "mesh_loop_msg";
+    /// `fexit` on the kernel's `sk_msg_recvmsg`: counts what each bypassing socket's reader
+    /// took from its bypass queue, which paces the sender ([`LOOP_WINDOW`](crate::LOOP_WINDOW)).
+    /// Optional: tracing programs need BTF and a kernel that allows them, so it is not in
+    /// [`ALL`]; without it the bypass falls back to a lifetime budget.
+    pub const LOOP_READ: &str = "mesh_loop_read";
+    /// The same count on `__sk_msg_recvmsg`, which kernels with the `copied_from_self` fix
+    /// (6.1.13x and later stable releases, 6.15+) have: TCP's read calls it directly, past
+    /// `sk_msg_recvmsg`. It takes one argument more, so the return value sits one slot later.
+    pub const LOOP_READ_INNER: &str = "mesh_loop_read_inner";
+    /// The kernel functions [`LOOP_READ`] and [`LOOP_READ_INNER`] attach to, in that order:
+    /// each returns the bytes a read took from a socket's sockmap queue.
+    pub const LOOP_READ_TARGETS: [&str; 2] = ["sk_msg_recvmsg", "__sk_msg_recvmsg"];
     /// Every program in the object, for tests and for pinning.
     pub const ALL: [&str; 7] = [
         CONNECT4,
@@ -93,8 +105,14 @@ pub mod maps {
     /// Array of one `u32`: 1 while an agent runs the loopback bypass. Pod sockets enter
     /// [`LOOP_SOCKS`] only then, so with the bypass off they never leave plain TCP.
     pub const LOOP_ENABLED: &str = "LOOP_ENABLED";
+    /// LRU hash: [`LoopKey`](crate::LoopKey) → [`LoopPace`](crate::LoopPace): a bypassing
+    /// socket's own cookie and the bytes it has bypassed, when the bypass is paced.
+    pub const LOOP_PACE: &str = "LOOP_PACE";
+    /// LRU hash: socket cookie → `u64` bytes its reader took from its bypass queue, counted by
+    /// [`programs::LOOP_READ`](crate::programs::LOOP_READ) for sockets entered while paced.
+    pub const LOOP_READ: &str = "LOOP_READ";
     /// Every map in the object, for tests and for pinning.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         ORIG_DST_BY_COOKIE,
         ORIG_DST,
         POD_STATS,
@@ -110,6 +128,8 @@ pub mod maps {
         LOOP_SOCKS,
         LOOP_MODES,
         LOOP_ENABLED,
+        LOOP_PACE,
+        LOOP_READ,
     ];
 }
 
@@ -166,9 +186,12 @@ pub mod events {
     /// A bypassing socket's peer had left the map (it closed): the send goes by TCP, which
     /// reports the closed peer as TCP always does.
     pub const LOOP_TCP_PEER_GONE: u32 = 21;
-    /// A bypassing socket used up its [`LOOP_BUDGET`](crate::LOOP_BUDGET): it goes on by TCP,
-    /// whose receive window bounds what waits for a slow reader.
-    pub const LOOP_TCP_BUDGET: u32 = 22;
+    /// A bypassing socket reached its limit: it used up its
+    /// [`LOOP_BUDGET`](crate::LOOP_BUDGET), or, when paced, its peer's reader fell
+    /// [`LOOP_WINDOW`](crate::LOOP_WINDOW) behind. It goes on by TCP, whose receive window
+    /// bounds what waits for a slow reader. (One slot for both: the events array is pinned, and
+    /// a new slot would change its size under an agent being upgraded.)
+    pub const LOOP_TCP_LIMIT: u32 = 22;
     /// Number of slots.
     pub const COUNT: u32 = 23;
     /// `(hook, outcome, reason)` of each slot, in index order (`-`: no reason).
@@ -195,7 +218,7 @@ pub mod events {
         ("loopback", "bypassed", "-"),
         ("loopback", "tcp", "early_send"),
         ("loopback", "tcp", "peer_gone"),
-        ("loopback", "tcp", "budget_spent"),
+        ("loopback", "tcp", "limit_reached"),
     ];
 }
 
@@ -218,6 +241,35 @@ pub const LOOP_CAPACITY: u32 = 65_536;
 /// node's TCP memory runs out), so this is what bounds the bytes waiting for a slow reader: as
 /// much as a TCP receive buffer may hold at its default size on these machines, times 32.
 pub const LOOP_BUDGET: u32 = 4 << 20;
+
+/// Bytes a paced bypassing socket may have sent that its peer's reader has not taken yet. A
+/// reader that keeps up never reaches it, so its connection bypasses TCP for its whole life; one
+/// that falls this far behind moves its sender to TCP for good, so no more than this ever waits
+/// in a bypass queue.
+pub const LOOP_WINDOW: u64 = 1 << 20;
+
+/// The value of [`maps::LOOP_ENABLED`]: whether and how sockets enter the bypass.
+pub mod loop_enabled {
+    /// Off: no socket enters.
+    pub const OFF: u32 = 0;
+    /// On, each socket bypassing its first [`LOOP_BUDGET`](crate::LOOP_BUDGET) bytes.
+    pub const BUDGET: u32 = 1;
+    /// On, each socket bypassing while its reader is within
+    /// [`LOOP_WINDOW`](crate::LOOP_WINDOW) (needs [`programs::LOOP_READ`](crate::programs::LOOP_READ)).
+    pub const PACED: u32 = 2;
+}
+
+/// A paced bypassing socket's own socket cookie (its reader's counter in
+/// [`maps::LOOP_READ`]) and the bytes it has sent through the bypass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopPace {
+    /// `bpf_get_socket_cookie` of the socket.
+    pub cookie: u64,
+    /// Bytes it has bypassed into its peer's queue.
+    pub sent: u64,
+}
+const _: () = assert!(core::mem::size_of::<LoopPace>() == 16);
 
 /// [`LoopState::mode`] values. The order of bytes is only at risk when a socket switches
 /// from TCP to the bypass (the receiver reads its bypass queue first), so that switch happens

@@ -20,18 +20,31 @@
 //!   first send (`loop_mode`), and if its peer is not in yet it stays on TCP for good.
 //! - A missing mode means TCP, so an LRU eviction can only move a socket the safe way.
 //! - FIN, RST and errors still travel by TCP, behind every byte sent before them.
-//! - The bypass has no flow control, so each socket may bypass `LOOP_BUDGET` bytes in all and
-//!   then goes on by TCP: at most that much ever waits in a receiver's bypass queue.
+//! - The kernel gives the bypass no flow control: a send lands in the peer's queue whatever the
+//!   peer has read. So a socket bypasses only while its peer's reader keeps up:
+//!   - paced (`LOOP_ENABLED` = `PACED`, when the agent could attach `fexit` on
+//!     `sk_msg_recvmsg`): `on_read` counts what each entered socket's reader took from its
+//!     bypass queue in `LOOP_READ`, and a send that would put more than `LOOP_WINDOW` unread
+//!     bytes in the peer's queue goes by TCP, and so does every later one;
+//!   - budget (`BUDGET`, no tracing programs): each socket bypasses its first `LOOP_BUDGET`
+//!     bytes and then goes on by TCP.
+//!
+//!   Either way no more than the limit ever waits in a receiver's bypass queue, and a counter
+//!   that is missing (evicted, or the reader's `fexit` gone with its agent) counts as a reader
+//!   that took nothing: the safe way round.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_STATE_CB_FLAG, sk_action},
-    helpers::bpf_get_netns_cookie,
-    programs::{SkMsgContext, SockOpsContext},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::{FExitContext, SkMsgContext, SockOpsContext},
 };
-use mesh_common::{AF_INET, LOOP_BUDGET, LoopKey, LoopState, events, loop_mode};
+use mesh_common::{
+    AF_INET, LOOP_BUDGET, LOOP_WINDOW, LoopKey, LoopPace, LoopState, events, loop_enabled,
+    loop_mode,
+};
 
-use crate::maps::{LOOP_ENABLED, LOOP_MODES, LOOP_SOCKS, event};
+use crate::maps::{LOOP_ENABLED, LOOP_MODES, LOOP_PACE, LOOP_READ, LOOP_SOCKS, event};
 
 /// `sock_ops` and `sk_msg` give the remote port as the network-order port shifted into the
 /// upper half (the local port is host order); keys hold both in host order.
@@ -43,8 +56,9 @@ fn is_loopback(ip_be: u32) -> bool {
     u32::from_be(ip_be) >> 24 == 127
 }
 
-fn enabled() -> bool {
-    LOOP_ENABLED.get(0) == Some(&1)
+/// `LOOP_ENABLED`'s value: a `loop_enabled` constant.
+fn enabled() -> u32 {
+    LOOP_ENABLED.get(0).copied().unwrap_or(loop_enabled::OFF)
 }
 
 /// TCP states (include/net/tcp_states.h) in which a socket still receives.
@@ -72,9 +86,23 @@ fn sock_ops_key(ctx: &SockOpsContext) -> Option<LoopKey> {
     })
 }
 
-fn enter(ctx: &SockOpsContext, mut key: LoopKey, mode: u32) {
+fn enter(ctx: &SockOpsContext, mut key: LoopKey, mode: u32, how: u32) {
     // SAFETY: the kernel passes a valid `bpf_sock_ops` for the duration of the program.
     let ops = unsafe { &mut *ctx.ops };
+    // Paced: the reader's counter and the sender's tally exist before the socket can send or
+    // receive a byte through the bypass; without them its sends go by TCP.
+    if how == loop_enabled::PACED {
+        // SAFETY: reads the cookie of the context's socket.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if LOOP_READ.insert(&cookie, &0, 0).is_err()
+            || LOOP_PACE
+                .insert(&key, &LoopPace { cookie, sent: 0 }, 0)
+                .is_err()
+        {
+            event(events::LOOP_ENTER_FAILED);
+            return;
+        }
+    }
     if LOOP_SOCKS
         .update(&mut key, ops, u64::from(BPF_ANY))
         .is_err()
@@ -111,30 +139,80 @@ pub fn on_state(ctx: &SockOpsContext) {
     }
     if let Some(key) = sock_ops_key(ctx) {
         let _ = LOOP_MODES.remove(&key);
+        // SAFETY: the value is copied out before the entry is removed.
+        if let Some(pace) = unsafe { LOOP_PACE.get(&key) }.copied() {
+            let _ = LOOP_READ.remove(&pace.cookie);
+            let _ = LOOP_PACE.remove(&key);
+        }
+    }
+}
+
+/// `fexit` on `[__]sk_msg_recvmsg(sk, psock, msg, len, flags, …)`: what a read took from
+/// `sk`'s bypass queue. `ret` is the slot of the return value, which follows the arguments in
+/// a tracing program's context. Only sockets entered while paced have a counter; a peek takes
+/// nothing.
+pub fn on_read(ctx: &FExitContext, ret: usize) {
+    const MSG_PEEK: i32 = 2;
+    let sk: *mut core::ffi::c_void = ctx.arg(0);
+    let flags: i32 = ctx.arg(4);
+    let took: i32 = ctx.arg(ret);
+    if took <= 0 || flags & MSG_PEEK != 0 {
+        return;
+    }
+    // SAFETY: `sk` is the traced function's socket, a pointer the verifier knows by its type.
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    if let Some(read) = LOOP_READ.get_ptr_mut(&cookie) {
+        // SAFETY: a live map value. Reads of one socket run one at a time under its lock, so
+        // this is the only writer; the sender only loads it.
+        unsafe { *read += took as u64 };
     }
 }
 
 /// A connecting end at ACTIVE_ESTABLISHED: in, undecided until its first send.
 pub fn enter_connecting(ctx: &SockOpsContext) {
-    if !enabled() {
+    let how = enabled();
+    if how == loop_enabled::OFF {
         return;
     }
     if let Some(key) = sock_ops_key(ctx) {
-        enter(ctx, key, loop_mode::UNDECIDED);
+        enter(ctx, key, loop_mode::UNDECIDED, how);
     }
 }
 
 /// An accepted end at PASSIVE_ESTABLISHED: in, bypassing from its first byte, when its peer is.
 /// It cannot have sent anything yet: its application has not accepted it.
 pub fn enter_accepted(ctx: &SockOpsContext) {
-    if !enabled() {
+    let how = enabled();
+    if how == loop_enabled::OFF {
         return;
     }
     if let Some(key) = sock_ops_key(ctx)
         && present(&key.peer())
     {
-        enter(ctx, key, loop_mode::BYPASS);
+        enter(ctx, key, loop_mode::BYPASS, how);
     }
+}
+
+/// Whether `size` more bytes from the socket `key` may go into its peer's bypass queue, and if
+/// so, counts them. `Some` when the socket is paced (it has a tally), `None` when it runs on
+/// the lifetime budget.
+fn paced_admit(key: &LoopKey, peer: &LoopKey, size: u32) -> Option<bool> {
+    let own = LOOP_PACE.get_ptr_mut(key)?;
+    // SAFETY: a live map value, written only by this socket's sends, one at a time.
+    let own = unsafe { &mut *own };
+    // SAFETY: the values are copied out.
+    let read = unsafe { LOOP_PACE.get(peer) }
+        .and_then(|p| unsafe { LOOP_READ.get(&p.cookie) })
+        .copied();
+    let Some(read) = read else {
+        return Some(false);
+    };
+    let unread = own.sent.saturating_sub(read);
+    if unread + u64::from(size) > LOOP_WINDOW {
+        return Some(false);
+    }
+    own.sent += u64::from(size);
+    Some(true)
 }
 
 /// `sk_msg` on every send of a socket in `LOOP_SOCKS`.
@@ -165,14 +243,14 @@ pub fn on_msg(ctx: &SkMsgContext) -> u32 {
         } else {
             events::LOOP_TCP_PEER_GONE
         }
-    } else if md.size > state.left {
-        events::LOOP_TCP_BUDGET
+    } else if !paced_admit(&key, &peer, md.size).unwrap_or_else(|| md.size <= state.left) {
+        events::LOOP_TCP_LIMIT
     } else {
         if state.mode == loop_mode::UNDECIDED {
             state.mode = loop_mode::BYPASS;
             event(events::LOOP_BYPASSED);
         }
-        state.left -= md.size;
+        state.left = state.left.saturating_sub(md.size);
         return LOOP_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) as u32;
     };
     state.mode = loop_mode::TCP;

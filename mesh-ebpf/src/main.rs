@@ -25,8 +25,10 @@ mod sockops;
 mod splice;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, sk_lookup, sk_msg, sock_ops, stream_verdict},
-    programs::{SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, fexit, sk_lookup, sk_msg, sock_ops, stream_verdict},
+    programs::{
+        FExitContext, SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext,
+    },
 };
 
 /// Connect hooks must return 1 to let the (possibly rewritten) connect proceed.
@@ -65,6 +67,20 @@ pub fn mesh_proxy_sock_ops(ctx: SockOpsContext) -> u32 {
 #[sk_msg]
 pub fn mesh_loop_msg(ctx: SkMsgContext) -> u32 {
     loopback::on_msg(&ctx)
+}
+
+#[fexit(function = "sk_msg_recvmsg")]
+pub fn mesh_loop_read(ctx: FExitContext) -> i32 {
+    // sk_msg_recvmsg(sk, psock, msg, len, flags): the return value follows 5 arguments.
+    loopback::on_read(&ctx, 5);
+    0
+}
+
+#[fexit(function = "__sk_msg_recvmsg")]
+pub fn mesh_loop_read_inner(ctx: FExitContext) -> i32 {
+    // __sk_msg_recvmsg(sk, psock, msg, len, flags, copied_from_self): it follows 6.
+    loopback::on_read(&ctx, 6);
+    0
 }
 
 #[sk_lookup]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use mesh_common::{
-    InboundKey, InboundStats, IpKey, LOOP_CAPACITY, LoopKey, LoopState, MAX_PODS,
+    InboundKey, InboundStats, IpKey, LOOP_CAPACITY, LoopKey, LoopPace, LoopState, MAX_PODS,
     ORIG_DST_CAPACITY, OrigDst, OrigDstKey, PodStats, PortKey, SPLICE_CAPACITY, SplicePeer, events,
 };
 
@@ -52,6 +52,12 @@ pub static LOOP_MODES: LruHashMap<LoopKey, LoopState> = LruHashMap::pinned(LOOP_
 
 #[map]
 pub static LOOP_ENABLED: Array<u32> = Array::pinned(1, 0);
+
+#[map]
+pub static LOOP_PACE: LruHashMap<LoopKey, LoopPace> = LruHashMap::pinned(LOOP_CAPACITY, 0);
+
+#[map]
+pub static LOOP_READ: LruHashMap<u64, u64> = LruHashMap::pinned(LOOP_CAPACITY, 0);
 
 /// Node-wide event counters, one slot per `mesh_common::events` index.
 #[map]

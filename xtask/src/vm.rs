@@ -374,6 +374,13 @@ fn init_script(kernel: &Kernel, suites: &[(String, PathBuf)], args: &[String]) -
     let has_tls = config
         .lines()
         .any(|l| l == "CONFIG_TLS=m" || l == "CONFIG_TLS=y");
+    // BTF and ftrace's direct calls: what an `fexit` program needs to load and attach.
+    let has_fexit = [
+        "CONFIG_DEBUG_INFO_BTF=y",
+        "CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS=y",
+    ]
+    .iter()
+    .all(|want| config.lines().any(|l| l == *want));
     let tests_dir = root().join("tests");
     let mut s = format!(
         r#"#!/bin/busybox sh
@@ -395,11 +402,14 @@ ulimit -n 1048576
 export MESH_TEST_TIME_SCALE={scale}
 # A kernel built with CONFIG_TLS: the kTLS tests must see the kernel path, not skip it.
 export MESH_TEST_EXPECT_KTLS={expect_ktls}
+# One that can load fexit programs: the loopback bypass must be paced by its readers.
+export MESH_TEST_EXPECT_PACED={expect_paced}
 echo "{MARK} kernel $(uname -r) ($(nproc) cpus)"
 "#,
         modules = GUEST_MODULES.join(" "),
         scale = GUEST_TIME_SCALE,
         expect_ktls = u8::from(has_tls),
+        expect_paced = u8::from(has_fexit),
     );
     let skips: String = GUEST_SKIPS
         .iter()

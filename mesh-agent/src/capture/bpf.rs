@@ -27,7 +27,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuHashMap, PerCpuValues, SockHash},
     programs::{
-        CgroupAttachMode, Program, SkMsg,
+        CgroupAttachMode, FExit, Program, SkMsg,
         links::{FdLink, PinnedLink},
     },
     util::nr_cpus,
@@ -174,6 +174,8 @@ pub struct Dataplane {
     loop_enabled: Array<MapData, u32>,
     /// Pin name of the link of `mesh_proxy_sock_ops` to the agent's cgroup, once attached.
     proxy_link: Option<String>,
+    /// Pin name of the bypass's reader counter link, once attached or adopted.
+    pacing_link: Option<String>,
     adopted_maps: bool,
     link_updates: LinkUpdates,
 }
@@ -360,6 +362,7 @@ impl Dataplane {
                 mtls_ports,
                 loop_enabled,
                 proxy_link: None,
+                pacing_link: None,
                 adopted_maps,
                 link_updates: LinkUpdates::default(),
             },
@@ -379,12 +382,61 @@ impl Dataplane {
         self.adopted_maps
     }
 
-    /// Turns the loopback bypass on or off for sockets that connect from now on. Sockets
-    /// already in it keep bypassing until they close.
-    pub fn set_loop_bypass(&mut self, on: bool) -> Result<(), BpfError> {
+    /// Sets how sockets that connect from now on enter the loopback bypass: a
+    /// [`mesh_common::loop_enabled`] value. Sockets already in it keep their way until they close.
+    pub fn set_loop_bypass(&mut self, how: u32) -> Result<(), BpfError> {
         self.loop_enabled
-            .set(0, u32::from(on), 0)
+            .set(0, how, 0)
             .map_err(map_err(maps::LOOP_ENABLED, "set"))
+    }
+
+    /// Attaches the bypass's reader counter (`fexit` on `sk_msg_recvmsg`) and pins its link,
+    /// so the counting outlives this agent like every other link. An earlier agent's pinned
+    /// link is kept, not joined by a second: two counters would count every read twice and
+    /// let a sender run ahead of its reader. Returns whether it was adopted.
+    pub fn attach_loop_pacing(&mut self) -> Result<bool, BpfError> {
+        let program = programs::LOOP_READ;
+        let pin = self.root.join("links").join(program);
+        // Kept by `detach_others` from now on, adopted or not.
+        self.pacing_link = Some(program.to_string());
+        if pin.exists() {
+            PinnedLink::from_pin(&pin).map_err(|e| BpfError::Pin {
+                path: pin.clone(),
+                what: "open pinned link",
+                source: io::Error::other(chain(&e)),
+            })?;
+            return Ok(true);
+        }
+        let btf = aya::Btf::from_sys_fs().map_err(|e| BpfError::Program {
+            what: "read the kernel's BTF for",
+            name: program.to_string(),
+            detail: chain(&e),
+        })?;
+        // Where TCP's read calls `__sk_msg_recvmsg` directly, only a count there sees it.
+        let [outer, inner] = programs::LOOP_READ_TARGETS;
+        let (program, target) = if btf
+            .id_by_type_name_kind(inner, aya_obj::btf::BtfKind::Func)
+            .is_ok()
+        {
+            (programs::LOOP_READ_INNER, inner)
+        } else {
+            (program, outer)
+        };
+        let prog: &mut FExit = typed_program(&mut self.ebpf, program)?;
+        prog.load(target, &btf).map_err(prog_err("load", program))?;
+        tracing::info!(
+            program,
+            target,
+            "loopback bypass: counting reads on the kernel's sockmap read"
+        );
+        let id = prog.attach().map_err(prog_err("attach", program))?;
+        let link = FdLink::from(prog.take_link(id).map_err(prog_err("take link", program))?);
+        link.pin(&pin).map_err(|e| BpfError::Pin {
+            path: pin.clone(),
+            what: "pin link",
+            source: io::Error::other(chain(&e)),
+        })?;
+        Ok(false)
     }
 
     /// Attaches `mesh_proxy_sock_ops` to the agent's own cgroup `dir` (adopting an earlier
@@ -715,7 +767,12 @@ impl Dataplane {
     /// Unpins (and so detaches) every link not belonging to one of `pods`. Returns the pin names
     /// removed.
     pub fn detach_others(&mut self, pods: &[&Pod]) -> Result<Vec<String>, BpfError> {
-        let mut keep: BTreeSet<String> = self.proxy_link.iter().cloned().collect();
+        let mut keep: BTreeSet<String> = self
+            .proxy_link
+            .iter()
+            .chain(&self.pacing_link)
+            .cloned()
+            .collect();
         for pod in pods {
             // A pod whose cgroup or netns vanished keeps nothing: its links are stale.
             if let Ok(names) = Self::link_names(pod) {

@@ -55,6 +55,8 @@ pub struct Feature {
 
 /// The optional kTLS upper-layer protocol, probed by `transport::ktls`.
 pub const TLS_ULP: &str = "tls_ulp";
+/// The name of the tracing probe: the loopback bypass's reader counter needs it.
+pub const PROG_TRACING: &str = "prog_tracing";
 
 /// Every probed feature, must-haves first.
 pub const FEATURES: &[Feature] = &[
@@ -167,7 +169,7 @@ pub const FEATURES: &[Feature] = &[
         check: Check::Elsewhere,
     },
     Feature {
-        name: "prog_tracing",
+        name: PROG_TRACING,
         need: Need::Optional,
         since: "5.5 (BTF)",
         why: "without it the loopback bypass cannot be paced by its reader",

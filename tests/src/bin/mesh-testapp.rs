@@ -154,9 +154,10 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
-    /// Wait for a `stream-serve`r's greeting, send SEND pattern bytes and close the sending side;
-    /// ask for REPLY bytes back. Fails unless the banner, the hash of what was sent and every byte of the reply
-    /// are right; prints JSON with the bytes sent and received.
+    /// Wait for a `stream-serve`r's greeting, send SEND pattern bytes (spread over SECONDS if
+    /// given) and close the sending side; ask for REPLY bytes back. Fails unless the banner, the
+    /// hash of what was sent and every byte of the reply are right; prints JSON with the bytes
+    /// sent and received, and how many blocking reads ended with EAGAIN (`would_block`).
     Stream {
         #[arg(long)]
         addr: SocketAddr,
@@ -164,6 +165,8 @@ enum Cmd {
         send: u64,
         #[arg(long)]
         reply: u64,
+        #[arg(long)]
+        seconds: Option<u64>,
     },
     /// Sends the HTTP/2 frames of a JSON script (after the preface and an empty SETTINGS), then
     /// reads for `quiet_ms` of silence; prints JSON with the GOAWAY code, the RST_STREAMs
@@ -854,8 +857,9 @@ fn stream(
 ) -> anyhow::Result<serde_json::Value> {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    // The reply comes after the last byte sent: a paced stream waits that much longer.
-    let patience = Duration::from_secs(30) + pace.unwrap_or_default();
+    // The reply comes after the last byte sent: a paced stream waits that much longer, and a
+    // big one a second more per 4 MiB (an emulated guest moves a GiB in minutes).
+    let patience = Duration::from_secs(30 + (send >> 22)) + pace.unwrap_or_default();
     conn.set_read_timeout(Some(patience))?;
     let header = format!("{reply}\n");
     // The server speaks first, and we wait for it: a proxy that held the greeting back would
@@ -866,13 +870,14 @@ fn stream(
     anyhow::ensure!(banner == STREAM_BANNER, "greeting was {banner:?}");
     // Read concurrently: a server that answers while we still send must not deadlock us.
     let mut rx = conn.try_clone()?;
-    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+    let reader = std::thread::spawn(move || -> std::io::Result<(Vec<u8>, u64)> {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
         let mut progress = std::time::Instant::now();
+        let mut would_block = 0u64;
         loop {
             match rx.read(&mut buf) {
-                Ok(0) => return Ok(got),
+                Ok(0) => return Ok((got, would_block)),
                 Ok(n) => {
                     got.extend_from_slice(&buf[..n]);
                     progress = std::time::Instant::now();
@@ -881,9 +886,13 @@ fn stream(
                 // read with EAGAIN after a wake-up that brought nothing (Linux 6.18). An
                 // application on non-blocking sockets would poll again; so does this one,
                 // until the read timeout has really passed.
+                // Counted: a blocking reader that is not this patient would have failed.
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
-                        && progress.elapsed() < patience => {}
+                        && progress.elapsed() < patience =>
+                {
+                    would_block += 1;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -905,7 +914,7 @@ fn stream(
         None => write_pattern(&mut conn, send)?,
     }
     conn.shutdown(std::net::Shutdown::Write)?;
-    let got = reader
+    let (got, would_block) = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
     let sent_hash = {
@@ -932,7 +941,7 @@ fn stream(
         anyhow::bail!("reply byte {i} differs from the pattern");
     }
     Ok(
-        serde_json::json!({"sent": header.len() as u64 + send, "received": banner.len() + got.len()}),
+        serde_json::json!({"sent": header.len() as u64 + send, "received": banner.len() + got.len(), "would_block": would_block}),
     )
 }
 
@@ -1619,8 +1628,13 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Raw { addr, input } => raw(addr, &input),
         Cmd::StreamServe { port } => stream_serve(port),
-        Cmd::Stream { addr, send, reply } => {
-            stream(addr, send, reply, None).map(|out| println!("{out}"))
+        Cmd::Stream {
+            addr,
+            send,
+            reply,
+            seconds,
+        } => {
+            stream(addr, send, reply, seconds.map(Duration::from_secs)).map(|out| println!("{out}"))
         }
         Cmd::Streams {
             addr,
