@@ -710,11 +710,7 @@ pub async fn run(config: Config, logging: admin::LogControl) -> Result<(), AppEr
         pod_cgroup_root,
         kernel,
         kernel_features: kernel_features.clone(),
-        loop_bypass: match bypass {
-            loop_enabled::PACED => "paced",
-            loop_enabled::BUDGET => "budget",
-            _ => "off",
-        },
+        loop_bypass: loop_enabled::name(bypass),
         logging,
         handed: Mutex::new(handed),
         own_sockets,

@@ -304,10 +304,13 @@ pub fn explain(view: &Snapshot, q: &Question) -> Result<Explanation, ExplainErro
                         .push(format!("service {} has no endpoints", entry.svc.key));
                 }
                 let now = std::time::Instant::now();
-                targets.extend(
-                    eps.iter()
-                        .map(|e| (SocketAddr::new(e.ip, port), e.is_ejected(now))),
-                );
+                // Dialled in the destination's family, as the proxy does (`Routes::resolve`).
+                targets.extend(eps.iter().map(|e| {
+                    (
+                        SocketAddr::new(routes.dial_ip(e.ip, dst.ip()), port),
+                        e.is_ejected(now),
+                    )
+                }));
             }
         }
         None => targets.push((dst, false)),
@@ -418,7 +421,7 @@ fn endpoint(
                     root_namespace: &state.mesh.root_namespace,
                     labels: &w.labels,
                     port: addr.port(),
-                    source_ip: Some(src.ip),
+                    source_ip: Some(src.ip_toward(addr.ip())),
                     services: &services,
                     http: attrs.as_ref(),
                 },
@@ -452,5 +455,121 @@ fn endpoint(
         .into(),
         policies: decision_policies(&decision),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        state::{
+            Action, AuthorizationPolicy, Labels, Rule, Source,
+            testing::{key, service, state, workload},
+        },
+        view::View,
+    };
+    use std::{net::IpAddr, sync::Arc};
+
+    /// A dual-stack client on this node, a dual-stack service with one pod on each node, and
+    /// an ALLOW policy on the service's pods that admits the client by its IPv6 address only.
+    fn dual_stack() -> Arc<Snapshot> {
+        let mut s = state(
+            vec![service(
+                "web",
+                "10.96.0.10,fd96::10",
+                &[(80, 8080)],
+                &["10.0.0.2", "10.0.0.3", "fd00::2", "fd00::3"],
+            )],
+            vec![
+                workload("client", "10.0.0.1,fd00::1", "client", "node-1"),
+                workload("web", "10.0.0.2,fd00::2", "web", "node-1"),
+                workload("web", "10.0.0.3,fd00::3", "web", "node-2"),
+            ],
+        );
+        // The two replicas share a name in the builder; the second gets its own key.
+        let second = s.workloads[&"10.0.0.3".parse::<IpAddr>().expect("ip")].clone();
+        let mut renamed = (*second).clone();
+        renamed.key = key("default", "web-2");
+        let renamed = Arc::new(renamed);
+        for a in renamed.ips() {
+            s.workloads.insert(a, renamed.clone());
+        }
+        s.authorization_policies = vec![AuthorizationPolicy {
+            key: key("default", "v6-only"),
+            selector: Labels::from([("app".to_string(), "web".to_string())]),
+            target_services: Vec::new(),
+            action: Action::Allow,
+            rules: vec![Rule {
+                from: vec![Source {
+                    ip_blocks: vec!["fd00::1/128".parse().expect("block")],
+                    ..Source::default()
+                }],
+                ..Rule::default()
+            }],
+        }];
+        let view = View::new("cluster.local");
+        view.publish(&Arc::new(s), []);
+        view.load()
+    }
+
+    fn ask(view: &Snapshot, dst: &str) -> Explanation {
+        let q = Question {
+            src: "client".into(),
+            dst: dst.into(),
+            ..Question::default()
+        };
+        explain(view, &q).expect("an explanation")
+    }
+
+    #[test]
+    fn an_ipv6_service_address_is_explained_in_ipv6_with_the_sources_ipv6_address() {
+        let view = dual_stack();
+        let e = ask(&view, "[fd96::10]:80");
+        assert_eq!(e.service.as_deref(), Some("default/web"));
+        assert!(e.captured, "{e:?}");
+        let mut dialled: Vec<String> = e.endpoints.iter().map(|p| p.addr.to_string()).collect();
+        dialled.sort();
+        // The proxy dials each pod in the client's family.
+        assert_eq!(dialled, ["[fd00::2]:8080", "[fd00::3]:8080"], "{e:?}");
+        let hops: Vec<&str> = e.endpoints.iter().map(|p| p.hop.as_str()).collect();
+        assert!(
+            hops.contains(&"local") && hops.contains(&"hbone"),
+            "{hops:?}"
+        );
+        // The source's IPv6 address is what the policy sees.
+        assert_eq!(e.verdict, "allow", "{e:?}");
+    }
+
+    #[test]
+    fn the_same_service_over_ipv4_is_denied_by_the_ipv6_only_policy() {
+        let view = dual_stack();
+        let e = ask(&view, "10.96.0.10:80");
+        let mut dialled: Vec<String> = e.endpoints.iter().map(|p| p.addr.to_string()).collect();
+        dialled.sort();
+        assert_eq!(dialled, ["10.0.0.2:8080", "10.0.0.3:8080"], "{e:?}");
+        assert_eq!(e.verdict, "deny", "{e:?}");
+        assert_eq!(e.endpoints[0].policies, ["default/v6-only"], "{e:?}");
+    }
+
+    #[test]
+    fn a_pods_ipv6_address_and_bad_destinations() {
+        let view = dual_stack();
+        let e = ask(&view, "[fd00::3]:8080");
+        assert_eq!(e.service, None);
+        assert_eq!(e.endpoints.len(), 1);
+        assert_eq!(e.endpoints[0].workload.as_deref(), Some("default/web-2"));
+        assert_eq!(e.endpoints[0].hop, "hbone");
+        assert_eq!(e.verdict, "allow", "{e:?}");
+        let e = ask(&view, "[::1]:80");
+        assert_eq!((e.captured, e.verdict.as_str()), (false, "bypass"));
+        let q = Question {
+            src: "client".into(),
+            dst: "fd00::3:8080".into(),
+            ..Question::default()
+        };
+        assert!(matches!(
+            explain(&view, &q),
+            Err(ExplainError::BadDestination(_))
+        ));
     }
 }

@@ -48,6 +48,16 @@ impl Pod {
     pub fn ips(&self) -> impl Iterator<Item = IpAddr> + use<> {
         std::iter::once(self.ip).chain(self.secondary_ip)
     }
+
+    /// The source address its connection to `dst` carries: its address in `dst`'s family (a
+    /// dual-stack pod reaching an IPv6 address does so from its IPv6 one), else its primary.
+    /// Policies' `ipBlocks` match this, on this node as on the destination's.
+    pub fn ip_toward(&self, dst: IpAddr) -> IpAddr {
+        let dst = dst.to_canonical();
+        self.ips()
+            .find(|a| a.is_ipv6() == dst.is_ipv6())
+            .unwrap_or(self.ip)
+    }
 }
 
 /// Kubernetes-style labels.
@@ -84,6 +94,11 @@ impl Workload {
     /// address goes to its endpoints' IPv6 addresses, as Kubernetes' per-family endpoints do.
     pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
         self.ips().find(|a| a.is_ipv6() == like.is_ipv6())
+    }
+
+    /// As [`Pod::ip_toward`]: the source address its connection to `dst` carries.
+    pub fn ip_toward(&self, dst: IpAddr) -> IpAddr {
+        self.ip_like(dst.to_canonical()).unwrap_or(self.ip)
     }
 }
 
@@ -628,6 +643,22 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_address_is_the_pods_own_in_the_destinations_family() {
+        let ip = testing::ip;
+        let dual = testing::pod("client", "10.0.0.1,fd00::1");
+        assert_eq!(dual.ip_toward(ip("fd00::9")), ip("fd00::1"));
+        assert_eq!(dual.ip_toward(ip("10.0.0.9")), ip("10.0.0.1"));
+        // A dual-stack listener sees an IPv4 peer as ::ffff:a.b.c.d: still IPv4.
+        assert_eq!(dual.ip_toward(ip("::ffff:10.0.0.9")), ip("10.0.0.1"));
+        // A single-stack pod has one address to give.
+        let single = testing::pod("old", "10.0.0.2");
+        assert_eq!(single.ip_toward(ip("fd00::9")), ip("10.0.0.2"));
+        let w = testing::workload("client", "fd00::1,10.0.0.1", "client", "node-1");
+        assert_eq!(w.ip_toward(ip("10.0.0.9")), ip("10.0.0.1"));
+        assert_eq!(w.ip_toward(ip("fd00::9")), ip("fd00::1"));
+    }
 
     fn pa(
         ns: &str,

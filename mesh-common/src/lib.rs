@@ -257,6 +257,16 @@ pub mod loop_enabled {
     /// On, each socket bypassing while its reader is within
     /// [`LOOP_WINDOW`](crate::LOOP_WINDOW) (needs [`programs::LOOP_READ`](crate::programs::LOOP_READ)).
     pub const PACED: u32 = 2;
+
+    /// The mode's name in `/config_dump` (`loop_bypass`): "off", "budget" or "paced". Any
+    /// other value is named as the programs treat it: on, with the budget.
+    pub const fn name(how: u32) -> &'static str {
+        match how {
+            OFF => "off",
+            PACED => "paced",
+            _ => "budget",
+        }
+    }
 }
 
 /// A paced bypassing socket's own socket cookie (its reader's counter in

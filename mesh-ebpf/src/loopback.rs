@@ -22,8 +22,9 @@
 //! - FIN, RST and errors still travel by TCP, behind every byte sent before them.
 //! - The kernel gives the bypass no flow control: a send lands in the peer's queue whatever the
 //!   peer has read. So a socket bypasses only while its peer's reader keeps up:
-//!   - paced (`LOOP_ENABLED` = `PACED`, when the agent could attach `fexit` on
-//!     `sk_msg_recvmsg`): `on_read` counts what each entered socket's reader took from its
+//!   - paced (`LOOP_ENABLED` = `PACED`, when the agent could attach `fexit` on the kernel's
+//!     sockmap read: `__sk_msg_recvmsg` where it exists, as on Debian's 6.1 whose TCP read
+//!     calls it directly, else `sk_msg_recvmsg`): `on_read` counts what each entered socket's reader took from its
 //!     bypass queue in `LOOP_READ`, and a send that would put more than `LOOP_WINDOW` unread
 //!     bytes in the peer's queue goes by TCP, and so does every later one;
 //!   - budget (`BUDGET`, no tracing programs): each socket bypasses its first `LOOP_BUDGET`
@@ -99,6 +100,7 @@ fn enter(ctx: &SockOpsContext, mut key: LoopKey, mode: u32, how: u32) {
                 .insert(&key, &LoopPace { cookie, sent: 0 }, 0)
                 .is_err()
         {
+            let _ = LOOP_READ.remove(&cookie);
             event(events::LOOP_ENTER_FAILED);
             return;
         }
@@ -120,6 +122,7 @@ fn enter(ctx: &SockOpsContext, mut key: LoopKey, mode: u32, how: u32) {
             )
             .is_err()
     {
+        forget_pace(&key);
         event(events::LOOP_ENTER_FAILED);
         aya_log_ebpf::warn!(
             ctx,
@@ -139,11 +142,16 @@ pub fn on_state(ctx: &SockOpsContext) {
     }
     if let Some(key) = sock_ops_key(ctx) {
         let _ = LOOP_MODES.remove(&key);
-        // SAFETY: the value is copied out before the entry is removed.
-        if let Some(pace) = unsafe { LOOP_PACE.get(&key) }.copied() {
-            let _ = LOOP_READ.remove(&pace.cookie);
-            let _ = LOOP_PACE.remove(&key);
-        }
+        forget_pace(&key);
+    }
+}
+
+/// Frees a paced socket's tally and its reader's counter (nothing when it has none).
+fn forget_pace(key: &LoopKey) {
+    // SAFETY: the value is copied out before the entry is removed.
+    if let Some(pace) = unsafe { LOOP_PACE.get(key) }.copied() {
+        let _ = LOOP_READ.remove(&pace.cookie);
+        let _ = LOOP_PACE.remove(key);
     }
 }
 

@@ -900,6 +900,76 @@ fn ipv6_requests_get_the_same_policy_and_routes() -> Result<()> {
         c.app_requests("server2", APP_PORT)?,
     );
     let vip6 = c.service_ip6("web");
+    // explain answers for the IPv6 address as the proxy routes it: the rule, and v1's pod
+    // dialled at its IPv6 address, where node 2's policy admits the client.
+    let dst6 = format!("[{vip6}]:80");
+    let out = c.agent_cli(
+        0,
+        &[
+            "explain",
+            "client",
+            &dst6,
+            "--method",
+            "GET",
+            "--path",
+            "/status/204",
+            "-H",
+            "x-team: blue",
+            "-o",
+            "json",
+        ],
+    )?;
+    let e: serde_json::Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    println!("explain {dst6}: {e}");
+    assert_eq!(
+        (
+            e["mode"].as_str(),
+            e["route"].as_str(),
+            e["verdict"].as_str()
+        ),
+        (Some("l7"), Some("default/only-v1#0"), Some("allow")),
+        "{e}"
+    );
+    assert_eq!(
+        e["endpoints"][0]["addr"],
+        format!("[{server6}]:{APP_PORT}"),
+        "{e}"
+    );
+    // Node 2 holds the policy (not the route, which only node 1 has): it names the policy for
+    // the server's IPv6 address, and lets server2 (which the policy does not select) answer.
+    let out = c.agent_cli(
+        1,
+        &[
+            "explain",
+            "client",
+            &dst6,
+            "--method",
+            "GET",
+            "--path",
+            "/status/204",
+            "-H",
+            "x-team: red",
+            "-o",
+            "json",
+        ],
+    )?;
+    let e: serde_json::Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    assert_eq!(e["verdict"], "partial", "{e}");
+    let at = |w: &str| {
+        e["endpoints"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["workload"] == w))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (refused, other) = (at("default/server"), at("default/server2"));
+    assert_eq!(refused["addr"], format!("[{server6}]:{APP_PORT}"), "{e}");
+    assert_eq!(refused["decision"], "deny", "{e}");
+    assert_eq!(
+        refused["policies"],
+        serde_json::json!(["default/blue-gets"])
+    );
+    assert_eq!(other["decision"], "allow", "{e}");
     for _ in 0..6 {
         let url = format!("http://[{vip6}]:80/status/204");
         assert_eq!(

@@ -156,7 +156,7 @@ async fn relay(
         // Same node: the kernel told us the source pod, so its identity needs no certificate.
         // Detection found no HTTP, so HTTP-only rules fail closed.
         let src_id = src.identity();
-        let from = SocketAddr::new(src.pod.ip, peer.port());
+        let from = SocketAddr::new(src.pod.ip_toward(target.ip()), peer.port());
         let flows = &inputs.flows;
         admission::authorize(
             &view,
@@ -207,7 +207,7 @@ async fn relay(
                     .metered(&dest_conn);
             let tracked = dest.track(
                 Some(src.identity().clone()),
-                Some(src.pod.ip),
+                Some(src.pod.ip_toward(target.ip())),
                 target.port(),
             );
             let splicer = inputs.splice.as_ref();

@@ -91,8 +91,9 @@ pub struct Forward<'a, U> {
     pub flows: &'a FlowLog,
     /// The source pod's identity.
     pub src_id: &'a Identity,
-    /// The source pod's address (the proxy dials from inside it), for policies on it.
-    pub src_ip: std::net::IpAddr,
+    /// The source pod (the proxy dials from inside it): its address toward a same-node
+    /// endpoint is what policies' `ipBlocks` match.
+    pub src: &'a crate::state::Pod,
     /// Where the client was going (the endpoint when there is no backend service).
     pub dst: SocketAddr,
     /// HTTP/2 upstream (otherwise HTTP/1).
@@ -188,7 +189,7 @@ pub(super) async fn forward<U: Upstream>(
             let attrs = prepared.attributes();
             let flows = cx.flows;
             let port = target.port();
-            let from = Some(SocketAddr::new(cx.src_ip, 0));
+            let from = Some(SocketAddr::new(cx.src.ip_toward(target.ip()), 0));
             if let Err(d) = authorize(view, flows, dest, Some(src_id), from, port, Some(&attrs)) {
                 return forbidden(d);
             }
@@ -427,7 +428,7 @@ mod tests {
             view: &snap,
             flows: &flows,
             src_id: &src,
-            src_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            src: &crate::state::testing::pod("client", "127.0.0.1"),
             dst: "10.96.0.10:80".parse().expect("address"),
             h2: false,
             upstream: script,

@@ -79,7 +79,7 @@ impl Outbound {
             view,
             flows: &self.inputs.flows,
             src_id: self.src.identity(),
-            src_ip: self.src.pod.ip,
+            src: &self.src.pod,
             dst: self.dst,
             h2: self.h2,
             upstream: pools,
