@@ -3,6 +3,8 @@
 
 /// jemalloc, not glibc's malloc: after a load ends (10,000 connections closed) glibc kept about
 /// 30 MB resident in partly used pages even when trimmed; jemalloc's slabs and decay give it back.
+/// (`--features system-allocator` leaves it out, for heap profilers that hook malloc.)
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

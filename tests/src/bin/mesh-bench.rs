@@ -675,6 +675,22 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
     // Through the L4 service, from two pods of node 1 (each under the agent's per-pod cap):
     // idle keep-alive connections, one request each. (The memory section measures L7 beside.)
     let idle_to = b.addr(Target::Service("l4", HTTP)).to_string();
+    // The baseline is a used agent's: each keeps its last flow records (`/debug/flows`, at most
+    // `HISTORY`), which fill on first use and stay full. 3,000 requests on new connections
+    // fill them on both nodes, so what the soak leaves behind is not that.
+    let warm = c.load_on(
+        "client",
+        b.addr(Target::Service("l7", HTTP)),
+        (500, 6),
+        true,
+        4,
+    )?;
+    let warmed = mesh_tests::load_result(&warm, Duration::from_secs(60))?;
+    anyhow::ensure!(
+        warmed["errors"].as_u64() == Some(0),
+        "soak warm-up: {warmed}"
+    );
+    std::thread::sleep(Duration::from_secs(10));
     let baseline = rss();
     let heap_of = || -> Vec<Value> {
         (0..2)
