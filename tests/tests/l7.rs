@@ -903,23 +903,21 @@ fn ipv6_requests_get_the_same_policy_and_routes() -> Result<()> {
     // explain answers for the IPv6 address as the proxy routes it: the rule, and v1's pod
     // dialled at its IPv6 address, where node 2's policy admits the client.
     let dst6 = format!("[{vip6}]:80");
-    let out = c.agent_cli(
-        0,
-        &[
+    let explain6 = |node: usize, team: &str| -> Result<serde_json::Value> {
+        let header = format!("x-team: {team}");
+        let args = [
             "explain",
             "client",
             &dst6,
-            "--method",
-            "GET",
             "--path",
             "/status/204",
             "-H",
-            "x-team: blue",
-            "-o",
-            "json",
-        ],
-    )?;
-    let e: serde_json::Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+            &header,
+        ];
+        let out = c.agent_cli(node, &[&args[..], &["-o", "json"]].concat())?;
+        serde_json::from_str(&out).with_context(|| out.clone())
+    };
+    let e = explain6(0, "blue")?;
     println!("explain {dst6}: {e}");
     assert_eq!(
         (
@@ -937,23 +935,7 @@ fn ipv6_requests_get_the_same_policy_and_routes() -> Result<()> {
     );
     // Node 2 holds the policy (not the route, which only node 1 has): it names the policy for
     // the server's IPv6 address, and lets server2 (which the policy does not select) answer.
-    let out = c.agent_cli(
-        1,
-        &[
-            "explain",
-            "client",
-            &dst6,
-            "--method",
-            "GET",
-            "--path",
-            "/status/204",
-            "-H",
-            "x-team: red",
-            "-o",
-            "json",
-        ],
-    )?;
-    let e: serde_json::Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    let e = explain6(1, "red")?;
     assert_eq!(e["verdict"], "partial", "{e}");
     let at = |w: &str| {
         e["endpoints"]
