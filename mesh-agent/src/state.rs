@@ -53,10 +53,7 @@ impl Pod {
     /// dual-stack pod reaching an IPv6 address does so from its IPv6 one), else its primary.
     /// Policies' `ipBlocks` match this, on this node as on the destination's.
     pub fn ip_toward(&self, dst: IpAddr) -> IpAddr {
-        let dst = dst.to_canonical();
-        self.ips()
-            .find(|a| a.is_ipv6() == dst.is_ipv6())
-            .unwrap_or(self.ip)
+        toward(self.ip, self.secondary_ip, dst)
     }
 }
 
@@ -98,8 +95,18 @@ impl Workload {
 
     /// As [`Pod::ip_toward`]: the source address its connection to `dst` carries.
     pub fn ip_toward(&self, dst: IpAddr) -> IpAddr {
-        self.ip_like(dst.to_canonical()).unwrap_or(self.ip)
+        toward(self.ip, self.secondary_ip, dst)
     }
+}
+
+/// Of a pod's addresses, the one in `dst`'s family (an IPv4-mapped `dst` is IPv4), else its
+/// primary.
+fn toward(primary: IpAddr, secondary: Option<IpAddr>, dst: IpAddr) -> IpAddr {
+    let v6 = dst.to_canonical().is_ipv6();
+    std::iter::once(primary)
+        .chain(secondary)
+        .find(|a| a.is_ipv6() == v6)
+        .unwrap_or(primary)
 }
 
 /// Whether a workload accepts plaintext.
