@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 mod handover;
 mod support;
 
+pub(crate) use support::on_thread_park;
 pub use support::{PodReport, Stats};
 use support::{SharedCollector, kube_settings, shutdown_signal};
 

@@ -237,6 +237,7 @@ fn raise_fd_limit() {
 /// The async runtime: multi-threaded, with `workers` threads if given.
 fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.on_thread_park(crate::app::on_thread_park);
     if let Some(n) = workers {
         b.worker_threads(n);
     }

@@ -803,8 +803,17 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
         .collect();
     println!("client side after closing: {}", series.join(", "));
     println!("KB per idle connection: {per_idle_kb:.1?}; streams {streamed}; requests {requests}");
-    println!("heap (the allocator's bytes in use, active, resident) before: {heap_before:?}");
-    println!("heap after closing: {heap:?}");
+    println!(
+        "| allocator's MB, before → after closing | client side | server side |\n|---|---:|---:|"
+    );
+    for key in ["in_use", "active", "resident", "metadata"] {
+        let side = |i: usize| {
+            let of =
+                |h: &[Value]| h.get(i).and_then(|v| v[key].as_f64()).unwrap_or(0.0) / 1048576.0;
+            format!("{:.1} → {:.1}", of(&heap_before), of(&heap))
+        };
+        println!("| {key} | {} | {} |", side(0), side(1));
+    }
     let report = json!({
         "seconds": secs, "idle_connections": IDLE, "streams": STREAMS,
         "rss_before": baseline, "rss_held": held, "rss_peak": peak, "rss_after": after,
