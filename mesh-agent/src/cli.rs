@@ -336,7 +336,7 @@ pub fn status(c: &Common) -> Result<(), CliError> {
 
 fn flow_row(f: &FlowRecord) -> Vec<String> {
     let side = |s: &crate::telemetry::flows::Side| {
-        if s.pod == crate::telemetry::metrics::UNKNOWN || s.pod.is_empty() {
+        if &*s.pod == crate::telemetry::metrics::UNKNOWN || s.pod.is_empty() {
             s.addr.map_or_else(|| "unknown".into(), |a| a.to_string())
         } else {
             format!("{}/{}", s.namespace, s.pod)
@@ -352,7 +352,7 @@ fn flow_row(f: &FlowRecord) -> Vec<String> {
         ),
     };
     vec![
-        f.start.get(11..23).unwrap_or(&f.start).to_string(),
+        f.start.clock(),
         f.reporter.chars().take(3).collect(),
         side(&f.src),
         side(&f.dst),
@@ -363,7 +363,7 @@ fn flow_row(f: &FlowRecord) -> Vec<String> {
             Verdict::Error => "error",
         }
         .into(),
-        f.flags.clone(),
+        f.flags.to_string(),
         if f.policies.is_empty() {
             "-".into()
         } else {

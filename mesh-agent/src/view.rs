@@ -7,12 +7,13 @@
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
 use crate::{
     identity::Identity,
     pods::LocalPod,
     route::table::Routes,
-    state::{NodeState, Workload},
+    state::{NodeState, ObjectKey, Workload},
     telemetry::metrics::labels::Peer,
 };
 
@@ -25,6 +26,17 @@ pub struct Snapshot {
     local: HashMap<IpAddr, Arc<LocalPod>>,
     /// The mesh's trust domain.
     trust_domain: String,
+    /// Flow labels, made on first use and shared by every flow after (see [`Peer`]).
+    peers: Mutex<PeerCache>,
+}
+
+/// The [`Peer`]s a snapshot has made. Bounded by its pods and workloads.
+#[derive(Debug, Default)]
+struct PeerCache {
+    /// Local pods, with the identity each was made for.
+    local: HashMap<ObjectKey, (Identity, Peer)>,
+    /// Mesh workloads under their own identity, by primary address.
+    workloads: HashMap<IpAddr, Peer>,
 }
 
 impl Snapshot {
@@ -51,8 +63,28 @@ impl Snapshot {
     /// Local pod `p` as metric labels name it, with its labels and owner as this snapshot has
     /// them (a label change keeps the pod enrolled, so `p` may hold older ones).
     pub fn local_peer(&self, p: &LocalPod) -> Peer {
+        let mut cache = self.peers.lock();
+        if let Some((id, peer)) = cache.local.get(&p.pod.key)
+            && id == p.identity()
+        {
+            return peer.clone();
+        }
         let pod = self.state().pods.get(&p.pod.key).unwrap_or(&p.pod);
-        Peer::of_pod(pod, p.identity())
+        let peer = Peer::of_pod(pod, p.identity());
+        cache
+            .local
+            .insert(p.pod.key.clone(), (p.identity().clone(), peer.clone()));
+        peer
+    }
+
+    /// Workload `w` of this snapshot, under its own identity, as metric labels name it.
+    pub fn workload_peer(&self, w: &Workload) -> Peer {
+        self.peers
+            .lock()
+            .workloads
+            .entry(w.ip)
+            .or_insert_with(|| Peer::of_workload(w, &self.identity_of(w)))
+            .clone()
     }
 
     /// The workload at `ip` as metric labels name it, when `proven` (the identity a handshake
@@ -67,10 +99,14 @@ impl Snapshot {
             Some(w)
                 if w.key.namespace == id.namespace && *w.service_account == *id.service_account =>
             {
-                Peer::of_workload(w, id)
+                if id.trust_domain == self.trust_domain {
+                    self.workload_peer(w)
+                } else {
+                    Peer::of_workload(w, id)
+                }
             }
             _ => Peer {
-                principal: id.to_string(),
+                principal: id.to_string().into(),
                 ..Peer::unknown()
             },
         }
@@ -122,6 +158,7 @@ impl View {
             routes,
             local,
             trust_domain: self.trust_domain.clone(),
+            peers: Mutex::default(),
         }));
     }
 }
@@ -144,7 +181,7 @@ mod tests {
     #[test]
     fn an_address_alone_proves_nothing() {
         let s = view().load();
-        assert_eq!(s.peer_at(ip("10.0.0.9"), None).workload, UNKNOWN_NAME);
+        assert_eq!(&*s.peer_at(ip("10.0.0.9"), None).workload, UNKNOWN_NAME);
     }
 
     #[test]
@@ -152,11 +189,8 @@ mod tests {
         let s = view().load();
         let id = Identity::new("cluster.local", "default", "db-sa");
         let p = s.peer_at(ip("10.0.0.9"), Some(&id));
-        assert_eq!(
-            (p.workload.as_str(), p.namespace.as_str()),
-            ("db", "default")
-        );
-        assert_eq!(p.principal, "spiffe://cluster.local/ns/default/sa/db-sa");
+        assert_eq!((&*p.workload, &*p.namespace), ("db", "default"));
+        assert_eq!(&*p.principal, "spiffe://cluster.local/ns/default/sa/db-sa");
     }
 
     #[test]
@@ -164,8 +198,11 @@ mod tests {
         let s = view().load();
         let other = Identity::new("cluster.local", "default", "impostor");
         let p = s.peer_at(ip("10.0.0.9"), Some(&other));
-        assert_eq!(p.workload, UNKNOWN_NAME, "the address is not believed");
-        assert_eq!(p.principal, "spiffe://cluster.local/ns/default/sa/impostor");
+        assert_eq!(&*p.workload, UNKNOWN_NAME, "the address is not believed");
+        assert_eq!(
+            &*p.principal,
+            "spiffe://cluster.local/ns/default/sa/impostor"
+        );
     }
 
     #[test]
@@ -189,6 +226,36 @@ mod tests {
             "a reader's snapshot does not change"
         );
         assert!(v.load().state().workloads.is_empty());
+    }
+
+    /// A snapshot makes a workload's labels once, and every flow shares those strings; the
+    /// next snapshot makes its own, so a label change shows.
+    #[test]
+    fn flows_share_a_workloads_labels_until_the_next_snapshot() {
+        let v = view();
+        let s = v.load();
+        let id = Identity::new("cluster.local", "default", "db-sa");
+        let w = s.state().workloads.get(&ip("10.0.0.9")).expect("published");
+        let (a, b) = (s.peer_at(ip("10.0.0.9"), Some(&id)), s.workload_peer(w));
+        assert_eq!(a, b);
+        assert!(Arc::ptr_eq(&a.workload, &b.workload), "one string, shared");
+        assert!(Arc::ptr_eq(&a.principal, &b.principal));
+        // Another trust domain with the same namespace and account is not the workload's own
+        // identity: its principal is its own, and the cache is not consulted.
+        let foreign = Identity::new("other.domain", "default", "db-sa");
+        let f = s.peer_at(ip("10.0.0.9"), Some(&foreign));
+        assert_eq!(&*f.principal, "spiffe://other.domain/ns/default/sa/db-sa");
+        assert_eq!(&*s.workload_peer(w).principal, &*a.principal);
+
+        let mut relabelled = workload("db", "10.0.0.9", "db-sa", "node-2");
+        relabelled.labels = Arc::new(crate::state::Labels::from([(
+            "app".to_string(),
+            "db-v2".to_string(),
+        )]));
+        v.publish(&Arc::new(state(vec![], vec![relabelled])), []);
+        let next = v.load();
+        assert_eq!(&*next.peer_at(ip("10.0.0.9"), Some(&id)).app, "db-v2");
+        assert_eq!(&*a.app, "db", "a flow keeps the labels it was made with");
     }
 
     const UNKNOWN_NAME: &str = crate::telemetry::metrics::labels::UNKNOWN;

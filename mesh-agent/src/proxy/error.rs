@@ -80,7 +80,11 @@ mod tests {
             security: Security::None,
         });
         e.file(&mut d);
-        (d.verdict, d.flags, d.reason.unwrap_or_default())
+        (
+            d.verdict,
+            d.flags.into_owned(),
+            d.reason.unwrap_or_default(),
+        )
     }
 
     fn target() -> std::net::SocketAddr {

@@ -142,7 +142,7 @@ async fn relay(
         src: view.local_peer(src),
         dst: match &hop {
             Hop::Local(dest) => view.local_peer(dest),
-            Hop::Hbone(w) => Peer::of_workload(w, &view.identity_of(w)),
+            Hop::Hbone(w) => view.workload_peer(w),
             Hop::Passthrough => Peer::unknown(),
         },
         service: routes.service_name_at(dst.ip()),

@@ -42,6 +42,8 @@ pub struct ServiceEntry {
     pub balancer: Balancer,
     /// Admission limits.
     pub limits: Arc<Limits>,
+    /// How flows to it are labelled, made once for all of them.
+    pub labels: ServiceLabels,
     /// Round-robin cursor for connections routed at L4.
     next: AtomicUsize,
 }
@@ -55,6 +57,7 @@ impl ServiceEntry {
         limits: Arc<Limits>,
     ) -> Self {
         Self {
+            labels: ServiceLabels::of(&svc.key),
             svc,
             routes,
             balancer,
@@ -70,7 +73,7 @@ struct InboundPort {
     /// Upgrade tokens allowed, from every such service.
     upgrades: Vec<String>,
     /// The first such service (by namespace/name), which the destination's metrics name.
-    service: Option<ObjectKey>,
+    service: Option<ServiceLabels>,
     /// Every such service, by namespace/name (policies' `targetRefs`).
     services: Vec<ObjectKey>,
 }
@@ -170,7 +173,11 @@ impl Routes {
                 port.upgrades.extend(s.upgrades.iter().cloned());
                 port.upgrades.sort();
                 port.upgrades.dedup();
-                port.service.get_or_insert_with(|| s.key.clone());
+                port.service.get_or_insert_with(|| {
+                    services
+                        .get(&s.key)
+                        .map_or_else(|| ServiceLabels::of(&s.key), |e| e.labels.clone())
+                });
                 port.services.push(s.key.clone());
             }
         }
@@ -194,11 +201,10 @@ impl Routes {
     /// the destination cannot see which address the client dialled, so it names the service
     /// that sends that port to the pod (the first by name, when several do).
     pub fn service_to(&self, ip: IpAddr, port: u16) -> ServiceLabels {
-        ServiceLabels::of_opt(
-            self.inbound
-                .get(&(ip, port))
-                .and_then(|p| p.service.as_ref()),
-        )
+        self.inbound
+            .get(&(ip, port))
+            .and_then(|p| p.service.clone())
+            .unwrap_or_else(ServiceLabels::unknown)
     }
 
     /// The services that send `port` of the local pod at `ip` traffic, by namespace/name.
@@ -219,7 +225,16 @@ impl Routes {
     /// `destination_service` for a connection to `ip`: the service's FQDN when `ip` is a
     /// service address.
     pub fn service_name_at(&self, ip: IpAddr) -> ServiceLabels {
-        ServiceLabels::of_opt(self.by_vip.get(&ip).map(|e| &e.svc.key))
+        self.by_vip
+            .get(&ip)
+            .map_or_else(ServiceLabels::unknown, |e| e.labels.clone())
+    }
+
+    /// The labels of service `key`.
+    pub fn service_labels(&self, key: &ObjectKey) -> ServiceLabels {
+        self.services
+            .get(key)
+            .map_or_else(|| ServiceLabels::of(key), |e| e.labels.clone())
     }
 
     /// Whether connections to `dst` get protocol detection: mesh destinations (a service
@@ -313,10 +328,10 @@ mod tests {
         let r = with_local_pod(vec![b, a]);
         let named = r.service_to(ip("10.0.0.1"), 8080);
         assert_eq!(
-            (named.name.as_str(), named.fqdn.as_str()),
+            (&*named.name, &*named.fqdn),
             ("a", "a.default.svc.cluster.local")
         );
-        assert_eq!(r.service_to(ip("10.0.0.1"), 9090).name, "a");
+        assert_eq!(&*r.service_to(ip("10.0.0.1"), 9090).name, "a");
         assert_eq!(r.service_to(ip("10.0.0.1"), 7777), ServiceLabels::unknown());
         assert_eq!(
             r.service_to(ip("10.0.0.9"), 8080),
@@ -429,11 +444,8 @@ mod tests {
             &["10.0.0.1"],
         )]);
         let named = r.service_name_at(ip("10.96.0.10"));
-        assert_eq!(named.fqdn, "web.default.svc.cluster.local");
-        assert_eq!(
-            (named.name.as_str(), named.namespace.as_str()),
-            ("web", "default")
-        );
+        assert_eq!(&*named.fqdn, "web.default.svc.cluster.local");
+        assert_eq!((&*named.name, &*named.namespace), ("web", "default"));
         assert_eq!(r.service_name_at(ip("10.0.0.1")), ServiceLabels::unknown());
     }
 

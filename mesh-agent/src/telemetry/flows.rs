@@ -17,7 +17,9 @@
 //! - identities in a record are the proved ones (see `metrics.rs`), never taken from a header.
 
 use std::{
+    borrow::Cow,
     collections::VecDeque,
+    fmt,
     io::Write,
     net::SocketAddr,
     sync::{
@@ -55,18 +57,18 @@ pub enum AccessLogFormat {
     Json,
 }
 
-/// One side of a flow, as the record names it.
+/// One side of a flow, as the record names it. Its strings are the [`Peer`]'s, shared.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Side {
     /// The pod's name (`unknown` outside the mesh).
-    #[serde(default)]
-    pub pod: String,
+    #[serde(default = "unknown_str")]
+    pub pod: Arc<str>,
     /// What owns the pod, as metrics name it (`unknown` outside the mesh).
-    pub workload: String,
+    pub workload: Arc<str>,
     /// Its namespace.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Its proved SPIFFE ID, or `unknown`.
-    pub principal: String,
+    pub principal: Arc<str>,
     /// The address, where the proxy knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<SocketAddr>,
@@ -100,13 +102,13 @@ pub enum Verdict {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct HttpInfo {
     /// Method.
-    pub method: String,
+    pub method: Cow<'static, str>,
     /// Path as the client sent it (with the query).
     pub path: String,
     /// `:authority` or `Host`.
     pub authority: String,
     /// `http` or `grpc`.
-    pub protocol: String,
+    pub protocol: Cow<'static, str>,
     /// The status the client got.
     pub code: u16,
     /// W3C trace id (32 hex digits) the request carried or was given.
@@ -114,24 +116,28 @@ pub struct HttpInfo {
 }
 
 /// One flow.
+///
+/// A kept record allocates nothing of its own beyond itself (what varies per flow is a value,
+/// a shared string, or a static one), because records outlive the burst of connections that
+/// wrote them, and each small string kept from a burst pinned a page of the allocator's.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FlowRecord {
     /// Position in this agent's record stream (for `/debug/flows?since=`).
     pub seq: u64,
-    /// When the flow started, RFC 3339.
-    pub start: String,
+    /// When the flow started.
+    pub start: Started,
     /// `tcp` (a connection) or `http` (a request).
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     /// `source` or `destination`: which end's proxy wrote this.
-    pub reporter: String,
+    pub reporter: Cow<'static, str>,
     /// The client.
     pub src: Side,
     /// The server.
     pub dst: Side,
     /// `destination_service` (FQDN) or `unknown`.
-    pub service: String,
+    pub service: Arc<str>,
     /// `mutual_tls` or `none`.
-    pub security: String,
+    pub security: Cow<'static, str>,
     /// Allowed, denied or failed.
     pub verdict: Verdict,
     /// The policy that denied it (`namespace/name`; several when no ALLOW policy matched).
@@ -141,7 +147,7 @@ pub struct FlowRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Envoy's response flags, `-` for none.
-    pub flags: String,
+    pub flags: Cow<'static, str>,
     /// Bytes from the client.
     pub bytes_received: u64,
     /// Bytes to the client.
@@ -171,7 +177,7 @@ pub struct Draft {
     /// Why it was denied or failed.
     pub reason: Option<String>,
     /// Response flags.
-    pub flags: String,
+    pub flags: Cow<'static, str>,
     /// Bytes from the client.
     pub bytes_received: u64,
     /// Bytes to the client.
@@ -207,7 +213,7 @@ impl Draft {
     }
 
     /// Marks the flow failed for `why`.
-    pub fn failed(&mut self, flags: &str, why: String) {
+    pub fn failed(&mut self, flags: impl Into<Cow<'static, str>>, why: String) {
         self.verdict = Verdict::Error;
         self.reason = Some(why);
         self.flags = flags.into();
@@ -287,7 +293,7 @@ impl FlowLog {
         let f = d.flow;
         let rec = Arc::new(FlowRecord {
             seq,
-            start: rfc3339(d.started),
+            start: Started::at(d.started),
             kind: if d.http.is_some() { "http" } else { "tcp" }.into(),
             reporter: f.reporter.as_str().into(),
             src: Side::of(f.src, d.src_addr),
@@ -352,12 +358,66 @@ fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    let ms = t.millisecond();
-    let t = t.replace_nanosecond(u32::from(ms) * 1_000_000).unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+/// When a flow started, to the millisecond: written and read as RFC 3339, kept as a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Started(time::OffsetDateTime);
+
+impl Started {
+    /// `t`, to the millisecond.
+    pub fn at(t: SystemTime) -> Self {
+        let t = time::OffsetDateTime::from(t);
+        let ms = t.millisecond();
+        Self(t.replace_nanosecond(u32::from(ms) * 1_000_000).unwrap_or(t))
+    }
+
+    /// The time of day in UTC, `HH:MM:SS.mmm`, as `mesh-agent flows` shows it.
+    pub fn clock(&self) -> String {
+        let t = self.0.to_offset(time::UtcOffset::UTC);
+        format!(
+            "{:02}:{:02}:{:02}.{:03}",
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        )
+    }
+}
+
+impl fmt::Display for Started {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Formatted on the stack: the access-log writer shows every record's start.
+        // The length is what the cursor moved: `format_into`'s count leaves out the digits of
+        // the fraction of a second.
+        let mut buf = [0u8; 64];
+        let n = {
+            let mut out = &mut buf[..];
+            self.0
+                .format_into(&mut out, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| fmt::Error)?;
+            64 - out.len()
+        };
+        f.write_str(std::str::from_utf8(&buf[..n]).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl Serialize for Started {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Started {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <Cow<'de, str>>::deserialize(d)?;
+        time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+            .map(Self)
+            .map_err(|e| serde::de::Error::custom(format!("start {text:?}: {e}")))
+    }
+}
+
+/// `unknown`, for a record from an agent that did not name the pod.
+fn unknown_str() -> Arc<str> {
+    crate::telemetry::metrics::labels::UNKNOWN.into()
 }
 
 /// The writer thread: sleeps until a record finds the queue empty, lets more gather for
@@ -514,7 +574,7 @@ mod tests {
     fn sample() -> FlowRecord {
         FlowRecord {
             seq: 7,
-            start: "2026-01-01T00:00:00.000Z".into(),
+            start: Started::at(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)),
             kind: "http".into(),
             reporter: "destination".into(),
             src: Side {
@@ -572,11 +632,11 @@ mod tests {
     fn text_line_quotes_a_side_and_an_empty_value() {
         let mut r = sample();
         r.dst.pod = "my server".into();
-        r.flags = String::new();
+        r.flags = "".into();
         let line = text_line(&r);
         assert!(line.contains(r#" dst="default/my server" "#), "{line}");
         assert!(line.contains(r#" flags="" "#), "{line}");
-        r.src.namespace = String::new();
+        r.src.namespace = "".into();
         let line = text_line(&r);
         assert!(line.contains(" src=/client "), "{line}");
     }
@@ -584,8 +644,76 @@ mod tests {
     #[test]
     fn json_round_trips() {
         let s = serde_json::to_string(&sample()).unwrap_or_default();
+        assert!(s.contains(r#""start":"2026-01-01T00:00:00Z""#), "{s}");
         let back: FlowRecord = serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"));
+        assert_eq!(back.start, sample().start);
         assert_eq!(back.policies, vec!["default/deny-admin".to_string()]);
         assert_eq!(back.http.map(|h| h.code), Some(403));
+        let bad = s.replace("2026-01-01T00:00:00Z", "yesterday");
+        let e = serde_json::from_str::<FlowRecord>(&bad)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.is_some_and(|e| e.contains("\"yesterday\"")),
+            "a bad start is named"
+        );
+    }
+
+    /// A start keeps its milliseconds, and `flows` shows the time of day at a fixed width.
+    #[test]
+    fn a_start_is_written_to_the_millisecond() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_767_225_600_250_999);
+        let s = Started::at(t);
+        assert_eq!(s.to_string(), "2026-01-01T00:00:00.25Z");
+        assert_eq!(s.clock(), "00:00:00.250");
+        assert!(
+            text_line(&FlowRecord {
+                start: s,
+                ..sample()
+            })
+            .starts_with("2026-01-01T00:00:00.25Z ")
+        );
+    }
+
+    /// A kept record holds the flow's labels, not copies of them: each string a record made for
+    /// itself during a burst of connections pinned an allocator page after the burst.
+    #[test]
+    fn a_kept_record_shares_the_flows_strings() {
+        use crate::telemetry::metrics::labels::{Peer, Reporter, Security, ServiceLabels};
+        let metrics = crate::telemetry::metrics::Metrics::new(Duration::from_secs(60), "c")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let log = FlowLog::new(AccessLogFormat::Off, &metrics).unwrap_or_else(|e| panic!("{e}"));
+        let peer = Peer {
+            workload: "server".into(),
+            principal: "spiffe://td/ns/default/sa/s".into(),
+            ..Peer::unknown()
+        };
+        let service = ServiceLabels {
+            fqdn: "web.default.svc.cluster.local".into(),
+            ..ServiceLabels::unknown()
+        };
+        log.record(Draft::new(Flow {
+            reporter: Reporter::Destination,
+            src: Peer::unknown(),
+            dst: peer.clone(),
+            service: service.clone(),
+            security: Security::MutualTls,
+        }));
+        let kept = log.since(0, 10);
+        let [r] = kept.as_slice() else {
+            panic!("one record, got {}", kept.len())
+        };
+        assert!(Arc::ptr_eq(&r.dst.workload, &peer.workload));
+        assert!(Arc::ptr_eq(&r.dst.principal, &peer.principal));
+        assert!(Arc::ptr_eq(&r.service, &service.fqdn));
+        assert!(matches!(
+            (&r.kind, &r.reporter, &r.security, &r.flags),
+            (
+                Cow::Borrowed("tcp"),
+                Cow::Borrowed("destination"),
+                Cow::Borrowed("mutual_tls"),
+                Cow::Borrowed("-")
+            )
+        ));
     }
 }

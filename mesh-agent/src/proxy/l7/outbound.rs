@@ -42,7 +42,7 @@ use crate::{
         table::{Routes, ServiceEntry},
     },
     state::{Redirect, RouteRule},
-    telemetry::metrics::labels::{Flow, Peer, Reporter, Security, ServiceLabels},
+    telemetry::metrics::labels::{Flow, Peer, Reporter, Security},
     view::Snapshot,
 };
 
@@ -131,12 +131,10 @@ async fn outbound_request(cx: &Arc<Outbound>, mut req: Request<Incoming>) -> Res
                 .state
                 .workloads
                 .get(&s.addr.ip())
-                .map_or_else(Peer::unknown, |w| {
-                    Peer::of_workload(w, &view.identity_of(w))
-                })
+                .map_or_else(Peer::unknown, |w| view.workload_peer(w))
         }),
         service: match served.as_ref().and_then(|s| s.service.as_ref()) {
-            Some(k) => ServiceLabels::of(k),
+            Some(k) => routes.service_labels(k),
             None => routes.service_name_at(cx.dst.ip()),
         },
         security: if served.as_ref().is_some_and(|s| s.hbone) {

@@ -109,12 +109,11 @@ pub(super) fn recorded(
     mut resp: Response<Body>,
 ) -> Response<Body> {
     let code = resp.status().as_u16();
-    let flags = resp
+    let flags: std::borrow::Cow<'static, str> = resp
         .headers()
         .get(FLAGS_HEADER)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
+        .map_or("-".into(), |f| f.to_string().into());
     let denial = resp.extensions_mut().remove::<Decision>();
     let why = resp.extensions_mut().remove::<Why>();
     // A trailers-only gRPC answer carries its status in the head.
@@ -157,11 +156,11 @@ pub(super) fn recorded(
                 draft.bytes_sent = bytes;
                 match (&denial, why) {
                     (Some(d), _) => draft.denied(d),
-                    (None, Some(Why(message))) => draft.failed(&flags, message),
+                    (None, Some(Why(message))) => draft.failed(flags, message),
                     (None, None) => draft.flags = flags,
                 }
                 draft.http = Some(HttpInfo {
-                    method: shape.method.to_string(),
+                    method: method_name(&shape.method),
                     path: shape.path,
                     authority: shape.authority,
                     protocol: protocol.into(),
@@ -173,6 +172,26 @@ pub(super) fn recorded(
         }
         .boxed_unsync()
     })
+}
+
+/// `m`'s name, shared for the standard methods: a kept flow record then holds no string for it.
+fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
+    use http::Method;
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::PATCH, "PATCH"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    STANDARD
+        .iter()
+        .find(|(s, _)| s == m)
+        .map_or_else(|| m.as_str().to_owned().into(), |(_, name)| (*name).into())
 }
 
 /// The `grpc-status` in `headers` (a head or trailers), if any.

@@ -2,7 +2,11 @@
 //! work), and the errors of making families. It sits below every family: `proxy/metrics.rs` and
 //! `l7/metrics.rs` use it, and `metrics.rs`, which holds the registry, gathers them.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, LazyLock},
+};
 
 use prometheus::core::Collector;
 
@@ -36,24 +40,35 @@ pub enum MetricsError {
 pub const UNKNOWN: &str = "unknown";
 
 /// One side of a flow, as labels name it.
+///
+/// The strings are shared: [`crate::view::Snapshot`] makes a workload's `Peer` once and every
+/// flow clones it, so a connection copies no label, and the flow records kept after it hold
+/// no string of their own (strings made during a burst of connections and kept after it
+/// pinned the allocator's pages around them, so the agent's memory stayed above its baseline).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Peer {
     /// The pod's name (flow records name it; metrics name the workload, so replicas share series).
-    pub pod: String,
+    pub pod: Arc<str>,
     /// `*_workload`: what owns the pod (its Deployment, StatefulSet...), as Istio names it.
-    pub workload: String,
+    pub workload: Arc<str>,
     /// Its namespace.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Its SPIFFE ID, when proved.
-    pub principal: String,
+    pub principal: Arc<str>,
     /// `*_app`: the `app` label (falling back to the canonical service).
-    pub app: String,
+    pub app: Arc<str>,
     /// `*_version`: the `version` label (falling back to the canonical revision).
-    pub version: String,
+    pub version: Arc<str>,
     /// `*_canonical_service`, by Istio's label precedence.
-    pub canonical_service: String,
+    pub canonical_service: Arc<str>,
     /// `*_canonical_revision`, by Istio's label precedence.
-    pub canonical_revision: String,
+    pub canonical_revision: Arc<str>,
+}
+
+/// [`UNKNOWN`], made once and shared.
+fn unknown() -> Arc<str> {
+    static UNKNOWN_STR: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(UNKNOWN));
+    UNKNOWN_STR.clone()
 }
 
 /// The first of `keys` set in `labels`.
@@ -96,14 +111,14 @@ impl Peer {
     /// A side that is not (or not provably) a mesh workload.
     pub fn unknown() -> Self {
         Self {
-            pod: UNKNOWN.into(),
-            workload: UNKNOWN.into(),
-            namespace: UNKNOWN.into(),
-            principal: UNKNOWN.into(),
-            app: UNKNOWN.into(),
-            version: UNKNOWN.into(),
-            canonical_service: UNKNOWN.into(),
-            canonical_revision: UNKNOWN.into(),
+            pod: unknown(),
+            workload: unknown(),
+            namespace: unknown(),
+            principal: unknown(),
+            app: unknown(),
+            version: unknown(),
+            canonical_service: unknown(),
+            canonical_revision: unknown(),
         }
     }
 
@@ -111,19 +126,17 @@ impl Peer {
     pub fn new(pod: &ObjectKey, workload: &str, labels: &Labels, id: &Identity) -> Self {
         let service = canonical_service(labels, workload);
         let revision = canonical_revision(labels);
+        let app = first(labels, &["app", "app.kubernetes.io/name"]).unwrap_or(service);
+        let version = first(labels, &["version", "app.kubernetes.io/version"]).unwrap_or(revision);
         Self {
-            pod: pod.name.clone(),
-            workload: workload.to_string(),
-            namespace: pod.namespace.clone(),
-            principal: id.to_string(),
-            app: first(labels, &["app", "app.kubernetes.io/name"])
-                .unwrap_or(service)
-                .to_string(),
-            version: first(labels, &["version", "app.kubernetes.io/version"])
-                .unwrap_or(revision)
-                .to_string(),
-            canonical_service: service.to_string(),
-            canonical_revision: revision.to_string(),
+            pod: pod.name.as_str().into(),
+            workload: workload.into(),
+            namespace: pod.namespace.as_str().into(),
+            principal: id.to_string().into(),
+            app: app.into(),
+            version: version.into(),
+            canonical_service: service.into(),
+            canonical_revision: revision.into(),
         }
     }
 
@@ -139,7 +152,7 @@ impl Peer {
 
     /// Whether this side is a mesh workload (metrics then name the cluster).
     pub fn is_known(&self) -> bool {
-        self.workload != UNKNOWN
+        &*self.workload != UNKNOWN
     }
 }
 
@@ -182,39 +195,35 @@ impl Security {
     }
 }
 
-/// The service a flow was addressed to, as labels name it.
+/// The service a flow was addressed to, as labels name it. Shared like [`Peer`]'s: the routing
+/// table makes each service's once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceLabels {
     /// `destination_service`: its FQDN.
-    pub fqdn: String,
+    pub fqdn: Arc<str>,
     /// `destination_service_name`.
-    pub name: String,
+    pub name: Arc<str>,
     /// `destination_service_namespace`.
-    pub namespace: String,
+    pub namespace: Arc<str>,
 }
 
 impl ServiceLabels {
     /// No service (a pod address, or outside the mesh).
     pub fn unknown() -> Self {
         Self {
-            fqdn: UNKNOWN.into(),
-            name: UNKNOWN.into(),
-            namespace: UNKNOWN.into(),
+            fqdn: unknown(),
+            name: unknown(),
+            namespace: unknown(),
         }
     }
 
     /// Service `key`.
     pub fn of(key: &ObjectKey) -> Self {
         Self {
-            fqdn: service_fqdn(key),
-            name: key.name.clone(),
-            namespace: key.namespace.clone(),
+            fqdn: service_fqdn(key).into(),
+            name: key.name.as_str().into(),
+            namespace: key.namespace.as_str().into(),
         }
-    }
-
-    /// `key`, or unknown.
-    pub fn of_opt(key: Option<&ObjectKey>) -> Self {
-        key.map_or_else(Self::unknown, Self::of)
     }
 }
 
@@ -386,20 +395,17 @@ mod tests {
             &labels(&[("app", "cart-app"), ("version", "v3")]),
             &id,
         );
-        assert_eq!(
-            (p.pod.as_str(), p.workload.as_str()),
-            ("cart-6b7c9-x2x", "cart")
-        );
-        assert_eq!((p.app.as_str(), p.version.as_str()), ("cart-app", "v3"));
-        assert_eq!(p.canonical_service, "cart-app");
-        assert_eq!(p.principal, "spiffe://td/ns/shop/sa/cart");
+        assert_eq!((&*p.pod, &*p.workload), ("cart-6b7c9-x2x", "cart"));
+        assert_eq!((&*p.app, &*p.version), ("cart-app", "v3"));
+        assert_eq!(&*p.canonical_service, "cart-app");
+        assert_eq!(&*p.principal, "spiffe://td/ns/shop/sa/cart");
         let p = Peer::new(
             &key,
             "cart",
             &labels(&[("service.istio.io/canonical-name", "basket")]),
             &id,
         );
-        assert_eq!((p.app.as_str(), p.version.as_str()), ("basket", "latest"));
+        assert_eq!((&*p.app, &*p.version), ("basket", "latest"));
     }
 
     /// Every label has a value in its place, and only mesh sides are in the cluster.
