@@ -15,6 +15,8 @@
 //! - A name carries the pod and its network namespace's inode, so a pod recreated in between
 //!   never gets its predecessor's sockets.
 //! - Sockets the successor does not take (pods that left meanwhile) are closed once it serves.
+//! - Both ends check the other's user (`SO_PEERCRED`), so only the agent's own user gives or
+//!   takes the node's sockets, even where the socket file's mode or its directory is looser.
 
 use std::{
     collections::BTreeMap,
@@ -132,6 +134,23 @@ fn recv(sock: &OwnedFd) -> std::io::Result<Option<(Message, Vec<OwnedFd>)>> {
     Ok(Some((msg, fds)))
 }
 
+/// Refuses a peer of another user than this process's: whoever holds the node's listening
+/// sockets can accept pods' traffic, and whoever hands them over decides where it goes.
+fn same_user(conn: &OwnedFd) -> Result<(), String> {
+    let peer =
+        sockopt::socket_peercred(conn).map_err(|e| format!("reading its credentials: {e}"))?;
+    let own = rustix::process::geteuid();
+    if peer.uid == own {
+        return Ok(());
+    }
+    Err(format!(
+        "its process ({}) runs as uid {}, not as this agent's uid {}: only the agent's own user may hand over or take the node's sockets",
+        peer.pid.as_raw_nonzero(),
+        peer.uid.as_raw(),
+        own.as_raw()
+    ))
+}
+
 fn seqpacket() -> std::io::Result<OwnedFd> {
     rustix::net::socket_with(
         AddressFamily::UNIX,
@@ -194,6 +213,7 @@ pub fn take(path: &Path) -> Result<Option<Taken>, HandoverError> {
         }
         Err(e) => return Err(err("connect", e.into())),
     }
+    same_user(&conn).map_err(proto)?;
     sockopt::set_socket_timeout(&conn, sockopt::Timeout::Recv, Some(EXCHANGE_TIMEOUT))
         .map_err(|e| err("set a timeout", e.into()))?;
     send(&conn, &Message::Hello { version: VERSION }, &[])
@@ -304,7 +324,14 @@ impl Offerer {
         };
         sockopt::set_socket_timeout(conn, sockopt::Timeout::Recv, Some(EXCHANGE_TIMEOUT))
             .map_err(|e| proto(format!("set a timeout: {e}")))?;
-        match recv(conn).map_err(|e| proto(format!("reading hello: {e}")))? {
+        // The hello is read before any refusal: closing with it unread would reset the
+        // connection, and the successor would get no reason.
+        let hello = recv(conn).map_err(|e| proto(format!("reading hello: {e}")))?;
+        if let Err(why) = same_user(conn) {
+            let _ = send(conn, &Message::Refused { why: why.clone() }, &[]);
+            return Err(proto(why));
+        }
+        match hello {
             Some((Message::Hello { version }, _)) if version == VERSION => {}
             Some((Message::Hello { version }, _)) => {
                 let why = format!("this agent speaks handover version {VERSION}, not {version}");
@@ -402,6 +429,97 @@ mod tests {
             Some((Message::Refused { why }, _)) => assert!(why.contains("99")),
             other => return Err(format!("expected a refusal, got {other:?}").into()),
         }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// Runs `f` on a thread of its own that has become uid 65534 (Linux keeps credentials per
+    /// thread, and rustix changes only the calling thread's), so the test can play another
+    /// user against this process. Needs root, as every test here does.
+    fn as_nobody<T: Send + 'static>(
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Box<dyn std::error::Error>> {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test plays another user: run it as root, as CI does"
+        );
+        let nobody = rustix::process::Uid::from_raw(65534);
+        std::thread::spawn(move || {
+            rustix::thread::set_thread_res_uid(nobody, nobody, nobody)?;
+            Ok::<_, std::io::Error>(f())
+        })
+        .join()
+        .map_err(|_| "the other user's thread panicked")?
+        .map_err(Into::into)
+    }
+
+    /// A process of another user that reaches the socket (here its file is opened to everyone)
+    /// gets no socket, and is told why.
+    #[test]
+    fn a_successor_of_another_user_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("mesh-handover-u-{}", std::process::id()));
+        let path = dir.join("h.sock");
+        let offerer = Offerer::bind(&path)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        let p = path.clone();
+        let conn = as_nobody(move || -> std::io::Result<OwnedFd> {
+            let conn = seqpacket()?;
+            rustix::net::connect(&conn, &SocketAddrUnix::new(&p)?)?;
+            send(&conn, &Message::Hello { version: VERSION }, &[])?;
+            Ok(conn)
+        })??;
+        let accepted = rustix::net::accept(&offerer.listener)?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let offer = move || {
+            listener
+                .try_clone()
+                .map(|l| vec![("l".to_string(), OwnedFd::from(l))])
+                .unwrap_or_default()
+        };
+        // The running side answers on a thread: served, it would wait for `Serving`.
+        let running = std::thread::spawn(move || {
+            offerer
+                .exchange(&accepted, &offer)
+                .map_err(|e| e.to_string())
+        });
+        let answer = recv(&conn)?;
+        drop(conn);
+        match answer {
+            Some((Message::Refused { why }, fds)) => {
+                assert!(why.contains("65534"), "{why}");
+                assert!(fds.is_empty(), "no socket went with the refusal");
+            }
+            other => return Err(format!("expected a refusal, got {other:?}").into()),
+        }
+        let e = running
+            .join()
+            .map_err(|_| "the offering thread panicked")?
+            .err();
+        assert!(
+            e.as_ref()
+                .is_some_and(|e| e.contains("uid 65534, not as this agent's uid 0")),
+            "{e:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// An agent takes no socket from a socket that another user listens on.
+    #[test]
+    fn an_offerer_of_another_user_is_not_believed() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = std::env::temp_dir().join(format!("mesh-handover-o-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        let path = dir.join("h.sock");
+        let p = path.clone();
+        // Bound and listening as the other user (the kernel records who called listen).
+        let offerer = as_nobody(move || Offerer::bind(&p))??;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        let Err(e) = take(&path) else {
+            return Err("an agent took sockets from another user".into());
+        };
+        assert!(e.to_string().contains("uid 65534"), "{e}");
+        drop(offerer);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
