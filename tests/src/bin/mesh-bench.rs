@@ -27,7 +27,8 @@
 //! `MESH_SOAK_SECONDS`, 600 by default): 10,000 idle connections held through the mesh at L4
 //! (from two pods, each under the per-pod cap) while 50 checked streams trickle bytes both ways
 //! and 100 L7 requests/s run, for the whole time; then the agents' memory per idle connection,
-//! and after everything closed.
+//! after everything closed, and after a second burst of 10,000 opened and closed (what a load
+//! leaves must not add up).
 //!
 //! Output: tables on stdout, `bench.json` and `bench.svg` in `MESH_BENCH_OUT` (default
 //! `target/bench`). `MESH_BENCH_ONLY=word,…` runs only the paths whose key contains a word, and
@@ -699,29 +700,39 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
     };
     let heap_before = heap_of();
     eprintln!("soak: holding {IDLE} idle connections for {secs} s");
-    let mut holds = Vec::new();
-    for pod in ["client", "local"] {
-        let mut hold = c.spawn_piped(
-            pod,
-            &[
-                &app,
-                "hold",
-                "--addr",
-                &idle_to,
-                "--count",
-                &(IDLE / 2).to_string(),
-                "--parallel",
-                "16",
-            ],
-        )?;
-        let mut line = String::new();
-        BufReader::new(hold.stdout.take().context("hold's stdout")?).read_line(&mut line)?;
-        anyhow::ensure!(
-            line.trim() == format!("ready {}", IDLE / 2),
-            "holding connections from {pod}: {line:?}"
-        );
-        holds.push(hold);
-    }
+    let hold_idle = || -> Result<Vec<std::process::Child>> {
+        let mut holds = Vec::new();
+        for pod in ["client", "local"] {
+            let mut hold = c.spawn_piped(
+                pod,
+                &[
+                    &app,
+                    "hold",
+                    "--addr",
+                    &idle_to,
+                    "--count",
+                    &(IDLE / 2).to_string(),
+                    "--parallel",
+                    "16",
+                ],
+            )?;
+            let mut line = String::new();
+            BufReader::new(hold.stdout.take().context("hold's stdout")?).read_line(&mut line)?;
+            anyhow::ensure!(
+                line.trim() == format!("ready {}", IDLE / 2),
+                "holding connections from {pod}: {line:?}"
+            );
+            holds.push(hold);
+        }
+        Ok(holds)
+    };
+    let close = |holds: Vec<std::process::Child>| {
+        for mut hold in holds {
+            drop(hold.stdin.take());
+            let _ = hold.wait();
+        }
+    };
+    let holds = hold_idle()?;
     std::thread::sleep(Duration::from_secs(2));
     let held = rss();
     // Each stream sends 4 MiB over the whole soak and gets 64 KiB back, both checked.
@@ -752,22 +763,26 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
     }
     let streamed = mesh_tests::load_result(&streams, Duration::from_secs(120))?;
     let requests = mesh_tests::load_result(&load, Duration::from_secs(120))?;
-    for mut hold in holds {
-        drop(hold.stdin.take());
-        let _ = hold.wait();
-    }
+    close(holds);
     // The closes propagate, idle HBONE connections expire (--hbone-idle-timeout, 30 s) and the
     // agent returns freed heap (every 10 s): sampled for 90 s.
-    let mut after = rss();
-    let mut after_samples = Vec::new();
-    for t in (10..=90).step_by(10) {
-        std::thread::sleep(Duration::from_secs(10));
-        after = rss();
-        after_samples.push(json!({"t": t, "rss": after}));
-    }
+    let settle = || {
+        let mut after = rss();
+        let mut samples = Vec::new();
+        for t in (10..=90).step_by(10) {
+            std::thread::sleep(Duration::from_secs(10));
+            after = rss();
+            samples.push(json!({"t": t, "rss": after}));
+        }
+        (after, samples)
+    };
+    let (after, after_samples) = settle();
     // What the allocator says is live against what it holds: resident memory above the sum is
     // pages it cannot hand back (fragmentation), the live part is data the agent still keeps.
     let heap = heap_of();
+    // The same burst again: what a load leaves behind must not add up from one to the next.
+    close(hold_idle()?);
+    let (again, _) = settle();
     let per_idle_kb: Vec<f64> = held
         .iter()
         .zip(&baseline)
@@ -784,12 +799,13 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
     );
     println!("| | RSS MB |\n|---|---:|");
     println!(
-        "| before | {} |\n| with {IDLE} idle | {} |\n| peak | {} |\n| {} s after closing | {} |",
+        "| before | {} |\n| with {IDLE} idle | {} |\n| peak | {} |\n| {} s after closing | {} |\n| after {IDLE} more, opened and closed | {} |",
         mb(&baseline),
         mb(&held),
         mb(&peak),
         90,
-        mb(&after)
+        mb(&after),
+        mb(&again)
     );
     let series: Vec<String> = after_samples
         .iter()
@@ -817,6 +833,7 @@ fn soak(b: &Bench, secs: u64) -> Result<Value> {
     let report = json!({
         "seconds": secs, "idle_connections": IDLE, "streams": STREAMS,
         "rss_before": baseline, "rss_held": held, "rss_peak": peak, "rss_after": after,
+        "rss_after_second_burst": again,
         "heap_before": heap_before, "heap_after": heap,
         "kb_per_idle_connection": per_idle_kb, "streams_result": streamed, "requests": requests,
         "samples": samples, "after_closing": after_samples,
