@@ -218,6 +218,17 @@ fn request_timeout_fires_and_faults_delay_and_abort() -> Result<()> {
         took < Duration::from_millis(2500),
         "timed out after {took:?}"
     );
+    // The timed-out request can still be on its way to the app after the client's answer (the
+    // 6.1 guest is slow enough): once the server's node has recorded it, the app has it, and the
+    // count below includes it.
+    mesh_tests::wait_until(
+        "the server's node to record the timed-out request",
+        Duration::from_secs(10),
+        || {
+            let (code, body) = c.agent_get(1, "/debug/flows")?;
+            Ok(code == 200 && body.contains("/delay/3000"))
+        },
+    )?;
 
     let served = c.app_requests("server", APP_PORT)?;
     let curl_with = |fault: &str| {
