@@ -61,7 +61,7 @@ pub enum AccessLogFormat {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Side {
     /// The pod's name (`unknown` outside the mesh).
-    #[serde(default = "unknown_str")]
+    #[serde(default)]
     pub pod: Arc<str>,
     /// What owns the pod, as metrics name it (`unknown` outside the mesh).
     pub workload: Arc<str>,
@@ -413,11 +413,6 @@ impl<'de> Deserialize<'de> for Started {
             .map(Self)
             .map_err(|e| serde::de::Error::custom(format!("start {text:?}: {e}")))
     }
-}
-
-/// `unknown`, for a record from an agent that did not name the pod.
-fn unknown_str() -> Arc<str> {
-    crate::telemetry::metrics::labels::UNKNOWN.into()
 }
 
 /// The writer thread: sleeps until a record finds the queue empty, lets more gather for
