@@ -78,6 +78,13 @@ struct InboundPort {
     services: Vec<ObjectKey>,
 }
 
+/// The labels of service `key`: its entry's, shared, or made for a service not in `services`.
+fn labels_in(services: &HashMap<ObjectKey, Arc<ServiceEntry>>, key: &ObjectKey) -> ServiceLabels {
+    services
+        .get(key)
+        .map_or_else(|| ServiceLabels::of(key), |e| e.labels.clone())
+}
+
 /// The routing table; replaced whole on every change.
 #[derive(Debug, Default)]
 pub struct Routes {
@@ -173,11 +180,8 @@ impl Routes {
                 port.upgrades.extend(s.upgrades.iter().cloned());
                 port.upgrades.sort();
                 port.upgrades.dedup();
-                port.service.get_or_insert_with(|| {
-                    services
-                        .get(&s.key)
-                        .map_or_else(|| ServiceLabels::of(&s.key), |e| e.labels.clone())
-                });
+                port.service
+                    .get_or_insert_with(|| labels_in(&services, &s.key));
                 port.services.push(s.key.clone());
             }
         }
@@ -232,9 +236,7 @@ impl Routes {
 
     /// The labels of service `key`.
     pub fn service_labels(&self, key: &ObjectKey) -> ServiceLabels {
-        self.services
-            .get(key)
-            .map_or_else(|| ServiceLabels::of(key), |e| e.labels.clone())
+        labels_in(&self.services, key)
     }
 
     /// Whether connections to `dst` get protocol detection: mesh destinations (a service
