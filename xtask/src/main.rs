@@ -65,8 +65,8 @@ enum Task {
     /// Benchmark direct vs mesh paths and print a table of ratios.
     Bench,
     /// Run the fuzz targets of mesh-agent/fuzz (cargo-fuzz on nightly, installed if missing):
-    /// each for `--seconds`, or briefly with `--smoke` (CI). New inputs go to target/fuzz-corpus;
-    /// the committed seeds are read, never written.
+    /// each for `--seconds` or `--runs` executions, or briefly with `--smoke` (CI). New inputs
+    /// go to target/fuzz-corpus; the committed seeds are read, never written.
     Fuzz {
         /// A few seconds each: what CI runs.
         #[arg(long)]
@@ -74,6 +74,9 @@ enum Task {
         /// Seconds per target (overrides --smoke).
         #[arg(long)]
         seconds: Option<u64>,
+        /// Executions per target, however long they take (the bar is 1,000,000).
+        #[arg(long, conflicts_with_all = ["smoke", "seconds"])]
+        runs: Option<u64>,
         /// Only these targets (default: every one).
         targets: Vec<String>,
     },
@@ -87,9 +90,35 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Seconds per target in `fuzz --smoke`.
 const FUZZ_SMOKE_SECONDS: u64 = 15;
 
-/// Builds the fuzz targets once and runs each for `seconds`; a crash fails the run, with
+/// How long each fuzz target runs.
+enum FuzzBudget {
+    Seconds(u64),
+    /// A count of executions, so a claim of "N executions" can be repeated exactly.
+    Runs(u64),
+}
+
+impl FuzzBudget {
+    /// libFuzzer's flag for this budget.
+    fn flag(&self) -> String {
+        match self {
+            Self::Seconds(s) => format!("-max_total_time={s}"),
+            Self::Runs(n) => format!("-runs={n}"),
+        }
+    }
+}
+
+impl std::fmt::Display for FuzzBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Seconds(s) => write!(f, "for {s} s"),
+            Self::Runs(n) => write!(f, "for {n} executions"),
+        }
+    }
+}
+
+/// Builds the fuzz targets once and runs each within `budget`; a crash fails the run, with
 /// libFuzzer's reproducer left in mesh-agent/fuzz/artifacts/.
-fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+fn fuzz(budget: &FuzzBudget, only: &[String]) -> Result<()> {
     let have = output(Command::new("cargo").args(["fuzz", "--version"]))
         .is_some_and(|v| v.contains(CARGO_FUZZ_VERSION));
     if !have {
@@ -128,7 +157,7 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
         let corpus = root().join("target/fuzz-corpus").join(t);
         std::fs::create_dir_all(&corpus)?;
         let seeds = dir.join("fuzz/seeds").join(t);
-        println!("fuzzing {t} for {seconds} s");
+        println!("fuzzing {t} {budget}");
         status(
             Command::new("cargo")
                 .current_dir(&dir)
@@ -136,7 +165,7 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
                 .arg(&corpus)
                 .arg(&seeds)
                 .arg("--")
-                .arg(format!("-max_total_time={seconds}"))
+                .arg(budget.flag())
                 .arg("-print_final_stats=1")
                 .env_remove("RUSTUP_TOOLCHAIN"),
         )
@@ -465,11 +494,19 @@ fn main() -> Result<()> {
         Task::Fuzz {
             smoke,
             seconds,
+            runs,
             targets,
-        } => fuzz(
-            seconds.unwrap_or(if smoke { FUZZ_SMOKE_SECONDS } else { 60 }),
-            &targets,
-        ),
+        } => {
+            let budget = match runs {
+                Some(n) => FuzzBudget::Runs(n),
+                None => FuzzBudget::Seconds(seconds.unwrap_or(if smoke {
+                    FUZZ_SMOKE_SECONDS
+                } else {
+                    60
+                })),
+            };
+            fuzz(&budget, &targets)
+        }
         Task::Demo { kubernetes } => {
             let out = build(true)?;
             let mut demo = Command::new(out.join("mesh-demo"));
