@@ -1543,8 +1543,13 @@ fn http2_slow_reader_is_bounded_while_it_holds_and_after() -> Result<()> {
                 ],
             )
         });
-        std::thread::sleep(Duration::from_millis(3000));
-        let during = c.agent_rss_kb(0)?;
+        // The peak while the client holds: sampled until it leaves, so a slow machine that
+        // answers late is still measured while the responses are held.
+        let mut during = 0;
+        while !attack.is_finished() {
+            during = during.max(c.agent_rss_kb(0)?);
+            std::thread::sleep(Duration::from_millis(250));
+        }
         let out = attack
             .join()
             .map_err(|_| anyhow::anyhow!("attack thread"))??;

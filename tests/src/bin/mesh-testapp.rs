@@ -202,8 +202,9 @@ enum Cmd {
         seconds: u64,
     },
     /// HTTP/2 with an initial stream window of 0 that never grows: asks for REQUESTS responses
-    /// of SIZE bytes and reads none of their data, holds the connection HOLD_MS, then closes;
-    /// prints JSON with the streams opened and those the server refused.
+    /// of SIZE bytes and reads none of their data. It waits until every stream is answered or
+    /// refused (at most WAIT_MS), then holds the connection until HOLD_MS pass with no frame,
+    /// then closes; prints JSON with the streams opened and those the server refused.
     ZeroWindow {
         #[arg(long)]
         addr: SocketAddr,
@@ -213,6 +214,8 @@ enum Cmd {
         size: u64,
         #[arg(long, default_value_t = 3000)]
         hold_ms: u64,
+        #[arg(long, default_value_t = 30_000)]
+        wait_ms: u64,
     },
     /// HTTP/2 rapid reset: opens STREAMS streams, cancelling each at once; prints JSON with the
     /// GOAWAY the server sent, if any.
@@ -1383,7 +1386,13 @@ fn goaway_code(frames: &[(u8, u8, u32, Vec<u8>)]) -> Option<u32> {
         .map(|f| u32::from_be_bytes([f.3[4], f.3[5], f.3[6], f.3[7]]))
 }
 
-fn zero_window(addr: SocketAddr, requests: u32, size: u64, hold_ms: u64) -> anyhow::Result<()> {
+fn zero_window(
+    addr: SocketAddr,
+    requests: u32,
+    size: u64,
+    hold_ms: u64,
+    wait_ms: u64,
+) -> anyhow::Result<()> {
     use std::io::Write;
     // SETTINGS_INITIAL_WINDOW_SIZE = 0: the server may send no DATA on any stream.
     let mut p = H2Probe::open(addr, &[0, 4, 0, 0, 0, 0])?;
@@ -1393,12 +1402,30 @@ fn zero_window(addr: SocketAddr, requests: u32, size: u64, hold_ms: u64) -> anyh
         out.extend(h2_frame(0x1, 0x5, 2 * n + 1, &headers));
     }
     p.s.write_all(&out)?;
-    let frames = p.drain(Duration::from_millis(hold_ms));
+    // Waiting for every stream, not for a quiet spell: on a slow machine (the qemu guest) the
+    // answers can come with gaps longer than the hold, and stopping at the first gap counted
+    // streams that were still on their way as unanswered.
+    let start = std::time::Instant::now();
+    let deadline = start + Duration::from_millis(wait_ms);
+    let mut frames = Vec::new();
+    let mut settled = std::collections::HashSet::new();
+    while settled.len() < requests as usize && goaway_code(&frames).is_none() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(f) = p.frames.recv_timeout(left) else {
+            break;
+        };
+        if matches!(f.0, 0x1 | 0x3) && f.2 != 0 {
+            settled.insert(f.2);
+        }
+        frames.push(f);
+    }
+    let settled_ms = start.elapsed().as_millis();
+    frames.extend(p.drain(Duration::from_millis(hold_ms)));
     let refused = frames.iter().filter(|f| f.0 == 0x3).count();
     let answered = frames.iter().filter(|f| f.0 == 0x1).count();
     println!(
         "{}",
-        serde_json::json!({"sent": requests, "answered": answered, "refused": refused, "goaway": goaway_code(&frames)})
+        serde_json::json!({"sent": requests, "answered": answered, "refused": refused, "goaway": goaway_code(&frames), "settled_ms": settled_ms})
     );
     Ok(())
 }
@@ -1664,7 +1691,8 @@ fn main() -> anyhow::Result<()> {
             requests,
             size,
             hold_ms,
-        } => zero_window(addr, requests, size, hold_ms),
+            wait_ms,
+        } => zero_window(addr, requests, size, hold_ms, wait_ms),
         Cmd::H2Script { addr, script } => h2_script(addr, &script),
         Cmd::TlsProbe { addr, version } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
