@@ -3,7 +3,8 @@
 //! read are replayed by [`Rewind`], so whatever handles the connection next sees it whole.
 //!
 //! A client that sends nothing within the timeout (a server-speaks-first protocol such as SMTP or
-//! MySQL) is opaque: it loses the timeout once, then relays as plain TCP.
+//! MySQL) is opaque: it loses the timeout once, then relays as plain TCP. A stream another node
+//! declared HTTP waits longer ([`detect_within`]).
 
 use std::{
     io,
@@ -101,11 +102,20 @@ fn classify(buf: &[u8]) -> Option<Protocol> {
 /// Longest first line detection waits for when the method is not one it knows.
 const MAX_FIRST_LINE: usize = 1024;
 
-/// Reads until the protocol is known or the timeout passes. The stream comes back with the
-/// bytes read, ready to be replayed.
-pub async fn detect<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<(Protocol, Rewind<S>)> {
+/// Reads until the protocol is known or [`DETECT_TIMEOUT`] passes. The stream comes back with
+/// the bytes read, ready to be replayed.
+pub async fn detect<S: AsyncRead + Unpin>(stream: S) -> io::Result<(Protocol, Rewind<S>)> {
+    detect_within(stream, DETECT_TIMEOUT).await
+}
+
+/// [`detect`] with its own wait, for a stream whose sender said it carries HTTP: there the
+/// first bytes are known to be coming, and a slow path must not turn them into opaque TCP.
+pub async fn detect_within<S: AsyncRead + Unpin>(
+    mut stream: S,
+    wait: Duration,
+) -> io::Result<(Protocol, Rewind<S>)> {
     let mut buf = BytesMut::with_capacity(64);
-    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + wait;
     let protocol = loop {
         if let Some(p) = classify(&buf) {
             break p;
@@ -220,5 +230,25 @@ mod tests {
         let (p, _) = detect(server).await.expect("detect");
         assert_eq!(p, Protocol::Opaque);
         assert!(started.elapsed() >= DETECT_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn a_longer_wait_sees_a_late_request_that_the_default_calls_opaque() {
+        let late = DETECT_TIMEOUT * 3;
+        for (wait, want) in [
+            (DETECT_TIMEOUT, Protocol::Opaque),
+            (Duration::from_secs(5), Protocol::Http1),
+        ] {
+            let (mut client, server) = tokio::io::duplex(1024);
+            let writer = tokio::spawn(async move {
+                tokio::time::sleep(late).await;
+                let _ =
+                    tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n").await;
+                client
+            });
+            let (p, _) = detect_within(server, wait).await.expect("detect");
+            assert_eq!(p, want, "waiting {wait:?} for bytes sent after {late:?}");
+            drop(writer.await);
+        }
     }
 }

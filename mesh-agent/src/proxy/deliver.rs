@@ -19,13 +19,27 @@ use crate::{
     transport::{dial::dial_app, relay},
 };
 
-/// Delivers an admitted connection to `dest`'s application. Without `per_request`, `app` is the
-/// connection to it, dialled once L4 policy allowed. With `per_request` and no `app` (an L7
+/// Whether a delivered connection is parsed as HTTP, and how long its first bytes may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parse {
+    /// Relayed at L4, as admitted.
+    No,
+    /// HTTP if its first bytes say so within detection's timeout.
+    Sniff,
+    /// The source's node declared HTTP (HBONE's payload hint): its first bytes are waited for as
+    /// long as a request head may take. In the 6.1 guest a tunnelled request arrived after
+    /// detection's 200 ms, was taken for opaque TCP and denied by an HTTP-only policy. The hint
+    /// grants nothing: bytes that are not HTTP are still decided at L4.
+    Declared,
+}
+
+/// Delivers an admitted connection to `dest`'s application. With [`Parse::No`], `app` is the
+/// connection to it, dialled once L4 policy allowed. Parsed, with no `app` (an L7
 /// policy selects the pod) nothing is dialled yet: HTTP is authorized request by request and
 /// the application is dialled for the first allowed request; anything else gets the
 /// connection-level decision, in which HTTP-only rules fail closed, and is dialled only if
 /// allowed. So a refused connection never reaches the application, not even as an empty
-/// accept. With `per_request` and an `app` (HTTP that L4 policy allowed, parsed here so this
+/// accept. Parsed, with an `app` (HTTP that L4 policy allowed, parsed here so this
 /// node reports it) requests go to `app`, and anything else is relayed to it.
 #[expect(
     clippy::too_many_arguments,
@@ -37,7 +51,7 @@ pub async fn deliver<S>(
     source: Option<Identity>,
     peer: SocketAddr,
     port: u16,
-    per_request: bool,
+    parse: Parse,
     client: S,
     app: Option<TcpStream>,
 ) where
@@ -46,13 +60,17 @@ pub async fn deliver<S>(
     // The snapshot is read here and not held across the relay: a long connection must not keep
     // old routes, or removed pods, alive.
     let flow = admission::inbound_flow(&inputs.view.load(), dest, source.as_ref(), peer.ip(), port);
-    if !per_request {
-        if let Some(app) = app {
-            relay_recorded(inputs, dest, client, app, flow, source, peer, port).await;
+    let wait = match parse {
+        Parse::No => {
+            if let Some(app) = app {
+                relay_recorded(inputs, dest, client, app, flow, source, peer, port).await;
+            }
+            return;
         }
-        return;
-    }
-    let (protocol, client) = match detect::detect(client).await {
+        Parse::Sniff => detect::DETECT_TIMEOUT,
+        Parse::Declared => inputs.http_timeouts.head,
+    };
+    let (protocol, client) = match detect::detect_within(client, wait).await {
         Ok(x) => x,
         Err(e) => {
             debug!(dst = %dest.pod.key, "protocol detection: {e}");

@@ -13,7 +13,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{admission, deliver::deliver, error::ProxyError, inputs::ProxyInputs};
+use super::{
+    admission,
+    deliver::{Parse, deliver},
+    error::ProxyError,
+    inputs::ProxyInputs,
+};
 use crate::{
     identity::Identity,
     pods::LocalPod,
@@ -150,12 +155,16 @@ async fn connect_stream(
         }
     };
     // HTTP the source routed is parsed here too, so this node reports it (see `PAYLOAD_HEADER`);
-    // L4 policy already allowed it, so its requests go to the connection dialled above.
-    let per_request = l7_policy
-        || req
-            .headers()
-            .get(PAYLOAD_HEADER)
-            .is_some_and(|v| v.as_bytes() == PAYLOAD_HTTP.as_bytes());
+    // when L4 policy already allowed it, its requests go to the connection dialled above.
+    let declared = req
+        .headers()
+        .get(PAYLOAD_HEADER)
+        .is_some_and(|v| v.as_bytes() == PAYLOAD_HTTP.as_bytes());
+    let parse = match (declared, l7_policy) {
+        (true, _) => Parse::Declared,
+        (false, true) => Parse::Sniff,
+        (false, false) => Parse::No,
+    };
     let client = client.id.clone();
     let inputs = inputs.clone();
     tokio::spawn(async move {
@@ -170,7 +179,7 @@ async fn connect_stream(
                     Some(client),
                     peer,
                     target.port(),
-                    per_request,
+                    parse,
                     stream,
                     app,
                 )

@@ -5,7 +5,12 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
-use super::{admission, deliver::deliver, error::ProxyError, inputs::ProxyInputs};
+use super::{
+    admission,
+    deliver::{Parse, deliver},
+    error::ProxyError,
+    inputs::ProxyInputs,
+};
 use crate::{pods::LocalPod, state::MtlsMode, transport::dial::dial_app};
 
 /// Handles one connection accepted on `pod`'s plaintext listener.
@@ -67,7 +72,7 @@ pub async fn handle(
         None,
         peer,
         local.port(),
-        per_request,
+        if per_request { Parse::Sniff } else { Parse::No },
         client,
         app,
     )
